@@ -1,0 +1,1 @@
+"""aidc: the mesh services, their shared runtime (mesh), and the CLI."""

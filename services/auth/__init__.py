@@ -1,0 +1,1 @@
+"""The auth service: tenants, identities, tokens, RBAC (Casbin) and the audit log."""

@@ -1,0 +1,123 @@
+"""The typed client of the auth service, and what every other service needs from auth: a token verifier
+fed by auth's published keys and a cached permission checker backed by CheckPermission."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
+from services.gen.aidc.auth.v1 import auth_service_pb2_grpc
+from services.mesh.authz import CachedPermissionChecker
+from services.mesh.channels import create_channel
+from services.mesh.client import ServiceClient
+from services.mesh.config import MeshSettings
+from services.mesh.identity import TokenVerifier
+
+__all__ = ["AuthClient", "RemotePermissionChecker", "MeshSecurity", "mesh_security"]
+
+
+class AuthClient(ServiceClient):
+    """Typed calls to AuthService; errors arrive as services.mesh.errors types."""
+
+    def __init__(self, channel: grpc.aio.Channel, **kwargs: float) -> None:
+        super().__init__(channel, **kwargs)  # type: ignore[arg-type]
+        self.stub = auth_service_pb2_grpc.AuthServiceStub(channel)
+
+    async def get_jwks(self) -> str:
+        response = await self._unary(self.stub.GetJwks, pb.GetJwksRequest(), idempotent=True, timeout=3.0)
+        return response.jwks_json
+
+    async def check_permission(self, subject: str, tenant: str, resource: str, action: str) -> bool:
+        check = pb.PermissionCheck(subject=subject, tenant=tenant, resource=resource, action=action)
+        response = await self._unary(self.stub.CheckPermission, pb.CheckPermissionRequest(check=check),
+                                     idempotent=True)
+        return response.allowed
+
+    async def login(self, tenant: str, name: str, password: str) -> pb.TokenPair:
+        request = pb.LoginRequest(tenant=tenant, name=name, password=password)
+        return (await self._unary(self.stub.Login, request)).tokens
+
+    async def exchange_api_key(self, api_key: str) -> pb.TokenPair:
+        return (await self._unary(self.stub.ExchangeApiKey, pb.ExchangeApiKeyRequest(api_key=api_key))).tokens
+
+    async def refresh_token(self, refresh_token: str) -> pb.TokenPair:
+        request = pb.RefreshTokenRequest(refresh_token=refresh_token)
+        return (await self._unary(self.stub.RefreshToken, request)).tokens
+
+    async def whoami(self) -> pb.WhoAmIResponse:
+        return await self._unary(self.stub.WhoAmI, pb.WhoAmIRequest(), idempotent=True)
+
+    async def create_tenant(self, name: str, display_name: str = "") -> pb.Tenant:
+        request = pb.CreateTenantRequest(name=name, display_name=display_name)
+        return (await self._unary(self.stub.CreateTenant, request)).tenant
+
+    async def create_user(self, tenant: str, name: str, password: str, roles: list[str] | None = None) -> pb.User:
+        request = pb.CreateUserRequest(tenant=tenant, name=name, password=password, roles=roles or [])
+        return (await self._unary(self.stub.CreateUser, request)).user
+
+    async def create_service_account(self, tenant: str, name: str, roles: list[str] | None = None) -> pb.User:
+        request = pb.CreateServiceAccountRequest(tenant=tenant, name=name, roles=roles or [])
+        return (await self._unary(self.stub.CreateServiceAccount, request)).service_account
+
+    async def create_api_key(self, tenant: str, subject: str = "", description: str = "",
+                             ttl_seconds: int = 0) -> pb.CreateApiKeyResponse:
+        request = pb.CreateApiKeyRequest(tenant=tenant, subject=subject, description=description,
+                                         ttl_seconds=ttl_seconds)
+        return await self._unary(self.stub.CreateApiKey, request)
+
+    async def revoke_api_key(self, tenant: str, key_id: str) -> pb.ApiKey:
+        request = pb.RevokeApiKeyRequest(tenant=tenant, key_id=key_id)
+        return (await self._unary(self.stub.RevokeApiKey, request)).api_key
+
+    async def list_api_keys(self, tenant: str) -> list[pb.ApiKey]:
+        return list((await self._unary(self.stub.ListApiKeys, pb.ListApiKeysRequest(tenant=tenant))).api_keys)
+
+    async def assign_role(self, subject: str, role: str, tenant: str) -> None:
+        binding = pb.RoleBinding(subject=subject, role=role, tenant=tenant)
+        await self._unary(self.stub.AssignRole, pb.AssignRoleRequest(binding=binding))
+
+    async def revoke_role(self, subject: str, role: str, tenant: str) -> None:
+        binding = pb.RoleBinding(subject=subject, role=role, tenant=tenant)
+        await self._unary(self.stub.RevokeRole, pb.RevokeRoleRequest(binding=binding))
+
+    async def list_role_bindings(self, tenant: str, subject: str = "") -> list[pb.RoleBinding]:
+        request = pb.ListRoleBindingsRequest(tenant=tenant, subject=subject)
+        return list((await self._unary(self.stub.ListRoleBindings, request, idempotent=True)).bindings)
+
+    async def list_audit_events(self, tenant: str = "", page_size: int = 50) -> list[pb.AuditEvent]:
+        from services.gen.aidc.common.v1 import common_pb2
+
+        request = pb.ListAuditEventsRequest(tenant=tenant, page=common_pb2.PageRequest(page_size=page_size))
+        return list((await self._unary(self.stub.ListAuditEvents, request, idempotent=True)).events)
+
+    async def rotate_signing_key(self) -> str:
+        return (await self._unary(self.stub.RotateSigningKey, pb.RotateSigningKeyRequest())).kid
+
+
+class RemotePermissionChecker:
+    """Asks the auth service. The caller's token is forwarded by the channel, so auth sees the end user."""
+
+    def __init__(self, client: AuthClient) -> None:
+        self._client = client
+
+    async def check(self, subject: str, tenant: str, resource: str, action: str) -> bool:
+        return await self._client.check_permission(subject, tenant, resource, action)
+
+
+@dataclass(frozen=True)
+class MeshSecurity:
+    """What a service needs to authenticate and authorize its callers."""
+
+    auth: AuthClient
+    verifier: TokenVerifier
+    checker: CachedPermissionChecker
+
+
+def mesh_security(settings: MeshSettings, service: str) -> MeshSecurity:
+    """Token verification and cached authorization backed by the auth service, for service ``service``."""
+    client = AuthClient(create_channel(settings.auth_addr, settings, identity=service))
+    verifier = TokenVerifier(client.get_jwks)
+    checker = CachedPermissionChecker(RemotePermissionChecker(client), ttl_seconds=settings.decision_cache_seconds)
+    return MeshSecurity(auth=client, verifier=verifier, checker=checker)

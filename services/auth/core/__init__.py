@@ -1,0 +1,1 @@
+"""The auth domain: identities, tokens and the RBAC policy, free of gRPC."""

@@ -1,0 +1,40 @@
+"""The auth service's permission table: the rule of every RPC."""
+
+from __future__ import annotations
+
+from services.gen.aidc.auth.v1 import auth_service_pb2
+from services.mesh.authz import PermissionTable, authenticated, platform_rule, public, tenant_rule
+
+__all__ = ["PERMISSIONS"]
+
+PERMISSIONS = PermissionTable.for_service(
+    auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"],
+    {
+        "CreateTenant": platform_rule("tenants", "write"),
+        "GetTenant": tenant_rule("tenants", "read"),
+        # Platform admins see every tenant; everyone else only their own (decided in the core).
+        "ListTenants": authenticated(),
+        "CreateUser": tenant_rule("users", "write"),
+        "ListUsers": tenant_rule("users", "read"),
+        "CreateServiceAccount": tenant_rule("users", "write"),
+        # Anyone may hold keys for themselves; keys for others need users:write (checked in the core).
+        "CreateApiKey": tenant_rule("apikeys", "write"),
+        "ListApiKeys": tenant_rule("apikeys", "read"),
+        "RevokeApiKey": tenant_rule("apikeys", "write"),
+        "Login": public(),
+        "ExchangeApiKey": public(),
+        "RefreshToken": public(),
+        "GetJwks": public(),
+        "RotateSigningKey": platform_rule("signing-keys", "write"),
+        "WhoAmI": authenticated(),
+        # Checking oneself is always allowed; checking others needs roles:read (checked in the core).
+        "CheckPermission": authenticated(),
+        "BatchCheckPermission": authenticated(),
+        # The binding's tenant is in binding.tenant, so the core checks roles:write there.
+        "AssignRole": authenticated(),
+        "RevokeRole": authenticated(),
+        "ListRoleBindings": tenant_rule("roles", "read"),
+        # Tenant admins see their tenant; platform admins every tenant (checked in the core).
+        "ListAuditEvents": authenticated(),
+    },
+)

@@ -1,0 +1,362 @@
+"""Persistence of the auth service: tenants, principals, API keys, refresh tokens, signing keys, the Casbin
+policy and the audit log, in one SQLAlchemy database. Each change and its audit event commit together."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import casbin.persist
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.exc import IntegrityError
+
+from services.mesh.db import Database, Migration
+from services.mesh.errors import AlreadyExists
+
+__all__ = [
+    "AuthStore",
+    "AuditRecord",
+    "PolicyLine",
+    "MIGRATIONS",
+    "CasbinAdapter",
+]
+
+metadata = MetaData()
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("display_name", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+principals = Table(
+    "principals",
+    metadata,
+    Column("subject", String(200), primary_key=True),
+    Column("tenant", String(64), nullable=False, index=True),
+    Column("name", String(64), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("password_hash", String(200)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_id", String(64), primary_key=True),
+    Column("subject", String(200), nullable=False, index=True),
+    Column("tenant", String(64), nullable=False, index=True),
+    Column("secret_hash", String(200), nullable=False),
+    Column("description", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+refresh_tokens = Table(
+    "refresh_tokens",
+    metadata,
+    Column("token_id", String(64), primary_key=True),
+    Column("family_id", String(64), nullable=False, index=True),
+    Column("subject", String(200), nullable=False),
+    Column("tenant", String(64), nullable=False),
+    Column("secret_hash", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("used_at", DateTime(timezone=True)),
+    Column("revoked", Boolean, nullable=False, default=False),
+)
+
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("private_key", LargeBinary, nullable=False),
+    Column("public_jwk", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("retired_at", DateTime(timezone=True)),
+)
+
+casbin_rules = Table(
+    "casbin_rules",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ptype", String(8), nullable=False),
+    Column("v0", String(200), nullable=False, default=""),
+    Column("v1", String(200), nullable=False, default=""),
+    Column("v2", String(200), nullable=False, default=""),
+    Column("v3", String(200), nullable=False, default=""),
+    Index("ix_casbin_rules_line", "ptype", "v0", "v1", "v2", "v3", unique=True),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(40), nullable=False, unique=True),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("tenant", String(64), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(300), nullable=False),
+    Column("trace_id", String(32), nullable=False),
+    Column("details_json", Text, nullable=False),
+    Index("ix_audit_tenant_seq", "tenant", "seq"),
+)
+
+MIGRATIONS = [
+    Migration(1, "auth: initial schema", lambda conn: metadata.create_all(conn)),
+]
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One security-relevant change."""
+
+    id: str
+    time: datetime
+    actor: str
+    tenant: str
+    action: str
+    target: str
+    trace_id: str
+    details: dict[str, Any]
+
+
+#: A Casbin policy line: ("p", sub, dom, obj, act) or ("g", sub, role, dom).
+PolicyLine = tuple[str, ...]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; everything in aidc is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _rule_values(line: PolicyLine) -> dict[str, str]:
+    ptype, *values = line
+    row = {"ptype": ptype}
+    for i in range(4):
+        row[f"v{i}"] = values[i] if i < len(values) else ""
+    return row
+
+
+class AuthStore:
+    """All of the auth service's reads and writes."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- transactions -------------------------------------------------------------------------------
+    def _write(self, audit: AuditRecord | None, *statements: Any, policy_add: Iterable[PolicyLine] = (),
+               policy_remove: Iterable[PolicyLine] = ()) -> None:
+        """Runs statements, policy changes and the audit insert in one transaction."""
+        try:
+            with self.db.engine.begin() as conn:
+                for statement in statements:
+                    conn.execute(statement)
+                self._policy_changes(conn, policy_add, policy_remove)
+                if audit is not None:
+                    self._insert_audit(conn, audit)
+        except IntegrityError as exc:
+            raise AlreadyExists("it already exists") from exc
+
+    @staticmethod
+    def _policy_changes(conn: Connection, add: Iterable[PolicyLine], remove: Iterable[PolicyLine]) -> None:
+        rows = [_rule_values(line) for line in add]
+        if rows:
+            conn.execute(insert(casbin_rules), rows)
+        for line in remove:
+            values = _rule_values(line)
+            conn.execute(delete(casbin_rules).where(and_(*(casbin_rules.c[k] == v for k, v in values.items()))))
+
+    @staticmethod
+    def _insert_audit(conn: Connection, audit: AuditRecord) -> None:
+        conn.execute(
+            insert(audit_events).values(
+                id=audit.id,
+                time=audit.time,
+                actor=audit.actor,
+                tenant=audit.tenant,
+                action=audit.action,
+                target=audit.target,
+                trace_id=audit.trace_id,
+                details_json=json.dumps(audit.details, sort_keys=True),
+            )
+        )
+
+    def record_audit(self, audit: AuditRecord) -> None:
+        with self.db.engine.begin() as conn:
+            self._insert_audit(conn, audit)
+
+    # -- tenants ------------------------------------------------------------------------------------
+    def create_tenant(self, name: str, display_name: str, now: datetime, policy: Sequence[PolicyLine],
+                      audit: AuditRecord) -> None:
+        self._write(
+            audit,
+            insert(tenants).values(name=name, display_name=display_name, created_at=now),
+            policy_add=policy,
+        )
+
+    def get_tenant(self, name: str) -> Row[Any] | None:
+        with self.db.engine.connect() as conn:
+            return conn.execute(select(tenants).where(tenants.c.name == name)).first()
+
+    def list_tenants(self, after: str, limit: int) -> list[Row[Any]]:
+        with self.db.engine.connect() as conn:
+            query = select(tenants).where(tenants.c.name > after).order_by(tenants.c.name).limit(limit)
+            return list(conn.execute(query))
+
+    # -- principals ---------------------------------------------------------------------------------
+    def create_principal(self, subject: str, tenant: str, name: str, kind: str, password_hash: str | None,
+                         now: datetime, policy: Sequence[PolicyLine], audit: AuditRecord | None) -> None:
+        self._write(
+            audit,
+            insert(principals).values(subject=subject, tenant=tenant, name=name, kind=kind,
+                                      password_hash=password_hash, created_at=now),
+            policy_add=policy,
+        )
+
+    def get_principal(self, subject: str) -> Row[Any] | None:
+        with self.db.engine.connect() as conn:
+            return conn.execute(select(principals).where(principals.c.subject == subject)).first()
+
+    def list_principals(self, tenant: str, after: str, limit: int) -> list[Row[Any]]:
+        with self.db.engine.connect() as conn:
+            query = (
+                select(principals)
+                .where(principals.c.tenant == tenant, principals.c.subject > after)
+                .order_by(principals.c.subject)
+                .limit(limit)
+            )
+            return list(conn.execute(query))
+
+    def count_principals(self) -> int:
+        with self.db.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(principals)).scalar_one())
+
+    # -- API keys -----------------------------------------------------------------------------------
+    def create_api_key(self, key_id: str, subject: str, tenant: str, secret_hash: str, description: str,
+                       now: datetime, expires_at: datetime | None, audit: AuditRecord) -> None:
+        self._write(
+            audit,
+            insert(api_keys).values(key_id=key_id, subject=subject, tenant=tenant, secret_hash=secret_hash,
+                                    description=description, created_at=now, expires_at=expires_at),
+        )
+
+    def get_api_key(self, key_id: str) -> Row[Any] | None:
+        with self.db.engine.connect() as conn:
+            return conn.execute(select(api_keys).where(api_keys.c.key_id == key_id)).first()
+
+    def list_api_keys(self, tenant: str, after: str, limit: int) -> list[Row[Any]]:
+        with self.db.engine.connect() as conn:
+            query = (
+                select(api_keys)
+                .where(api_keys.c.tenant == tenant, api_keys.c.key_id > after)
+                .order_by(api_keys.c.key_id)
+                .limit(limit)
+            )
+            return list(conn.execute(query))
+
+    def revoke_api_key(self, key_id: str, now: datetime, audit: AuditRecord) -> None:
+        self._write(audit, update(api_keys).where(api_keys.c.key_id == key_id).values(revoked_at=now))
+
+    def revoked_api_key_ids(self) -> set[str]:
+        with self.db.engine.connect() as conn:
+            return set(conn.execute(select(api_keys.c.key_id).where(api_keys.c.revoked_at.is_not(None))).scalars())
+
+    # -- refresh tokens -----------------------------------------------------------------------------
+    def insert_refresh_token(self, token_id: str, family_id: str, subject: str, tenant: str, secret_hash: str,
+                             now: datetime, expires_at: datetime) -> None:
+        with self.db.engine.begin() as conn:
+            conn.execute(
+                insert(refresh_tokens).values(token_id=token_id, family_id=family_id, subject=subject,
+                                              tenant=tenant, secret_hash=secret_hash, created_at=now,
+                                              expires_at=expires_at, revoked=False)
+            )
+
+    def get_refresh_token(self, token_id: str) -> Row[Any] | None:
+        with self.db.engine.connect() as conn:
+            return conn.execute(select(refresh_tokens).where(refresh_tokens.c.token_id == token_id)).first()
+
+    def use_refresh_token(self, token_id: str, now: datetime) -> bool:
+        """Marks a refresh token used; False if it already was (a reuse), atomically."""
+        with self.db.engine.begin() as conn:
+            result = conn.execute(
+                update(refresh_tokens)
+                .where(refresh_tokens.c.token_id == token_id, refresh_tokens.c.used_at.is_(None))
+                .values(used_at=now)
+            )
+            return bool(result.rowcount == 1)
+
+    def revoke_refresh_family(self, family_id: str, audit: AuditRecord) -> None:
+        self._write(audit, update(refresh_tokens).where(refresh_tokens.c.family_id == family_id).values(revoked=True))
+
+    # -- signing keys -------------------------------------------------------------------------------
+    def insert_signing_key(self, kid: str, private_key: bytes, public_jwk: str, now: datetime,
+                           audit: AuditRecord | None) -> None:
+        with self.db.engine.begin() as conn:
+            conn.execute(update(signing_keys).where(signing_keys.c.retired_at.is_(None)).values(retired_at=now))
+            conn.execute(insert(signing_keys).values(kid=kid, private_key=private_key, public_jwk=public_jwk,
+                                                     created_at=now))
+            if audit is not None:
+                self._insert_audit(conn, audit)
+
+    def signing_keys(self) -> list[Row[Any]]:
+        with self.db.engine.connect() as conn:
+            return list(conn.execute(select(signing_keys).order_by(signing_keys.c.created_at)))
+
+    # -- policy -------------------------------------------------------------------------------------
+    def change_policy(self, add: Sequence[PolicyLine], remove: Sequence[PolicyLine], audit: AuditRecord) -> None:
+        self._write(audit, policy_add=add, policy_remove=remove)
+
+    def policy_lines(self) -> list[PolicyLine]:
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(select(casbin_rules).order_by(casbin_rules.c.id))
+            return [tuple(v for v in (r.ptype, r.v0, r.v1, r.v2, r.v3) if v != "") for r in rows]
+
+    # -- audit --------------------------------------------------------------------------------------
+    def list_audit(self, tenant: str | None, before_seq: int | None, limit: int) -> list[Row[Any]]:
+        with self.db.engine.connect() as conn:
+            query = select(audit_events)
+            if tenant is not None:
+                query = query.where(audit_events.c.tenant == tenant)
+            if before_seq is not None:
+                query = query.where(audit_events.c.seq < before_seq)
+            return list(conn.execute(query.order_by(audit_events.c.seq.desc()).limit(limit)))
+
+
+class CasbinAdapter(casbin.persist.Adapter):  # type: ignore[misc]
+    """Loads the policy from the auth database. Writes go through AuthStore transactions (with their audit
+    events), then into the in-memory enforcer; so auto-save is off and the write hooks do nothing."""
+
+    def __init__(self, store: AuthStore) -> None:
+        self._store = store
+
+    def load_policy(self, model: Any) -> None:
+        for line in self._store.policy_lines():
+            casbin.persist.load_policy_line(", ".join(line), model)

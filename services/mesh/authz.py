@@ -1,0 +1,160 @@
+"""Authorization: each service's permission table (one rule per RPC) and cached permission decisions.
+
+A service declares, for every RPC it serves, one ``Rule``: public (no credentials), authenticated (any
+caller; the servicer narrows it down), or a (resource, action) pair checked in the request's tenant or in the
+platform scope. An RPC without a rule is refused. Decisions come from the auth service's CheckPermission
+(through a short-TTL cache), or from the local enforcer inside the auth service itself.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from google.protobuf.descriptor import ServiceDescriptor
+
+from services.mesh.identity import PLATFORM_TENANT
+
+__all__ = [
+    "Scope",
+    "Rule",
+    "public",
+    "authenticated",
+    "tenant_rule",
+    "platform_rule",
+    "PermissionTable",
+    "PermissionChecker",
+    "CachedPermissionChecker",
+    "request_tenant",
+]
+
+
+class Scope(enum.Enum):
+    """Where a rule's decision is made."""
+
+    PUBLIC = "public"
+    AUTHENTICATED = "authenticated"
+    TENANT = "tenant"
+    PLATFORM = "platform"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The permission one RPC needs."""
+
+    scope: Scope
+    resource: str = ""
+    action: str = ""
+
+
+def public() -> Rule:
+    """No credentials needed (health, token issuance, key publication)."""
+    return Rule(Scope.PUBLIC)
+
+
+def authenticated() -> Rule:
+    """Any authenticated caller; the servicer itself limits what it returns."""
+    return Rule(Scope.AUTHENTICATED)
+
+
+def tenant_rule(resource: str, action: str) -> Rule:
+    """``action`` on ``resource`` in the request's tenant (its ``tenant`` field, else the caller's own)."""
+    return Rule(Scope.TENANT, resource, action)
+
+
+def platform_rule(resource: str, action: str) -> Rule:
+    """``action`` on ``resource`` in the platform scope (operators)."""
+    return Rule(Scope.PLATFORM, resource, action)
+
+
+class PermissionTable:
+    """The rules of every RPC of one or more gRPC services, keyed by full method name."""
+
+    def __init__(self, rules: Mapping[str, Rule]) -> None:
+        self._rules = dict(rules)
+
+    @classmethod
+    def for_service(cls, service: ServiceDescriptor, rules: Mapping[str, Rule]) -> PermissionTable:
+        """Builds a table from short RPC names; fails at start-up if an RPC has no rule or a rule no RPC."""
+        methods = {m.name for m in service.methods}
+        missing = sorted(methods - rules.keys())
+        unknown = sorted(rules.keys() - methods)
+        if missing or unknown:
+            raise ValueError(f"permission table of {service.full_name}: missing {missing}, unknown {unknown}")
+        return cls({f"/{service.full_name}/{name}": rule for name, rule in rules.items()})
+
+    def merged(self, other: PermissionTable) -> PermissionTable:
+        return PermissionTable({**self._rules, **other._rules})
+
+    def rule(self, method: str) -> Rule | None:
+        """The rule of a full method name ("/pkg.Service/Method"); None means: refuse."""
+        return self._rules.get(method)
+
+    def items(self) -> Iterable[tuple[str, Rule]]:
+        return self._rules.items()
+
+
+def request_tenant(request: Any) -> str:
+    """The tenant a request names: its ``tenant`` field, or the ``tenant`` of its ``header`` submessage."""
+    tenant = getattr(request, "tenant", None)
+    if isinstance(tenant, str):
+        return tenant
+    header = getattr(request, "header", None)
+    tenant = getattr(header, "tenant", None) if header is not None else None
+    return tenant if isinstance(tenant, str) else ""
+
+
+class PermissionChecker(Protocol):
+    """Decides whether ``subject`` may do ``action`` on ``resource`` in ``tenant``."""
+
+    async def check(self, subject: str, tenant: str, resource: str, action: str) -> bool: ...
+
+
+class CachedPermissionChecker:
+    """Caches another checker's decisions (allow and deny) for a few seconds."""
+
+    def __init__(
+        self,
+        inner: PermissionChecker,
+        ttl_seconds: float = 5.0,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._inner = inner
+        self._ttl = ttl_seconds
+        self._max = max_entries
+        self._clock = clock
+        self._decisions: dict[tuple[str, str, str, str], tuple[bool, float]] = {}
+
+    def cached(self, subject: str, tenant: str, resource: str, action: str) -> bool | None:
+        """The cached decision, or None when there is no fresh one."""
+        hit = self._decisions.get((subject, tenant, resource, action))
+        if hit is not None and hit[1] > self._clock():
+            return hit[0]
+        return None
+
+    async def check(self, subject: str, tenant: str, resource: str, action: str) -> bool:
+        key = (subject, tenant, resource, action)
+        hit = self._decisions.get(key)
+        now = self._clock()
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        allowed = await self._inner.check(subject, tenant, resource, action)
+        if len(self._decisions) >= self._max:
+            self._decisions.clear()
+        self._decisions[key] = (allowed, now + self._ttl)
+        return allowed
+
+    def invalidate(self) -> None:
+        """Forgets every cached decision (after a role change in this process)."""
+        self._decisions.clear()
+
+
+def decide_scope_tenant(rule: Rule, request: Any, caller_tenant: str) -> str:
+    """The tenant a rule is checked in, for a given request and caller."""
+    if rule.scope is Scope.PLATFORM:
+        return PLATFORM_TENANT
+    return request_tenant(request) or caller_tenant

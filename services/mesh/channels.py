@@ -1,0 +1,129 @@
+"""Channels for calls between services (and from the CLI): TLS or mutual TLS when certificates are
+configured, plaintext only to loopback addresses; traced, with the caller's identity and deadline forwarded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+from services.mesh.config import MeshSettings, parse_address
+from services.mesh.errors import InvalidArgument
+from services.mesh.identity import current_principal
+from services.mesh.interceptors import current_deadline
+
+__all__ = ["create_channel", "channel_options", "client_credentials", "server_credentials", "ForwardingInterceptor"]
+
+
+def channel_options(settings: MeshSettings) -> list[tuple[str, Any]]:
+    """gRPC options shared by servers and channels."""
+    return [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+    ]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read certificate file {path}: {exc.strerror}") from None
+
+
+def client_credentials(certs_dir: Path, identity: str | None) -> grpc.ChannelCredentials:
+    """TLS credentials trusting the mesh CA; with an identity, presenting its certificate (mutual TLS)."""
+    root = _read(certs_dir / "ca.pem")
+    if identity is None:
+        return grpc.ssl_channel_credentials(root_certificates=root)
+    return grpc.ssl_channel_credentials(
+        root_certificates=root,
+        private_key=_read(certs_dir / f"{identity}-key.pem"),
+        certificate_chain=_read(certs_dir / f"{identity}.pem"),
+    )
+
+
+def server_credentials(certs_dir: Path, service: str, require_client_auth: bool) -> grpc.ServerCredentials:
+    """The service's certificate, and (for mutual TLS) the CA that client certificates must chain to."""
+    return grpc.ssl_server_credentials(
+        [(_read(certs_dir / f"{service}-key.pem"), _read(certs_dir / f"{service}.pem"))],
+        root_certificates=_read(certs_dir / "ca.pem"),
+        require_client_auth=require_client_auth,
+    )
+
+
+def _is_loopback(target: str) -> bool:
+    host, _ = parse_address(target)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ForwardingInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Forwards the end user's bearer token and the remaining deadline of the RPC being served."""
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        principal = current_principal.get()
+        if principal is not None and principal.token and "authorization" not in metadata:
+            metadata.add("authorization", f"Bearer {principal.token}")
+        timeout = details.timeout
+        deadline = current_deadline.get()
+        if deadline is not None:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            timeout = remaining if timeout is None else min(timeout, remaining)
+        return grpc.aio.ClientCallDetails(
+            details.method, timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+    async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+def create_channel(
+    target: str,
+    settings: MeshSettings,
+    *,
+    identity: str | None = "cli",
+    extra_interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+) -> grpc.aio.Channel:
+    """A channel to another service.
+
+    With ``settings.certs_dir`` set: TLS trusting the mesh CA, presenting ``identity``'s certificate (a
+    service name, or "cli" for the operator's tools; None for server-only TLS). Without certificates the
+    channel is plaintext, which is allowed only to loopback addresses (dev mode).
+    """
+    interceptors: list[grpc.aio.ClientInterceptor] = [
+        *aio_client_interceptors(),
+        ForwardingInterceptor(),
+        *extra_interceptors,
+    ]
+    options = channel_options(settings)
+    if settings.certs_dir:
+        credentials = client_credentials(Path(settings.certs_dir), identity)
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+    if not _is_loopback(target):
+        raise InvalidArgument(f"refusing a plaintext channel to non-loopback {target}: configure AIDC_CERTS_DIR")
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

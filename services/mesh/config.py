@@ -1,0 +1,157 @@
+"""Settings from environment variables: one frozen dataclass per service, loaded and validated in one place.
+
+Every field of a settings dataclass is read from ``AIDC_<FIELD_NAME_UPPER>`` unless its metadata names another
+variable (standard names such as ``OTEL_*`` or ``AWS_*``). Each field carries a ``doc`` in its metadata; the
+README's configuration table is generated from these (``aidc config``), so it cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "SERVICE_NAMES",
+    "MeshSettings",
+    "Setting",
+    "setting",
+    "load_settings",
+    "parse_address",
+    "describe_settings",
+]
+
+#: Every service of the mesh, in start order.
+SERVICE_NAMES: tuple[str, ...] = ("auth", "storage", "training", "scheduler", "billing", "serving")
+
+_S = TypeVar("_S")
+
+
+def setting(default: Any, doc: str, env: str | None = None) -> Any:
+    """Declares a settings field with its documentation and, optionally, a non-default variable name."""
+    return field(default=default, metadata={"doc": doc, "env": env})
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One documented environment variable."""
+
+    env: str
+    default: str
+    doc: str
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """Splits ``host:port``; raises ValueError with a clear message when it is not one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not a host:port address: {value!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """Settings every service shares: where the data lives, where every service listens, TLS, limits."""
+
+    data_dir: Path = setting(Path(".aidc"), "Directory for databases, logs, traces, certificates and the live model repository.")
+    host: str = setting("127.0.0.1", "Interface the service listens on.")
+    auth_addr: str = setting("127.0.0.1:50051", "Address of the auth service.")
+    storage_addr: str = setting("127.0.0.1:50052", "Address of the storage service.")
+    training_addr: str = setting("127.0.0.1:50053", "Address of the training service.")
+    scheduler_addr: str = setting("127.0.0.1:50054", "Address of the scheduler service.")
+    billing_addr: str = setting("127.0.0.1:50055", "Address of the billing service.")
+    serving_addr: str = setting("127.0.0.1:50056", "Address of the serving gateway (KServe v2 inference endpoint).")
+    certs_dir: str = setting(
+        "", "Directory with ca.pem and <service>.pem/<service>-key.pem; empty means plaintext (loopback dev mode only)."
+    )
+    client_auth: str = setting(
+        "require", "With certificates: 'require' a client certificate (mutual TLS) or 'none' (server TLS only)."
+    )
+    max_message_bytes: int = setting(64 * 1024 * 1024, "Largest gRPC message a service sends or receives.")
+    shutdown_grace_seconds: float = setting(5.0, "Seconds in-flight RPCs get to finish on SIGTERM.")
+    log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
+    decision_cache_seconds: float = setting(5.0, "How long an authorization decision is cached by a service.")
+    database_url: str = setting(
+        "", "SQLAlchemy URL of this service's database; empty means sqlite:///<data_dir>/<service>/<service>.db."
+    )
+
+    def address_of(self, service: str) -> str:
+        """The configured address of a mesh service."""
+        value = getattr(self, f"{service}_addr", None)
+        if not isinstance(value, str):
+            raise ValueError(f"unknown service: {service!r}")
+        return value
+
+    def database_url_for(self, service: str) -> str:
+        """This service's database URL: the configured one, or a SQLite file under the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / service / f'{service}.db').resolve()}"
+
+    def validate(self) -> None:
+        """Fails fast on values that can't work; called by load_settings."""
+        for name in SERVICE_NAMES:
+            parse_address(self.address_of(name))
+        if self.client_auth not in ("require", "none"):
+            raise ValueError(f"AIDC_CLIENT_AUTH must be 'require' or 'none', not {self.client_auth!r}")
+        if self.max_message_bytes <= 0:
+            raise ValueError("AIDC_MAX_MESSAGE_BYTES must be positive")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"AIDC_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
+
+
+def _env_name(f: dataclasses.Field[Any]) -> str:
+    return f.metadata.get("env") or f"AIDC_{f.name.upper()}"
+
+
+def _convert(raw: str, kind: Any, env: str) -> Any:
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kinds = [k for k in typing.get_args(kind) if k is not type(None)]
+        return _convert(raw, kinds[0], env) if raw else None
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if kind in (int, float, str, Path):
+            return kind(raw)
+        if typing.get_origin(kind) is tuple:
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
+    except ValueError as exc:
+        raise ValueError(f"{env}={raw!r}: {exc}") from None
+    raise TypeError(f"unsupported settings type {kind!r} for {env}")
+
+
+def load_settings(cls: type[_S], env: Mapping[str, str] | None = None) -> _S:
+    """Builds a settings dataclass from the environment, failing fast with a clear message on bad values."""
+    env = os.environ if env is None else env
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = _env_name(f)
+        if name in env:
+            values[f.name] = _convert(env[name], hints[f.name], name)
+    settings = cls(**values)
+    validate = getattr(settings, "validate", None)
+    if validate is not None:
+        validate()
+    return settings
+
+
+def describe_settings(cls: type) -> list[Setting]:
+    """Every variable a settings class reads, with its default and documentation."""
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else ""
+        if isinstance(default, tuple):
+            default = ",".join(str(d) for d in default)
+        out.append(Setting(env=_env_name(f), default=str(default), doc=f.metadata.get("doc", "")))
+    return out

@@ -1,0 +1,280 @@
+"""The server interceptors every service runs, outermost first: tracing, error mapping, deadlines,
+authentication, authorization. Each wraps the RPC's behavior; none knows about any particular service.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+from grpc.aio import ServicerContext
+
+from services.mesh.authz import PermissionChecker, PermissionTable, Scope, decide_scope_tenant
+from services.mesh.errors import PermissionDenied, Unauthenticated, status_for
+from services.mesh.identity import PLATFORM_TENANT, Principal, TokenVerifier, bearer_token, current_principal
+
+__all__ = [
+    "ErrorMappingInterceptor",
+    "DeadlineInterceptor",
+    "AuthenticationInterceptor",
+    "AuthorizationInterceptor",
+    "current_deadline",
+    "current_method",
+]
+
+log = logging.getLogger(__name__)
+
+#: Monotonic time by which the RPC being served must finish (None: no deadline); client calls inherit it.
+current_deadline: ContextVar[float | None] = ContextVar("aidc_current_deadline", default=None)
+#: Full name of the RPC being served.
+current_method: ContextVar[str] = ContextVar("aidc_current_method", default="")
+
+Behavior = Callable[..., Any]
+# A decorator receives the behavior, whether the request is a stream, whether the response is a stream,
+# and the call details, and returns the new behavior of the same shape.
+Decorator = Callable[[Behavior, bool, bool, grpc.HandlerCallDetails], Behavior]
+
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _behavior_of(handler: grpc.RpcMethodHandler) -> Behavior:
+    return (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream  # type: ignore[return-value]
+    )
+
+
+def _rewrap(handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails, decorate: Decorator) -> Any:
+    streams = (handler.request_streaming, handler.response_streaming)
+    behavior = decorate(_behavior_of(handler), *streams, details)
+    return _FACTORIES[streams](
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _around(
+    behavior: Behavior,
+    request_streaming: bool,
+    response_streaming: bool,
+    before: Callable[[Any, ServicerContext], Awaitable[None]],
+) -> Behavior:
+    """Runs ``before(first_request_or_None, context)`` ahead of the behavior, for all four RPC shapes.
+
+    For client-streaming RPCs the first message is read ahead (and then replayed), so rules can look at a
+    request header that travels in the first message.
+    """
+
+    async def _peek(request_iterator: Any, context: ServicerContext) -> AsyncIterator[Any]:
+        iterator = request_iterator.__aiter__()
+        try:
+            first = await iterator.__anext__()
+        except StopAsyncIteration:
+            await before(None, context)
+            return _empty()
+        await before(first, context)
+        return _chain(first, iterator)
+
+    if not request_streaming and not response_streaming:
+
+        async def unary_unary(request: Any, context: ServicerContext) -> Any:
+            await before(request, context)
+            return await behavior(request, context)
+
+        return unary_unary
+    if not request_streaming:
+
+        async def unary_stream(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
+            await before(request, context)
+            async for response in behavior(request, context):
+                yield response
+
+        return unary_stream
+    if not response_streaming:
+
+        async def stream_unary(request_iterator: Any, context: ServicerContext) -> Any:
+            return await behavior(await _peek(request_iterator, context), context)
+
+        return stream_unary
+
+    async def stream_stream(request_iterator: Any, context: ServicerContext) -> AsyncIterator[Any]:
+        async for response in behavior(await _peek(request_iterator, context), context):
+            yield response
+
+    return stream_stream
+
+
+async def _empty() -> AsyncIterator[Any]:
+    return
+    yield  # pragma: no cover - makes this an async generator
+
+
+async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+class _WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Base: wraps every handler's behavior with ``self.decorate``."""
+
+    def decorate(
+        self, behavior: Behavior, request_streaming: bool, response_streaming: bool, details: grpc.HandlerCallDetails
+    ) -> Behavior:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return _rewrap(handler, handler_call_details, self.decorate)  # type: ignore[no-any-return]
+
+
+class ErrorMappingInterceptor(_WrappingInterceptor):
+    """Turns exceptions into statuses: domain errors by the table in errors.py, anything else into INTERNAL
+    with a generic message (logged once, with the trace id, never sent to the caller)."""
+
+    def decorate(
+        self, behavior: Behavior, request_streaming: bool, response_streaming: bool, details: grpc.HandlerCallDetails
+    ) -> Behavior:
+        method = details.method
+
+        async def fail(error: Exception, context: ServicerContext) -> None:
+            code, message = status_for(error)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("unhandled error in %s", method, exc_info=error)
+            else:
+                log.info("%s -> %s: %s", method, code.name, message)
+            await context.abort(code, message)
+
+        if response_streaming:
+
+            async def streaming(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except (grpc.aio.AbortError, GeneratorExit):
+                    raise
+                except Exception as error:  # noqa: BLE001 - this is the one place errors become statuses
+                    await fail(error, context)
+
+            return streaming
+
+        async def unary(request: Any, context: ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:  # noqa: BLE001
+                await fail(error, context)
+
+        return unary
+
+
+class DeadlineInterceptor(_WrappingInterceptor):
+    """Records the caller's deadline and the method name so that outgoing calls inherit the deadline."""
+
+    def decorate(
+        self, behavior: Behavior, request_streaming: bool, response_streaming: bool, details: grpc.HandlerCallDetails
+    ) -> Behavior:
+        method = details.method
+
+        async def before(_request: Any, context: ServicerContext) -> None:
+            remaining = context.time_remaining()
+            current_deadline.set(None if remaining is None else time.monotonic() + remaining)
+            current_method.set(method)
+
+        return _around(behavior, request_streaming, response_streaming, before)
+
+
+def _peer_service(context: ServicerContext) -> str | None:
+    """The mesh service named by a verified client certificate ("aidc-<service>"), if any."""
+    auth = context.auth_context()
+    if auth.get("transport_security_type") != [b"ssl"]:
+        return None
+    names = auth.get("x509_common_name") or []
+    if not names:
+        return None
+    name = names[0].decode()
+    return name.removeprefix("aidc-") if name.startswith("aidc-") else None
+
+
+class AuthenticationInterceptor(_WrappingInterceptor):
+    """Establishes the caller: a bearer token verified locally, or a mesh service's client certificate.
+
+    Public RPCs (per the permission table) need neither; every other RPC without credentials is
+    UNAUTHENTICATED. RPCs missing from the table are left to the authorization interceptor to refuse.
+    """
+
+    def __init__(self, table: PermissionTable, verifier: TokenVerifier) -> None:
+        self._table = table
+        self._verifier = verifier
+
+    def decorate(
+        self, behavior: Behavior, request_streaming: bool, response_streaming: bool, details: grpc.HandlerCallDetails
+    ) -> Behavior:
+        rule = self._table.rule(details.method)
+        is_public = rule is not None and rule.scope is Scope.PUBLIC
+        verifier = self._verifier
+
+        async def before(_request: Any, context: ServicerContext) -> None:
+            token = bearer_token(context.invocation_metadata())
+            principal: Principal | None = None
+            if token is not None:
+                principal = await verifier.verify(token)
+            else:
+                service = _peer_service(context)
+                if service is not None:
+                    principal = Principal(subject=f"service:{service}", tenant=PLATFORM_TENANT, kind="service")
+            if principal is None and not is_public:
+                raise Unauthenticated("this call requires credentials: send 'authorization: Bearer <token>'")
+            current_principal.set(principal)
+
+        return _around(behavior, request_streaming, response_streaming, before)
+
+
+class AuthorizationInterceptor(_WrappingInterceptor):
+    """Applies the permission table: refuses RPCs without a rule, checks (resource, action) rules through
+    the permission checker in the request's tenant (or the platform scope)."""
+
+    def __init__(self, table: PermissionTable, checker: PermissionChecker) -> None:
+        self._table = table
+        self._checker = checker
+
+    def decorate(
+        self, behavior: Behavior, request_streaming: bool, response_streaming: bool, details: grpc.HandlerCallDetails
+    ) -> Behavior:
+        method = details.method
+        rule = self._table.rule(method)
+        checker = self._checker
+
+        async def before(request: Any, _context: ServicerContext) -> None:
+            if rule is None:
+                log.warning("refused %s: it has no entry in the permission table", method)
+                raise PermissionDenied(f"{method} is not open to any caller (no permission rule)")
+            if rule.scope in (Scope.PUBLIC, Scope.AUTHENTICATED):
+                return
+            principal = current_principal.get()
+            if principal is None:  # pragma: no cover - authentication runs first
+                raise Unauthenticated("this call requires credentials")
+            tenant = decide_scope_tenant(rule, request, principal.tenant)
+            if not await checker.check(principal.subject, tenant, rule.resource, rule.action):
+                raise PermissionDenied(
+                    f"{principal.subject} may not {rule.action} {rule.resource} in tenant {tenant!r}"
+                )
+
+        return _around(behavior, request_streaming, response_streaming, before)
+

@@ -1,0 +1,180 @@
+"""Serving a mesh service: the grpc.aio server with health, reflection, the interceptor chain, readiness,
+and graceful shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc.filters import health_check, negate, service_prefix, any_of
+
+from services.mesh.authz import PermissionChecker, PermissionTable, Rule, public
+from services.mesh.channels import channel_options, server_credentials
+from services.mesh.config import MeshSettings, parse_address
+from services.mesh.identity import TokenVerifier
+from services.mesh.interceptors import (
+    AuthenticationInterceptor,
+    AuthorizationInterceptor,
+    DeadlineInterceptor,
+    ErrorMappingInterceptor,
+)
+
+__all__ = ["Registration", "MeshServer", "serve", "INFRASTRUCTURE_SERVICES"]
+
+log = logging.getLogger(__name__)
+
+#: Services every mesh server carries; their RPCs are public.
+INFRASTRUCTURE_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+
+_NOT_TRACED = any_of(health_check(), service_prefix("grpc.reflection"))
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One gRPC service a server carries: its full name and how to add its servicer."""
+
+    full_name: str
+    add_to_server: Callable[[grpc.aio.Server], None]
+
+
+def _infrastructure_rules() -> PermissionTable:
+    rules: dict[str, Rule] = {}
+    for service, methods in (
+        ("grpc.health.v1.Health", ("Check", "Watch", "List")),
+        ("grpc.reflection.v1alpha.ServerReflection", ("ServerReflectionInfo",)),
+        ("grpc.reflection.v1.ServerReflection", ("ServerReflectionInfo",)),
+    ):
+        for method in methods:
+            rules[f"/{service}/{method}"] = public()
+    return PermissionTable(rules)
+
+
+@dataclass
+class MeshServer:
+    """A service's gRPC server, built by its ``server.build_server`` and run by ``serve``.
+
+    Health reports NOT_SERVING until ``readiness()`` returns True, then SERVING; on stop it goes back to
+    NOT_SERVING before in-flight RPCs get ``grace`` seconds to finish.
+    """
+
+    name: str
+    settings: MeshSettings
+    registrations: Sequence[Registration]
+    permissions: PermissionTable
+    verifier: TokenVerifier
+    checker: PermissionChecker
+    readiness: Callable[[], Awaitable[bool]] | None = None
+    on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
+    address: str | None = None
+    readiness_interval_seconds: float = 0.2
+    port: int = 0
+    _server: grpc.aio.Server | None = field(default=None, init=False, repr=False)
+    _health: health.aio.HealthServicer | None = field(default=None, init=False, repr=False)
+    _ready_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+
+    async def start(self) -> int:
+        """Binds and starts the server; returns the bound port. Readiness is polled in the background."""
+        table = self.permissions.merged(_infrastructure_rules())
+        server = grpc.aio.server(
+            interceptors=[
+                aio_server_interceptor(filter_=negate(_NOT_TRACED)),
+                ErrorMappingInterceptor(),
+                DeadlineInterceptor(),
+                AuthenticationInterceptor(table, self.verifier),
+                AuthorizationInterceptor(table, self.checker),
+            ],
+            options=channel_options(self.settings),
+        )
+        for registration in self.registrations:
+            registration.add_to_server(server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [r.full_name for r in self.registrations]
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        address = self.address or self.settings.address_of(self.name)
+        host, port = parse_address(address)
+        bind = f"{self.settings.host if self.address is None else host}:{port}"
+        if self.settings.certs_dir:
+            creds = server_credentials(
+                Path(self.settings.certs_dir), self.name, self.settings.client_auth == "require"
+            )
+            self.port = server.add_secure_port(bind, creds)
+        else:
+            self.port = server.add_insecure_port(bind)
+        await server.start()
+        self._server = server
+        self._ready_task = asyncio.create_task(self._become_ready(), name=f"{self.name}-readiness")
+        log.info("%s listening on %s:%d", self.name, bind.rpartition(":")[0], self.port)
+        return self.port
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        assert self._health is not None
+        await self._health.set("", status)
+        for registration in self.registrations:
+            await self._health.set(registration.full_name, status)
+
+    async def _become_ready(self) -> None:
+        while True:
+            try:
+                ready = True if self.readiness is None else await self.readiness()
+            except Exception as exc:  # noqa: BLE001 - a failing readiness check just means "not yet"
+                log.info("%s not ready yet: %s", self.name, exc)
+                ready = False
+            if ready:
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+                log.info("%s is SERVING", self.name)
+                return
+            await asyncio.sleep(self.readiness_interval_seconds)
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Waits until the readiness check passed."""
+        assert self._ready_task is not None, "start() first"
+        await asyncio.wait_for(asyncio.shield(self._ready_task), timeout)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first (so balancers drain), then stop with a grace period, then the stop hooks."""
+        if self._server is None:
+            return
+        if self._ready_task is not None:
+            self._ready_task.cancel()
+        await self._health.enter_graceful_shutdown() if self._health else None
+        await self._server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        self._server = None
+        for hook in self.on_stop:
+            await hook()
+        log.info("%s stopped", self.name)
+
+    async def run_until_signal(self) -> None:
+        """Starts, then serves until SIGTERM or SIGINT."""
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("%s received a stop signal", self.name)
+        await self.stop()
+
+
+def serve(build: Callable[[], Awaitable[MeshServer]]) -> None:
+    """Runs a service process: builds its server inside the event loop and serves until signalled."""
+
+    async def main() -> None:
+        server = await build()
+        await server.run_until_signal()
+
+    asyncio.run(main())

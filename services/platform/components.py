@@ -1,0 +1,398 @@
+"""What `aidc up` runs: one ComponentSpec per process (argv, env, log, readiness probe), built from settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import secrets
+import string
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from services.mesh.config import SERVICE_NAMES, MeshSettings, describe_settings, parse_address
+from services.platform.config import PlatformSettings
+
+__all__ = [
+    "ProbeSpec",
+    "ComponentSpec",
+    "S3Credentials",
+    "Platform",
+    "resolve_platform",
+    "ensure_s3_credentials",
+    "write_s3_identity_config",
+    "prepare_data_dir",
+    "build_components",
+    "settings_env",
+    "triton_argv",
+    "weed_argv",
+]
+
+logger = logging.getLogger(__name__)
+
+ProbeKind = Literal["grpc", "http", "tcp"]
+
+#: Start stage: the runtime (collector, object store, Triton) must be ready before the services start.
+_RUNTIME_STAGE = 0
+_SERVICE_STAGE = 1
+#: Unix socket paths longer than this don't fit in sockaddr_un (108 bytes with the terminator).
+_MAX_SOCKET_PATH = 100
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """How to ask a component whether it is ready: gRPC health (overall ""), an HTTP GET (200), or a TCP connect."""
+
+    kind: ProbeKind
+    target: str
+    server_name: str | None = None
+
+    def describe(self) -> str:
+        """Human-readable form for error messages."""
+        return {"grpc": "gRPC health at", "http": "GET", "tcp": "TCP connect to"}[self.kind] + f" {self.target}"
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One supervised OS process."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    cwd: Path
+    log_file: Path
+    probe: ProbeSpec
+    #: The main address shown in tables; `endpoints` lists every user-facing one.
+    address: str
+    endpoints: tuple[str, ...]
+    #: Every host:port the process listens on; checked free before the first start.
+    listens: tuple[str, ...]
+    start_stage: int
+    #: Lower stops first: services, then Triton and the object store, then the collector (last, to get final spans).
+    stop_stage: int
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    """The object store's single identity, shared with the services that talk S3."""
+
+    access_key_id: str
+    secret_access_key: str
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Resolved settings (absolute paths) plus the S3 identity: everything needed to build the component specs."""
+
+    mesh: MeshSettings
+    platform: PlatformSettings
+    credentials: S3Credentials
+    project_root: Path = field(default_factory=lambda: Path(__file__).resolve().parents[2])
+
+    @property
+    def data_dir(self) -> Path:
+        return self.mesh.data_dir
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.mesh.data_dir / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.mesh.data_dir / "run"
+
+    @property
+    def s3_dir(self) -> Path:
+        return self.mesh.data_dir / "s3"
+
+    @property
+    def model_repository(self) -> Path:
+        return self.platform.model_repository_path(self.mesh.data_dir)
+
+    @property
+    def triton_dir(self) -> Path:
+        return self.platform.runtime_dir / "pytriton" / "tritonserver"
+
+    @property
+    def weed_bin(self) -> Path:
+        return self.platform.runtime_dir / "bin" / "weed"
+
+
+def resolve_platform(mesh: MeshSettings, platform: PlatformSettings, credentials: S3Credentials) -> Platform:
+    """Makes every path absolute (children run elsewhere) and records the S3 identity."""
+    mesh = dataclasses.replace(mesh, data_dir=mesh.data_dir.resolve())
+    repository = str(Path(platform.model_repository).resolve()) if platform.model_repository else ""
+    platform = dataclasses.replace(
+        platform,
+        runtime_dir=platform.runtime_dir.resolve(),
+        model_repository=repository,
+        aws_access_key_id=credentials.access_key_id,
+        aws_secret_access_key=credentials.secret_access_key,
+    )
+    return Platform(mesh=mesh, platform=platform, credentials=credentials)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Writes a secret file atomically, readable by its owner only from the first byte."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def ensure_s3_credentials(platform: PlatformSettings, data_dir: Path) -> S3Credentials:
+    """The S3 identity: AWS_* when set, else the one generated on first use and kept in data_dir/s3/credentials.json."""
+    if platform.aws_access_key_id:
+        return S3Credentials(platform.aws_access_key_id, platform.aws_secret_access_key)
+    path = data_dir / "s3" / "credentials.json"
+    if path.exists():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        return S3Credentials(stored["access_key_id"], stored["secret_access_key"])
+    alphabet = string.ascii_uppercase + string.digits
+    credentials = S3Credentials(
+        access_key_id="AIDC" + "".join(secrets.choice(alphabet) for _ in range(16)),
+        secret_access_key=secrets.token_urlsafe(30),
+    )
+    _write_private(
+        path,
+        json.dumps(
+            {"access_key_id": credentials.access_key_id, "secret_access_key": credentials.secret_access_key},
+            indent=2,
+        )
+        + "\n",
+    )
+    logger.info("generated S3 credentials in %s", path)
+    return credentials
+
+
+def write_s3_identity_config(path: Path, credentials: S3Credentials) -> None:
+    """SeaweedFS's identity file; without one its S3 gateway lets anyone do anything."""
+    config = {
+        "identities": [
+            {
+                "name": "aidc",
+                "credentials": [
+                    {"accessKey": credentials.access_key_id, "secretKey": credentials.secret_access_key}
+                ],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
+        ]
+    }
+    _write_private(path, json.dumps(config, indent=2) + "\n")
+
+
+def prepare_data_dir(platform: Platform) -> None:
+    """Creates the directories every component expects and writes the object store's identity config."""
+    for directory in (
+        platform.logs_dir,
+        platform.run_dir,
+        platform.s3_dir / "data",
+        platform.s3_dir / "log",
+        platform.model_repository,
+    ):
+        directory.mkdir(parents=True, exist_ok=True)
+    write_s3_identity_config(platform.s3_dir / "s3.json", platform.credentials)
+
+
+def settings_env(settings: Any) -> dict[str, str]:
+    """A settings dataclass written back as the environment variables it is read from."""
+    out: dict[str, str] = {}
+    for described, f in zip(describe_settings(type(settings)), dataclasses.fields(settings), strict=True):
+        value = getattr(settings, f.name)
+        out[described.env] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return out
+
+
+def _socket_path(directory: Path, name: str) -> Path:
+    path = directory / name
+    if len(str(path)) <= _MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"aidc-{digest}-{name}"
+
+
+def weed_argv(platform: Platform) -> tuple[str, ...]:
+    """SeaweedFS all-in-one, every listener on an explicit port and every file under the data directory."""
+    p = platform.platform
+    host, s3_port = parse_address(p.s3_endpoint)
+    return (
+        str(platform.weed_bin),
+        f"-logdir={platform.s3_dir / 'log'}",
+        "mini",
+        f"-dir={platform.s3_dir / 'data'}",
+        f"-ip={host}",
+        f"-ip.bind={host}",
+        "-master.telemetry=false",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.config={platform.s3_dir / 's3.json'}",
+        f"-s3.localSocket={_socket_path(platform.s3_dir, 's3.sock')}",
+        f"-filer.localSocket={_socket_path(platform.s3_dir, 'filer.sock')}",
+        f"-s3.port={s3_port}",
+        f"-s3.port.grpc={p.seaweedfs_s3_grpc_port}",
+        f"-master.port={p.seaweedfs_master_port}",
+        f"-master.port.grpc={p.seaweedfs_master_grpc_port}",
+        f"-volume.port={p.seaweedfs_volume_port}",
+        f"-volume.port.grpc={p.seaweedfs_volume_grpc_port}",
+        f"-filer.port={p.seaweedfs_filer_port}",
+        f"-filer.port.grpc={p.seaweedfs_filer_grpc_port}",
+        f"-admin.port={p.seaweedfs_admin_port}",
+        f"-admin.port.grpc={p.seaweedfs_admin_grpc_port}",
+    )
+
+
+def _weed_ports(p: PlatformSettings) -> tuple[int, ...]:
+    return (
+        p.seaweedfs_s3_grpc_port,
+        p.seaweedfs_master_port,
+        p.seaweedfs_master_grpc_port,
+        p.seaweedfs_volume_port,
+        p.seaweedfs_volume_grpc_port,
+        p.seaweedfs_filer_port,
+        p.seaweedfs_filer_grpc_port,
+        p.seaweedfs_admin_port,
+        p.seaweedfs_admin_grpc_port,
+    )
+
+
+def triton_argv(platform: Platform) -> tuple[str, ...]:
+    """Triton with explicit model control over the live repository, CPU-only pools and OpenTelemetry export."""
+    p = platform.platform
+    grpc_host, grpc_port = parse_address(p.triton_grpc_addr)
+    http_host, http_port = parse_address(p.triton_http_addr)
+    # Triton's own exit timeout must end before the supervisor's SIGKILL does.
+    exit_timeout = max(1, int(p.stop_grace_seconds) // 2)
+    return (
+        str(platform.triton_dir / "bin" / "tritonserver"),
+        f"--model-repository={platform.model_repository}",
+        f"--backend-directory={platform.triton_dir / 'backends'}",
+        "--model-control-mode=explicit",
+        "--disable-auto-complete-config",
+        f"--grpc-address={grpc_host}",
+        f"--grpc-port={grpc_port}",
+        f"--http-address={http_host}",
+        f"--http-port={http_port}",
+        f"--metrics-address={http_host}",
+        f"--metrics-port={p.triton_metrics_port}",
+        "--pinned-memory-pool-byte-size=0",
+        "--cuda-memory-pool-byte-size=0:0",
+        "--allow-gpu-metrics=false",
+        f"--exit-timeout-secs={exit_timeout}",
+        "--trace-config",
+        "mode=opentelemetry",
+        # Without a level Triton traces nothing (its default level is OFF), whatever the other trace flags say.
+        "--trace-config",
+        "level=TIMESTAMPS",
+        "--trace-config",
+        "rate=1",
+        "--trace-config",
+        f"opentelemetry,url=http://{p.collector_addr}/v1/traces",
+        "--trace-config",
+        "opentelemetry,resource=service.name=triton",
+        "--trace-config",
+        "opentelemetry,bsp_schedule_delay=500",
+    )
+
+
+def _child_env(platform: Platform, base: Mapping[str, str]) -> dict[str, str]:
+    env = dict(base)
+    env.update(settings_env(platform.mesh))
+    env.update(settings_env(platform.platform))
+    env["AIDC_MODEL_REPOSITORY"] = str(platform.model_repository)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def build_components(platform: Platform, base_env: Mapping[str, str] | None = None) -> list[ComponentSpec]:
+    """The specs of the components selected by AIDC_PLATFORM_COMPONENTS, in start order."""
+    base = dict(os.environ if base_env is None else base_env)
+    env = _child_env(platform, base)
+    p = platform.platform
+    logs = platform.logs_dir
+    python = sys.executable
+    specs: dict[str, ComponentSpec] = {}
+
+    specs["collector"] = ComponentSpec(
+        name="collector",
+        argv=(python, "-m", "services.collector"),
+        env=env,
+        cwd=platform.project_root,
+        log_file=logs / "collector.log",
+        probe=ProbeSpec("http", f"http://{p.collector_addr}/healthz"),
+        address=p.collector_addr,
+        endpoints=(f"OTLP/HTTP http://{p.collector_addr}/v1/traces",),
+        listens=(p.collector_addr,),
+        start_stage=_RUNTIME_STAGE,
+        stop_stage=2,
+    )
+
+    s3_host, _ = parse_address(p.s3_endpoint)
+    specs["s3"] = ComponentSpec(
+        name="s3",
+        argv=weed_argv(platform),
+        env=env,
+        cwd=platform.s3_dir,
+        log_file=logs / "s3.log",
+        probe=ProbeSpec("http", f"http://{p.s3_endpoint}/healthz"),
+        address=p.s3_endpoint,
+        endpoints=(f"S3 http://{p.s3_endpoint}",),
+        listens=(p.s3_endpoint, *(f"{s3_host}:{port}" for port in _weed_ports(p))),
+        start_stage=_RUNTIME_STAGE,
+        stop_stage=1,
+    )
+
+    http_host, _ = parse_address(p.triton_http_addr)
+    triton_env = dict(env)
+    # The python backend stub runs its own interpreter and ignores PYTHONPATH: it finds torch and numpy<2 through
+    # the first python on PATH, which must be this venv's.
+    triton_env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), base.get("PATH", os.defpath)])
+    triton_env["TORCH_NUM_THREADS"] = "1"
+    specs["triton"] = ComponentSpec(
+        name="triton",
+        argv=triton_argv(platform),
+        env=triton_env,
+        cwd=platform.data_dir,
+        log_file=logs / "triton.log",
+        probe=ProbeSpec("http", f"http://{p.triton_http_addr}/v2/health/ready"),
+        address=p.triton_grpc_addr,
+        endpoints=(
+            f"KServe v2 gRPC {p.triton_grpc_addr}",
+            f"KServe v2 HTTP http://{p.triton_http_addr}",
+            f"metrics http://{http_host}:{p.triton_metrics_port}/metrics",
+        ),
+        listens=(p.triton_grpc_addr, p.triton_http_addr, f"{http_host}:{p.triton_metrics_port}"),
+        start_stage=_RUNTIME_STAGE,
+        stop_stage=1,
+    )
+
+    for service in SERVICE_NAMES:
+        address = platform.mesh.address_of(service)
+        specs[service] = ComponentSpec(
+            name=service,
+            argv=(python, "-m", f"services.{service}"),
+            env=env,
+            cwd=platform.project_root,
+            log_file=logs / f"{service}.log",
+            probe=ProbeSpec("grpc", address, server_name=service),
+            address=address,
+            endpoints=(f"gRPC {address}",),
+            listens=(address,),
+            start_stage=_SERVICE_STAGE,
+            stop_stage=0,
+        )
+
+    return [specs[name] for name in specs if name in p.platform_components]

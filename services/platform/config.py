@@ -1,0 +1,96 @@
+"""Settings of the local platform supervisor (`aidc up`): runtime location, Triton, SeaweedFS, collector, timing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.mesh.config import SERVICE_NAMES, parse_address, setting
+
+__all__ = ["RUNTIME_COMPONENTS", "ALL_COMPONENTS", "PlatformSettings"]
+
+#: Processes `aidc up` starts before the mesh services, in start order.
+RUNTIME_COMPONENTS: tuple[str, ...] = ("collector", "s3", "triton")
+
+#: Every component `aidc up` knows, in start order.
+ALL_COMPONENTS: tuple[str, ...] = RUNTIME_COMPONENTS + SERVICE_NAMES
+
+
+@dataclass(frozen=True)
+class PlatformSettings:
+    """What `aidc up` starts and where; every port is explicit so nothing silently moves when one is busy."""
+
+    runtime_dir: Path = setting(
+        Path(".runtime"), "Folder holding tritonserver and weed (made by `make install`)."
+    )
+    platform_components: tuple[str, ...] = setting(
+        ALL_COMPONENTS, "Comma-separated components `aidc up` starts (subset of the default list)."
+    )
+    model_repository: str = setting("", "Triton's live model repository; empty means <data_dir>/model_repository.")
+    collector_addr: str = setting("127.0.0.1:50060", "Address of the trace collector (OTLP/HTTP JSON receiver).")
+    triton_grpc_addr: str = setting("127.0.0.1:50061", "Triton's KServe v2 gRPC endpoint.")
+    triton_http_addr: str = setting("127.0.0.1:50062", "Triton's KServe v2 HTTP endpoint.")
+    triton_metrics_port: int = setting(50063, "Triton's Prometheus metrics port (same host as its HTTP endpoint).")
+    s3_endpoint: str = setting("127.0.0.1:50070", "S3 endpoint (host:port) of the object store (SeaweedFS here).")
+    seaweedfs_s3_grpc_port: int = setting(50071, "SeaweedFS S3 gateway gRPC port.")
+    seaweedfs_master_port: int = setting(50072, "SeaweedFS master HTTP port.")
+    seaweedfs_master_grpc_port: int = setting(50073, "SeaweedFS master gRPC port.")
+    seaweedfs_volume_port: int = setting(50074, "SeaweedFS volume server HTTP port.")
+    seaweedfs_volume_grpc_port: int = setting(50075, "SeaweedFS volume server gRPC port.")
+    seaweedfs_filer_port: int = setting(50076, "SeaweedFS filer HTTP port.")
+    seaweedfs_filer_grpc_port: int = setting(50077, "SeaweedFS filer gRPC port.")
+    seaweedfs_admin_port: int = setting(50078, "SeaweedFS admin server HTTP port (it listens even with its UI off).")
+    seaweedfs_admin_grpc_port: int = setting(50079, "SeaweedFS admin server gRPC port.")
+    aws_access_key_id: str = setting(
+        "", "S3 access key; empty means generate one on first `aidc up` (<data_dir>/s3/credentials.json).",
+        env="AWS_ACCESS_KEY_ID",
+    )
+    aws_secret_access_key: str = setting(
+        "", "S3 secret key; empty means generate one with the access key.", env="AWS_SECRET_ACCESS_KEY"
+    )
+    startup_timeout_seconds: float = setting(120.0, "How long `aidc up` waits for every component to be SERVING.")
+    stop_grace_seconds: float = setting(15.0, "Seconds a component gets after SIGTERM before SIGKILL.")
+    restart_backoff_seconds: float = setting(0.5, "First delay before restarting a crashed component (doubles).")
+    restart_backoff_max_seconds: float = setting(30.0, "Longest delay between restarts of a crash-looping component.")
+
+    def model_repository_path(self, data_dir: Path) -> Path:
+        """Triton's live model repository: the configured one, or <data_dir>/model_repository."""
+        return Path(self.model_repository) if self.model_repository else data_dir / "model_repository"
+
+    def validate(self) -> None:
+        """Fails fast on values that can't work; called by load_settings."""
+        for env, value in (
+            ("AIDC_COLLECTOR_ADDR", self.collector_addr),
+            ("AIDC_TRITON_GRPC_ADDR", self.triton_grpc_addr),
+            ("AIDC_TRITON_HTTP_ADDR", self.triton_http_addr),
+            ("AIDC_S3_ENDPOINT", self.s3_endpoint),
+        ):
+            try:
+                parse_address(value)
+            except ValueError as exc:
+                raise ValueError(f"{env}: {exc}") from None
+        unknown = [c for c in self.platform_components if c not in ALL_COMPONENTS]
+        if unknown or not self.platform_components:
+            raise ValueError(
+                f"AIDC_PLATFORM_COMPONENTS must name some of {', '.join(ALL_COMPONENTS)}; unknown: {unknown}"
+            )
+        if bool(self.aws_access_key_id) != bool(self.aws_secret_access_key):
+            raise ValueError("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither")
+        for name in (
+            "triton_metrics_port",
+            "seaweedfs_s3_grpc_port",
+            "seaweedfs_master_port",
+            "seaweedfs_master_grpc_port",
+            "seaweedfs_volume_port",
+            "seaweedfs_volume_grpc_port",
+            "seaweedfs_filer_port",
+            "seaweedfs_filer_grpc_port",
+            "seaweedfs_admin_port",
+            "seaweedfs_admin_grpc_port",
+        ):
+            if not 0 < getattr(self, name) <= 65535:
+                raise ValueError(f"AIDC_{name.upper()} must be a port number, not {getattr(self, name)}")
+        if self.startup_timeout_seconds <= 0 or self.stop_grace_seconds <= 0:
+            raise ValueError("AIDC_STARTUP_TIMEOUT_SECONDS and AIDC_STOP_GRACE_SECONDS must be positive")
+        if not 0 < self.restart_backoff_seconds <= self.restart_backoff_max_seconds:
+            raise ValueError("need 0 < AIDC_RESTART_BACKOFF_SECONDS <= AIDC_RESTART_BACKOFF_MAX_SECONDS")
