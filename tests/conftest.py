@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.auth.client import AuthClient
 from services.auth.config import AuthSettings
 from services.auth.server import build_server
 from services.mesh.channels import create_channel
 from services.mesh.server import MeshServer
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -89,4 +99,76 @@ async def auth(settings: AuthSettings) -> AsyncIterator[RunningAuth]:
     await running.server.stop(0)
 
 
-__all__ = ["free_port", "RunningAuth", "start_auth", "replace"]
+
+
+@dataclass
+class AuthProcess:
+    """The auth service running as its own OS process."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    data_dir: Path
+    env: dict[str, str]
+    admin_password: str
+    settings: AuthSettings
+
+
+def wait_serving(address: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Blocks until the gRPC health service at ``address`` reports SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"process exited with {process.returncode}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"{address} not SERVING after {timeout}s")
+
+
+def service_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment for a service subprocess: this venv, a private data dir, cheap password hashing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIDC_", "OTEL_"))}
+    env.update(
+        AIDC_DATA_DIR=str(data_dir),
+        AIDC_AUTH_ARGON2_TIME_COST="1",
+        AIDC_AUTH_ARGON2_MEMORY_KIB="1024",
+        PYTHONPATH=str(ROOT),
+    )
+    env.update(extra)
+    return env
+
+
+def start_service_process(service: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", f"services.{service}"], env=env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def auth_process(tmp_path: Path) -> Iterator[AuthProcess]:
+    data_dir = tmp_path / "data"
+    address = f"127.0.0.1:{free_port()}"
+    env = service_env(data_dir, AIDC_AUTH_ADDR=address)
+    process = start_service_process("auth", env, tmp_path / "auth.log")
+    try:
+        wait_serving(address, process=process)
+        password = json.loads((data_dir / "auth" / "bootstrap-admin.json").read_text())["password"]
+        settings = AuthSettings.from_env(env)
+        yield AuthProcess(process, address, data_dir, env, password, settings)
+    finally:
+        stop_process(process)

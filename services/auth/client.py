@@ -1,21 +1,14 @@
-"""The typed client of the auth service, and what every other service needs from auth: a token verifier
-fed by auth's published keys and a cached permission checker backed by CheckPermission."""
+"""The typed client of the auth service (the CLI, tests and other services use it)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import grpc
 
 from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
 from services.gen.aidc.auth.v1 import auth_service_pb2_grpc
-from services.mesh.authz import CachedPermissionChecker
-from services.mesh.channels import create_channel
 from services.mesh.client import ServiceClient
-from services.mesh.config import MeshSettings
-from services.mesh.identity import TokenVerifier
 
-__all__ = ["AuthClient", "RemotePermissionChecker", "MeshSecurity", "mesh_security"]
+__all__ = ["AuthClient"]
 
 
 class AuthClient(ServiceClient):
@@ -94,30 +87,3 @@ class AuthClient(ServiceClient):
 
     async def rotate_signing_key(self) -> str:
         return (await self._unary(self.stub.RotateSigningKey, pb.RotateSigningKeyRequest())).kid
-
-
-class RemotePermissionChecker:
-    """Asks the auth service. The caller's token is forwarded by the channel, so auth sees the end user."""
-
-    def __init__(self, client: AuthClient) -> None:
-        self._client = client
-
-    async def check(self, subject: str, tenant: str, resource: str, action: str) -> bool:
-        return await self._client.check_permission(subject, tenant, resource, action)
-
-
-@dataclass(frozen=True)
-class MeshSecurity:
-    """What a service needs to authenticate and authorize its callers."""
-
-    auth: AuthClient
-    verifier: TokenVerifier
-    checker: CachedPermissionChecker
-
-
-def mesh_security(settings: MeshSettings, service: str) -> MeshSecurity:
-    """Token verification and cached authorization backed by the auth service, for service ``service``."""
-    client = AuthClient(create_channel(settings.auth_addr, settings, identity=service))
-    verifier = TokenVerifier(client.get_jwks)
-    checker = CachedPermissionChecker(RemotePermissionChecker(client), ttl_seconds=settings.decision_cache_seconds)
-    return MeshSecurity(auth=client, verifier=verifier, checker=checker)

@@ -8,6 +8,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 from pathlib import Path
 
 import grpc
@@ -19,6 +20,8 @@ from opentelemetry.instrumentation.grpc.filters import health_check, negate, ser
 from services.mesh.authz import PermissionChecker, PermissionTable, Rule, public
 from services.mesh.channels import channel_options, server_credentials
 from services.mesh.config import MeshSettings, parse_address
+from services.mesh.logs import configure_logging
+from services.mesh.telemetry import init_telemetry, shutdown_telemetry
 from services.mesh.identity import TokenVerifier
 from services.mesh.interceptors import (
     AuthenticationInterceptor,
@@ -27,9 +30,11 @@ from services.mesh.interceptors import (
     ErrorMappingInterceptor,
 )
 
-__all__ = ["Registration", "MeshServer", "serve", "INFRASTRUCTURE_SERVICES"]
+__all__ = ["Registration", "MeshServer", "serve", "run_service", "INFRASTRUCTURE_SERVICES"]
 
 log = logging.getLogger(__name__)
+
+_S = TypeVar("_S", bound=MeshSettings)
 
 #: Services every mesh server carries; their RPCs are public.
 INFRASTRUCTURE_SERVICES = (
@@ -178,3 +183,14 @@ def serve(build: Callable[[], Awaitable[MeshServer]]) -> None:
         await server.run_until_signal()
 
     asyncio.run(main())
+
+
+def run_service(name: str, load_settings: Callable[[], _S], build: Callable[[_S], Awaitable[MeshServer]]) -> None:
+    """The whole life of a service process: settings, logging, telemetry, serve until SIGTERM, flush spans."""
+    settings = load_settings()
+    configure_logging(name, settings.log_level)
+    init_telemetry(name, settings.data_dir)
+    try:
+        serve(lambda: build(settings))
+    finally:
+        shutdown_telemetry()

@@ -1,4 +1,4 @@
-"""What `aidc up` runs: one ComponentSpec per process (argv, env, log, readiness probe), built from settings."""
+"""What `aidc up` runs: one ComponentSpec per process (argv, env, log, readiness probe), from settings."""
 
 from __future__ import annotations
 
@@ -47,15 +47,16 @@ _MAX_SOCKET_PATH = 100
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    """How to ask a component whether it is ready: gRPC health (overall ""), an HTTP GET (200), or a TCP connect."""
+    """How to ask a component whether it is ready: gRPC health (overall ""), HTTP GET (200) or TCP connect."""
 
     kind: ProbeKind
     target: str
-    server_name: str | None = None
 
     def describe(self) -> str:
         """Human-readable form for error messages."""
-        return {"grpc": "gRPC health at", "http": "GET", "tcp": "TCP connect to"}[self.kind] + f" {self.target}"
+        return {"grpc": "gRPC health at", "http": "GET", "tcp": "TCP connect to"}[
+            self.kind
+        ] + f" {self.target}"
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class ComponentSpec:
     #: Every host:port the process listens on; checked free before the first start.
     listens: tuple[str, ...]
     start_stage: int
-    #: Lower stops first: services, then Triton and the object store, then the collector (last, to get final spans).
+    #: Lower stops first: services, then Triton and the object store, then the collector (to get final spans).
     stop_stage: int
 
 
@@ -88,7 +89,7 @@ class S3Credentials:
 
 @dataclass(frozen=True)
 class Platform:
-    """Resolved settings (absolute paths) plus the S3 identity: everything needed to build the component specs."""
+    """Resolved settings (absolute paths) plus the S3 identity: what the component specs come from."""
 
     mesh: MeshSettings
     platform: PlatformSettings
@@ -153,7 +154,7 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def ensure_s3_credentials(platform: PlatformSettings, data_dir: Path) -> S3Credentials:
-    """The S3 identity: AWS_* when set, else the one generated on first use and kept in data_dir/s3/credentials.json."""
+    """The S3 identity: AWS_* when set, else one generated once and kept in data_dir/s3/credentials.json."""
     if platform.aws_access_key_id:
         return S3Credentials(platform.aws_access_key_id, platform.aws_secret_access_key)
     path = data_dir / "s3" / "credentials.json"
@@ -270,7 +271,7 @@ def _weed_ports(p: PlatformSettings) -> tuple[int, ...]:
 
 
 def triton_argv(platform: Platform) -> tuple[str, ...]:
-    """Triton with explicit model control over the live repository, CPU-only pools and OpenTelemetry export."""
+    """Triton with explicit model control over the live repository, CPU-only pools, OpenTelemetry export."""
     p = platform.platform
     grpc_host, grpc_port = parse_address(p.triton_grpc_addr)
     http_host, http_port = parse_address(p.triton_http_addr)
@@ -294,7 +295,7 @@ def triton_argv(platform: Platform) -> tuple[str, ...]:
         f"--exit-timeout-secs={exit_timeout}",
         "--trace-config",
         "mode=opentelemetry",
-        # Without a level Triton traces nothing (its default level is OFF), whatever the other trace flags say.
+        # Without a level Triton traces nothing (its default is OFF), whatever the other trace flags say.
         "--trace-config",
         "level=TIMESTAMPS",
         "--trace-config",
@@ -357,8 +358,8 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
 
     http_host, _ = parse_address(p.triton_http_addr)
     triton_env = dict(env)
-    # The python backend stub runs its own interpreter and ignores PYTHONPATH: it finds torch and numpy<2 through
-    # the first python on PATH, which must be this venv's.
+    # The python backend stub runs its own interpreter and ignores PYTHONPATH: it finds torch and numpy<2
+    # through the first python on PATH, which must be this venv's.
     triton_env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), base.get("PATH", os.defpath)])
     triton_env["TORCH_NUM_THREADS"] = "1"
     specs["triton"] = ComponentSpec(
@@ -387,7 +388,7 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
             env=env,
             cwd=platform.project_root,
             log_file=logs / f"{service}.log",
-            probe=ProbeSpec("grpc", address, server_name=service),
+            probe=ProbeSpec("grpc", address),
             address=address,
             endpoints=(f"gRPC {address}",),
             listens=(address,),

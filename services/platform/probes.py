@@ -1,4 +1,4 @@
-"""Live readiness probes: gRPC health, HTTP GET and TCP connect, each answering SERVING, NOT_SERVING or DOWN."""
+"""Live readiness probes (gRPC health, HTTP GET, TCP connect) answering SERVING, NOT_SERVING or DOWN."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.mesh.channels import create_channel
 from services.mesh.config import MeshSettings, parse_address
 from services.platform.components import ProbeSpec
 
@@ -32,15 +33,9 @@ class ProbeResult:
     detail: str = ""
 
 
-def _channel(target: str, settings: MeshSettings, server_name: str | None) -> grpc.aio.Channel:
-    # TODO(channels): use services.mesh.channels.create_channel(target, settings, server_name) so probes speak
-    # mTLS when settings.certs_dir is set.
-    del settings, server_name
-    return grpc.aio.insecure_channel(target)
-
-
 async def _probe_grpc(spec: ProbeSpec, settings: MeshSettings, timeout: float) -> ProbeResult:
-    channel = _channel(spec.target, settings, spec.server_name)
+    # The operator's identity: with AIDC_CERTS_DIR set the probe speaks mutual TLS like the CLI does.
+    channel = create_channel(spec.target, settings, identity="cli")
     try:
         stub = health_pb2_grpc.HealthStub(channel)
         response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
@@ -49,7 +44,7 @@ async def _probe_grpc(spec: ProbeSpec, settings: MeshSettings, timeout: float) -
             return ProbeResult(Health.DOWN, exc.code().name)
         return ProbeResult(Health.NOT_SERVING, f"{exc.code().name}: {exc.details()}")
     finally:
-        await channel.close()
+        await channel.close(None)
     if response.status == health_pb2.HealthCheckResponse.SERVING:
         return ProbeResult(Health.SERVING)
     return ProbeResult(Health.NOT_SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))

@@ -21,7 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status as SpanStatus
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+from opentelemetry.proto.trace.v1.trace_pb2 import Status as SpanStatus
 
 from services.collector.config import CollectorConfig
 from services.mesh.spanstore import SpanRecord, SpanStore
@@ -146,7 +147,11 @@ def test_triton_json_export_lands_in_store_with_edges(tmp_path: Path) -> None:
         assert {infer.service, compute.service} == {"triton"}
         assert (infer.kind, compute.kind) == ("SERVER", "INTERNAL")
         assert (infer.start_ns, infer.end_ns) == (1_700_000_000_000_000_000, 1_700_000_000_006_000_000)
-        assert infer.attributes == {"triton.model_name": "bert", "triton.model_version": 1, "triton.trace_id": 7}
+        assert infer.attributes == {
+            "triton.model_name": "bert",
+            "triton.model_version": 1,
+            "triton.trace_id": 7,
+        }
         assert (compute.status_code, compute.status_message) == ("ERROR", "model failed")
         assert compute.attributes == {"batch": 2.5}
         # The collector writes only its own file, named after its pid.
@@ -218,7 +223,9 @@ def test_bad_bodies_are_rejected_and_nothing_is_stored(
         assert reason in message
         assert _span_files(tmp_path) == []  # not even the good first span of "one-bad-span"
         # The collector keeps serving after a bad request.
-        good_status, _ = post(collector.traces_url, json.dumps(triton_json_body()).encode(), "application/json")
+        good_status, _ = post(
+            collector.traces_url, json.dumps(triton_json_body()).encode(), "application/json"
+        )
         assert good_status == 200
 
 

@@ -1,0 +1,1 @@
+"""The billing service: exactly-once metering, price book, budgets and invoices."""

@@ -1,0 +1,166 @@
+"""``aidc up``, ``aidc down`` and ``aidc status``: run, stop and inspect the whole platform locally."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.platform.components import build_components
+from services.platform.probes import Health
+from services.platform.state import PlatformState
+from services.platform.supervisor import (
+    AlreadyRunning,
+    StartupError,
+    Supervisor,
+    load_platform,
+    platform_status,
+    read_bootstrap_admin,
+    start_detached,
+    stop_platform,
+)
+
+__all__ = ["register", "up", "down", "status"]
+
+_console = Console()
+_errors = Console(stderr=True)
+
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="The platform's data directory (default: AIDC_DATA_DIR, else .aidc).",
+        show_default=False,
+    ),
+]
+
+_HEALTH_STYLE = {Health.SERVING: "green", Health.NOT_SERVING: "yellow", Health.DOWN: "red"}
+
+
+def register(app: typer.Typer) -> None:
+    """Adds the ``up``, ``down`` and ``status`` commands to the CLI."""
+    app.command("up")(up)
+    app.command("down")(down)
+    app.command("status")(status)
+
+
+def _env(data_dir: Path | None) -> Mapping[str, str]:
+    env = dict(os.environ)
+    if data_dir is not None:
+        env["AIDC_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def _print_ready(state: PlatformState, began: float) -> None:
+    table = Table(title="aidc is up", title_justify="left")
+    table.add_column("component")
+    table.add_column("status")
+    table.add_column("endpoints")
+    table.add_column("pid", justify="right")
+    table.add_column("log")
+    for c in state.components:
+        table.add_row(c.name, "[green]SERVING[/]", "\n".join(c.endpoints), str(c.pid or "-"), c.log_file)
+    _console.print(table)
+    _console.print(
+        f"all {len(state.components)} components SERVING in {state.ready_seconds:.1f}s "
+        f"({time.monotonic() - began:.1f}s for the whole command); data in {state.data_dir}"
+    )
+    admin = read_bootstrap_admin(Path(state.data_dir))
+    if admin is not None:
+        _console.print("[bold yellow]platform admin created; this password is shown once[/] (store it now):")
+        _console.print(f"  tenant:   {admin.tenant}\n  user:     {admin.user}\n  password: {admin.password}")
+        admin.path.unlink(missing_ok=True)
+
+
+def up(
+    detach: Annotated[
+        bool,
+        typer.Option("--detach", "-d", help="Run the supervisor in the background and return when SERVING."),
+    ] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout", min=1, help="Seconds to wait for SERVING (default AIDC_STARTUP_TIMEOUT_SECONDS)."
+        ),
+    ] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Start every service, Triton, the S3 server and the trace collector; supervise them until Ctrl-C."""
+    began = time.monotonic()
+    env = _env(data_dir)
+    try:
+        platform = load_platform(env)
+    except ValueError as exc:
+        _errors.print(f"[red]bad configuration:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    try:
+        if detach:
+            state = start_detached(platform, timeout, env)
+            _print_ready(state, began)
+            _console.print("supervisor runs in the background; `aidc status` to check, `aidc down` to stop.")
+            return
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        supervisor = Supervisor(
+            platform,
+            build_components(platform, env),
+            startup_timeout=timeout,
+            on_ready=lambda state: _print_ready(state, began),
+        )
+        asyncio.run(supervisor.run())
+        _console.print("aidc stopped.")
+    except AlreadyRunning as exc:
+        _console.print(f"{exc}; `aidc status` to check it, `aidc down` to stop it.")
+        # Idempotent for scripts (`make up` twice); a second foreground supervisor can't attach, though.
+        raise typer.Exit(code=0 if detach else 1) from None
+    except StartupError as exc:
+        _errors.print(f"[red]aidc up failed:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(code=1) from None
+
+
+def down(data_dir: DataDirOption = None) -> None:
+    """Stop the platform started by `aidc up` and make sure none of its processes is left."""
+    platform = load_platform(_env(data_dir), create_credentials=False)
+    report = stop_platform(platform.run_dir, platform.platform.stop_grace_seconds)
+    if report.supervisor_pid is None and not report.stragglers:
+        _console.print("aidc is not running.")
+    elif report.supervisor_pid is not None:
+        _console.print(f"stopped the supervisor (pid {report.supervisor_pid}) and its components.")
+    for name, pids in report.stragglers.items():
+        _console.print(f"[yellow]killed leftover {name} processes:[/] {', '.join(map(str, pids))}")
+    if report.left:
+        _errors.print(f"[red]still alive:[/] {', '.join(map(str, report.left))}")
+        raise typer.Exit(code=1)
+
+
+def status(data_dir: DataDirOption = None) -> None:
+    """Probe every component live; exit code 0 only if all are SERVING."""
+    platform = load_platform(_env(data_dir), create_credentials=False)
+    result = asyncio.run(platform_status(platform))
+    if result.supervisor_pid is not None:
+        _console.print(
+            f"supervisor pid {result.supervisor_pid} ({result.phase}); data in {platform.data_dir}"
+        )
+    else:
+        _console.print(f"supervisor not running ({result.phase}); data in {platform.data_dir}")
+    if result.error:
+        _console.print(f"[red]last start failed:[/] {result.error}", highlight=False)
+    table = Table()
+    for column in ("component", "status", "address", "pid", "restarts", "detail"):
+        table.add_column(column, justify="right" if column in ("pid", "restarts") else "left")
+    for c in result.components:
+        style = _HEALTH_STYLE[c.health]
+        table.add_row(
+            c.name, f"[{style}]{c.health.value}[/]", c.address, str(c.pid or "-"), str(c.restarts), c.detail
+        )
+    _console.print(table)
+    if not result.all_serving:
+        raise typer.Exit(code=1)

@@ -1,0 +1,1 @@
+"""The local platform: `aidc up` runs every service, Triton, the object store and the trace collector."""

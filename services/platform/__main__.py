@@ -1,0 +1,32 @@
+"""Entry point of the detached supervisor that `aidc up --detach` starts in the background."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from services.platform.components import build_components
+from services.platform.supervisor import AlreadyRunning, StartupError, Supervisor, load_platform
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the supervisor until SIGTERM; 0 after a clean stop, 1 when the platform can't start."""
+    parser = argparse.ArgumentParser(prog="python -m services.platform", description=__doc__)
+    parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for every component")
+    args = parser.parse_args(argv)
+    # TODO(logging): switch to services.mesh's configure_logging() once it exists.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    platform = load_platform()
+    supervisor = Supervisor(platform, build_components(platform), startup_timeout=args.timeout)
+    try:
+        asyncio.run(supervisor.run())
+    except (StartupError, AlreadyRunning) as exc:
+        logging.getLogger("services.platform").error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,641 @@
+"""The platform supervisor: starts every component, waits for SERVING, restarts crashes, stops cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.mesh.config import MeshSettings, load_settings
+from services.platform.components import (
+    ComponentSpec,
+    Platform,
+    ProbeSpec,
+    S3Credentials,
+    build_components,
+    ensure_s3_credentials,
+    prepare_data_dir,
+    resolve_platform,
+)
+from services.platform.config import PlatformSettings
+from services.platform.probes import Health, probe
+from services.platform.process import (
+    ProcessId,
+    busy_addresses,
+    is_running,
+    process_id,
+    session_members,
+    signal_session,
+    terminate_session,
+)
+from services.platform.state import (
+    ComponentState,
+    PlatformState,
+    read_state,
+    remove_run_files,
+    write_pid_file,
+    write_state,
+)
+
+__all__ = [
+    "StartupError",
+    "AlreadyRunning",
+    "Supervisor",
+    "load_platform",
+    "running_state",
+    "start_detached",
+    "stop_platform",
+    "StopReport",
+    "ComponentStatus",
+    "PlatformStatus",
+    "platform_status",
+    "BootstrapAdmin",
+    "read_bootstrap_admin",
+    "log_tail",
+]
+
+logger = logging.getLogger(__name__)
+
+#: A component exiting this many times before it was ever ready fails `aidc up` at once (bad config, ...).
+_MAX_STARTUP_CRASHES = 3
+#: A process that ran this long before crashing restarts with the initial backoff again.
+_STABLE_SECONDS = 30.0
+#: How long leftover members of a component's session (Triton's python stubs) get after their leader is gone.
+_STRAGGLER_GRACE = 3.0
+_POLL_SECONDS = 0.25
+
+
+class StartupError(Exception):
+    """The platform did not come up; the message names the component and shows the end of its log."""
+
+
+class AlreadyRunning(Exception):
+    """A supervisor already runs for this data directory."""
+
+    def __init__(self, state: PlatformState) -> None:
+        super().__init__(
+            f"aidc is already running (supervisor pid {state.supervisor_pid}, data {state.data_dir})"
+        )
+        self.state = state
+
+
+def load_platform(env: Mapping[str, str] | None = None, *, create_credentials: bool = True) -> Platform:
+    """Settings from the environment, with absolute paths and the S3 identity (generated once when needed)."""
+    mesh = load_settings(MeshSettings, env)
+    settings = load_settings(PlatformSettings, env)
+    if create_credentials:
+        credentials = ensure_s3_credentials(settings, mesh.data_dir.resolve())
+    else:
+        credentials = S3Credentials(settings.aws_access_key_id, settings.aws_secret_access_key)
+    return resolve_platform(mesh, settings, credentials)
+
+
+def log_tail(path: Path | str, lines: int = 20) -> str:
+    """The last lines of a log file (empty when there is none)."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - 64 * 1024))
+            text = log.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _with_tail(message: str, log_file: Path | str) -> str:
+    tail = log_tail(log_file)
+    indented = "\n".join(f"    {line}" for line in tail.splitlines()) if tail else "    (empty)"
+    return f"{message}\n  last lines of {log_file}:\n{indented}"
+
+
+def running_state(run_dir: Path) -> PlatformState | None:
+    """The state of the supervisor running for this data directory, or None when none runs."""
+    state = read_state(run_dir)
+    if state is not None and is_running(state.supervisor):
+        return state
+    return None
+
+
+@contextlib.contextmanager
+def _exclusive_lock(run_dir: Path) -> Iterator[None]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "supervisor.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            state = read_state(run_dir)
+            if state is None:
+                raise StartupError(f"another aidc supervisor holds {run_dir / 'supervisor.lock'}") from None
+            raise AlreadyRunning(state) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@dataclass
+class _Run:
+    """A supervised component: its spec, its published state and the bookkeeping behind restarts."""
+
+    spec: ComponentSpec
+    state: ComponentState
+    process: asyncio.subprocess.Process | None = None
+    started: float = 0.0
+    ever_ready: bool = False
+    startup_crashes: int = 0
+    consecutive_crashes: int = 0
+    fatal: str = ""
+
+
+class Supervisor:
+    """Runs the components of one data directory in the foreground until asked to stop."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        specs: list[ComponentSpec],
+        *,
+        startup_timeout: float | None = None,
+        on_ready: Callable[[PlatformState], None] | None = None,
+    ) -> None:
+        self._platform = platform
+        self._settings = platform.platform
+        self._timeout = startup_timeout or self._settings.startup_timeout_seconds
+        self._on_ready = on_ready
+        self._runs = {spec.name: _Run(spec, ComponentState.from_spec(spec)) for spec in specs}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._serving = False
+        me = process_id(os.getpid())
+        self._state = PlatformState(
+            supervisor_pid=os.getpid(),
+            supervisor_start_ticks=me.start_ticks if me else 0,
+            data_dir=str(platform.data_dir),
+            started_at=time.time(),
+            components=[run.state for run in self._runs.values()],
+        )
+
+    @property
+    def state(self) -> PlatformState:
+        return self._state
+
+    def request_stop(self) -> None:
+        """Asks the supervisor to stop every component and return (safe from a signal handler)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Starts everything, waits for SERVING, supervises until stopped; StartupError if it can't start."""
+        run_dir = self._platform.run_dir
+        with _exclusive_lock(run_dir):
+            self._reap_leftovers(run_dir)
+            prepare_data_dir(self._platform)
+            self._check_ports()
+            write_state(run_dir, self._state)
+            write_pid_file(run_dir, os.getpid())
+            loop = asyncio.get_running_loop()
+            handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            for sig in handled:
+                loop.add_signal_handler(sig, self.request_stop)
+            failure: StartupError | None = None
+            try:
+                await self._start()
+                await self._stop.wait()
+            except StartupError as exc:
+                failure = exc
+            finally:
+                for sig in handled:
+                    loop.remove_signal_handler(sig)
+                await self._stop_all()
+                if failure is None:
+                    remove_run_files(run_dir)
+                else:
+                    # Kept for whoever launched a detached supervisor: it reads the error from here.
+                    self._state.status = "failed"
+                    self._state.error = str(failure)
+                    self._write()
+                    (run_dir / "supervisor.pid").unlink(missing_ok=True)
+            if failure is not None:
+                raise failure
+
+    # -- startup ------------------------------------------------------------------------------------------
+
+    def _reap_leftovers(self, run_dir: Path) -> None:
+        """Kills components a previous supervisor left behind when it died without cleaning up."""
+        previous = read_state(run_dir)
+        if previous is None:
+            return
+        for component in previous.components:
+            if component.session is not None and session_members(component.session):
+                logger.warning(
+                    "stopping %s left over from a previous run (session %d)",
+                    component.name,
+                    component.session,
+                )
+                terminate_session(component.session, self._settings.stop_grace_seconds)
+
+    def _check_ports(self) -> None:
+        owners = {address: run.spec.name for run in self._runs.values() for address in run.spec.listens}
+        busy = busy_addresses(list(owners))
+        if busy:
+            taken = ", ".join(f"{address} ({owners[address]})" for address in busy)
+            raise StartupError(
+                f"address already in use: {taken}. Is another aidc or another program running? "
+                "Stop it, or move the component with its AIDC_* address variable."
+            )
+
+    async def _start(self) -> None:
+        began = time.monotonic()
+        deadline = began + self._timeout
+        for stage in sorted({run.spec.start_stage for run in self._runs.values()}):
+            runs = [run for run in self._runs.values() if run.spec.start_stage == stage]
+            for run in runs:
+                self._tasks[run.spec.name] = asyncio.create_task(
+                    self._supervise(run), name=f"supervise-{run.spec.name}"
+                )
+            await self._wait_ready(runs, deadline, began)
+        self._serving = True
+        self._state.status = "serving"
+        self._state.ready_seconds = round(time.monotonic() - began, 2)
+        self._write()
+        logger.info("all %d components SERVING after %.1fs", len(self._runs), self._state.ready_seconds)
+        if self._on_ready is not None:
+            self._on_ready(self._state)
+
+    async def _wait_ready(self, runs: list[_Run], deadline: float, began: float) -> None:
+        pending = {run.spec.name: run for run in runs}
+        details: dict[str, str] = {}
+        while pending:
+            if self._stop.is_set():
+                raise StartupError("interrupted while starting")
+            for run in pending.values():
+                if run.fatal:
+                    raise StartupError(run.fatal)
+                if run.startup_crashes >= _MAX_STARTUP_CRASHES:
+                    raise StartupError(
+                        _with_tail(
+                            f"{run.spec.name} exited {run.startup_crashes} times before becoming ready "
+                            f"(last exit code {run.state.last_exit})",
+                            run.spec.log_file,
+                        )
+                    )
+            alive = [
+                run for run in pending.values() if run.process is not None and run.process.returncode is None
+            ]
+            results = await asyncio.gather(
+                *(probe(run.spec.probe, self._platform.mesh, 1.0) for run in alive)
+            )
+            for run, result in zip(alive, results, strict=True):
+                if result.health is Health.SERVING:
+                    run.ever_ready = True
+                    run.state.status = "running"
+                    del pending[run.spec.name]
+                    logger.info("%s SERVING after %.1fs", run.spec.name, time.monotonic() - began)
+                    self._write()
+                else:
+                    details[run.spec.name] = f"{result.health.value} {result.detail}".strip()
+            if pending and time.monotonic() >= deadline:
+                raise StartupError(
+                    f"timed out after {self._timeout:.0f}s waiting for "
+                    + "\n".join(
+                        _with_tail(
+                            f"{name}: {run.spec.probe.describe()} -> {details.get(name, 'not started')}",
+                            run.spec.log_file,
+                        )
+                        for name, run in pending.items()
+                    )
+                )
+            if pending:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), _POLL_SECONDS)
+
+    # -- supervision --------------------------------------------------------------------------------------
+
+    async def _spawn(self, run: _Run) -> asyncio.subprocess.Process:
+        spec = run.spec
+        spec.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(spec.log_file, "ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(spec.env),
+                cwd=str(spec.cwd),
+                # Its own session: Ctrl-C on the terminal reaches only the supervisor, which stops things in
+                # order, and the whole session (Triton plus its python stubs) can be signalled at once.
+                start_new_session=True,
+            )
+        ident = process_id(process.pid)
+        run.process = process
+        run.started = time.monotonic()
+        run.state.pid = process.pid
+        run.state.start_ticks = ident.start_ticks if ident else None
+        run.state.session = process.pid
+        run.state.status = "starting"
+        self._write()
+        logger.info("started %s (pid %d)", spec.name, process.pid)
+        return process
+
+    async def _supervise(self, run: _Run) -> None:
+        spec = run.spec
+        while not self._stopping:
+            try:
+                process = await self._spawn(run)
+            except OSError as exc:
+                hint = (
+                    " (run `make install`)"
+                    if spec.argv[0].startswith(str(self._settings.runtime_dir))
+                    else ""
+                )
+                run.fatal = f"{spec.name}: cannot start {spec.argv[0]}: {exc.strerror or exc}{hint}"
+                run.state.status = "failed"
+                self._write()
+                return
+            if self._stopping:
+                signal_session(process.pid, signal.SIGTERM)
+            elif self._serving:
+                self._watch(run, process)
+            code = await process.wait()
+            ran = time.monotonic() - run.started
+            run.state.pid = None
+            run.state.start_ticks = None
+            run.state.last_exit = code
+            if self._stopping:
+                run.state.status = "stopped"
+                self._write()
+                return
+            # What the crashed process left in its session (Triton's python stubs) goes before it restarts.
+            await asyncio.to_thread(terminate_session, process.pid, _STRAGGLER_GRACE)
+            run.state.restarts += 1
+            if not run.ever_ready:
+                run.startup_crashes += 1
+            run.consecutive_crashes = 1 if ran >= _STABLE_SECONDS else run.consecutive_crashes + 1
+            delay = min(
+                self._settings.restart_backoff_max_seconds,
+                self._settings.restart_backoff_seconds * 2 ** (run.consecutive_crashes - 1),
+            )
+            run.state.status = "restarting"
+            self._write()
+            logger.warning(
+                "%s exited with code %s after %.1fs; restart #%d in %.1fs (log %s)",
+                spec.name,
+                code,
+                ran,
+                run.state.restarts,
+                delay,
+                spec.log_file,
+            )
+            if not run.ever_ready and run.startup_crashes >= _MAX_STARTUP_CRASHES:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+
+    def _watch(self, run: _Run, process: asyncio.subprocess.Process) -> None:
+        task = asyncio.create_task(self._until_ready(run, process))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _until_ready(self, run: _Run, process: asyncio.subprocess.Process) -> None:
+        """Marks a restarted component running again once its probe passes."""
+        began = time.monotonic()
+        while process.returncode is None and not self._stopping:
+            result = await probe(run.spec.probe, self._platform.mesh, 1.0)
+            if result.health is Health.SERVING and process.returncode is None:
+                run.state.status = "running"
+                self._write()
+                logger.info(
+                    "%s SERVING again %.1fs after restart #%d",
+                    run.spec.name,
+                    time.monotonic() - began,
+                    run.state.restarts,
+                )
+                return
+            await asyncio.sleep(0.5)
+
+    # -- shutdown -----------------------------------------------------------------------------------------
+
+    async def _stop_all(self) -> None:
+        self._stopping = True
+        self._stop.set()
+        self._state.status = "stopping"
+        self._write()
+        for stage in sorted({run.spec.stop_stage for run in self._runs.values()}):
+            runs = [run for run in self._runs.values() if run.spec.stop_stage == stage]
+            await asyncio.gather(*(self._stop_component(run) for run in runs))
+        for watcher in list(self._watchers):
+            watcher.cancel()
+        await asyncio.gather(*self._tasks.values(), *self._watchers, return_exceptions=True)
+
+    async def _stop_component(self, run: _Run) -> None:
+        grace = self._settings.stop_grace_seconds
+        process = run.process
+        if process is not None and process.returncode is None:
+            logger.info("stopping %s (pid %d)", run.spec.name, process.pid)
+            signal_session(process.pid, signal.SIGTERM)
+        task = self._tasks.get(run.spec.name)
+        if task is not None:
+            done, _ = await asyncio.wait({task}, timeout=grace)
+            if not done:
+                logger.warning("%s did not stop within %.0fs; sending SIGKILL", run.spec.name, grace)
+                if run.process is not None and run.process.returncode is None:
+                    signal_session(run.process.pid, signal.SIGKILL)
+                done, _ = await asyncio.wait({task}, timeout=5.0)
+                if not done:
+                    task.cancel()
+        if run.state.session is not None:
+            await asyncio.to_thread(terminate_session, run.state.session, _STRAGGLER_GRACE)
+        run.state.status = "stopped"
+        self._write()
+
+    def _write(self) -> None:
+        write_state(self._platform.run_dir, self._state)
+
+
+# -- detached mode, down, status -----------------------------------------------------------------------------
+
+
+def start_detached(
+    platform: Platform, timeout: float | None = None, env: Mapping[str, str] | None = None
+) -> PlatformState:
+    """Starts a background supervisor (`python -m services.platform`); returns once all is SERVING."""
+    run_dir = platform.run_dir
+    running = running_state(run_dir)
+    if running is not None:
+        raise AlreadyRunning(running)
+    timeout = timeout or platform.platform.startup_timeout_seconds
+    platform.logs_dir.mkdir(parents=True, exist_ok=True)
+    log_file = platform.logs_dir / "supervisor.log"
+    with open(log_file, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.platform", "--timeout", str(timeout)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ if env is None else env),
+            start_new_session=True,
+        )
+    # Room for the supervisor to stop everything in order after a failed start.
+    deadline = time.monotonic() + timeout + 3 * platform.platform.stop_grace_seconds + 30
+    try:
+        while True:
+            code = process.poll()
+            state = read_state(run_dir)
+            mine = state is not None and state.supervisor_pid == process.pid
+            if mine and state is not None and state.status == "serving":
+                return state
+            if code is not None:
+                if mine and state is not None and state.error:
+                    raise StartupError(state.error)
+                raise StartupError(
+                    _with_tail(
+                        f"the supervisor exited with code {code} before the platform was ready", log_file
+                    )
+                )
+            if time.monotonic() > deadline:
+                raise StartupError(_with_tail("the supervisor did not report SERVING in time", log_file))
+            time.sleep(0.2)
+    except BaseException:
+        if process.poll() is None:
+            process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(3 * platform.platform.stop_grace_seconds + 15)
+        raise
+
+
+@dataclass(frozen=True)
+class StopReport:
+    """What `aidc down` found and did."""
+
+    supervisor_pid: int | None
+    #: Components whose processes were still alive after the supervisor was gone, with the pids killed.
+    stragglers: dict[str, list[int]] = field(default_factory=dict)
+    #: Pids still alive at the end (should be empty).
+    left: list[int] = field(default_factory=list)
+
+
+def _wait_exit(ident: ProcessId, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while is_running(ident):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def stop_platform(run_dir: Path, grace: float) -> StopReport:
+    """Stops the supervisor (which stops its components), then kills anything of the platform still alive."""
+    state = read_state(run_dir)
+    if state is None:
+        (run_dir / "supervisor.pid").unlink(missing_ok=True)
+        return StopReport(supervisor_pid=None)
+    supervisor = state.supervisor
+    stopped_supervisor: int | None = None
+    if is_running(supervisor):
+        stopped_supervisor = supervisor.pid
+        logger.info("stopping supervisor pid %d", supervisor.pid)
+        os.kill(supervisor.pid, signal.SIGTERM)
+        # It stops services, then Triton and the object store, then the collector: three rounds of grace.
+        if not _wait_exit(supervisor, 3 * grace + 15):
+            logger.warning("supervisor pid %d did not exit; sending SIGKILL", supervisor.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor.pid, signal.SIGKILL)
+            _wait_exit(supervisor, 5.0)
+    stragglers: dict[str, list[int]] = {}
+    for component in state.components:
+        if component.session is None:
+            continue
+        killed = terminate_session(component.session, grace)
+        if killed:
+            logger.warning("killed %s processes left behind: %s", component.name, killed)
+            stragglers[component.name] = killed
+    left = [pid for c in state.components if c.session is not None for pid in session_members(c.session)]
+    if is_running(supervisor):
+        left.append(supervisor.pid)
+    if not left:
+        remove_run_files(run_dir)
+    return StopReport(supervisor_pid=stopped_supervisor, stragglers=stragglers, left=left)
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    """One component, probed live."""
+
+    name: str
+    health: Health
+    detail: str
+    address: str
+    pid: int | None
+    restarts: int
+    log_file: str
+
+
+@dataclass(frozen=True)
+class PlatformStatus:
+    """The live view `aidc status` prints."""
+
+    supervisor_pid: int | None
+    phase: str
+    error: str
+    components: list[ComponentStatus]
+
+    @property
+    def all_serving(self) -> bool:
+        return bool(self.components) and all(c.health is Health.SERVING for c in self.components)
+
+
+async def platform_status(platform: Platform) -> PlatformStatus:
+    """Probes every component of the running platform (or, with none running, of the configured one)."""
+    state = read_state(platform.run_dir)
+    supervisor_pid: int | None = None
+    phase, error = "not running", ""
+    targets: list[tuple[str, ProbeSpec, str, int | None, int, str]] = []
+    if state is not None:
+        if is_running(state.supervisor):
+            supervisor_pid, phase = state.supervisor_pid, state.status
+        elif state.status == "failed":
+            phase, error = "failed", state.error
+        for c in state.components:
+            ident = c.process
+            pid = c.pid if ident is not None and is_running(ident) else None
+            targets.append((c.name, c.probe, c.address, pid, c.restarts, c.log_file))
+    else:
+        for spec in build_components(platform):
+            targets.append((spec.name, spec.probe, spec.address, None, 0, str(spec.log_file)))
+    results = await asyncio.gather(*(probe(spec, platform.mesh, 2.0) for _, spec, *_ in targets))
+    components = [
+        ComponentStatus(name, result.health, result.detail, address, pid, restarts, log_file)
+        for (name, _, address, pid, restarts, log_file), result in zip(targets, results, strict=True)
+    ]
+    return PlatformStatus(supervisor_pid=supervisor_pid, phase=phase, error=error, components=components)
+
+
+@dataclass(frozen=True)
+class BootstrapAdmin:
+    """The one-time platform admin secret the auth service writes on its first start."""
+
+    tenant: str
+    user: str
+    password: str
+    path: Path
+
+
+def read_bootstrap_admin(data_dir: Path) -> BootstrapAdmin | None:
+    """The bootstrap admin secret if auth left one (the caller shows it once, then deletes `path`)."""
+    path = data_dir / "auth" / "bootstrap-admin.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    return BootstrapAdmin(tenant=raw["tenant"], user=raw["user"], password=raw["password"], path=path)

@@ -1,0 +1,1 @@
+"""The scheduler service: resource pools, quotas, the job queue, placement and executors."""

@@ -1,0 +1,20 @@
+"""Wiring of the serving service.
+
+Until its issue [serving] lands, the service serves only health and reflection: it does not register
+ServingService at all, so its RPCs answer UNIMPLEMENTED from gRPC itself rather than pretending to work.
+"""
+
+from __future__ import annotations
+
+from services.serving.config import ServingSettings
+from services.mesh.authz import PermissionTable
+from services.mesh.security import secured_server
+from services.mesh.server import MeshServer
+
+__all__ = ["build_server", "SERVICE"]
+
+SERVICE = "serving"
+
+
+async def build_server(settings: ServingSettings, address: str | None = None) -> MeshServer:
+    return secured_server(SERVICE, settings, registrations=[], permissions=PermissionTable({}), address=address)

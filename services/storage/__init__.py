@@ -1,0 +1,1 @@
+"""The storage service: datasets and artifacts in S3/MinIO with tenant-key envelope encryption."""

@@ -1,0 +1,171 @@
+"""The shared runtime through a real grpc.aio server with every interceptor installed: error mapping,
+authentication, authorization by permission table, deadline and identity forwarding."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from services.mesh.channels import create_channel
+from services.mesh.errors import INTERNAL_MESSAGE
+from services.mesh.security import secured_server
+from services.mesh.server import MeshServer
+from tests.conftest import RunningAuth
+from tests.mesh.echo import ERRORS, PERMISSIONS, EchoClient, Req, registration
+
+
+@pytest.fixture
+async def echo(auth: RunningAuth) -> AsyncIterator[tuple[MeshServer, EchoClient]]:
+    server = secured_server("echo", auth.settings, [registration()], PERMISSIONS, address="127.0.0.1:0")
+    port = await server.start()
+    await server.wait_ready()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield server, EchoClient(channel)
+    await channel.close()
+    await server.stop(0)
+
+
+@pytest.fixture
+async def tokens(auth: RunningAuth) -> dict[str, str]:
+    """Access tokens: platform admin, a developer of acme, a developer of globex."""
+    anon = auth.client()
+    admin_token = (await anon.login("platform", "admin", auth.admin_password)).access_token
+    admin = auth.client(admin_token)
+    out = {"admin": admin_token}
+    for tenant in ("acme", "globex"):
+        await admin.create_tenant(tenant)
+        await admin.create_user(tenant, "dev", "correct horse battery", ["developer"])
+        out[tenant] = (await anon.login(tenant, "dev", "correct horse battery")).access_token
+    return out
+
+
+def _auth(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@pytest.mark.parametrize("name", sorted(ERRORS))
+async def test_domain_error_maps_to_its_status(echo: tuple[MeshServer, EchoClient], name: str) -> None:
+    _, client = echo
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.unary("Raise")(Req(tenant=name))
+    assert info.value.code() == ERRORS[name].code
+    assert info.value.details() == f"{name} raised on purpose"
+
+
+async def test_unexpected_exception_is_internal_and_leaks_nothing(
+    echo: tuple[MeshServer, EchoClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, client = echo
+    with caplog.at_level(logging.ERROR, logger="services.mesh.interceptors"):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.unary("Raise")(Req(tenant="boom"))
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert info.value.details() == INTERNAL_MESSAGE
+    assert "hunter2" not in str(info.value.debug_error_string())
+    logged = [r for r in caplog.records if r.exc_info]
+    assert len(logged) == 1 and "hunter2" in str(logged[0].exc_info[1])
+
+
+async def test_errors_mid_stream_are_mapped(echo: tuple[MeshServer, EchoClient]) -> None:
+    _, client = echo
+    call = client.stream("RaiseStream")(Req(tenant="DataLoss"))
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for item in call:
+            received.append(item.tenant.name)
+    assert received == ["first"]
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS
+    call = client.stream("RaiseStream")(Req(tenant="whatever"))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in call:
+            pass
+    assert info.value.code() == grpc.StatusCode.INTERNAL and info.value.details() == INTERNAL_MESSAGE
+
+
+async def test_protected_rpc_without_credentials_is_unauthenticated(echo: tuple[MeshServer, EchoClient]) -> None:
+    _, client = echo
+    for method in ("WhoAmI", "ReadDatasets"):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.unary(method)(Req(tenant="acme"))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("header", ["Basic abc", "Bearer ", "Bearer not.a.jwt", "Bearer " + "x" * 50])
+async def test_malformed_authorization_is_unauthenticated(echo: tuple[MeshServer, EchoClient], header: str) -> None:
+    _, client = echo
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.unary("WhoAmI")(Req(), metadata=(("authorization", header),))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_rpc_missing_from_permission_table_is_refused(
+    echo: tuple[MeshServer, EchoClient], tokens: dict[str, str]
+) -> None:
+    _, client = echo
+    for who in ("admin", "acme"):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.unary("Unlisted")(Req(tenant="acme"), metadata=_auth(tokens[who]))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "no permission rule" in info.value.details()
+
+
+async def test_tenant_rule_allows_own_tenant_and_denies_others(
+    echo: tuple[MeshServer, EchoClient], tokens: dict[str, str]
+) -> None:
+    _, client = echo
+    read = client.unary("ReadDatasets")
+    assert (await read(Req(tenant="acme"), metadata=_auth(tokens["acme"]))).tenant.name == "read acme"
+    # An empty tenant means the caller's own.
+    assert (await read(Req(), metadata=_auth(tokens["acme"]))).tenant.name == "read "
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await read(Req(tenant="globex"), metadata=_auth(tokens["acme"]))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The platform admin may act in every tenant.
+    assert (await read(Req(tenant="globex"), metadata=_auth(tokens["admin"]))).tenant.name == "read globex"
+
+
+async def test_client_streaming_rpc_is_authorized_by_its_first_message(
+    echo: tuple[MeshServer, EchoClient], tokens: dict[str, str]
+) -> None:
+    _, client = echo
+
+    async def messages(tenant: str) -> AsyncIterator[Req]:
+        for _ in range(3):
+            yield Req(tenant=tenant)
+
+    reply = await client.upload()(messages("acme"), metadata=_auth(tokens["acme"]))
+    assert reply.tenant.name == "received 3"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.upload()(messages("globex"), metadata=_auth(tokens["acme"]))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_identity_and_deadline_are_forwarded_on_internal_calls(
+    echo: tuple[MeshServer, EchoClient], auth: RunningAuth, tokens: dict[str, str]
+) -> None:
+    """A channel from create_channel, used while serving an RPC, carries the end user's token and deadline."""
+    server, _ = echo
+    from services.mesh.identity import current_principal
+    from services.mesh.interceptors import current_deadline
+
+    channel = create_channel(f"127.0.0.1:{server.port}", auth.settings)
+    client = EchoClient(channel)
+    principal = await server.verifier.verify(tokens["acme"])
+    import time
+
+    principal_token = current_principal.set(principal)
+    deadline_token = current_deadline.set(time.monotonic() + 5)
+    try:
+        reply = await client.unary("WhoAmI")(Req())
+    finally:
+        current_principal.reset(principal_token)
+        current_deadline.reset(deadline_token)
+    assert reply.tenant.name == "user:acme/dev|deadline"
+    # Without a principal in context nothing is forwarded, so the call is anonymous.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.unary("WhoAmI")(Req())
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await channel.close()
