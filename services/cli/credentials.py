@@ -53,7 +53,9 @@ class Credentials:
     tenant: str = ""
 
     @classmethod
-    def from_token_pair(cls, auth_addr: str, tokens: pb.TokenPair, subject: str = "", tenant: str = "") -> Credentials:
+    def from_token_pair(
+        cls, auth_addr: str, tokens: pb.TokenPair, subject: str = "", tenant: str = ""
+    ) -> Credentials:
         return cls(
             auth_addr=auth_addr,
             access_token=tokens.access_token,
@@ -123,9 +125,7 @@ class CredentialsStore:
             return False
         return True
 
-    async def access_token(
-        self, auth_addr: str, refresh: Callable[[str], Awaitable[pb.TokenPair]]
-    ) -> str:
+    async def access_token(self, auth_addr: str, refresh: Callable[[str], Awaitable[pb.TokenPair]]) -> str:
         """A valid access token for ``auth_addr``, refreshed through ``refresh`` (the RefreshToken RPC) when it
         is expired or about to expire; the rotated pair is written back."""
         credentials = self._require(auth_addr)
@@ -175,6 +175,6 @@ def take_bootstrap_admin(path: Path) -> dict[str, str] | None:
         raw = path.read_text()
     except FileNotFoundError:
         return None
-    path.unlink()
     data = json.loads(raw)
+    path.unlink()
     return {key: str(data.get(key, "")) for key in ("tenant", "user", "password")}

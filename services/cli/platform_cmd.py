@@ -62,17 +62,17 @@ def _env(data_dir: Path | None) -> Mapping[str, str]:
 def _print_ready(state: PlatformState, began: float) -> None:
     table = Table(title="aidc is up", title_justify="left")
     table.add_column("component")
-    table.add_column("status")
-    table.add_column("endpoints")
+    table.add_column("endpoint")
     table.add_column("pid", justify="right")
-    table.add_column("log")
     for c in state.components:
-        table.add_row(c.name, "[green]SERVING[/]", "\n".join(c.endpoints), str(c.pid or "-"), c.log_file)
+        for i, endpoint in enumerate(c.endpoints):
+            table.add_row(c.name if i == 0 else "", endpoint, str(c.pid or "-") if i == 0 else "")
     _console.print(table)
     _console.print(
         f"all {len(state.components)} components SERVING in {state.ready_seconds:.1f}s "
-        f"({time.monotonic() - began:.1f}s for the whole command); data in {state.data_dir}"
+        f"({time.monotonic() - began:.1f}s for the whole command)"
     )
+    _console.print(f"data in {state.data_dir}, logs in {Path(state.data_dir) / 'logs'}", highlight=False)
     admin = read_bootstrap_admin(Path(state.data_dir))
     if admin is not None:
         _console.print("[bold yellow]platform admin created; this password is shown once[/] (store it now):")
@@ -150,7 +150,7 @@ def status(data_dir: DataDirOption = None) -> None:
             f"supervisor pid {result.supervisor_pid} ({result.phase}); data in {platform.data_dir}"
         )
     else:
-        _console.print(f"supervisor not running ({result.phase}); data in {platform.data_dir}")
+        _console.print(f"supervisor not running; data in {platform.data_dir}")
     if result.error:
         _console.print(f"[red]last start failed:[/] {result.error}", highlight=False)
     table = Table()

@@ -14,6 +14,7 @@ import grpc
 from grpc.aio import ServicerContext
 
 from services.mesh.authz import PermissionChecker, PermissionTable, Scope, decide_scope_tenant
+from services.mesh.config import SERVICE_NAMES
 from services.mesh.errors import PermissionDenied, Unauthenticated, status_for
 from services.mesh.identity import PLATFORM_TENANT, Principal, TokenVerifier, bearer_token, current_principal
 
@@ -208,8 +209,8 @@ def _peer_service(context: ServicerContext) -> str | None:
     names = auth.get("x509_common_name") or []
     if not names:
         return None
-    name = names[0].decode()
-    return name.removeprefix("aidc-") if name.startswith("aidc-") else None
+    service = names[0].decode().removeprefix("aidc-")
+    return service if service in SERVICE_NAMES else None
 
 
 class AuthenticationInterceptor(_WrappingInterceptor):

@@ -61,7 +61,8 @@ def _get(url: str, timeout: float) -> ProbeResult:
     except urllib.error.HTTPError as exc:
         return ProbeResult(Health.NOT_SERVING, f"HTTP {exc.code}")
     except (OSError, http.client.HTTPException) as exc:
-        return ProbeResult(Health.DOWN, str(getattr(exc, "reason", exc)))
+        reason = getattr(exc, "reason", exc)
+        return ProbeResult(Health.DOWN, str(getattr(reason, "strerror", None) or reason).lower())
     if status == 200:
         return ProbeResult(Health.SERVING)
     return ProbeResult(Health.NOT_SERVING, f"HTTP {status}")
@@ -72,7 +73,7 @@ async def _probe_tcp(target: str, timeout: float) -> ProbeResult:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     except (OSError, TimeoutError) as exc:
-        return ProbeResult(Health.DOWN, str(exc) or type(exc).__name__)
+        return ProbeResult(Health.DOWN, (getattr(exc, "strerror", None) or type(exc).__name__).lower())
     writer.close()
     await writer.wait_closed()
     return ProbeResult(Health.SERVING)

@@ -26,6 +26,7 @@ from services.platform.components import (
     ensure_s3_credentials,
     prepare_data_dir,
     resolve_platform,
+    settings_env,
 )
 from services.platform.config import PlatformSettings
 from services.platform.probes import Health, probe
@@ -477,13 +478,20 @@ def start_detached(
     timeout = timeout or platform.platform.startup_timeout_seconds
     platform.logs_dir.mkdir(parents=True, exist_ok=True)
     log_file = platform.logs_dir / "supervisor.log"
+    # Resolved settings (absolute paths, the S3 identity) go along: the supervisor runs from the project root.
+    child_env = {
+        **(os.environ if env is None else env),
+        **settings_env(platform.mesh),
+        **settings_env(platform.platform),
+    }
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "services.platform", "--timeout", str(timeout)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=dict(os.environ if env is None else env),
+            env=child_env,
+            cwd=platform.project_root,
             start_new_session=True,
         )
     # Room for the supervisor to stop everything in order after a failed start.

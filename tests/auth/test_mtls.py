@@ -1,0 +1,81 @@
+"""Mutual TLS between services: certificates from `aidc certs init`; a client without a valid certificate
+cannot call a service that requires mTLS, and a mesh service's identity comes only from its certificate."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.auth.client import AuthClient
+from services.auth.config import AuthSettings
+from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
+from services.mesh.certs import init_certificates
+from services.mesh.channels import create_channel
+from services.mesh.errors import Unauthenticated, Unavailable
+from services.storage.config import StorageSettings
+from services.storage.server import build_server as build_storage
+from tests.conftest import free_port, start_auth
+
+
+@pytest.fixture
+def mtls_settings(settings: AuthSettings, tmp_path: Path) -> AuthSettings:
+    certs = tmp_path / "certs"
+    init_certificates(certs)
+    return replace(settings, certs_dir=str(certs), client_auth="require")
+
+
+async def test_mtls_accepts_mesh_certificates_and_rejects_everything_else(
+    mtls_settings: AuthSettings, tmp_path: Path
+) -> None:
+    running = await start_auth(mtls_settings)
+    address = running.address
+    try:
+        # The operator's CLI certificate: TLS handshake succeeds, and a password login works over it.
+        cli = AuthClient(create_channel(address, mtls_settings, identity="cli"))
+        tokens = await cli.login("platform", "admin", running.admin_password)
+        assert tokens.access_token
+        # ...but a certificate alone makes nobody a principal unless it is a mesh service's.
+        with pytest.raises(Unauthenticated):
+            await cli.whoami()
+
+        # A mesh service is identified by its certificate, with no token at all.
+        storage = AuthClient(create_channel(address, mtls_settings, identity="storage"))
+        me = await storage.whoami()
+        assert (me.subject, me.kind) == ("service:storage", pb.PRINCIPAL_KIND_SERVICE)
+
+        # No client certificate, a certificate from another CA, or plaintext: no connection at all.
+        no_cert = AuthClient(create_channel(address, mtls_settings, identity=None), retries=0)
+        other_ca = tmp_path / "other-ca"
+        init_certificates(other_ca, ["storage"])
+        rogue = AuthClient(create_channel(address, replace(mtls_settings, certs_dir=str(other_ca)),
+                                          identity="storage"), retries=0)
+        plaintext = AuthClient(grpc.aio.insecure_channel(address), retries=0)
+        for client in (no_cert, rogue, plaintext):
+            with pytest.raises(Unavailable):
+                await client.get_jwks()
+            await client.close()
+        await cli.close()
+        await storage.close()
+    finally:
+        await running.server.stop(0)
+
+
+async def test_services_talk_mtls_to_each_other(mtls_settings: AuthSettings) -> None:
+    """Storage only becomes SERVING once its mTLS channel to auth works (it fetches auth's JWKS)."""
+    running = await start_auth(mtls_settings)
+    storage_settings = StorageSettings.from_env({
+        "AIDC_DATA_DIR": str(mtls_settings.data_dir),
+        "AIDC_AUTH_ADDR": running.address,
+        "AIDC_STORAGE_ADDR": f"127.0.0.1:{free_port()}",
+        "AIDC_CERTS_DIR": mtls_settings.certs_dir,
+    })
+    storage = await build_storage(storage_settings)
+    await storage.start()
+    try:
+        await storage.wait_ready(timeout=10)
+    finally:
+        await storage.stop(0)
+        await running.server.stop(0)
