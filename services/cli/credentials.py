@@ -1,4 +1,4 @@
-"""The CLI's stored login: a token pair in a 0600 file, refreshed (and written back) shortly before it expires."""
+"""The CLI's stored login: a token pair in a 0600 file, refreshed (and written back) before it expires."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
+from services.mesh.config import Setting
 from services.mesh.errors import Unauthenticated
 
 __all__ = [
+    "CLI_SETTINGS",
     "CREDENTIALS_ENV",
     "REFRESH_MARGIN_SECONDS",
     "Credentials",
@@ -26,6 +28,15 @@ __all__ = [
 
 #: Overrides where the credentials file lives.
 CREDENTIALS_ENV = "AIDC_CREDENTIALS_FILE"
+
+#: The variables only the CLI reads (listed by ``aidc config``).
+CLI_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        CREDENTIALS_ENV,
+        "",
+        "Where `aidc login` keeps its tokens; empty means <data_dir>/cli/credentials.json.",
+    ),
+)
 
 #: An access token this close to its expiry is refreshed before use, so it can't expire in flight.
 REFRESH_MARGIN_SECONDS = 30.0
@@ -42,7 +53,7 @@ def credentials_path(data_dir: Path, env: Mapping[str, str] | None = None) -> Pa
 
 @dataclass(frozen=True)
 class Credentials:
-    """One login: where it was made, the tokens, and when they expire (seconds since the epoch; 0 = unknown)."""
+    """One login: where it was made, its tokens, and when they expire (epoch seconds; 0 = unknown)."""
 
     auth_addr: str
     access_token: str
@@ -126,8 +137,8 @@ class CredentialsStore:
         return True
 
     async def access_token(self, auth_addr: str, refresh: Callable[[str], Awaitable[pb.TokenPair]]) -> str:
-        """A valid access token for ``auth_addr``, refreshed through ``refresh`` (the RefreshToken RPC) when it
-        is expired or about to expire; the rotated pair is written back."""
+        """A valid access token for ``auth_addr``, refreshed through ``refresh`` (the RefreshToken RPC)
+        when it is expired or about to expire; the rotated pair is written back."""
         credentials = self._require(auth_addr)
         if not credentials.needs_refresh(self._clock()):
             return credentials.access_token

@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
-import click
 import typer
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
@@ -32,9 +31,9 @@ _T = TypeVar("_T")
 
 
 class _AidcGroup(TyperGroup):
-    """The root command group: the one place where domain errors become ``error: CODE: message`` and exit 1."""
+    """The root command group: the one place where domain errors become ``error: CODE: message``, exit 1."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except AidcError as exc:
@@ -68,7 +67,6 @@ app.add_typer(sa_app, name="sa")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(role_app, name="role")
 app.add_typer(admin_app, name="admin")
-trace_cmd.register(app)
 platform_cmd.register(app)
 
 _out = Console(highlight=False, soft_wrap=False)
@@ -336,9 +334,7 @@ def apikey_revoke(
 
 # -- roles, audit ----------------------------------------------------------------------------------------
 
-SubjectArgument = Annotated[
-    str, typer.Argument(help="A subject, e.g. user:acme/alice or service_account:acme/ci.")
-]
+SubjectArgument = Annotated[str, typer.Argument(help="A subject, e.g. user:acme/alice or sa:acme/ci.")]
 RoleArgument = Annotated[
     str, typer.Argument(help="platform-admin, tenant-admin, developer, viewer or billing-viewer.")
 ]
@@ -399,7 +395,7 @@ def audit(
 
 @admin_app.command("rotate-signing-key")
 def admin_rotate_signing_key() -> None:
-    """Start signing tokens with a new key; tokens signed with the old one keep verifying until they expire."""
+    """Sign tokens with a new key; tokens signed with older keys keep verifying until they expire."""
     kid = _run(lambda session: session.auth.rotate_signing_key())
     typer.echo(f"new signing key: {kid}")
 
@@ -424,15 +420,18 @@ def admin_init() -> None:
     )
 
 
+trace_cmd.register(app)
+
 # -- configuration ---------------------------------------------------------------------------------------
 
-#: Modules whose settings classes (dataclasses declared with ``setting()``) or ``Setting`` lists are documented.
+#: Modules whose settings dataclasses (declared with ``setting()``) or ``Setting`` lists are documented.
 _SETTINGS_MODULES: tuple[str, ...] = (
     "services.mesh.config",
     *(f"services.{name}.config" for name in SERVICE_NAMES),
     "services.platform.config",
     "services.collector.config",
     "services.mesh.telemetry",
+    "services.cli.credentials",
 )
 
 
@@ -447,10 +446,10 @@ def _documented(obj: object) -> list[Setting]:
     return []
 
 
-def documented_settings() -> list[Setting]:
+def documented_settings(modules: Iterable[str] = _SETTINGS_MODULES) -> list[Setting]:
     """Every documented environment variable of the platform, each once (the first declaration wins)."""
     found: dict[str, Setting] = {}
-    for module_name in _SETTINGS_MODULES:
+    for module_name in modules:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -464,14 +463,18 @@ def documented_settings() -> list[Setting]:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Text safe in a markdown table cell; ``<name>`` outside code spans would vanish as an HTML tag."""
+    parts = text.replace("|", "\\|").replace("\n", " ").split("`")
+    parts[::2] = [part.replace("<", "&lt;").replace(">", "&gt;") for part in parts[::2]]
+    return "`".join(parts)
 
 
 def settings_markdown(settings: Iterable[Setting]) -> str:
     """The configuration table the README embeds."""
     lines = ["| Variable | Default | Description |", "| --- | --- | --- |"]
     for item in settings:
-        default = f"`{_cell(item.default)}`" if item.default else "*(empty)*"
+        escaped = item.default.replace("|", "\\|")
+        default = f"`{escaped}`" if item.default else "*(empty)*"
         lines.append(f"| `{item.env}` | {default} | {_cell(item.doc)} |")
     return "\n".join(lines)
 
@@ -487,7 +490,10 @@ def config(
     if markdown:
         typer.echo(settings_markdown(settings))
         return
-    table = Table("variable", "default", "description")
+    table = Table()
+    table.add_column("variable", no_wrap=True)
+    table.add_column("default", overflow="fold")
+    table.add_column("description", ratio=1)
     for item in settings:
         table.add_row(item.env, item.default, item.doc)
     _out.print(table)

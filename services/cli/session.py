@@ -6,7 +6,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -25,7 +25,7 @@ class BearerToken(
     grpc.aio.StreamUnaryClientInterceptor,
     grpc.aio.StreamStreamClientInterceptor,
 ):
-    """Sends ``authorization: Bearer <token>`` on every call once ``token`` is set (login sets it mid-session)."""
+    """Sends ``authorization: Bearer <token>`` on every call once ``token`` is set (login sets it midway)."""
 
     def __init__(self, token: str = "") -> None:
         self.token = token
@@ -67,6 +67,11 @@ def cli_settings(env: Mapping[str, str] | None = None) -> MeshSettings:
         raise InvalidArgument(f"bad configuration: {exc}") from None
 
 
+def _connect(target: str, settings: MeshSettings, bearer: BearerToken) -> grpc.aio.Channel:
+    # grpc-stubs types interceptors as a placeholder that every real interceptor must be cast to.
+    return create_channel(target, settings, extra_interceptors=[cast(grpc.aio.ClientInterceptor, bearer)])
+
+
 @dataclass
 class CliSession:
     """The settings, the credentials store and the channels of one command; closes its channels on exit."""
@@ -91,15 +96,13 @@ class CliSession:
         """A channel to a mesh service carrying this session's token."""
         if service == "auth":
             return self.auth_channel
-        channel = create_channel(
-            self.settings.address_of(service), self.settings, extra_interceptors=[self.bearer]
-        )
+        channel = _connect(self.settings.address_of(service), self.settings, self.bearer)
         self._channels.append(channel)
         return channel
 
     async def close(self) -> None:
         for channel in [*self._channels, self.auth_channel]:
-            await channel.close()
+            await channel.close(None)
 
 
 @asynccontextmanager
@@ -107,8 +110,8 @@ async def open_session(
     *, authenticated: bool = True, env: Mapping[str, str] | None = None
 ) -> AsyncIterator[CliSession]:
     """A session for one command. Authenticated sessions talk to the auth service the login was made with
-    (unless ``AIDC_AUTH_ADDR`` says otherwise) and carry its access token; unauthenticated ones (``aidc login``)
-    talk to ``AIDC_AUTH_ADDR``.
+    (unless ``AIDC_AUTH_ADDR`` says otherwise) and carry its access token; unauthenticated ones
+    (``aidc login``) talk to ``AIDC_AUTH_ADDR``.
     """
     env = os.environ if env is None else env
     settings = cli_settings(env)
@@ -119,9 +122,7 @@ async def open_session(
         if stored is not None:
             auth_addr = stored.auth_addr
     bearer = BearerToken()
-    session = CliSession(
-        settings, store, auth_addr, bearer, create_channel(auth_addr, settings, extra_interceptors=[bearer])
-    )
+    session = CliSession(settings, store, auth_addr, bearer, _connect(auth_addr, settings, bearer))
     try:
         if authenticated:
             await session.authenticate()

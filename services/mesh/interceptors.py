@@ -126,7 +126,9 @@ async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 class _WrappingInterceptor(grpc.aio.ServerInterceptor):
-    """Base: wraps every handler's behavior with ``self.decorate``."""
+    """Base: wraps every handler's behavior with ``self.decorate``, once per method (then cached)."""
+
+    _wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]]
 
     def decorate(
         self, behavior: Behavior, request_streaming: bool, response_streaming: bool, details: grpc.HandlerCallDetails
@@ -141,7 +143,13 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return _rewrap(handler, handler_call_details, self.decorate)  # type: ignore[no-any-return]
+        cache = self.__dict__.setdefault("_wrapped", {})
+        method = handler_call_details.method
+        wrapped = cache.get(method)
+        if wrapped is None or wrapped[0] is not handler:
+            wrapped = (handler, _rewrap(handler, handler_call_details, self.decorate))
+            cache[method] = wrapped
+        return wrapped[1]  # type: ignore[no-any-return]
 
 
 class ErrorMappingInterceptor(_WrappingInterceptor):

@@ -14,7 +14,12 @@ tracer provider to be set only once, and tracers handed out earlier keep pointin
   shut down and spans go to the new destination from then on (the last call wins). That keeps each test's
   spans in its own temp directory;
 * ``shutdown_telemetry()`` flushes and closes the exporter; the provider stays installed (exporting nothing)
-  until the next ``init_telemetry``.
+  until the next ``init_telemetry``;
+* if something else already installed an SDK ``TracerProvider`` globally, it is used (with a warning) rather
+  than creating one no tracer would see.
+
+The sampler is the SDK's (``OTEL_TRACES_SAMPLER`` from the process environment; default parent-based
+always-on).
 """
 
 from __future__ import annotations

@@ -101,20 +101,20 @@ def load_platform(env: Mapping[str, str] | None = None, *, create_credentials: b
     return resolve_platform(mesh, settings, credentials)
 
 
-def log_tail(path: Path | str, lines: int = 20) -> str:
-    """The last lines of a log file (empty when there is none)."""
+def log_tail(path: Path | str, lines: int = 20, since: int = 0) -> str:
+    """The last lines of a log file, ignoring its first `since` bytes (empty when there is none)."""
     try:
         with open(path, "rb") as log:
             log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - 64 * 1024))
+            log.seek(max(since, log.tell() - 64 * 1024))
             text = log.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _with_tail(message: str, log_file: Path | str) -> str:
-    tail = log_tail(log_file)
+def _with_tail(message: str, log_file: Path | str, since: int = 0) -> str:
+    tail = log_tail(log_file, since=since)
     indented = "\n".join(f"    {line}" for line in tail.splitlines()) if tail else "    (empty)"
     return f"{message}\n  last lines of {log_file}:\n{indented}"
 
@@ -200,9 +200,7 @@ class Supervisor:
         """Starts everything, waits for SERVING, supervises until stopped; StartupError if it can't start."""
         run_dir = self._platform.run_dir
         with _exclusive_lock(run_dir):
-            self._reap_leftovers(run_dir)
-            prepare_data_dir(self._platform)
-            self._check_ports()
+            previous = read_state(run_dir)
             write_state(run_dir, self._state)
             write_pid_file(run_dir, os.getpid())
             loop = asyncio.get_running_loop()
@@ -211,6 +209,10 @@ class Supervisor:
                 loop.add_signal_handler(sig, self.request_stop)
             failure: StartupError | None = None
             try:
+                if previous is not None:
+                    await asyncio.to_thread(self._reap_leftovers, previous)
+                prepare_data_dir(self._platform)
+                self._check_ports()
                 await self._start()
                 await self._stop.wait()
             except StartupError as exc:
@@ -232,11 +234,8 @@ class Supervisor:
 
     # -- startup ------------------------------------------------------------------------------------------
 
-    def _reap_leftovers(self, run_dir: Path) -> None:
+    def _reap_leftovers(self, previous: PlatformState) -> None:
         """Kills components a previous supervisor left behind when it died without cleaning up."""
-        previous = read_state(run_dir)
-        if previous is None:
-            return
         for component in previous.components:
             if component.session is not None and session_members(component.session):
                 logger.warning(
@@ -485,6 +484,7 @@ def start_detached(
         **settings_env(platform.platform),
     }
     with open(log_file, "ab") as log:
+        since = log.tell()
         process = subprocess.Popen(
             [sys.executable, "-m", "services.platform", "--timeout", str(timeout)],
             stdin=subprocess.DEVNULL,
@@ -508,11 +508,15 @@ def start_detached(
                     raise StartupError(state.error)
                 raise StartupError(
                     _with_tail(
-                        f"the supervisor exited with code {code} before the platform was ready", log_file
+                        f"the supervisor exited with code {code} before the platform was ready",
+                        log_file,
+                        since,
                     )
                 )
             if time.monotonic() > deadline:
-                raise StartupError(_with_tail("the supervisor did not report SERVING in time", log_file))
+                raise StartupError(
+                    _with_tail("the supervisor did not report SERVING in time", log_file, since)
+                )
             time.sleep(0.2)
     except BaseException:
         if process.poll() is None:

@@ -152,12 +152,26 @@ class PolicyEngine:
         model.load_model_from_text(CASBIN_MODEL)
         self._enforcer = casbin.FastEnforcer(model, adapter, cache_key_order=[1, 2])
         self._enforcer.enable_auto_save(False)
+        # Exact memo of decisions: this process holds the only writer, and every change clears it.
+        self._decisions: dict[tuple[str, str, str, str], bool] = {}
 
     def reload(self) -> None:
         self._enforcer.load_policy()
+        self._decisions.clear()
 
     def allowed(self, subject: str, tenant: str, resource: str, action: str) -> bool:
         """The decision: allowed in the tenant, or through a platform-domain role for every tenant."""
+        key = (subject, tenant, resource, action)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self.enforce(subject, tenant, resource, action)
+            if len(self._decisions) >= 100_000:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        return decision
+
+    def enforce(self, subject: str, tenant: str, resource: str, action: str) -> bool:
+        """The decision straight from Casbin, bypassing the memo."""
         if self._enforcer.enforce(subject, tenant, resource, action):
             return True
         return tenant != PLATFORM_TENANT and bool(
@@ -166,6 +180,7 @@ class PolicyEngine:
 
     def apply(self, add: Iterable[tuple[str, ...]], remove: Iterable[tuple[str, ...]] = ()) -> None:
         """Mirrors committed policy changes into the enforcer."""
+        self._decisions.clear()
         for line in add:
             ptype, *rule = line
             if ptype == "p":
