@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -22,7 +22,6 @@ from services.auth.config import AuthSettings
 from services.auth.server import build_server
 from services.mesh.channels import create_channel
 from services.mesh.server import MeshServer
-
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,8 +98,6 @@ async def auth(settings: AuthSettings) -> AsyncIterator[RunningAuth]:
     await running.server.stop(0)
 
 
-
-
 @dataclass
 class AuthProcess:
     """The auth service running as its own OS process."""
@@ -122,7 +119,10 @@ def wait_serving(address: str, timeout: float = 30.0, process: subprocess.Popen[
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"process exited with {process.returncode}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -145,8 +145,13 @@ def service_env(data_dir: Path, **extra: str) -> dict[str, str]:
 
 def start_service_process(service: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", f"services.{service}"], env=env, cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", f"services.{service}"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:

@@ -24,8 +24,7 @@ class AuthClient(ServiceClient):
 
     async def check_permission(self, subject: str, tenant: str, resource: str, action: str) -> bool:
         check = pb.PermissionCheck(subject=subject, tenant=tenant, resource=resource, action=action)
-        response = await self._unary(self.stub.CheckPermission, pb.CheckPermissionRequest(check=check),
-                                     idempotent=True)
+        response = await self._unary(self.stub.CheckPermission, pb.CheckPermissionRequest(check=check), idempotent=True)
         return response.allowed
 
     async def login(self, tenant: str, name: str, password: str) -> pb.TokenPair:
@@ -54,10 +53,12 @@ class AuthClient(ServiceClient):
         request = pb.CreateServiceAccountRequest(tenant=tenant, name=name, roles=roles or [])
         return (await self._unary(self.stub.CreateServiceAccount, request)).service_account
 
-    async def create_api_key(self, tenant: str, subject: str = "", description: str = "",
-                             ttl_seconds: int = 0) -> pb.CreateApiKeyResponse:
-        request = pb.CreateApiKeyRequest(tenant=tenant, subject=subject, description=description,
-                                         ttl_seconds=ttl_seconds)
+    async def create_api_key(
+        self, tenant: str, subject: str = "", description: str = "", ttl_seconds: int = 0
+    ) -> pb.CreateApiKeyResponse:
+        request = pb.CreateApiKeyRequest(
+            tenant=tenant, subject=subject, description=description, ttl_seconds=ttl_seconds
+        )
         return await self._unary(self.stub.CreateApiKey, request)
 
     async def revoke_api_key(self, tenant: str, key_id: str) -> pb.ApiKey:

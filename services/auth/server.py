@@ -67,8 +67,10 @@ async def build_server(settings: AuthSettings, address: str | None = None) -> Me
         name=SERVICE,
         settings=settings,
         registrations=[
-            Registration("aidc.auth.v1.AuthService",
-                         lambda server: auth_service_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)),
+            Registration(
+                "aidc.auth.v1.AuthService",
+                lambda server: auth_service_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server),
+            ),
         ],
         permissions=PERMISSIONS,
         verifier=LocalTokenVerifier(core),

@@ -37,18 +37,28 @@ def _tenant(t: TenantInfo) -> pb.Tenant:
 
 
 def _user(p: PrincipalInfo) -> pb.User:
-    return pb.User(subject=p.subject, tenant=p.tenant, name=p.name, kind=_KINDS[p.kind],
-                   create_time=_ts(p.created_at))
+    return pb.User(subject=p.subject, tenant=p.tenant, name=p.name, kind=_KINDS[p.kind], create_time=_ts(p.created_at))
 
 
 def _api_key(k: ApiKeyInfo) -> pb.ApiKey:
-    return pb.ApiKey(key_id=k.key_id, subject=k.subject, tenant=k.tenant, description=k.description,
-                     create_time=_ts(k.created_at), expire_time=_ts(k.expires_at), revoked=k.revoked)
+    return pb.ApiKey(
+        key_id=k.key_id,
+        subject=k.subject,
+        tenant=k.tenant,
+        description=k.description,
+        create_time=_ts(k.created_at),
+        expire_time=_ts(k.expires_at),
+        revoked=k.revoked,
+    )
 
 
 def _tokens(t: TokenPair) -> pb.TokenPair:
-    return pb.TokenPair(access_token=t.access_token, access_token_expire_time=_ts(t.access_expires),
-                        refresh_token=t.refresh_token, refresh_token_expire_time=_ts(t.refresh_expires))
+    return pb.TokenPair(
+        access_token=t.access_token,
+        access_token_expire_time=_ts(t.access_expires),
+        refresh_token=t.refresh_token,
+        refresh_token_expire_time=_ts(t.refresh_expires),
+    )
 
 
 def _page(token: str) -> common_pb2.PageResponse:
@@ -73,8 +83,9 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         return pb.ListTenantsResponse(tenants=[_tenant(t) for t in page.items], page=_page(page.next_token))
 
     async def CreateUser(self, request: pb.CreateUserRequest, context: ServicerContext) -> Any:
-        user = await self._core.create_principal(require_principal(), "user", request.tenant, request.name,
-                                                 request.password, list(request.roles))
+        user = await self._core.create_principal(
+            require_principal(), "user", request.tenant, request.name, request.password, list(request.roles)
+        )
         return pb.CreateUserResponse(user=_user(user))
 
     async def ListUsers(self, request: pb.ListUsersRequest, context: ServicerContext) -> Any:
@@ -82,13 +93,15 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         return pb.ListUsersResponse(users=[_user(u) for u in page.items], page=_page(page.next_token))
 
     async def CreateServiceAccount(self, request: pb.CreateServiceAccountRequest, context: ServicerContext) -> Any:
-        account = await self._core.create_principal(require_principal(), "service_account", request.tenant,
-                                                    request.name, "", list(request.roles))
+        account = await self._core.create_principal(
+            require_principal(), "service_account", request.tenant, request.name, "", list(request.roles)
+        )
         return pb.CreateServiceAccountResponse(service_account=_user(account))
 
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: ServicerContext) -> Any:
-        key, secret = await self._core.create_api_key(require_principal(), request.tenant, request.subject,
-                                                      request.description, request.ttl_seconds)
+        key, secret = await self._core.create_api_key(
+            require_principal(), request.tenant, request.subject, request.description, request.ttl_seconds
+        )
         return pb.CreateApiKeyResponse(api_key=_api_key(key), secret=secret)
 
     async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: ServicerContext) -> Any:
@@ -117,9 +130,15 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
 
     async def WhoAmI(self, request: pb.WhoAmIRequest, context: ServicerContext) -> Any:
         caller = require_principal()
-        bindings = [pb.RoleBinding(subject=s, role=r, tenant=t) for s, r, t in self._core.bindings(None, caller.subject)]
-        return pb.WhoAmIResponse(subject=caller.subject, tenant=caller.tenant, kind=_KINDS.get(caller.kind, 0),
-                                 role_bindings=bindings)
+        bindings = [
+            pb.RoleBinding(subject=s, role=r, tenant=t) for s, r, t in self._core.bindings(None, caller.subject)
+        ]
+        return pb.WhoAmIResponse(
+            subject=caller.subject,
+            tenant=caller.tenant,
+            kind=_KINDS.get(caller.kind, pb.PRINCIPAL_KIND_UNSPECIFIED),
+            role_bindings=bindings,
+        )
 
     async def CheckPermission(self, request: pb.CheckPermissionRequest, context: ServicerContext) -> Any:
         c = request.check
@@ -143,15 +162,25 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
 
     async def ListRoleBindings(self, request: pb.ListRoleBindingsRequest, context: ServicerContext) -> Any:
         bindings = self._core.bindings(request.tenant, request.subject or None)
-        return pb.ListRoleBindingsResponse(bindings=[pb.RoleBinding(subject=s, role=r, tenant=t)
-                                                     for s, r, t in bindings])
+        return pb.ListRoleBindingsResponse(
+            bindings=[pb.RoleBinding(subject=s, role=r, tenant=t) for s, r, t in bindings]
+        )
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: ServicerContext) -> Any:
-        page = self._core.list_audit(require_principal(), request.tenant, request.page.page_size,
-                                     request.page.page_token)
+        page = self._core.list_audit(
+            require_principal(), request.tenant, request.page.page_size, request.page.page_token
+        )
         events = [
-            pb.AuditEvent(id=e.id, time=_ts(e.time), actor=e.actor, tenant=e.tenant, action=e.action,
-                          target=e.target, trace_id=e.trace_id, details_json=json.dumps(e.details, sort_keys=True))
+            pb.AuditEvent(
+                id=e.id,
+                time=_ts(e.time),
+                actor=e.actor,
+                tenant=e.tenant,
+                action=e.action,
+                target=e.target,
+                trace_id=e.trace_id,
+                details_json=json.dumps(e.details, sort_keys=True),
+            )
             for e in page.items
         ]
         return pb.ListAuditEventsResponse(events=events, page=_page(page.next_token))

@@ -172,8 +172,13 @@ class AuthStore:
         self.db = db
 
     # -- transactions -------------------------------------------------------------------------------
-    def _write(self, audit: AuditRecord | None, *statements: Any, policy_add: Iterable[PolicyLine] = (),
-               policy_remove: Iterable[PolicyLine] = ()) -> None:
+    def _write(
+        self,
+        audit: AuditRecord | None,
+        *statements: Any,
+        policy_add: Iterable[PolicyLine] = (),
+        policy_remove: Iterable[PolicyLine] = (),
+    ) -> None:
         """Runs statements, policy changes and the audit insert in one transaction."""
         try:
             with self.db.engine.begin() as conn:
@@ -214,8 +219,9 @@ class AuthStore:
             self._insert_audit(conn, audit)
 
     # -- tenants ------------------------------------------------------------------------------------
-    def create_tenant(self, name: str, display_name: str, now: datetime, policy: Sequence[PolicyLine],
-                      audit: AuditRecord) -> None:
+    def create_tenant(
+        self, name: str, display_name: str, now: datetime, policy: Sequence[PolicyLine], audit: AuditRecord
+    ) -> None:
         self._write(
             audit,
             insert(tenants).values(name=name, display_name=display_name, created_at=now),
@@ -232,12 +238,27 @@ class AuthStore:
             return list(conn.execute(query))
 
     # -- principals ---------------------------------------------------------------------------------
-    def create_principal(self, subject: str, tenant: str, name: str, kind: str, password_hash: str | None,
-                         now: datetime, policy: Sequence[PolicyLine], audit: AuditRecord | None) -> None:
+    def create_principal(
+        self,
+        subject: str,
+        tenant: str,
+        name: str,
+        kind: str,
+        password_hash: str | None,
+        now: datetime,
+        policy: Sequence[PolicyLine],
+        audit: AuditRecord | None,
+    ) -> None:
         self._write(
             audit,
-            insert(principals).values(subject=subject, tenant=tenant, name=name, kind=kind,
-                                      password_hash=password_hash, created_at=now),
+            insert(principals).values(
+                subject=subject,
+                tenant=tenant,
+                name=name,
+                kind=kind,
+                password_hash=password_hash,
+                created_at=now,
+            ),
             policy_add=policy,
         )
 
@@ -260,12 +281,28 @@ class AuthStore:
             return int(conn.execute(select(func.count()).select_from(principals)).scalar_one())
 
     # -- API keys -----------------------------------------------------------------------------------
-    def create_api_key(self, key_id: str, subject: str, tenant: str, secret_hash: str, description: str,
-                       now: datetime, expires_at: datetime | None, audit: AuditRecord) -> None:
+    def create_api_key(
+        self,
+        key_id: str,
+        subject: str,
+        tenant: str,
+        secret_hash: str,
+        description: str,
+        now: datetime,
+        expires_at: datetime | None,
+        audit: AuditRecord,
+    ) -> None:
         self._write(
             audit,
-            insert(api_keys).values(key_id=key_id, subject=subject, tenant=tenant, secret_hash=secret_hash,
-                                    description=description, created_at=now, expires_at=expires_at),
+            insert(api_keys).values(
+                key_id=key_id,
+                subject=subject,
+                tenant=tenant,
+                secret_hash=secret_hash,
+                description=description,
+                created_at=now,
+                expires_at=expires_at,
+            ),
         )
 
     def get_api_key(self, key_id: str) -> Row[Any] | None:
@@ -290,13 +327,28 @@ class AuthStore:
             return set(conn.execute(select(api_keys.c.key_id).where(api_keys.c.revoked_at.is_not(None))).scalars())
 
     # -- refresh tokens -----------------------------------------------------------------------------
-    def insert_refresh_token(self, token_id: str, family_id: str, subject: str, tenant: str, secret_hash: str,
-                             now: datetime, expires_at: datetime) -> None:
+    def insert_refresh_token(
+        self,
+        token_id: str,
+        family_id: str,
+        subject: str,
+        tenant: str,
+        secret_hash: str,
+        now: datetime,
+        expires_at: datetime,
+    ) -> None:
         with self.db.engine.begin() as conn:
             conn.execute(
-                insert(refresh_tokens).values(token_id=token_id, family_id=family_id, subject=subject,
-                                              tenant=tenant, secret_hash=secret_hash, created_at=now,
-                                              expires_at=expires_at, revoked=False)
+                insert(refresh_tokens).values(
+                    token_id=token_id,
+                    family_id=family_id,
+                    subject=subject,
+                    tenant=tenant,
+                    secret_hash=secret_hash,
+                    created_at=now,
+                    expires_at=expires_at,
+                    revoked=False,
+                )
             )
 
     def get_refresh_token(self, token_id: str) -> Row[Any] | None:
@@ -317,12 +369,14 @@ class AuthStore:
         self._write(audit, update(refresh_tokens).where(refresh_tokens.c.family_id == family_id).values(revoked=True))
 
     # -- signing keys -------------------------------------------------------------------------------
-    def insert_signing_key(self, kid: str, private_key: bytes, public_jwk: str, now: datetime,
-                           audit: AuditRecord | None) -> None:
+    def insert_signing_key(
+        self, kid: str, private_key: bytes, public_jwk: str, now: datetime, audit: AuditRecord | None
+    ) -> None:
         with self.db.engine.begin() as conn:
             conn.execute(update(signing_keys).where(signing_keys.c.retired_at.is_(None)).values(retired_at=now))
-            conn.execute(insert(signing_keys).values(kid=kid, private_key=private_key, public_jwk=public_jwk,
-                                                     created_at=now))
+            conn.execute(
+                insert(signing_keys).values(kid=kid, private_key=private_key, public_jwk=public_jwk, created_at=now)
+            )
             if audit is not None:
                 self._insert_audit(conn, audit)
 

@@ -27,9 +27,7 @@ def register(app: typer.Typer) -> None:
             None, "--dir", help="Where to write (default: AIDC_CERTS_DIR or <data_dir>/certs)."
         ),
         days: int = typer.Option(365, help="Validity in days."),
-        force: bool = typer.Option(
-            False, help="Start over with a new CA (every old certificate stops working)."
-        ),
+        force: bool = typer.Option(False, help="Start over with a new CA (every old certificate stops working)."),
     ) -> None:
         """Create the CA and one certificate per service and for the CLI (keeps existing ones)."""
         target = directory or _default_dir()
@@ -39,12 +37,8 @@ def register(app: typer.Typer) -> None:
 
     @certs.command("issue")
     def issue(
-        identity: str = typer.Argument(
-            ..., help="Name of the identity; its certificate's CN is aidc-<name>."
-        ),
-        directory: Path = typer.Option(
-            None, "--dir", help="Certificates directory (with ca.pem and ca-key.pem)."
-        ),
+        identity: str = typer.Argument(..., help="Name of the identity; its certificate's CN is aidc-<name>."),
+        directory: Path = typer.Option(None, "--dir", help="Certificates directory (with ca.pem and ca-key.pem)."),
         host: list[str] = typer.Option([], help="Extra DNS names or IP addresses for the certificate."),
         days: int = typer.Option(365, help="Validity in days."),
     ) -> None:

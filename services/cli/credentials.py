@@ -64,9 +64,7 @@ class Credentials:
     tenant: str = ""
 
     @classmethod
-    def from_token_pair(
-        cls, auth_addr: str, tokens: pb.TokenPair, subject: str = "", tenant: str = ""
-    ) -> Credentials:
+    def from_token_pair(cls, auth_addr: str, tokens: pb.TokenPair, subject: str = "", tenant: str = "") -> Credentials:
         return cls(
             auth_addr=auth_addr,
             access_token=tokens.access_token,

@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 
 from services.auth.client import AuthClient
 from services.auth.config import AuthSettings
-from services.cli import platform_cmd, trace_cmd
+from services.cli import certs_cmd, platform_cmd, trace_cmd
 from services.cli.credentials import Credentials, CredentialsStore, credentials_path, take_bootstrap_admin
 from services.cli.session import CliSession, cli_settings, open_session
 from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
@@ -98,9 +98,7 @@ class _CliAuthClient(AuthClient):
     """The auth client plus the whole-collection listings the CLI shows (every page, not just the first)."""
 
     async def all_tenants(self) -> list[pb.Tenant]:
-        return await self._all(
-            lambda page: (self.stub.ListTenants, pb.ListTenantsRequest(page=page), "tenants")
-        )
+        return await self._all(lambda page: (self.stub.ListTenants, pb.ListTenantsRequest(page=page), "tenants"))
 
     async def all_users(self, tenant: str) -> list[pb.User]:
         return await self._all(
@@ -285,9 +283,7 @@ def sa_create(
 @apikey_app.command("create")
 def apikey_create(
     tenant: TenantOption,
-    subject: Annotated[
-        str, typer.Option("--subject", "-s", help="Who the key authenticates as; default: you.")
-    ] = "",
+    subject: Annotated[str, typer.Option("--subject", "-s", help="Who the key authenticates as; default: you.")] = "",
     description: Annotated[str, typer.Option("--description", "-d", help="What the key is for.")] = "",
     ttl: Annotated[int, typer.Option("--ttl", min=0, help="Lifetime in seconds; 0 means no expiry.")] = 0,
 ) -> None:
@@ -335,9 +331,7 @@ def apikey_revoke(
 # -- roles, audit ----------------------------------------------------------------------------------------
 
 SubjectArgument = Annotated[str, typer.Argument(help="A subject, e.g. user:acme/alice or sa:acme/ci.")]
-RoleArgument = Annotated[
-    str, typer.Argument(help="platform-admin, tenant-admin, developer, viewer or billing-viewer.")
-]
+RoleArgument = Annotated[str, typer.Argument(help="platform-admin, tenant-admin, developer, viewer or billing-viewer.")]
 
 
 @role_app.command("grant")
@@ -366,12 +360,8 @@ def role_list(
 
 @app.command()
 def audit(
-    tenant: Annotated[
-        str, typer.Option("--tenant", "-t", help="Only this tenant; default: all you may read.")
-    ] = "",
-    limit: Annotated[
-        int, typer.Option("--limit", "-n", min=1, max=1000, help="How many events, newest first.")
-    ] = 50,
+    tenant: Annotated[str, typer.Option("--tenant", "-t", help="Only this tenant; default: all you may read.")] = "",
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=1000, help="How many events, newest first.")] = 50,
 ) -> None:
     """Show the audit log of security-relevant changes, newest first."""
     events = _run(lambda session: session.auth.list_audit_events(tenant, limit))
@@ -421,6 +411,7 @@ def admin_init() -> None:
 
 
 trace_cmd.register(app)
+certs_cmd.register(app)
 
 # -- configuration ---------------------------------------------------------------------------------------
 
@@ -481,9 +472,7 @@ def settings_markdown(settings: Iterable[Setting]) -> str:
 
 @app.command("config")
 def config(
-    markdown: Annotated[
-        bool, typer.Option("--markdown", help="Print a markdown table (as in the README).")
-    ] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a markdown table (as in the README).")] = False,
 ) -> None:
     """List every environment variable aidc reads, with its default and meaning."""
     settings = documented_settings()

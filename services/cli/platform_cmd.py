@@ -87,9 +87,7 @@ def up(
     ] = False,
     timeout: Annotated[
         float | None,
-        typer.Option(
-            "--timeout", min=1, help="Seconds to wait for SERVING (default AIDC_STARTUP_TIMEOUT_SECONDS)."
-        ),
+        typer.Option("--timeout", min=1, help="Seconds to wait for SERVING (default AIDC_STARTUP_TIMEOUT_SECONDS)."),
     ] = None,
     data_dir: DataDirOption = None,
 ) -> None:
@@ -146,9 +144,7 @@ def status(data_dir: DataDirOption = None) -> None:
     platform = load_platform(_env(data_dir), create_credentials=False)
     result = asyncio.run(platform_status(platform))
     if result.supervisor_pid is not None:
-        _console.print(
-            f"supervisor pid {result.supervisor_pid} ({result.phase}); data in {platform.data_dir}"
-        )
+        _console.print(f"supervisor pid {result.supervisor_pid} ({result.phase}); data in {platform.data_dir}")
     else:
         _console.print(f"supervisor not running; data in {platform.data_dir}")
     if result.error:
@@ -158,9 +154,7 @@ def status(data_dir: DataDirOption = None) -> None:
         table.add_column(column, justify="right" if column in ("pid", "restarts") else "left")
     for c in result.components:
         style = _HEALTH_STYLE[c.health]
-        table.add_row(
-            c.name, f"[{style}]{c.health.value}[/]", c.address, str(c.pid or "-"), str(c.restarts), c.detail
-        )
+        table.add_row(c.name, f"[{style}]{c.health.value}[/]", c.address, str(c.pid or "-"), str(c.restarts), c.detail)
     _console.print(table)
     if not result.all_serving:
         raise typer.Exit(code=1)

@@ -51,12 +51,6 @@ def _parse_address(value: str) -> tuple[str, int]:
     """Splits ``host:port`` (IPv6 as ``[::1]:port``)."""
     host, sep, port = value.strip().rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
-    if (
-        not sep
-        or not host
-        or not port.isdigit()
-        or not 0 <= int(port) <= 65535
-        or any(c in host for c in "/ ")
-    ):
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535 or any(c in host for c in "/ "):
         raise ValueError(f"AIDC_COLLECTOR_ADDR must be HOST:PORT (e.g. {DEFAULT_ADDR}), not {value!r}")
     return host, int(port)

@@ -63,9 +63,7 @@ class _BodyError(Exception):
 class _OtlpHttpServer(ThreadingHTTPServer):
     """ThreadingHTTPServer that knows its span writer and how many requests are in flight."""
 
-    daemon_threads = (
-        True  # idle keep-alive connections must not hold up shutdown; in-flight ones are waited for
-    )
+    daemon_threads = True  # idle keep-alive connections must not hold up shutdown; in-flight ones are waited for
 
     def __init__(self, address: tuple[str, int], writer: SpanStoreWriter, max_body_bytes: int) -> None:
         self.writer = writer
@@ -154,9 +152,7 @@ class _OtlpHandler(BaseHTTPRequestHandler):
         length = int(raw_length)
         if length > self.server.max_body_bytes:
             self.close_connection = True  # the unread body would otherwise be parsed as the next request
-            raise _BodyError(
-                413, f"body of {length} bytes exceeds the {self.server.max_body_bytes}-byte limit"
-            )
+            raise _BodyError(413, f"body of {length} bytes exceeds the {self.server.max_body_bytes}-byte limit")
         body = self.rfile.read(length)
         if len(body) != length:
             self.close_connection = True
@@ -168,9 +164,7 @@ class _OtlpHandler(BaseHTTPRequestHandler):
             return _gunzip(body, self.server.max_body_bytes)
         raise _BodyError(415, f"Content-Encoding must be gzip or none, not {encoding!r}")
 
-    def _reply_error(
-        self, status: int, message: str, content_type: str, code: int = _INVALID_ARGUMENT
-    ) -> None:
+    def _reply_error(self, status: int, message: str, content_type: str, code: int = _INVALID_ARGUMENT) -> None:
         if content_type == _PROTOBUF:
             from google.rpc.status_pb2 import Status
 
@@ -256,9 +250,7 @@ def build_server(config: CollectorConfig) -> CollectorServer:
     return CollectorServer(config, SpanStoreWriter(store_file(config.traces_dir, "collector")))
 
 
-def serve(
-    server: CollectorServer, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
-) -> None:
+def serve(server: CollectorServer, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
     """Serves until one of ``signals`` arrives, then stops gracefully (main thread only: it sets handlers)."""
     stopping = threading.Event()
 

@@ -18,7 +18,13 @@ from services.mesh.errors import InvalidArgument
 from services.mesh.identity import current_principal
 from services.mesh.interceptors import current_deadline
 
-__all__ = ["create_channel", "channel_options", "client_credentials", "server_credentials", "ForwardingInterceptor"]
+__all__ = [
+    "create_channel",
+    "channel_options",
+    "client_credentials",
+    "server_credentials",
+    "ForwardingInterceptor",
+]
 
 
 def channel_options(settings: MeshSettings) -> list[tuple[str, Any]]:
@@ -115,7 +121,7 @@ def create_channel(
     service name, or "cli" for the operator's tools; None for server-only TLS). Without certificates the
     channel is plaintext, which is allowed only to loopback addresses (dev mode).
     """
-    interceptors: list[grpc.aio.ClientInterceptor] = [
+    interceptors: list[Any] = [
         *aio_client_interceptors(),
         ForwardingInterceptor(),
         *extra_interceptors,

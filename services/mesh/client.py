@@ -41,7 +41,7 @@ class ServiceClient:
         self._backoff = backoff_seconds
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.channel.close(None)
 
     async def _unary(
         self,

@@ -58,7 +58,9 @@ def parse_address(value: str) -> tuple[str, int]:
 class MeshSettings:
     """Settings every service shares: where the data lives, where every service listens, TLS, limits."""
 
-    data_dir: Path = setting(Path(".aidc"), "Directory for databases, logs, traces, certificates and the live model repository.")
+    data_dir: Path = setting(
+        Path(".aidc"), "Directory for databases, logs, traces, certificates and the live model repository."
+    )
     host: str = setting("127.0.0.1", "Interface the service listens on.")
     auth_addr: str = setting("127.0.0.1:50051", "Address of the auth service.")
     storage_addr: str = setting("127.0.0.1:50052", "Address of the storage service.")
@@ -67,17 +69,20 @@ class MeshSettings:
     billing_addr: str = setting("127.0.0.1:50055", "Address of the billing service.")
     serving_addr: str = setting("127.0.0.1:50056", "Address of the serving gateway (KServe v2 inference endpoint).")
     certs_dir: str = setting(
-        "", "Directory with ca.pem and <service>.pem/<service>-key.pem; empty means plaintext (loopback dev mode only)."
+        "",
+        "Directory with ca.pem and <service>.pem/<service>-key.pem; empty means plaintext (loopback dev mode only).",
     )
     client_auth: str = setting(
-        "require", "With certificates: 'require' a client certificate (mutual TLS) or 'none' (server TLS only)."
+        "require",
+        "With certificates: 'require' a client certificate (mutual TLS) or 'none' (server TLS only).",
     )
     max_message_bytes: int = setting(64 * 1024 * 1024, "Largest gRPC message a service sends or receives.")
     shutdown_grace_seconds: float = setting(5.0, "Seconds in-flight RPCs get to finish on SIGTERM.")
     log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
     decision_cache_seconds: float = setting(5.0, "How long an authorization decision is cached by a service.")
     database_url: str = setting(
-        "", "SQLAlchemy URL of this service's database; empty means sqlite:///<data_dir>/<service>/<service>.db."
+        "",
+        "SQLAlchemy URL of this service's database; empty means sqlite:///<data_dir>/<service>/<service>.db.",
     )
 
     def address_of(self, service: str) -> str:

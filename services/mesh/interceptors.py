@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 from grpc.aio import ServicerContext
+from opentelemetry import trace
 
 from services.mesh.authz import PermissionChecker, PermissionTable, Scope, decide_scope_tenant
 from services.mesh.config import SERVICE_NAMES
@@ -131,7 +132,11 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
     _wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]]
 
     def decorate(
-        self, behavior: Behavior, request_streaming: bool, response_streaming: bool, details: grpc.HandlerCallDetails
+        self,
+        behavior: Behavior,
+        request_streaming: bool,
+        response_streaming: bool,
+        details: grpc.HandlerCallDetails,
     ) -> Behavior:
         raise NotImplementedError
 
@@ -157,7 +162,11 @@ class ErrorMappingInterceptor(_WrappingInterceptor):
     with a generic message (logged once, with the trace id, never sent to the caller)."""
 
     def decorate(
-        self, behavior: Behavior, request_streaming: bool, response_streaming: bool, details: grpc.HandlerCallDetails
+        self,
+        behavior: Behavior,
+        request_streaming: bool,
+        response_streaming: bool,
+        details: grpc.HandlerCallDetails,
     ) -> Behavior:
         method = details.method
 
@@ -197,7 +206,11 @@ class DeadlineInterceptor(_WrappingInterceptor):
     """Records the caller's deadline and the method name so that outgoing calls inherit the deadline."""
 
     def decorate(
-        self, behavior: Behavior, request_streaming: bool, response_streaming: bool, details: grpc.HandlerCallDetails
+        self,
+        behavior: Behavior,
+        request_streaming: bool,
+        response_streaming: bool,
+        details: grpc.HandlerCallDetails,
     ) -> Behavior:
         method = details.method
 
@@ -214,7 +227,7 @@ def _peer_service(context: ServicerContext) -> str | None:
     auth = context.auth_context()
     if auth.get("transport_security_type") != [b"ssl"]:
         return None
-    names = auth.get("x509_common_name") or []
+    names = list(auth.get("x509_common_name") or [])
     if not names:
         return None
     service = names[0].decode().removeprefix("aidc-")
@@ -233,14 +246,18 @@ class AuthenticationInterceptor(_WrappingInterceptor):
         self._verifier = verifier
 
     def decorate(
-        self, behavior: Behavior, request_streaming: bool, response_streaming: bool, details: grpc.HandlerCallDetails
+        self,
+        behavior: Behavior,
+        request_streaming: bool,
+        response_streaming: bool,
+        details: grpc.HandlerCallDetails,
     ) -> Behavior:
         rule = self._table.rule(details.method)
         is_public = rule is not None and rule.scope is Scope.PUBLIC
         verifier = self._verifier
 
         async def before(_request: Any, context: ServicerContext) -> None:
-            token = bearer_token(context.invocation_metadata())
+            token = bearer_token(tuple(context.invocation_metadata() or ()))
             principal: Principal | None = None
             if token is not None:
                 principal = await verifier.verify(token)
@@ -251,6 +268,8 @@ class AuthenticationInterceptor(_WrappingInterceptor):
             if principal is None and not is_public:
                 raise Unauthenticated("this call requires credentials: send 'authorization: Bearer <token>'")
             current_principal.set(principal)
+            if principal is not None:
+                trace.get_current_span().set_attribute("aidc.mesh.subject", principal.subject)
 
         return _around(behavior, request_streaming, response_streaming, before)
 
@@ -264,7 +283,11 @@ class AuthorizationInterceptor(_WrappingInterceptor):
         self._checker = checker
 
     def decorate(
-        self, behavior: Behavior, request_streaming: bool, response_streaming: bool, details: grpc.HandlerCallDetails
+        self,
+        behavior: Behavior,
+        request_streaming: bool,
+        response_streaming: bool,
+        details: grpc.HandlerCallDetails,
     ) -> Behavior:
         method = details.method
         rule = self._table.rule(method)
@@ -280,10 +303,14 @@ class AuthorizationInterceptor(_WrappingInterceptor):
             if principal is None:  # pragma: no cover - authentication runs first
                 raise Unauthenticated("this call requires credentials")
             tenant = decide_scope_tenant(rule, request, principal.tenant)
-            if not await checker.check(principal.subject, tenant, rule.resource, rule.action):
+            allowed = await checker.check(principal.subject, tenant, rule.resource, rule.action)
+            span = trace.get_current_span()
+            span.set_attribute("aidc.mesh.tenant", tenant)
+            span.set_attribute("aidc.mesh.permission", f"{rule.resource}:{rule.action}")
+            span.set_attribute("aidc.mesh.allowed", allowed)
+            if not allowed:
                 raise PermissionDenied(
                     f"{principal.subject} may not {rule.action} {rule.resource} in tenant {tenant!r}"
                 )
 
         return _around(behavior, request_streaming, response_streaming, before)
-

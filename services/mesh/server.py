@@ -8,20 +8,19 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from opentelemetry.instrumentation.grpc.filters import health_check, negate, service_prefix, any_of
+from opentelemetry.instrumentation.grpc.filters import any_of, health_check, negate, service_prefix
 
 from services.mesh.authz import PermissionChecker, PermissionTable, Rule, public
 from services.mesh.channels import channel_options, server_credentials
 from services.mesh.config import MeshSettings, parse_address
-from services.mesh.logs import configure_logging
-from services.mesh.telemetry import init_telemetry, shutdown_telemetry
 from services.mesh.identity import TokenVerifier
 from services.mesh.interceptors import (
     AuthenticationInterceptor,
@@ -29,6 +28,8 @@ from services.mesh.interceptors import (
     DeadlineInterceptor,
     ErrorMappingInterceptor,
 )
+from services.mesh.logs import configure_logging
+from services.mesh.telemetry import init_telemetry, shutdown_telemetry
 
 __all__ = ["Registration", "MeshServer", "serve", "run_service", "INFRASTRUCTURE_SERVICES"]
 
@@ -86,7 +87,7 @@ class MeshServer:
     readiness_interval_seconds: float = 0.2
     port: int = 0
     _server: grpc.aio.Server | None = field(default=None, init=False, repr=False)
-    _health: health.aio.HealthServicer | None = field(default=None, init=False, repr=False)
+    _health: AsyncHealthServicer | None = field(default=None, init=False, repr=False)
     _ready_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     async def start(self) -> int:
@@ -104,7 +105,7 @@ class MeshServer:
         )
         for registration in self.registrations:
             registration.add_to_server(server)
-        self._health = health.aio.HealthServicer()
+        self._health = AsyncHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [r.full_name for r in self.registrations]
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -114,9 +115,7 @@ class MeshServer:
         host, port = parse_address(address)
         bind = f"{self.settings.host if self.address is None else host}:{port}"
         if self.settings.certs_dir:
-            creds = server_credentials(
-                Path(self.settings.certs_dir), self.name, self.settings.client_auth == "require"
-            )
+            creds = server_credentials(Path(self.settings.certs_dir), self.name, self.settings.client_auth == "require")
             self.port = server.add_secure_port(bind, creds)
         else:
             self.port = server.add_insecure_port(bind)

@@ -101,9 +101,7 @@ class SpanRecord:
         if not _SPAN_ID.match(self.span_id):
             raise ValueError(f"span_id must be 16 lowercase hex digits, not {self.span_id!r}")
         if self.parent_span_id and not _SPAN_ID.match(self.parent_span_id):
-            raise ValueError(
-                f"parent_span_id must be empty or 16 lowercase hex digits, not {self.parent_span_id!r}"
-            )
+            raise ValueError(f"parent_span_id must be empty or 16 lowercase hex digits, not {self.parent_span_id!r}")
         if self.status_code not in _STATUS_CODES:
             raise ValueError(f"status_code must be one of {_STATUS_CODES}, not {self.status_code!r}")
 
@@ -383,9 +381,7 @@ def spans_from_otlp_json(body: bytes | str | Mapping[str, Any]) -> list[SpanReco
     if not isinstance(request, Mapping):
         raise OtlpDecodeError("body must be a JSON object with resourceSpans")
     records: list[SpanRecord] = []
-    for i, resource_spans in enumerate(
-        _json_list(request, "resourceSpans", "resource_spans", where="request")
-    ):
+    for i, resource_spans in enumerate(_json_list(request, "resourceSpans", "resource_spans", where="request")):
         where = f"resourceSpans[{i}]"
         resource = _json_object(resource_spans, "resource", where=where)
         resource_attributes = _json_attributes(resource, where=f"{where}.resource")
@@ -394,9 +390,7 @@ def spans_from_otlp_json(body: bytes | str | Mapping[str, Any]) -> list[SpanReco
             resource_spans, "instrumentationLibrarySpans", "instrumentation_library_spans", where=where
         )
         for j, scope_spans in enumerate(scopes):
-            for k, span in enumerate(
-                _json_list(scope_spans, "spans", "spans", where=f"{where}.scopeSpans[{j}]")
-            ):
+            for k, span in enumerate(_json_list(scope_spans, "spans", "spans", where=f"{where}.scopeSpans[{j}]")):
                 span_where = f"{where}.scopeSpans[{j}].spans[{k}]"
                 records.append(_json_span(span, service, span_where))
     return records
@@ -416,12 +410,8 @@ def _json_span(span: Any, service: str, where: str) -> SpanRecord:
             name=str(_field(span, "name", "name") or ""),
             service=service,
             kind=_enum_name(_field(span, "kind", "kind"), _OTLP_KINDS, "SPAN_KIND_", f"{where}.kind"),
-            start_ns=_json_int(
-                _field(span, "startTimeUnixNano", "start_time_unix_nano"), f"{where}.startTimeUnixNano"
-            ),
-            end_ns=_json_int(
-                _field(span, "endTimeUnixNano", "end_time_unix_nano"), f"{where}.endTimeUnixNano"
-            ),
+            start_ns=_json_int(_field(span, "startTimeUnixNano", "start_time_unix_nano"), f"{where}.startTimeUnixNano"),
+            end_ns=_json_int(_field(span, "endTimeUnixNano", "end_time_unix_nano"), f"{where}.endTimeUnixNano"),
             status_code=_enum_name(status.get("code"), _STATUS_CODES, "STATUS_CODE_", f"{where}.status.code"),
             status_message=str(status.get("message") or ""),
             attributes=_json_attributes(span, where=where),
@@ -574,9 +564,7 @@ def spans_from_otlp_proto(body: bytes | ExportTraceServiceRequest) -> list[SpanR
                     SpanRecord(
                         trace_id=_proto_id(span.trace_id, 16, f"{where}.trace_id"),
                         span_id=_proto_id(span.span_id, 8, f"{where}.span_id"),
-                        parent_span_id=_proto_id(
-                            span.parent_span_id, 8, f"{where}.parent_span_id", optional=True
-                        ),
+                        parent_span_id=_proto_id(span.parent_span_id, 8, f"{where}.parent_span_id", optional=True),
                         name=span.name,
                         service=service,
                         kind=_OTLP_KINDS[kind],

@@ -41,6 +41,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from services.mesh.config import Setting
 from services.mesh.spanstore import SpanStoreExporter, store_file, traces_dir
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_STORE_SCHEDULE_DELAY_MS",
+    "TELEMETRY_VARIABLES",
     "init_telemetry",
     "shutdown_telemetry",
     "tracer",
@@ -59,6 +61,16 @@ _log = logging.getLogger(__name__)
 #: Batch delay for the local span store: short, so ``aidc trace`` sees a request's spans right after it.
 DEFAULT_STORE_SCHEDULE_DELAY_MS = 200
 _PROTOCOLS = ("grpc", "http/protobuf")
+
+#: The standard OpenTelemetry variables init_telemetry reads (documented in the README via `aidc config`).
+TELEMETRY_VARIABLES: tuple[Setting, ...] = (
+    Setting("OTEL_EXPORTER_OTLP_ENDPOINT", "", "OTLP endpoint for spans; empty: the local span store <data_dir>/traces."),
+    Setting("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "", "Traces-only OTLP endpoint, used exactly as given."),
+    Setting("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "OTLP protocol: grpc or http/protobuf."),
+    Setting("OTEL_EXPORTER_OTLP_HEADERS", "", "Extra OTLP headers, key=value,key=value."),
+    Setting("OTEL_BSP_SCHEDULE_DELAY", "200", "Span batch delay in ms (200 for the local store; SDK default for OTLP)."),
+    Setting("OTEL_RESOURCE_ATTRIBUTES", "", "Extra resource attributes; service.name is set per service."),
+)
 _FLUSH_TIMEOUT_MS = 10_000
 
 
@@ -131,9 +143,7 @@ def init_telemetry(service_name: str, data_dir: Path, env: Mapping[str, str] = o
     """
     global _state
     destination = _destination(service_name, data_dir, env)
-    propagate.set_global_textmap(
-        CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
-    )
+    propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()]))
     with _state_lock:
         if _state is None:
             processor = _SwappableSpanProcessor()
@@ -206,18 +216,14 @@ def _destination(service_name: str, data_dir: Path, env: Mapping[str, str]) -> _
         env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
     ).strip()
     if protocol not in _PROTOCOLS:
-        raise ValueError(
-            f"OTEL_EXPORTER_OTLP_PROTOCOL must be one of {', '.join(_PROTOCOLS)}, not {protocol!r}"
-        )
+        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL must be one of {', '.join(_PROTOCOLS)}, not {protocol!r}")
     if traces_endpoint:
         target = traces_endpoint  # signal-specific endpoints are used as given
     elif protocol == "http/protobuf":
         target = endpoint.rstrip("/") + "/v1/traces"
     else:
         target = endpoint
-    headers = _headers(
-        env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS") or ""
-    )
+    headers = _headers(env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS") or "")
     return _Destination("otlp", target, protocol, headers, delay)
 
 

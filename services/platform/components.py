@@ -54,9 +54,7 @@ class ProbeSpec:
 
     def describe(self) -> str:
         """Human-readable form for error messages."""
-        return {"grpc": "gRPC health at", "http": "GET", "tcp": "TCP connect to"}[
-            self.kind
-        ] + f" {self.target}"
+        return {"grpc": "gRPC health at", "http": "GET", "tcp": "TCP connect to"}[self.kind] + f" {self.target}"
 
 
 @dataclass(frozen=True)
@@ -184,9 +182,7 @@ def write_s3_identity_config(path: Path, credentials: S3Credentials) -> None:
         "identities": [
             {
                 "name": "aidc",
-                "credentials": [
-                    {"accessKey": credentials.access_key_id, "secretKey": credentials.secret_access_key}
-                ],
+                "credentials": [{"accessKey": credentials.access_key_id, "secretKey": credentials.secret_access_key}],
                 "actions": ["Admin", "Read", "List", "Tagging", "Write"],
             }
         ]

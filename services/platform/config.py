@@ -20,26 +20,16 @@ ALL_COMPONENTS: tuple[str, ...] = RUNTIME_COMPONENTS + SERVICE_NAMES
 class PlatformSettings:
     """What `aidc up` starts and where; every port is explicit so nothing silently moves when one is busy."""
 
-    runtime_dir: Path = setting(
-        Path(".runtime"), "Folder holding tritonserver and weed (made by `make install`)."
-    )
+    runtime_dir: Path = setting(Path(".runtime"), "Folder holding tritonserver and weed (made by `make install`).")
     platform_components: tuple[str, ...] = setting(
         ALL_COMPONENTS, "Comma-separated components `aidc up` starts (subset of the default list)."
     )
-    model_repository: str = setting(
-        "", "Triton's live model repository; empty means <data_dir>/model_repository."
-    )
-    collector_addr: str = setting(
-        "127.0.0.1:50060", "Address of the trace collector (OTLP/HTTP JSON receiver)."
-    )
+    model_repository: str = setting("", "Triton's live model repository; empty means <data_dir>/model_repository.")
+    collector_addr: str = setting("127.0.0.1:50060", "Address of the trace collector (OTLP/HTTP JSON receiver).")
     triton_grpc_addr: str = setting("127.0.0.1:50061", "Triton's KServe v2 gRPC endpoint.")
     triton_http_addr: str = setting("127.0.0.1:50062", "Triton's KServe v2 HTTP endpoint.")
-    triton_metrics_port: int = setting(
-        50063, "Triton's Prometheus metrics port (same host as its HTTP endpoint)."
-    )
-    s3_endpoint: str = setting(
-        "127.0.0.1:50070", "S3 endpoint (host:port) of the object store (SeaweedFS here)."
-    )
+    triton_metrics_port: int = setting(50063, "Triton's Prometheus metrics port (same host as its HTTP endpoint).")
+    s3_endpoint: str = setting("127.0.0.1:50070", "S3 endpoint (host:port) of the object store (SeaweedFS here).")
     seaweedfs_s3_grpc_port: int = setting(50071, "SeaweedFS S3 gateway gRPC port.")
     seaweedfs_master_port: int = setting(50072, "SeaweedFS master HTTP port.")
     seaweedfs_master_grpc_port: int = setting(50073, "SeaweedFS master gRPC port.")
@@ -47,9 +37,7 @@ class PlatformSettings:
     seaweedfs_volume_grpc_port: int = setting(50075, "SeaweedFS volume server gRPC port.")
     seaweedfs_filer_port: int = setting(50076, "SeaweedFS filer HTTP port.")
     seaweedfs_filer_grpc_port: int = setting(50077, "SeaweedFS filer gRPC port.")
-    seaweedfs_admin_port: int = setting(
-        50078, "SeaweedFS admin server HTTP port (it listens even with its UI off)."
-    )
+    seaweedfs_admin_port: int = setting(50078, "SeaweedFS admin server HTTP port (it listens even with its UI off).")
     seaweedfs_admin_grpc_port: int = setting(50079, "SeaweedFS admin server gRPC port.")
     aws_access_key_id: str = setting(
         "",
@@ -59,16 +47,10 @@ class PlatformSettings:
     aws_secret_access_key: str = setting(
         "", "S3 secret key; empty means generate one with the access key.", env="AWS_SECRET_ACCESS_KEY"
     )
-    startup_timeout_seconds: float = setting(
-        120.0, "How long `aidc up` waits for every component to be SERVING."
-    )
+    startup_timeout_seconds: float = setting(120.0, "How long `aidc up` waits for every component to be SERVING.")
     stop_grace_seconds: float = setting(15.0, "Seconds a component gets after SIGTERM before SIGKILL.")
-    restart_backoff_seconds: float = setting(
-        0.5, "First delay before restarting a crashed component (doubles)."
-    )
-    restart_backoff_max_seconds: float = setting(
-        30.0, "Longest delay between restarts of a crash-looping component."
-    )
+    restart_backoff_seconds: float = setting(0.5, "First delay before restarting a crashed component (doubles).")
+    restart_backoff_max_seconds: float = setting(30.0, "Longest delay between restarts of a crash-looping component.")
 
     def model_repository_path(self, data_dir: Path) -> Path:
         """Triton's live model repository: the configured one, or <data_dir>/model_repository."""

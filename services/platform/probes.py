@@ -35,7 +35,10 @@ class ProbeResult:
 
 async def _probe_grpc(spec: ProbeSpec, settings: MeshSettings, timeout: float) -> ProbeResult:
     # The operator's identity: with AIDC_CERTS_DIR set the probe speaks mutual TLS like the CLI does.
-    channel = create_channel(spec.target, settings, identity="cli")
+    try:
+        channel = create_channel(spec.target, settings, identity="cli")
+    except Exception as exc:  # a configuration problem (missing certificate, plaintext to a remote host)
+        return ProbeResult(Health.DOWN, f"cannot connect: {exc}")
     try:
         stub = health_pb2_grpc.HealthStub(channel)
         response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)

@@ -84,9 +84,7 @@ class PlatformState:
     @classmethod
     def from_json(cls, text: str) -> PlatformState:
         raw: dict[str, Any] = json.loads(text)
-        components = [
-            ComponentState(**{**c, "probe": ProbeSpec(**c["probe"])}) for c in raw.pop("components", [])
-        ]
+        components = [ComponentState(**{**c, "probe": ProbeSpec(**c["probe"])}) for c in raw.pop("components", [])]
         return cls(**raw, components=components)
 
 

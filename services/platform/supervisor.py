@@ -84,9 +84,7 @@ class AlreadyRunning(Exception):
     """A supervisor already runs for this data directory."""
 
     def __init__(self, state: PlatformState) -> None:
-        super().__init__(
-            f"aidc is already running (supervisor pid {state.supervisor_pid}, data {state.data_dir})"
-        )
+        super().__init__(f"aidc is already running (supervisor pid {state.supervisor_pid}, data {state.data_dir})")
         self.state = state
 
 
@@ -218,9 +216,10 @@ class Supervisor:
             except StartupError as exc:
                 failure = exc
             finally:
+                # Signal handlers stay on while stopping: a second Ctrl-C must not abandon half-stopped children.
+                await self._stop_all()
                 for sig in handled:
                     loop.remove_signal_handler(sig)
-                await self._stop_all()
                 if failure is None:
                     remove_run_files(run_dir)
                 else:
@@ -290,12 +289,8 @@ class Supervisor:
                             run.spec.log_file,
                         )
                     )
-            alive = [
-                run for run in pending.values() if run.process is not None and run.process.returncode is None
-            ]
-            results = await asyncio.gather(
-                *(probe(run.spec.probe, self._platform.mesh, 1.0) for run in alive)
-            )
+            alive = [run for run in pending.values() if run.process is not None and run.process.returncode is None]
+            results = await asyncio.gather(*(probe(run.spec.probe, self._platform.mesh, 1.0) for run in alive))
             for run, result in zip(alive, results, strict=True):
                 if result.health is Health.SERVING:
                     run.ever_ready = True
@@ -354,11 +349,7 @@ class Supervisor:
             try:
                 process = await self._spawn(run)
             except OSError as exc:
-                hint = (
-                    " (run `make install`)"
-                    if spec.argv[0].startswith(str(self._settings.runtime_dir))
-                    else ""
-                )
+                hint = " (run `make install`)" if spec.argv[0].startswith(str(self._settings.runtime_dir)) else ""
                 run.fatal = f"{spec.name}: cannot start {spec.argv[0]}: {exc.strerror or exc}{hint}"
                 run.state.status = "failed"
                 self._write()
@@ -514,9 +505,7 @@ def start_detached(
                     )
                 )
             if time.monotonic() > deadline:
-                raise StartupError(
-                    _with_tail("the supervisor did not report SERVING in time", log_file, since)
-                )
+                raise StartupError(_with_tail("the supervisor did not report SERVING in time", log_file, since))
             time.sleep(0.2)
     except BaseException:
         if process.poll() is None:

@@ -6,10 +6,10 @@ SchedulerService at all, so its RPCs answer UNIMPLEMENTED from gRPC itself rathe
 
 from __future__ import annotations
 
-from services.scheduler.config import SchedulerSettings
 from services.mesh.authz import PermissionTable
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer
+from services.scheduler.config import SchedulerSettings
 
 __all__ = ["build_server", "SERVICE"]
 

@@ -6,10 +6,10 @@ ServingService at all, so its RPCs answer UNIMPLEMENTED from gRPC itself rather 
 
 from __future__ import annotations
 
-from services.serving.config import ServingSettings
 from services.mesh.authz import PermissionTable
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer
+from services.serving.config import ServingSettings
 
 __all__ = ["build_server", "SERVICE"]
 

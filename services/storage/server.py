@@ -6,10 +6,10 @@ StorageService at all, so its RPCs answer UNIMPLEMENTED from gRPC itself rather 
 
 from __future__ import annotations
 
-from services.storage.config import StorageSettings
 from services.mesh.authz import PermissionTable
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer
+from services.storage.config import StorageSettings
 
 __all__ = ["build_server", "SERVICE"]
 

@@ -6,10 +6,10 @@ TrainingService at all, so its RPCs answer UNIMPLEMENTED from gRPC itself rather
 
 from __future__ import annotations
 
-from services.training.config import TrainingSettings
 from services.mesh.authz import PermissionTable
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer
+from services.training.config import TrainingSettings
 
 __all__ = ["build_server", "SERVICE"]
 

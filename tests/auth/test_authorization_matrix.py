@@ -65,7 +65,9 @@ _counter = itertools.count()
 def _auth_request(rpc: str, tenant: str) -> Any:
     """A well-formed request for an auth RPC that names ``tenant``."""
     n = next(_counter)
-    check = auth_pb.PermissionCheck(subject=f"user:{tenant}/someone-else", tenant=tenant, resource="datasets", action="read")
+    check = auth_pb.PermissionCheck(
+        subject=f"user:{tenant}/someone-else", tenant=tenant, resource="datasets", action="read"
+    )
     binding = auth_pb.RoleBinding(subject=f"user:{tenant}/viewer", role="developer", tenant=tenant)
     requests: dict[str, Callable[[], Any]] = {
         "CreateTenant": lambda: auth_pb.CreateTenantRequest(name=f"new-{n}"),

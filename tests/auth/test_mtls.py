@@ -50,8 +50,10 @@ async def test_mtls_accepts_mesh_certificates_and_rejects_everything_else(
         no_cert = AuthClient(create_channel(address, mtls_settings, identity=None), retries=0)
         other_ca = tmp_path / "other-ca"
         init_certificates(other_ca, ["storage"])
-        rogue = AuthClient(create_channel(address, replace(mtls_settings, certs_dir=str(other_ca)),
-                                          identity="storage"), retries=0)
+        rogue = AuthClient(
+            create_channel(address, replace(mtls_settings, certs_dir=str(other_ca)), identity="storage"),
+            retries=0,
+        )
         plaintext = AuthClient(grpc.aio.insecure_channel(address), retries=0)
         for client in (no_cert, rogue, plaintext):
             with pytest.raises(Unavailable):
@@ -66,12 +68,14 @@ async def test_mtls_accepts_mesh_certificates_and_rejects_everything_else(
 async def test_services_talk_mtls_to_each_other(mtls_settings: AuthSettings) -> None:
     """Storage only becomes SERVING once its mTLS channel to auth works (it fetches auth's JWKS)."""
     running = await start_auth(mtls_settings)
-    storage_settings = StorageSettings.from_env({
-        "AIDC_DATA_DIR": str(mtls_settings.data_dir),
-        "AIDC_AUTH_ADDR": running.address,
-        "AIDC_STORAGE_ADDR": f"127.0.0.1:{free_port()}",
-        "AIDC_CERTS_DIR": mtls_settings.certs_dir,
-    })
+    storage_settings = StorageSettings.from_env(
+        {
+            "AIDC_DATA_DIR": str(mtls_settings.data_dir),
+            "AIDC_AUTH_ADDR": running.address,
+            "AIDC_STORAGE_ADDR": f"127.0.0.1:{free_port()}",
+            "AIDC_CERTS_DIR": mtls_settings.certs_dir,
+        }
+    )
     storage = await build_storage(storage_settings)
     await storage.start()
     try:

@@ -41,7 +41,7 @@ async def test_restart_keeps_users_keys_roles_and_audit(settings: AuthSettings) 
         roles = {(b.subject, b.role) for b in await admin.list_role_bindings("acme")}
         assert roles == {("user:acme/alice", "developer"), ("user:acme/alice", "viewer")}
         events_after = await admin.list_audit_events(page_size=100)
-        assert [e.id for e in events_after][-len(events_before):] == [e.id for e in events_before]
+        assert [e.id for e in events_after][-len(events_before) :] == [e.id for e in events_before]
         actions = {e.action for e in events_after}
         assert {"tenant.create", "user.create", "role.assign", "apikey.create"} <= actions
     finally:
@@ -69,31 +69,79 @@ BAD_INPUT: list[tuple[str, Callable[[AuthClient], Awaitable[Any]], type[errors.A
     ("uppercase tenant name", lambda a: a.create_tenant("Acme"), errors.InvalidArgument, "lowercase"),
     ("reserved tenant", lambda a: a.create_tenant("platform"), errors.InvalidArgument, "reserved"),
     ("duplicate tenant", lambda a: a.create_tenant("acme"), errors.AlreadyExists, "already exists"),
-    ("display name with control chars", lambda a: a.create_tenant("newco", "x\x00y"), errors.InvalidArgument,
-     "control"),
+    (
+        "display name with control chars",
+        lambda a: a.create_tenant("newco", "x\x00y"),
+        errors.InvalidArgument,
+        "control",
+    ),
     ("empty user name", lambda a: a.create_user("acme", "", PASSWORD), errors.InvalidArgument, "required"),
-    ("oversized user name", lambda a: a.create_user("acme", "u" * 65, PASSWORD), errors.InvalidArgument, "1-64"),
+    (
+        "oversized user name",
+        lambda a: a.create_user("acme", "u" * 65, PASSWORD),
+        errors.InvalidArgument,
+        "1-64",
+    ),
     ("short password", lambda a: a.create_user("acme", "bob", "short"), errors.InvalidArgument, "password"),
     ("unknown tenant", lambda a: a.create_user("nope-co", "bob", PASSWORD), errors.NotFound, "nope-co"),
     ("duplicate user", lambda a: a.create_user("acme", "alice", PASSWORD), errors.AlreadyExists, "alice"),
-    ("unknown role", lambda a: a.create_user("acme", "bob", PASSWORD, ["god"]), errors.InvalidArgument, "god"),
-    ("platform role in a tenant", lambda a: a.create_user("acme", "bob", PASSWORD, ["platform-admin"]),
-     errors.InvalidArgument, "platform-admin"),
-    ("api key for unknown subject", lambda a: a.create_api_key("acme", subject="user:acme/ghost"),
-     errors.NotFound, "ghost"),
-    ("negative api key ttl", lambda a: a.create_api_key("acme", subject="user:acme/alice", ttl_seconds=-1),
-     errors.InvalidArgument, "ttl"),
-    ("revoke unknown key", lambda a: a.revoke_api_key("acme", "0123456789abcdef"), errors.NotFound, "not found"),
-    ("role for unknown subject", lambda a: a.assign_role("user:acme/ghost", "viewer", "acme"), errors.NotFound,
-     "ghost"),
-    ("duplicate role binding", lambda a: a.assign_role("user:acme/alice", "developer", "acme"),
-     errors.AlreadyExists, "already"),
-    ("revoke missing binding", lambda a: a.revoke_role("user:acme/alice", "viewer", "acme"), errors.NotFound,
-     "no role"),
+    (
+        "unknown role",
+        lambda a: a.create_user("acme", "bob", PASSWORD, ["god"]),
+        errors.InvalidArgument,
+        "god",
+    ),
+    (
+        "platform role in a tenant",
+        lambda a: a.create_user("acme", "bob", PASSWORD, ["platform-admin"]),
+        errors.InvalidArgument,
+        "platform-admin",
+    ),
+    (
+        "api key for unknown subject",
+        lambda a: a.create_api_key("acme", subject="user:acme/ghost"),
+        errors.NotFound,
+        "ghost",
+    ),
+    (
+        "negative api key ttl",
+        lambda a: a.create_api_key("acme", subject="user:acme/alice", ttl_seconds=-1),
+        errors.InvalidArgument,
+        "ttl",
+    ),
+    (
+        "revoke unknown key",
+        lambda a: a.revoke_api_key("acme", "0123456789abcdef"),
+        errors.NotFound,
+        "not found",
+    ),
+    (
+        "role for unknown subject",
+        lambda a: a.assign_role("user:acme/ghost", "viewer", "acme"),
+        errors.NotFound,
+        "ghost",
+    ),
+    (
+        "duplicate role binding",
+        lambda a: a.assign_role("user:acme/alice", "developer", "acme"),
+        errors.AlreadyExists,
+        "already",
+    ),
+    (
+        "revoke missing binding",
+        lambda a: a.revoke_role("user:acme/alice", "viewer", "acme"),
+        errors.NotFound,
+        "no role",
+    ),
     ("malformed api key", lambda a: a.exchange_api_key("not-a-key"), errors.Unauthenticated, "malformed"),
     ("empty api key", lambda a: a.exchange_api_key(""), errors.InvalidArgument, "required"),
     ("malformed refresh token", lambda a: a.refresh_token("garbage"), errors.Unauthenticated, "malformed"),
-    ("wrong password", lambda a: a.login("acme", "alice", "wrong password!!"), errors.Unauthenticated, "wrong"),
+    (
+        "wrong password",
+        lambda a: a.login("acme", "alice", "wrong password!!"),
+        errors.Unauthenticated,
+        "wrong",
+    ),
 ]
 
 

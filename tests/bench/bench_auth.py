@@ -79,8 +79,14 @@ def bench_enforcement(report: list[tuple[str, float, float, str]]) -> None:
     # enforce() bypasses the auth service's decision memo: this is Casbin's indexed evaluation itself.
     ours_t = _time_sync(lambda: ours.enforce(*query), 2000)
     plain_t = _time_sync(lambda: plain.enforce(*query), 30)
-    report.append(("enforce, 10,000 policy lines (goal <= 1 ms)", _p50_us(ours_t), _p50_us(plain_t),
-                   "plain casbin.Enforcer"))
+    report.append(
+        (
+            "enforce, 10,000 policy lines (goal <= 1 ms)",
+            _p50_us(ours_t),
+            _p50_us(plain_t),
+            "plain casbin.Enforcer",
+        )
+    )
     memo_t = _time_sync(lambda: ours.allowed(*query), 20_000)
     report.append(("  same, auth's memoized decision", _p50_us(memo_t), _p50_us(plain_t), "plain casbin.Enforcer"))
 
@@ -102,8 +108,14 @@ async def bench_cached_decision(report: list[tuple[str, float, float, str]]) -> 
     small_query = ("user:tenant-0000/u0", "tenant-0000", "tenants", "read")
     ours_t = await _time_async(lambda: cached.check(*query), 20_000)
     plain_t = _time_sync(lambda: small.enforce(*small_query), 2000)
-    report.append(("cached decision (goal <= 20 us)", _p50_us(ours_t), _p50_us(plain_t),
-                   "plain casbin.Enforcer, 10 lines"))
+    report.append(
+        (
+            "cached decision (goal <= 20 us)",
+            _p50_us(ours_t),
+            _p50_us(plain_t),
+            "plain casbin.Enforcer, 10 lines",
+        )
+    )
 
 
 async def bench_check_permission_rpc(report: list[tuple[str, float, float, str]]) -> None:
@@ -132,14 +144,22 @@ async def bench_check_permission_rpc(report: list[tuple[str, float, float, str]]
 
             # Baseline: a bare grpc.aio echo of the same messages, no interceptors, same client process.
             echo_server = grpc.aio.server()
-            handler = grpc.unary_unary_rpc_method_handler(_echo, request_deserializer=pb.CheckPermissionRequest.FromString,
-                                                          response_serializer=pb.CheckPermissionResponse.SerializeToString)
-            echo_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),))
+            handler = grpc.unary_unary_rpc_method_handler(
+                _echo,
+                request_deserializer=pb.CheckPermissionRequest.FromString,
+                response_serializer=pb.CheckPermissionResponse.SerializeToString,
+            )
+            echo_server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),)
+            )
             port = echo_server.add_insecure_port("127.0.0.1:0")
             await echo_server.start()
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                echo = channel.unary_unary("/bench.Echo/Echo", request_serializer=pb.CheckPermissionRequest.SerializeToString,
-                                           response_deserializer=pb.CheckPermissionResponse.FromString)
+                echo = channel.unary_unary(
+                    "/bench.Echo/Echo",
+                    request_serializer=pb.CheckPermissionRequest.SerializeToString,
+                    response_deserializer=pb.CheckPermissionResponse.FromString,
+                )
                 for _ in range(200):
                     await check()
                     await echo(request)
@@ -149,8 +169,14 @@ async def bench_check_permission_rpc(report: list[tuple[str, float, float, str]]
                     base_t += await _time_async(lambda: echo(request), 200)
             await echo_server.stop(0)
             await client.close()
-            report.append(("CheckPermission RPC p50 on loopback (goal <= 1 ms)", _p50_us(ours_t), _p50_us(base_t),
-                           "bare grpc.aio echo"))
+            report.append(
+                (
+                    "CheckPermission RPC p50 on loopback (goal <= 1 ms)",
+                    _p50_us(ours_t),
+                    _p50_us(base_t),
+                    "bare grpc.aio echo",
+                )
+            )
         finally:
             stop_process(process)
 

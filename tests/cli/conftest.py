@@ -1,7 +1,7 @@
 """Fixtures for CLI tests: a real auth service in its own process, and the ``aidc`` app pointed at it.
 
-The CLI runs its RPCs with ``asyncio.run`` per command, so the server can't share the test's event loop; it runs
-as ``python -m services.auth``, exactly as ``aidc up`` starts it.
+The CLI runs its RPCs with ``asyncio.run`` per command, so the server can't share the test's event loop;
+it runs as ``python -m services.auth``, exactly as ``aidc up`` starts it.
 """
 
 from __future__ import annotations

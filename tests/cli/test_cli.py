@@ -31,9 +31,7 @@ def _credentials(cli: Cli) -> dict[str, object]:
 
 
 def test_login_stores_private_credentials_then_whoami(cli: Cli) -> None:
-    result = cli.ok(
-        "login", "--tenant", "platform", "--user", "admin", input=f"{cli.server.admin_password}\n"
-    )
+    result = cli.ok("login", "--tenant", "platform", "--user", "admin", input=f"{cli.server.admin_password}\n")
     assert "logged in to" in result.stdout and "user:platform/admin" in result.stdout
     assert stat.S_IMODE(cli.credentials_file.stat().st_mode) == 0o600
     stored = _credentials(cli)
@@ -50,9 +48,7 @@ def test_login_stores_private_credentials_then_whoami(cli: Cli) -> None:
 
 
 def test_wrong_password_is_unauthenticated_and_stores_nothing(cli: Cli) -> None:
-    result = cli(
-        "login", "--tenant", "platform", "--user", "admin", "--password-stdin", input="not the password"
-    )
+    result = cli("login", "--tenant", "platform", "--user", "admin", "--password-stdin", input="not the password")
     _assert_error(result, "UNAUTHENTICATED")
     assert not cli.credentials_file.exists()
 
@@ -64,9 +60,7 @@ def test_tenant_and_user_create_then_the_user_logs_in(cli: Cli) -> None:
     assert "acme" in listed and "Acme Corp" in listed
 
     # The password is prompted twice (hidden); both entries come from stdin here.
-    created = cli.ok(
-        "user", "create", "alice", "--tenant", "acme", "--role", "developer", input=f"{PASSWORD}\n" * 2
-    )
+    created = cli.ok("user", "create", "alice", "--tenant", "acme", "--role", "developer", input=f"{PASSWORD}\n" * 2)
     assert "user:acme/alice" in created.stdout
     assert "user:acme/alice" in cli.ok("user", "list", "--tenant", "acme").stdout
 
@@ -80,9 +74,7 @@ def test_api_key_login_then_revoked_key_is_refused(cli: Cli) -> None:
     cli.ok("tenant", "create", "acme")
     assert "sa:acme/ci" in cli.ok("sa", "create", "ci", "--tenant", "acme", "--role", "viewer").stdout
 
-    created = cli.ok(
-        "apikey", "create", "--tenant", "acme", "--subject", "sa:acme/ci", "--description", "ci runs"
-    )
+    created = cli.ok("apikey", "create", "--tenant", "acme", "--subject", "sa:acme/ci", "--description", "ci runs")
     secret = created.stdout.strip()
     assert secret.startswith("aidc_") and "\n" not in secret  # stdout holds the secret alone
     assert "only time the secret is shown" in created.stderr

@@ -27,9 +27,7 @@ NOW = 1_800_000_000.0
 ADDR = "127.0.0.1:50051"
 
 
-def _pair(
-    access: str, refresh: str, access_expires: float, refresh_expires: float | None = None
-) -> pb.TokenPair:
+def _pair(access: str, refresh: str, access_expires: float, refresh_expires: float | None = None) -> pb.TokenPair:
     pair = pb.TokenPair(access_token=access, refresh_token=refresh)
     pair.access_token_expire_time.CopyFrom(Timestamp(seconds=int(access_expires)))
     if refresh_expires is not None:

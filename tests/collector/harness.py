@@ -57,9 +57,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def post(
-    url: str, body: bytes, content_type: str, headers: Mapping[str, str] | None = None
-) -> tuple[int, bytes]:
+def post(url: str, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
     """POSTs a body; returns (status, response body) for success and HTTP errors alike."""
     request = urllib.request.Request(
         url, data=body, method="POST", headers={"Content-Type": content_type, **(headers or {})}

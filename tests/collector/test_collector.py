@@ -160,9 +160,7 @@ def test_triton_json_export_lands_in_store_with_edges(tmp_path: Path) -> None:
 
 def test_protobuf_export_lands_in_store_with_services_per_resource(tmp_path: Path) -> None:
     with running_collector(tmp_path) as collector:
-        status, body = post(
-            collector.traces_url, protobuf_request().SerializeToString(), "application/x-protobuf"
-        )
+        status, body = post(collector.traces_url, protobuf_request().SerializeToString(), "application/x-protobuf")
         assert status == 200
         assert ExportTraceServiceResponse.FromString(body) == ExportTraceServiceResponse()
 
@@ -223,9 +221,7 @@ def test_bad_bodies_are_rejected_and_nothing_is_stored(
         assert reason in message
         assert _span_files(tmp_path) == []  # not even the good first span of "one-bad-span"
         # The collector keeps serving after a bad request.
-        good_status, _ = post(
-            collector.traces_url, json.dumps(triton_json_body()).encode(), "application/json"
-        )
+        good_status, _ = post(collector.traces_url, json.dumps(triton_json_body()).encode(), "application/json")
         assert good_status == 200
 
 

@@ -94,9 +94,7 @@ def triton(tmp_path: Path, collector_url: str) -> Iterator[int]:
                     break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"Triton did not start:\n{(tmp_path / 'triton.log').read_text()}"
-                    ) from None
+                    raise RuntimeError(f"Triton did not start:\n{(tmp_path / 'triton.log').read_text()}") from None
                 time.sleep(0.2)
         yield grpc_port
     finally:

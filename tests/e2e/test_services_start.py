@@ -29,8 +29,13 @@ def test_every_service_process_reports_serving(tmp_path: Path) -> None:
                 status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
                 assert status.status == health_pb2.HealthCheckResponse.SERVING, name
                 request = reflection_pb2.ServerReflectionRequest(list_services="")
-                reply = next(iter(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-                    iter([request]), timeout=5)))
+                reply = next(
+                    iter(
+                        reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                            iter([request]), timeout=5
+                        )
+                    )
+                )
                 listed = {s.name for s in reply.list_services_response.service}
                 assert "grpc.health.v1.Health" in listed, name
                 if name == "auth":

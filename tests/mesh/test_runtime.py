@@ -85,7 +85,9 @@ async def test_errors_mid_stream_are_mapped(echo: tuple[MeshServer, EchoClient])
     assert info.value.code() == grpc.StatusCode.INTERNAL and info.value.details() == INTERNAL_MESSAGE
 
 
-async def test_protected_rpc_without_credentials_is_unauthenticated(echo: tuple[MeshServer, EchoClient]) -> None:
+async def test_protected_rpc_without_credentials_is_unauthenticated(
+    echo: tuple[MeshServer, EchoClient],
+) -> None:
     _, client = echo
     for method in ("WhoAmI", "ReadDatasets"):
         with pytest.raises(grpc.aio.AioRpcError) as info:

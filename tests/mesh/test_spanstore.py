@@ -118,9 +118,7 @@ def test_record_from_readable_span_keeps_ids_edges_and_attributes() -> None:
 
 
 def test_store_merges_files_and_orders_by_start(tmp_path: Path) -> None:
-    SpanStoreWriter(tmp_path / "a-1.jsonl").append(
-        [rec("b", "a", start_ms=5), rec("e", trace_id=OTHER_TRACE)]
-    )
+    SpanStoreWriter(tmp_path / "a-1.jsonl").append([rec("b", "a", start_ms=5), rec("e", trace_id=OTHER_TRACE)])
     SpanStoreWriter(tmp_path / "triton-2.jsonl").append([rec("a", start_ms=0, dur_ms=10)])
     spans = SpanStore(tmp_path).spans(TRACE)
     assert [s.span_id[:1] for s in spans] == ["a", "b"]
@@ -222,9 +220,7 @@ def test_json_body_accepts_base64_ids_and_legacy_names() -> None:
                                     {
                                         "key": "map",
                                         "value": {
-                                            "kvlistValue": {
-                                                "values": [{"key": "k", "value": {"boolValue": True}}]
-                                            }
+                                            "kvlistValue": {"values": [{"key": "k", "value": {"boolValue": True}}]}
                                         },
                                     },
                                 ],
@@ -249,9 +245,7 @@ def test_json_body_accepts_base64_ids_and_legacy_names() -> None:
 def test_missing_service_name_and_empty_request() -> None:
     assert spans_from_otlp_json(b"{}") == []
     assert spans_from_otlp_proto(b"") == []
-    body = {
-        "resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": TRACE, "spanId": "0102030405060708"}]}]}]
-    }
+    body = {"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": TRACE, "spanId": "0102030405060708"}]}]}]}
     (record,) = spans_from_otlp_json(body)
     assert (record.service, record.kind, record.status_code) == ("unknown_service", "UNSPECIFIED", "UNSET")
 

@@ -175,9 +175,7 @@ def test_default_protocol_is_otlp_grpc(tmp_path: Path) -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        provider = init_telemetry(
-            SERVICE, tmp_path, env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"}
-        )
+        provider = init_telemetry(SERVICE, tmp_path, env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
         trace_id, parent_id, child_id = _parent_and_child(tracer(__name__))
         assert provider.force_flush()
         shutdown_telemetry()  # closes the exporter's channel while the server is still up

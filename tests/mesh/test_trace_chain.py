@@ -39,9 +39,7 @@ async def test_call_chained_across_two_services_is_one_trace(auth_process: AuthP
     store = SpanStore(auth_process.data_dir / "traces")
     server_span = None
     for _ in range(50):  # the auth process exports on its own schedule (200 ms batches)
-        candidates = [
-            s for s in store.iter_spans() if s.name == "/test.v1.Echo/ReadDatasets" and s.kind == "SERVER"
-        ]
+        candidates = [s for s in store.iter_spans() if s.name == "/test.v1.Echo/ReadDatasets" and s.kind == "SERVER"]
         if candidates:
             server_span = candidates[-1]
             spans = store.spans(server_span.trace_id)

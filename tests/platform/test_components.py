@@ -28,9 +28,7 @@ CREDENTIALS = S3Credentials("AKIDTEST", "secret-test")
 
 def make_platform(tmp_path: Path, **env: str) -> Platform:
     environ = {"AIDC_DATA_DIR": str(tmp_path / "data"), "AIDC_RUNTIME_DIR": str(tmp_path / "rt"), **env}
-    return resolve_platform(
-        load_settings(MeshSettings, environ), load_settings(PlatformSettings, environ), CREDENTIALS
-    )
+    return resolve_platform(load_settings(MeshSettings, environ), load_settings(PlatformSettings, environ), CREDENTIALS)
 
 
 def flag(argv: tuple[str, ...], name: str) -> str:
@@ -54,9 +52,7 @@ def test_triton_argv_follows_settings(tmp_path: Path) -> None:
     argv = triton_argv(platform)
     assert argv[0] == str(tmp_path / "rt" / "pytriton" / "tritonserver" / "bin" / "tritonserver")
     assert flag(argv, "--model-repository") == str(tmp_path / "data" / "model_repository")
-    assert flag(argv, "--backend-directory") == str(
-        tmp_path / "rt" / "pytriton" / "tritonserver" / "backends"
-    )
+    assert flag(argv, "--backend-directory") == str(tmp_path / "rt" / "pytriton" / "tritonserver" / "backends")
     assert flag(argv, "--model-control-mode") == "explicit"
     assert "--disable-auto-complete-config" in argv
     assert (flag(argv, "--grpc-address"), flag(argv, "--grpc-port")) == ("127.0.0.1", "41001")

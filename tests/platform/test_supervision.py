@@ -36,9 +36,7 @@ def free_port() -> int:
 
 
 def make_platform(tmp_path: Path) -> Platform:
-    settings = PlatformSettings(
-        stop_grace_seconds=2.0, restart_backoff_seconds=0.1, startup_timeout_seconds=20.0
-    )
+    settings = PlatformSettings(stop_grace_seconds=2.0, restart_backoff_seconds=0.1, startup_timeout_seconds=20.0)
     return resolve_platform(MeshSettings(data_dir=tmp_path / "data"), settings, S3Credentials("a", "b"))
 
 
@@ -211,9 +209,7 @@ def test_down_kills_what_a_dead_supervisor_left(tmp_path: Path) -> None:
     asyncio.run(_wait_members(leftovers[1].pid, 1))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    state = PlatformState(
-        supervisor_pid=dead.pid, supervisor_start_ticks=1, data_dir=str(tmp_path), started_at=0
-    )
+    state = PlatformState(supervisor_pid=dead.pid, supervisor_start_ticks=1, data_dir=str(tmp_path), started_at=0)
     for i, process in enumerate(leftovers):
         ident = process_id(process.pid)
         assert ident is not None

@@ -174,9 +174,7 @@ class PolicyEngine:
         """The decision straight from Casbin, bypassing the memo."""
         if self._enforcer.enforce(subject, tenant, resource, action):
             return True
-        return tenant != PLATFORM_TENANT and bool(
-            self._enforcer.enforce(subject, PLATFORM_TENANT, resource, action)
-        )
+        return tenant != PLATFORM_TENANT and bool(self._enforcer.enforce(subject, PLATFORM_TENANT, resource, action))
 
     def apply(self, add: Iterable[tuple[str, ...]], remove: Iterable[tuple[str, ...]] = ()) -> None:
         """Mirrors committed policy changes into the enforcer."""

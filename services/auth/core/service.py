@@ -197,19 +197,33 @@ class AuthCore:
         self._policy.reload()
         first_start = self._store.get_tenant(PLATFORM_TENANT) is None
         if first_start:
-            self._store.create_tenant(PLATFORM_TENANT, "Platform operators", now, [], self._audit(
-                "system", PLATFORM_TENANT, "tenant.create", f"tenant:{PLATFORM_TENANT}", {}))
-        tenants = [PLATFORM_TENANT] + [t.name for t in self._store.list_tenants("", 1_000_000)
-                                       if t.name != PLATFORM_TENANT]
+            self._store.create_tenant(
+                PLATFORM_TENANT,
+                "Platform operators",
+                now,
+                [],
+                self._audit("system", PLATFORM_TENANT, "tenant.create", f"tenant:{PLATFORM_TENANT}", {}),
+            )
+        tenants = [PLATFORM_TENANT] + [
+            t.name for t in self._store.list_tenants("", 1_000_000) if t.name != PLATFORM_TENANT
+        ]
         wanted: list[PolicyLine] = [line for t in tenants for line in role_policy_lines(t)]
         wanted += [("g", f"service:{name}", "service", PLATFORM_TENANT) for name in SERVICE_NAMES]
         wanted_set = set(wanted)
-        stale = [tuple(line) for line in self._store.policy_lines()
-                 if line[0] == "p" and tuple(line) not in wanted_set]
+        stale = [tuple(line) for line in self._store.policy_lines() if line[0] == "p" and tuple(line) not in wanted_set]
         missing = [line for line in wanted if not self._policy.has_line(line)]
         if missing or stale:
-            self._store.change_policy(missing, stale, self._audit(
-                "system", PLATFORM_TENANT, "policy.sync", "roles", {"added": len(missing), "removed": len(stale)}))
+            self._store.change_policy(
+                missing,
+                stale,
+                self._audit(
+                    "system",
+                    PLATFORM_TENANT,
+                    "policy.sync",
+                    "roles",
+                    {"added": len(missing), "removed": len(stale)},
+                ),
+            )
             self._policy.apply(missing, stale)
         rows = self._store.signing_keys()
         if not rows:
@@ -221,9 +235,16 @@ class AuthCore:
             password = secrets.token_urlsafe(18)
             subject = _subject("user", PLATFORM_TENANT, "admin")
             binding = ("g", subject, "platform-admin", PLATFORM_TENANT)
-            self._store.create_principal(subject, PLATFORM_TENANT, "admin", "user", self._hasher.hash(password),
-                                         now, [binding], self._audit("system", PLATFORM_TENANT, "user.create",
-                                                                     subject, {"roles": ["platform-admin"]}))
+            self._store.create_principal(
+                subject,
+                PLATFORM_TENANT,
+                "admin",
+                "user",
+                self._hasher.hash(password),
+                now,
+                [binding],
+                self._audit("system", PLATFORM_TENANT, "user.create", subject, {"roles": ["platform-admin"]}),
+            )
             self._policy.apply([binding])
             bootstrap_file.parent.mkdir(parents=True, exist_ok=True)
             bootstrap_file.touch(mode=0o600)
@@ -243,14 +264,23 @@ class AuthCore:
     def _add_signing_key(self, audit: AuditRecord | None) -> SigningKey:
         now = self._clock()
         key = new_signing_key(now)
-        self._store.insert_signing_key(key.kid, self._wrapper.wrap(key.kid, key.private_key),
-                                       json.dumps(key.public_jwk), now, audit)
+        self._store.insert_signing_key(
+            key.kid, self._wrapper.wrap(key.kid, key.private_key), json.dumps(key.public_jwk), now, audit
+        )
         self._keys = [self._row_to_key(r) for r in self._store.signing_keys()]
         return key
 
     def _audit(self, actor: str, tenant: str, action: str, target: str, details: dict[str, Any]) -> AuditRecord:
-        return AuditRecord(id=new_id("ae_"), time=self._clock(), actor=actor, tenant=tenant, action=action,
-                           target=target, trace_id=_current_trace_id(), details=details)
+        return AuditRecord(
+            id=new_id("ae_"),
+            time=self._clock(),
+            actor=actor,
+            tenant=tenant,
+            action=action,
+            target=target,
+            trace_id=_current_trace_id(),
+            details=details,
+        )
 
     # -- permissions ---------------------------------------------------------------------------------
     def allowed(self, subject: str, tenant: str, resource: str, action: str) -> bool:
@@ -292,8 +322,13 @@ class AuthCore:
             raise AlreadyExists(f"tenant {name!r} already exists")
         now = self._clock()
         lines = role_policy_lines(name)
-        self._store.create_tenant(name, display_name or name, now, lines,
-                                  self._audit(caller.subject, name, "tenant.create", f"tenant:{name}", {}))
+        self._store.create_tenant(
+            name,
+            display_name or name,
+            now,
+            lines,
+            self._audit(caller.subject, name, "tenant.create", f"tenant:{name}", {}),
+        )
         self._policy.apply(lines)
         return TenantInfo(name, display_name or name, now)
 
@@ -320,8 +355,9 @@ class AuthCore:
                 raise InvalidArgument(f"unknown role {role!r} for tenant {tenant!r}; roles: {', '.join(allowed)}")
         return sorted(set(roles))
 
-    async def create_principal(self, caller: Principal, kind: str, tenant: str, name: str, password: str,
-                               roles: Sequence[str]) -> PrincipalInfo:
+    async def create_principal(
+        self, caller: Principal, kind: str, tenant: str, name: str, password: str, roles: Sequence[str]
+    ) -> PrincipalInfo:
         self._tenant_exists(tenant)
         _check_user_name(name)
         if kind == "user" and not _MIN_PASSWORD <= len(password) <= _MAX_PASSWORD:
@@ -335,9 +371,22 @@ class AuthCore:
         password_hash = await asyncio.to_thread(self._hasher.hash, password) if kind == "user" else None
         now = self._clock()
         lines: list[PolicyLine] = [("g", subject, role, tenant) for role in wanted_roles]
-        self._store.create_principal(subject, tenant, name, kind, password_hash, now, lines, self._audit(
-            caller.subject, tenant, f"{'user' if kind == 'user' else 'service_account'}.create", subject,
-            {"roles": wanted_roles}))
+        self._store.create_principal(
+            subject,
+            tenant,
+            name,
+            kind,
+            password_hash,
+            now,
+            lines,
+            self._audit(
+                caller.subject,
+                tenant,
+                f"{'user' if kind == 'user' else 'service_account'}.create",
+                subject,
+                {"roles": wanted_roles},
+            ),
+        )
         self._policy.apply(lines)
         return PrincipalInfo(subject, tenant, name, kind, now)
 
@@ -345,13 +394,16 @@ class AuthCore:
         self._tenant_exists(tenant)
         limit = _page_size(page_size)
         rows = self._store.list_principals(tenant, _decode_token(page_token), limit + 1)
-        items = [PrincipalInfo(r.subject, r.tenant, r.name, r.kind, _utc(r.created_at) or self._clock())
-                 for r in rows[:limit]]
+        items = [
+            PrincipalInfo(r.subject, r.tenant, r.name, r.kind, _utc(r.created_at) or self._clock())
+            for r in rows[:limit]
+        ]
         return Page(items, _encode_token(items[-1].subject) if len(rows) > limit else "")
 
     # -- API keys ------------------------------------------------------------------------------------
-    async def create_api_key(self, caller: Principal, tenant: str, subject: str, description: str,
-                             ttl_seconds: int) -> tuple[ApiKeyInfo, str]:
+    async def create_api_key(
+        self, caller: Principal, tenant: str, subject: str, description: str, ttl_seconds: int
+    ) -> tuple[ApiKeyInfo, str]:
         self._tenant_exists(tenant)
         subject = subject or caller.subject
         _check_text("description", description)
@@ -366,14 +418,28 @@ class AuthCore:
         secret_hash = await asyncio.to_thread(self._hasher.hash, secret)
         now = self._clock()
         expires = now + timedelta(seconds=ttl_seconds) if ttl_seconds else None
-        self._store.create_api_key(key_id, subject, tenant, secret_hash, description, now, expires,
-                                   self._audit(caller.subject, tenant, "apikey.create", f"apikey:{key_id}",
-                                               {"subject": subject}))
+        self._store.create_api_key(
+            key_id,
+            subject,
+            tenant,
+            secret_hash,
+            description,
+            now,
+            expires,
+            self._audit(caller.subject, tenant, "apikey.create", f"apikey:{key_id}", {"subject": subject}),
+        )
         return ApiKeyInfo(key_id, subject, tenant, description, now, expires, False), full
 
     def _api_key_info(self, row: Any) -> ApiKeyInfo:
-        return ApiKeyInfo(row.key_id, row.subject, row.tenant, row.description, _utc(row.created_at) or self._clock(),
-                          _utc(row.expires_at), row.revoked_at is not None)
+        return ApiKeyInfo(
+            row.key_id,
+            row.subject,
+            row.tenant,
+            row.description,
+            _utc(row.created_at) or self._clock(),
+            _utc(row.expires_at),
+            row.revoked_at is not None,
+        )
 
     def list_api_keys(self, tenant: str, page_size: int, page_token: str) -> Page:
         self._tenant_exists(tenant)
@@ -392,8 +458,11 @@ class AuthCore:
         if row.subject != caller.subject:
             self._require(caller, tenant, "users", "write")
         if row.revoked_at is None:
-            self._store.revoke_api_key(key_id, self._clock(), self._audit(
-                caller.subject, tenant, "apikey.revoke", f"apikey:{key_id}", {"subject": row.subject}))
+            self._store.revoke_api_key(
+                key_id,
+                self._clock(),
+                self._audit(caller.subject, tenant, "apikey.revoke", f"apikey:{key_id}", {"subject": row.subject}),
+            )
             self._revoked_api_keys.add(key_id)
         return self._api_key_info(self._store.get_api_key(key_id))
 
@@ -411,8 +480,7 @@ class AuthCore:
         token_id, secret, full = new_refresh_secret()
         now = self._clock()
         expires = now + self._refresh_ttl
-        self._store.insert_refresh_token(token_id, family_id, subject, tenant, hash_token_secret(secret), now,
-                                         expires)
+        self._store.insert_refresh_token(token_id, family_id, subject, tenant, hash_token_secret(secret), now, expires)
         return full, expires
 
     async def login(self, tenant: str, name: str, password: str) -> TokenPair:
@@ -466,8 +534,10 @@ class AuthCore:
         if (_utc(row.expires_at) or self._clock()) <= self._clock():
             raise Unauthenticated("refresh token expired")
         if not self._store.use_refresh_token(token_id, self._clock()):
-            self._store.revoke_refresh_family(row.family_id, self._audit(
-                row.subject, row.tenant, "token.reuse_detected", row.subject, {"family": row.family_id}))
+            self._store.revoke_refresh_family(
+                row.family_id,
+                self._audit(row.subject, row.tenant, "token.reuse_detected", row.subject, {"family": row.family_id}),
+            )
             raise Unauthenticated("refresh token reused: every token of this login was revoked")
         access, access_expires = self._access_token(row.subject, row.tenant, "user")
         refresh, refresh_expires = self._new_refresh(row.subject, row.tenant, row.family_id)
@@ -478,8 +548,9 @@ class AuthCore:
 
     def rotate_signing_key(self, caller: Principal) -> str:
         key = self._add_signing_key(None)
-        self._store.record_audit(self._audit(caller.subject, PLATFORM_TENANT, "signing_key.rotate",
-                                             f"key:{key.kid}", {}))
+        self._store.record_audit(
+            self._audit(caller.subject, PLATFORM_TENANT, "signing_key.rotate", f"key:{key.kid}", {})
+        )
         return key.kid
 
     # -- roles ---------------------------------------------------------------------------------------
@@ -503,8 +574,9 @@ class AuthCore:
         self._require(caller, tenant, "roles", "write")
         if self._policy.has_line(line):
             raise AlreadyExists(f"{subject} already has role {role} in {tenant}")
-        self._store.change_policy([line], [], self._audit(caller.subject, tenant, "role.assign", subject,
-                                                          {"role": role}))
+        self._store.change_policy(
+            [line], [], self._audit(caller.subject, tenant, "role.assign", subject, {"role": role})
+        )
         self._policy.apply([line])
 
     def revoke_role(self, caller: Principal, subject: str, role: str, tenant: str) -> None:
@@ -512,8 +584,9 @@ class AuthCore:
         self._require(caller, tenant, "roles", "write")
         if not self._policy.has_line(line):
             raise NotFound(f"{subject} has no role {role} in {tenant}")
-        self._store.change_policy([], [line], self._audit(caller.subject, tenant, "role.revoke", subject,
-                                                          {"role": role}))
+        self._store.change_policy(
+            [], [line], self._audit(caller.subject, tenant, "role.revoke", subject, {"role": role})
+        )
         self._policy.apply([], [line])
 
     def bindings(self, tenant: str | None, subject: str | None = None) -> list[tuple[str, str, str]]:
@@ -531,8 +604,16 @@ class AuthCore:
             raise InvalidArgument("malformed page_token")
         rows = self._store.list_audit(tenant or None, int(before) if before else None, limit + 1)
         items = [
-            AuditRecord(r.id, _utc(r.time) or self._clock(), r.actor, r.tenant, r.action, r.target, r.trace_id,
-                        json.loads(r.details_json))
+            AuditRecord(
+                r.id,
+                _utc(r.time) or self._clock(),
+                r.actor,
+                r.tenant,
+                r.action,
+                r.target,
+                r.trace_id,
+                json.loads(r.details_json),
+            )
             for r in rows[:limit]
         ]
         return Page(items, _encode_token(str(rows[limit - 1].seq)) if len(rows) > limit else "")

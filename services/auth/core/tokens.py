@@ -64,8 +64,9 @@ class KeyWrapper:
         self._aead = AESGCM(master_key)
 
     def wrap(self, kid: str, key: Ed25519PrivateKey) -> bytes:
-        raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                serialization.NoEncryption())
+        raw = key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
         nonce = os.urandom(12)
         return nonce + self._aead.encrypt(nonce, raw, kid.encode())
 
@@ -89,9 +90,7 @@ def new_signing_key(now: datetime) -> SigningKey:
 
 def jwks_document(keys: list[SigningKey], now: datetime, keep_retired_for: timedelta) -> str:
     """The JWKS: the active key and retired keys whose tokens may still be valid."""
-    published = [
-        k.public_jwk for k in keys if k.retired_at is None or k.retired_at + keep_retired_for > now
-    ]
+    published = [k.public_jwk for k in keys if k.retired_at is None or k.retired_at + keep_retired_for > now]
     return json.dumps({"keys": published}, sort_keys=True)
 
 
@@ -143,7 +142,7 @@ def parse_api_key_secret(value: str) -> tuple[str, str] | None:
     """(key_id, secret) of an API key string, or None if it is not shaped like one."""
     if not value.startswith(_API_KEY_PREFIX):
         return None
-    key_id, sep, secret = value[len(_API_KEY_PREFIX):].partition("_")
+    key_id, sep, secret = value[len(_API_KEY_PREFIX) :].partition("_")
     if not sep or len(key_id) != 16 or not secret:
         return None
     return key_id, secret

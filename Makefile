@@ -1,0 +1,67 @@
+# aidc — the two commands a new user needs are `make demo` (installs everything, starts the platform, runs the
+# main job) and `make test`. Everything is installed into this folder: .venv (Python) and .runtime (Triton, S3).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+RUNTIME := .runtime
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install proto proto-check lint format test test-fast up down status demo bench clean
+
+install: $(STAMP) $(RUNTIME)/.installed
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(RUNTIME)/.installed: deploy/local/install-runtime.sh deploy/local/runtime-requirements.txt | $(STAMP)
+	deploy/local/install-runtime.sh $(RUNTIME) $(BIN)/pip
+	touch $@
+
+proto: $(STAMP)
+	$(BIN)/python scripts/protogen.py
+
+proto-check: $(STAMP)
+	$(BIN)/python scripts/protogen.py --check
+	npx --yes @bufbuild/buf@1.75.0 lint
+
+lint: $(STAMP)
+	$(BIN)/ruff check services tests scripts
+	$(BIN)/ruff format --check services tests scripts
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format services tests scripts
+	$(BIN)/ruff check --fix services tests scripts
+
+# Everything CI runs: generated code fresh, buf lint, ruff, mypy, then the whole suite (slow tests included).
+test: install proto-check lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The quick inner loop: no slow end-to-end tests.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+up: install
+	$(BIN)/aidc up --detach
+
+down:
+	@if [ -x $(BIN)/aidc ]; then $(BIN)/aidc down; fi
+
+status: install
+	$(BIN)/aidc status
+
+demo: up
+	$(BIN)/python -m services.cli.demo
+
+bench: install
+	@for bench in tests/bench/bench_*.py; do \
+		echo "== $$bench"; $(BIN)/python -m $$(echo $${bench%.py} | tr / .) || exit 1; \
+	done
+
+clean: down
+	rm -rf $(VENV) $(RUNTIME) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,156 @@
+"""`make demo`: a walk through what runs today, against the platform `aidc up` started.
+
+It logs in as the platform admin (the stored CLI login, or the first-start secret), creates a tenant and a
+developer, exchanges an API key, shows what the developer may and may not do, checks every component's
+health, and prints the trace of one request as it crossed the mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from rich.console import Console
+
+from services.auth.client import AuthClient
+from services.cli.credentials import Credentials, CredentialsStore, credentials_path, take_bootstrap_admin
+from services.cli.session import cli_settings
+from services.mesh.channels import create_channel
+from services.mesh.config import SERVICE_NAMES, MeshSettings
+from services.mesh.errors import AidcError, AlreadyExists, PermissionDenied
+from services.mesh.spanstore import SpanStore, render_tree
+from services.mesh.telemetry import init_telemetry, shutdown_telemetry
+
+__all__ = ["main"]
+
+console = Console(soft_wrap=True)
+
+
+def _step(text: str) -> None:
+    console.print(f"\n[bold cyan]==>[/] [bold]{text}[/]")
+
+
+def _token_client(settings: MeshSettings, token: str) -> AuthClient:
+    from services.cli.session import BearerToken, _connect
+
+    return AuthClient(_connect(settings.auth_addr, settings, BearerToken(token)))
+
+
+async def _admin_token(settings: MeshSettings, anon: AuthClient) -> str:
+    store = CredentialsStore(credentials_path(settings.data_dir, os.environ))
+    bootstrap = take_bootstrap_admin(settings.data_dir / "auth" / "bootstrap-admin.json")
+    if bootstrap is not None:
+        console.print(
+            f"first start: platform admin [bold]{bootstrap['tenant']}/{bootstrap['user']}[/], one-time password "
+            f"[bold yellow]{bootstrap['password']}[/] (shown once; the demo logs the CLI in with it)"
+        )
+        tokens = await anon.login(bootstrap["tenant"], bootstrap["user"], bootstrap["password"])
+        store.save(Credentials.from_token_pair(settings.auth_addr, tokens, "user:platform/admin", "platform"))
+    return await store.access_token(settings.auth_addr, anon.refresh_token)
+
+
+async def _health(settings: MeshSettings) -> None:
+    for name in SERVICE_NAMES:
+        channel = create_channel(settings.address_of(name), settings)
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.aio.AioRpcError as error:
+            status = f"DOWN ({error.code().name})"
+        finally:
+            await channel.close(None)
+        colour = "green" if status == "SERVING" else "red"
+        console.print(f"  {name:<10} {settings.address_of(name):<18} [{colour}]{status}[/]")
+
+
+async def run() -> None:
+    settings = cli_settings()
+    init_telemetry("aidc-cli", settings.data_dir)
+    tracer = trace.get_tracer(__name__)
+    anon = AuthClient(create_channel(settings.auth_addr, settings))
+
+    _step("Every service of the mesh reports its health")
+    await _health(settings)
+
+    _step("Log in as the platform admin")
+    admin = _token_client(settings, await _admin_token(settings, anon))
+    me = await admin.whoami()
+    console.print(f"  logged in as {me.subject} with roles {[b.role for b in me.role_bindings]}")
+
+    _step("Create tenant 'acme' and a developer in it")
+    try:
+        await admin.create_tenant("acme", "Acme Corp")
+        console.print("  created tenant acme")
+    except AlreadyExists:
+        console.print("  tenant acme exists already")
+    name = f"dev-{secrets.token_hex(2)}"
+    password = secrets.token_urlsafe(12)
+    await admin.create_user("acme", name, password, ["developer"])
+    console.print(f"  created user:acme/{name} (developer)")
+
+    _step("The developer logs in, makes an API key and exchanges it for a token")
+    with tracer.start_as_current_span("demo: developer signs in") as span:
+        trace_id = format(span.get_span_context().trace_id, "032x")
+        tokens = await anon.login("acme", name, password)
+        dev = _token_client(settings, tokens.access_token)
+        key = await dev.create_api_key("acme", description="demo key", ttl_seconds=3600)
+        machine = _token_client(settings, (await anon.exchange_api_key(key.secret)).access_token)
+        who = await machine.whoami()
+    console.print(f"  API key {key.api_key.key_id} authenticates as {who.subject}")
+
+    _step("What the developer may not do")
+    for label, attempt in (
+        ("create a tenant", dev.create_tenant("evil-corp")),
+        ("create a user in platform", dev.create_user("platform", "mallory", "password-123456")),
+    ):
+        try:
+            await attempt
+            console.print(f"  [red]unexpectedly allowed to {label}[/]")
+        except PermissionDenied as error:
+            console.print(f"  {label}: [green]PERMISSION_DENIED[/] ({error.message})")
+
+    _step("Revoke the API key: it stops working at once")
+    await dev.revoke_api_key("acme", key.api_key.key_id)
+    try:
+        await anon.exchange_api_key(key.secret)
+    except AidcError as error:
+        console.print(f"  exchanging it now: [green]{error.code.name}[/] ({error.message})")
+
+    _step("The audit log of tenant acme (newest first)")
+    for event in (await admin.list_audit_events("acme", page_size=6))[:6]:
+        console.print(f"  {event.time.ToDatetime():%H:%M:%S}  {event.actor:<28} {event.action:<16} {event.target}")
+
+    _step(f"The trace of the sign-in (aidc trace {trace_id})")
+    shutdown_telemetry()
+    store = SpanStore(settings.data_dir / "traces")
+    spans = []
+    for _ in range(25):  # the auth service exports its spans in 200 ms batches
+        spans = store.spans(trace_id)
+        if any(s.service == "auth" for s in spans) and len(spans) >= 7:
+            break
+        time.sleep(0.2)
+    console.print(render_tree(spans), markup=False, highlight=False)
+    for client in (anon, admin, dev, machine):
+        await client.close()
+    console.print("\n[bold green]demo complete[/] — stop the platform with [bold]make down[/]")
+
+
+def main() -> int:
+    try:
+        asyncio.run(run())
+    except AidcError as error:
+        console.print(f"[red]error: {error.code.name}: {error.message}[/]")
+        if "credentials" in error.message or error.code.name == "UNAUTHENTICATED":
+            console.print("log in as a platform admin first: aidc login --tenant platform --user admin")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
