@@ -8,7 +8,7 @@ RUNTIME := .runtime
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install proto proto-check lint format test test-fast up down status demo bench clean
+.PHONY: install proto proto-check lint format test test-fast up down status demo bench readme clean
 
 install: $(STAMP) $(RUNTIME)/.installed
 
@@ -27,6 +27,7 @@ proto: $(STAMP)
 
 proto-check: $(STAMP)
 	$(BIN)/python scripts/protogen.py --check
+	$(BIN)/python scripts/readme.py --check
 	npx --yes @bufbuild/buf@1.75.0 lint
 
 lint: $(STAMP)
@@ -65,3 +66,6 @@ bench: install
 
 clean: down
 	rm -rf $(VENV) $(RUNTIME) .pytest_cache .mypy_cache .ruff_cache
+
+readme: $(STAMP)
+	$(BIN)/python scripts/readme.py

@@ -27,6 +27,7 @@ from services.mesh.config import SERVICE_NAMES
 from services.platform.config import ALL_COMPONENTS
 from services.platform.process import ProcessId, is_running, process_id, session_members
 from services.platform.state import PlatformState, read_state
+from services.platform.supervisor import log_tail
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +115,11 @@ class Platform:
     def address(self, variable: str) -> str:
         return self.env[variable]
 
+    def diagnostics(self, *outputs: subprocess.CompletedProcess[str]) -> str:
+        """What to read when an assertion fails: command outputs and the end of the supervisor's log."""
+        shown = "\n".join(out.stdout + out.stderr for out in outputs)
+        return f"{shown}\n--- supervisor.log:\n{log_tail(self.data_dir / 'logs' / 'supervisor.log', 40)}"
+
 
 @pytest.fixture
 def platform_env(tmp_path: Path) -> Iterator[Platform]:
@@ -138,10 +144,12 @@ def platform_env(tmp_path: Path) -> Iterator[Platform]:
     platform.cli("down", timeout=120)
 
 
-def eventually(check: Callable[[], bool], timeout: float = 60.0, interval: float = 0.2) -> None:
+def eventually(
+    check: Callable[[], bool], timeout: float = 60.0, interval: float = 0.2, why: Callable[[], str] = str
+) -> None:
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
+        assert time.monotonic() < deadline, f"condition not met in {timeout:.0f}s\n{why()}"
         time.sleep(interval)
 
 
@@ -163,7 +171,7 @@ def test_up_status_restart_down(platform_env: Platform) -> None:
     p = platform_env
     began = time.monotonic()
     up = p.cli("up", "--detach")
-    assert up.returncode == 0, up.stdout + up.stderr
+    assert up.returncode == 0, p.diagnostics(up)
     assert time.monotonic() - began < 120
     assert "platform admin created; this password is shown once" in up.stdout
     assert not (p.data_dir / "auth" / "bootstrap-admin.json").exists()
@@ -178,7 +186,7 @@ def test_up_status_restart_down(platform_env: Platform) -> None:
         assert (p.data_dir / "logs" / f"{c.name}.log").exists()
 
     status = p.cli("status")
-    assert status.returncode == 0, status.stdout
+    assert status.returncode == 0, p.diagnostics(status)
     for c in state.components:
         assert any(c.name in line and "SERVING" in line and c.address in line for line in status.stdout.splitlines())
     # The same answers, asked directly: gRPC health of every service, HTTP of the rest.
@@ -203,7 +211,7 @@ def test_up_status_restart_down(platform_env: Platform) -> None:
     seen += [ident for ident in map(process_id, stubs) if ident is not None]
 
     again = p.cli("up", "--detach")
-    assert again.returncode == 0 and "already running" in again.stdout
+    assert again.returncode == 0 and "already running" in again.stdout, p.diagnostics(again)
 
     storage = next(c for c in state.components if c.name == "storage")
     assert storage.pid is not None
@@ -213,19 +221,19 @@ def test_up_status_restart_down(platform_env: Platform) -> None:
         now = next(c for c in p.state().components if c.name == "storage")
         return now.restarts == 1 and now.status == "running" and now.pid not in (None, storage.pid)
 
-    eventually(storage_back)
+    eventually(storage_back, why=p.diagnostics)
     restarted = next(c for c in p.state().components if c.name == "storage")
     assert restarted.process is not None
     seen.append(restarted.process)
     assert grpc_serving(p.address("AIDC_STORAGE_ADDR"))
-    status = p.cli("status")
-    assert status.returncode == 0, status.stdout
+    # Services whose readiness follows their dependencies may take a moment to see storage back.
+    eventually(lambda: p.cli("status").returncode == 0, timeout=30, why=lambda: p.diagnostics(p.cli("status")))
 
     down = p.cli("down")
-    assert down.returncode == 0, down.stdout + down.stderr
-    assert "killed leftover" not in down.stdout  # the supervisor stopped everything itself
+    assert down.returncode == 0, p.diagnostics(down)
+    assert "killed leftover" not in down.stdout, p.diagnostics(down)  # the supervisor stopped everything itself
     left = [ident.pid for ident in seen if is_running(ident)]
-    assert left == [], f"still running after down: {left}"
+    assert left == [], f"still running after down: {left}\n{p.diagnostics(down)}"
     for c in state.components:
         assert c.session is not None and session_members(c.session) == [], c.name
     assert not (p.data_dir / "run" / "state.json").exists()
@@ -237,7 +245,7 @@ def test_down_after_the_supervisor_was_killed(platform_env: Platform) -> None:
     p = platform_env
     p.env["AIDC_PLATFORM_COMPONENTS"] = "collector,s3"
     up = p.cli("up", "--detach")
-    assert up.returncode == 0, up.stdout + up.stderr
+    assert up.returncode == 0, p.diagnostics(up)
     state = p.state()
     os.kill(state.supervisor_pid, signal.SIGKILL)
     eventually(lambda: not is_running(state.supervisor), timeout=10)
@@ -245,7 +253,7 @@ def test_down_after_the_supervisor_was_killed(platform_env: Platform) -> None:
     assert all(ident is not None and is_running(ident) for ident in orphans)
 
     down = p.cli("down")
-    assert down.returncode == 0, down.stdout + down.stderr
+    assert down.returncode == 0, p.diagnostics(down)
     assert "killed leftover collector" in down.stdout and "killed leftover s3" in down.stdout
     assert not any(ident is not None and is_running(ident) for ident in orphans)
     for c in state.components:

@@ -25,6 +25,7 @@ __all__ = [
     "CASBIN_MODEL",
     "PolicyEngine",
     "role_policy_lines",
+    "role_table_markdown",
 ]
 
 CASBIN_MODEL = """
@@ -208,3 +209,14 @@ class PolicyEngine:
 
     def policy_count(self) -> int:
         return len(self._enforcer.get_policy()) + len(self._enforcer.get_named_grouping_policy("g"))
+
+
+def role_table_markdown() -> str:
+    """What each role may do, as the markdown table the README embeds."""
+    roles = ("platform-admin", *TENANT_ROLES, "service")
+    lines = ["| Resource | Action | " + " | ".join(roles) + " |", "| --- | --- |" + " :-: |" * len(roles)]
+    for resource, actions in RESOURCES.items():
+        for action in actions:
+            marks = ["✓" if (resource, action) in ROLE_PERMISSIONS[role] else "" for role in roles]
+            lines.append(f"| {resource} | {action} | " + " | ".join(marks) + " |")
+    return "\n".join(lines)
