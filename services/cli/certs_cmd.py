@@ -14,7 +14,7 @@ __all__ = ["register"]
 
 def _default_dir() -> Path:
     settings = load_settings(MeshSettings)
-    return Path(settings.certs_dir) if settings.certs_dir else settings.data_dir / "certs"
+    return Path(settings.certs_dir) if settings.certs_dir not in ("", "off") else settings.data_dir / "certs"
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.cli.credentials import Credentials
+from services.cli.session import open_session
+from services.mesh.errors import AidcError
 from services.platform.components import build_components
 from services.platform.probes import Health
 from services.platform.state import PlatformState
@@ -59,7 +62,15 @@ def _env(data_dir: Path | None) -> Mapping[str, str]:
     return env
 
 
-def _print_ready(state: PlatformState, began: float) -> None:
+async def _login_as(env: Mapping[str, str], tenant: str, user: str, password: str) -> None:
+    """Stores a CLI login for the operator who just started the platform."""
+    async with open_session(authenticated=False, env=env) as session:
+        tokens = await session.auth.login(tenant, user, password)
+        subject = f"user:{tenant}/{user}"
+        session.store.save(Credentials.from_token_pair(session.auth_addr, tokens, subject, tenant))
+
+
+def _print_ready(state: PlatformState, began: float, env: Mapping[str, str]) -> None:
     table = Table(title="aidc is up", title_justify="left")
     table.add_column("component")
     table.add_column("endpoint")
@@ -78,6 +89,11 @@ def _print_ready(state: PlatformState, began: float) -> None:
         _console.print("[bold yellow]platform admin created; this password is shown once[/] (store it now):")
         _console.print(f"  tenant:   {admin.tenant}\n  user:     {admin.user}\n  password: {admin.password}")
         admin.path.unlink(missing_ok=True)
+        try:
+            asyncio.run(_login_as(env, admin.tenant, admin.user, admin.password))
+            _console.print(f"the CLI is logged in as {admin.tenant}/{admin.user} (`aidc logout` to forget it)")
+        except AidcError as error:
+            _errors.print(f"could not log the CLI in: {error.code.name}: {error.message}")
 
 
 def up(
@@ -102,7 +118,7 @@ def up(
     try:
         if detach:
             state = start_detached(platform, timeout, env)
-            _print_ready(state, began)
+            _print_ready(state, began, env)
             _console.print("supervisor runs in the background; `aidc status` to check, `aidc down` to stop.")
             return
         if not logging.getLogger().handlers:
@@ -111,7 +127,7 @@ def up(
             platform,
             build_components(platform, env),
             startup_timeout=timeout,
-            on_ready=lambda state: _print_ready(state, began),
+            on_ready=lambda state: _print_ready(state, began, env),
         )
         asyncio.run(supervisor.run())
         _console.print("aidc stopped.")

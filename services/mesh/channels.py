@@ -117,7 +117,7 @@ def create_channel(
 ) -> grpc.aio.Channel:
     """A channel to another service.
 
-    With ``settings.certs_dir`` set: TLS trusting the mesh CA, presenting ``identity``'s certificate (a
+    With certificates (``settings.tls_dir()``): TLS trusting the mesh CA, presenting ``identity``'s certificate (a
     service name, or "cli" for the operator's tools; None for server-only TLS). Without certificates the
     channel is plaintext, which is allowed only to loopback addresses (dev mode).
     """
@@ -127,8 +127,9 @@ def create_channel(
         *extra_interceptors,
     ]
     options = channel_options(settings)
-    if settings.certs_dir:
-        credentials = client_credentials(Path(settings.certs_dir), identity)
+    tls_dir = settings.tls_dir()
+    if tls_dir is not None:
+        credentials = client_credentials(tls_dir, identity)
         return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
     if not _is_loopback(target):
         raise InvalidArgument(f"refusing a plaintext channel to non-loopback {target}: configure AIDC_CERTS_DIR")

@@ -70,7 +70,8 @@ class MeshSettings:
     serving_addr: str = setting("127.0.0.1:50056", "Address of the serving gateway (KServe v2 inference endpoint).")
     certs_dir: str = setting(
         "",
-        "Directory with ca.pem and <service>.pem/<service>-key.pem; empty means plaintext (loopback dev mode only).",
+        "Directory with ca.pem and <service>.pem/<service>-key.pem (from `aidc certs init`). Empty: <data_dir>/certs "
+        "if it holds a CA (aidc up creates one), else plaintext, loopback only; 'off': plaintext.",
     )
     client_auth: str = setting(
         "require",
@@ -91,6 +92,15 @@ class MeshSettings:
         if not isinstance(value, str):
             raise ValueError(f"unknown service: {service!r}")
         return value
+
+    def tls_dir(self) -> Path | None:
+        """Where the mesh's certificates are, or None for plaintext (see ``certs_dir``)."""
+        if self.certs_dir == "off":
+            return None
+        if self.certs_dir:
+            return Path(self.certs_dir)
+        default = self.data_dir / "certs"
+        return default if (default / "ca.pem").exists() else None
 
     def database_url_for(self, service: str) -> str:
         """This service's database URL: the configured one, or a SQLite file under the data directory."""

@@ -8,7 +8,6 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -114,8 +113,9 @@ class MeshServer:
         address = self.address or self.settings.address_of(self.name)
         host, port = parse_address(address)
         bind = f"{self.settings.host if self.address is None else host}:{port}"
-        if self.settings.certs_dir:
-            creds = server_credentials(Path(self.settings.certs_dir), self.name, self.settings.client_auth == "require")
+        tls_dir = self.settings.tls_dir()
+        if tls_dir is not None:
+            creds = server_credentials(tls_dir, self.name, self.settings.client_auth == "require")
             self.port = server.add_secure_port(bind, creds)
         else:
             self.port = server.add_insecure_port(bind)

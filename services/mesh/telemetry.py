@@ -64,11 +64,11 @@ _PROTOCOLS = ("grpc", "http/protobuf")
 
 #: The standard OpenTelemetry variables init_telemetry reads (documented in the README via `aidc config`).
 TELEMETRY_VARIABLES: tuple[Setting, ...] = (
-    Setting("OTEL_EXPORTER_OTLP_ENDPOINT", "", "OTLP endpoint for spans; empty: the local span store <data_dir>/traces."),
+    Setting("OTEL_EXPORTER_OTLP_ENDPOINT", "", "OTLP endpoint for spans; empty: local span store <data_dir>/traces."),
     Setting("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "", "Traces-only OTLP endpoint, used exactly as given."),
     Setting("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "OTLP protocol: grpc or http/protobuf."),
     Setting("OTEL_EXPORTER_OTLP_HEADERS", "", "Extra OTLP headers, key=value,key=value."),
-    Setting("OTEL_BSP_SCHEDULE_DELAY", "200", "Span batch delay in ms (200 for the local store; SDK default for OTLP)."),
+    Setting("OTEL_BSP_SCHEDULE_DELAY", "200", "Span batch delay in ms (200 for the span store; SDK default for OTLP)."),
     Setting("OTEL_RESOURCE_ATTRIBUTES", "", "Extra resource attributes; service.name is set per service."),
 )
 _FLUSH_TIMEOUT_MS = 10_000

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.mesh.certs import init_certificates
 from services.mesh.config import MeshSettings, load_settings
 from services.platform.components import (
     ComponentSpec,
@@ -94,6 +95,9 @@ def load_platform(env: Mapping[str, str] | None = None, *, create_credentials: b
     settings = load_settings(PlatformSettings, env)
     if create_credentials:
         credentials = ensure_s3_credentials(settings, mesh.data_dir.resolve())
+        if mesh.certs_dir != "off":
+            # Mutual TLS between services is the default: a local CA and a certificate per service.
+            init_certificates(Path(mesh.certs_dir) if mesh.certs_dir else mesh.data_dir.resolve() / "certs")
     else:
         credentials = S3Credentials(settings.aws_access_key_id, settings.aws_secret_access_key)
     return resolve_platform(mesh, settings, credentials)

@@ -33,12 +33,8 @@ def _write_trace(data_dir: Path) -> None:
             end_ns=T0 + (start_ms + dur_ms) * 1_000_000,
         )
 
-    SpanStoreWriter(data_dir / "traces" / "serving-1.jsonl").append(
-        [span("a", "", "ModelInfer", "serving", 0, 9)]
-    )
-    SpanStoreWriter(data_dir / "traces" / "collector-2.jsonl").append(
-        [span("b", "a", "InferRequest", "triton", 1, 6)]
-    )
+    SpanStoreWriter(data_dir / "traces" / "serving-1.jsonl").append([span("a", "", "ModelInfer", "serving", 0, 9)])
+    SpanStoreWriter(data_dir / "traces" / "collector-2.jsonl").append([span("b", "a", "InferRequest", "triton", 1, 6)])
 
 
 def test_trace_prints_the_tree(tmp_path: Path) -> None:

@@ -153,8 +153,18 @@ def eventually(
         time.sleep(interval)
 
 
-def grpc_serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def grpc_serving(address: str, certs: Path) -> bool:
+    """Health over mutual TLS with the CLI's certificate (aidc up turns mTLS on); plaintext must be refused."""
+    with grpc.insecure_channel(address) as plaintext:
+        try:
+            health_pb2_grpc.HealthStub(plaintext).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            return False
+        except grpc.RpcError:
+            pass
+    credentials = grpc.ssl_channel_credentials(
+        (certs / "ca.pem").read_bytes(), (certs / "cli-key.pem").read_bytes(), (certs / "cli.pem").read_bytes()
+    )
+    with grpc.secure_channel(address, credentials) as channel:
         response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
@@ -191,7 +201,7 @@ def test_up_status_restart_down(platform_env: Platform) -> None:
         assert any(c.name in line and "SERVING" in line and c.address in line for line in status.stdout.splitlines())
     # The same answers, asked directly: gRPC health of every service, HTTP of the rest.
     for service in SERVICE_NAMES:
-        assert grpc_serving(p.address(f"AIDC_{service.upper()}_ADDR")), service
+        assert grpc_serving(p.address(f"AIDC_{service.upper()}_ADDR"), p.data_dir / "certs"), service
     assert http_status(f"http://{p.address('AIDC_TRITON_HTTP_ADDR')}/v2/health/ready") == 200
     assert http_status(f"http://{p.address('AIDC_COLLECTOR_ADDR')}/healthz") == 200
     # The object store has an identity configured, so anonymous requests are refused.
@@ -225,7 +235,7 @@ def test_up_status_restart_down(platform_env: Platform) -> None:
     restarted = next(c for c in p.state().components if c.name == "storage")
     assert restarted.process is not None
     seen.append(restarted.process)
-    assert grpc_serving(p.address("AIDC_STORAGE_ADDR"))
+    assert grpc_serving(p.address("AIDC_STORAGE_ADDR"), p.data_dir / "certs")
     # Services whose readiness follows their dependencies may take a moment to see storage back.
     eventually(lambda: p.cli("status").returncode == 0, timeout=30, why=lambda: p.diagnostics(p.cli("status")))
 
