@@ -177,3 +177,12 @@ def auth_process(tmp_path: Path) -> Iterator[AuthProcess]:
         yield AuthProcess(process, address, data_dir, env, password, settings)
     finally:
         stop_process(process)
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's AIDC_*/OTEL_* variables or the repository's .aidc data directory."""
+    for name in list(os.environ):
+        if name.startswith(("AIDC_", "OTEL_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AIDC_DATA_DIR", str(tmp_path / "default-data"))

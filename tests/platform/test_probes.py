@@ -16,7 +16,7 @@ from services.mesh.config import MeshSettings
 from services.platform.components import ProbeSpec
 from services.platform.probes import Health, probe
 
-SETTINGS = MeshSettings()
+SETTINGS = MeshSettings(certs_dir="off")  # plaintext test servers, whatever .aidc holds
 
 
 def closed_port() -> int:
