@@ -3,52 +3,30 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import grpc
 
 from services.auth.client import AuthClient
 from services.cli.credentials import CredentialsStore, credentials_path
-from services.mesh.channels import create_channel
+from services.mesh.channels import CallDetailsInterceptor, create_channel, with_bearer
 from services.mesh.config import MeshSettings, load_settings
 from services.mesh.errors import InvalidArgument
 
 __all__ = ["BearerToken", "CliSession", "cli_settings", "open_session"]
 
 
-class BearerToken(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class BearerToken(CallDetailsInterceptor):
     """Sends ``authorization: Bearer <token>`` on every call once ``token`` is set (login sets it midway)."""
 
     def __init__(self, token: str = "") -> None:
         self.token = token
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        if self.token and "authorization" not in metadata:
-            metadata.add("authorization", f"Bearer {self.token}")
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
-    async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
-
-    async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
-
-    async def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
-        return await continuation(self._details(details), requests)
-
-    async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
-        return await continuation(self._details(details), requests)
+    def rewrite(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return with_bearer(details, self.token, details.timeout)
 
 
 def cli_settings(env: Mapping[str, str] | None = None) -> MeshSettings:

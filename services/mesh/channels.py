@@ -73,39 +73,49 @@ def _is_loopback(target: str) -> bool:
         return False
 
 
-class ForwardingInterceptor(
+class CallDetailsInterceptor(
     grpc.aio.UnaryUnaryClientInterceptor,
     grpc.aio.UnaryStreamClientInterceptor,
     grpc.aio.StreamUnaryClientInterceptor,
     grpc.aio.StreamStreamClientInterceptor,
 ):
+    """Base of client interceptors that only rewrite the call details (metadata, timeout) of every call."""
+
+    def rewrite(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        raise NotImplementedError
+
+    async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return await continuation(self.rewrite(details), request)
+
+    async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return await continuation(self.rewrite(details), request)
+
+    async def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return await continuation(self.rewrite(details), requests)
+
+    async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return await continuation(self.rewrite(details), requests)
+
+
+def with_bearer(details: grpc.aio.ClientCallDetails, token: str, timeout: float | None) -> grpc.aio.ClientCallDetails:
+    """Call details with ``authorization: Bearer <token>`` added (unless the call has one) and a timeout."""
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    if token and "authorization" not in metadata:
+        metadata.add("authorization", f"Bearer {token}")
+    return grpc.aio.ClientCallDetails(details.method, timeout, metadata, details.credentials, details.wait_for_ready)
+
+
+class ForwardingInterceptor(CallDetailsInterceptor):
     """Forwards the end user's bearer token and the remaining deadline of the RPC being served."""
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    def rewrite(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         principal = current_principal.get()
-        if principal is not None and principal.token and "authorization" not in metadata:
-            metadata.add("authorization", f"Bearer {principal.token}")
         timeout = details.timeout
         deadline = current_deadline.get()
         if deadline is not None:
             remaining = max(deadline - time.monotonic(), 0.001)
             timeout = remaining if timeout is None else min(timeout, remaining)
-        return grpc.aio.ClientCallDetails(
-            details.method, timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
-    async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
-
-    async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
-
-    async def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
-        return await continuation(self._details(details), requests)
-
-    async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
-        return await continuation(self._details(details), requests)
+        return with_bearer(details, principal.token if principal is not None else "", timeout)
 
 
 def create_channel(

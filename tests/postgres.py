@@ -1,0 +1,183 @@
+"""A private, throwaway PostgreSQL cluster for tests, and the ``postgres_url`` fixture built on it.
+
+Tests that need PostgreSQL import the fixtures (``from tests.postgres import postgres_cluster, postgres_url``).
+One cluster starts per test session (initdb into a temp dir, loopback port, unix socket in that dir, fsync off)
+and each test gets a fresh database in it. The machine's own PostgreSQL cluster, if any, is never touched.
+Without the PostgreSQL server binaries the tests skip, except when ``CI=true``: there they fail.
+
+By hand: ``python -m tests.postgres`` starts a cluster, prints its SQLAlchemy URL, and removes it on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from tests.conftest import free_port
+
+__all__ = ["PostgresCluster", "find_bin_dir", "postgres_cluster", "postgres_url"]
+
+_OS_USER = "postgres"  # root may not run the server; Debian's package creates this user
+
+
+def find_bin_dir() -> Path | None:
+    """The newest installed PostgreSQL server's bin dir (Debian: /usr/lib/postgresql/<major>/bin), or None."""
+    found = glob.glob("/usr/lib/postgresql/*/bin/initdb")
+    if found:
+        return Path(max(found, key=lambda p: int(Path(p).parent.parent.name))).parent
+    on_path = shutil.which("initdb")
+    return Path(on_path).parent if on_path and shutil.which("pg_ctl") else None
+
+
+class PostgresCluster:
+    """initdb + pg_ctl in a temp dir; speaks TCP on 127.0.0.1 with a password, for one test session."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self._bin = bin_dir
+        self._as_root = os.geteuid() == 0
+        self.dir = Path(tempfile.mkdtemp(prefix="aidc-pg-"))
+        self.data = self.dir / "data"
+        self.user = "aidc"
+        self.password = secrets.token_urlsafe(16)
+        self.port = 0
+        if self._as_root:
+            shutil.chown(self.dir, _OS_USER, _OS_USER)
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self._bin / tool), *args]
+        if self._as_root:
+            command = ["runuser", "-u", _OS_USER, "--", *command]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{tool} failed ({result.returncode}): {result.stdout}{result.stderr}")
+
+    def start(self) -> None:
+        pwfile = self.dir / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        if self._as_root:
+            shutil.chown(pwfile, _OS_USER, _OS_USER)
+        self._run(
+            "initdb",
+            f"--pgdata={self.data}",
+            f"--username={self.user}",
+            f"--pwfile={pwfile}",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        )
+        pwfile.unlink()
+        # A port picked free may be taken before the server binds it; try a few.
+        for attempt in range(3):
+            self.port = free_port()
+            # Durability off (throwaway data); a non-UTC zone so code that assumes the database hands back
+            # UTC wall-clock times fails here rather than on some operator's cluster.
+            options = (
+                f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
+                " -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c TimeZone=Asia/Kolkata"
+            )
+            try:
+                self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(self.log), "-o", options)
+                return
+            except RuntimeError:
+                if attempt == 2:
+                    raise RuntimeError(f"PostgreSQL did not start; its log:\n{self.log_text()}") from None
+                time.sleep(0.2)
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "postgres.log"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
+
+    def url(self, database: str = "postgres") -> str:
+        """The SQLAlchemy URL (psycopg 3 driver) of ``database`` in this cluster."""
+        return f"postgresql+psycopg://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def _admin(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url().replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute(sql)
+
+    def create_database(self, name: str) -> str:
+        """Creates an empty database and returns its URL."""
+        self._admin(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def drop_database(self, name: str) -> None:
+        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def stop(self) -> None:
+        """Stops the server (if it runs) and removes every file of the cluster."""
+        try:
+            if (self.data / "postmaster.pid").exists():
+                self._run("pg_ctl", "stop", "-w", "-m", "fast", "-D", str(self.data))
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _unavailable(reason: str) -> NoReturn:
+    """Skips, or fails under CI (where the PostgreSQL tests must really run)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: PostgreSQL tests must run; `make postgres-server` installs it)")
+    pytest.skip(f"{reason}; install it with `make postgres-server`")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        _unavailable("PostgreSQL server binaries (initdb, pg_ctl) not found")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _unavailable("the psycopg driver is not installed (pip install -e '.[dev]')")
+    cluster = PostgresCluster(bin_dir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresCluster) -> Iterator[str]:
+    """The SQLAlchemy URL of a fresh, empty database on the session's private PostgreSQL cluster."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    url = postgres_cluster.create_database(name)
+    yield url
+    postgres_cluster.drop_database(name)
+
+
+def main() -> None:
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        raise SystemExit("PostgreSQL server binaries not found; run `make postgres-server`")
+    cluster = PostgresCluster(bin_dir)
+    try:
+        cluster.start()
+        print(cluster.create_database("aidc"), flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
