@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from services.auth.client import AuthClient
 from services.auth.config import AuthSettings
 from services.mesh import errors
+from services.mesh.spanstore import SpanStore
+from services.mesh.telemetry import init_telemetry, shutdown_telemetry
 from tests.conftest import RunningAuth, start_auth
 
 PASSWORD = "correct horse battery"
@@ -166,3 +169,25 @@ async def test_bad_input_is_refused_and_writes_nothing(
         assert after[:4] == before[:4] and after[4] == before[4] + 1
     else:
         assert after == before
+
+
+async def test_tenant_admins_see_only_their_tenants_audit_events(auth: RunningAuth, tmp_path: Path) -> None:
+    init_telemetry("auth", tmp_path)
+    admin = auth.client((await auth.client().login("platform", "admin", auth.admin_password)).access_token)
+    for tenant in ("acme", "globex"):
+        await admin.create_tenant(tenant)
+        await admin.create_user(tenant, "boss", PASSWORD, ["tenant-admin"])
+        await admin.create_user(tenant, "worker", PASSWORD, ["developer"])
+    boss = auth.client((await auth.client().login("acme", "boss", PASSWORD)).access_token)
+    await boss.assign_role("user:acme/worker", "viewer", "acme")
+    own = await boss.list_audit_events(page_size=100)  # no tenant named: the caller's own
+    assert own and {e.tenant for e in own} == {"acme"}
+    [assigned] = [e for e in own if e.action == "role.assign" and e.actor == "user:acme/boss"]
+    shutdown_telemetry()
+    # The event leads to the trace of the request that made the change.
+    spans = SpanStore(tmp_path / "traces").spans(assigned.trace_id)
+    assert any(s.name == "/aidc.auth.v1.AuthService/AssignRole" and s.kind == "SERVER" for s in spans)
+    with pytest.raises(errors.PermissionDenied):
+        await boss.list_audit_events("globex")
+    everything = await admin.list_audit_events(page_size=1000)
+    assert {"acme", "globex", "platform"} <= {e.tenant for e in everything}
