@@ -157,6 +157,12 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
+def _findable(*keys: str | None) -> bool:
+    """PostgreSQL text cannot hold NUL characters, so no stored key contains one: a lookup by such a key finds
+    nothing, as it does on SQLite, rather than failing in the driver."""
+    return not any(key and "\x00" in key for key in keys)
+
+
 def _rule_values(line: PolicyLine) -> dict[str, str]:
     ptype, *values = line
     row = {"ptype": ptype}
@@ -229,6 +235,8 @@ class AuthStore:
         )
 
     def get_tenant(self, name: str) -> Row[Any] | None:
+        if not _findable(name):
+            return None
         with self.db.engine.connect() as conn:
             return conn.execute(select(tenants).where(tenants.c.name == name)).first()
 
@@ -263,6 +271,8 @@ class AuthStore:
         )
 
     def get_principal(self, subject: str) -> Row[Any] | None:
+        if not _findable(subject):
+            return None
         with self.db.engine.connect() as conn:
             return conn.execute(select(principals).where(principals.c.subject == subject)).first()
 
@@ -306,6 +316,8 @@ class AuthStore:
         )
 
     def get_api_key(self, key_id: str) -> Row[Any] | None:
+        if not _findable(key_id):
+            return None
         with self.db.engine.connect() as conn:
             return conn.execute(select(api_keys).where(api_keys.c.key_id == key_id)).first()
 
@@ -352,6 +364,8 @@ class AuthStore:
             )
 
     def get_refresh_token(self, token_id: str) -> Row[Any] | None:
+        if not _findable(token_id):
+            return None
         with self.db.engine.connect() as conn:
             return conn.execute(select(refresh_tokens).where(refresh_tokens.c.token_id == token_id)).first()
 
@@ -395,6 +409,8 @@ class AuthStore:
 
     # -- audit --------------------------------------------------------------------------------------
     def list_audit(self, tenant: str | None, before_seq: int | None, limit: int) -> list[Row[Any]]:
+        if not _findable(tenant):
+            return []
         with self.db.engine.connect() as conn:
             query = select(audit_events)
             if tenant is not None:

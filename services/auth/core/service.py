@@ -127,9 +127,12 @@ def _decode_token(token: str) -> str:
     if not token:
         return ""
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
+        value = base64.urlsafe_b64decode(token.encode()).decode()
     except (ValueError, UnicodeDecodeError):
         raise InvalidArgument("malformed page_token") from None
+    if _CONTROL.search(value):  # never in a token we issued; and PostgreSQL can't compare NUL
+        raise InvalidArgument("malformed page_token")
+    return value
 
 
 def _check_tenant_name(name: str) -> None:
@@ -486,7 +489,8 @@ class AuthCore:
     async def login(self, tenant: str, name: str, password: str) -> TokenPair:
         if not tenant or not name or not password:
             raise InvalidArgument("tenant, name and password are required")
-        if len(password) > _MAX_PASSWORD or len(name) > 64 or len(tenant) > 40:
+        # Names no account can have are refused before the failure audit (which would have to store them).
+        if len(password) > _MAX_PASSWORD or len(name) > 64 or len(tenant) > 40 or _CONTROL.search(tenant + name):
             raise Unauthenticated("wrong tenant, name or password")
         subject = _subject("user", tenant, name)
         row = self._store.get_principal(subject)
@@ -557,6 +561,8 @@ class AuthCore:
     def _binding(self, subject: str, role: str, tenant: str) -> PolicyLine:
         if not subject or not role or not tenant:
             raise InvalidArgument("subject, role and tenant are required")
+        # Service subjects go into the policy unchecked below: keep them within what the column holds.
+        _check_text("subject", subject)
         if tenant != PLATFORM_TENANT:
             self._tenant_exists(tenant)
         self._check_roles(tenant, [role])

@@ -1,0 +1,39 @@
+"""Shared pieces of the authorization matrix: the roles, and what each service contributes
+(``tests/<svc>/matrix.py`` defines ``UNDER_TEST``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.descriptor import ServiceDescriptor
+
+PASSWORD = "correct horse battery"
+TENANT_ROLES = ("tenant-admin", "developer", "viewer", "billing-viewer")
+ROLES = (*TENANT_ROLES, "platform-admin")
+EVERYONE = frozenset(ROLES)
+ADMINS = frozenset({"tenant-admin", "platform-admin"})
+PLATFORM = frozenset({"platform-admin"})
+#: The user holding each tenant role, in tenants acme (own) and globex (other).
+USERS = {"tenant-admin": "tadmin", "developer": "dev", "viewer": "viewer", "billing-viewer": "billing"}
+
+
+@dataclass(frozen=True)
+class ServiceUnderTest:
+    """One service's part of the matrix.
+
+    ``expected[rpc]`` is who may call ``rpc`` on their own tenant (the platform admin acts on every tenant);
+    RPCs in ``tenant_free`` decide the same whatever tenant the request names; ``build_request(rpc, tenant)``
+    makes a well-formed request naming ``tenant``; ``serve(auth, tmp_path)`` runs the service (with auth
+    already running) and yields its address.
+    """
+
+    full_name: str
+    descriptor: ServiceDescriptor
+    expected: dict[str, frozenset[str]]
+    tenant_free: set[str]
+    build_request: Callable[[str, str], Any]
+    serve: Callable[[Any, Path], AbstractAsyncContextManager[str]]

@@ -1,0 +1,106 @@
+"""The authorization matrix: every RPC of every service that has RPCs x every role x own / other tenant,
+called through the real servers, against expectation tables written out by hand in ``tests/<svc>/matrix.py``.
+
+A new RPC fails this test until it gets a row there (and an entry in its service's permission table), so no
+RPC can ship without a decision about who may call it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.mesh.authz import PermissionTable
+from services.mesh.config import SERVICE_NAMES
+from tests.conftest import RunningAuth
+from tests.matrix_support import PASSWORD, ROLES, USERS, ServiceUnderTest
+
+
+def _permission_tables() -> dict[str, PermissionTable]:
+    """The permission table of every service that serves RPCs (a service's permissions.py module)."""
+    tables = {}
+    for name in SERVICE_NAMES:
+        try:
+            module = importlib.import_module(f"services.{name}.permissions")
+        except ModuleNotFoundError:
+            continue
+        tables[name] = module.PERMISSIONS
+    return tables
+
+
+def _under_test() -> dict[str, ServiceUnderTest]:
+    found = {}
+    for name in _permission_tables():
+        module = importlib.import_module(f"tests.{name}.matrix")
+        found[name] = module.UNDER_TEST
+    return found
+
+
+def test_every_rpc_has_a_permission_rule_and_an_expectation() -> None:
+    tables = _permission_tables()
+    assert "auth" in tables
+    served = {method.strip("/") for table in tables.values() for method, _ in table.items()}
+    expected = {f"{s.full_name}/{rpc}" for s in _under_test().values() for rpc in s.expected}
+    described = {f"{s.full_name}/{m.name}" for s in _under_test().values() for m in s.descriptor.methods}
+    assert served == expected == described, "add the new RPC to tests/<svc>/matrix.py and its permission table"
+
+
+@pytest.fixture
+async def principals(auth: RunningAuth) -> dict[str, str]:
+    """Tokens of one user per tenant role in acme, plus the platform admin; globex has the same users."""
+    admin_token = (await auth.client().login("platform", "admin", auth.admin_password)).access_token
+    admin = auth.client(admin_token)
+    tokens = {"platform-admin": admin_token}
+    for tenant in ("acme", "globex"):
+        await admin.create_tenant(tenant)
+        for role, name in USERS.items():
+            await admin.create_user(tenant, name, PASSWORD, [role])
+    for role, name in USERS.items():
+        tokens[role] = (await auth.client().login("acme", name, PASSWORD)).access_token
+    return tokens
+
+
+@pytest.mark.parametrize("service", sorted(_permission_tables()))
+async def test_authorization_matrix(
+    service: str, auth: RunningAuth, principals: dict[str, str], tmp_path: Path
+) -> None:
+    under_test = _under_test()[service]
+    mismatches = []
+    async with under_test.serve(auth, tmp_path) as address, grpc.aio.insecure_channel(address) as channel:
+        for rpc, allowed_roles in under_test.expected.items():
+            method = under_test.descriptor.methods_by_name[rpc]
+            serialize = lambda m: m.SerializeToString()  # noqa: E731
+            if method.client_streaming and method.server_streaming:
+                call = channel.stream_stream(f"/{under_test.full_name}/{rpc}", request_serializer=serialize)
+            elif method.client_streaming:
+                call = channel.stream_unary(f"/{under_test.full_name}/{rpc}", request_serializer=serialize)
+            elif method.server_streaming:
+                call = channel.unary_stream(f"/{under_test.full_name}/{rpc}", request_serializer=serialize)
+            else:
+                call = channel.unary_unary(f"/{under_test.full_name}/{rpc}", request_serializer=serialize)
+            for role, tenant in itertools.product(ROLES, ("acme", "globex")):
+                request = under_test.build_request(rpc, tenant)
+                metadata = (("authorization", f"Bearer {principals[role]}"),)
+                try:
+                    if method.client_streaming:
+                        messages = request if isinstance(request, list) else [request]
+                        result = call(iter(messages), metadata=metadata, timeout=10)
+                    else:
+                        result = call(request, metadata=metadata, timeout=10)
+                    if method.server_streaming:
+                        async for _ in result:
+                            pass
+                    else:
+                        await result
+                    denied = False
+                except grpc.aio.AioRpcError as error:
+                    denied = error.code() == grpc.StatusCode.PERMISSION_DENIED
+                own = tenant == "acme" or role == "platform-admin" or rpc in under_test.tenant_free
+                expect_allowed = own and role in allowed_roles
+                if denied == expect_allowed:
+                    mismatches.append(f"{rpc} as {role} on {tenant}: {'denied' if denied else 'allowed'}")
+    assert not mismatches, "\n".join(mismatches)
