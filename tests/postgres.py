@@ -5,7 +5,8 @@ One cluster starts per test session (initdb into a temp dir, loopback port, unix
 and each test gets a fresh database in it. The machine's own PostgreSQL cluster, if any, is never touched.
 Without the PostgreSQL server binaries the tests skip, except when ``CI=true``: there they fail.
 
-By hand: ``python -m tests.postgres`` starts a cluster, prints its SQLAlchemy URL, and removes it on Ctrl-C.
+By hand: ``python -m tests.postgres`` starts a cluster, prints its SQLAlchemy URL, and removes it on Ctrl-C or
+SIGTERM. A cluster whose owner was killed outright is removed by the next run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import glob
 import os
 import secrets
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -29,6 +32,7 @@ from tests.conftest import free_port
 __all__ = ["PostgresCluster", "find_bin_dir", "postgres_cluster", "postgres_url"]
 
 _OS_USER = "postgres"  # root may not run the server; Debian's package creates this user
+_PREFIX = "aidc-pg-"
 
 
 def find_bin_dir() -> Path | None:
@@ -43,10 +47,10 @@ def find_bin_dir() -> Path | None:
 class PostgresCluster:
     """initdb + pg_ctl in a temp dir; speaks TCP on 127.0.0.1 with a password, for one test session."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, directory: Path | None = None) -> None:
         self._bin = bin_dir
         self._as_root = os.geteuid() == 0
-        self.dir = Path(tempfile.mkdtemp(prefix="aidc-pg-"))
+        self.dir = directory or Path(tempfile.mkdtemp(prefix=_PREFIX))
         self.data = self.dir / "data"
         self.user = "aidc"
         self.password = secrets.token_urlsafe(16)
@@ -62,7 +66,21 @@ class PostgresCluster:
         if result.returncode != 0:
             raise RuntimeError(f"{tool} failed ({result.returncode}): {result.stdout}{result.stderr}")
 
+    @classmethod
+    def reap_orphans(cls, bin_dir: Path) -> None:
+        """Stops and removes clusters whose owning process died without cleaning up (e.g. a killed pytest)."""
+        for owner_file in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*/owner.pid"):
+            try:
+                os.kill(int(owner_file.read_text()), 0)
+                continue  # its owner still runs
+            except ProcessLookupError:
+                pass
+            except (ValueError, OSError):
+                continue
+            cls(bin_dir, owner_file.parent).stop()
+
     def start(self) -> None:
+        (self.dir / "owner.pid").write_text(str(os.getpid()))
         pwfile = self.dir / "pwfile"
         pwfile.write_text(self.password + "\n")
         if self._as_root:
@@ -146,6 +164,7 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         import psycopg  # noqa: F401
     except ImportError:
         _unavailable("the psycopg driver is not installed (pip install -e '.[dev]')")
+    PostgresCluster.reap_orphans(bin_dir)
     cluster = PostgresCluster(bin_dir)
     try:
         cluster.start()
@@ -167,6 +186,8 @@ def main() -> None:
     bin_dir = find_bin_dir()
     if bin_dir is None:
         raise SystemExit("PostgreSQL server binaries not found; run `make postgres-server`")
+    PostgresCluster.reap_orphans(bin_dir)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # clean up on a plain kill, too
     cluster = PostgresCluster(bin_dir)
     try:
         cluster.start()
