@@ -47,7 +47,7 @@ class LocalTokenVerifier(TokenVerifier):
 
 async def build_server(settings: AuthSettings, address: str | None = None) -> MeshServer:
     db = open_database(settings.database_url_for(SERVICE))
-    db.migrate(MIGRATIONS)
+    db.migrate(MIGRATIONS, SERVICE)
     store = AuthStore(db)
     core = AuthCore(
         store,

@@ -83,7 +83,9 @@ class MeshSettings:
     decision_cache_seconds: float = setting(5.0, "How long an authorization decision is cached by a service.")
     database_url: str = setting(
         "",
-        "SQLAlchemy URL of this service's database; empty means sqlite:///<data_dir>/<service>/<service>.db.",
+        "SQLAlchemy URL of the services' databases; '{service}' in it is replaced by the service name (give each "
+        "service its own database, e.g. postgresql+psycopg://u:p@db/aidc_{service}); empty: a SQLite file "
+        "<data_dir>/<service>/<service>.db per service.",
     )
 
     def address_of(self, service: str) -> str:
@@ -105,7 +107,7 @@ class MeshSettings:
     def database_url_for(self, service: str) -> str:
         """This service's database URL: the configured one, or a SQLite file under the data directory."""
         if self.database_url:
-            return self.database_url
+            return self.database_url.replace("{service}", service)
         return f"sqlite:///{(self.data_dir / service / f'{service}.db').resolve()}"
 
     def validate(self) -> None:

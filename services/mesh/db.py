@@ -35,6 +35,8 @@ _meta = MetaData()
 _migrations_table = Table(
     "schema_migrations",
     _meta,
+    # Versions are counted per component, so services sharing one database keep separate histories.
+    Column("component", String(64), primary_key=True),
     Column("version", Integer, primary_key=True),
     Column("description", String(200), nullable=False),
     Column("applied_at", DateTime(timezone=True), nullable=False),
@@ -60,14 +62,19 @@ class Database:
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
 
-    def migrate(self, migrations: Sequence[Migration]) -> int:
-        """Applies the migrations not yet applied, each in its own transaction; returns the schema version."""
+    def migrate(self, migrations: Sequence[Migration], component: str) -> int:
+        """Applies ``component``'s migrations not yet applied, each in its own transaction; returns the schema
+        version."""
         versions = [m.version for m in migrations]
         if versions != list(range(1, len(migrations) + 1)):
             raise ValueError(f"migration versions must be 1..N in order, got {versions}")
         _meta.create_all(self.engine, tables=[_migrations_table])
         with self.engine.connect() as conn:
-            applied = set(conn.execute(select(_migrations_table.c.version)).scalars())
+            applied = set(
+                conn.execute(
+                    select(_migrations_table.c.version).where(_migrations_table.c.component == component)
+                ).scalars()
+            )
         for migration in migrations:
             if migration.version in applied:
                 continue
@@ -75,12 +82,13 @@ class Database:
                 migration.apply(conn)
                 conn.execute(
                     _migrations_table.insert().values(
+                        component=component,
                         version=migration.version,
                         description=migration.description,
                         applied_at=datetime.now(UTC),
                     )
                 )
-            log.info("applied migration %d: %s", migration.version, migration.description)
+            log.info("applied %s migration %d: %s", component, migration.version, migration.description)
         return len(migrations)
 
     async def run(self, fn: Callable[..., _T], *args: Any) -> _T:

@@ -12,12 +12,12 @@ import pytest
 from services.auth.client import AuthClient
 from services.auth.config import AuthSettings
 from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
-from services.mesh.certs import init_certificates
+from services.mesh.certs import init_certificates, issue_certificate
 from services.mesh.channels import create_channel
 from services.mesh.errors import Unauthenticated, Unavailable
-from services.storage.config import StorageSettings
-from services.storage.server import build_server as build_storage
-from tests.conftest import free_port, start_auth
+from services.mesh.security import secured_server
+from tests.conftest import start_auth
+from tests.mesh.echo import PERMISSIONS, EchoClient, Req, registration
 
 
 @pytest.fixture
@@ -66,20 +66,23 @@ async def test_mtls_accepts_mesh_certificates_and_rejects_everything_else(
 
 
 async def test_services_talk_mtls_to_each_other(mtls_settings: AuthSettings) -> None:
-    """Storage only becomes SERVING once its mTLS channel to auth works (it fetches auth's JWKS)."""
+    """A service only becomes SERVING once its mTLS channel to auth works (it fetches auth's JWKS), and the
+    end user's token travels over that channel to auth's CheckPermission."""
     running = await start_auth(mtls_settings)
-    storage_settings = StorageSettings.from_env(
-        {
-            "AIDC_DATA_DIR": str(mtls_settings.data_dir),
-            "AIDC_AUTH_ADDR": running.address,
-            "AIDC_STORAGE_ADDR": f"127.0.0.1:{free_port()}",
-            "AIDC_CERTS_DIR": mtls_settings.certs_dir,
-        }
-    )
-    storage = await build_storage(storage_settings)
-    await storage.start()
+    issue_certificate(Path(mtls_settings.certs_dir), "echo")
+    echo = secured_server("echo", mtls_settings, [registration()], PERMISSIONS, address="127.0.0.1:0")
+    port = await echo.start()
     try:
-        await storage.wait_ready(timeout=10)
+        await echo.wait_ready(timeout=10)
+        cli = AuthClient(create_channel(running.address, mtls_settings, identity="cli"))
+        token = (await cli.login("platform", "admin", running.admin_password)).access_token
+        await cli.close()
+        channel = create_channel(f"127.0.0.1:{port}", mtls_settings, identity="cli")
+        reply = await EchoClient(channel).unary("ReadDatasets")(
+            Req(tenant="platform"), metadata=(("authorization", f"Bearer {token}"),)
+        )
+        assert reply.tenant.name == "read platform"
+        await channel.close()
     finally:
-        await storage.stop(0)
+        await echo.stop(0)
         await running.server.stop(0)

@@ -196,7 +196,7 @@ def test_store_maps_unique_violations_and_rolls_back(backend: AuthSettings) -> N
 
     db = open_database(backend.database_url_for("auth"))
     try:
-        db.migrate(MIGRATIONS)
+        db.migrate(MIGRATIONS, "auth")
         store = AuthStore(db)
         now = datetime.now(UTC)
 
