@@ -24,6 +24,7 @@ __all__ = [
     "client_credentials",
     "server_credentials",
     "ForwardingInterceptor",
+    "split_by_call_kind",
 ]
 
 
@@ -97,6 +98,63 @@ class CallDetailsInterceptor(
         return await continuation(self.rewrite(details), requests)
 
 
+class _UnaryUnaryDelegate(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return await self._inner.intercept_unary_unary(continuation, details, request)
+
+
+class _UnaryStreamDelegate(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return await self._inner.intercept_unary_stream(continuation, details, request)
+
+
+class _StreamUnaryDelegate(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return await self._inner.intercept_stream_unary(continuation, details, requests)
+
+
+class _StreamStreamDelegate(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return await self._inner.intercept_stream_stream(continuation, details, requests)
+
+
+_DELEGATES: tuple[tuple[type, type], ...] = (
+    (grpc.aio.UnaryUnaryClientInterceptor, _UnaryUnaryDelegate),
+    (grpc.aio.UnaryStreamClientInterceptor, _UnaryStreamDelegate),
+    (grpc.aio.StreamUnaryClientInterceptor, _StreamUnaryDelegate),
+    (grpc.aio.StreamStreamClientInterceptor, _StreamStreamDelegate),
+)
+
+
+def split_by_call_kind(interceptors: Sequence[Any]) -> list[Any]:
+    """Gives an interceptor that implements several call kinds one delegate per kind.
+
+    grpc.aio files each channel interceptor under the first call kind it implements only (an if/elif chain), so
+    an object implementing all four would silently intercept unary-unary calls only: streaming calls would
+    go out without the bearer token or the forwarded deadline.
+    """
+    out: list[Any] = []
+    for interceptor in interceptors:
+        kinds = [delegate for base, delegate in _DELEGATES if isinstance(interceptor, base)]
+        if len(kinds) <= 1:
+            out.append(interceptor)
+        else:
+            out.extend(delegate(interceptor) for delegate in kinds)
+    return out
+
+
 def with_bearer(details: grpc.aio.ClientCallDetails, token: str, timeout: float | None) -> grpc.aio.ClientCallDetails:
     """Call details with ``authorization: Bearer <token>`` added (unless the call has one) and a timeout."""
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
@@ -131,11 +189,7 @@ def create_channel(
     service name, or "cli" for the operator's tools; None for server-only TLS). Without certificates the
     channel is plaintext, which is allowed only to loopback addresses (dev mode).
     """
-    interceptors: list[Any] = [
-        *aio_client_interceptors(),
-        ForwardingInterceptor(),
-        *extra_interceptors,
-    ]
+    interceptors = split_by_call_kind([*aio_client_interceptors(), ForwardingInterceptor(), *extra_interceptors])
     options = channel_options(settings)
     tls_dir = settings.tls_dir()
     if tls_dir is not None:

@@ -1,19 +1,129 @@
-"""Settings of the storage service."""
+"""Settings of the storage service: the object store (S3 API), the master key of the local keyring, transfer
+sizes and the clean-up of interrupted uploads."""
 
 from __future__ import annotations
 
+import base64
+import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from services.mesh.config import MeshSettings, load_settings
+from services.mesh.config import MeshSettings, load_settings, parse_address, setting
 
-__all__ = ["StorageSettings"]
+__all__ = ["StorageSettings", "MIN_PART_SIZE"]
+
+#: The smallest multipart part S3 accepts (except for the last part).
+MIN_PART_SIZE = 5 * 1024 * 1024
+_SSE_MODES = ("none", "s3")
 
 
 @dataclass(frozen=True)
 class StorageSettings(MeshSettings):
-    """MeshSettings; the storage-specific settings arrive with its issue [storage]."""
+    """MeshSettings plus the object store, the keyring's master key and the transfer limits."""
+
+    # The same variables (and documentation) as the platform supervisor's, which passes them to every service.
+    s3_endpoint: str = setting("127.0.0.1:50070", "S3 endpoint (host:port) of the object store (SeaweedFS here).")
+    aws_access_key_id: str = setting(
+        "",
+        "S3 access key; empty means generate one on first `aidc up` (<data_dir>/s3/credentials.json).",
+        env="AWS_ACCESS_KEY_ID",
+    )
+    aws_secret_access_key: str = setting(
+        "", "S3 secret key; empty means generate one with the access key.", env="AWS_SECRET_ACCESS_KEY"
+    )
+    storage_bucket: str = setting("aidc-storage", "Bucket holding every tenant's objects (created if missing).")
+    storage_s3_secure: bool = setting(False, "Talk HTTPS to the object store.")
+    storage_s3_ca_file: str = setting("", "CA bundle (PEM) trusted for the object store's TLS; empty: system CAs.")
+    storage_s3_region: str = setting("", "S3 region; empty lets the SDK discover it.")
+    storage_s3_sse: str = setting(
+        "none", "Also ask the object store to encrypt at rest (defence in depth): 'none' or 's3' (SSE-S3)."
+    )
+    storage_s3_timeout_seconds: float = setting(
+        10.0, "Connect/read timeout of one S3 request; an unreachable object store fails calls after this."
+    )
+    storage_master_key: str = setting(
+        "", "Base64 of 32 bytes encrypting tenant keys at rest; empty: <data_dir>/storage/master.key (0600)."
+    )
+    storage_part_size_bytes: int = setting(
+        8 * 1024 * 1024, "Multipart part size of uploads to the object store (at least 5 MiB)."
+    )
+    storage_parallel_parts: int = setting(2, "Parts of one upload sent to the object store at the same time.")
+    storage_pipe_bytes: int = setting(
+        4 * 1024 * 1024, "Encrypted bytes buffered between the encryptor and the S3 uploader of one transfer."
+    )
+    storage_chunk_bytes: int = setting(1024 * 1024, "Size of the plaintext chunks Download sends.")
+    storage_max_object_bytes: int = setting(1024**4, "Largest object accepted by Upload (plaintext bytes).")
+    storage_max_concurrent_transfers: int = setting(
+        16, "Uploads and downloads in progress at once; more wait (memory is bounded per transfer)."
+    )
+    storage_orphan_grace_seconds: float = setting(
+        3600.0,
+        "Age after which an upload left unfinished by a stopped instance is cleaned from the object store at start.",
+    )
+    storage_verify_uploads: bool = setting(
+        False, "Read back and decrypt every upload before making it visible (doubles the cost of an upload)."
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> StorageSettings:
         return load_settings(cls, env)
+
+    def validate(self) -> None:
+        super().validate()
+        try:
+            parse_address(self.s3_endpoint)
+        except ValueError as exc:
+            raise ValueError(f"AIDC_S3_ENDPOINT: {exc}") from None
+        if bool(self.aws_access_key_id) != bool(self.aws_secret_access_key):
+            raise ValueError("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither")
+        if self.storage_s3_sse not in _SSE_MODES:
+            raise ValueError(f"AIDC_STORAGE_S3_SSE must be one of {', '.join(_SSE_MODES)}, not {self.storage_s3_sse!r}")
+        if not 3 <= len(self.storage_bucket) <= 63:
+            raise ValueError("AIDC_STORAGE_BUCKET must be 3-63 characters")
+        if self.storage_part_size_bytes < MIN_PART_SIZE:
+            raise ValueError(f"AIDC_STORAGE_PART_SIZE_BYTES must be at least {MIN_PART_SIZE}")
+        for name in (
+            "storage_parallel_parts",
+            "storage_pipe_bytes",
+            "storage_chunk_bytes",
+            "storage_max_object_bytes",
+            "storage_max_concurrent_transfers",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"AIDC_{name.upper()} must be positive")
+        if self.storage_chunk_bytes > self.max_message_bytes // 2:
+            raise ValueError("AIDC_STORAGE_CHUNK_BYTES must be at most half of AIDC_MAX_MESSAGE_BYTES")
+        if self.storage_s3_timeout_seconds <= 0 or self.storage_orphan_grace_seconds < 0:
+            raise ValueError("AIDC_STORAGE_S3_TIMEOUT_SECONDS must be positive, the orphan grace not negative")
+        if self.storage_master_key:
+            try:
+                key = base64.b64decode(self.storage_master_key, validate=True)
+            except ValueError:
+                raise ValueError("AIDC_STORAGE_MASTER_KEY is not valid base64") from None
+            if len(key) != 32:
+                raise ValueError("AIDC_STORAGE_MASTER_KEY must decode to 32 bytes")
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "storage"
+
+    def master_key(self) -> bytes:
+        """The configured master key, or the one in <data_dir>/storage/master.key (created 0600 on first use)."""
+        if self.storage_master_key:
+            return base64.b64decode(self.storage_master_key)
+        path = self.storage_dir / "master.key"
+        if not path.exists():
+            self.storage_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another process created it first
+                pass
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(secrets.token_bytes(32))
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise ValueError(f"{path} must hold exactly 32 bytes")
+        return key

@@ -255,7 +255,7 @@ class UsageEvent(_message.Message):
     """Decimal string, >= 0."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
-        """When the usage happened; at most 5 minutes in the future of the server's clock."""
+        """When the usage happened; at most 5 minutes (the service's setting) in the future of the server's clock."""
 
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -789,6 +789,8 @@ class InvoiceLine(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PRICE_BOOK_VERSION_FIELD_NUMBER: _builtins.int
+    PRICE_BOOK_TENANT_FIELD_NUMBER: _builtins.int
     line_id: _builtins.str
     kind: Global___InvoiceLineKind.ValueType
     meter: _builtins.str
@@ -799,8 +801,12 @@ class InvoiceLine(_message.Message):
     """Usage lines: quantity priced on this line (decimal string)."""
     price_per_quantity: _builtins.str
     event_count: _builtins.int
-    """Usage lines: number of events that contributed."""
+    """Usage lines: number of events that contributed (each event counts on the line its quantity begins on)."""
     description: _builtins.str
+    price_book_version: _builtins.int
+    """Usage lines: the price book version the line was priced with."""
+    price_book_tenant: _builtins.str
+    """Usage lines: the book of that version: a tenant's own book, or empty for the platform default."""
     @_builtins.property
     def match(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -823,10 +829,12 @@ class InvoiceLine(_message.Message):
         amount: _common_pb2.Money | None = ...,
         event_count: _builtins.int = ...,
         description: _builtins.str = ...,
+        price_book_version: _builtins.int = ...,
+        price_book_tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "unit_price", b"unit_price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "description", b"description", "event_count", b"event_count", "kind", b"kind", "line_id", b"line_id", "match", b"match", "meter", b"meter", "price_per_quantity", b"price_per_quantity", "quantity", b"quantity", "tier_index", b"tier_index", "unit_price", b"unit_price"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "description", b"description", "event_count", b"event_count", "kind", b"kind", "line_id", b"line_id", "match", b"match", "meter", b"meter", "price_book_tenant", b"price_book_tenant", "price_book_version", b"price_book_version", "price_per_quantity", b"price_per_quantity", "quantity", b"quantity", "tier_index", b"tier_index", "unit_price", b"unit_price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1104,7 +1112,9 @@ class GetUsageEventResponse(_message.Message):
     ATTRIBUTED_COST_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     invoice_id: _builtins.str
-    """The invoice and line the event was priced in; empty until an invoice covers it."""
+    """The invoice and line the event was priced in (the line its quantity begins on); empty until an invoice
+    covers its month.
+    """
     line_id: _builtins.str
     trace_id: _builtins.str
     """From attributes["trace_id"], for convenience."""
@@ -1114,7 +1124,10 @@ class GetUsageEventResponse(_message.Message):
     def record_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def attributed_cost(self) -> _common_pb2.Money:
-        """The event's share of its line's amount (line amount * quantity / line quantity, rounded)."""
+        """The event's share of the lines its quantity fell on: for each line, line amount * the event's quantity on
+        that line / line quantity; summed exactly, then rounded half to even (so an event that crosses a tier bound
+        carries its part of both tiers).
+        """
 
     def __init__(
         self,
@@ -1552,11 +1565,11 @@ class CreateInvoiceRequest(_message.Message):
     tenant: _builtins.str
     @_builtins.property
     def period_start_time(self) -> _timestamp_pb2.Timestamp:
-        """Both unset means the previous calendar month (UTC). Inclusive."""
+        """The first instant of a calendar month (UTC). Both unset means the previous calendar month. Inclusive."""
 
     @_builtins.property
     def period_end_time(self) -> _timestamp_pb2.Timestamp:
-        """Exclusive; must not be in the future."""
+        """The first instant of the following month; unset means that. Exclusive; must not be in the future."""
 
     def __init__(
         self,

@@ -35,11 +35,19 @@ class BillingServiceStub:
     (GiB-seconds), storage_gib_hours (GiB-hours), inference_requests (requests), inference_compute_ms
     (milliseconds of model compute as Triton reports it).
 
-    Quantities are decimal strings ("12.5", "3", "0.000125"): non-negative, at most 18 integer and 9 fractional
-    digits, no exponent. Money is aidc.common.v1.Money, never a float.
+    Quantities are decimal strings ("12.5", "3", "0.000125"): non-negative, at most 9 integer and 9 fractional
+    digits (so below 1,000,000,000 units per event), no sign, no exponent. They are stored exactly, as integer
+    billionths of a unit. Money is aidc.common.v1.Money, never a float; every price book and every amount of the
+    platform is in one currency (the platform currency, USD by default).
 
     Rounding rule: a line's amount is computed exactly in decimal (quantity / price_per_quantity * unit_price) and
     rounded once, half to even, to whole micros; totals are sums of rounded lines.
+
+    Attributes request_id and trace_id are references (one value per event): they are kept with each event, and a
+    query may filter or group by them, but price matches may not use them. Every other attribute is a dimension.
+
+    Usage is priced per calendar month (UTC): free quantities and tier bounds count from the first of the month.
+    Invoices cover one calendar month; once an invoice is finalized, usage events dated in its month are REJECTED.
 
     RPCs whose `tenant` is empty act across all tenants and are allowed to platform admins and mesh services only.
     """
@@ -142,18 +150,27 @@ class BillingServiceServicer:
     (GiB-seconds), storage_gib_hours (GiB-hours), inference_requests (requests), inference_compute_ms
     (milliseconds of model compute as Triton reports it).
 
-    Quantities are decimal strings ("12.5", "3", "0.000125"): non-negative, at most 18 integer and 9 fractional
-    digits, no exponent. Money is aidc.common.v1.Money, never a float.
+    Quantities are decimal strings ("12.5", "3", "0.000125"): non-negative, at most 9 integer and 9 fractional
+    digits (so below 1,000,000,000 units per event), no sign, no exponent. They are stored exactly, as integer
+    billionths of a unit. Money is aidc.common.v1.Money, never a float; every price book and every amount of the
+    platform is in one currency (the platform currency, USD by default).
 
     Rounding rule: a line's amount is computed exactly in decimal (quantity / price_per_quantity * unit_price) and
     rounded once, half to even, to whole micros; totals are sums of rounded lines.
+
+    Attributes request_id and trace_id are references (one value per event): they are kept with each event, and a
+    query may filter or group by them, but price matches may not use them. Every other attribute is a dimension.
+
+    Usage is priced per calendar month (UTC): free quantities and tier bounds count from the first of the month.
+    Invoices cover one calendar month; once an invoice is finalized, usage events dated in its month are REJECTED.
 
     RPCs whose `tenant` is empty act across all tenants and are allowed to platform admins and mesh services only.
     """
 
     def RecordUsage(self, request, context):
         """Records a batch of usage events, idempotent on (source, id): a retried event counts once and is reported
-        DUPLICATE; an event with a known (source, id) but different content is REJECTED. The ledger is append-only.
+        DUPLICATE; an event with a known (source, id) but different content is REJECTED, and so is an event dated in
+        a month whose invoice is finalized. The ledger is append-only; a batch is recorded atomically.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -168,6 +185,8 @@ class BillingServiceServicer:
 
     def GetUsageEvent(self, request, context):
         """Returns one recorded usage event with its cost attribution: the invoice line it fell into and its trace.
+        Within a month, usage of one price entry fills its tiers in order of hour, then dimension set, then event
+        time; an event belongs to the line of the tier where its quantity begins.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -175,7 +194,9 @@ class BillingServiceServicer:
 
     def SetPriceBook(self, request, context):
         """Adds a new version of the price book (the platform default, or a tenant's own) taking effect at its
-        effective_time. Versions are immutable. Platform admins only.
+        effective_time (a whole UTC hour, not in the past). Versions are immutable. Every plan must price every
+        known meter with a catch-all entry (empty match), and every book must have an "on-demand" plan (the plan of
+        tenants without one). Platform admins only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,7 +210,8 @@ class BillingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetTenantPlan(self, request, context):
-        """Puts a tenant on a plan of the price book from a start time. Platform admins only.
+        """Puts a tenant on a plan of the price book from a start time (the first instant of a calendar month, UTC, not
+        before the current month). Platform admins only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -232,8 +254,8 @@ class BillingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateInvoice(self, request, context):
-        """Computes a draft invoice for a tenant and period from the ledger. Creating it again for the same period
-        recomputes the draft; a finalized invoice for the period -> ALREADY_EXISTS.
+        """Computes a draft invoice for a tenant and one past calendar month from the ledger. Creating it again for the
+        same period recomputes the draft; a finalized invoice for the period -> ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -254,7 +276,9 @@ class BillingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FinalizeInvoice(self, request, context):
-        """Freezes a draft invoice: from then on it is immutable and credits are applied to it.
+        """Recomputes a draft invoice one last time, applies prepaid credit to it and freezes it: from then on it is
+        immutable and usage dated in its month is rejected. Allowed once the month ended plus the service's grace
+        period for late usage (FAILED_PRECONDITION before that).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -368,11 +392,19 @@ class BillingService:
     (GiB-seconds), storage_gib_hours (GiB-hours), inference_requests (requests), inference_compute_ms
     (milliseconds of model compute as Triton reports it).
 
-    Quantities are decimal strings ("12.5", "3", "0.000125"): non-negative, at most 18 integer and 9 fractional
-    digits, no exponent. Money is aidc.common.v1.Money, never a float.
+    Quantities are decimal strings ("12.5", "3", "0.000125"): non-negative, at most 9 integer and 9 fractional
+    digits (so below 1,000,000,000 units per event), no sign, no exponent. They are stored exactly, as integer
+    billionths of a unit. Money is aidc.common.v1.Money, never a float; every price book and every amount of the
+    platform is in one currency (the platform currency, USD by default).
 
     Rounding rule: a line's amount is computed exactly in decimal (quantity / price_per_quantity * unit_price) and
     rounded once, half to even, to whole micros; totals are sums of rounded lines.
+
+    Attributes request_id and trace_id are references (one value per event): they are kept with each event, and a
+    query may filter or group by them, but price matches may not use them. Every other attribute is a dimension.
+
+    Usage is priced per calendar month (UTC): free quantities and tier bounds count from the first of the month.
+    Invoices cover one calendar month; once an invoice is finalized, usage events dated in its month are REJECTED.
 
     RPCs whose `tenant` is empty act across all tenants and are allowed to platform admins and mesh services only.
     """

@@ -36,11 +36,19 @@ class BillingServiceStub:
       (GiB-seconds), storage_gib_hours (GiB-hours), inference_requests (requests), inference_compute_ms
       (milliseconds of model compute as Triton reports it).
 
-    Quantities are decimal strings ("12.5", "3", "0.000125"): non-negative, at most 18 integer and 9 fractional
-    digits, no exponent. Money is aidc.common.v1.Money, never a float.
+    Quantities are decimal strings ("12.5", "3", "0.000125"): non-negative, at most 9 integer and 9 fractional
+    digits (so below 1,000,000,000 units per event), no sign, no exponent. They are stored exactly, as integer
+    billionths of a unit. Money is aidc.common.v1.Money, never a float; every price book and every amount of the
+    platform is in one currency (the platform currency, USD by default).
 
     Rounding rule: a line's amount is computed exactly in decimal (quantity / price_per_quantity * unit_price) and
     rounded once, half to even, to whole micros; totals are sums of rounded lines.
+
+    Attributes request_id and trace_id are references (one value per event): they are kept with each event, and a
+    query may filter or group by them, but price matches may not use them. Every other attribute is a dimension.
+
+    Usage is priced per calendar month (UTC): free quantities and tier bounds count from the first of the month.
+    Invoices cover one calendar month; once an invoice is finalized, usage events dated in its month are REJECTED.
 
     RPCs whose `tenant` is empty act across all tenants and are allowed to platform admins and mesh services only.
     """
@@ -51,20 +59,28 @@ class BillingServiceStub:
     def __new__(cls, channel: _aio.Channel) -> BillingServiceAsyncStub: ...
     RecordUsage: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.RecordUsageRequest, _billing_service_pb2.RecordUsageResponse]
     """Records a batch of usage events, idempotent on (source, id): a retried event counts once and is reported
-    DUPLICATE; an event with a known (source, id) but different content is REJECTED. The ledger is append-only.
+    DUPLICATE; an event with a known (source, id) but different content is REJECTED, and so is an event dated in
+    a month whose invoice is finalized. The ledger is append-only; a batch is recorded atomically.
     """
     QueryUsage: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.QueryUsageRequest, _billing_service_pb2.QueryUsageResponse]
     """Aggregates usage of one meter by time window and attributes."""
     GetUsageEvent: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.GetUsageEventRequest, _billing_service_pb2.GetUsageEventResponse]
-    """Returns one recorded usage event with its cost attribution: the invoice line it fell into and its trace."""
+    """Returns one recorded usage event with its cost attribution: the invoice line it fell into and its trace.
+    Within a month, usage of one price entry fills its tiers in order of hour, then dimension set, then event
+    time; an event belongs to the line of the tier where its quantity begins.
+    """
     SetPriceBook: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.SetPriceBookRequest, _billing_service_pb2.SetPriceBookResponse]
     """Adds a new version of the price book (the platform default, or a tenant's own) taking effect at its
-    effective_time. Versions are immutable. Platform admins only.
+    effective_time (a whole UTC hour, not in the past). Versions are immutable. Every plan must price every
+    known meter with a catch-all entry (empty match), and every book must have an "on-demand" plan (the plan of
+    tenants without one). Platform admins only.
     """
     GetPriceBook: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.GetPriceBookRequest, _billing_service_pb2.GetPriceBookResponse]
     """Returns the price book in effect for a tenant (or the default) at a time."""
     SetTenantPlan: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.SetTenantPlanRequest, _billing_service_pb2.SetTenantPlanResponse]
-    """Puts a tenant on a plan of the price book from a start time. Platform admins only."""
+    """Puts a tenant on a plan of the price book from a start time (the first instant of a calendar month, UTC, not
+    before the current month). Platform admins only.
+    """
     CheckBudget: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.CheckBudgetRequest, _billing_service_pb2.CheckBudgetResponse]
     """Decides whether a tenant may spend an estimated amount now. Answered from a cached read model; called by the
     scheduler before admitting a job and by the gateway before inference.
@@ -78,15 +94,18 @@ class BillingServiceStub:
     ListBudgetAlerts: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListBudgetAlertsRequest, _billing_service_pb2.ListBudgetAlertsResponse]
     """Lists budget alerts (80% and 100% of a budget reached, or the tenant's own thresholds), newest first."""
     CreateInvoice: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.CreateInvoiceRequest, _billing_service_pb2.CreateInvoiceResponse]
-    """Computes a draft invoice for a tenant and period from the ledger. Creating it again for the same period
-    recomputes the draft; a finalized invoice for the period -> ALREADY_EXISTS.
+    """Computes a draft invoice for a tenant and one past calendar month from the ledger. Creating it again for the
+    same period recomputes the draft; a finalized invoice for the period -> ALREADY_EXISTS.
     """
     GetInvoice: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.GetInvoiceRequest, _billing_service_pb2.GetInvoiceResponse]
     """Returns one invoice with its lines."""
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ListInvoicesRequest, _billing_service_pb2.ListInvoicesResponse]
     """Lists a tenant's invoices, newest period first (lines omitted)."""
     FinalizeInvoice: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.FinalizeInvoiceRequest, _billing_service_pb2.FinalizeInvoiceResponse]
-    """Freezes a draft invoice: from then on it is immutable and credits are applied to it."""
+    """Recomputes a draft invoice one last time, applies prepaid credit to it and freezes it: from then on it is
+    immutable and usage dated in its month is rejected. Allowed once the month ended plus the service's grace
+    period for late usage (FAILED_PRECONDITION before that).
+    """
     ExportInvoice: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.ExportInvoiceRequest, _billing_service_pb2.ExportInvoiceResponse]
     """Renders an invoice as CSV or JSON."""
 
@@ -101,11 +120,19 @@ class BillingServiceAsyncStub(BillingServiceStub):
       (GiB-seconds), storage_gib_hours (GiB-hours), inference_requests (requests), inference_compute_ms
       (milliseconds of model compute as Triton reports it).
 
-    Quantities are decimal strings ("12.5", "3", "0.000125"): non-negative, at most 18 integer and 9 fractional
-    digits, no exponent. Money is aidc.common.v1.Money, never a float.
+    Quantities are decimal strings ("12.5", "3", "0.000125"): non-negative, at most 9 integer and 9 fractional
+    digits (so below 1,000,000,000 units per event), no sign, no exponent. They are stored exactly, as integer
+    billionths of a unit. Money is aidc.common.v1.Money, never a float; every price book and every amount of the
+    platform is in one currency (the platform currency, USD by default).
 
     Rounding rule: a line's amount is computed exactly in decimal (quantity / price_per_quantity * unit_price) and
     rounded once, half to even, to whole micros; totals are sums of rounded lines.
+
+    Attributes request_id and trace_id are references (one value per event): they are kept with each event, and a
+    query may filter or group by them, but price matches may not use them. Every other attribute is a dimension.
+
+    Usage is priced per calendar month (UTC): free quantities and tier bounds count from the first of the month.
+    Invoices cover one calendar month; once an invoice is finalized, usage events dated in its month are REJECTED.
 
     RPCs whose `tenant` is empty act across all tenants and are allowed to platform admins and mesh services only.
     """
@@ -113,20 +140,28 @@ class BillingServiceAsyncStub(BillingServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     RecordUsage: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.RecordUsageRequest, _billing_service_pb2.RecordUsageResponse]  # type: ignore[assignment]
     """Records a batch of usage events, idempotent on (source, id): a retried event counts once and is reported
-    DUPLICATE; an event with a known (source, id) but different content is REJECTED. The ledger is append-only.
+    DUPLICATE; an event with a known (source, id) but different content is REJECTED, and so is an event dated in
+    a month whose invoice is finalized. The ledger is append-only; a batch is recorded atomically.
     """
     QueryUsage: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.QueryUsageRequest, _billing_service_pb2.QueryUsageResponse]  # type: ignore[assignment]
     """Aggregates usage of one meter by time window and attributes."""
     GetUsageEvent: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.GetUsageEventRequest, _billing_service_pb2.GetUsageEventResponse]  # type: ignore[assignment]
-    """Returns one recorded usage event with its cost attribution: the invoice line it fell into and its trace."""
+    """Returns one recorded usage event with its cost attribution: the invoice line it fell into and its trace.
+    Within a month, usage of one price entry fills its tiers in order of hour, then dimension set, then event
+    time; an event belongs to the line of the tier where its quantity begins.
+    """
     SetPriceBook: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.SetPriceBookRequest, _billing_service_pb2.SetPriceBookResponse]  # type: ignore[assignment]
     """Adds a new version of the price book (the platform default, or a tenant's own) taking effect at its
-    effective_time. Versions are immutable. Platform admins only.
+    effective_time (a whole UTC hour, not in the past). Versions are immutable. Every plan must price every
+    known meter with a catch-all entry (empty match), and every book must have an "on-demand" plan (the plan of
+    tenants without one). Platform admins only.
     """
     GetPriceBook: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.GetPriceBookRequest, _billing_service_pb2.GetPriceBookResponse]  # type: ignore[assignment]
     """Returns the price book in effect for a tenant (or the default) at a time."""
     SetTenantPlan: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.SetTenantPlanRequest, _billing_service_pb2.SetTenantPlanResponse]  # type: ignore[assignment]
-    """Puts a tenant on a plan of the price book from a start time. Platform admins only."""
+    """Puts a tenant on a plan of the price book from a start time (the first instant of a calendar month, UTC, not
+    before the current month). Platform admins only.
+    """
     CheckBudget: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.CheckBudgetRequest, _billing_service_pb2.CheckBudgetResponse]  # type: ignore[assignment]
     """Decides whether a tenant may spend an estimated amount now. Answered from a cached read model; called by the
     scheduler before admitting a job and by the gateway before inference.
@@ -140,15 +175,18 @@ class BillingServiceAsyncStub(BillingServiceStub):
     ListBudgetAlerts: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListBudgetAlertsRequest, _billing_service_pb2.ListBudgetAlertsResponse]  # type: ignore[assignment]
     """Lists budget alerts (80% and 100% of a budget reached, or the tenant's own thresholds), newest first."""
     CreateInvoice: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.CreateInvoiceRequest, _billing_service_pb2.CreateInvoiceResponse]  # type: ignore[assignment]
-    """Computes a draft invoice for a tenant and period from the ledger. Creating it again for the same period
-    recomputes the draft; a finalized invoice for the period -> ALREADY_EXISTS.
+    """Computes a draft invoice for a tenant and one past calendar month from the ledger. Creating it again for the
+    same period recomputes the draft; a finalized invoice for the period -> ALREADY_EXISTS.
     """
     GetInvoice: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.GetInvoiceRequest, _billing_service_pb2.GetInvoiceResponse]  # type: ignore[assignment]
     """Returns one invoice with its lines."""
     ListInvoices: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ListInvoicesRequest, _billing_service_pb2.ListInvoicesResponse]  # type: ignore[assignment]
     """Lists a tenant's invoices, newest period first (lines omitted)."""
     FinalizeInvoice: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.FinalizeInvoiceRequest, _billing_service_pb2.FinalizeInvoiceResponse]  # type: ignore[assignment]
-    """Freezes a draft invoice: from then on it is immutable and credits are applied to it."""
+    """Recomputes a draft invoice one last time, applies prepaid credit to it and freezes it: from then on it is
+    immutable and usage dated in its month is rejected. Allowed once the month ended plus the service's grace
+    period for late usage (FAILED_PRECONDITION before that).
+    """
     ExportInvoice: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.ExportInvoiceRequest, _billing_service_pb2.ExportInvoiceResponse]  # type: ignore[assignment]
     """Renders an invoice as CSV or JSON."""
 
@@ -162,11 +200,19 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
       (GiB-seconds), storage_gib_hours (GiB-hours), inference_requests (requests), inference_compute_ms
       (milliseconds of model compute as Triton reports it).
 
-    Quantities are decimal strings ("12.5", "3", "0.000125"): non-negative, at most 18 integer and 9 fractional
-    digits, no exponent. Money is aidc.common.v1.Money, never a float.
+    Quantities are decimal strings ("12.5", "3", "0.000125"): non-negative, at most 9 integer and 9 fractional
+    digits (so below 1,000,000,000 units per event), no sign, no exponent. They are stored exactly, as integer
+    billionths of a unit. Money is aidc.common.v1.Money, never a float; every price book and every amount of the
+    platform is in one currency (the platform currency, USD by default).
 
     Rounding rule: a line's amount is computed exactly in decimal (quantity / price_per_quantity * unit_price) and
     rounded once, half to even, to whole micros; totals are sums of rounded lines.
+
+    Attributes request_id and trace_id are references (one value per event): they are kept with each event, and a
+    query may filter or group by them, but price matches may not use them. Every other attribute is a dimension.
+
+    Usage is priced per calendar month (UTC): free quantities and tier bounds count from the first of the month.
+    Invoices cover one calendar month; once an invoice is finalized, usage events dated in its month are REJECTED.
 
     RPCs whose `tenant` is empty act across all tenants and are allowed to platform admins and mesh services only.
     """
@@ -178,7 +224,8 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.RecordUsageResponse, _abc.Awaitable[_billing_service_pb2.RecordUsageResponse]]:
         """Records a batch of usage events, idempotent on (source, id): a retried event counts once and is reported
-        DUPLICATE; an event with a known (source, id) but different content is REJECTED. The ledger is append-only.
+        DUPLICATE; an event with a known (source, id) but different content is REJECTED, and so is an event dated in
+        a month whose invoice is finalized. The ledger is append-only; a batch is recorded atomically.
         """
 
     @_abc_1.abstractmethod
@@ -195,7 +242,10 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _billing_service_pb2.GetUsageEventRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.GetUsageEventResponse, _abc.Awaitable[_billing_service_pb2.GetUsageEventResponse]]:
-        """Returns one recorded usage event with its cost attribution: the invoice line it fell into and its trace."""
+        """Returns one recorded usage event with its cost attribution: the invoice line it fell into and its trace.
+        Within a month, usage of one price entry fills its tiers in order of hour, then dimension set, then event
+        time; an event belongs to the line of the tier where its quantity begins.
+        """
 
     @_abc_1.abstractmethod
     def SetPriceBook(
@@ -204,7 +254,9 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.SetPriceBookResponse, _abc.Awaitable[_billing_service_pb2.SetPriceBookResponse]]:
         """Adds a new version of the price book (the platform default, or a tenant's own) taking effect at its
-        effective_time. Versions are immutable. Platform admins only.
+        effective_time (a whole UTC hour, not in the past). Versions are immutable. Every plan must price every
+        known meter with a catch-all entry (empty match), and every book must have an "on-demand" plan (the plan of
+        tenants without one). Platform admins only.
         """
 
     @_abc_1.abstractmethod
@@ -221,7 +273,9 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _billing_service_pb2.SetTenantPlanRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.SetTenantPlanResponse, _abc.Awaitable[_billing_service_pb2.SetTenantPlanResponse]]:
-        """Puts a tenant on a plan of the price book from a start time. Platform admins only."""
+        """Puts a tenant on a plan of the price book from a start time (the first instant of a calendar month, UTC, not
+        before the current month). Platform admins only.
+        """
 
     @_abc_1.abstractmethod
     def CheckBudget(
@@ -271,8 +325,8 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _billing_service_pb2.CreateInvoiceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.CreateInvoiceResponse, _abc.Awaitable[_billing_service_pb2.CreateInvoiceResponse]]:
-        """Computes a draft invoice for a tenant and period from the ledger. Creating it again for the same period
-        recomputes the draft; a finalized invoice for the period -> ALREADY_EXISTS.
+        """Computes a draft invoice for a tenant and one past calendar month from the ledger. Creating it again for the
+        same period recomputes the draft; a finalized invoice for the period -> ALREADY_EXISTS.
         """
 
     @_abc_1.abstractmethod
@@ -297,7 +351,10 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _billing_service_pb2.FinalizeInvoiceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.FinalizeInvoiceResponse, _abc.Awaitable[_billing_service_pb2.FinalizeInvoiceResponse]]:
-        """Freezes a draft invoice: from then on it is immutable and credits are applied to it."""
+        """Recomputes a draft invoice one last time, applies prepaid credit to it and freezes it: from then on it is
+        immutable and usage dated in its month is rejected. Allowed once the month ended plus the service's grace
+        period for late usage (FAILED_PRECONDITION before that).
+        """
 
     @_abc_1.abstractmethod
     def ExportInvoice(

@@ -347,6 +347,7 @@ class ObjectInfo(_message.Message):
     MASKING_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    SHREDDED_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     kind: Global___ObjectKind.ValueType
     name: _builtins.str
@@ -363,6 +364,8 @@ class ObjectInfo(_message.Message):
     format: Global___DataFormat.ValueType
     key_id: _builtins.str
     """Id of the tenant key that currently wraps this object's data key."""
+    shredded: _builtins.bool
+    """True once the tenant's keys were destroyed (DeleteTenantKeys): the content can never be read again."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -394,10 +397,11 @@ class ObjectInfo(_message.Message):
         masking: Global___MaskingReport | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         key_id: _builtins.str = ...,
+        shredded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "masking", b"masking", "text_dataset", b"text_dataset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "create_time", b"create_time", "created_by", b"created_by", "format", b"format", "key_id", b"key_id", "kind", b"kind", "masking", b"masking", "metadata", b"metadata", "name", b"name", "sha256", b"sha256", "size_bytes", b"size_bytes", "tenant", b"tenant", "text_dataset", b"text_dataset", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "create_time", b"create_time", "created_by", b"created_by", "format", b"format", "key_id", b"key_id", "kind", b"kind", "masking", b"masking", "metadata", b"metadata", "name", b"name", "sha256", b"sha256", "shredded", b"shredded", "size_bytes", b"size_bytes", "tenant", b"tenant", "text_dataset", b"text_dataset", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -447,6 +451,57 @@ class CreateDatasetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateDatasetResponse: _TypeAlias = CreateDatasetResponse  # noqa: Y015
+
+@_typing.final
+class ListDatasetsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    NAME_PREFIX_FIELD_NUMBER: _builtins.int
+    PAGE_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    name_prefix: _builtins.str
+    """Only names starting with this prefix."""
+    @_builtins.property
+    def page(self) -> _common_pb2.PageRequest: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        name_prefix: _builtins.str = ...,
+        page: _common_pb2.PageRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["page", b"page"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name_prefix", b"name_prefix", "page", b"page", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDatasetsRequest: _TypeAlias = ListDatasetsRequest  # noqa: Y015
+
+@_typing.final
+class ListDatasetsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASETS_FIELD_NUMBER: _builtins.int
+    PAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Dataset]: ...
+    @_builtins.property
+    def page(self) -> _common_pb2.PageResponse: ...
+    def __init__(
+        self,
+        *,
+        datasets: _abc.Iterable[Global___Dataset] | None = ...,
+        page: _common_pb2.PageResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["page", b"page"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datasets", b"datasets", "page", b"page"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDatasetsResponse: _TypeAlias = ListDatasetsResponse  # noqa: Y015
 
 @_typing.final
 class UploadHeader(_message.Message):
@@ -600,7 +655,7 @@ class DownloadRequest(_message.Message):
     """First byte of the range to return."""
     length: _builtins.int
     """Number of bytes to return from offset; 0 means to the end. A range past the end is clipped; an offset past the
-    end -> OUT_OF_RANGE. The whole-object SHA-256 is verified only for full downloads; ranges are still
+    end -> INVALID_ARGUMENT. The whole-object SHA-256 is verified only for full downloads; ranges are still
     authenticated segment by segment.
     """
     def __init__(

@@ -46,6 +46,11 @@ class StorageServiceStub:
                 request_serializer=aidc_dot_storage_dot_v1_dot_storage__service__pb2.CreateDatasetRequest.SerializeToString,
                 response_deserializer=aidc_dot_storage_dot_v1_dot_storage__service__pb2.CreateDatasetResponse.FromString,
                 _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/aidc.storage.v1.StorageService/ListDatasets',
+                request_serializer=aidc_dot_storage_dot_v1_dot_storage__service__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=aidc_dot_storage_dot_v1_dot_storage__service__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
         self.Upload = channel.stream_unary(
                 '/aidc.storage.v1.StorageService/Upload',
                 request_serializer=aidc_dot_storage_dot_v1_dot_storage__service__pb2.UploadRequest.SerializeToString,
@@ -100,6 +105,13 @@ class StorageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDatasets(self, request, context):
+        """Lists a tenant's datasets (including those without versions yet), ordered by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Upload(self, request_iterator, context):
         """Uploads one new immutable version of a dataset or artifact. Client-streaming: the first message carries an
         UploadHeader, every following message a chunk of content. The version becomes visible only when the stream
@@ -127,7 +139,7 @@ class StorageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """Lists objects of a tenant, ordered by kind, name, then version.
+        """Lists objects of a tenant, ordered by kind (artifacts, then datasets), name, then version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,8 +161,10 @@ class StorageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteTenantKeys(self, request, context):
-        """Destroys every key of a tenant: all of its stored data becomes unreadable for good (crypto-shredding), and
-        its metadata is removed. Irreversible. Tenant admins and platform admins only.
+        """Destroys every key of a tenant: all of its stored data becomes unreadable for good (crypto-shredding), wherever
+        copies of the stored bytes may be (replicas, backups). The objects' metadata stays listed so the loss is visible;
+        Download of a shredded object fails with FAILED_PRECONDITION, and Delete removes it. Later uploads get a new key.
+        Irreversible. Tenant admins and platform admins only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,6 +177,11 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     servicer.CreateDataset,
                     request_deserializer=aidc_dot_storage_dot_v1_dot_storage__service__pb2.CreateDatasetRequest.FromString,
                     response_serializer=aidc_dot_storage_dot_v1_dot_storage__service__pb2.CreateDatasetResponse.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=aidc_dot_storage_dot_v1_dot_storage__service__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=aidc_dot_storage_dot_v1_dot_storage__service__pb2.ListDatasetsResponse.SerializeToString,
             ),
             'Upload': grpc.stream_unary_rpc_method_handler(
                     servicer.Upload,
@@ -234,6 +253,33 @@ class StorageService:
             '/aidc.storage.v1.StorageService/CreateDataset',
             aidc_dot_storage_dot_v1_dot_storage__service__pb2.CreateDatasetRequest.SerializeToString,
             aidc_dot_storage_dot_v1_dot_storage__service__pb2.CreateDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aidc.storage.v1.StorageService/ListDatasets',
+            aidc_dot_storage_dot_v1_dot_storage__service__pb2.ListDatasetsRequest.SerializeToString,
+            aidc_dot_storage_dot_v1_dot_storage__service__pb2.ListDatasetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,8 @@ class StorageServiceStub:
     def __new__(cls, channel: _aio.Channel) -> StorageServiceAsyncStub: ...
     CreateDataset: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.CreateDatasetRequest, _storage_service_pb2.CreateDatasetResponse]
     """Creates an empty named dataset; versions are added by Upload. ALREADY_EXISTS when the name is taken."""
+    ListDatasets: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.ListDatasetsRequest, _storage_service_pb2.ListDatasetsResponse]
+    """Lists a tenant's datasets (including those without versions yet), ordered by name."""
     Upload: _grpc.StreamUnaryMultiCallable[_storage_service_pb2.UploadRequest, _storage_service_pb2.UploadResponse]
     """Uploads one new immutable version of a dataset or artifact. Client-streaming: the first message carries an
     UploadHeader, every following message a chunk of content. The version becomes visible only when the stream
@@ -56,7 +58,7 @@ class StorageServiceStub:
     Stat: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.StatRequest, _storage_service_pb2.StatResponse]
     """Returns the metadata of one version (the latest by default)."""
     List: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.ListRequest, _storage_service_pb2.ListResponse]
-    """Lists objects of a tenant, ordered by kind, name, then version."""
+    """Lists objects of a tenant, ordered by kind (artifacts, then datasets), name, then version."""
     Delete: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteRequest, _storage_service_pb2.DeleteResponse]
     """Deletes one version of an object, or all of its versions (for a dataset: the dataset itself)."""
     RotateTenantKey: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.RotateTenantKeyRequest, _storage_service_pb2.RotateTenantKeyResponse]
@@ -64,8 +66,10 @@ class StorageServiceStub:
     The previous key is retired once nothing is wrapped by it.
     """
     DeleteTenantKeys: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteTenantKeysRequest, _storage_service_pb2.DeleteTenantKeysResponse]
-    """Destroys every key of a tenant: all of its stored data becomes unreadable for good (crypto-shredding), and
-    its metadata is removed. Irreversible. Tenant admins and platform admins only.
+    """Destroys every key of a tenant: all of its stored data becomes unreadable for good (crypto-shredding), wherever
+    copies of the stored bytes may be (replicas, backups). The objects' metadata stays listed so the loss is visible;
+    Download of a shredded object fails with FAILED_PRECONDITION, and Delete removes it. Later uploads get a new key.
+    Irreversible. Tenant admins and platform admins only.
     """
 
 @_typing.type_check_only
@@ -82,6 +86,8 @@ class StorageServiceAsyncStub(StorageServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateDataset: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.CreateDatasetRequest, _storage_service_pb2.CreateDatasetResponse]  # type: ignore[assignment]
     """Creates an empty named dataset; versions are added by Upload. ALREADY_EXISTS when the name is taken."""
+    ListDatasets: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.ListDatasetsRequest, _storage_service_pb2.ListDatasetsResponse]  # type: ignore[assignment]
+    """Lists a tenant's datasets (including those without versions yet), ordered by name."""
     Upload: _aio.StreamUnaryMultiCallable[_storage_service_pb2.UploadRequest, _storage_service_pb2.UploadResponse]  # type: ignore[assignment]
     """Uploads one new immutable version of a dataset or artifact. Client-streaming: the first message carries an
     UploadHeader, every following message a chunk of content. The version becomes visible only when the stream
@@ -96,7 +102,7 @@ class StorageServiceAsyncStub(StorageServiceStub):
     Stat: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.StatRequest, _storage_service_pb2.StatResponse]  # type: ignore[assignment]
     """Returns the metadata of one version (the latest by default)."""
     List: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.ListRequest, _storage_service_pb2.ListResponse]  # type: ignore[assignment]
-    """Lists objects of a tenant, ordered by kind, name, then version."""
+    """Lists objects of a tenant, ordered by kind (artifacts, then datasets), name, then version."""
     Delete: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteRequest, _storage_service_pb2.DeleteResponse]  # type: ignore[assignment]
     """Deletes one version of an object, or all of its versions (for a dataset: the dataset itself)."""
     RotateTenantKey: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.RotateTenantKeyRequest, _storage_service_pb2.RotateTenantKeyResponse]  # type: ignore[assignment]
@@ -104,8 +110,10 @@ class StorageServiceAsyncStub(StorageServiceStub):
     The previous key is retired once nothing is wrapped by it.
     """
     DeleteTenantKeys: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteTenantKeysRequest, _storage_service_pb2.DeleteTenantKeysResponse]  # type: ignore[assignment]
-    """Destroys every key of a tenant: all of its stored data becomes unreadable for good (crypto-shredding), and
-    its metadata is removed. Irreversible. Tenant admins and platform admins only.
+    """Destroys every key of a tenant: all of its stored data becomes unreadable for good (crypto-shredding), wherever
+    copies of the stored bytes may be (replicas, backups). The objects' metadata stays listed so the loss is visible;
+    Download of a shredded object fails with FAILED_PRECONDITION, and Delete removes it. Later uploads get a new key.
+    Irreversible. Tenant admins and platform admins only.
     """
 
 class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -125,6 +133,14 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_storage_service_pb2.CreateDatasetResponse, _abc.Awaitable[_storage_service_pb2.CreateDatasetResponse]]:
         """Creates an empty named dataset; versions are added by Upload. ALREADY_EXISTS when the name is taken."""
+
+    @_abc_1.abstractmethod
+    def ListDatasets(
+        self,
+        request: _storage_service_pb2.ListDatasetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_service_pb2.ListDatasetsResponse, _abc.Awaitable[_storage_service_pb2.ListDatasetsResponse]]:
+        """Lists a tenant's datasets (including those without versions yet), ordered by name."""
 
     @_abc_1.abstractmethod
     def Upload(
@@ -163,7 +179,7 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_service_pb2.ListRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_service_pb2.ListResponse, _abc.Awaitable[_storage_service_pb2.ListResponse]]:
-        """Lists objects of a tenant, ordered by kind, name, then version."""
+        """Lists objects of a tenant, ordered by kind (artifacts, then datasets), name, then version."""
 
     @_abc_1.abstractmethod
     def Delete(
@@ -189,8 +205,10 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_service_pb2.DeleteTenantKeysRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_service_pb2.DeleteTenantKeysResponse, _abc.Awaitable[_storage_service_pb2.DeleteTenantKeysResponse]]:
-        """Destroys every key of a tenant: all of its stored data becomes unreadable for good (crypto-shredding), and
-        its metadata is removed. Irreversible. Tenant admins and platform admins only.
+        """Destroys every key of a tenant: all of its stored data becomes unreadable for good (crypto-shredding), wherever
+        copies of the stored bytes may be (replicas, backups). The objects' metadata stays listed so the loss is visible;
+        Download of a shredded object fails with FAILED_PRECONDITION, and Delete removes it. Later uploads get a new key.
+        Irreversible. Tenant admins and platform admins only.
         """
 
 def add_StorageServiceServicer_to_server(servicer: StorageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,1 @@
+"""The storage domain: names, envelope encryption, text datasets, transfers; no gRPC here."""

@@ -1,0 +1,46 @@
+"""The hook through which storage reports usage (bytes stored, deleted and downloaded per tenant) to billing.
+
+Billing's client is not wired in yet: the service runs with ``NoUsageSink`` until a sink that forwards these
+events to billing's RecordUsage (idempotent by ``event_id``) is passed to ``StorageCore``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+__all__ = ["UsageKind", "StorageUsage", "UsageSink", "NoUsageSink"]
+
+
+class UsageKind(enum.Enum):
+    STORED = "stored"
+    DELETED = "deleted"
+    DOWNLOADED = "downloaded"
+
+
+@dataclass(frozen=True)
+class StorageUsage:
+    """One usage event; ``total_stored_bytes`` is the tenant's stored volume right after it (billing integrates
+    it over time into byte-hours)."""
+
+    event_id: str
+    tenant: str
+    kind: UsageKind
+    bytes: int
+    total_stored_bytes: int
+    at: datetime
+
+
+class UsageSink(Protocol):
+    """Receives usage events; must not raise for billing outages (buffer and retry instead)."""
+
+    async def record(self, usage: StorageUsage) -> None: ...
+
+
+class NoUsageSink:
+    """Discards usage events (the default until the billing client is wired in)."""
+
+    async def record(self, usage: StorageUsage) -> None:
+        return None

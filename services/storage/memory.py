@@ -1,0 +1,37 @@
+"""Keeps the storage process's memory from ratcheting up under large transfers.
+
+Transfers pass multi-megabyte buffers between threads. glibc's malloc raises its mmap threshold after such a
+buffer is freed (up to 32 MiB) and gives each thread its own arena, so freed transfer buffers stay in the
+process's resident set, scattered across arenas. A fixed 256 KiB threshold sends every large buffer to mmap
+(returned to the system on free), and two arenas bound the fragmentation: resident memory tracks the live
+transfer buffers only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+__all__ = ["tune_allocator"]
+
+log = logging.getLogger(__name__)
+
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def tune_allocator(mmap_threshold: int = 256 * 1024, arenas: int = 2) -> bool:
+    """Applies the settings above when the C library is glibc; False (and no change) elsewhere."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_ARENA_MAX, arenas))
+    if not ok:
+        log.info("could not tune the memory allocator")
+    return ok

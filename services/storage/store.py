@@ -1,0 +1,623 @@
+"""Persistence of the storage service's metadata (SQLAlchemy Core; SQLite by default, PostgreSQL at scale):
+datasets, visible object versions with their wrapped data keys, tenant keys and their states, the local keyring's
+sealed tenant keys, and uploads in progress.
+
+Tenant-key bookkeeping is serialized per tenant by touching the tenant's ``tenant_keyrings`` row first in every
+transaction that depends on a key's state (a row lock on PostgreSQL; SQLite serializes writers anyway), so a key
+can never be destroyed while a version wrapped by it is being committed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    delete,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.exc import IntegrityError
+
+from services.mesh.db import Database, Migration
+from services.mesh.errors import AlreadyExists
+from services.storage.core.crypto import SealedKey
+from services.storage.core.model import (
+    DatasetRecord,
+    KeyState,
+    MaskingRecord,
+    PendingUpload,
+    TenantKeyRecord,
+    TextDatasetRecord,
+    VersionRecord,
+)
+from services.storage.core.names import ObjectKind
+
+__all__ = ["StorageStore", "MIGRATIONS", "VersionTaken", "KeyUnusable", "UploadGone", "DatasetGone", "DELETED_MARK"]
+
+#: instance_id of the pending records of deleted versions whose bytes are still to be removed from the store.
+DELETED_MARK = "deleted"
+
+metadata = MetaData()
+
+datasets = Table(
+    "datasets",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("name", String(128), primary_key=True),
+    Column("description", String(1000), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(200), nullable=False),
+)
+
+tenant_keys = Table(
+    "tenant_keys",
+    metadata,
+    Column("key_id", String(64), primary_key=True),
+    Column("tenant", String(64), nullable=False, index=True),
+    Column("state", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("destroyed_at", DateTime(timezone=True)),
+)
+
+tenant_keyrings = Table(
+    "tenant_keyrings",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("active_key_id", String(64), ForeignKey("tenant_keys.key_id")),
+    # Bumped by every transaction that must be serialized with key changes of the tenant (takes the row lock).
+    Column("serial", BigInteger, nullable=False),
+)
+
+object_versions = Table(
+    "object_versions",
+    metadata,
+    Column("object_id", String(32), primary_key=True),
+    Column("tenant", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("name", String(512), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("s3_key", String(700), nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("stored_bytes", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("content_type", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("format", String(16), nullable=False),
+    Column("key_id", String(64), ForeignKey("tenant_keys.key_id"), nullable=False, index=True),
+    Column("wrapped_key", LargeBinary, nullable=False),
+    Column("text_json", Text),
+    Column("masking_json", Text),
+    Column("metadata_json", Text, nullable=False),
+    Index("object_versions_identity", "tenant", "kind", "name", "version", unique=True),
+)
+
+keyring_keys = Table(
+    "keyring_keys",
+    metadata,
+    Column("key_id", String(64), primary_key=True),
+    Column("tenant", String(64), nullable=False, index=True),
+    Column("sealed", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+pending_uploads = Table(
+    "pending_uploads",
+    metadata,
+    Column("object_id", String(32), primary_key=True),
+    Column("tenant", String(64), nullable=False),
+    Column("s3_key", String(700), nullable=False),
+    Column("instance_id", String(64), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def _create_schema(conn: Connection) -> None:
+    metadata.create_all(conn)
+
+
+MIGRATIONS = [Migration(1, "storage: datasets, versions, tenant keys, keyring, pending uploads", _create_schema)]
+
+
+class VersionTaken(Exception):
+    """Another upload committed the same version number first; retry with the next one."""
+
+
+class KeyUnusable(Exception):
+    """The tenant key a data key was wrapped with was destroyed meanwhile; wrap with the active key again."""
+
+
+class UploadGone(Exception):
+    """The upload's pending record is gone (cleaned up as an orphan); its bytes must not become visible."""
+
+
+class DatasetGone(Exception):
+    """The dataset was deleted while a version of it was being uploaded."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _version(row: Row[Any]) -> VersionRecord:
+    m = row._mapping
+    text = json.loads(m["text_json"]) if m["text_json"] else None
+    masking = json.loads(m["masking_json"]) if m["masking_json"] else None
+    return VersionRecord(
+        object_id=m["object_id"],
+        tenant=m["tenant"],
+        kind=ObjectKind(m["kind"]),
+        name=m["name"],
+        version=int(m["version"]),
+        s3_key=m["s3_key"],
+        size_bytes=int(m["size_bytes"]),
+        stored_bytes=int(m["stored_bytes"]),
+        sha256=m["sha256"],
+        content_type=m["content_type"],
+        created_at=_aware(m["created_at"]),
+        created_by=m["created_by"],
+        format=m["format"],
+        key_id=m["key_id"],
+        wrapped_key=bytes(m["wrapped_key"]),
+        text=TextDatasetRecord(**text) if text else None,
+        masking=MaskingRecord(**masking) if masking else None,
+        metadata=json.loads(m["metadata_json"]),
+        key_state=KeyState(m["state"]),
+    )
+
+
+def _version_columns() -> list[Any]:
+    return [*object_versions.c, tenant_keys.c.state]
+
+
+def _versions_joined() -> Any:
+    return object_versions.join(tenant_keys, object_versions.c.key_id == tenant_keys.c.key_id)
+
+
+class StorageStore:
+    """Blocking metadata operations; the core runs them in worker threads (``Database.run``)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._engine = db.engine
+
+    # -- datasets ----------------------------------------------------------------------------------------
+
+    def create_dataset(self, record: DatasetRecord) -> None:
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    insert(datasets).values(
+                        tenant=record.tenant,
+                        name=record.name,
+                        description=record.description,
+                        created_at=record.created_at,
+                        created_by=record.created_by,
+                    )
+                )
+        except IntegrityError:
+            raise AlreadyExists(f"dataset {record.name!r} already exists") from None
+
+    def _latest_versions(self) -> Any:
+        return (
+            select(
+                object_versions.c.tenant,
+                object_versions.c.name,
+                func.max(object_versions.c.version).label("latest"),
+            )
+            .where(object_versions.c.kind == ObjectKind.DATASET.value)
+            .group_by(object_versions.c.tenant, object_versions.c.name)
+            .subquery()
+        )
+
+    def datasets(self, tenant: str, prefix: str = "", after: str = "", limit: int = 1000) -> list[DatasetRecord]:
+        """Datasets of ``tenant`` by name (those after ``after``), with their latest version."""
+        latest = self._latest_versions()
+        query = (
+            select(datasets, latest.c.latest)
+            .select_from(
+                datasets.outerjoin(latest, and_(latest.c.tenant == datasets.c.tenant, latest.c.name == datasets.c.name))
+            )
+            .where(datasets.c.tenant == tenant, datasets.c.name > after)
+            .order_by(datasets.c.name)
+            .limit(limit)
+        )
+        if prefix:
+            query = query.where(datasets.c.name.startswith(prefix, autoescape=True))
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            DatasetRecord(
+                tenant=r.tenant,
+                name=r.name,
+                description=r.description,
+                created_at=_aware(r.created_at),
+                created_by=r.created_by,
+                latest_version=int(r.latest or 0),
+            )
+            for r in rows
+        ]
+
+    def dataset_exists(self, tenant: str, name: str) -> bool:
+        with self._engine.connect() as conn:
+            return self._dataset_exists(conn, tenant, name)
+
+    @staticmethod
+    def _dataset_exists(conn: Connection, tenant: str, name: str) -> bool:
+        found = conn.execute(select(datasets.c.name).where(datasets.c.tenant == tenant, datasets.c.name == name))
+        return found.first() is not None
+
+    # -- versions ----------------------------------------------------------------------------------------
+
+    def version(self, tenant: str, kind: ObjectKind, name: str, version: int = 0) -> VersionRecord | None:
+        """One version, or the latest when ``version`` is 0."""
+        where = [
+            object_versions.c.tenant == tenant,
+            object_versions.c.kind == kind.value,
+            object_versions.c.name == name,
+        ]
+        query = select(*_version_columns()).select_from(_versions_joined()).where(*where)
+        if version:
+            query = query.where(object_versions.c.version == version)
+        else:
+            query = query.order_by(object_versions.c.version.desc()).limit(1)
+        with self._engine.connect() as conn:
+            row = conn.execute(query).first()
+        return _version(row) if row is not None else None
+
+    def versions(
+        self,
+        tenant: str,
+        kind: ObjectKind | None,
+        prefix: str,
+        all_versions: bool,
+        after: tuple[str, str, int] | None,
+        limit: int,
+    ) -> list[VersionRecord]:
+        """Versions ordered by (kind, name, version), after the position ``after``; only the latest of each
+        object unless ``all_versions``."""
+        v = object_versions.c
+        query = select(*_version_columns()).select_from(_versions_joined()).where(v.tenant == tenant)
+        if kind is not None:
+            query = query.where(v.kind == kind.value)
+        if prefix:
+            query = query.where(v.name.startswith(prefix, autoescape=True))
+        if after is not None:
+            query = query.where(tuple_(v.kind, v.name, v.version) > tuple_(*after))
+        if not all_versions:
+            latest = (
+                select(v.kind, v.name, func.max(v.version).label("latest"))
+                .where(v.tenant == tenant)
+                .group_by(v.kind, v.name)
+                .subquery()
+            )
+            query = query.join(
+                latest, and_(latest.c.kind == v.kind, latest.c.name == v.name, latest.c.latest == v.version)
+            )
+        query = query.order_by(v.kind, v.name, v.version).limit(limit)
+        with self._engine.connect() as conn:
+            return [_version(row) for row in conn.execute(query)]
+
+    def versions_of(self, tenant: str, kind: ObjectKind, name: str) -> list[VersionRecord]:
+        v = object_versions.c
+        query = (
+            select(*_version_columns())
+            .select_from(_versions_joined())
+            .where(v.tenant == tenant, v.kind == kind.value, v.name == name)
+            .order_by(v.version)
+        )
+        with self._engine.connect() as conn:
+            return [_version(row) for row in conn.execute(query)]
+
+    def next_version(self, tenant: str, kind: ObjectKind, name: str) -> int:
+        v = object_versions.c
+        with self._engine.connect() as conn:
+            top = conn.execute(
+                select(func.max(v.version)).where(v.tenant == tenant, v.kind == kind.value, v.name == name)
+            ).scalar()
+        return int(top or 0) + 1
+
+    def _lock_keyring(self, conn: Connection, tenant: str) -> bool:
+        """Serializes this transaction with key changes of ``tenant``; False if the tenant has no keyring."""
+        result = conn.execute(
+            update(tenant_keyrings)
+            .where(tenant_keyrings.c.tenant == tenant)
+            .values(serial=tenant_keyrings.c.serial + 1)
+        )
+        return bool(result.rowcount)
+
+    def commit_version(self, record: VersionRecord) -> None:
+        """Makes an uploaded version visible and forgets its pending record, atomically.
+
+        Raises VersionTaken (retry with the next number), KeyUnusable (wrap again with the active key),
+        UploadGone (the pending record was cleaned up), or NotFound-like errors left to the caller to check.
+        """
+        try:
+            with self._engine.begin() as conn:
+                self._lock_keyring(conn, record.tenant)
+                state = conn.execute(select(tenant_keys.c.state).where(tenant_keys.c.key_id == record.key_id)).scalar()
+                if state is None or state == KeyState.DESTROYED.value:
+                    raise KeyUnusable(record.key_id)
+                gone = conn.execute(delete(pending_uploads).where(pending_uploads.c.object_id == record.object_id))
+                if not gone.rowcount:
+                    raise UploadGone(record.object_id)
+                if record.kind is ObjectKind.DATASET and not self._dataset_exists(conn, record.tenant, record.name):
+                    raise DatasetGone(record.name)
+                conn.execute(insert(object_versions).values(**self._version_values(record)))
+        except IntegrityError:
+            raise VersionTaken(record.name) from None
+
+    @staticmethod
+    def _version_values(record: VersionRecord) -> dict[str, Any]:
+        return {
+            "object_id": record.object_id,
+            "tenant": record.tenant,
+            "kind": record.kind.value,
+            "name": record.name,
+            "version": record.version,
+            "s3_key": record.s3_key,
+            "size_bytes": record.size_bytes,
+            "stored_bytes": record.stored_bytes,
+            "sha256": record.sha256,
+            "content_type": record.content_type,
+            "created_at": record.created_at,
+            "created_by": record.created_by,
+            "format": record.format,
+            "key_id": record.key_id,
+            "wrapped_key": record.wrapped_key,
+            "text_json": json.dumps(record.text.__dict__) if record.text else None,
+            "masking_json": json.dumps(record.masking.__dict__) if record.masking else None,
+            "metadata_json": json.dumps(record.metadata, sort_keys=True),
+        }
+
+    def delete_versions(self, versions: Sequence[VersionRecord], dataset: tuple[str, str] | None = None) -> None:
+        """Removes versions (and, when given, the dataset (tenant, name)) in one transaction, recording their
+        stored bytes as pending removal from the object store (so nothing is forgotten if that fails)."""
+        with self._engine.begin() as conn:
+            if versions:
+                ids = [v.object_id for v in versions]
+                conn.execute(delete(object_versions).where(object_versions.c.object_id.in_(ids)))
+                conn.execute(
+                    insert(pending_uploads),
+                    [
+                        {
+                            "object_id": v.object_id,
+                            "tenant": v.tenant,
+                            "s3_key": v.s3_key,
+                            "instance_id": DELETED_MARK,
+                            "started_at": datetime(1970, 1, 1, tzinfo=UTC),
+                        }
+                        for v in versions
+                    ],
+                )
+            if dataset is not None:
+                conn.execute(delete(datasets).where(datasets.c.tenant == dataset[0], datasets.c.name == dataset[1]))
+
+    def stored_bytes(self, tenant: str) -> int:
+        with self._engine.connect() as conn:
+            total = conn.execute(
+                select(func.coalesce(func.sum(object_versions.c.stored_bytes), 0)).where(
+                    object_versions.c.tenant == tenant
+                )
+            ).scalar()
+        return int(total or 0)
+
+    # -- pending uploads ---------------------------------------------------------------------------------
+
+    def add_pending(self, pending: PendingUpload) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(
+                insert(pending_uploads).values(
+                    object_id=pending.object_id,
+                    tenant=pending.tenant,
+                    s3_key=pending.s3_key,
+                    instance_id=pending.instance_id,
+                    started_at=pending.started_at,
+                )
+            )
+
+    def remove_pending(self, object_id: str) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(delete(pending_uploads).where(pending_uploads.c.object_id == object_id))
+
+    def stale_pending(self, instance_id: str, started_before: datetime) -> list[PendingUpload]:
+        """Uploads left unfinished by other (stopped) instances, started before ``started_before``."""
+        p = pending_uploads.c
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(pending_uploads).where(p.instance_id != instance_id, p.started_at < started_before)
+            ).all()
+        return [PendingUpload(r.object_id, r.tenant, r.s3_key, r.instance_id, _aware(r.started_at)) for r in rows]
+
+    # -- tenant keys -------------------------------------------------------------------------------------
+
+    def active_key(self, tenant: str) -> str | None:
+        with self._engine.connect() as conn:
+            return conn.execute(
+                select(tenant_keyrings.c.active_key_id).where(tenant_keyrings.c.tenant == tenant)
+            ).scalar()
+
+    def install_key(self, tenant: str, key_id: str) -> list[str]:
+        """Makes a new key the tenant's active one; the previously active key (if any) is retired. Returns the
+        ids of the tenant's retired keys."""
+        with self._engine.begin() as conn:
+            now = _now()
+            conn.execute(insert(tenant_keys).values(key_id=key_id, tenant=tenant, state="active", created_at=now))
+            if self._lock_keyring(conn, tenant):
+                conn.execute(
+                    update(tenant_keys)
+                    .where(
+                        tenant_keys.c.tenant == tenant, tenant_keys.c.state == "active", tenant_keys.c.key_id != key_id
+                    )
+                    .values(state=KeyState.RETIRED.value)
+                )
+                conn.execute(
+                    update(tenant_keyrings).where(tenant_keyrings.c.tenant == tenant).values(active_key_id=key_id)
+                )
+            else:
+                conn.execute(insert(tenant_keyrings).values(tenant=tenant, active_key_id=key_id, serial=0))
+            retired = conn.execute(
+                select(tenant_keys.c.key_id).where(tenant_keys.c.tenant == tenant, tenant_keys.c.state == "retired")
+            ).scalars()
+            return list(retired)
+
+    def install_first_key(self, tenant: str, key_id: str) -> bool:
+        """Installs ``key_id`` as the tenant's first key; False (nothing changed) if it already has an active key."""
+        try:
+            with self._engine.begin() as conn:
+                if self._lock_keyring(conn, tenant):
+                    active = conn.execute(
+                        select(tenant_keyrings.c.active_key_id).where(tenant_keyrings.c.tenant == tenant)
+                    ).scalar()
+                    if active is not None:
+                        return False
+                    conn.execute(
+                        insert(tenant_keys).values(key_id=key_id, tenant=tenant, state="active", created_at=_now())
+                    )
+                    conn.execute(
+                        update(tenant_keyrings).where(tenant_keyrings.c.tenant == tenant).values(active_key_id=key_id)
+                    )
+                    return True
+                conn.execute(
+                    insert(tenant_keys).values(key_id=key_id, tenant=tenant, state="active", created_at=_now())
+                )
+                conn.execute(insert(tenant_keyrings).values(tenant=tenant, active_key_id=key_id, serial=0))
+                return True
+        except IntegrityError:
+            return False  # a concurrent first upload installed one
+
+    def keys(self, tenant: str) -> list[TenantKeyRecord]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(tenant_keys).where(tenant_keys.c.tenant == tenant).order_by(tenant_keys.c.created_at)
+            ).all()
+        return [TenantKeyRecord(r.key_id, r.tenant, KeyState(r.state), _aware(r.created_at)) for r in rows]
+
+    def versions_to_rewrap(self, tenant: str, active_key_id: str, limit: int) -> list[VersionRecord]:
+        """Versions of ``tenant`` still wrapped by a live key other than the active one."""
+        query = (
+            select(*_version_columns())
+            .select_from(_versions_joined())
+            .where(
+                object_versions.c.tenant == tenant,
+                object_versions.c.key_id != active_key_id,
+                tenant_keys.c.state != KeyState.DESTROYED.value,
+            )
+            .limit(limit)
+        )
+        with self._engine.connect() as conn:
+            return [_version(row) for row in conn.execute(query)]
+
+    def rewrap(self, object_id: str, old_key_id: str, new_key_id: str, wrapped: bytes) -> bool:
+        """Replaces a version's wrapped data key, if it is still wrapped by ``old_key_id``."""
+        with self._engine.begin() as conn:
+            result = conn.execute(
+                update(object_versions)
+                .where(object_versions.c.object_id == object_id, object_versions.c.key_id == old_key_id)
+                .values(key_id=new_key_id, wrapped_key=wrapped)
+            )
+            return bool(result.rowcount)
+
+    def destroy_if_unused(self, tenant: str, key_id: str) -> bool:
+        """Marks a retired key destroyed if no version is wrapped by it any more."""
+        with self._engine.begin() as conn:
+            self._lock_keyring(conn, tenant)
+            used = conn.execute(
+                select(object_versions.c.object_id).where(object_versions.c.key_id == key_id).limit(1)
+            ).first()
+            if used is not None:
+                return False
+            result = conn.execute(
+                update(tenant_keys)
+                .where(tenant_keys.c.key_id == key_id, tenant_keys.c.state == KeyState.RETIRED.value)
+                .values(state=KeyState.DESTROYED.value, destroyed_at=_now())
+            )
+            return bool(result.rowcount)
+
+    def destroy_all_keys(self, tenant: str) -> tuple[list[str], int]:
+        """Marks every live key of ``tenant`` destroyed; returns their ids and how many versions they wrapped."""
+        with self._engine.begin() as conn:
+            self._lock_keyring(conn, tenant)
+            live = list(
+                conn.execute(
+                    select(tenant_keys.c.key_id).where(
+                        tenant_keys.c.tenant == tenant, tenant_keys.c.state != KeyState.DESTROYED.value
+                    )
+                ).scalars()
+            )
+            shredded = 0
+            if live:
+                shredded = int(
+                    conn.execute(
+                        select(func.count()).select_from(object_versions).where(object_versions.c.key_id.in_(live))
+                    ).scalar()
+                    or 0
+                )
+                conn.execute(
+                    update(tenant_keyrings).where(tenant_keyrings.c.tenant == tenant).values(active_key_id=None)
+                )
+                conn.execute(
+                    update(tenant_keys)
+                    .where(tenant_keys.c.key_id.in_(live))
+                    .values(state=KeyState.DESTROYED.value, destroyed_at=_now())
+                )
+            return live, shredded
+
+    def destroyed_key_ids(self) -> list[tuple[str, str]]:
+        """(tenant, key id) of every destroyed key (the keyring's material for them must be gone)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(tenant_keys.c.tenant, tenant_keys.c.key_id).where(
+                    tenant_keys.c.state == KeyState.DESTROYED.value
+                )
+            ).all()
+        return [(r.tenant, r.key_id) for r in rows]
+
+    # -- the local keyring's sealed keys (KeyringStore) --------------------------------------------------
+
+    def put_sealed_key(self, key: SealedKey) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(
+                insert(keyring_keys).values(
+                    key_id=key.key_id, tenant=key.tenant, sealed=key.sealed, created_at=key.created_at
+                )
+            )
+
+    def sealed_key(self, key_id: str) -> SealedKey | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(keyring_keys).where(keyring_keys.c.key_id == key_id)).first()
+        if row is None:
+            return None
+        return SealedKey(row.key_id, row.tenant, bytes(row.sealed), _aware(row.created_at))
+
+    def delete_sealed_key(self, key_id: str) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(delete(keyring_keys).where(keyring_keys.c.key_id == key_id))
+
+    def sealed_key_ids(self, key_ids: Sequence[str]) -> list[str]:
+        with self._engine.connect() as conn:
+            return list(
+                conn.execute(select(keyring_keys.c.key_id).where(keyring_keys.c.key_id.in_(list(key_ids)))).scalars()
+            )

@@ -1,0 +1,106 @@
+"""Upload and download round trips through the real service and a real S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
+from services.mesh import errors
+from tests.storage.conftest import RunningStorage
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize("size", [0, 1, 5 * MiB + 1], ids=["0B", "1B", "5MiB+1B"])
+async def test_round_trip(storage: RunningStorage, size: int) -> None:
+    client = storage.client("acme/dev")
+    content = os.urandom(size)
+    await client.create_dataset("acme", "blobs")
+    info = await client.upload("acme", "blobs", content)
+    assert (info.version, info.size_bytes) == (1, size)
+    assert info.sha256 == hashlib.sha256(content).hexdigest()
+    assert await client.download_bytes("acme", "blobs") == content
+    stat = await client.stat("acme", "blobs")
+    assert (stat.version, stat.size_bytes, stat.sha256) == (1, size, info.sha256)
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [(0, 10), (MiB - 3, 10), (2 * MiB + 100, 0), (3 * MiB + 4, 100), (0, 0)],
+    ids=["head", "across a segment boundary", "to the end", "clipped at the end", "everything"],
+)
+async def test_ranged_download(storage: RunningStorage, offset: int, length: int) -> None:
+    client = storage.client("acme/dev")
+    content = os.urandom(3 * MiB + 5)
+    await client.upload("acme", "ckpt/model.bin", content, kind=pb.OBJECT_KIND_ARTIFACT)
+    got = await client.download_bytes(
+        "acme", "ckpt/model.bin", kind=pb.OBJECT_KIND_ARTIFACT, offset=offset, length=length
+    )
+    assert got == content[offset : offset + length if length else None]
+
+
+async def test_versions_listing_pagination_and_delete(storage: RunningStorage) -> None:
+    client = storage.client("acme/dev")
+    await client.create_dataset("acme", "corpus", "support tickets")
+    for n in (1, 2, 3):
+        info = await client.upload("acme", "corpus", f"version {n}".encode(), metadata={"n": str(n)})
+        assert info.version == n and info.metadata == {"n": str(n)} and info.created_by == "user:acme/dev"
+    for i in range(5):
+        await client.upload("acme", f"runs/r{i}/metrics.json", b"{}", kind=pb.OBJECT_KIND_ARTIFACT)
+    assert await client.download_bytes("acme", "corpus", version=2) == b"version 2"
+    assert await client.download_bytes("acme", "corpus") == b"version 3"
+    [dataset] = await client.list_datasets("acme")
+    assert (dataset.name, dataset.description, dataset.latest_version) == ("corpus", "support tickets", 3)
+
+    latest = await client.list_all("acme")
+    assert [(o.kind, o.name, o.version) for o in latest] == [
+        (pb.OBJECT_KIND_ARTIFACT, f"runs/r{i}/metrics.json", 1) for i in range(5)
+    ] + [(pb.OBJECT_KIND_DATASET, "corpus", 3)]
+    pages, token, seen = 0, "", []
+    while True:
+        page, token = await client.list_objects("acme", all_versions=True, page_size=3, page_token=token)
+        pages += 1
+        seen += [(o.name, o.version) for o in page]
+        if not token:
+            break
+    assert pages == 3 and len(seen) == 8 and len(set(seen)) == 8
+    only = await client.list_all("acme", kind=pb.OBJECT_KIND_ARTIFACT, name_prefix="runs/r3")
+    assert [o.name for o in only] == ["runs/r3/metrics.json"]
+
+    keys_before = len(storage.raw_keys())
+    assert await client.delete("acme", "corpus", version=2) == [2]
+    assert [o.version for o in await client.list_all("acme", name_prefix="corpus", all_versions=True)] == [1, 3]
+    assert len(storage.raw_keys()) == keys_before - 1
+    assert await client.delete("acme", "corpus", all_versions=True) == [1, 3]
+    assert await client.list_datasets("acme") == []
+    assert len(storage.raw_keys()) == keys_before - 3
+    with pytest.raises(errors.NotFound):
+        await client.stat("acme", "corpus")
+    with pytest.raises(errors.NotFound):
+        await client.delete("acme", "corpus", all_versions=True)
+
+
+async def test_download_to_a_file_is_atomic(storage: RunningStorage, tmp_path: Path) -> None:
+    tmp_path = tmp_path / "files"
+    tmp_path.mkdir()
+    client = storage.client("acme/dev")
+    content = os.urandom(2 * MiB)
+    await client.create_dataset("acme", "file")
+    source = tmp_path / "source.bin"
+    source.write_bytes(content)
+    info = await client.upload("acme", "file", source)
+    assert info.size_bytes == len(content)
+    target = tmp_path / "out.bin"
+    assert (await client.download_to("acme", "file", target)).sha256 == info.sha256
+    assert target.read_bytes() == content
+    # A failed download leaves neither the target nor a partial file behind.
+    (key,) = storage.raw_keys()
+    storage.objects.client.put_object(storage.objects.bucket, key, io.BytesIO(b"garbage"), 7)
+    with pytest.raises(errors.DataLoss):
+        await client.download_to("acme", "file", tmp_path / "bad.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin", "source.bin"]
