@@ -8,6 +8,8 @@ health, and prints the trace of one request as it crossed the mesh.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import os
 import secrets
 import sys
@@ -20,16 +22,24 @@ from rich.console import Console
 
 from services.auth.client import AuthClient
 from services.cli.credentials import Credentials, CredentialsStore, credentials_path, take_bootstrap_admin
-from services.cli.session import cli_settings
+from services.cli.session import BearerToken, bearer_channel, cli_settings
+from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.mesh.channels import create_channel
 from services.mesh.config import SERVICE_NAMES, MeshSettings
 from services.mesh.errors import AidcError, AlreadyExists, PermissionDenied
 from services.mesh.spanstore import SpanStore, render_tree
 from services.mesh.telemetry import init_telemetry, shutdown_telemetry
+from services.storage.client import StorageClient
 
 __all__ = ["main"]
 
 console = Console(soft_wrap=True)
+
+_TWEETS = [
+    ("what a wonderful launch, loving it", "positive"),
+    ("the service was down again, terrible", "negative"),
+    ("the meeting is at noon", "neutral"),
+]
 
 
 def _step(text: str) -> None:
@@ -37,9 +47,7 @@ def _step(text: str) -> None:
 
 
 def _token_client(settings: MeshSettings, token: str) -> AuthClient:
-    from services.cli.session import BearerToken, _connect
-
-    return AuthClient(_connect(settings.auth_addr, settings, BearerToken(token)))
+    return AuthClient(bearer_channel(settings.auth_addr, settings, BearerToken(token)))
 
 
 async def _admin_token(settings: MeshSettings, anon: AuthClient) -> str:
@@ -103,6 +111,32 @@ async def run() -> None:
         machine = _token_client(settings, (await anon.exchange_api_key(key.secret)).access_token)
         who = await machine.whoami()
     console.print(f"  API key {key.api_key.key_id} authenticates as {who.subject}")
+
+    _step("The developer uploads a text dataset: validated, personal data masked, encrypted with acme's key")
+    storage = StorageClient(bearer_channel(settings.storage_addr, settings, BearerToken(tokens.access_token)))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["text", "label"])
+    writer.writerows(_TWEETS * 50)
+    writer.writerow(["call me at +1 415 555 0100 or mail jane.doe@example.com", "neutral"])
+    data = buffer.getvalue().encode()
+    dataset = f"tweets-{secrets.token_hex(2)}"
+    await storage.create_dataset("acme", dataset, "demo tweets")
+    info = await storage.upload(
+        "acme",
+        dataset,
+        data,
+        text_dataset=storage_pb.TextDatasetSpec(format=storage_pb.DATA_FORMAT_CSV),
+        masking=storage_pb.MaskingOptions(enabled=True),
+    )
+    labels = {c.label: c.count for c in info.text_dataset.labels}
+    console.print(
+        f"  {dataset} v{info.version}: {info.size_bytes} bytes, {info.text_dataset.row_count} rows, labels {labels}, "
+        f"{info.masking.masked_total} personal-data spans masked, sha256 {info.sha256[:16]}…"
+    )
+    back = await storage.download_bytes("acme", dataset)
+    console.print(f"  downloaded {len(back)} bytes; masked row: {back.splitlines()[-1].decode()!r}")
+    await storage.close()
 
     _step("What the developer may not do")
     for label, attempt in (

@@ -16,7 +16,7 @@ from services.mesh.channels import CallDetailsInterceptor, create_channel, with_
 from services.mesh.config import MeshSettings, load_settings
 from services.mesh.errors import InvalidArgument
 
-__all__ = ["BearerToken", "CliSession", "cli_settings", "open_session"]
+__all__ = ["BearerToken", "CliSession", "bearer_channel", "cli_settings", "open_session"]
 
 
 class BearerToken(CallDetailsInterceptor):
@@ -37,7 +37,7 @@ def cli_settings(env: Mapping[str, str] | None = None) -> MeshSettings:
         raise InvalidArgument(f"bad configuration: {exc}") from None
 
 
-def _connect(target: str, settings: MeshSettings, bearer: BearerToken) -> grpc.aio.Channel:
+def bearer_channel(target: str, settings: MeshSettings, bearer: BearerToken) -> grpc.aio.Channel:
     # grpc-stubs types interceptors as a placeholder that every real interceptor must be cast to.
     return create_channel(target, settings, extra_interceptors=[cast(grpc.aio.ClientInterceptor, bearer)])
 
@@ -66,7 +66,7 @@ class CliSession:
         """A channel to a mesh service carrying this session's token."""
         if service == "auth":
             return self.auth_channel
-        channel = _connect(self.settings.address_of(service), self.settings, self.bearer)
+        channel = bearer_channel(self.settings.address_of(service), self.settings, self.bearer)
         self._channels.append(channel)
         return channel
 
@@ -92,7 +92,7 @@ async def open_session(
         if stored is not None:
             auth_addr = stored.auth_addr
     bearer = BearerToken()
-    session = CliSession(settings, store, auth_addr, bearer, _connect(auth_addr, settings, bearer))
+    session = CliSession(settings, store, auth_addr, bearer, bearer_channel(auth_addr, settings, bearer))
     try:
         if authenticated:
             await session.authenticate()
