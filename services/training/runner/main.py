@@ -1,0 +1,87 @@
+"""The runner as its own process: python -m services.training.runner --job-dir DIR --spec spec.json --dataset PATH.
+
+stdout carries only the event protocol, one JSON object per line (see events.JsonLinesSink); logs go to stderr.
+Exit codes: 0 succeeded, 2 invalid spec or data, 3 parity failure, 130 cancelled (SIGTERM/SIGINT: checkpoint first),
+1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+from services.training.runner.data import LocalFileSource
+from services.training.runner.events import Cancelled, CancelToken, JsonLinesSink, StateChanged
+from services.training.runner.export import ParityError
+from services.training.runner.job import RESULT_FILE, run_job
+from services.training.runner.preflight import InvalidJob
+from services.training.runner.spec import FineTuneSpec
+from services.training.runner.store import LocalArtifactStore
+
+__all__ = ["EXIT_CANCELLED", "EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "EXIT_PARITY", "build_parser", "main"]
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+EXIT_PARITY = 3
+EXIT_CANCELLED = 130
+WORK_DIR = ".work"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.training.runner", description=__doc__)
+    parser.add_argument(
+        "--job-dir", type=Path, required=True, help="artifact directory of the job (resumed if it holds checkpoints)"
+    )
+    parser.add_argument("--spec", type=Path, required=True, help="FineTuneSpec as JSON")
+    parser.add_argument("--dataset", type=Path, required=True, help="CSV or JSONL with the text and label columns")
+    parser.add_argument("--progress-interval", type=float, default=1.0, help="seconds between progress events")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    sink = JsonLinesSink(stdout or sys.stdout)
+    cancel = CancelToken()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: cancelling after the current step", signal.Signals(signum).name)
+        cancel.cancel()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            spec = FineTuneSpec.from_json(args.spec.read_bytes())
+        except OSError as exc:
+            raise InvalidJob(f"cannot read the spec: {exc}") from exc
+        except ValueError as exc:
+            raise InvalidJob(str(exc)) from exc
+        store = LocalArtifactStore(args.job_dir)
+        run_job(
+            spec, LocalFileSource(args.dataset), store, sink, cancel, args.job_dir / WORK_DIR, args.progress_interval
+        )
+        return EXIT_OK
+    except InvalidJob as exc:
+        sink.emit(StateChanged("failed", {"reason": "invalid_argument", "message": str(exc)}))
+        return EXIT_INVALID
+    except ParityError as exc:
+        sink.emit(StateChanged("failed", {"reason": "parity", "message": str(exc), "result": RESULT_FILE}))
+        return EXIT_PARITY
+    except Cancelled as exc:
+        sink.emit(StateChanged("cancelled", {"checkpoint": exc.checkpoint}))
+        return EXIT_CANCELLED
+    except Exception as exc:
+        log.exception("fine-tune job failed")
+        sink.emit(StateChanged("failed", {"reason": "internal", "message": f"{type(exc).__name__}: {exc}"}))
+        return EXIT_FAILED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
