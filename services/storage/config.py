@@ -1,5 +1,5 @@
 """Settings of the storage service: the object store (S3 API), the master key of the local keyring, transfer
-sizes and the clean-up of interrupted uploads."""
+sizes, the clean-up of interrupted uploads and the metering interval."""
 
 from __future__ import annotations
 
@@ -65,6 +65,11 @@ class StorageSettings(MeshSettings):
     storage_verify_uploads: bool = setting(
         False, "Read back and decrypt every upload before making it visible (doubles the cost of an upload)."
     )
+    storage_metering_interval_seconds: float = setting(
+        3600.0,
+        "Seconds between the ticks that report every tenant's storage_gib_hours to billing (aligned to multiples "
+        "of it since the epoch); uploads and deletes report the span they end as well.",
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> StorageSettings:
@@ -95,6 +100,8 @@ class StorageSettings(MeshSettings):
                 raise ValueError(f"AIDC_{name.upper()} must be positive")
         if self.storage_chunk_bytes > self.max_message_bytes // 2:
             raise ValueError("AIDC_STORAGE_CHUNK_BYTES must be at most half of AIDC_MAX_MESSAGE_BYTES")
+        if self.storage_metering_interval_seconds <= 0:
+            raise ValueError("AIDC_STORAGE_METERING_INTERVAL_SECONDS must be positive")
         if self.storage_s3_timeout_seconds <= 0 or self.storage_orphan_grace_seconds < 0:
             raise ValueError("AIDC_STORAGE_S3_TIMEOUT_SECONDS must be positive, the orphan grace not negative")
         if self.storage_master_key:

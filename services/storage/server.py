@@ -1,9 +1,12 @@
-"""Wiring of the storage service: database, object store, keyring, core, servicer, and the mesh server."""
+"""Wiring of the storage service: database, object store, keyring, core, storage metering to billing, servicer,
+and the mesh server."""
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
+from services.billing.client import UsageEmitter
 from services.gen.aidc.storage.v1 import storage_service_pb2_grpc
 from services.mesh.db import open_database
 from services.mesh.security import mesh_security
@@ -12,6 +15,7 @@ from services.storage.config import StorageSettings
 from services.storage.core.crypto import LocalKeyring
 from services.storage.core.service import StorageCore, TransferLimits
 from services.storage.core.usage import UsageSink
+from services.storage.metering import StorageMeter
 from services.storage.objectstore import S3ObjectStore
 from services.storage.permissions import PERMISSIONS
 from services.storage.servicer import StorageServicer
@@ -21,15 +25,28 @@ __all__ = ["build_server", "SERVICE"]
 
 SERVICE = "storage"
 
+log = logging.getLogger(__name__)
+
 
 async def build_server(
     settings: StorageSettings, address: str | None = None, *, usage: UsageSink | None = None
 ) -> MeshServer:
-    """The storage server; ``usage`` receives usage events (none are sent anywhere until billing is wired)."""
+    """The storage server. Usage events (uploads, deletes, downloads) go to ``usage``; by default a StorageMeter
+    reporting each tenant's storage_gib_hours to billing through the service's usage outbox
+    (<data_dir>/storage/usage-outbox.db). Downloads are not metered: billing has no egress meter."""
     db = open_database(settings.database_url_for(SERVICE))
     db.migrate(MIGRATIONS, SERVICE)
     store = StorageStore(db)
     security = mesh_security(settings, SERVICE)
+    emitter: UsageEmitter | None = None
+    meter: StorageMeter | None = None
+    if usage is None:
+        emitter = UsageEmitter.for_service(settings, SERVICE)
+        meter = StorageMeter(store, emitter, interval_seconds=settings.storage_metering_interval_seconds)
+        usage = meter
+    # Billing takes usage only from a mesh service's certificate: without certificates (plaintext dev mode)
+    # every delivery would fail, so usage is metered into the outbox and delivered once mTLS is configured.
+    delivers_usage = settings.tls_dir() is not None
     core = StorageCore(
         store,
         S3ObjectStore(settings),
@@ -48,10 +65,23 @@ async def build_server(
     servicer = StorageServicer(core)
 
     async def ready() -> bool:
-        return await security.auth_reachable() and await core.start()
+        if not (await security.auth_reachable() and await core.start()):
+            return False
+        if meter is not None:
+            await meter.start()
+        if emitter is not None:
+            if delivers_usage:
+                await emitter.start()
+            else:
+                log.warning("no mesh certificates: storage usage waits in %s until mTLS is set up", emitter.outbox.path)
+        return True
 
     async def close() -> None:
         await core.close()
+        if meter is not None:
+            await meter.close()
+        if emitter is not None:
+            await emitter.close(flush_timeout=settings.shutdown_grace_seconds)
         db.dispose()
 
     return MeshServer(

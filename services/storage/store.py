@@ -1,6 +1,6 @@
 """Persistence of the storage service's metadata (SQLAlchemy Core; SQLite by default, PostgreSQL at scale):
 datasets, visible object versions with their wrapped data keys, tenant keys and their states, the local keyring's
-sealed tenant keys, and uploads in progress.
+sealed tenant keys, uploads in progress, and each tenant's storage metering point.
 
 Tenant-key bookkeeping is serialized per tenant by touching the tenant's ``tenant_keyrings`` row first in every
 transaction that depends on a key's state (a row lock on PostgreSQL; SQLite serializes writers anyway), so a key
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,7 +51,16 @@ from services.storage.core.model import (
 )
 from services.storage.core.names import ObjectKind
 
-__all__ = ["StorageStore", "MIGRATIONS", "VersionTaken", "KeyUnusable", "UploadGone", "DatasetGone", "DELETED_MARK"]
+__all__ = [
+    "StorageStore",
+    "MIGRATIONS",
+    "MeteringPoint",
+    "VersionTaken",
+    "KeyUnusable",
+    "UploadGone",
+    "DatasetGone",
+    "DELETED_MARK",
+]
 
 #: instance_id of the pending records of deleted versions whose bytes are still to be removed from the store.
 DELETED_MARK = "deleted"
@@ -130,11 +140,57 @@ pending_uploads = Table(
 )
 
 
+# Tables of later migrations live in their own MetaData, so migration 1 keeps creating exactly the first schema.
+metering_metadata = MetaData()
+
+storage_metering = Table(
+    "storage_metering",
+    metering_metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("metered_until_ns", BigInteger, nullable=False),
+    Column("observed_until_ns", BigInteger, nullable=False),
+    Column("unbilled_byte_ns", BigInteger, nullable=False),
+    Column("stored_bytes", BigInteger, nullable=False),
+    Column("due_span_start_ns", BigInteger),
+    Column("due_quantity_nanos", BigInteger),
+    # Bumped by every save: the compare-and-set token of concurrent meters (replicas on one database).
+    Column("revision", BigInteger, nullable=False),
+)
+
+
 def _create_schema(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
-MIGRATIONS = [Migration(1, "storage: datasets, versions, tenant keys, keyring, pending uploads", _create_schema)]
+def _create_metering(conn: Connection) -> None:
+    metering_metadata.create_all(conn)
+
+
+MIGRATIONS = [
+    Migration(1, "storage: datasets, versions, tenant keys, keyring, pending uploads", _create_schema),
+    Migration(2, "storage: metering points of storage_gib_hours per tenant", _create_metering),
+]
+
+
+@dataclass(frozen=True)
+class MeteringPoint:
+    """Where a tenant's storage metering stands (see services.storage.metering).
+
+    Usage before ``metered_until_ns`` has been emitted. ``unbilled_byte_ns`` is the volume integrated over
+    [metered_until_ns, observed_until_ns) that is not yet billed (or, just after an emission, the rounding residue
+    carried into the next span, which may be slightly negative); ``stored_bytes`` is the volume held since
+    ``observed_until_ns``. A ``due_*`` span [due_span_start_ns, metered_until_ns) was decided but may not be in the
+    usage outbox yet (a crash in between): it is emitted again, with the same id and content, before anything else.
+    """
+
+    tenant: str
+    metered_until_ns: int
+    observed_until_ns: int
+    unbilled_byte_ns: int
+    stored_bytes: int
+    due_span_start_ns: int | None = None
+    due_quantity_nanos: int | None = None
+    revision: int = 0
 
 
 class VersionTaken(Exception):
@@ -186,6 +242,18 @@ def _version(row: Row[Any]) -> VersionRecord:
         metadata=json.loads(m["metadata_json"]),
         key_state=KeyState(m["state"]),
     )
+
+
+def _metering_values(point: MeteringPoint) -> dict[str, Any]:
+    return {
+        "metered_until_ns": point.metered_until_ns,
+        "observed_until_ns": point.observed_until_ns,
+        "unbilled_byte_ns": point.unbilled_byte_ns,
+        "stored_bytes": point.stored_bytes,
+        "due_span_start_ns": point.due_span_start_ns,
+        "due_quantity_nanos": point.due_quantity_nanos,
+        "revision": point.revision,
+    }
 
 
 def _version_columns() -> list[Any]:
@@ -423,6 +491,74 @@ class StorageStore:
                 )
             ).scalar()
         return int(total or 0)
+
+    def stored_bytes_by_tenant(self) -> dict[str, int]:
+        """The stored volume of every tenant that stores anything."""
+        v = object_versions.c
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(v.tenant, func.sum(v.stored_bytes)).group_by(v.tenant)).all()
+        return {tenant: int(total) for tenant, total in rows if total}
+
+    # -- storage metering points -------------------------------------------------------------------------
+
+    def metering_points(self, tenant: str | None = None) -> list[MeteringPoint]:
+        """Every tenant's metering point, or only ``tenant``'s."""
+        query = select(storage_metering)
+        if tenant is not None:
+            query = query.where(storage_metering.c.tenant == tenant)
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            MeteringPoint(
+                tenant=r.tenant,
+                metered_until_ns=int(r.metered_until_ns),
+                observed_until_ns=int(r.observed_until_ns),
+                unbilled_byte_ns=int(r.unbilled_byte_ns),
+                stored_bytes=int(r.stored_bytes),
+                due_span_start_ns=None if r.due_span_start_ns is None else int(r.due_span_start_ns),
+                due_quantity_nanos=None if r.due_quantity_nanos is None else int(r.due_quantity_nanos),
+                revision=int(r.revision),
+            )
+            for r in rows
+        ]
+
+    def save_metering_points(self, changes: Sequence[tuple[MeteringPoint, MeteringPoint | None]]) -> list[bool]:
+        """Saves (new point, the point it was computed from) pairs, each only if the stored point is still the one
+        it was computed from (compare-and-set on ``revision``; None: the tenant has no point yet). Returns which
+        were saved; the others lost to a concurrent meter and must be recomputed."""
+        m = storage_metering.c
+        saved: dict[int, bool] = {}
+        # A tenant's first point is inserted once in its life: in a transaction of its own, so that losing the
+        # race (IntegrityError) spoils nothing else.
+        for i, (new, old) in enumerate(changes):
+            if old is None:
+                try:
+                    with self._engine.begin() as conn:
+                        conn.execute(insert(storage_metering).values(tenant=new.tenant, **_metering_values(new)))
+                    saved[i] = True
+                except IntegrityError:
+                    saved[i] = False
+        with self._engine.begin() as conn:
+            for i, (new, old) in enumerate(changes):
+                if old is not None:
+                    result = conn.execute(
+                        update(storage_metering)
+                        .where(m.tenant == new.tenant, m.revision == old.revision)
+                        .values(**_metering_values(new))
+                    )
+                    saved[i] = bool(result.rowcount)
+        return [saved[i] for i in range(len(changes))]
+
+    def clear_metering_due(self, spans: Sequence[tuple[str, int]]) -> None:
+        """Forgets the due spans (tenant, span start) once their events are in the usage outbox."""
+        m = storage_metering.c
+        with self._engine.begin() as conn:
+            for tenant, start in spans:
+                conn.execute(
+                    update(storage_metering)
+                    .where(m.tenant == tenant, m.due_span_start_ns == start)
+                    .values(due_span_start_ns=None, due_quantity_nanos=None)
+                )
 
     # -- pending uploads ---------------------------------------------------------------------------------
 

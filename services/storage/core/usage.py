@@ -1,7 +1,7 @@
 """The hook through which storage reports usage (bytes stored, deleted and downloaded per tenant) to billing.
 
-Billing's client is not wired in yet: the service runs with ``NoUsageSink`` until a sink that forwards these
-events to billing's RecordUsage (idempotent by ``event_id``) is passed to ``StorageCore``.
+The service wires in ``services.storage.metering.StorageMeter``, which turns these events into billing's
+storage_gib_hours; ``NoUsageSink`` is the default of a bare ``StorageCore``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class UsageSink(Protocol):
 
 
 class NoUsageSink:
-    """Discards usage events (the default until the billing client is wired in)."""
+    """Discards usage events (a StorageCore built without a sink)."""
 
     async def record(self, usage: StorageUsage) -> None:
         return None
