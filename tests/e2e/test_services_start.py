@@ -12,12 +12,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.mesh.config import SERVICE_NAMES
 from tests.conftest import free_port, service_env, start_service_process, stop_process, wait_serving
+from tests.storage.seaweed import SeaweedFS
 
 
 @pytest.mark.slow
 def test_every_service_process_reports_serving(tmp_path: Path) -> None:
     addresses = {name: f"127.0.0.1:{free_port()}" for name in SERVICE_NAMES}
-    env = service_env(tmp_path / "data", **{f"AIDC_{n.upper()}_ADDR": a for n, a in addresses.items()})
+    s3 = SeaweedFS(tmp_path / "s3")  # storage is ready only once its object store answers
+    s3.start()
+    env = service_env(tmp_path / "data", **{f"AIDC_{n.upper()}_ADDR": a for n, a in addresses.items()}, **s3.env())
     processes: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name in SERVICE_NAMES:
@@ -43,4 +46,5 @@ def test_every_service_process_reports_serving(tmp_path: Path) -> None:
     finally:
         for process in processes.values():
             stop_process(process)
+        s3.stop()
     assert {name: p.returncode for name, p in processes.items()} == {name: 0 for name in SERVICE_NAMES}
