@@ -1,19 +1,48 @@
-"""Settings of the training service."""
+"""Settings of the training service: where jobs run, how many at once, and how often runners report progress."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from services.mesh.config import MeshSettings, load_settings
+from services.mesh.config import MeshSettings, load_settings, setting
 
 __all__ = ["TrainingSettings"]
 
 
 @dataclass(frozen=True)
 class TrainingSettings(MeshSettings):
-    """MeshSettings; the training-specific settings arrive with its issue [training]."""
+    """MeshSettings plus the job directories, the local executor's concurrency and the runner's reporting."""
+
+    training_jobs_dir: str = setting("", "Directory holding one directory per job; empty: <data_dir>/training/jobs.")
+    training_max_concurrent_jobs: int = setting(1, "Fine-tune runners the local executor runs at the same time.")
+    training_progress_interval_seconds: float = setting(2.0, "Seconds between the progress events of a runner.")
+    training_runner_threads: int = setting(0, "torch threads of each runner (OMP_NUM_THREADS); 0: torch's default.")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TrainingSettings:
         return load_settings(cls, env)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.training_max_concurrent_jobs < 1:
+            raise ValueError("AIDC_TRAINING_MAX_CONCURRENT_JOBS must be at least 1")
+        if self.training_progress_interval_seconds < 0:
+            raise ValueError("AIDC_TRAINING_PROGRESS_INTERVAL_SECONDS must not be negative")
+        if self.training_runner_threads < 0:
+            raise ValueError("AIDC_TRAINING_RUNNER_THREADS must not be negative")
+
+    @property
+    def training_dir(self) -> Path:
+        return self.data_dir / "training"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Root of the job directories (each runner's --job-dir is <jobs_dir>/<job id>)."""
+        return Path(self.training_jobs_dir) if self.training_jobs_dir else self.training_dir / "jobs"
+
+    @property
+    def base_models_dir(self) -> Path:
+        """Where tenants' registered base models are unpacked (<base_models_dir>/<tenant>/<name>)."""
+        return self.training_dir / "base-models"

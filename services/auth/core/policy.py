@@ -125,6 +125,9 @@ ROLE_PERMISSIONS: dict[str, list[tuple[str, str]]] = {
         ("pools", "read"),
         ("models", "read"),
         ("artifacts", "read"),
+        # The training service publishes a finished job's model into the tenant's storage as itself when the
+        # submitter's token is gone (a job resumed after a restart, or one that outlived the token).
+        ("artifacts", "write"),
         ("datasets", "read"),
     ],
 }

@@ -92,11 +92,6 @@ class TrainingServiceStub:
                 request_serializer=aidc_dot_training_dot_v1_dot_training__service__pb2.ListBaseModelsRequest.SerializeToString,
                 response_deserializer=aidc_dot_training_dot_v1_dot_training__service__pb2.ListBaseModelsResponse.FromString,
                 _registered_method=True)
-        self.ReportJobEvents = channel.unary_unary(
-                '/aidc.training.v1.TrainingService/ReportJobEvents',
-                request_serializer=aidc_dot_training_dot_v1_dot_training__service__pb2.ReportJobEventsRequest.SerializeToString,
-                response_deserializer=aidc_dot_training_dot_v1_dot_training__service__pb2.ReportJobEventsResponse.FromString,
-                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -185,15 +180,6 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReportJobEvents(self, request, context):
-        """Internal: the runner of a job reports events (progress, metrics, logs, checkpoints, state changes) and, at the
-        end of a successful run, its result, which the service registers as a model version. Callable only by the
-        runner's identity for that job; reports from a superseded attempt -> FAILED_PRECONDITION.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -251,11 +237,6 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.ListBaseModels,
                     request_deserializer=aidc_dot_training_dot_v1_dot_training__service__pb2.ListBaseModelsRequest.FromString,
                     response_serializer=aidc_dot_training_dot_v1_dot_training__service__pb2.ListBaseModelsResponse.SerializeToString,
-            ),
-            'ReportJobEvents': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReportJobEvents,
-                    request_deserializer=aidc_dot_training_dot_v1_dot_training__service__pb2.ReportJobEventsRequest.FromString,
-                    response_serializer=aidc_dot_training_dot_v1_dot_training__service__pb2.ReportJobEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -558,33 +539,6 @@ class TrainingService:
             '/aidc.training.v1.TrainingService/ListBaseModels',
             aidc_dot_training_dot_v1_dot_training__service__pb2.ListBaseModelsRequest.SerializeToString,
             aidc_dot_training_dot_v1_dot_training__service__pb2.ListBaseModelsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReportJobEvents(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/aidc.training.v1.TrainingService/ReportJobEvents',
-            aidc_dot_training_dot_v1_dot_training__service__pb2.ReportJobEventsRequest.SerializeToString,
-            aidc_dot_training_dot_v1_dot_training__service__pb2.ReportJobEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

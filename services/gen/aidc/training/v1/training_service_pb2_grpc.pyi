@@ -64,11 +64,6 @@ class TrainingServiceStub:
     """
     ListBaseModels: _grpc.UnaryUnaryMultiCallable[_training_service_pb2.ListBaseModelsRequest, _training_service_pb2.ListBaseModelsResponse]
     """Lists the base models a tenant may fine-tune: the built-in ones and its own."""
-    ReportJobEvents: _grpc.UnaryUnaryMultiCallable[_training_service_pb2.ReportJobEventsRequest, _training_service_pb2.ReportJobEventsResponse]
-    """Internal: the runner of a job reports events (progress, metrics, logs, checkpoints, state changes) and, at the
-    end of a successful run, its result, which the service registers as a model version. Callable only by the
-    runner's identity for that job; reports from a superseded attempt -> FAILED_PRECONDITION.
-    """
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -106,11 +101,6 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     """
     ListBaseModels: _aio.UnaryUnaryMultiCallable[_training_service_pb2.ListBaseModelsRequest, _training_service_pb2.ListBaseModelsResponse]  # type: ignore[assignment]
     """Lists the base models a tenant may fine-tune: the built-in ones and its own."""
-    ReportJobEvents: _aio.UnaryUnaryMultiCallable[_training_service_pb2.ReportJobEventsRequest, _training_service_pb2.ReportJobEventsResponse]  # type: ignore[assignment]
-    """Internal: the runner of a job reports events (progress, metrics, logs, checkpoints, state changes) and, at the
-    end of a successful run, its result, which the service registers as a model version. Callable only by the
-    runner's identity for that job; reports from a superseded attempt -> FAILED_PRECONDITION.
-    """
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     """TrainingService owns fine-tune jobs, the training runner (launched through the scheduler), checkpoints,
@@ -211,16 +201,5 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_training_service_pb2.ListBaseModelsResponse, _abc.Awaitable[_training_service_pb2.ListBaseModelsResponse]]:
         """Lists the base models a tenant may fine-tune: the built-in ones and its own."""
-
-    @_abc_1.abstractmethod
-    def ReportJobEvents(
-        self,
-        request: _training_service_pb2.ReportJobEventsRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_training_service_pb2.ReportJobEventsResponse, _abc.Awaitable[_training_service_pb2.ReportJobEventsResponse]]:
-        """Internal: the runner of a job reports events (progress, metrics, logs, checkpoints, state changes) and, at the
-        end of a successful run, its result, which the service registers as a model version. Callable only by the
-        runner's identity for that job; reports from a superseded attempt -> FAILED_PRECONDITION.
-        """
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

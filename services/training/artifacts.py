@@ -1,0 +1,49 @@
+"""The training service's side of the storage service: datasets in, base-model archives in, exports out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
+from services.mesh.errors import InvalidArgument
+from services.storage.client import StorageClient
+from services.training.core.model import ArtifactEntry, DatasetVersion
+
+__all__ = ["StorageArtifacts"]
+
+_FORMATS = {storage_pb.DATA_FORMAT_CSV: "csv", storage_pb.DATA_FORMAT_JSONL: "jsonl"}
+
+
+class StorageArtifacts:
+    """ArtifactGateway over a StorageClient whose channel forwards the caller's token (create_channel)."""
+
+    def __init__(self, client: StorageClient, transfer_timeout_seconds: float = 600.0) -> None:
+        self._client = client
+        self._timeout = transfer_timeout_seconds
+
+    async def fetch_dataset(self, tenant: str, name: str, version: int, target: Path) -> tuple[DatasetVersion, str]:
+        info = await self._client.download_to(tenant, name, target, version=version, timeout=self._timeout)
+        fmt = _FORMATS.get(info.format) or _FORMATS.get(info.text_dataset.format)
+        if fmt is None:
+            head = target.read_bytes()[:1].lstrip()
+            fmt = "jsonl" if head == b"{" else "csv"
+        if info.shredded:
+            raise InvalidArgument(f"dataset {name!r} version {info.version} was crypto-shredded")
+        return DatasetVersion(name, info.version, info.sha256, info.size_bytes, info.text_dataset.row_count), fmt
+
+    async def fetch_artifact(self, tenant: str, name: str, version: int, target: Path) -> ArtifactEntry:
+        info = await self._client.download_to(
+            tenant, name, target, kind=storage_pb.OBJECT_KIND_ARTIFACT, version=version, timeout=self._timeout
+        )
+        return ArtifactEntry("artifact", info.name, info.version, info.size_bytes, info.sha256)
+
+    async def put_artifact(self, tenant: str, name: str, source: Path, role: str) -> ArtifactEntry:
+        info = await self._client.upload(
+            tenant,
+            name,
+            source,
+            kind=storage_pb.OBJECT_KIND_ARTIFACT,
+            metadata={"producer": "training", "role": role},
+            timeout=self._timeout,
+        )
+        return ArtifactEntry(role, info.name, info.version, info.size_bytes, info.sha256)

@@ -1,0 +1,111 @@
+"""Fixtures of the training service tests: real auth, a real storage service on a real SeaweedFS, and the training
+service in-process launching real runner processes; a tiny BERT (built offline) as a tenant's base model."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import grpc
+import pytest
+
+from services.cli.session import BearerToken
+from services.mesh.channels import create_channel
+from services.mesh.server import MeshServer
+from services.training.client import TrainingClient
+from services.training.config import TrainingSettings
+from services.training.core.executor import LocalExecutor, LocalHandle
+from services.training.runner.tiny import build_tiny_bert, keyword_dataset
+from services.training.server import build_server
+from tests.conftest import RunningAuth, free_port
+from tests.storage.conftest import RunningStorage, seaweed, storage, storage_process, tokens  # noqa: F401 - fixtures
+
+__all__ = ["CountingExecutor", "RunningTraining", "start_training", "tiny_model_tar"]
+
+
+class CountingExecutor(LocalExecutor):
+    """The real LocalExecutor, remembering which jobs it launched (tests assert that bad specs launch nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launched: list[str] = []
+
+    async def submit(self, job_id: str, argv: Sequence[str], env: Mapping[str, str], workdir: Path) -> LocalHandle:
+        self.launched.append(job_id)
+        return await super().submit(job_id, argv, env, workdir)
+
+
+@dataclass
+class RunningTraining:
+    server: MeshServer
+    settings: TrainingSettings
+    executor: CountingExecutor
+    tokens: dict[str, str]
+    _channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def client(self, user: str = "acme/dev") -> TrainingClient:
+        bearer = BearerToken(self.tokens[user])
+        channel = create_channel(
+            self.settings.training_addr, self.settings, extra_interceptors=[cast(grpc.aio.ClientInterceptor, bearer)]
+        )
+        self._channels.append(channel)
+        return TrainingClient(channel)
+
+    async def stop(self) -> None:
+        for channel in self._channels:
+            await channel.close(None)
+        self._channels.clear()
+        await self.server.stop(0)
+
+
+def training_settings(data_dir: Path, auth_address: str, storage_address: str) -> TrainingSettings:
+    return TrainingSettings.from_env(
+        {
+            "AIDC_DATA_DIR": str(data_dir),
+            "AIDC_AUTH_ADDR": auth_address,
+            "AIDC_STORAGE_ADDR": storage_address,
+            "AIDC_TRAINING_ADDR": f"127.0.0.1:{free_port()}",
+            "AIDC_TRAINING_PROGRESS_INTERVAL_SECONDS": "0.2",
+            "AIDC_TRAINING_RUNNER_THREADS": "1",
+        }
+    )
+
+
+async def start_training(settings: TrainingSettings, user_tokens: dict[str, str]) -> RunningTraining:
+    executor = CountingExecutor()
+    server = await build_server(settings, settings.training_addr, executor=executor)
+    await server.start()
+    await server.wait_ready()
+    return RunningTraining(server, settings, executor, user_tokens)
+
+
+@pytest.fixture
+async def training(
+    auth: RunningAuth,
+    storage: RunningStorage,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> AsyncIterator[RunningTraining]:
+    running = await start_training(
+        training_settings(tmp_path / "training", auth.address, storage.address), storage.tokens
+    )
+    yield running
+    await running.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    texts = [text for text, _ in keyword_dataset(2000, seed=99)]
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), texts, max_position_embeddings=64)
+
+
+def tiny_model_tar(model_dir: Path) -> bytes:
+    """The model directory as a gzip tar (what a tenant uploads to register a base model)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for path in sorted(model_dir.iterdir()):
+            tar.add(path, arcname=f"tiny-bert/{path.name}")
+    return out.getvalue()
