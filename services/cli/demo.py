@@ -14,6 +14,7 @@ import os
 import secrets
 import sys
 import time
+from decimal import Decimal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,15 +22,19 @@ from opentelemetry import trace
 from rich.console import Console
 
 from services.auth.client import AuthClient
+from services.billing.client import BillingClient
 from services.cli.credentials import Credentials, CredentialsStore, credentials_path, take_bootstrap_admin
 from services.cli.session import BearerToken, bearer_channel, cli_settings
+from services.gen.aidc.common.v1 import common_pb2
 from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
+from services.gen.aidc.training.v1 import training_service_pb2 as training_pb
 from services.mesh.channels import create_channel
 from services.mesh.config import SERVICE_NAMES, MeshSettings
 from services.mesh.errors import AidcError, AlreadyExists, PermissionDenied
 from services.mesh.spanstore import SpanStore, render_tree
 from services.mesh.telemetry import init_telemetry, shutdown_telemetry
 from services.storage.client import StorageClient
+from services.training.client import TrainingClient
 
 __all__ = ["main"]
 
@@ -87,7 +92,8 @@ async def run() -> None:
     await _health(settings)
 
     _step("Log in as the platform admin")
-    admin = _token_client(settings, await _admin_token(settings, anon))
+    admin_token = await _admin_token(settings, anon)
+    admin = _token_client(settings, admin_token)
     me = await admin.whoami()
     console.print(f"  logged in as {me.subject} with roles {[b.role for b in me.role_bindings]}")
 
@@ -138,6 +144,33 @@ async def run() -> None:
     console.print(f"  downloaded {len(back)} bytes; masked row: {back.splitlines()[-1].decode()!r}")
     await storage.close()
 
+    _step("The developer fine-tunes MiniLM on it: a runner process, checkpoints, TorchScript export, parity check")
+    training = TrainingClient(bearer_channel(settings.training_addr, settings, BearerToken(tokens.access_token)))
+    spec = training_pb.FineTuneSpec(
+        base_model="minilm-l6",
+        dataset=training_pb.DatasetRef(name=dataset),
+        sequence_classification=training_pb.SequenceClassificationTask(text_column="text", label_column="label"),
+        hyperparameters=training_pb.Hyperparameters(max_steps=20, batch_size=8, max_seq_length=64),
+        output_model="sentiment",
+    )
+    job = await training.submit_fine_tune(spec, tenant="acme")
+    console.print(f"  job {job.job_id} submitted (20 steps on 2 CPU cores take about a minute)")
+    async for job_event in training.watch_job(job.job_id, tenant="acme"):
+        which = job_event.WhichOneof("event")
+        if which == "state_change":
+            state = training_pb.JobState.Name(job_event.state_change.to_state).removeprefix("JOB_STATE_").lower()
+            console.print(f"  {state} {job_event.state_change.message}")
+        elif which == "metrics":
+            values = ", ".join(f"{k} {v:.3f}" for k, v in sorted(job_event.metrics.values.items()))
+            console.print(f"  epoch {job_event.metrics.epoch} step {job_event.metrics.step}: {values}")
+    version = await training.get_model_version("sentiment", tenant="acme")
+    console.print(
+        f"  registered sentiment v{version.version}: lineage {version.lineage.dataset.name} "
+        f"v{version.lineage.dataset.version} (sha256 {version.lineage.dataset_sha256[:12]}…), "
+        f"parity max |Δlogit| {version.export_parity.max_abs_logit_diff:.1e}"
+    )
+    await training.close()
+
     _step("What the developer may not do")
     for label, attempt in (
         ("create a tenant", dev.create_tenant("evil-corp")),
@@ -159,6 +192,27 @@ async def run() -> None:
     _step("The audit log of tenant acme (newest first)")
     for event in (await admin.list_audit_events("acme", page_size=6))[:6]:
         console.print(f"  {event.time.ToDatetime():%H:%M:%S}  {event.actor:<28} {event.action:<16} {event.target}")
+
+    _step("Billing: what acme used (metered exactly once) and an enforced budget")
+    billing = BillingClient(bearer_channel(settings.billing_addr, settings, BearerToken(admin_token)))
+    for _ in range(20):  # the training service's outbox delivers within a second or so
+        usage = await billing.query_usage("cpu_core_seconds", tenant="acme")
+        if usage.buckets:
+            break
+        await asyncio.sleep(0.5)
+    for meter in ("cpu_core_seconds", "storage_gib_hours"):
+        buckets = (await billing.query_usage(meter, tenant="acme")).buckets
+        total = sum((Decimal(b.value) for b in buckets), Decimal(0))
+        console.print(f"  {meter:<18} {total:>16f}  ({sum(b.event_count for b in buckets)} events)")
+    usd = common_pb2.Money(micros=100_000_000, currency="USD")
+    await billing.set_budget("acme", usd, enforce=True)
+    within = await billing.check_budget("acme", common_pb2.Money(micros=5_000_000, currency="USD"), as_caller=True)
+    beyond = await billing.check_budget("acme", common_pb2.Money(micros=500_000_000, currency="USD"), as_caller=True)
+    console.print(
+        f"  budget 100.00 USD/month enforced: a 5 USD job {'allowed' if within.allowed else 'refused'}, "
+        f"a 500 USD job {'allowed' if beyond.allowed else 'refused'} ({beyond.reason})"
+    )
+    await billing.close()
 
     _step(f"The trace of the sign-in (aidc trace {trace_id})")
     shutdown_telemetry()
