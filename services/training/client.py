@@ -25,10 +25,12 @@ class TrainingClient(ServiceClient):
 
     # -- jobs --------------------------------------------------------------------------------------------
 
-    async def submit_fine_tune(self, spec: pb.FineTuneSpec, tenant: str = "", request_id: str = "") -> pb.Job:
+    async def submit_fine_tune(
+        self, spec: pb.FineTuneSpec, tenant: str = "", request_id: str = "", timeout: float | None = None
+    ) -> pb.Job:
         request = pb.SubmitFineTuneRequest(tenant=tenant, spec=spec, request_id=request_id)
         # Idempotent only with a request id: a retry then returns the first call's job.
-        return (await self._unary(self.stub.SubmitFineTune, request, idempotent=bool(request_id))).job
+        return (await self._unary(self.stub.SubmitFineTune, request, idempotent=bool(request_id), timeout=timeout)).job
 
     async def get_job(self, job_id: str, tenant: str = "") -> pb.Job:
         request = pb.GetJobRequest(tenant=tenant, job_id=job_id)

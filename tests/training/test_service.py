@@ -67,7 +67,9 @@ async def _watch(client: TrainingClient, job_id: str, after: int = 0) -> list[pb
 async def test_fine_tune_end_to_end(storage: RunningStorage, training: RunningTraining, tiny_bert_dir: Path) -> None:
     files = await _setup(storage, training, tiny_bert_dir)
     client = training.client()
-    job = await client.submit_fine_tune(_spec(), tenant="acme", request_id="first")
+    # A short deadline on the submit call: the job outlives it and must not inherit it (its storage calls would
+    # fail DEADLINE_EXCEEDED when it publishes).
+    job = await client.submit_fine_tune(_spec(), tenant="acme", request_id="first", timeout=2.0)
     assert job.state == pb.JOB_STATE_QUEUED and job.spec.dataset.version == 1
     again = await client.submit_fine_tune(_spec(), tenant="acme", request_id="first")
     assert again.job_id == job.job_id  # idempotent on request_id

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import services
 from services.mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.mesh.identity import Principal, current_principal
+from services.mesh.interceptors import current_deadline
 from services.training.core.catalog import BaseModelCatalog, describe_model_dir
 from services.training.core.executor import ExecutionHandle, Executor, runner_environment
 from services.training.core.model import (
@@ -302,8 +303,10 @@ class TrainingCore:
 
     async def _run(self, job: JobRecord, principal: Principal | None) -> None:
         # Storage calls of this job act for the submitter while their token lasts; after a restart (no token) as
-        # the training service itself.
+        # the training service itself. The job outlives the SubmitFineTune call that launched it, so it must not
+        # inherit that call's deadline (every storage call would otherwise fail DEADLINE_EXCEEDED at once).
         current_principal.set(principal)
+        current_deadline.set(None)
         try:
             async with self._slots:
                 if job.state in TERMINAL_STATES or self._stopping:
