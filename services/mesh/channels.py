@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,9 @@ class CallDetailsInterceptor(
 ):
     """Base of client interceptors that only rewrite the call details (metadata, timeout) of every call."""
 
+    @abstractmethod
     def rewrite(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        raise NotImplementedError
+        """The details the call goes out with."""
 
     async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         return await continuation(self.rewrite(details), request)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
@@ -131,6 +132,7 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
 
     _wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]]
 
+    @abstractmethod
     def decorate(
         self,
         behavior: Behavior,
@@ -138,7 +140,7 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
         response_streaming: bool,
         details: grpc.HandlerCallDetails,
     ) -> Behavior:
-        raise NotImplementedError
+        """The new behavior of one RPC (same shape as ``behavior``)."""
 
     async def intercept_service(
         self,

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 
+from services.mesh.logs import configure_logging
 from services.platform.components import build_components
 from services.platform.supervisor import AlreadyRunning, StartupError, Supervisor, load_platform
 
@@ -16,9 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.platform", description=__doc__)
     parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for every component")
     args = parser.parse_args(argv)
-    # TODO(logging): switch to services.mesh's configure_logging() once it exists.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     platform = load_platform()
+    configure_logging("supervisor", platform.mesh.log_level)
     supervisor = Supervisor(platform, build_components(platform), startup_timeout=args.timeout)
     try:
         asyncio.run(supervisor.run())
