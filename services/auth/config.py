@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.mesh.config import MeshSettings, load_settings, setting
+from services.mesh.config import MeshSettings, check_master_key, load_settings, master_key, setting
 
 __all__ = ["AuthSettings"]
 
@@ -34,13 +31,7 @@ class AuthSettings(MeshSettings):
         super().validate()
         if self.auth_access_token_ttl_seconds <= 0 or self.auth_refresh_token_ttl_seconds <= 0:
             raise ValueError("token lifetimes must be positive")
-        if self.auth_master_key:
-            try:
-                key = base64.b64decode(self.auth_master_key, validate=True)
-            except ValueError:
-                raise ValueError("AIDC_AUTH_MASTER_KEY is not valid base64") from None
-            if len(key) != 32:
-                raise ValueError("AIDC_AUTH_MASTER_KEY must decode to 32 bytes")
+        check_master_key(self.auth_master_key, "AIDC_AUTH_MASTER_KEY")
 
     @property
     def auth_dir(self) -> Path:
@@ -52,15 +43,4 @@ class AuthSettings(MeshSettings):
 
     def master_key(self) -> bytes:
         """The configured master key, or the one in <data_dir>/auth/master.key (created 0600 on first use)."""
-        if self.auth_master_key:
-            return base64.b64decode(self.auth_master_key)
-        path = self.auth_dir / "master.key"
-        if not path.exists():
-            self.auth_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
-        key = path.read_bytes()
-        if len(key) != 32:
-            raise ValueError(f"{path} must hold exactly 32 bytes")
-        return key
+        return master_key(self.auth_master_key, self.auth_dir / "master.key")

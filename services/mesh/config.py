@@ -7,8 +7,10 @@ README's configuration table is generated from these (``aidc config``), so it ca
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
+import secrets
 import types
 import typing
 from collections.abc import Mapping
@@ -24,6 +26,8 @@ __all__ = [
     "load_settings",
     "parse_address",
     "describe_settings",
+    "check_master_key",
+    "master_key",
 ]
 
 #: Every service of the mesh, in start order.
@@ -172,3 +176,35 @@ def describe_settings(cls: type) -> list[Setting]:
             default = ",".join(str(d) for d in default)
         out.append(Setting(env=_env_name(f), default=str(default), doc=f.metadata.get("doc", "")))
     return out
+
+
+def check_master_key(value: str, env_name: str) -> None:
+    """Fails fast unless ``value`` is empty or base64 of exactly 32 bytes."""
+    if not value:
+        return
+    try:
+        key = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ValueError(f"{env_name} is not valid base64") from None
+    if len(key) != 32:
+        raise ValueError(f"{env_name} must decode to 32 bytes")
+
+
+def master_key(value: str, path: Path) -> bytes:
+    """A service's 32-byte master key: the configured base64 ``value``, else the key file at ``path`` (created
+    with mode 0600 on first use)."""
+    if value:
+        return base64.b64decode(value)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process of the service won the race
+            pass
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise ValueError(f"{path} must hold exactly 32 bytes")
+    return key

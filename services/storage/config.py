@@ -3,14 +3,11 @@ sizes, the clean-up of interrupted uploads and the metering interval."""
 
 from __future__ import annotations
 
-import base64
-import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.mesh.config import MeshSettings, load_settings, parse_address, setting
+from services.mesh.config import MeshSettings, check_master_key, load_settings, master_key, parse_address, setting
 
 __all__ = ["StorageSettings", "MIN_PART_SIZE"]
 
@@ -104,13 +101,7 @@ class StorageSettings(MeshSettings):
             raise ValueError("AIDC_STORAGE_METERING_INTERVAL_SECONDS must be positive")
         if self.storage_s3_timeout_seconds <= 0 or self.storage_orphan_grace_seconds < 0:
             raise ValueError("AIDC_STORAGE_S3_TIMEOUT_SECONDS must be positive, the orphan grace not negative")
-        if self.storage_master_key:
-            try:
-                key = base64.b64decode(self.storage_master_key, validate=True)
-            except ValueError:
-                raise ValueError("AIDC_STORAGE_MASTER_KEY is not valid base64") from None
-            if len(key) != 32:
-                raise ValueError("AIDC_STORAGE_MASTER_KEY must decode to 32 bytes")
+        check_master_key(self.storage_master_key, "AIDC_STORAGE_MASTER_KEY")
 
     @property
     def storage_dir(self) -> Path:
@@ -118,19 +109,4 @@ class StorageSettings(MeshSettings):
 
     def master_key(self) -> bytes:
         """The configured master key, or the one in <data_dir>/storage/master.key (created 0600 on first use)."""
-        if self.storage_master_key:
-            return base64.b64decode(self.storage_master_key)
-        path = self.storage_dir / "master.key"
-        if not path.exists():
-            self.storage_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # another process created it first
-                pass
-            else:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(secrets.token_bytes(32))
-        key = path.read_bytes()
-        if len(key) != 32:
-            raise ValueError(f"{path} must hold exactly 32 bytes")
-        return key
+        return master_key(self.storage_master_key, self.storage_dir / "master.key")
