@@ -1,0 +1,491 @@
+"""Static checks of the cluster deployment under deploy/ (Dockerfile, kustomize manifests, secret templates).
+
+No Docker engine, kubectl or cluster runs here, so these tests are what keeps the manifests honest: they read the
+YAML as kustomize would find it and hold it against the code itself (documented settings, service ports, each
+service's settings validation, the Triton command line `aidc up` uses, the torch pin). Overlays' patches are read,
+not applied. The image's health check runs for real against a gRPC server requiring mutual TLS.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import re
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.cli.main import documented_settings
+from services.mesh.certs import init_certificates
+from services.mesh.config import SERVICE_NAMES, MeshSettings, load_settings, parse_address
+from services.platform.components import Platform, S3Credentials, triton_argv
+from services.platform.config import PlatformSettings
+from tests.conftest import ROOT, free_port
+
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+BASE = K8S / "base"
+DATASTORES = K8S / "datastores"
+GPU = K8S / "overlays" / "gpu"
+SECRETS = K8S / "secrets" / "secrets.example.yaml"
+DOCKER = DEPLOY / "docker"
+
+#: Read by the image (entrypoint, health check), not by a settings class.
+IMAGE_VARIABLES = {"AIDC_SERVICE"}
+#: The uid the Dockerfile runs as; every pod of our image must run as it.
+IMAGE_UID = 10001
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
+#: Triton flags whose values depend on the site (paths, addresses, ports, timeouts), not on behaviour.
+TRITON_SITE_FLAGS = {
+    "--model-repository",
+    "--backend-directory",
+    "--grpc-address",
+    "--grpc-port",
+    "--http-address",
+    "--http-port",
+    "--metrics-address",
+    "--metrics-port",
+    "--exit-timeout-secs",
+    "--trace-config opentelemetry,url",
+}
+#: Flags the GPU overlay tunes: `aidc up` runs on CPU with the GPU pools off.
+TRITON_GPU_FLAGS = {"--pinned-memory-pool-byte-size", "--cuda-memory-pool-byte-size", "--allow-gpu-metrics"}
+
+
+# -- reading the tree ---------------------------------------------------------------------------------------------
+
+
+def _yaml_docs(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc is not None]
+
+
+def _kustomization(directory: Path) -> dict[str, Any]:
+    return _yaml_docs(directory / "kustomization.yaml")[0]
+
+
+def _generator_files(entry: dict[str, Any]) -> list[str]:
+    """The files a configMapGenerator/secretGenerator entry reads (``key=path`` names the key)."""
+    return [item.split("=", 1)[-1] for item in [*entry.get("files", []), *entry.get("envs", [])]]
+
+
+def _resources(directory: Path) -> list[dict[str, Any]]:
+    """Every object a kustomization's resources and components declare, recursively (patches not applied)."""
+    kustomization = _kustomization(directory)
+    docs: list[dict[str, Any]] = []
+    for entry in [*kustomization.get("resources", []), *kustomization.get("components", [])]:
+        path = (directory / entry).resolve()
+        docs.extend(_resources(path) if path.is_dir() else _yaml_docs(path))
+    return docs
+
+
+def _named(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == kind}
+
+
+def _pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for doc in docs:
+        if doc["kind"] in WORKLOADS:
+            yield f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]["spec"]
+
+
+def _containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    """A kustomize env file: KEY=VALUE lines, # comments."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"{path.name}: not KEY=VALUE: {line!r}"
+            out[key.strip()] = value
+    return out
+
+
+def _container(docs: list[dict[str, Any]], deployment: str) -> dict[str, Any]:
+    pod = _named(docs, "Deployment")[deployment]["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] if c["name"] == deployment)
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def _requirement(requirements: list[str], name: str) -> str:
+    return next(r for r in requirements if re.match(rf"{re.escape(name)}\b", r))
+
+
+@functools.cache
+def _all() -> list[dict[str, Any]]:
+    """What `kubectl apply -k overlays/gpu` creates (before its patches)."""
+    return _resources(GPU)
+
+
+@functools.cache
+def _base_docs() -> list[dict[str, Any]]:
+    return _resources(BASE)
+
+
+@functools.cache
+def _config() -> dict[str, str]:
+    """The aidc-config ConfigMap."""
+    return _env_file(BASE / "aidc.env")
+
+
+KUSTOMIZATIONS = sorted(K8S.rglob("kustomization.yaml"))
+
+
+def _default_port(service: str) -> int:
+    return parse_address(MeshSettings().address_of(service))[1]
+
+
+# -- files and references -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(DEPLOY.rglob("*.yaml")), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_yaml_file_parses(path: Path) -> None:
+    assert _yaml_docs(path), f"{path} is empty"
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda p: str(p.parent.relative_to(K8S)))
+def test_kustomizations_reference_existing_files(kustomization: Path) -> None:
+    directory = kustomization.parent
+    spec = _yaml_docs(kustomization)[0]
+    for entry in spec.get("resources", []):
+        path = directory / entry
+        assert path.is_file() or (path / "kustomization.yaml").is_file(), f"{kustomization}: missing resource {entry}"
+    for entry in spec.get("components", []):
+        assert _kustomization(directory / entry)["kind"] == "Component", f"{entry} is not a kustomize Component"
+    for patch in spec.get("patches", []):
+        assert (directory / patch["path"]).is_file(), f"{kustomization}: missing patch {patch['path']}"
+    for generator in [*spec.get("configMapGenerator", []), *spec.get("secretGenerator", [])]:
+        for name in _generator_files(generator):
+            assert (directory / name).is_file(), f"{kustomization}: missing generator file {name}"
+
+
+def test_every_manifest_is_used_and_no_secret_is_applied() -> None:
+    """A manifest no kustomization names is dead; a Secret in the applied set would overwrite the real one."""
+    used = {kustomization.resolve() for kustomization in KUSTOMIZATIONS}
+    for kustomization in KUSTOMIZATIONS:
+        spec = _yaml_docs(kustomization)[0]
+        entries = [*spec.get("resources", []), *(p["path"] for p in spec.get("patches", []))]
+        entries += [name for g in spec.get("configMapGenerator", []) for name in _generator_files(g)]
+        used |= {(kustomization.parent / entry).resolve() for entry in entries}
+    manifests = {p.resolve() for p in K8S.rglob("*.yaml")} - {SECRETS.resolve()}
+    assert manifests <= used, f"not referenced by any kustomization: {sorted(map(str, manifests - used))}"
+    assert SECRETS.resolve() not in used
+    assert not [doc for doc in _all() if doc["kind"] == "Secret"]
+
+
+def test_every_object_lands_in_the_aidc_namespace() -> None:
+    for directory in (BASE, GPU):
+        assert _kustomization(directory)["namespace"] == "aidc"
+    assert _named(_all(), "Namespace").keys() == {"aidc"}
+
+
+# -- the mesh services --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("service", SERVICE_NAMES)
+def test_each_service_has_a_deployment_and_a_service_on_its_port(service: str) -> None:
+    port = _default_port(service)
+    container = _container(_all(), service)
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+    assert {"name": "AIDC_SERVICE", "value": service} in container["env"]
+    assert container["image"].split(":")[0] == "aidc"
+    assert {"configMapRef": {"name": "aidc-config"}} in container["envFrom"]
+    assert [p["port"] for p in _named(_all(), "Service")[service]["spec"]["ports"]] == [port]
+    assert _config()[f"AIDC_{service.upper()}_ADDR"] == f"{service}.aidc.svc:{port}"
+
+
+@pytest.mark.parametrize("service", SERVICE_NAMES)
+def test_probes_run_the_image_health_check(service: str) -> None:
+    """The kubelet's gRPC probe can't present a client certificate; the in-container check can."""
+    container = _container(_all(), service)
+    assert container["readinessProbe"]["exec"]["command"] == ["aidc-healthcheck"]
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == ["aidc-healthcheck", "--live"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["tls"] == _config()["AIDC_CERTS_DIR"]
+    pod = _named(_all(), "Deployment")[service]["spec"]["template"]["spec"]
+    tls = next(v for v in pod["volumes"] if v["name"] == "tls")
+    assert tls["secret"]["secretName"] == f"aidc-tls-{service}"
+
+
+def _env_names() -> set[str]:
+    names = set(_config())
+    for _, pod in _pod_specs(_all()):
+        names |= {var["name"] for container in _containers(pod) for var in container.get("env", [])}
+    return names
+
+
+def test_every_aidc_and_otel_variable_set_is_a_documented_setting() -> None:
+    documented = {s.env for s in documented_settings()}
+    ours = {name for name in _env_names() if name.startswith(("AIDC_", "OTEL_"))}
+    assert ours - IMAGE_VARIABLES <= documented, f"undocumented: {sorted(ours - IMAGE_VARIABLES - documented)}"
+
+
+def _settings_class(service: str) -> type[MeshSettings]:
+    module = importlib.import_module(f"services.{service}.config")
+    classes = [getattr(module, name) for name in module.__all__]
+    return next(c for c in classes if isinstance(c, type) and issubclass(c, MeshSettings))
+
+
+@pytest.mark.parametrize("service", SERVICE_NAMES)
+def test_config_passes_each_service_settings_validation(service: str) -> None:
+    settings = load_settings(_settings_class(service), _config())
+    url = settings.database_url_for(service)
+    assert url.startswith("postgresql+psycopg://") and ":" not in url.split("//")[1].split("@")[0], "no password"
+    database = url.rsplit("/", 1)[1]
+    assert f"CREATE DATABASE {database};" in (DATASTORES / "postgres-databases.sql").read_text(encoding="utf-8")
+
+
+def test_cluster_settings_differ_from_laptop_defaults_where_they_must() -> None:
+    settings = load_settings(MeshSettings, _config())
+    assert settings.host == "0.0.0.0", "services must listen beyond loopback in a pod"
+    assert settings.client_auth == "require"
+    assert _config()["AIDC_SERVING_FLAVOUR"] == "libtorch"
+    assert _config()["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.aidc.svc:4317"
+
+
+# -- every pod ----------------------------------------------------------------------------------------------------
+
+
+def test_every_container_has_resources_and_a_pinned_image() -> None:
+    version = _pyproject()["project"]["version"]
+    for workload, pod in _pod_specs(_all()):
+        for container in _containers(pod):
+            where = f"{workload}/{container['name']}"
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= container["resources"][bound].keys(), f"{where}: {bound}"
+            name, _, tag = container["image"].rpartition(":")
+            assert name and tag and tag != "latest" and "/" not in tag, f"{where}: unpinned {container['image']}"
+            if name == "aidc":
+                assert tag == version, f"{where}: aidc image tag {tag} is not the project version {version}"
+    for image in _kustomization(GPU)["images"]:
+        assert image["newTag"] == version
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard() -> None:
+    labels = _named(_all(), "Namespace")["aidc"]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    for workload, pod in _pod_specs(_all()):
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["seccompProfile"]["type"] == "RuntimeDefault", workload
+        assert pod["automountServiceAccountToken"] is False, workload
+        for container in _containers(pod):
+            own = container["securityContext"]
+            assert own["allowPrivilegeEscalation"] is False and own["capabilities"]["drop"] == ["ALL"], workload
+            if container["image"].startswith("aidc:"):
+                assert context["runAsUser"] == IMAGE_UID and own["readOnlyRootFilesystem"] is True, workload
+
+
+def test_secret_references_have_templates_with_placeholders_only() -> None:
+    templates = {doc["metadata"]["name"]: doc["stringData"] for doc in _yaml_docs(SECRETS)}
+    for values in templates.values():
+        assert all(value.startswith("REPLACE_WITH_") for value in values.values())
+    for workload, pod in _pod_specs(_all()):
+        for container in _containers(pod):
+            for var in container.get("env", []):
+                ref = var.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in templates.get(ref["name"], {}), f"{workload}: no template for {ref}"
+        for volume in pod.get("volumes", []):
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in templates, f"{workload}: no template for {volume}"
+    for service in SERVICE_NAMES:
+        assert set(templates[f"aidc-tls-{service}"]) == {"ca.pem", f"{service}.pem", f"{service}-key.pem"}
+    # The CA's key signs identities: it must never be handed to a pod.
+    assert not [key for values in templates.values() for key in values if key == "ca-key.pem"]
+
+
+# -- Triton -------------------------------------------------------------------------------------------------------
+
+
+def _flags(argv: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``--flag=value`` -> {flag: value}; ``--trace-config key=value`` -> {"--trace-config key": value}."""
+    out: dict[str, str] = {}
+    args = iter(argv)
+    for arg in args:
+        if arg == "--trace-config":
+            key, _, value = next(args).partition("=")
+            out[f"--trace-config {key}"] = value
+        else:
+            flag, _, value = arg.partition("=")
+            out[flag] = value
+    return out
+
+
+def _local_triton_flags() -> dict[str, str]:
+    """The flags `aidc up` starts Triton with (argv[0] is the binary)."""
+    platform = Platform(mesh=MeshSettings(), platform=PlatformSettings(), credentials=S3Credentials("id", "secret"))
+    return _flags(triton_argv(platform)[1:])
+
+
+@pytest.mark.parametrize("variant", ["base", "gpu"])
+def test_triton_runs_like_aidc_up(variant: str) -> None:
+    """Same flags as services/platform/components.triton_argv; only site-specific values (and GPU pools) differ."""
+    container = _container(_base_docs(), "triton")
+    args = container["args"]
+    if variant == "gpu":
+        args = _container(_yaml_docs(GPU / "triton-gpu.yaml"), "triton")["args"]
+    assert container["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    cluster, local = _flags(args), _local_triton_flags()
+    assert cluster.keys() == local.keys()
+    free = TRITON_SITE_FLAGS | (TRITON_GPU_FLAGS if variant == "gpu" else set())
+    assert {k: v for k, v in cluster.items() if k not in free} == {k: v for k, v in local.items() if k not in free}
+    assert cluster["--model-control-mode"] == "explicit" and cluster["--trace-config mode"] == "opentelemetry"
+    assert cluster["--model-repository"] == _config()["AIDC_MODEL_REPOSITORY"]
+    assert cluster["--trace-config opentelemetry,url"] == "http://otel-collector.aidc.svc:4318/v1/traces"
+    services = _named(_all(), "Service")
+    assert {"name": "otlp-http", "port": 4318, "targetPort": "otlp-http"} in services["otel-collector"]["spec"]["ports"]
+    triton_ports = {p["name"]: p["port"] for p in services["triton"]["spec"]["ports"]}
+    assert int(cluster["--grpc-port"]) == triton_ports["grpc"] == parse_address(_config()["AIDC_TRITON_GRPC_ADDR"])[1]
+    assert int(cluster["--http-port"]) == triton_ports["http"]
+    assert int(cluster["--metrics-port"]) == triton_ports["metrics"]
+
+
+def test_gpu_overlay_gives_triton_and_training_one_gpu_each() -> None:
+    """The base runs on any cluster (CPU); the overlay's patches add a GPU to containers that exist in the base."""
+    patched = set()
+    for patch in _kustomization(GPU)["patches"]:
+        for doc in _yaml_docs(GPU / patch["path"]):
+            target = _named(_base_docs(), doc["kind"])[doc["metadata"]["name"]]
+            names = {c["name"] for c in target["spec"]["template"]["spec"]["containers"]}
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                assert container["name"] in names
+                if container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") == 1:
+                    patched.add(container["name"])
+    assert patched == {"triton", "training"}
+    for _, pod in _pod_specs(_base_docs()):
+        assert not any("nvidia.com/gpu" in str(c["resources"]) for c in pod["containers"])
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed")
+def test_kustomize_builds_the_gpu_overlay_as_the_static_checks_assume() -> None:
+    """The real kustomize: generated ConfigMaps are referenced by their hashed names, patches land, images move
+    to the registry, every namespaced object is in aidc."""
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(GPU)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    docs = [doc for doc in yaml.safe_load_all(built) if doc is not None]
+    assert {doc["metadata"].get("namespace") for doc in docs if doc["kind"] != "Namespace"} == {"aidc"}
+    config = next(name for name in _named(docs, "ConfigMap") if name.startswith("aidc-config-"))
+    image = next(i for i in _kustomization(GPU)["images"] if i["name"] == "aidc")
+    assert _named(docs, "ConfigMap")[config]["data"] == _config()
+    for service in SERVICE_NAMES:
+        container = _container(docs, service)
+        assert container["envFrom"] == [{"configMapRef": {"name": config}}]
+        assert container["image"] == f"{image['newName']}:{image['newTag']}"
+    triton = _container(docs, "triton")
+    assert triton["args"] == _container(_yaml_docs(GPU / "triton-gpu.yaml"), "triton")["args"]
+    assert triton["resources"]["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": 1}
+    assert _container(docs, "training")["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+# -- the image ----------------------------------------------------------------------------------------------------
+
+
+def test_dockerfile_pins_torch_and_the_database_driver_like_pyproject() -> None:
+    dockerfile = (DOCKER / "Dockerfile").read_text(encoding="utf-8")
+    project = _pyproject()["project"]
+    torch = _requirement(project["dependencies"], "torch")
+    assert torch.startswith("torch==")
+    assert f"ARG TORCH_VERSION={torch.removeprefix('torch==')}\n" in dockerfile
+    assert '"torch==${TORCH_VERSION}"' in dockerfile
+    psycopg = _requirement(project["optional-dependencies"]["dev"], "psycopg")
+    assert f'ARG PSYCOPG_REQUIREMENT="{psycopg}"' in dockerfile
+    assert re.search(r"^FROM python:3\.11-slim", dockerfile, re.M)
+    assert f"USER {IMAGE_UID}:{IMAGE_UID}" in dockerfile
+
+
+def test_image_entrypoint_starts_every_service() -> None:
+    entrypoint = (DOCKER / "entrypoint.sh").read_text(encoding="utf-8")
+    case = re.search(r"^\s*(auth \|.*)\)$", entrypoint, re.M)
+    assert case is not None
+    assert {name.strip() for name in case.group(1).split("|")} == set(SERVICE_NAMES)
+
+
+def test_build_context_admits_what_the_dockerfile_copies_and_nothing_secret() -> None:
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
+    rules = [line for line in ignore if line and not line.startswith("#")]
+    assert rules[0] == "*", "an allowlist: everything is excluded first"
+    admitted = {line[1:] for line in ignore if line.startswith("!")}
+    dockerfile = (DOCKER / "Dockerfile").read_text(encoding="utf-8")
+    for line in re.findall(r"^COPY (.+)$", dockerfile, re.M):
+        sources = [word for word in line.split()[:-1] if not word.startswith("--")]
+        assert all(source == "." or source in admitted for source in sources), line
+    assert not admitted & {".aidc", ".venv", ".runtime", ".git"}
+
+
+# -- the health check, for real ----------------------------------------------------------------------------------
+
+
+def _load_healthcheck() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("aidc_healthcheck", DOCKER / "healthcheck.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def mtls_health_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[health.HealthServicer]:
+    """A real gRPC server requiring client certificates from the mesh CA, with the stock health servicer; the
+    environment is the pod's: the certificates directory and the service's address."""
+    certs = tmp_path / "certs"
+    init_certificates(certs, ["auth", "storage"])
+    port = free_port()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials(
+        [((certs / "auth-key.pem").read_bytes(), (certs / "auth.pem").read_bytes())],
+        root_certificates=(certs / "ca.pem").read_bytes(),
+        require_client_auth=True,
+    )
+    server.add_secure_port(f"127.0.0.1:{port}", credentials)
+    server.start()
+    monkeypatch.setenv("AIDC_CERTS_DIR", str(certs))
+    monkeypatch.setenv("AIDC_AUTH_ADDR", f"auth.aidc.svc:{port}")
+    monkeypatch.setenv("AIDC_STORAGE_ADDR", f"storage.aidc.svc:{free_port()}")
+    monkeypatch.setenv("AIDC_SERVICE", "auth")
+    try:
+        yield servicer
+    finally:
+        server.stop(None)
+
+
+def test_health_check_passes_mutual_tls_with_the_pods_own_certificate(
+    mtls_health_server: health.HealthServicer,
+) -> None:
+    healthcheck = _load_healthcheck()
+    mtls_health_server.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert healthcheck.main([]) == 1, "not ready while NOT_SERVING"
+    assert healthcheck.main(["--live"]) == 0, "but alive: a service waiting for its dependencies is not restarted"
+    mtls_health_server.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert healthcheck.main([]) == 0
+    assert healthcheck.main(["storage"]) == 1, "nothing listens on storage's port"
+
+
+def test_health_check_fails_without_readable_certificates(
+    mtls_health_server: health.HealthServicer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    healthcheck = _load_healthcheck()
+    mtls_health_server.set("", health_pb2.HealthCheckResponse.SERVING)
+    monkeypatch.setenv("AIDC_CERTS_DIR", str(tmp_path / "missing"))
+    assert healthcheck.main([]) == 1
+    monkeypatch.delenv("AIDC_SERVICE")
+    assert healthcheck.main([]) == 2
