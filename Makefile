@@ -33,13 +33,13 @@ proto-check: $(STAMP)
 	npx --yes @bufbuild/buf@1.75.0 lint
 
 lint: $(STAMP)
-	$(BIN)/ruff check services tests scripts
-	$(BIN)/ruff format --check services tests scripts
+	$(BIN)/ruff check services tests scripts model_repository
+	$(BIN)/ruff format --check services tests scripts model_repository
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format services tests scripts
-	$(BIN)/ruff check --fix services tests scripts
+	$(BIN)/ruff format services tests scripts model_repository
+	$(BIN)/ruff check --fix services tests scripts model_repository
 
 # Everything CI runs: generated code fresh, buf lint, ruff, mypy, then the whole suite (slow tests included).
 # Under CI=true the PostgreSQL server is installed first, because there the PostgreSQL tests must not skip.
