@@ -76,12 +76,14 @@ def secured_server(
     readiness: Callable[[], Awaitable[bool]] | None = None,
     on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
     address: str | None = None,
+    security: MeshSecurity | None = None,
 ) -> MeshServer:
     """A MeshServer for a service other than auth: callers verified with auth's keys, decisions from auth.
 
-    It reports SERVING once auth is reachable and the service's own readiness check passes.
+    It reports SERVING once auth is reachable and the service's own readiness check passes. A service that makes
+    its own decisions too (the inference gateway) passes the ``security`` it also uses.
     """
-    security = mesh_security(settings, name)
+    security = security or mesh_security(settings, name)
 
     async def ready() -> bool:
         return await security.auth_reachable() and (readiness is None or await readiness())
