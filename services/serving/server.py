@@ -1,15 +1,26 @@
-"""Wiring of the serving service.
-
-Until its issue [serving] lands, the service serves only health and reflection: it does not register
-ServingService at all, so its RPCs answer UNIMPLEMENTED from gRPC itself rather than pretending to work.
-"""
+"""Wiring of the serving service: database, registry source (training + storage clients), the live repository,
+Triton control, the deployments core and servicer, the inference gateway, and the mesh server carrying both."""
 
 from __future__ import annotations
 
-from services.mesh.authz import PermissionTable
-from services.mesh.security import secured_server
-from services.mesh.server import MeshServer
+from services.gen.aidc.serving.v1 import serving_service_pb2_grpc
+from services.mesh.channels import create_channel
+from services.mesh.db import open_database
+from services.mesh.security import mesh_security, secured_server
+from services.mesh.server import MeshServer, Registration
 from services.serving.config import ServingSettings
+from services.serving.core.deployments import DeploymentsCore, RolloutOptions
+from services.serving.gateway import GATEWAY_PERMISSIONS, build_gateway
+from services.serving.permissions import PERMISSIONS
+from services.serving.registry import RegistrySource
+from services.serving.repository import LiveRepository
+from services.serving.routes import Routes
+from services.serving.s3mirror import S3RepositoryMirror
+from services.serving.servicer import ServingServicer
+from services.serving.store import MIGRATIONS, DeploymentStore
+from services.serving.triton import TritonControl
+from services.storage.client import StorageClient
+from services.training.client import TrainingClient
 
 __all__ = ["build_server", "SERVICE"]
 
@@ -17,4 +28,65 @@ SERVICE = "serving"
 
 
 async def build_server(settings: ServingSettings, address: str | None = None) -> MeshServer:
-    return secured_server(SERVICE, settings, registrations=[], permissions=PermissionTable({}), address=address)
+    db = open_database(settings.database_url_for(SERVICE))
+    db.migrate(MIGRATIONS, SERVICE)
+    security = mesh_security(settings, SERVICE)
+    routes = Routes()
+    source = RegistrySource(
+        TrainingClient(create_channel(settings.training_addr, settings, identity=SERVICE)),
+        StorageClient(create_channel(settings.storage_addr, settings, identity=SERVICE)),
+    )
+    triton = TritonControl(settings.triton_grpc_addr, settings.serving_rollout_timeout_seconds)
+    # On a cluster Triton reads the repository from S3: the local directory is then the staging area, mirrored.
+    s3 = settings.model_repository_s3
+    mirror = S3RepositoryMirror.from_env(s3) if s3 else None
+    core = DeploymentsCore(
+        DeploymentStore(db),
+        source,
+        LiveRepository(
+            settings.model_repository_path, settings.serving_flavour, settings.serving_python_env, mirror=mirror
+        ),
+        triton,
+        routes,
+        RolloutOptions(
+            exports_dir=settings.serving_dir / "exports",
+            rollout_timeout_seconds=settings.serving_rollout_timeout_seconds,
+            reconcile_interval_seconds=settings.serving_reconcile_interval_seconds,
+            alias_poll_seconds=settings.serving_alias_poll_seconds,
+        ),
+    )
+    gateway = build_gateway(settings, routes, security)
+    servicer = ServingServicer(core)
+    # Billing takes usage only from a mesh service's certificate: without certificates (plaintext dev mode) the
+    # gateway's usage waits in its outbox until mTLS is configured.
+    delivers_usage = settings.tls_dir() is not None
+
+    async def ready() -> bool:
+        # Not Triton's readiness: deployments can be listed and changed while Triton is down, and the gateway
+        # answers UNAVAILABLE for inference until it is back (ServerReady tells clients which).
+        await gateway.start(deliver_usage=delivers_usage)
+        return await core.start()
+
+    async def close() -> None:
+        await core.close()
+        await gateway.close(flush_timeout=settings.shutdown_grace_seconds)
+        await triton.close()
+        await source.close()
+        db.dispose()
+
+    return secured_server(
+        SERVICE,
+        settings,
+        registrations=[
+            Registration(
+                "aidc.serving.v1.ServingService",
+                lambda server: serving_service_pb2_grpc.add_ServingServiceServicer_to_server(servicer, server),
+            ),
+            gateway.registration(),
+        ],
+        permissions=PERMISSIONS.merged(GATEWAY_PERMISSIONS),
+        readiness=ready,
+        on_stop=[close],
+        address=address,
+        security=security,
+    )

@@ -1,0 +1,1 @@
+"""The serving service's domain: deployments and their rollouts, independent of gRPC."""

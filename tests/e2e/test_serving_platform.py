@@ -1,0 +1,240 @@
+"""Serving as a tenant meets it, on the real platform `aidc up` starts (mTLS on, every component its own process):
+fine-tune, deploy by alias, infer with the stock `tritonclient.grpc` through the gateway, one trace from the gateway
+through auth and Triton to billing, usage metered in billing, the alias moved (the deployment follows), Triton killed
+(UNAVAILABLE within the deadline) and restarted by the supervisor (serving again without restarting the mesh)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import TypeVar, cast
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from services.auth.client import AuthClient
+from services.billing.client import BillingClient
+from services.cli.session import BearerToken
+from services.gen.aidc.serving.v1 import serving_service_pb2 as serving_pb
+from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
+from services.gen.aidc.training.v1 import training_service_pb2 as training_pb
+from services.mesh.channels import create_channel
+from services.mesh.config import MeshSettings, load_settings
+from services.mesh.spanstore import SpanStore
+from services.serving.client import ServingClient
+from services.storage.client import StorageClient
+from services.training.client import TrainingClient
+from services.training.runner.tiny import build_tiny_bert, keyword_dataset, to_csv
+from tests.platform.test_supervisor import Platform, platform_env  # noqa: F401 - fixture
+from tests.training.conftest import tiny_model_tar
+
+pytestmark = pytest.mark.slow
+
+_T = TypeVar("_T")
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+_TERMINAL = {training_pb.JOB_STATE_SUCCEEDED, training_pb.JOB_STATE_FAILED, training_pb.JOB_STATE_CANCELLED}
+
+
+class Mesh:
+    """Channels to the platform's services over mTLS (the CLI's certificate) carrying one user's token."""
+
+    def __init__(self, settings: MeshSettings) -> None:
+        self.settings = settings
+        self._channels: list[grpc.aio.Channel] = []
+
+    def channel(self, service: str, token: str = "") -> grpc.aio.Channel:
+        interceptors = [cast(grpc.aio.ClientInterceptor, BearerToken(token))] if token else []
+        channel = create_channel(self.settings.address_of(service), self.settings, extra_interceptors=interceptors)
+        self._channels.append(channel)
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close(None)
+
+
+def _triton_client(p: Platform) -> triton_grpc.InferenceServerClient:
+    """A stock tritonclient pointed at the gateway (not at Triton): TLS with the CLI's certificate."""
+    certs = p.data_dir / "certs"
+    return triton_grpc.InferenceServerClient(
+        p.env["AIDC_SERVING_ADDR"],
+        ssl=True,
+        root_certificates=str(certs / "ca.pem"),
+        private_key=str(certs / "cli-key.pem"),
+        certificate_chain=str(certs / "cli.pem"),
+    )
+
+
+def _text_input(texts: list[str]) -> triton_grpc.InferInput:
+    tensor = triton_grpc.InferInput("TEXT", [len(texts), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=np.object_))
+    return tensor
+
+
+async def _eventually(probe: Callable[[], Awaitable[_T | None]], timeout: float, what: str) -> _T:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await probe()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"{what} not seen within {timeout:.0f}s"
+        await asyncio.sleep(0.5)
+
+
+async def _fine_tune(mesh: Mesh, token: str, tiny_bert: Path, seed: int) -> int:
+    training = TrainingClient(mesh.channel("training", token))
+    spec = training_pb.FineTuneSpec(
+        base_model="tiny-bert",
+        dataset=training_pb.DatasetRef(name="keywords"),
+        sequence_classification=training_pb.SequenceClassificationTask(),
+        hyperparameters=training_pb.Hyperparameters(
+            epochs=3, batch_size=8, learning_rate=3e-3, max_seq_length=32, eval_fraction=0.2, seed=seed
+        ),
+        output_model="keywords-clf",
+    )
+    job = await training.submit_fine_tune(spec, tenant="acme")
+    async for event in training.watch_job(job.job_id, tenant="acme"):
+        if event.HasField("state_change") and event.state_change.to_state in _TERMINAL:
+            break
+    done = await training.get_job(job.job_id, tenant="acme")
+    assert done.state == training_pb.JOB_STATE_SUCCEEDED, done.error
+    return int(done.model_version)
+
+
+async def _scenario(p: Platform, admin_password: str, work: Path) -> None:
+    settings = load_settings(MeshSettings, p.env)
+    mesh = Mesh(settings)
+    try:
+        anon = AuthClient(mesh.channel("auth"))
+        admin_token = (await anon.login("platform", "admin", admin_password)).access_token
+        admin = AuthClient(mesh.channel("auth", admin_token))
+        for tenant in ("acme", "globex"):
+            await admin.create_tenant(tenant)
+            await admin.create_user(tenant, "dev", "correct horse battery", ["developer"])
+        dev = (await anon.login("acme", "dev", "correct horse battery")).access_token
+        other = (await anon.login("globex", "dev", "correct horse battery")).access_token
+
+        # A tiny BERT fine-tuned twice on keyword data: versions 1 and 2; alias production -> 1.
+        files = StorageClient(mesh.channel("storage", dev))
+        await files.create_dataset("acme", "keywords")
+        await files.upload(
+            "acme",
+            "keywords",
+            to_csv(keyword_dataset(600, seed=1)),
+            text_dataset=storage_pb.TextDatasetSpec(format=storage_pb.DATA_FORMAT_CSV),
+        )
+        tiny = build_tiny_bert(
+            work / "tiny-bert", [t for t, _ in keyword_dataset(2000, seed=99)], max_position_embeddings=64
+        )
+        await files.upload("acme", "bases/tiny-bert.tar.gz", tiny_model_tar(tiny), kind=storage_pb.OBJECT_KIND_ARTIFACT)
+        training = TrainingClient(mesh.channel("training", dev))
+        await training.register_base_model("tiny-bert", "bases/tiny-bert.tar.gz", tenant="acme")
+        assert await _fine_tune(mesh, dev, tiny, seed=7) == 1
+        await training.set_alias("keywords-clf", "production", 1, tenant="acme")
+
+        serving = ServingClient(mesh.channel("serving", dev))
+        deployed = await serving.deploy("keywords-clf", alias="production", wait=True)
+        assert (deployed.state, deployed.version, deployed.alias) == (
+            serving_pb.DEPLOYMENT_STATE_READY,
+            1,
+            "production",
+        )
+
+        # The stock Triton client, unchanged but for the bearer token, against the gateway.
+        client = _triton_client(p)
+        headers = {"authorization": f"Bearer {dev}"}
+        assert client.is_server_live(headers=headers) and client.is_server_ready(headers=headers)
+        assert client.is_model_ready("keywords-clf", headers=headers)
+        metadata = client.get_model_metadata("keywords-clf", headers=headers)
+        assert metadata.name == "keywords-clf" and {i.name for i in metadata.inputs} >= {"TEXT"}
+        texts = [text for text, _ in keyword_dataset(6, seed=5)]
+        traced = {**headers, "traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}
+        result = client.infer("keywords-clf", [_text_input(texts)], headers=traced)
+        labels = [label.decode() for label in result.as_numpy("LABEL").reshape(-1)]
+        assert len(labels) == 6 and set(labels) <= {"negative", "neutral", "positive"}
+        assert result.get_response().model_name == "keywords-clf"
+
+        # Tenancy at the gateway.
+        with pytest.raises(InferenceServerException, match="PERMISSION_DENIED|may not"):
+            client.infer("acme/keywords-clf", [_text_input(texts)], headers={"authorization": f"Bearer {other}"})
+        with pytest.raises(InferenceServerException, match="UNAUTHENTICATED|credentials"):
+            client.infer("keywords-clf", [_text_input(texts)])
+        with pytest.raises(InferenceServerException, match="NOT_FOUND|not deployed"):
+            client.infer("no-such-model", [_text_input(texts)], headers=headers)
+
+        # One trace: the gateway, auth's permission check, Triton's request and compute spans, billing's budget check.
+        store = SpanStore(p.data_dir / "traces")
+
+        async def whole_trace() -> set[str] | None:
+            services = {span.service for span in store.spans(TRACE_ID)}
+            return services if {"serving", "auth", "triton", "billing"} <= services else None
+
+        await _eventually(whole_trace, 30, "gateway, auth, Triton and billing spans in one trace")
+        names = {span.name for span in store.spans(TRACE_ID) if span.service == "triton"}
+        assert any("InferRequest" in name for name in names) and any("compute" in name.lower() for name in names), names
+
+        # Usage: one inference_requests event per served request, in billing.
+        billing = BillingClient(mesh.channel("billing", admin_token))
+
+        async def metered() -> Decimal | None:
+            buckets = (await billing.query_usage("inference_requests", tenant="acme")).buckets
+            total = sum((Decimal(b.value) for b in buckets), Decimal(0))
+            return total if total >= 1 else None
+
+        assert await _eventually(metered, 30, "inference usage in billing") >= 1
+
+        # The alias moves to a new version: the deployment follows it without anyone calling Deploy.
+        assert await _fine_tune(mesh, dev, tiny, seed=8) == 2
+        await training.set_alias("keywords-clf", "production", 2, tenant="acme")
+
+        async def moved() -> bool:
+            return (await serving.get_deployment("keywords-clf")).version == 2
+
+        await _eventually(moved, 60, "the deployment following its alias to version 2")
+
+        # Triton killed: UNAVAILABLE well within the deadline; the supervisor restarts it and serving reloads it.
+        triton_pid = next(c.pid for c in p.state().components if c.name == "triton")
+        assert triton_pid is not None
+        import os
+        import signal
+
+        os.kill(triton_pid, signal.SIGKILL)
+        began = time.monotonic()
+        with pytest.raises(InferenceServerException, match="UNAVAILABLE|unavailable"):
+            client.infer("keywords-clf", [_text_input(texts)], headers=headers, client_timeout=5.0)
+        assert time.monotonic() - began < 5.0
+
+        async def serving_again() -> bool:
+            try:
+                return (
+                    client.infer("keywords-clf", [_text_input(texts)], headers=headers, client_timeout=5.0) is not None
+                )
+            except InferenceServerException:
+                return False
+
+        await _eventually(serving_again, 90, "inference after Triton's restart")
+        client.close()
+    finally:
+        await mesh.close()
+
+
+def test_serving_through_the_platform(platform_env: Platform, tmp_path: Path) -> None:  # noqa: F811
+    p = platform_env
+    p.env.update(
+        AIDC_SERVING_ALIAS_POLL_SECONDS="1",
+        AIDC_SERVING_RECONCILE_INTERVAL_SECONDS="0.5",
+        AIDC_SERVING_METERING_INTERVAL_SECONDS="0.5",
+        AIDC_RESTART_BACKOFF_SECONDS="0.5",
+    )
+    up = p.cli("up", "--detach")
+    assert up.returncode == 0, p.diagnostics(up)
+    match = re.search(r"password:\s+(\S+)", up.stdout)
+    assert match is not None, up.stdout
+    asyncio.run(_scenario(p, match.group(1), tmp_path))

@@ -1,0 +1,147 @@
+"""Fixtures of the serving tests: real auth, storage (on a real SeaweedFS) and training services in-process, a real
+tritonserver process, and the serving service in-process; fine-tunes of a tiny BERT register the versions that get
+deployed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import grpc
+import pytest
+
+from services.cli.session import BearerToken
+from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
+from services.gen.aidc.training.v1 import training_service_pb2 as training_pb
+from services.mesh.channels import create_channel
+from services.mesh.server import MeshServer
+from services.serving.client import ServingClient, TextClassifierClient
+from services.serving.config import ServingSettings
+from services.serving.server import build_server
+from services.training.runner.tiny import keyword_dataset, to_csv
+from tests.conftest import RunningAuth, free_port
+from tests.serving.triton import TritonProcess
+from tests.storage.conftest import RunningStorage, seaweed, storage, tokens  # noqa: F401 - fixtures
+from tests.training.conftest import RunningTraining, tiny_bert_dir, tiny_model_tar, training  # noqa: F401 - fixtures
+
+__all__ = ["RunningServing", "start_serving", "serving_settings", "fine_tune"]
+
+_TERMINAL = {training_pb.JOB_STATE_SUCCEEDED, training_pb.JOB_STATE_FAILED, training_pb.JOB_STATE_CANCELLED}
+
+
+@pytest.fixture
+def triton(tmp_path: Path) -> Iterator[TritonProcess]:
+    process = TritonProcess(tmp_path / "model_repository", tmp_path / "triton")
+    process.start()
+    yield process
+    process.stop()
+
+
+def serving_settings(
+    data_dir: Path, auth_addr: str, storage_addr: str, training_addr: str, triton: TritonProcess
+) -> ServingSettings:
+    return ServingSettings.from_env(
+        {
+            "AIDC_DATA_DIR": str(data_dir),
+            "AIDC_AUTH_ADDR": auth_addr,
+            "AIDC_STORAGE_ADDR": storage_addr,
+            "AIDC_TRAINING_ADDR": training_addr,
+            "AIDC_BILLING_ADDR": f"127.0.0.1:{free_port()}",
+            "AIDC_SERVING_ADDR": f"127.0.0.1:{free_port()}",
+            "AIDC_TRITON_GRPC_ADDR": triton.grpc_addr,
+            "AIDC_MODEL_REPOSITORY": str(triton.repository),
+            "AIDC_SERVING_RECONCILE_INTERVAL_SECONDS": "0.3",
+            "AIDC_SERVING_ROLLOUT_TIMEOUT_SECONDS": "120",
+        }
+    )
+
+
+@dataclass
+class RunningServing:
+    server: MeshServer
+    settings: ServingSettings
+    tokens: dict[str, str]
+    _channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def channel(self, user: str = "acme/dev") -> grpc.aio.Channel:
+        bearer = BearerToken(self.tokens[user])
+        channel = create_channel(
+            self.settings.serving_addr, self.settings, extra_interceptors=[cast(grpc.aio.ClientInterceptor, bearer)]
+        )
+        self._channels.append(channel)
+        return channel
+
+    def client(self, user: str = "acme/dev") -> ServingClient:
+        return ServingClient(self.channel(user))
+
+    def classifier(self, user: str = "acme/dev") -> TextClassifierClient:
+        return TextClassifierClient(self.channel(user))
+
+    async def stop(self) -> None:
+        for channel in self._channels:
+            await channel.close(None)
+        self._channels.clear()
+        await self.server.stop(0)
+
+
+async def start_serving(settings: ServingSettings, user_tokens: dict[str, str]) -> RunningServing:
+    server = await build_server(settings, settings.serving_addr)
+    await server.start()
+    await server.wait_ready()
+    return RunningServing(server, settings, user_tokens)
+
+
+@pytest.fixture
+async def serving(
+    auth: RunningAuth,
+    storage: RunningStorage,  # noqa: F811 - the fixture imported above
+    training: RunningTraining,  # noqa: F811
+    triton: TritonProcess,
+    tmp_path: Path,
+) -> AsyncIterator[RunningServing]:
+    settings = serving_settings(
+        tmp_path / "serving", auth.address, storage.address, training.settings.training_addr, triton
+    )
+    running = await start_serving(settings, storage.tokens)
+    yield running
+    await running.stop()
+
+
+async def fine_tune(
+    files_service: RunningStorage, trainer: RunningTraining, tiny_bert: Path, *, seeds: tuple[int, ...] = (7,)
+) -> list[int]:
+    """acme/dev fine-tunes the tiny BERT on keyword data once per seed into model "keywords-clf"; the versions."""
+    files = files_service.client("acme/dev")
+    await files.create_dataset("acme", "keywords")
+    await files.upload(
+        "acme",
+        "keywords",
+        to_csv(keyword_dataset(600, seed=1)),
+        text_dataset=storage_pb.TextDatasetSpec(format=storage_pb.DATA_FORMAT_CSV),
+    )
+    await files.upload(
+        "acme", "bases/tiny-bert.tar.gz", tiny_model_tar(tiny_bert), kind=storage_pb.OBJECT_KIND_ARTIFACT
+    )
+    client = trainer.client()
+    await client.register_base_model("tiny-bert", "bases/tiny-bert.tar.gz", tenant="acme")
+    versions = []
+    for seed in seeds:
+        spec = training_pb.FineTuneSpec(
+            base_model="tiny-bert",
+            dataset=training_pb.DatasetRef(name="keywords"),
+            sequence_classification=training_pb.SequenceClassificationTask(),
+            hyperparameters=training_pb.Hyperparameters(
+                epochs=3, batch_size=8, learning_rate=3e-3, max_seq_length=32, eval_fraction=0.2, seed=seed
+            ),
+            output_model="keywords-clf",
+        )
+        job = await client.submit_fine_tune(spec, tenant="acme")
+        async for event in client.watch_job(job.job_id, tenant="acme"):
+            if event.HasField("state_change") and event.state_change.to_state in _TERMINAL:
+                break
+        done = await client.get_job(job.job_id, tenant="acme")
+        assert done.state == training_pb.JOB_STATE_SUCCEEDED, done.error
+        versions.append(done.model_version)
+    return versions

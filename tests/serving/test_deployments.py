@@ -1,0 +1,245 @@
+"""Deployments through the real serving service: registry versions (real fine-tunes of a tiny BERT, exported by the
+training service into a real storage service) written into the live repository of a real tritonserver, loaded,
+probed, switched without failed requests, rolled back when loading fails, reloaded after Triton restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from services.gen.aidc.serving.v1 import serving_service_pb2 as pb
+from services.mesh.errors import AidcError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from services.serving.client import TextClassifierClient
+from services.training.runner.tiny import keyword_dataset
+from tests.serving.conftest import RunningServing, fine_tune, serving_settings, start_serving
+from tests.serving.triton import TritonProcess
+from tests.storage.conftest import RunningStorage
+from tests.training.conftest import RunningTraining
+
+pytestmark = pytest.mark.slow
+
+HELD_OUT = keyword_dataset(24, seed=4242)
+
+
+async def _accuracy(classifier: TextClassifierClient, model: str = "keywords-clf") -> float:
+    results = await classifier.classify(model, [text for text, _ in HELD_OUT])
+    return sum(r.label == label for r, (_, label) in zip(results, HELD_OUT, strict=True)) / len(HELD_OUT)
+
+
+def _local_labels(export: Path, texts: list[str]) -> list[str]:
+    """What the exported TorchScript model predicts with the Hugging Face tokenizer, outside Triton."""
+    tokenizer = AutoTokenizer.from_pretrained(export / "tokenizer")
+    model = torch.jit.load(str(export / "model.pt"), map_location="cpu")
+    labels = json.loads((export / "labels.json").read_text())
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(batch["input_ids"], batch["attention_mask"])
+    return [labels[i] for i in logits.argmax(dim=-1).tolist()]
+
+
+class Traffic:
+    """Sends classify requests back to back until stopped, counting successes and failures."""
+
+    def __init__(self, classifier: TextClassifierClient) -> None:
+        self._classifier = classifier
+        self.ok = 0
+        self.failures: list[str] = []
+        self.versions: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._classifier.classify("keywords-clf", ["the weather is great today"])
+                self.ok += 1
+            except AidcError as error:
+                self.failures.append(str(error))
+
+    def __enter__(self) -> Traffic:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def test_deploy_infer_switch_undeploy(
+    storage: RunningStorage, training: RunningTraining, serving: RunningServing, tiny_bert_dir: Path
+) -> None:
+    assert await fine_tune(storage, training, tiny_bert_dir, seeds=(7, 8)) == [1, 2]
+    client = serving.client()
+    repository = serving.settings.model_repository_path
+
+    first = await client.deploy("keywords-clf", version=1, wait=True)
+    assert (first.state, first.version, first.target_version) == (pb.DEPLOYMENT_STATE_READY, 1, 0)
+    assert first.triton_model_name == "acme__keywords-clf" and first.created_by.endswith("dev")
+    assert sorted(p.name for p in (repository / "acme__keywords-clf").iterdir() if p.is_dir()) == ["1"]
+    classifier = serving.classifier()
+    assert await _accuracy(classifier) >= 0.5  # chance is 1/3
+    # Raw text in: Triton's tokenization and model give exactly what the export gives with the HF tokenizer.
+    export = serving.settings.serving_dir / "exports" / "acme__keywords-clf" / "1"
+    served = [r.label for r in await classifier.classify("keywords-clf", [t for t, _ in HELD_OUT])]
+    assert served == _local_labels(export, [t for t, _ in HELD_OUT])
+
+    # Deploying the same again changes nothing.
+    again = await client.deploy("keywords-clf", version=1, wait=True)
+    assert again.update_time == first.update_time
+
+    # Switch to version 2 while a client sends requests back to back: none fails.
+    with Traffic(serving.classifier()) as traffic:
+        await asyncio.sleep(0.5)
+        second = await client.deploy("keywords-clf", version=2, wait=True)
+        await asyncio.sleep(0.5)
+    assert (second.state, second.version) == (pb.DEPLOYMENT_STATE_READY, 2)
+    assert traffic.failures == [] and traffic.ok > 5, (traffic.ok, traffic.failures[:3])
+    assert sorted(p.name for p in (repository / "acme__keywords-clf").iterdir() if p.is_dir()) == ["2"]
+    assert await _accuracy(classifier) >= 0.5
+
+    listed, _ = await client.list_deployments()
+    assert [(d.model, d.version) for d in listed] == [("keywords-clf", 2)]
+    assert (await serving.client("acme/viewer").get_deployment("keywords-clf")).version == 2
+
+    removed = await client.undeploy("keywords-clf")
+    assert removed.version == 2
+    assert not (repository / "acme__keywords-clf").exists()
+    with pytest.raises(NotFound):
+        await client.get_deployment("keywords-clf")
+    with pytest.raises(NotFound):
+        await classifier.classify("keywords-clf", ["anything"])
+
+
+async def test_a_failed_rollout_keeps_the_previous_version(
+    storage: RunningStorage, training: RunningTraining, serving: RunningServing, tiny_bert_dir: Path
+) -> None:
+    await fine_tune(storage, training, tiny_bert_dir, seeds=(7, 8))
+    client = serving.client()
+    await client.deploy("keywords-clf", version=1, wait=True)
+    # Version 2's staged export is damaged (as a corrupt download would be): Triton fails to load it.
+    staged = serving.settings.serving_dir / "exports" / "acme__keywords-clf" / "2"
+    staged.mkdir(parents=True)
+    for source in (serving.settings.serving_dir / "exports" / "acme__keywords-clf" / "1").rglob("*"):
+        target = staged / source.relative_to(staged.parent / "1")
+        if source.is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    (staged / "model.pt").write_bytes(b"not a torchscript archive")
+
+    with Traffic(serving.classifier()) as traffic:
+        with pytest.raises(FailedPrecondition, match="version 2"):
+            await client.deploy("keywords-clf", version=2, wait=True)
+        await asyncio.sleep(0.3)
+    assert traffic.failures == [] and traffic.ok > 0
+    after = await client.get_deployment("keywords-clf")
+    assert (after.state, after.version, after.target_version) == (pb.DEPLOYMENT_STATE_READY, 1, 0)
+    assert "rollout of version 2 failed" in after.last_error and after.HasField("last_error_time")
+    repository = serving.settings.model_repository_path / "acme__keywords-clf"
+    assert sorted(p.name for p in repository.iterdir() if p.is_dir()) == ["1"]
+    assert await _accuracy(serving.classifier()) >= 0.5
+
+
+async def test_a_failed_first_deploy_ends_failed_with_nothing_loaded(
+    storage: RunningStorage, training: RunningTraining, serving: RunningServing, tiny_bert_dir: Path
+) -> None:
+    await fine_tune(storage, training, tiny_bert_dir)
+    staged = serving.settings.serving_dir / "exports" / "acme__keywords-clf" / "1"
+    # A staged export missing its tokenizer: refused before Triton is asked to load anything.
+    staged.mkdir(parents=True)
+    (staged / "model.pt").write_bytes(b"junk")
+    with pytest.raises(FailedPrecondition):
+        await serving.client().deploy("keywords-clf", version=1, wait=True)
+    failed = await serving.client().get_deployment("keywords-clf")
+    assert (failed.state, failed.version) == (pb.DEPLOYMENT_STATE_FAILED, 0)
+    assert failed.last_error
+    assert not (serving.settings.model_repository_path / "acme__keywords-clf").exists()
+    with pytest.raises(NotFound):
+        await serving.classifier().classify("keywords-clf", ["anything"])
+
+
+async def test_bad_deploy_requests_change_nothing(
+    storage: RunningStorage, training: RunningTraining, serving: RunningServing, tiny_bert_dir: Path
+) -> None:
+    await fine_tune(storage, training, tiny_bert_dir)
+    client = serving.client()
+    cases: list[tuple[dict[str, object], type[AidcError], str]] = [
+        ({"model": "no-such-model"}, NotFound, "no-such-model"),
+        ({"model": "keywords-clf", "version": 9}, NotFound, "9"),
+        ({"model": "keywords-clf", "alias": "production"}, NotFound, "production"),
+        ({"model": "keywords-clf", "version": 1, "alias": "production"}, InvalidArgument, "not both"),
+        ({"model": "keywords-clf", "version": -1}, InvalidArgument, "negative"),
+        ({"model": "Bad Name"}, InvalidArgument, "not a registry model name"),
+        ({"model": "keywords-clf", "instance_count": 99}, InvalidArgument, "instance_count"),
+        ({"model": "keywords-clf", "max_batch_size": -1}, InvalidArgument, "max_batch_size"),
+        ({"model": "keywords-clf", "max_batch_size": 5000}, InvalidArgument, "max_batch_size"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            await client.deploy(wait=True, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(PermissionDenied):
+        await serving.client("globex/dev").deploy("keywords-clf", tenant="acme", wait=True)
+    with pytest.raises(PermissionDenied):
+        await serving.client("acme/viewer").deploy("keywords-clf", wait=True)
+    with pytest.raises(NotFound):
+        await serving.client("globex/dev").deploy("keywords-clf", wait=True)  # globex has no such model
+    with pytest.raises(NotFound):
+        await client.undeploy("keywords-clf")
+    with pytest.raises(InvalidArgument):
+        await client.list_deployments(page_token="garbage")
+    assert (await client.list_deployments())[0] == []
+    assert list(serving.settings.model_repository_path.iterdir()) == []
+
+
+async def test_triton_restart_and_service_restart_reload_deployments(
+    storage: RunningStorage,
+    training: RunningTraining,
+    serving: RunningServing,
+    triton: TritonProcess,
+    tiny_bert_dir: Path,
+) -> None:
+    await fine_tune(storage, training, tiny_bert_dir)
+    await serving.client().deploy("keywords-clf", wait=True)
+    classifier = serving.classifier()
+    assert await _accuracy(classifier) >= 0.5
+
+    triton.kill()
+    with pytest.raises(Unavailable):
+        await classifier.classify("keywords-clf", ["the weather is great"])
+    triton.start()  # same ports, same repository; Triton remembers nothing it loaded
+    await _eventually(lambda: _accuracy(classifier), timeout=60)
+    assert await _accuracy(classifier) >= 0.5
+
+    # The serving service restarts (and Triton with it, as after a machine reboot): the deployment comes back.
+    await serving.stop()
+    triton.stop()
+    triton.start()
+    settings = serving_settings(
+        serving.settings.data_dir, serving.settings.auth_addr, storage.address, training.settings.training_addr, triton
+    )
+    restarted = await start_serving(settings, serving.tokens)
+    try:
+        classifier = restarted.classifier()
+        await _eventually(lambda: _accuracy(classifier), timeout=60)
+        assert (await restarted.client().get_deployment("keywords-clf")).state == pb.DEPLOYMENT_STATE_READY
+    finally:
+        await restarted.stop()
+
+
+async def _eventually(probe: object, timeout: float) -> None:
+    """Retries ``probe()`` until it returns without an error or ``timeout`` seconds passed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        with contextlib.suppress(AidcError):
+            await probe()  # type: ignore[operator]
+            return
+        if loop.time() > deadline:
+            await probe()  # type: ignore[operator]
+        await asyncio.sleep(0.3)
