@@ -45,6 +45,12 @@ _SERVICE_STAGE = 1
 _MAX_SOCKET_PATH = 100
 
 
+def _is_s3_url(repository: str) -> bool:
+    """A model repository Triton reads from S3 (services.serving.s3mirror.is_s3_url, not imported: the supervisor
+    loads no service's modules or SDKs)."""
+    return repository.startswith("s3://")
+
+
 @dataclass(frozen=True)
 class ProbeSpec:
     """How to ask a component whether it is ready: gRPC health (overall ""), HTTP GET (200) or TCP connect."""
@@ -112,7 +118,17 @@ class Platform:
 
     @property
     def model_repository(self) -> Path:
+        """The local repository directory; with an S3 repository, the serving service's staging area."""
+        if _is_s3_url(self.platform.model_repository):
+            return self.mesh.data_dir / "serving" / "model_repository"
         return self.platform.model_repository_path(self.mesh.data_dir)
+
+    @property
+    def model_repository_url(self) -> str:
+        """The repository Triton reads (and AIDC_MODEL_REPOSITORY of the services): an S3 URL as configured, else
+        the local directory."""
+        configured = self.platform.model_repository
+        return configured if _is_s3_url(configured) else str(self.model_repository)
 
     @property
     def triton_dir(self) -> Path:
@@ -126,7 +142,9 @@ class Platform:
 def resolve_platform(mesh: MeshSettings, platform: PlatformSettings, credentials: S3Credentials) -> Platform:
     """Makes every path absolute (children run elsewhere) and records the S3 identity."""
     mesh = dataclasses.replace(mesh, data_dir=mesh.data_dir.resolve())
-    repository = str(Path(platform.model_repository).resolve()) if platform.model_repository else ""
+    repository = platform.model_repository
+    if repository and not _is_s3_url(repository):
+        repository = str(Path(repository).resolve())
     platform = dataclasses.replace(
         platform,
         runtime_dir=platform.runtime_dir.resolve(),
@@ -275,7 +293,7 @@ def triton_argv(platform: Platform) -> tuple[str, ...]:
     exit_timeout = max(1, int(p.stop_grace_seconds) // 2)
     return (
         str(platform.triton_dir / "bin" / "tritonserver"),
-        f"--model-repository={platform.model_repository}",
+        f"--model-repository={platform.model_repository_url}",
         f"--backend-directory={platform.triton_dir / 'backends'}",
         "--model-control-mode=explicit",
         "--disable-auto-complete-config",
@@ -295,7 +313,7 @@ def triton_argv(platform: Platform) -> tuple[str, ...]:
         "--trace-config",
         "level=TIMESTAMPS",
         "--trace-config",
-        "rate=1",
+        f"rate={p.triton_trace_rate}",
         "--trace-config",
         f"opentelemetry,url=http://{p.collector_addr}/v1/traces",
         "--trace-config",
@@ -309,7 +327,8 @@ def _child_env(platform: Platform, base: Mapping[str, str]) -> dict[str, str]:
     env = dict(base)
     env.update(settings_env(platform.mesh))
     env.update(settings_env(platform.platform))
-    env["AIDC_MODEL_REPOSITORY"] = str(platform.model_repository)
+    # Triton and the serving service read AWS_* (above) for an S3 repository.
+    env["AIDC_MODEL_REPOSITORY"] = platform.model_repository_url
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -358,9 +377,15 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
     # through the first python on PATH, which must be this venv's.
     triton_env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), base.get("PATH", os.defpath)])
     triton_env["TORCH_NUM_THREADS"] = "1"
+    triton = triton_argv(platform)
+    if _is_s3_url(p.model_repository):
+        # Triton exits at once on a bucket or prefix that does not exist yet: this creates them (waiting for the
+        # object store, started alongside), then execs Triton in the same process.
+        wait = f"--wait={p.startup_timeout_seconds:g}"
+        triton = (python, "-m", "services.serving.s3mirror", wait, platform.model_repository_url, "--", *triton)
     specs["triton"] = ComponentSpec(
         name="triton",
-        argv=triton_argv(platform),
+        argv=triton,
         env=triton_env,
         cwd=platform.data_dir,
         log_file=logs / "triton.log",

@@ -51,6 +51,13 @@ class PlatformSettings:
     stop_grace_seconds: float = setting(15.0, "Seconds a component gets after SIGTERM before SIGKILL.")
     restart_backoff_seconds: float = setting(0.5, "First delay before restarting a crashed component (doubles).")
     restart_backoff_max_seconds: float = setting(30.0, "Longest delay between restarts of a crash-looping component.")
+    triton_trace_rate: int = setting(
+        1,
+        "Triton traces one request in this many (1: every request, so each inference trace holds Triton's spans). "
+        "Triton 2.51's OpenTelemetry tracing can crash it under heavy concurrency (upstream issue #7795, fixed "
+        "after 2.51): raise this to sample on busy servers; the supervisor restarts Triton and serving reloads its "
+        "models if it does crash.",
+    )
 
     def model_repository_path(self, data_dir: Path) -> Path:
         """Triton's live model repository: the configured one, or <data_dir>/model_repository."""
@@ -91,5 +98,7 @@ class PlatformSettings:
                 raise ValueError(f"AIDC_{name.upper()} must be a port number, not {getattr(self, name)}")
         if self.startup_timeout_seconds <= 0 or self.stop_grace_seconds <= 0:
             raise ValueError("AIDC_STARTUP_TIMEOUT_SECONDS and AIDC_STOP_GRACE_SECONDS must be positive")
+        if self.triton_trace_rate < 1:
+            raise ValueError("AIDC_TRITON_TRACE_RATE must be at least 1")
         if not 0 < self.restart_backoff_seconds <= self.restart_backoff_max_seconds:
             raise ValueError("need 0 < AIDC_RESTART_BACKOFF_SECONDS <= AIDC_RESTART_BACKOFF_MAX_SECONDS")

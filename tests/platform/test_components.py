@@ -73,6 +73,12 @@ def test_triton_argv_follows_settings(tmp_path: Path) -> None:
     assert 0 < int(flag(argv, "--exit-timeout-secs")) < platform.platform.stop_grace_seconds
 
 
+def test_triton_trace_rate_samples(tmp_path: Path) -> None:
+    assert "rate=20" in trace_configs(triton_argv(make_platform(tmp_path, AIDC_TRITON_TRACE_RATE="20")))
+    with pytest.raises(ValueError, match="AIDC_TRITON_TRACE_RATE"):
+        make_platform(tmp_path, AIDC_TRITON_TRACE_RATE="0")
+
+
 def test_model_repository_override(tmp_path: Path) -> None:
     platform = make_platform(tmp_path, AIDC_MODEL_REPOSITORY=str(tmp_path / "repo"))
     assert flag(triton_argv(platform), "--model-repository") == str(tmp_path / "repo")

@@ -130,7 +130,7 @@ class LocalExecutor:
 
 
 def runner_environment(extra: Mapping[str, str]) -> dict[str, str]:
-    """The service's environment minus its own settings and credentials, plus ``extra``."""
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AIDC_", "AWS_"))}
+    """The service's environment minus its own settings and credentials (the database's too), plus ``extra``."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("AIDC_", "AWS_", "PG"))}
     keep.update(extra)
     return keep
