@@ -23,7 +23,6 @@ from services.auth.client import AuthClient
 from services.billing.client import BillingClient
 from services.cli.session import BearerToken
 from services.gen.aidc.serving.v1 import serving_service_pb2 as serving_pb
-from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.gen.aidc.training.v1 import training_service_pb2 as training_pb
 from services.mesh.channels import create_channel
 from services.mesh.config import MeshSettings, load_settings
@@ -31,9 +30,9 @@ from services.mesh.spanstore import SpanStore
 from services.serving.client import ServingClient
 from services.storage.client import StorageClient
 from services.training.client import TrainingClient
-from services.training.runner.tiny import build_tiny_bert, keyword_dataset, to_csv
+from services.training.runner.tiny import build_tiny_bert, keyword_dataset
 from tests.platform.test_supervisor import Platform, platform_env  # noqa: F401 - fixture
-from tests.training.conftest import tiny_model_tar
+from tests.training.conftest import keyword_spec, run_job, upload_keywords_and_tiny_bert
 
 pytestmark = pytest.mark.slow
 
@@ -88,22 +87,8 @@ async def _eventually(probe: Callable[[], Awaitable[_T | None]], timeout: float,
         await asyncio.sleep(0.5)
 
 
-async def _fine_tune(mesh: Mesh, token: str, tiny_bert: Path, seed: int) -> int:
-    training = TrainingClient(mesh.channel("training", token))
-    spec = training_pb.FineTuneSpec(
-        base_model="tiny-bert",
-        dataset=training_pb.DatasetRef(name="keywords"),
-        sequence_classification=training_pb.SequenceClassificationTask(),
-        hyperparameters=training_pb.Hyperparameters(
-            epochs=3, batch_size=8, learning_rate=3e-3, max_seq_length=32, eval_fraction=0.2, seed=seed
-        ),
-        output_model="keywords-clf",
-    )
-    job = await training.submit_fine_tune(spec, tenant="acme")
-    async for event in training.watch_job(job.job_id, tenant="acme"):
-        if event.HasField("state_change") and event.state_change.to_state in _TERMINAL:
-            break
-    done = await training.get_job(job.job_id, tenant="acme")
+async def _fine_tune(mesh: Mesh, token: str, seed: int) -> int:
+    done = await run_job(TrainingClient(mesh.channel("training", token)), keyword_spec(seed=seed))
     assert done.state == training_pb.JOB_STATE_SUCCEEDED, done.error
     return int(done.model_version)
 
@@ -123,20 +108,12 @@ async def _scenario(p: Platform, admin_password: str, work: Path) -> None:
 
         # A tiny BERT fine-tuned twice on keyword data: versions 1 and 2; alias production -> 1.
         files = StorageClient(mesh.channel("storage", dev))
-        await files.create_dataset("acme", "keywords")
-        await files.upload(
-            "acme",
-            "keywords",
-            to_csv(keyword_dataset(600, seed=1)),
-            text_dataset=storage_pb.TextDatasetSpec(format=storage_pb.DATA_FORMAT_CSV),
-        )
+        training = TrainingClient(mesh.channel("training", dev))
         tiny = build_tiny_bert(
             work / "tiny-bert", [t for t, _ in keyword_dataset(2000, seed=99)], max_position_embeddings=64
         )
-        await files.upload("acme", "bases/tiny-bert.tar.gz", tiny_model_tar(tiny), kind=storage_pb.OBJECT_KIND_ARTIFACT)
-        training = TrainingClient(mesh.channel("training", dev))
-        await training.register_base_model("tiny-bert", "bases/tiny-bert.tar.gz", tenant="acme")
-        assert await _fine_tune(mesh, dev, tiny, seed=7) == 1
+        await upload_keywords_and_tiny_bert(files, training, tiny)
+        assert await _fine_tune(mesh, dev, seed=7) == 1
         await training.set_alias("keywords-clf", "production", 1, tenant="acme")
 
         serving = ServingClient(mesh.channel("serving", dev))
@@ -191,7 +168,7 @@ async def _scenario(p: Platform, admin_password: str, work: Path) -> None:
         assert await _eventually(metered, 30, "inference usage in billing") >= 1
 
         # The alias moves to a new version: the deployment follows it without anyone calling Deploy.
-        assert await _fine_tune(mesh, dev, tiny, seed=8) == 2
+        assert await _fine_tune(mesh, dev, seed=8) == 2
         await training.set_alias("keywords-clf", "production", 2, tenant="acme")
 
         async def moved() -> bool:

@@ -13,22 +13,25 @@ import grpc
 import pytest
 
 from services.cli.session import BearerToken
-from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.gen.aidc.training.v1 import training_service_pb2 as training_pb
 from services.mesh.channels import create_channel
 from services.mesh.server import MeshServer
 from services.serving.client import ServingClient, TextClassifierClient
 from services.serving.config import ServingSettings
 from services.serving.server import build_server
-from services.training.runner.tiny import keyword_dataset, to_csv
 from tests.conftest import RunningAuth, free_port
 from tests.serving.triton import TritonProcess
 from tests.storage.conftest import RunningStorage, seaweed, storage, tokens  # noqa: F401 - fixtures
-from tests.training.conftest import RunningTraining, tiny_bert_dir, tiny_model_tar, training  # noqa: F401 - fixtures
+from tests.training.conftest import (  # noqa: F401 - fixtures
+    RunningTraining,
+    keyword_spec,
+    run_job,
+    tiny_bert_dir,
+    training,
+    upload_keywords_and_tiny_bert,
+)
 
 __all__ = ["RunningServing", "start_serving", "serving_settings", "fine_tune"]
-
-_TERMINAL = {training_pb.JOB_STATE_SUCCEEDED, training_pb.JOB_STATE_FAILED, training_pb.JOB_STATE_CANCELLED}
 
 
 @pytest.fixture
@@ -113,35 +116,11 @@ async def fine_tune(
     files_service: RunningStorage, trainer: RunningTraining, tiny_bert: Path, *, seeds: tuple[int, ...] = (7,)
 ) -> list[int]:
     """acme/dev fine-tunes the tiny BERT on keyword data once per seed into model "keywords-clf"; the versions."""
-    files = files_service.client("acme/dev")
-    await files.create_dataset("acme", "keywords")
-    await files.upload(
-        "acme",
-        "keywords",
-        to_csv(keyword_dataset(600, seed=1)),
-        text_dataset=storage_pb.TextDatasetSpec(format=storage_pb.DATA_FORMAT_CSV),
-    )
-    await files.upload(
-        "acme", "bases/tiny-bert.tar.gz", tiny_model_tar(tiny_bert), kind=storage_pb.OBJECT_KIND_ARTIFACT
-    )
     client = trainer.client()
-    await client.register_base_model("tiny-bert", "bases/tiny-bert.tar.gz", tenant="acme")
+    await upload_keywords_and_tiny_bert(files_service.client("acme/dev"), client, tiny_bert)
     versions = []
     for seed in seeds:
-        spec = training_pb.FineTuneSpec(
-            base_model="tiny-bert",
-            dataset=training_pb.DatasetRef(name="keywords"),
-            sequence_classification=training_pb.SequenceClassificationTask(),
-            hyperparameters=training_pb.Hyperparameters(
-                epochs=3, batch_size=8, learning_rate=3e-3, max_seq_length=32, eval_fraction=0.2, seed=seed
-            ),
-            output_model="keywords-clf",
-        )
-        job = await client.submit_fine_tune(spec, tenant="acme")
-        async for event in client.watch_job(job.job_id, tenant="acme"):
-            if event.HasField("state_change") and event.state_change.to_state in _TERMINAL:
-                break
-        done = await client.get_job(job.job_id, tenant="acme")
+        done = await run_job(client, keyword_spec(seed=seed))
         assert done.state == training_pb.JOB_STATE_SUCCEEDED, done.error
         versions.append(done.model_version)
     return versions

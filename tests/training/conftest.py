@@ -14,17 +14,30 @@ import grpc
 import pytest
 
 from services.cli.session import BearerToken
+from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
+from services.gen.aidc.training.v1 import training_service_pb2 as training_pb
 from services.mesh.channels import create_channel
 from services.mesh.server import MeshServer
+from services.storage.client import StorageClient
 from services.training.client import TrainingClient
 from services.training.config import TrainingSettings
 from services.training.core.executor import LocalExecutor, LocalHandle
-from services.training.runner.tiny import build_tiny_bert, keyword_dataset
+from services.training.runner.tiny import build_tiny_bert, keyword_dataset, to_csv
 from services.training.server import build_server
 from tests.conftest import RunningAuth, free_port
 from tests.storage.conftest import RunningStorage, seaweed, storage, storage_process, tokens  # noqa: F401 - fixtures
 
-__all__ = ["CountingExecutor", "RunningTraining", "start_training", "tiny_model_tar"]
+__all__ = [
+    "CountingExecutor",
+    "RunningTraining",
+    "keyword_spec",
+    "run_job",
+    "start_training",
+    "tiny_model_tar",
+    "upload_keywords_and_tiny_bert",
+]
+
+_TERMINAL = {training_pb.JOB_STATE_SUCCEEDED, training_pb.JOB_STATE_FAILED, training_pb.JOB_STATE_CANCELLED}
 
 
 class CountingExecutor(LocalExecutor):
@@ -109,3 +122,50 @@ def tiny_model_tar(model_dir: Path) -> bytes:
         for path in sorted(model_dir.iterdir()):
             tar.add(path, arcname=f"tiny-bert/{path.name}")
     return out.getvalue()
+
+
+def keyword_spec(**hyper: float | int) -> training_pb.FineTuneSpec:
+    """Fine-tune of tenant base model tiny-bert on dataset "keywords" into model "keywords-clf" (a few seconds)."""
+    values: dict[str, float | int] = {
+        "epochs": 3,
+        "batch_size": 8,
+        "warmup_ratio": 0.1,
+        "learning_rate": 3e-3,
+        "max_seq_length": 32,
+        "eval_fraction": 0.2,
+        "seed": 7,
+    }
+    values.update(hyper)
+    return training_pb.FineTuneSpec(
+        base_model="tiny-bert",
+        dataset=training_pb.DatasetRef(name="keywords"),
+        sequence_classification=training_pb.SequenceClassificationTask(),
+        hyperparameters=training_pb.Hyperparameters(**values),  # type: ignore[arg-type]
+        output_model="keywords-clf",
+    )
+
+
+async def upload_keywords_and_tiny_bert(
+    files: StorageClient, training: TrainingClient, tiny_bert: Path
+) -> training_pb.BaseModel:
+    """acme uploads the keyword dataset and the tiny BERT, and registers it as base model tiny-bert."""
+    await files.create_dataset("acme", "keywords")
+    await files.upload(
+        "acme",
+        "keywords",
+        to_csv(keyword_dataset(600, seed=1)),
+        text_dataset=storage_pb.TextDatasetSpec(format=storage_pb.DATA_FORMAT_CSV),
+    )
+    await files.upload(
+        "acme", "bases/tiny-bert.tar.gz", tiny_model_tar(tiny_bert), kind=storage_pb.OBJECT_KIND_ARTIFACT
+    )
+    return await training.register_base_model("tiny-bert", "bases/tiny-bert.tar.gz", tenant="acme")
+
+
+async def run_job(training: TrainingClient, spec: training_pb.FineTuneSpec) -> training_pb.Job:
+    """Submits ``spec`` for acme and follows the job until it ends; the final job."""
+    job = await training.submit_fine_tune(spec, tenant="acme")
+    async for event in training.watch_job(job.job_id, tenant="acme"):
+        if event.HasField("state_change") and event.state_change.to_state in _TERMINAL:
+            break
+    return await training.get_job(job.job_id, tenant="acme")

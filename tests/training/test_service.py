@@ -15,9 +15,13 @@ from services.gen.aidc.training.v1 import training_service_pb2 as pb
 from services.mesh.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from services.storage.client import StorageClient
 from services.training.client import TrainingClient
-from services.training.runner.tiny import keyword_dataset, to_csv
 from tests.storage.conftest import RunningStorage
-from tests.training.conftest import RunningTraining, start_training, tiny_model_tar
+from tests.training.conftest import (
+    RunningTraining,
+    keyword_spec,
+    start_training,
+    upload_keywords_and_tiny_bert,
+)
 
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 
@@ -25,39 +29,9 @@ TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 async def _setup(storage: RunningStorage, training: RunningTraining, tiny_bert_dir: Path) -> StorageClient:
     """acme/dev uploads the keyword dataset and the tiny BERT, and registers it as base model tiny-bert."""
     files = storage.client("acme/dev")
-    await files.create_dataset("acme", "keywords")
-    await files.upload(
-        "acme",
-        "keywords",
-        to_csv(keyword_dataset(600, seed=1)),
-        text_dataset=storage_pb.TextDatasetSpec(format=storage_pb.DATA_FORMAT_CSV),
-    )
-    await files.upload(
-        "acme", "bases/tiny-bert.tar.gz", tiny_model_tar(tiny_bert_dir), kind=storage_pb.OBJECT_KIND_ARTIFACT
-    )
-    base = await training.client().register_base_model("tiny-bert", "bases/tiny-bert.tar.gz", tenant="acme")
+    base = await upload_keywords_and_tiny_bert(files, training.client(), tiny_bert_dir)
     assert base.source == pb.BASE_MODEL_SOURCE_TENANT and base.max_seq_length == 64 and base.parameter_count > 0
     return files
-
-
-def _spec(**hyper: float | int) -> pb.FineTuneSpec:
-    values: dict[str, float | int] = {
-        "epochs": 3,
-        "batch_size": 8,
-        "warmup_ratio": 0.1,
-        "learning_rate": 3e-3,
-        "max_seq_length": 32,
-        "eval_fraction": 0.2,
-        "seed": 7,
-    }
-    values.update(hyper)
-    return pb.FineTuneSpec(
-        base_model="tiny-bert",
-        dataset=pb.DatasetRef(name="keywords"),
-        sequence_classification=pb.SequenceClassificationTask(),
-        hyperparameters=pb.Hyperparameters(**values),  # type: ignore[arg-type]
-        output_model="keywords-clf",
-    )
 
 
 async def _watch(client: TrainingClient, job_id: str, after: int = 0) -> list[pb.JobEvent]:
@@ -69,9 +43,9 @@ async def test_fine_tune_end_to_end(storage: RunningStorage, training: RunningTr
     client = training.client()
     # A short deadline on the submit call: the job outlives it and must not inherit it (its storage calls would
     # fail DEADLINE_EXCEEDED when it publishes).
-    job = await client.submit_fine_tune(_spec(), tenant="acme", request_id="first", timeout=2.0)
+    job = await client.submit_fine_tune(keyword_spec(), tenant="acme", request_id="first", timeout=2.0)
     assert job.state == pb.JOB_STATE_QUEUED and job.spec.dataset.version == 1
-    again = await client.submit_fine_tune(_spec(), tenant="acme", request_id="first")
+    again = await client.submit_fine_tune(keyword_spec(), tenant="acme", request_id="first")
     assert again.job_id == job.job_id  # idempotent on request_id
 
     events = await _watch(client, job.job_id)
@@ -155,7 +129,7 @@ async def test_bad_specs_are_rejected_before_anything_runs(
     message: str,
 ) -> None:
     await _setup(storage, training, tiny_bert_dir)
-    spec = _spec()
+    spec = keyword_spec()
     if "dataset" in spec_change:
         spec.dataset.name = str(spec_change["dataset"])
     elif "base_model" in spec_change:
@@ -181,7 +155,7 @@ async def test_cancel_and_resume_after_restart(
     client = training.client()
 
     # Cancel: the runner stops (checkpointing first) and the job ends CANCELLED.
-    cancelled = await client.submit_fine_tune(_spec(epochs=30), tenant="acme")
+    cancelled = await client.submit_fine_tune(keyword_spec(epochs=30), tenant="acme")
     async for event in client.watch_job(cancelled.job_id, tenant="acme"):
         if event.HasField("progress") and event.progress.step >= 2:
             break
@@ -193,7 +167,7 @@ async def test_cancel_and_resume_after_restart(
 
     # Restart: a running job is relaunched in its directory and resumes from the checkpoint its runner wrote when
     # the service stopped it.
-    job = await client.submit_fine_tune(_spec(epochs=4), tenant="acme")
+    job = await client.submit_fine_tune(keyword_spec(epochs=4), tenant="acme")
     before = 0
     async for event in client.watch_job(job.job_id, tenant="acme"):
         if event.HasField("progress") and event.progress.step >= 5:
