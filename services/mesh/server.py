@@ -44,6 +44,24 @@ INFRASTRUCTURE_SERVICES = (
 )
 
 _NOT_TRACED = any_of(health_check(), service_prefix("grpc.reflection"))
+_MAX_CACHED_METHODS = 1024
+
+
+def _per_method(condition: Callable[[grpc.HandlerCallDetails], bool]) -> Callable[[grpc.HandlerCallDetails], bool]:
+    """``condition`` decided once per method name: OpenTelemetry's filters split and normalise the method path
+    on every call (tens of microseconds), on every RPC of every service. Bounded: callers may send any method
+    name, served or not."""
+    decided: dict[str, bool] = {}
+
+    def decide(details: grpc.HandlerCallDetails) -> bool:
+        hit = decided.get(details.method)
+        if hit is None:
+            hit = bool(condition(details))
+            if len(decided) < _MAX_CACHED_METHODS:
+                decided[details.method] = hit
+        return hit
+
+    return decide
 
 
 @dataclass(frozen=True)
@@ -94,7 +112,7 @@ class MeshServer:
         table = self.permissions.merged(_infrastructure_rules())
         server = grpc.aio.server(
             interceptors=[
-                aio_server_interceptor(filter_=negate(_NOT_TRACED)),
+                aio_server_interceptor(filter_=_per_method(negate(_NOT_TRACED))),
                 ErrorMappingInterceptor(),
                 DeadlineInterceptor(),
                 AuthenticationInterceptor(table, self.verifier),

@@ -171,3 +171,28 @@ async def test_identity_and_deadline_are_forwarded_on_internal_calls(
         await client.unary("WhoAmI")(Req())
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     await channel.close()
+
+
+def test_trace_filter_is_decided_once_per_method_and_bounded() -> None:
+    from services.mesh import server as mesh_server
+
+    calls: list[str] = []
+
+    def condition(details: grpc.HandlerCallDetails) -> bool:
+        calls.append(details.method)
+        return details.method.startswith("/aidc.")
+
+    decide = mesh_server._per_method(condition)
+
+    class Details:
+        def __init__(self, method: str) -> None:
+            self.method = method
+
+    assert [decide(Details("/aidc.x.v1.X/A")) for _ in range(3)] == [True] * 3  # type: ignore[arg-type]
+    assert decide(Details("/grpc.health.v1.Health/Check")) is False  # type: ignore[arg-type]
+    assert calls == ["/aidc.x.v1.X/A", "/grpc.health.v1.Health/Check"]
+    for i in range(mesh_server._MAX_CACHED_METHODS + 10):
+        decide(Details(f"/junk/{i}"))  # type: ignore[arg-type]
+    assert decide(Details("/aidc.x.v1.X/B")) is True  # type: ignore[arg-type]
+    assert decide(Details("/aidc.x.v1.X/B")) is True  # type: ignore[arg-type]
+    assert calls.count("/aidc.x.v1.X/B") == 2  # over the bound: decided each time, never cached
