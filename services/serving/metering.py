@@ -46,7 +46,7 @@ _MAX_UNATTRIBUTED = 1_000_000
 
 @dataclass(frozen=True, slots=True)
 class ComputeReading:
-    """Cumulative counters of one loaded (model, version) in Triton."""
+    """Cumulative counters of one loaded (model, version) in Triton: successful requests and compute time."""
 
     requests: int
     compute_ns: int
@@ -86,7 +86,7 @@ class TritonStatistics:
         for stats in response.model_stats:
             if stats.version == version:
                 compute = sum(b.compute_input.ns + b.compute_infer.ns + b.compute_output.ns for b in stats.batch_stats)
-                return ComputeReading(stats.inference_count, compute)
+                return ComputeReading(stats.inference_stats.success.count, compute)
         raise LookupError(f"Triton has no statistics for {model} version {version}")
 
 
@@ -155,6 +155,10 @@ class InferenceMeter:
         """One request served by ``route``: metered at the end of the current window."""
         self._window.append((route, started_ns, round_trip_ns, trace_id))
 
+    def unattributed(self) -> int:
+        """Requests metered whose compute share is not known yet (waiting for Triton's statistics)."""
+        return sum(len(served) for served in self._unattributed.values())
+
     # -- the metering loop -----------------------------------------------------------------------------
 
     async def start(self, deliver: bool = True) -> None:
@@ -204,13 +208,20 @@ class InferenceMeter:
     def _compute_events(self, route: Route, reading: ComputeReading) -> list[billing_pb.UsageEvent]:
         """The compute increase of one (model, version) since its last reading, split over the requests served
         since then in proportion to their round-trip times."""
-        served = self._unattributed.pop(route)
+        served = self._unattributed[route]
         baseline = self._baselines.get(route)
+        restarted = baseline is not None and (
+            reading.compute_ns < baseline.compute_ns or reading.requests < baseline.requests
+        )
+        if baseline is not None and not restarted and reading.requests - baseline.requests < len(served):
+            # Triton updates its statistics just after it answers: the latest requests are not counted yet, so
+            # their compute waits for the next window rather than being billed to nobody.
+            return []
+        del self._unattributed[route]
         self._baselines[route] = reading
         if baseline is None:
             log.info("compute of %d requests to %s is not billed: no baseline", len(served), route.triton_name)
             return []
-        restarted = reading.compute_ns < baseline.compute_ns or reading.requests < baseline.requests
         increase = reading.compute_ns if restarted else reading.compute_ns - baseline.compute_ns
         shares = split(increase, [max(s[2], 1) for _, s in served])
         return [

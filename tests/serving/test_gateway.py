@@ -341,7 +341,7 @@ async def test_billing_unreachable_fails_open_and_usage_waits_in_the_outbox(benc
                 headers = {**bench.headers("acme/dev"), "traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}
                 result = await client.infer("addone", [add_one_input([i])], headers=headers)
                 assert result.as_numpy("OUTPUT").tolist() == [[i + 1.0]]
-        await stranded.gateway.meter.flush()
+        await _metered(stranded)
         outbox = UsageOutbox(stranded.settings.data_dir / "serving" / "usage-outbox.db")
         events = [billing_pb.UsageEvent.FromString(e.payload) for e in outbox.peek(100)]
         outbox.close()
@@ -393,7 +393,7 @@ async def test_each_request_is_billed_once_with_the_compute_time_triton_reports(
             yield {"model_name": "metered", "inputs": [add_one_input([i])]}
 
     assert len([r async for r, e in client.stream_infer(stream(), headers=headers) if e is None]) == 3
-    await gateway.gateway.meter.flush()
+    await _metered(gateway)
     await gateway.gateway.meter.sink.flush(10)  # type: ignore[attr-defined]
     increase = _compute_ns(bench.triton, "acme__metered") - before
 
@@ -416,6 +416,17 @@ def _outbox_compute_ns(running: RunningGateway) -> list[int]:
     return [int(Decimal(e.quantity) * 1_000_000) for e in events if e.meter == "inference_compute_ms"]
 
 
+async def _metered(running: RunningGateway, timeout: float = 3.0) -> None:
+    """Flushes the meter until every request's compute is attributed (Triton's statistics lag its answers by a
+    moment; the meter waits for them rather than bill zero)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        await running.gateway.meter.flush()
+        if not running.gateway.meter.unattributed() or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_triton_down_is_unavailable_at_once_and_a_restarted_triton_serves_and_is_metered_again(
     bench: GatewayBench, tmp_path: Path
 ) -> None:
@@ -433,7 +444,7 @@ async def test_triton_down_is_unavailable_at_once_and_a_restarted_triton_serves_
         async with bench.client(own.address) as client:
             headers = bench.headers("acme/dev")
             await client.infer("addone", [add_one_input([1])], headers=headers)
-            await own.gateway.meter.flush()
+            await _metered(own)
             assert sum(_outbox_compute_ns(own)) == _compute_ns(triton, "acme__addone") > 0
 
             triton.kill()
@@ -462,7 +473,7 @@ async def test_triton_down_is_unavailable_at_once_and_a_restarted_triton_serves_
             # The restarted Triton counts from zero; what it reports from now on is billed, and nothing twice.
             before = len(_outbox_compute_ns(own))
             await client.infer("addone", [add_one_input([3])], headers=headers)
-            await own.gateway.meter.flush()
+            await _metered(own)
             after_restart = _outbox_compute_ns(own)[before:]
             assert after_restart and 0 < sum(after_restart) <= _compute_ns(triton, "acme__addone")
     finally:
@@ -679,3 +690,18 @@ async def test_a_split_adds_up_exactly_and_each_share_is_within_one_of_its_propo
         assert sum(shares) == total
         whole = sum(weights)
         assert all(abs(share * whole - total * w) <= whole for share, w in zip(shares, weights, strict=True))
+
+
+async def test_compute_waits_until_triton_has_counted_the_windows_requests() -> None:
+    statistics = FakeStatistics(ComputeReading(10, 7 * MS))
+    sink = RecordingSink()
+    meter = InferenceMeter(sink, statistics, 60.0)
+    await meter.take_baseline(ROUTE)
+    meter.record(ROUTE, time.time_ns(), MS, 0)
+    meter.record(ROUTE, time.time_ns(), MS, 0)
+    statistics.reading = ComputeReading(11, 8 * MS)  # Triton has counted one of the two so far
+    await meter.flush()
+    assert _compute(sink) == {} and meter.unattributed() == 2
+    statistics.reading = ComputeReading(12, 9 * MS)
+    await meter.flush()
+    assert sorted(_compute(sink).values()) == ["1.000000", "1.000000"] and meter.unattributed() == 0
