@@ -147,7 +147,9 @@ def _minilm_export(target: Path) -> ExportBundle:
     tokenizer = AutoTokenizer.from_pretrained(source)
     example = tokenizer(["a warm-up sentence"], return_tensors="pt")
     with torch.no_grad():
-        traced = torch.jit.freeze(torch.jit.trace(LogitsOnly(model), (example["input_ids"], example["attention_mask"])))
+        traced = torch.jit.freeze(
+            torch.jit.trace(LogitsOnly(model).eval(), (example["input_ids"], example["attention_mask"]))
+        )
     target.mkdir(parents=True)
     torch.jit.save(traced, str(target / "model.pt"))
     tokenizer.save_pretrained(target / "tokenizer")
