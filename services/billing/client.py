@@ -20,8 +20,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -38,9 +37,9 @@ from services.mesh.channels import create_channel
 from services.mesh.client import ServiceClient
 from services.mesh.config import MeshSettings
 from services.mesh.errors import AidcError, InvalidArgument
-from services.mesh.identity import current_principal
+from services.mesh.identity import as_service, current_principal
 
-__all__ = ["BillingClient", "UsageEmitter", "EmitterStats", "usage_event", "as_service", "money", "new_event_id"]
+__all__ = ["BillingClient", "UsageEmitter", "EmitterStats", "usage_event", "money", "new_event_id"]
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +86,6 @@ def usage_event(
         time=Timestamp(seconds=at // 10**9, nanos=at % 10**9),
         attributes=dict(attributes or {}),
     )
-
-
-@contextmanager
-def as_service() -> Iterator[None]:
-    """Calls made inside go out as this service itself (its mTLS identity), not with the token of the end user
-    whose request is being served: metering and budget checks are the platform's business, not the user's."""
-    token = current_principal.set(None)
-    try:
-        yield
-    finally:
-        current_principal.reset(token)
 
 
 class BillingClient(ServiceClient):

@@ -11,7 +11,8 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "TokenVerifier",
     "current_principal",
     "require_principal",
+    "as_service",
     "bearer_token",
 ]
 
@@ -59,6 +61,17 @@ class Principal:
 
 #: The caller of the RPC being served, set by the authentication interceptor.
 current_principal: ContextVar[Principal | None] = ContextVar("aidc_current_principal", default=None)
+
+
+@contextmanager
+def as_service() -> Iterator[None]:
+    """Calls made inside go out as this service itself (its mTLS identity), not with the token of the end user
+    whose request is being served: metering, budget checks and background work are the platform's business."""
+    token = current_principal.set(None)
+    try:
+        yield
+    finally:
+        current_principal.reset(token)
 
 
 def require_principal() -> Principal:

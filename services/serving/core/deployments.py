@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from services.billing.client import as_service
 from services.mesh.errors import AidcError, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from services.mesh.identity import as_service
 from services.mesh.interceptors import current_deadline
 from services.serving.core.model import SERVING_STATES, DeploymentRecord, DeploymentState
 from services.serving.registry import ResolvedVersion
