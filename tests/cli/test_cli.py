@@ -9,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import Result
 
 from services.cli.main import documented_settings
+from services.cli.serving_cmd import parse_model_ref
 from tests.cli.conftest import AuthServer, Cli, cli_for
 from tests.conftest import free_port
 
@@ -182,3 +184,17 @@ def test_config_markdown_lists_every_variable_once(cli: Cli) -> None:
     if "OTEL_EXPORTER_OTLP_ENDPOINT" in telemetry:
         assert "OTEL_EXPORTER_OTLP_ENDPOINT" in names
     assert "AIDC_AUTH_ADDR" in cli.ok("config").stdout
+
+
+@pytest.mark.parametrize(
+    ("ref", "parsed"),
+    [("bert", ("bert", 0, "")), ("bert:3", ("bert", 3, "")), ("bert@production", ("bert", 0, "production"))],
+)
+def test_model_references(ref: str, parsed: tuple[str, int, str]) -> None:
+    assert parse_model_ref(ref) == parsed
+
+
+@pytest.mark.parametrize("ref", ["bert:x", "bert@Prod", "bert:3@production", ":3", ""])
+def test_bad_model_references(ref: str) -> None:
+    with pytest.raises(typer.BadParameter):
+        parse_model_ref(ref)

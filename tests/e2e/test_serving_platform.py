@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -37,7 +40,6 @@ from tests.training.conftest import keyword_spec, run_job, upload_keywords_and_t
 pytestmark = pytest.mark.slow
 
 _T = TypeVar("_T")
-TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 _TERMINAL = {training_pb.JOB_STATE_SUCCEEDED, training_pb.JOB_STATE_FAILED, training_pb.JOB_STATE_CANCELLED}
 
 
@@ -87,6 +89,13 @@ async def _eventually(probe: Callable[[], Awaitable[_T | None]], timeout: float,
         await asyncio.sleep(0.5)
 
 
+def _aidc(p: Platform, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real `aidc` command line against the platform."""
+    command = [sys.executable, "-c", "from services.cli.main import app; app()", *args]
+    env = {**p.env, "COLUMNS": "200"}  # rich would fold the tables to 80 columns
+    return subprocess.run(command, env=env, cwd=p.cwd, capture_output=True, text=True, timeout=120)
+
+
 async def _fine_tune(mesh: Mesh, token: str, seed: int) -> int:
     done = await run_job(TrainingClient(mesh.channel("training", token)), keyword_spec(seed=seed))
     assert done.state == training_pb.JOB_STATE_SUCCEEDED, done.error
@@ -132,8 +141,7 @@ async def _scenario(p: Platform, admin_password: str, work: Path) -> None:
         metadata = client.get_model_metadata("keywords-clf", headers=headers)
         assert metadata.name == "keywords-clf" and {i.name for i in metadata.inputs} >= {"TEXT"}
         texts = [text for text, _ in keyword_dataset(6, seed=5)]
-        traced = {**headers, "traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}
-        result = client.infer("keywords-clf", [_text_input(texts)], headers=traced)
+        result = client.infer("keywords-clf", [_text_input(texts)], headers=headers)
         labels = [label.decode() for label in result.as_numpy("LABEL").reshape(-1)]
         assert len(labels) == 6 and set(labels) <= {"negative", "neutral", "positive"}
         assert result.get_response().model_name == "keywords-clf"
@@ -146,15 +154,30 @@ async def _scenario(p: Platform, admin_password: str, work: Path) -> None:
         with pytest.raises(InferenceServerException, match="NOT_FOUND|not deployed"):
             client.infer("no-such-model", [_text_input(texts)], headers=headers)
 
-        # One trace: the gateway, auth's permission check, Triton's request and compute spans, billing's budget check.
+        # One trace: the gateway, auth's permission check, Triton's request and compute spans, billing's budget check
+        # (decisions are not cached on this platform, so every request asks auth and billing). Triton 2.51 now and
+        # then ignores an incoming traceparent and starts a trace of its own (seen in about 1 of 5 runs here, on a
+        # request that is otherwise served fine): a fresh traced request is then sent, up to three in all.
         store = SpanStore(p.data_dir / "traces")
+        wanted = {"serving", "auth", "triton", "billing"}
+        found: dict[str, set[str]] = {}
+        for _ in range(3):
+            trace_id = secrets.token_hex(16)
+            traced = {**headers, "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+            client.infer("keywords-clf", [_text_input(texts)], headers=traced)
 
-        async def whole_trace() -> set[str] | None:
-            services = {span.service for span in store.spans(TRACE_ID)}
-            return services if {"serving", "auth", "triton", "billing"} <= services else None
+            async def whole_trace(trace_id: str = trace_id) -> set[str] | None:
+                services = {span.service for span in store.spans(trace_id)}
+                return services if wanted <= services else None
 
-        await _eventually(whole_trace, 30, "gateway, auth, Triton and billing spans in one trace")
-        names = {span.name for span in store.spans(TRACE_ID) if span.service == "triton"}
+            try:
+                await _eventually(whole_trace, 15, "gateway, auth, Triton and billing spans in one trace")
+                break
+            except AssertionError:
+                found[trace_id] = {f"{span.service}:{span.name}" for span in store.spans(trace_id)}
+        else:
+            raise AssertionError(f"no trace held {wanted}: {found}")
+        names = {span.name for span in store.spans(trace_id) if span.service == "triton"}
         assert any("InferRequest" in name for name in names) and any("compute" in name.lower() for name in names), names
 
         # Usage: one inference_requests event per served request, in billing.
@@ -175,6 +198,15 @@ async def _scenario(p: Platform, admin_password: str, work: Path) -> None:
             return (await serving.get_deployment("keywords-clf")).version == 2
 
         await _eventually(moved, 60, "the deployment following its alias to version 2")
+
+        # The CLI, logged in as the platform admin by `aidc up`, sees and uses it too.
+        listed = _aidc(p, "deployments", "--tenant", "acme")
+        assert listed.returncode == 0 and "keywords-clf" in listed.stdout and "v2" in listed.stdout, listed
+        inferred = _aidc(p, "infer", "acme/keywords-clf", texts[0], texts[1])
+        assert inferred.returncode == 0, inferred
+        assert sum(label in inferred.stdout for label in ("negative", "neutral", "positive")) >= 1, inferred.stdout
+        refused = _aidc(p, "deploy", "keywords-clf:7", "--tenant", "acme")
+        assert refused.returncode != 0 and "NOT_FOUND" in refused.stdout + refused.stderr, refused
 
         # Triton killed: UNAVAILABLE well within the deadline; the supervisor restarts it and serving reloads it.
         triton_pid = next(c.pid for c in p.state().components if c.name == "triton")
@@ -209,6 +241,9 @@ def test_serving_through_the_platform(platform_env: Platform, tmp_path: Path) ->
         AIDC_SERVING_RECONCILE_INTERVAL_SECONDS="0.5",
         AIDC_SERVING_METERING_INTERVAL_SECONDS="0.5",
         AIDC_RESTART_BACKOFF_SECONDS="0.5",
+        # Every inference asks auth and billing, so any traced request shows the whole path.
+        AIDC_DECISION_CACHE_SECONDS="0",
+        AIDC_SERVING_BUDGET_CACHE_SECONDS="0",
     )
     up = p.cli("up", "--detach")
     assert up.returncode == 0, p.diagnostics(up)

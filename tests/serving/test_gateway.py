@@ -484,9 +484,11 @@ async def test_triton_down_is_unavailable_at_once_and_a_restarted_triton_serves_
 # -- one trace ---------------------------------------------------------------------------------------------
 
 
-async def test_one_trace_holds_the_gateway_auth_billing_and_tritons_spans(bench: GatewayBench) -> None:
+async def _traced_request(bench: GatewayBench) -> tuple[Any, list[Any]]:
+    """One request through a fresh gateway (empty decision and budget caches: it asks auth and billing) inside a
+    caller's span; the caller's span and the spans of its trace once Triton's have arrived (or 10 s passed)."""
     provider = init_telemetry("serving", bench.collector.data_dir, env={})
-    fresh = await bench.start_gateway()  # empty decision and budget caches: the first request asks auth and billing
+    fresh = await bench.start_gateway()
     try:
         async with bench.client(fresh.address) as client:
             with tracer(__name__).start_as_current_span("tenant-request") as caller:
@@ -497,13 +499,23 @@ async def test_one_trace_holds_the_gateway_auth_billing_and_tritons_spans(bench:
     finally:
         await fresh.stop()
         shutdown_telemetry()
-    trace_id = format(caller.get_span_context().trace_id, "032x")
     store = SpanStore(bench.collector.data_dir / "traces")
-    deadline = time.monotonic() + 20
+    trace_id = format(caller.get_span_context().trace_id, "032x")
+    deadline = time.monotonic() + 10
     spans = store.spans(trace_id)
     while not any(s.service == "triton" for s in spans) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
         spans = store.spans(trace_id)
+    return caller, spans
+
+
+async def test_one_trace_holds_the_gateway_auth_billing_and_tritons_spans(bench: GatewayBench) -> None:
+    # Triton 2.51 now and then ignores an incoming traceparent and starts a trace of its own (the request itself is
+    # served fine): a fresh request is then traced, up to three in all.
+    for _ in range(3):
+        caller, spans = await _traced_request(bench)
+        if any(s.service == "triton" for s in spans):
+            break
     by_name = {s.name: s for s in spans}
     tree = render_tree(spans)
     gateway_span = by_name["/inference.GRPCInferenceService/ModelInfer"]
