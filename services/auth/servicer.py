@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc.aio import ServicerContext
 
 from services.auth.core.service import ApiKeyInfo, AuthCore, PrincipalInfo, TenantInfo, TokenPair
@@ -14,6 +12,7 @@ from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
 from services.gen.aidc.auth.v1 import auth_service_pb2_grpc
 from services.gen.aidc.common.v1 import common_pb2
 from services.mesh.identity import require_principal
+from services.mesh.messages import timestamp
 
 __all__ = ["AuthServicer"]
 
@@ -24,20 +23,14 @@ _KINDS = {
 }
 
 
-def _ts(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def _tenant(t: TenantInfo) -> pb.Tenant:
-    return pb.Tenant(name=t.name, display_name=t.display_name, create_time=_ts(t.created_at))
+    return pb.Tenant(name=t.name, display_name=t.display_name, create_time=timestamp(t.created_at))
 
 
 def _user(p: PrincipalInfo) -> pb.User:
-    return pb.User(subject=p.subject, tenant=p.tenant, name=p.name, kind=_KINDS[p.kind], create_time=_ts(p.created_at))
+    return pb.User(
+        subject=p.subject, tenant=p.tenant, name=p.name, kind=_KINDS[p.kind], create_time=timestamp(p.created_at)
+    )
 
 
 def _api_key(k: ApiKeyInfo) -> pb.ApiKey:
@@ -46,8 +39,8 @@ def _api_key(k: ApiKeyInfo) -> pb.ApiKey:
         subject=k.subject,
         tenant=k.tenant,
         description=k.description,
-        create_time=_ts(k.created_at),
-        expire_time=_ts(k.expires_at),
+        create_time=timestamp(k.created_at),
+        expire_time=timestamp(k.expires_at),
         revoked=k.revoked,
     )
 
@@ -55,9 +48,9 @@ def _api_key(k: ApiKeyInfo) -> pb.ApiKey:
 def _tokens(t: TokenPair) -> pb.TokenPair:
     return pb.TokenPair(
         access_token=t.access_token,
-        access_token_expire_time=_ts(t.access_expires),
+        access_token_expire_time=timestamp(t.access_expires),
         refresh_token=t.refresh_token,
-        refresh_token_expire_time=_ts(t.refresh_expires),
+        refresh_token_expire_time=timestamp(t.refresh_expires),
     )
 
 
@@ -173,7 +166,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         events = [
             pb.AuditEvent(
                 id=e.id,
-                time=_ts(e.time),
+                time=timestamp(e.time),
                 actor=e.actor,
                 tenant=e.tenant,
                 action=e.action,

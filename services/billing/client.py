@@ -38,18 +38,11 @@ from services.mesh.client import ServiceClient
 from services.mesh.config import MeshSettings
 from services.mesh.errors import AidcError, InvalidArgument
 from services.mesh.identity import as_service, current_principal
+from services.mesh.messages import timestamp
 
 __all__ = ["BillingClient", "UsageEmitter", "EmitterStats", "usage_event", "money", "new_event_id"]
 
 log = logging.getLogger(__name__)
-
-
-def _stamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def money(micros: int, currency: str = "USD") -> common_pb2.Money:
@@ -129,8 +122,8 @@ class BillingClient(ServiceClient):
             aggregation=aggregation,
             group_by=list(group_by),
             filter=dict(filter or {}),
-            start_time=_stamp(start),
-            end_time=_stamp(end),
+            start_time=timestamp(start),
+            end_time=timestamp(end),
             page=common_pb2.PageRequest(page_size=page_size, page_token=page_token),
         )
         return await self._unary(self.stub.QueryUsage, request, idempotent=True)
@@ -155,11 +148,11 @@ class BillingClient(ServiceClient):
         return (await self._unary(self.stub.SetPriceBook, request)).price_book
 
     async def get_price_book(self, *, tenant: str = "", at: datetime | None = None) -> pb.PriceBook:
-        request = pb.GetPriceBookRequest(tenant=tenant, at_time=_stamp(at))
+        request = pb.GetPriceBookRequest(tenant=tenant, at_time=timestamp(at))
         return (await self._unary(self.stub.GetPriceBook, request, idempotent=True)).price_book
 
     async def set_tenant_plan(self, tenant: str, plan: str, start: datetime | None = None) -> pb.TenantPlan:
-        request = pb.SetTenantPlanRequest(tenant=tenant, plan=plan, start_time=_stamp(start))
+        request = pb.SetTenantPlanRequest(tenant=tenant, plan=plan, start_time=timestamp(start))
         return (await self._unary(self.stub.SetTenantPlan, request, idempotent=True)).tenant_plan
 
     async def check_budget(
@@ -200,7 +193,7 @@ class BillingClient(ServiceClient):
         expire: datetime | None = None,
     ) -> pb.GrantCreditResponse:
         request = pb.GrantCreditRequest(
-            tenant=tenant, grant_id=grant_id, amount=amount, reason=reason, expire_time=_stamp(expire)
+            tenant=tenant, grant_id=grant_id, amount=amount, reason=reason, expire_time=timestamp(expire)
         )
         # Idempotent on grant_id.
         return await self._unary(self.stub.GrantCredit, request, idempotent=True)
@@ -213,7 +206,7 @@ class BillingClient(ServiceClient):
         self, tenant: str = "", *, since: datetime | None = None, page_size: int = 0
     ) -> list[pb.BudgetAlert]:
         request = pb.ListBudgetAlertsRequest(
-            tenant=tenant, since_time=_stamp(since), page=common_pb2.PageRequest(page_size=page_size)
+            tenant=tenant, since_time=timestamp(since), page=common_pb2.PageRequest(page_size=page_size)
         )
         return list((await self._unary(self.stub.ListBudgetAlerts, request, idempotent=True)).alerts)
 
@@ -221,7 +214,7 @@ class BillingClient(ServiceClient):
         self, tenant: str, *, period_start: datetime | None = None, period_end: datetime | None = None
     ) -> pb.Invoice:
         request = pb.CreateInvoiceRequest(
-            tenant=tenant, period_start_time=_stamp(period_start), period_end_time=_stamp(period_end)
+            tenant=tenant, period_start_time=timestamp(period_start), period_end_time=timestamp(period_end)
         )
         # Recomputing a draft is idempotent.
         return (await self._unary(self.stub.CreateInvoice, request, idempotent=True)).invoice

@@ -30,6 +30,7 @@ __all__ = [
     "current_principal",
     "require_principal",
     "as_service",
+    "tenant_or_own",
     "bearer_token",
 ]
 
@@ -61,6 +62,11 @@ class Principal:
 
 #: The caller of the RPC being served, set by the authentication interceptor.
 current_principal: ContextVar[Principal | None] = ContextVar("aidc_current_principal", default=None)
+
+
+def tenant_or_own(request_tenant: str) -> str:
+    """The tenant a request names, or the caller's own when it names none."""
+    return request_tenant or require_principal().tenant
 
 
 @contextmanager

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc.aio import ServicerContext
 
 from services.gen.aidc.common.v1 import common_pb2
 from services.gen.aidc.serving.v1 import serving_service_pb2 as pb
 from services.gen.aidc.serving.v1 import serving_service_pb2_grpc
-from services.mesh.identity import require_principal
+from services.mesh.identity import require_principal, tenant_or_own
+from services.mesh.messages import timestamp
 from services.serving.core.deployments import DeploymentsCore, DeployRequest
 from services.serving.core.model import DeploymentRecord, DeploymentState
 
@@ -28,14 +26,6 @@ _STATES = {
 }
 
 
-def _ts(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def deployment_proto(record: DeploymentRecord) -> pb.Deployment:
     return pb.Deployment(
         tenant=record.tenant,
@@ -46,17 +36,13 @@ def deployment_proto(record: DeploymentRecord) -> pb.Deployment:
         target_version=record.target_version,
         triton_model_name=record.triton_name,
         last_error=record.last_error,
-        last_error_time=_ts(record.last_error_time),
+        last_error_time=timestamp(record.last_error_time),
         instance_count=record.instance_count,
         max_batch_size=record.max_batch_size,
         created_by=record.created_by,
-        create_time=_ts(record.create_time),
-        update_time=_ts(record.update_time),
+        create_time=timestamp(record.create_time),
+        update_time=timestamp(record.update_time),
     )
-
-
-def _tenant(request_tenant: str) -> str:
-    return request_tenant or require_principal().tenant
 
 
 class ServingServicer(serving_service_pb2_grpc.ServingServiceServicer):
@@ -67,7 +53,7 @@ class ServingServicer(serving_service_pb2_grpc.ServingServiceServicer):
 
     async def Deploy(self, request: pb.DeployRequest, context: ServicerContext) -> pb.DeployResponse:  # noqa: N802
         deploy = DeployRequest(
-            tenant=_tenant(request.tenant),
+            tenant=tenant_or_own(request.tenant),
             model=request.model,
             version=request.version,
             alias=request.alias,
@@ -79,13 +65,13 @@ class ServingServicer(serving_service_pb2_grpc.ServingServiceServicer):
         return pb.DeployResponse(deployment=deployment_proto(record))
 
     async def Undeploy(self, request: pb.UndeployRequest, context: ServicerContext) -> pb.UndeployResponse:  # noqa: N802
-        record = await self._core.undeploy(_tenant(request.tenant), request.model)
+        record = await self._core.undeploy(tenant_or_own(request.tenant), request.model)
         return pb.UndeployResponse(deployment=deployment_proto(record))
 
     async def ListDeployments(  # noqa: N802
         self, request: pb.ListDeploymentsRequest, context: ServicerContext
     ) -> pb.ListDeploymentsResponse:
-        page = await self._core.list(_tenant(request.tenant), request.page.page_size, request.page.page_token)
+        page = await self._core.list(tenant_or_own(request.tenant), request.page.page_size, request.page.page_token)
         return pb.ListDeploymentsResponse(
             deployments=[deployment_proto(r) for r in page.items],
             page=common_pb2.PageResponse(next_page_token=page.next_token),
@@ -94,5 +80,5 @@ class ServingServicer(serving_service_pb2_grpc.ServingServiceServicer):
     async def GetDeployment(  # noqa: N802
         self, request: pb.GetDeploymentRequest, context: ServicerContext
     ) -> pb.GetDeploymentResponse:
-        record = await self._core.get(_tenant(request.tenant), request.model)
+        record = await self._core.get(tenant_or_own(request.tenant), request.model)
         return pb.GetDeploymentResponse(deployment=deployment_proto(record))

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc.aio import ServicerContext
 
 from services.gen.aidc.common.v1 import common_pb2
@@ -14,6 +12,7 @@ from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
 from services.gen.aidc.storage.v1 import storage_service_pb2_grpc
 from services.mesh.errors import InvalidArgument
 from services.mesh.identity import require_principal
+from services.mesh.messages import timestamp
 from services.storage.core.model import DatasetRecord, KeyState, VersionRecord
 from services.storage.core.names import ObjectKind
 from services.storage.core.service import DEFAULT_CONTENT_TYPE, Page, StorageCore, UploadSpec
@@ -27,12 +26,6 @@ _FORMATS = {pb.DATA_FORMAT_CSV: TextFormat.CSV, pb.DATA_FORMAT_JSONL: TextFormat
 _FORMAT_TO_PB = {"opaque": pb.DATA_FORMAT_OPAQUE, "csv": pb.DATA_FORMAT_CSV, "jsonl": pb.DATA_FORMAT_JSONL}
 _PII = {pb.PII_KIND_EMAIL: PiiKind.EMAIL, pb.PII_KIND_PHONE: PiiKind.PHONE, pb.PII_KIND_ID_NUMBER: PiiKind.ID_NUMBER}
 _PII_BY_NAME = {kind.name: value for value, kind in _PII.items()}
-
-
-def _ts(value: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
 
 
 def _kind(value: int, required: bool = True) -> ObjectKind | None:
@@ -53,7 +46,7 @@ def _dataset(d: DatasetRecord) -> pb.Dataset:
         tenant=d.tenant,
         name=d.name,
         description=d.description,
-        create_time=_ts(d.created_at),
+        create_time=timestamp(d.created_at),
         latest_version=d.latest_version,
     )
 
@@ -67,7 +60,7 @@ def _object(v: VersionRecord) -> pb.ObjectInfo:
         size_bytes=v.size_bytes,
         sha256=v.sha256,
         content_type=v.content_type,
-        create_time=_ts(v.created_at),
+        create_time=timestamp(v.created_at),
         created_by=v.created_by,
         format=_FORMAT_TO_PB.get(v.format, pb.DATA_FORMAT_UNSPECIFIED),
         metadata=v.metadata,

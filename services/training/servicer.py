@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc.aio import ServicerContext
 from opentelemetry import propagate
 
@@ -15,7 +13,8 @@ from services.gen.aidc.common.v1 import common_pb2
 from services.gen.aidc.training.v1 import training_service_pb2 as pb
 from services.gen.aidc.training.v1 import training_service_pb2_grpc
 from services.mesh.errors import InvalidArgument
-from services.mesh.identity import require_principal
+from services.mesh.identity import require_principal, tenant_or_own
+from services.mesh.messages import timestamp
 from services.training.core.model import (
     ArtifactEntry,
     BaseModelRecord,
@@ -42,14 +41,6 @@ _STATES = {
 }
 _STATES_FROM_PB = {v: k for k, v in _STATES.items()}
 _LEVELS = {"debug": pb.LOG_LEVEL_DEBUG, "info": pb.LOG_LEVEL_INFO, "warning": pb.LOG_LEVEL_WARNING}
-
-
-def _ts(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
 
 
 def spec_from_proto(spec: pb.FineTuneSpec) -> tuple[FineTuneSpec, DatasetVersion, str]:
@@ -217,9 +208,9 @@ def _job(job: JobRecord) -> pb.Job:
         model=job.model,
         model_version=job.model_version,
         created_by=job.created_by,
-        create_time=_ts(job.created_at),
-        start_time=_ts(job.started_at),
-        end_time=_ts(job.ended_at),
+        create_time=timestamp(job.created_at),
+        start_time=timestamp(job.started_at),
+        end_time=timestamp(job.ended_at),
         trace_id=job.trace_id,
     )
     if job.progress:
@@ -230,7 +221,7 @@ def _job(job: JobRecord) -> pb.Job:
 
 
 def _event(event: JobEvent, spec: dict[str, Any]) -> pb.JobEvent:
-    out = pb.JobEvent(job_id=event.job_id, sequence=event.sequence, time=_ts(event.time))
+    out = pb.JobEvent(job_id=event.job_id, sequence=event.sequence, time=timestamp(event.time))
     data = event.data
     if event.kind == "state":
         out.state_change.CopyFrom(
@@ -271,8 +262,8 @@ def _model(m: ModelRecord) -> pb.Model:
         name=m.name,
         latest_version=m.latest_version,
         aliases=m.aliases,
-        create_time=_ts(m.created_at),
-        update_time=_ts(m.updated_at),
+        create_time=timestamp(m.created_at),
+        update_time=timestamp(m.updated_at),
     )
 
 
@@ -304,7 +295,7 @@ def _version(v: ModelVersionRecord) -> pb.ModelVersion:
         artifacts=[_artifact(a) for a in v.artifacts],
         total_size_bytes=v.total_size_bytes,
         aliases=list(v.aliases),
-        create_time=_ts(v.created_at),
+        create_time=timestamp(v.created_at),
     )
     if v.privacy:
         out.privacy.CopyFrom(
@@ -337,15 +328,11 @@ def _base_model(b: BaseModelRecord) -> pb.BaseModel:
         parameter_count=b.parameter_count,
         sha256=b.sha256,
         description=b.description,
-        create_time=_ts(b.created_at),
+        create_time=timestamp(b.created_at),
     )
     if b.artifact is not None:
         out.artifact.CopyFrom(_artifact(b.artifact))
     return out
-
-
-def _tenant(request_tenant: str) -> str:
-    return request_tenant or require_principal().tenant
 
 
 class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
@@ -360,21 +347,21 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
         job = await self._core.submit(
-            principal, _tenant(request.tenant), runner, dataset, output_model, request.request_id, carrier
+            principal, tenant_or_own(request.tenant), runner, dataset, output_model, request.request_id, carrier
         )
         return pb.SubmitFineTuneResponse(job=_job(job))
 
     async def GetJob(self, request: pb.GetJobRequest, context: ServicerContext) -> Any:
-        return pb.GetJobResponse(job=_job(await self._core.job(_tenant(request.tenant), request.job_id)))
+        return pb.GetJobResponse(job=_job(await self._core.job(tenant_or_own(request.tenant), request.job_id)))
 
     async def WatchJob(self, request: pb.WatchJobRequest, context: ServicerContext) -> AsyncIterator[Any]:
-        tenant = _tenant(request.tenant)
+        tenant = tenant_or_own(request.tenant)
         job = await self._core.job(tenant, request.job_id)
         async for event in self._core.watch(tenant, request.job_id, request.after_sequence, request.include_logs):
             yield pb.WatchJobResponse(event=_event(event, job.spec.runner))
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: ServicerContext) -> Any:
-        job = await self._core.cancel(_tenant(request.tenant), request.job_id, request.reason)
+        job = await self._core.cancel(tenant_or_own(request.tenant), request.job_id, request.reason)
         return pb.CancelJobResponse(job=_job(job))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: ServicerContext) -> Any:
@@ -382,39 +369,47 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         if unknown:
             raise InvalidArgument(f"unknown job states {unknown}")
         states = frozenset(_STATES_FROM_PB[s] for s in request.states)
-        page = await self._core.jobs(_tenant(request.tenant), states, request.page.page_size, request.page.page_token)
+        page = await self._core.jobs(
+            tenant_or_own(request.tenant), states, request.page.page_size, request.page.page_token
+        )
         return pb.ListJobsResponse(
             jobs=[_job(j) for j in page.items], page=common_pb2.PageResponse(next_page_token=page.next_token)
         )
 
     async def ListModels(self, request: pb.ListModelsRequest, context: ServicerContext) -> Any:
-        page = await self._core.models(_tenant(request.tenant), request.page.page_size, request.page.page_token)
+        page = await self._core.models(tenant_or_own(request.tenant), request.page.page_size, request.page.page_token)
         return pb.ListModelsResponse(
             models=[_model(m) for m in page.items], page=common_pb2.PageResponse(next_page_token=page.next_token)
         )
 
     async def ListModelVersions(self, request: pb.ListModelVersionsRequest, context: ServicerContext) -> Any:
         page = await self._core.model_versions(
-            _tenant(request.tenant), request.model, request.page.page_size, request.page.page_token
+            tenant_or_own(request.tenant), request.model, request.page.page_size, request.page.page_token
         )
         return pb.ListModelVersionsResponse(
             versions=[_version(v) for v in page.items], page=common_pb2.PageResponse(next_page_token=page.next_token)
         )
 
     async def GetModelVersion(self, request: pb.GetModelVersionRequest, context: ServicerContext) -> Any:
-        version = await self._core.model_version(_tenant(request.tenant), request.model, request.version, request.alias)
+        version = await self._core.model_version(
+            tenant_or_own(request.tenant), request.model, request.version, request.alias
+        )
         return pb.GetModelVersionResponse(version=_version(version))
 
     async def SetAlias(self, request: pb.SetAliasRequest, context: ServicerContext) -> Any:
-        model = await self._core.set_alias(_tenant(request.tenant), request.model, request.alias, request.version)
+        model = await self._core.set_alias(tenant_or_own(request.tenant), request.model, request.alias, request.version)
         return pb.SetAliasResponse(model=_model(model))
 
     async def RegisterBaseModel(self, request: pb.RegisterBaseModelRequest, context: ServicerContext) -> Any:
         record = await self._core.register_base_model(
-            _tenant(request.tenant), request.name, request.artifact_name, request.artifact_version, request.description
+            tenant_or_own(request.tenant),
+            request.name,
+            request.artifact_name,
+            request.artifact_version,
+            request.description,
         )
         return pb.RegisterBaseModelResponse(base_model=_base_model(record))
 
     async def ListBaseModels(self, request: pb.ListBaseModelsRequest, context: ServicerContext) -> Any:
-        found = await self._core.base_models(_tenant(request.tenant))
+        found = await self._core.base_models(tenant_or_own(request.tenant))
         return pb.ListBaseModelsResponse(base_models=[_base_model(b) for b in found])
