@@ -4,18 +4,19 @@ preempt, and say why every examined job still waits.
 Order: the tenant whose share would be lowest after admitting its next job goes first (ties: higher priority,
 then earlier submission); inside a tenant, priority then submission order. A job that cannot be admitted does not
 block the jobs behind it (Kueue's BestEffortFIFO), but a tenant's scan stops after ``lookahead`` refusals in one
-cycle, and a job at least as large as one that already failed on quota (same tenant) or capacity (same pool) in
-this cycle fails without another look: usage only grows during a cycle. That keeps a cycle proportional to what it
-admits, not to the depth of the queue (kueue #14477).
+cycle; the quota check is O(1), and a job at least as large as one that already failed on capacity in this cycle,
+or larger than any node's free room, fails without a placement scan (free room only shrinks during a cycle).
+Victim searches stop for a tenant after a few fruitless ones. That keeps a cycle proportional to what it admits,
+not to the depth of the queue (kueue #14477).
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.scheduler.core.model import Admission, BudgetCheck, CycleResult, Preemption
-from services.scheduler.core.placement import NodeSlot, capacity_reason, place
+from services.scheduler.core.placement import NodeSlot, place
 from services.scheduler.core.preemption import find_victims, hopeless
 from services.scheduler.core.quota import TenantQueue
 from services.scheduler.core.state import JobRecord, PoolState
@@ -23,6 +24,8 @@ from services.scheduler.core.state import JobRecord, PoolState
 __all__ = ["run_cycle", "waiting_reason"]
 
 _ADMITTED, _REFUSED, _WAITING, _SKIPPED = range(4)
+# Victim searches that found nothing before a tenant's scan stops searching in a cycle.
+_FRUITLESS_SEARCHES = 4
 # How many failures of each kind to remember for the dominance check.
 _REMEMBERED_FAILURES = 8
 
@@ -43,9 +46,8 @@ class _Scan:
     tq: TenantQueue
     index: int = 0
     refusals: int = 0
-    searched: bool = False
+    fruitless_searches: int = 0
     last: tuple[int, int, str] | None = None
-    quota_failures: list[tuple[tuple[int, int, int], str]] = field(default_factory=list)
 
 
 class _PoolCycle:
@@ -54,14 +56,20 @@ class _PoolCycle:
         self.budget = budget
         self.result = result
         self.lookahead = lookahead
-        self.capacity_failures: list[tuple[tuple[int, int, int], int, str, str]] = []
+        self.capacity_failures: list[tuple[tuple[int, int, int], int, str]] = []  # (per worker, workers, GPU type)
+        self.capacity_reasons: dict[tuple[tuple[int, int, int], int, str], str] = {}  # failed shapes this cycle
         self.tried: set[str] = set()
         self.budget_refused = False
+        # The most any READY node has free, per resource: an upper bound for the whole cycle (usage only grows).
+        self.max_free = [0, 0, 0]
 
     def run(self) -> None:
         state = self.state
         state.dirty = False
         self.admit_unblocked_preemptors()
+        for slot in state.slots.values():
+            if slot.ready:
+                self.max_free = [max(self.max_free[r], slot.free[r]) for r in range(3)]
         heap: list[tuple[float, int, int, str, _Scan]] = []
         for name, tq in state.tenants.items():
             if not tq.queue:
@@ -122,7 +130,7 @@ class _PoolCycle:
             job = rec.job
             placement = place(state.slots.values(), job.per_worker, job.workers)
             if placement is None:
-                self.set_reason(rec, capacity_reason(state.slots.values(), job.per_worker, job.workers, job.pool))
+                self.set_reason(rec, state.capacity_reason(job))
             elif self.pays(rec, placement):
                 state.unqueue(rec)
                 self.admit(rec, placement)
@@ -148,14 +156,8 @@ class _PoolCycle:
             return _SKIPPED
         tq = scan.tq
         total = rec.total
-        why = ""
-        for shape, reason in scan.quota_failures:
-            if total[0] >= shape[0] and total[1] >= shape[1] and total[2] >= shape[2]:
-                self.set_reason(rec, reason)
-                return _REFUSED
         if not tq.fits(total):
             why = tq.why_not(total)
-            _remember(scan.quota_failures, (total, why))
         else:
             why = self.known_capacity_failure(rec)
             placement = None if why else place(state.slots.values(), rec.job.per_worker, rec.job.workers)
@@ -166,40 +168,64 @@ class _PoolCycle:
                     return _ADMITTED
                 return _REFUSED
             if not why:
-                why = capacity_reason(state.slots.values(), rec.job.per_worker, rec.job.workers, state.pool.name)
-                _remember(self.capacity_failures, (rec.per_worker, rec.job.workers, rec.job.per_worker.gpu_type, why))
-        if not scan.searched and rec.search_generation != state.generation and not hopeless(rec, state):
-            scan.searched = True
+                why = self.capacity_failure(rec)
+        # Victim searches go on while they succeed; a few fruitless ones end them for this tenant and cycle (one
+        # would let a head that cannot preempt starve the jobs behind it that could).
+        if (
+            scan.fruitless_searches < _FRUITLESS_SEARCHES
+            and rec.search_generation != state.generation
+            and not hopeless(rec, state)
+        ):
             plan = find_victims(rec, state)
             if plan is None:
+                scan.fruitless_searches += 1
                 rec.search_generation = state.generation
             elif self.pays(rec, plan.placement):
                 for victim, reason in plan.victims:
-                    victim.victim_of = rec.job_id
-                    rec.waiting_for.add(victim.job_id)
+                    state.mark_victim(victim, rec)
                     self.result.preempted.append(Preemption(victim.job_id, rec.job_id, reason))
                 state.reserve(rec, plan.placement)
                 state.waiting[rec.job_id] = rec
                 self.set_reason(rec, waiting_reason(rec.waiting_for))
                 return _WAITING
             else:
+                scan.fruitless_searches += 1
                 return _REFUSED
         self.set_reason(rec, why)
         return _REFUSED
 
     def known_capacity_failure(self, rec: JobRecord) -> str:
+        """The reason ``rec`` cannot be placed, when that is known without a placement: a job of its shape, or one it
+        is at least as large as, already failed in this cycle, or it is larger than any node's free room."""
         q = rec.per_worker
-        gpu_type = rec.job.per_worker.gpu_type
-        for shape, workers, failed_type, reason in self.capacity_failures:
-            if (
-                rec.job.workers >= workers
-                and q[0] >= shape[0]
-                and q[1] >= shape[1]
-                and q[2] >= shape[2]
-                and (not failed_type or failed_type == gpu_type or not q[2])
-            ):
-                return reason
-        return ""
+        job = rec.job
+        gpu_type = job.per_worker.gpu_type
+        shape = (q, job.workers, gpu_type)
+        known = self.capacity_reasons.get(shape)
+        if known is not None:
+            return known
+        failed = q[0] > self.max_free[0] or q[1] > self.max_free[1] or q[2] > self.max_free[2]
+        for failed_q, workers, failed_type in self.capacity_failures:
+            if failed:
+                break
+            failed = (
+                job.workers >= workers
+                and q[0] >= failed_q[0]
+                and q[1] >= failed_q[1]
+                and q[2] >= failed_q[2]
+                and (not failed_type or failed_type == gpu_type)
+            )
+        return self.capacity_failure(rec) if failed else ""
+
+    def capacity_failure(self, rec: JobRecord) -> str:
+        """Records that ``rec``'s shape does not fit in this cycle and says why (the reason is about ``rec`` itself,
+        never another job's)."""
+        job = rec.job
+        shape = (rec.per_worker, job.workers, job.per_worker.gpu_type)
+        reason = self.state.capacity_reason(job)
+        self.capacity_reasons[shape] = reason
+        _remember(self.capacity_failures, shape)
+        return reason
 
 
 def _remember(failures: list, failure: object) -> None:  # type: ignore[type-arg]

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from services.scheduler.core.model import Node, NodeState
 from services.scheduler.core.resources import Prices, Resources
 
-__all__ = ["NodeSlot", "place", "capacity_reason", "workers_fitting"]
+__all__ = ["NodeSlot", "place", "capacity_reason", "ready_room", "workers_fitting"]
 
 _R = range(3)
 
@@ -79,7 +79,14 @@ def place(slots: Iterable[NodeSlot], request: Resources, workers: int) -> list[t
         best_key: tuple[int, int, float, str] | None = None
         for slot in slots:
             free = slot.free
-            if not slot.ready or free[0] < q0 or free[1] < q1 or free[2] < q2 or not slot.matches(request):
+            # A resource the job does not ask for never stops it (a reservation may overcommit it for a while).
+            if (
+                not slot.ready
+                or (q0 and free[0] < q0)
+                or (q1 and free[1] < q1)
+                or (q2 and free[2] < q2)
+                or not slot.matches(request)
+            ):
                 continue
             key = _order(slot, request, q)
             if best_key is None or key < best_key:
@@ -88,7 +95,7 @@ def place(slots: Iterable[NodeSlot], request: Resources, workers: int) -> list[t
     feasible = [
         (_order(slot, request, q), slot)
         for slot in slots
-        if slot.ready and slot.free[0] >= q0 and slot.free[1] >= q1 and slot.free[2] >= q2 and slot.matches(request)
+        if slot.ready and slot.matches(request) and workers_fitting(q, slot.free)
     ]
     feasible.sort(key=lambda pair: pair[0])
     chosen: list[tuple[NodeSlot, int]] = []
@@ -103,18 +110,20 @@ def place(slots: Iterable[NodeSlot], request: Resources, workers: int) -> list[t
     return None
 
 
-def capacity_reason(slots: Iterable[NodeSlot], request: Resources, workers: int, pool: str) -> str:
-    """Why ``workers`` x ``request`` cannot be placed now, e.g. "waiting for capacity: no READY node in pool
-    default has 2 GPUs of type a100 free"."""
+def ready_room(slots: Iterable[NodeSlot], request: Resources) -> int:
+    """How many workers of ``request`` the READY nodes could hold if they were empty."""
     q = request.as_tuple()
-    ready = [slot for slot in slots if slot.ready and slot.matches(request)]
+    return sum(workers_fitting(q, slot.cap) for slot in slots if slot.ready and slot.matches(request))
+
+
+def capacity_reason(request: Resources, workers: int, pool: str, room: int) -> str:
+    """Why ``workers`` x ``request`` cannot be placed now (``room``: ready_room()), e.g. "waiting for capacity: no
+    READY node in pool default has 2 cpu, 8 GiB, 2 GPUs of type a100 free"."""
     what = request.describe()
     if workers == 1:
-        if not any(workers_fitting(q, slot.cap) for slot in ready):
+        if not room:
             return f"waiting for capacity: no READY node in pool {pool} can hold {what}"
         return f"waiting for capacity: no READY node in pool {pool} has {what} free"
-    free = sum(workers_fitting(q, slot.free) for slot in ready)
-    return (
-        f"waiting for capacity: the free capacity of pool {pool} holds {free} of the gang's {workers} workers "
-        f"({what} each)"
-    )
+    if room < workers:
+        return f"waiting for capacity: the READY nodes of pool {pool} cannot hold {workers} workers of {what}"
+    return f"waiting for capacity: the free room in pool {pool} does not hold {workers} workers of {what} at once"

@@ -16,6 +16,7 @@ before it returns: victims keep their resources until the service releases them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.scheduler.core.placement import NodeSlot, place, workers_fitting
@@ -42,48 +43,155 @@ def _eligible(rec: JobRecord) -> bool:
 
 
 def hopeless(rec: JobRecord, state: PoolState) -> bool:
-    """Whether no preemption could ever make room: the job is above its tenant's quota cap, or more than the READY
-    nodes of the pool hold even empty."""
-    cap = rec.tq.limits.cap
+    """Whether no preemption could make room: nothing it may preempt, the job is above its tenant's quota cap, or
+    more than the READY nodes of the pool hold even empty."""
+    tq = rec.tq
+    job = rec.job
+    borrowing = tq.borrowing_with(rec.total)
+    cohort = tq.cohort
+    if not tq.has_candidate_below(job.priority) and not (
+        cohort is not None
+        and any(
+            other is not tq
+            and other.candidates
+            and (not borrowing or other.has_candidate_below(job.priority))
+            and other.is_borrowing_in(rec.total)
+            for other in cohort.members
+        )
+    ):
+        return True
+    cap = tq.limits.cap
     if any(rec.total[r] > cap[r] for r in range(3)):
         return True
+    return state.ready_room(job.per_worker) < job.workers
+
+
+def _quota_could_fit(rec: JobRecord, own: list[JobRecord], others: dict[TenantQueue, list[JobRecord]]) -> bool:
+    """Whether ``rec`` would fit its quota if every candidate stopped (an upper bound, before any search)."""
+    tq = rec.tq
+    need = rec.total
+    cohort = tq.cohort
+    for r in range(3):
+        if not need[r]:
+            continue
+        after = tq.used[r] - sum(v.total[r] for v in own) + need[r]
+        if after > tq.limits.cap[r]:
+            return False
+        if cohort is not None:
+            others_over = cohort.over[r] - tq.over(r)
+            for other, victims in others.items():
+                others_over -= min(other.over(r), sum(v.total[r] for v in victims))
+            if max(0, after - tq.limits.guaranteed[r]) + others_over > cohort.lendable[r]:
+                return False
+    return True
+
+
+def _usefulness(rec: JobRecord, state: PoolState) -> Callable[[JobRecord], bool]:
+    """Whether stopping a job could help ``rec``: it holds a resource ``rec`` lacks quota for, or it runs on a
+    READY node ``rec`` may use and holds something ``rec`` asks for."""
+    need = rec.total
+    short = [r for r in range(3) if need[r] and not rec.tq.fits(_only(need, r))]
+    usable = {slot.name for slot in state.slots.values() if slot.ready and slot.matches(rec.job.per_worker)}
+
+    def useful(victim: JobRecord) -> bool:
+        held = victim.total
+        if any(held[r] for r in short):
+            return True
+        return any(held[r] and need[r] for r in range(3)) and any(slot.name in usable for slot, _ in victim.placement)
+
+    return useful
+
+
+def _only(q: tuple[int, int, int], r: int) -> tuple[int, int, int]:
+    return (q[0] if r == 0 else 0, q[1] if r == 1 else 0, q[2] if r == 2 else 0)
+
+
+def _reachable(
+    others: dict[TenantQueue, list[JobRecord]], need: tuple[int, int, int], borrowing: bool
+) -> dict[TenantQueue, list[JobRecord]]:
+    """Of each other tenant's candidates, those the search below could take, an upper bound (arithmetic only) to
+    skip searches that cannot succeed: reclaim takes them in order while the tenant still borrows what the job
+    needs, so exactly that prefix; under the strategies any of them may be reached."""
+    out: dict[TenantQueue, list[JobRecord]] = {}
+    for other, victims in others.items():
+        used = other.effective()
+        nominal = other.limits.nominal
+        taken = []
+        if borrowing:
+            # The strategies may pass over a victim and take a later one: any of them may be reached.
+            out[other] = victims
+            continue
+        for victim in reversed(victims):
+            if not any(need[r] and used[r] > nominal[r] for r in range(3)):
+                break
+            taken.append(victim)
+            for r in range(3):
+                used[r] -= victim.total[r]
+        if taken:
+            out[other] = taken
+    return out
+
+
+def _room_without(rec: JobRecord, state: PoolState, victims: list[JobRecord]) -> bool:
+    """Whether ``rec``'s workers would fit the READY nodes if all ``victims`` stopped (quota aside)."""
     request = rec.job.per_worker
-    room = 0
-    for slot in state.slots.values():
-        if slot.ready and slot.matches(request):
-            room += workers_fitting(rec.per_worker, slot.cap)
-    return room < rec.job.workers
+    free = {slot.name: list(slot.free) for slot in state.slots.values() if slot.ready and slot.matches(request)}
+    for victim in victims:
+        for slot, n in victim.placement:
+            room = free.get(slot.name)
+            if room is not None:
+                for r in range(3):
+                    room[r] += victim.per_worker[r] * n
+    return sum(workers_fitting(rec.per_worker, room) for room in free.values()) >= rec.job.workers
 
 
 class _Search:
-    """One victim search: removals from the live accounting, undone by restore()."""
+    """One victim search: removals from the live accounting, undone by restore(). Whether the job fits is kept
+    incrementally: its quota check is O(1), and identical workers fit the nodes exactly when the workers each
+    usable node has room for add up to the gang, which only the victim's nodes change."""
 
     def __init__(self, rec: JobRecord, state: PoolState) -> None:
         self.rec = rec
         self.state = state
         self.removed: list[JobRecord] = []
+        q = rec.per_worker
+        self.room = {
+            slot: workers_fitting(q, slot.free)
+            for slot in state.slots.values()
+            if slot.ready and slot.matches(rec.job.per_worker)
+        }
+        self.total_room = sum(self.room.values())
+
+    def _move(self, victim: JobRecord, sign: int) -> None:
+        victim.tq.add(victim.total, sign)
+        q = self.rec.per_worker
+        for slot, n in victim.placement:
+            slot.take(victim.per_worker, n, sign=sign)
+            before = self.room.get(slot)
+            if before is not None:
+                after = workers_fitting(q, slot.free)
+                self.room[slot] = after
+                self.total_room += after - before
 
     def remove(self, victim: JobRecord) -> None:
-        victim.tq.add(victim.total, -1)
-        for slot, n in victim.placement:
-            slot.take(victim.per_worker, n, sign=-1)
+        self._move(victim, -1)
         self.removed.append(victim)
 
     def put_back(self, victim: JobRecord) -> None:
-        victim.tq.add(victim.total, 1)
-        for slot, n in victim.placement:
-            slot.take(victim.per_worker, n)
+        self._move(victim, 1)
         self.removed.remove(victim)
 
     def restore(self) -> None:
         for victim in list(self.removed):
             self.put_back(victim)
 
+    def fits(self) -> bool:
+        rec = self.rec
+        return self.total_room >= rec.job.workers and rec.tq.fits(rec.total)
+
     def placement(self) -> list[tuple[NodeSlot, int]] | None:
         rec = self.rec
-        if not rec.tq.fits(rec.total):
-            return None
-        return place(self.state.slots.values(), rec.job.per_worker, rec.job.workers)
+        return place(self.state.slots.values(), rec.job.per_worker, rec.job.workers) if self.fits() else None
 
 
 def find_victims(rec: JobRecord, state: PoolState) -> Plan | None:
@@ -92,30 +200,43 @@ def find_victims(rec: JobRecord, state: PoolState) -> Plan | None:
     job = rec.job
     total = rec.total
     borrowing = tq.borrowing_with(total)
+    useful = _usefulness(rec, state)
+    preemptor_share = tq.share(total)
     others: dict[TenantQueue, list[JobRecord]] = {}
     if tq.cohort is not None:
         for other in tq.cohort.members:
-            if other is tq:
+            if other is tq or not other.is_borrowing_in(total):
                 continue
+            if borrowing and not share_le(preemptor_share, other.share()):
+                continue  # both strategies need the preemptor's share at most the other's, which only falls
             candidates = [
-                v for v in other.admitted.values() if _eligible(v) and (not borrowing or v.job.priority < job.priority)
+                v
+                for v in other.admitted.values()
+                if _eligible(v) and (not borrowing or v.job.priority < job.priority) and useful(v)
             ]
             if candidates:
                 # Reversed, so pop() takes the lowest priority, most recently started first.
                 others[other] = sorted(candidates, key=_victim_order, reverse=True)
-    own = sorted((v for v in tq.admitted.values() if _eligible(v) and v.job.priority < job.priority), key=_victim_order)
+    own = sorted(
+        (v for v in tq.admitted.values() if _eligible(v) and v.job.priority < job.priority and useful(v)),
+        key=_victim_order,
+    )
     if not others and not own:
         return None
+    reachable = _reachable(others, total, borrowing)
+    if not _room_without(rec, state, [*own, *(v for vs in reachable.values() for v in vs)]):
+        return None  # even all it may take would not free enough room on the nodes
+    if not tq.fits(total) and not _quota_could_fit(rec, own, reachable):
+        return None  # even all it may take would not free enough quota
 
     search = _Search(rec, state)
     reasons: dict[str, str] = {}
     pool = state.pool.name
-    preemptor_share = tq.share(total)
 
     def take(victim: JobRecord, reason: str) -> bool:
         search.remove(victim)
         reasons[victim.job_id] = reason
-        return search.placement() is not None
+        return search.fits()
 
     def borrower(candidates: dict[TenantQueue, list[JobRecord]]) -> TenantQueue | None:
         # The tenant with the highest share that still borrows what the job needs.
@@ -163,7 +284,7 @@ def find_victims(rec: JobRecord, state: PoolState) -> Plan | None:
     # Keep only the victims it needs: put back the last chosen first while the job still fits without them.
     for victim in reversed(list(search.removed)):
         search.put_back(victim)
-        if search.placement() is None:
+        if not search.fits():
             search.remove(victim)
     placement = search.placement()
     assert placement is not None

@@ -4,6 +4,7 @@ borrow, the fit check and the dominant-resource share, all kept incrementally (O
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,9 +82,25 @@ class TenantQueue:
     """A tenant's queue, quota and usage in one pool (a Kueue ClusterQueue).
 
     ``queue`` is sorted by (-priority, seq, job_id); ``used`` counts admitted jobs plus the reservations of jobs
-    waiting for their victims to stop (``reserved``), so nobody else takes what a preemption freed."""
+    waiting for their victims to stop (``reserved``), so nobody else takes what a preemption frees: quota checks
+    use it. ``leaving`` is what its jobs chosen as victims still hold: borrowing and shares, which decide order and
+    preemption, leave it out, or a tenant would look like a borrower while it swaps its own work (and be preempted
+    for it, then reclaim: ping-pong)."""
 
-    __slots__ = ("tenant", "pool", "quota", "from_default", "limits", "cohort", "queue", "used", "reserved", "admitted")
+    __slots__ = (
+        "tenant",
+        "pool",
+        "quota",
+        "from_default",
+        "limits",
+        "cohort",
+        "queue",
+        "used",
+        "reserved",
+        "leaving",
+        "admitted",
+        "candidates",
+    )
 
     def __init__(self, tenant: str, pool: str) -> None:
         self.tenant = tenant
@@ -95,7 +112,20 @@ class TenantQueue:
         self.queue: list[tuple[int, int, str]] = []
         self.used = [0, 0, 0]
         self.reserved = [0, 0, 0]
+        self.leaving = [0, 0, 0]
         self.admitted: dict[str, JobRecord] = {}  # its running jobs (victims included until released)
+        self.candidates: dict[int, int] = {}  # priority -> how many of them could still be chosen as victims
+
+    def count_candidate(self, priority: int, n: int) -> None:
+        count = self.candidates.get(priority, 0) + n
+        if count:
+            self.candidates[priority] = count
+        else:
+            del self.candidates[priority]
+
+    def has_candidate_below(self, priority: int) -> bool:
+        """Whether some running job of priority < ``priority`` is preemptible and not already a victim."""
+        return any(p < priority for p in self.candidates)
 
     @property
     def running(self) -> int:
@@ -138,17 +168,30 @@ class TenantQueue:
         return True
 
     def borrowing_with(self, q: tuple[int, int, int]) -> bool:
-        """Whether holding ``q`` more would take the tenant above its nominal quota in some resource."""
-        return any(self.used[r] + q[r] > self.limits.nominal[r] for r in _R)
+        """Whether holding ``q`` more would take the tenant above its nominal quota in some resource (what its
+        victims hold left out)."""
+        return any(self.used[r] - self.leaving[r] + q[r] > self.limits.nominal[r] for r in _R)
 
     def is_borrowing_in(self, resources: tuple[int, int, int]) -> bool:
         """Whether the tenant uses more than its nominal quota of a resource ``resources`` asks for."""
-        return any(resources[r] and self.used[r] > self.limits.nominal[r] for r in _R)
+        return any(resources[r] and self.used[r] - self.leaving[r] > self.limits.nominal[r] for r in _R)
 
     def share(self, delta: tuple[int, int, int] | None = None, sign: int = 1) -> float:
         """The dominant share of what the tenant borrows (usage above nominal over what its cohort lends), divided
         by its weight, with ``delta`` added (sign 1) or removed (sign -1). 0 when not borrowing; a weight of 0
         makes any borrowing infinitely expensive."""
+        used = self.effective()
+        if delta is not None:
+            for r in _R:
+                used[r] += sign * delta[r]
+        return self.share_at(used)
+
+    def effective(self) -> list[int]:
+        """Usage without what its victims still hold."""
+        return [self.used[0] - self.leaving[0], self.used[1] - self.leaving[1], self.used[2] - self.leaving[2]]
+
+    def share_at(self, used: Sequence[int]) -> float:
+        """share() for the given usage."""
         cohort = self.cohort
         if cohort is None:
             return 0.0
@@ -157,8 +200,7 @@ class TenantQueue:
         for r in _R:
             lendable = cohort.lendable[r]
             if lendable > 0:
-                used = self.used[r] + (sign * delta[r] if delta is not None else 0)
-                borrowed = used - limits.nominal[r]
+                borrowed = used[r] - limits.nominal[r]
                 if borrowed > 0 and borrowed / lendable > best:
                     best = borrowed / lendable
         if best == 0.0:

@@ -42,7 +42,7 @@ __all__ = ["Scheduler", "MAX_WORKERS", "DEFAULT_LOOKAHEAD"]
 #: The most workers one gang may ask for.
 MAX_WORKERS = 4096
 #: Refused jobs a tenant's scan looks past in one cycle before it stops.
-DEFAULT_LOOKAHEAD = 32
+DEFAULT_LOOKAHEAD = 16
 _NEW_JOB_REASON = "waiting for the next scheduling cycle"
 
 
@@ -76,7 +76,7 @@ class Scheduler:
         state.pool = pool
         for slot in state.slots.values():
             slot.configure(slot.node, slot.node.prices or pool.prices)
-        state.touch()
+        state.nodes_changed()
 
     def upsert_node(self, node: Node) -> list[str]:
         """Adds or changes a node. Returns the admitted jobs lost when it is (now) NOT_READY, like set_node_state."""
@@ -97,7 +97,7 @@ class Scheduler:
                 raise InvalidConfig(f"node {node.name} runs jobs of pool {slot.node.pool}: drain it first")
             old = self._pools[slot.node.pool]
             del old.slots[node.name]
-            old.touch()
+            old.nodes_changed()
             slot = None
         prices = node.prices or state.pool.prices
         if slot is None:
@@ -106,7 +106,7 @@ class Scheduler:
             state.slots[node.name] = slot
         else:
             slot.configure(node, prices)
-        state.touch()
+        state.nodes_changed()
         return self._lose(state, slot) if node.state is NodeState.NOT_READY else []
 
     def set_node_state(self, name: str, node_state: NodeState) -> list[str]:
@@ -182,7 +182,7 @@ class Scheduler:
         insort(rec.tq.queue, rec.key)
         state.records[job.job_id] = rec
         self._jobs[job.job_id] = rec
-        state.touch()
+        state.dirty = True  # a new job changes no victim search: no new generation
 
     def dequeue(self, job_id: str) -> bool:
         """Removes a queued job (cancelled); False when it is not queued. Victims it already chose still stop."""
@@ -193,7 +193,9 @@ class Scheduler:
         state.unqueue(rec)
         if state.waiting.pop(job_id, None) is not None:
             state.drop_reservation(rec)
-        self._forget(state, rec)
+        del state.records[job_id]
+        del self._jobs[job_id]
+        state.dirty = True
         return True
 
     def release(self, job_id: str) -> bool:

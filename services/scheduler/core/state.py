@@ -6,9 +6,9 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 
 from services.scheduler.core.model import Job, Pool, Quota
-from services.scheduler.core.placement import NodeSlot
+from services.scheduler.core.placement import NodeSlot, capacity_reason, ready_room
 from services.scheduler.core.quota import Cohort, TenantQueue, limits_of
-from services.scheduler.core.resources import cost_micros_of_rate
+from services.scheduler.core.resources import Resources, cost_micros_of_rate
 
 __all__ = ["JobRecord", "PoolState", "queue_key"]
 
@@ -58,6 +58,7 @@ class PoolState:
         "dirty",
         "generation",
         "admissions",
+        "rooms",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -74,8 +75,25 @@ class PoolState:
         self.dirty = True  # something changed since the last cycle
         self.generation = 0  # bumped by every change of usage, quota or nodes
         self.admissions = 0
+        self.rooms: dict[tuple[tuple[int, int, int], str], int] = {}  # ready_room() by request, until nodes change
+
+    def nodes_changed(self) -> None:
+        self.rooms.clear()
+        self.touch()
+
+    def ready_room(self, request: Resources) -> int:
+        """How many workers of ``request`` the READY nodes could hold if they were empty (cached)."""
+        key = (request.as_tuple(), request.gpu_type)
+        room = self.rooms.get(key)
+        if room is None:
+            room = self.rooms[key] = ready_room(self.slots.values(), request)
+        return room
+
+    def capacity_reason(self, job: Job) -> str:
+        return capacity_reason(job.per_worker, job.workers, self.pool.name, self.ready_room(job.per_worker))
 
     def touch(self) -> None:
+        """Something that may change a cycle's outcome and a victim search's changed (usage, quotas, nodes)."""
         self.dirty = True
         self.generation += 1
 
@@ -88,6 +106,8 @@ class PoolState:
             slot.take(rec.per_worker, n)
             slot.jobs[rec.job_id] = n
         tq.admitted[rec.job_id] = rec
+        if rec.job.preemptible:
+            tq.count_candidate(rec.job.priority, 1)
         rec.admitted = True
         rec.placement = placement
         self.admissions += 1
@@ -95,10 +115,22 @@ class PoolState:
         rec.reason = ""
         self.touch()
 
+    def mark_victim(self, rec: JobRecord, preemptor: JobRecord) -> None:
+        rec.victim_of = preemptor.job_id
+        preemptor.waiting_for.add(rec.job_id)
+        rec.tq.count_candidate(rec.job.priority, -1)
+        for r in range(3):
+            rec.tq.leaving[r] += rec.total[r]
+
     def unadmit(self, rec: JobRecord) -> None:
         """Returns an admitted job's resources."""
         tq = rec.tq
         tq.add(rec.total, -1)
+        if rec.victim_of:
+            for r in range(3):
+                tq.leaving[r] -= rec.total[r]
+        elif rec.job.preemptible:
+            tq.count_candidate(rec.job.priority, -1)
         for slot, n in rec.placement:
             slot.take(rec.per_worker, n, sign=-1)
             del slot.jobs[rec.job_id]
