@@ -180,6 +180,9 @@ class _PoolCycle:
             if plan is None:
                 scan.fruitless_searches += 1
                 rec.search_generation = state.generation
+            elif not plan.victims:
+                self.set_reason(rec, f"waiting for capacity: preempted jobs in pool {state.pool.name} are stopping")
+                return _REFUSED
             elif self.pays(rec, plan.placement):
                 for victim, reason in plan.victims:
                     state.mark_victim(victim, rec)

@@ -146,14 +146,19 @@ def _room_without(rec: JobRecord, state: PoolState, victims: list[JobRecord]) ->
 
 
 class _Search:
-    """One victim search: removals from the live accounting, undone by restore(). Whether the job fits is kept
-    incrementally: its quota check is O(1), and identical workers fit the nodes exactly when the workers each
-    usable node has room for add up to the gang, which only the victim's nodes change."""
+    """One victim search on the live accounting, every change undone by close(). It first takes out the jobs
+    already chosen as victims (they are leaving: the search plans for the state once they have stopped), then the
+    candidates it tries. Whether the job fits is kept incrementally: its quota check is O(1), and identical
+    workers fit the nodes exactly when the workers each usable node has room for add up to the gang, which only
+    a victim's nodes change."""
 
     def __init__(self, rec: JobRecord, state: PoolState) -> None:
         self.rec = rec
         self.state = state
         self.removed: list[JobRecord] = []
+        self.leaving = list(state.leaving.values())
+        for victim in self.leaving:
+            _apply(victim, -1)
         q = rec.per_worker
         self.room = {
             slot: workers_fitting(q, slot.free)
@@ -181,9 +186,11 @@ class _Search:
         self._move(victim, 1)
         self.removed.remove(victim)
 
-    def restore(self) -> None:
+    def close(self) -> None:
         for victim in list(self.removed):
             self.put_back(victim)
+        for victim in self.leaving:
+            _apply(victim, 1)
 
     def fits(self) -> bool:
         rec = self.rec
@@ -194,8 +201,29 @@ class _Search:
         return place(self.state.slots.values(), rec.job.per_worker, rec.job.workers) if self.fits() else None
 
 
+def _apply(victim: JobRecord, sign: int) -> None:
+    """Takes a leaving victim out of (sign -1) or back into (1) the accounting, its ``leaving`` mark with it."""
+    tq = victim.tq
+    for r in range(3):
+        tq.leaving[r] += sign * victim.total[r]
+    tq.add(victim.total, sign)
+    for slot, n in victim.placement:
+        slot.take(victim.per_worker, n, sign=sign)
+
+
 def find_victims(rec: JobRecord, state: PoolState) -> Plan | None:
-    """The victims whose stop lets ``rec`` fit its quota and the pool's nodes, or None when no allowed set does."""
+    """The victims whose stop lets ``rec`` fit its quota and the pool's nodes, or None when no allowed set does. A
+    plan without victims: it will fit once the jobs already chosen as victims have stopped."""
+    search = _Search(rec, state)
+    try:
+        if search.fits():
+            return Plan([], [])
+        return _plan(rec, state, search)
+    finally:
+        search.close()
+
+
+def _plan(rec: JobRecord, state: PoolState, search: _Search) -> Plan | None:
     tq = rec.tq
     job = rec.job
     total = rec.total
@@ -229,11 +257,12 @@ def find_victims(rec: JobRecord, state: PoolState) -> Plan | None:
     if not tq.fits(total) and not _quota_could_fit(rec, own, reachable):
         return None  # even all it may take would not free enough quota
 
-    search = _Search(rec, state)
     reasons: dict[str, str] = {}
     pool = state.pool.name
+    chosen: list[JobRecord] = []
 
     def take(victim: JobRecord, reason: str) -> bool:
+        chosen.append(victim)
         search.remove(victim)
         reasons[victim.job_id] = reason
         return search.fits()
@@ -251,6 +280,7 @@ def find_victims(rec: JobRecord, state: PoolState) -> Plan | None:
 
     fits = False
     cohort_name = tq.cohort.name if tq.cohort is not None else ""
+    fair = f"preempted by job {job.job_id}: fair sharing in cohort {cohort_name} of pool {pool}"
     retry: dict[TenantQueue, list[JobRecord]] = {}
     while not fits:
         lender = borrower(others)
@@ -260,7 +290,7 @@ def find_victims(rec: JobRecord, state: PoolState) -> Plan | None:
         if not borrowing:
             fits = take(victim, f"preempted by job {job.job_id}: tenant {tq.tenant} reclaims its quota in pool {pool}")
         elif share_le(preemptor_share, lender.share(victim.total, -1)):
-            fits = take(victim, f"preempted by job {job.job_id}: fair sharing in cohort {cohort_name} of pool {pool}")
+            fits = take(victim, fair)
         else:
             retry.setdefault(lender, []).insert(0, victim)
     while not fits:
@@ -268,8 +298,7 @@ def find_victims(rec: JobRecord, state: PoolState) -> Plan | None:
         if lender is None:
             break
         if share_lt(preemptor_share, lender.share()):
-            victim = retry[lender].pop()
-            fits = take(victim, f"preempted by job {job.job_id}: fair sharing in cohort {cohort_name} of pool {pool}")
+            fits = take(retry[lender].pop(), fair)
         else:
             del retry[lender]
     for victim in own:
@@ -279,7 +308,6 @@ def find_victims(rec: JobRecord, state: PoolState) -> Plan | None:
             victim, f"preempted by job {job.job_id} of higher priority ({job.priority} > {victim.job.priority})"
         )
     if not fits:
-        search.restore()
         return None
     # Keep only the victims it needs: put back the last chosen first while the job still fits without them.
     for victim in reversed(list(search.removed)):
@@ -288,6 +316,5 @@ def find_victims(rec: JobRecord, state: PoolState) -> Plan | None:
             search.remove(victim)
     placement = search.placement()
     assert placement is not None
-    victims = [(v, reasons[v.job_id]) for v in search.removed]
-    search.restore()
-    return Plan(victims, placement)
+    kept = set(map(id, search.removed))
+    return Plan([(v, reasons[v.job_id]) for v in chosen if id(v) in kept], placement)  # in the order chosen

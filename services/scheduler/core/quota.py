@@ -211,13 +211,21 @@ class TenantQueue:
         """Why ``q`` does not fit, e.g. "waiting for quota: 2/2 GPUs in use in pool default"."""
         if self.quota is None:
             return f"waiting for quota: tenant {self.tenant} has no quota in pool {self.pool}"
+        if any(self.leaving):
+            leaving = (self.leaving[0], self.leaving[1], self.leaving[2])
+            self.add(leaving, -1)
+            fits_once_stopped = self.fits(q)
+            self.add(leaving, 1)
+            if fits_once_stopped:
+                return f"waiting for quota: preempted jobs of tenant {self.tenant} in pool {self.pool} are stopping"
         limits = self.limits
         cohort = self.cohort
         for r in _R:
             need = q[r]
             if not need:
                 continue
-            used, after = self.used[r], self.used[r] + need
+            # What the tenant holds or has been promised, its victims left out.
+            used, after = self.used[r] - self.leaving[r], self.used[r] + need
             name = RESOURCE_NAMES[r]
             if after > limits.cap[r]:
                 if limits.cap[r] < need:
@@ -233,6 +241,11 @@ class TenantQueue:
                 over_after = max(0, after - guaranteed)
                 others = cohort.over[r] - self.over(r)
                 if others + over_after > cohort.lendable[r]:
+                    if after <= limits.nominal[r]:
+                        return (
+                            f"waiting for quota: {name} {_plain(r, used)}/{_plain(r, limits.nominal[r])} of nominal "
+                            f"in use in pool {self.pool}, the rest is lent in cohort {cohort.name} until reclaimed"
+                        )
                     left = max(0, cohort.lendable[r] - others - max(0, used - guaranteed))
                     return (
                         f"waiting for quota: {name} {_plain(r, used)}/{_plain(r, limits.nominal[r])} of nominal in "

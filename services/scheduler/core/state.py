@@ -59,6 +59,7 @@ class PoolState:
         "generation",
         "admissions",
         "rooms",
+        "leaving",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -75,6 +76,7 @@ class PoolState:
         self.dirty = True  # something changed since the last cycle
         self.generation = 0  # bumped by every change of usage, quota or nodes
         self.admissions = 0
+        self.leaving: dict[str, JobRecord] = {}  # admitted jobs chosen as victims, until released
         self.rooms: dict[tuple[tuple[int, int, int], str], int] = {}  # ready_room() by request, until nodes change
 
     def nodes_changed(self) -> None:
@@ -119,6 +121,7 @@ class PoolState:
         rec.victim_of = preemptor.job_id
         preemptor.waiting_for.add(rec.job_id)
         rec.tq.count_candidate(rec.job.priority, -1)
+        self.leaving[rec.job_id] = rec
         for r in range(3):
             rec.tq.leaving[r] += rec.total[r]
 
@@ -129,6 +132,7 @@ class PoolState:
         if rec.victim_of:
             for r in range(3):
                 tq.leaving[r] -= rec.total[r]
+            del self.leaving[rec.job_id]
         elif rec.job.preemptible:
             tq.count_candidate(rec.job.priority, -1)
         for slot, n in rec.placement:
