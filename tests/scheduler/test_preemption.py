@@ -4,7 +4,9 @@ victims and nobody else takes the room they free; node loss."""
 
 from __future__ import annotations
 
-from services.scheduler.core import Node, NodeState, Quota
+import pytest
+
+from services.scheduler.core import InvalidConfig, InvalidJob, Node, NodeState, Quota, UnknownNode
 from tests.scheduler.policy import POOL, cpu, cycle, job, make_scheduler, running, stop_victims, submit
 
 
@@ -155,3 +157,23 @@ def test_restore_readopts_running_jobs_without_admitting_them_again() -> None:
     assert result.admitted == [] and sched.reason("new") == "waiting for quota: cpu 3/2 in use in pool p"
     assert sched.release("old")
     assert [a.job_id for a in cycle(sched).admitted] == ["new"]
+
+
+def test_remove_node_only_when_it_holds_nothing() -> None:
+    sched = make_scheduler([Node("n1", POOL, cpu(2, 8)), Node("n2", POOL, cpu(2, 8))], [Quota("a", POOL, cpu(8, 32))])
+    submit(sched, job("j", "a", cpu(2)))
+    cycle(sched)
+    busy = sched.placement("j")[0]
+    idle = "n2" if busy == "n1" else "n1"
+    with pytest.raises(InvalidConfig, match=f"node {busy} still holds jobs"):
+        sched.remove_node(busy)
+    with pytest.raises(UnknownNode):
+        sched.remove_node("n9")
+    sched.remove_node(idle)
+    assert [n.name for n in sched.nodes()] == [busy]
+    # What could run before may now be a gang bigger than the pool.
+    with pytest.raises(InvalidJob, match="bigger than pool p can ever hold"):
+        sched.validate(job("gang", "a", cpu(2), workers=2))
+    assert sched.release("j")
+    sched.remove_node(busy)
+    assert sched.nodes() == []

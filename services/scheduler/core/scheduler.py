@@ -117,6 +117,19 @@ class Scheduler:
             raise UnknownNode(f"unknown node {name!r}")
         return self.upsert_node(replace(slot.node, state=node_state))
 
+    def remove_node(self, name: str) -> None:
+        """Forgets a node that holds nothing (UnknownNode if there is none; InvalidConfig while a job runs on it or
+        a preemptor keeps room there: drain it, or set it NOT_READY, first)."""
+        slot = self._nodes.get(name)
+        if slot is None:
+            raise UnknownNode(f"unknown node {name!r}")
+        if slot.jobs or any(slot.reserved):
+            raise InvalidConfig(f"node {name} still holds jobs: drain it or set it NOT_READY first")
+        state = self._pools[slot.node.pool]
+        del state.slots[name]
+        del self._nodes[name]
+        state.nodes_changed()
+
     def _lose(self, state: PoolState, slot: NodeSlot) -> list[str]:
         lost = sorted(slot.jobs)
         for job_id in lost:
