@@ -1,5 +1,5 @@
-"""The server interceptors every service runs, outermost first: tracing, error mapping, deadlines,
-authentication, authorization. Each wraps the RPC's behavior; none knows about any particular service.
+"""The server interceptors every service runs, outermost first: tracing, error mapping, deadlines, request size
+limits, authentication, authorization. Each wraps the RPC's behavior; none knows about any particular service.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc.aio import ServicerContext
 from opentelemetry import trace
 
@@ -19,10 +20,12 @@ from services.mesh.authz import PermissionChecker, PermissionTable, Scope, decid
 from services.mesh.config import SERVICE_NAMES
 from services.mesh.errors import PermissionDenied, Unauthenticated, status_for
 from services.mesh.identity import PLATFORM_TENANT, Principal, TokenVerifier, bearer_token, current_principal
+from services.mesh.limits import RequestLimits
 
 __all__ = [
     "ErrorMappingInterceptor",
     "DeadlineInterceptor",
+    "RequestLimitInterceptor",
     "AuthenticationInterceptor",
     "AuthorizationInterceptor",
     "current_deadline",
@@ -222,6 +225,62 @@ class DeadlineInterceptor(_WrappingInterceptor):
             current_method.set(method)
 
         return _around(behavior, request_streaming, response_streaming, before)
+
+
+def _declared_request_type(method: str) -> Any:
+    """The request type the contract declares for ``/package.Service/Method``; None when no loaded contract has it."""
+    try:
+        return descriptor_pool.Default().FindMethodByName(method.lstrip("/").replace("/", ".")).input_type
+    except KeyError:
+        return None
+
+
+class RequestLimitInterceptor(_WrappingInterceptor):
+    """Refuses, with INVALID_ARGUMENT naming the field, every request message (each message of a request stream)
+    whose repeated fields or maps hold more items than ``RequestLimits`` allows.
+
+    RPCs whose declared request type cannot hold any are not wrapped at all; pass-through handlers (the inference
+    gateway forwards raw bytes) are not messages and pass unchecked.
+    """
+
+    def __init__(self, limits: RequestLimits | None = None) -> None:
+        self._limits = limits or RequestLimits()
+
+    def decorate(
+        self,
+        behavior: Behavior,
+        request_streaming: bool,
+        response_streaming: bool,
+        details: grpc.HandlerCallDetails,
+    ) -> Behavior:
+        declared = _declared_request_type(details.method)
+        if declared is not None and self._limits.plan_of(declared) is None:
+            return behavior
+        check = self._limits.check
+        if not request_streaming:
+
+            async def before(request: Any, _context: ServicerContext) -> None:
+                check(request)
+
+            return _around(behavior, request_streaming, response_streaming, before)
+
+        async def checked(requests: Any) -> AsyncIterator[Any]:
+            async for request in requests:
+                check(request)
+                yield request
+
+        if response_streaming:
+
+            async def stream_stream(requests: Any, context: ServicerContext) -> AsyncIterator[Any]:
+                async for response in behavior(checked(requests), context):
+                    yield response
+
+            return stream_stream
+
+        async def stream_unary(requests: Any, context: ServicerContext) -> Any:
+            return await behavior(checked(requests), context)
+
+        return stream_unary
 
 
 def _peer_service(context: ServicerContext) -> str | None:

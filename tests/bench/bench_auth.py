@@ -1,6 +1,9 @@
 """Benchmark of authorization: cached decisions, the CheckPermission RPC on loopback, and enforcement with
 10,000 policy lines, each against a baseline measured in the same run (plain pycasbin / a bare gRPC echo).
 
+The batch benchmark measures what one BatchCheckPermission of 1,000 distinct (never memoized) checks does to the
+latency of single CheckPermission calls sent meanwhile by another client.
+
 Run with `make bench` (or `python -m tests.bench.bench_auth`). Absolute times on a shared machine are noisy;
 the ratios are what to compare.
 """
@@ -8,6 +11,7 @@ the ratios are what to compare.
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import tempfile
 import time
@@ -126,8 +130,6 @@ async def bench_check_permission_rpc(report: list[tuple[str, float, float, str]]
         process = start_service_process("auth", env, data / "auth.log")
         try:
             wait_serving(address, process=process)
-            import json
-
             password = json.loads((data / "auth" / "bootstrap-admin.json").read_text())["password"]
             settings = load_settings(MeshSettings, env)
             client = AuthClient(create_channel(address, settings))
@@ -181,6 +183,61 @@ async def bench_check_permission_rpc(report: list[tuple[str, float, float, str]]
             stop_process(process)
 
 
+async def bench_batch_stall(report: list[tuple[str, float, float, str]]) -> None:
+    """Single CheckPermission latency while 1,000-check batches run, against the same calls on an idle server."""
+    from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        address = f"127.0.0.1:{free_port()}"
+        env = service_env(data, AIDC_AUTH_ADDR=address, AIDC_LOG_LEVEL="WARNING")
+        process = start_service_process("auth", env, data / "auth.log")
+        try:
+            wait_serving(address, process=process)
+            password = json.loads((data / "auth" / "bootstrap-admin.json").read_text())["password"]
+            settings = load_settings(MeshSettings, env)
+            client = AuthClient(create_channel(address, settings))
+            token = (await client.login("platform", "admin", password)).access_token
+            metadata = (("authorization", f"Bearer {token}"),)
+            single = pb.CheckPermissionRequest(
+                check=pb.PermissionCheck(tenant="platform", resource="tenants", action="read")
+            )
+
+            async def check() -> object:
+                return await client.stub.CheckPermission(single, metadata=metadata)
+
+            for _ in range(100):
+                await check()
+            idle = await _time_async(check, 300)
+            batch_seconds: list[float] = []
+            during: list[float] = []
+            for round_ in range(5):
+                checks = [
+                    pb.PermissionCheck(
+                        subject=f"user:t{round_}/u{i}", tenant=f"t{round_}-{i % 7}", resource="datasets", action="read"
+                    )
+                    for i in range(1000)
+                ]
+                batch = pb.BatchCheckPermissionRequest(checks=checks)
+                started = time.perf_counter()
+                call = asyncio.ensure_future(client.stub.BatchCheckPermission(batch, metadata=metadata))
+                while not call.done():
+                    during += await _time_async(check, 1)
+                await call
+                batch_seconds.append(time.perf_counter() - started)
+                await asyncio.sleep(0.2)
+            await client.close()
+            print(
+                f"batch of 1,000: p50 {statistics.median(batch_seconds) * 1e3:.1f} ms; concurrent single checks: "
+                f"n={len(during)} p50 {_p50_us(during) / 1e3:.2f} ms max {max(during) * 1e3:.1f} ms "
+                f"(idle p50 {_p50_us(idle) / 1e3:.2f} ms max {max(idle) * 1e3:.1f} ms)"
+            )
+            report.append(("CheckPermission p50 during a 1,000-check batch", _p50_us(during), _p50_us(idle), "idle"))
+            report.append(("  same, max", max(during) * 1e6, max(idle) * 1e6, "idle max"))
+        finally:
+            stop_process(process)
+
+
 async def _echo(request: object, context: object) -> object:
     from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
 
@@ -192,6 +249,7 @@ async def main() -> None:
     bench_enforcement(report)
     await bench_cached_decision(report)
     await bench_check_permission_rpc(report)
+    await bench_batch_stall(report)
     print(f"{'benchmark':<52} {'aidc p50':>12} {'baseline p50':>14} {'speed-up':>9}  baseline")
     for name, ours, base, label in report:
         print(f"{name:<52} {ours:>10.1f}us {base:>12.1f}us {base / ours:>8.2f}x  {label}")
