@@ -17,6 +17,7 @@ from grpc.aio import ServicerContext
 from opentelemetry import trace
 
 from services.mesh.authz import PermissionChecker, PermissionTable, Scope, decide_scope_tenant
+from services.mesh.certs import SERVICE_URI_PREFIX
 from services.mesh.config import SERVICE_NAMES
 from services.mesh.errors import PermissionDenied, Unauthenticated, status_for
 from services.mesh.identity import PLATFORM_TENANT, Principal, TokenVerifier, bearer_token, current_principal
@@ -284,14 +285,21 @@ class RequestLimitInterceptor(_WrappingInterceptor):
 
 
 def _peer_service(context: ServicerContext) -> str | None:
-    """The mesh service named by a verified client certificate ("aidc-<service>"), if any."""
+    """The mesh service a verified client certificate names by its URI ``spiffe://aidc/service/<service>``, if any.
+
+    Only service certificates carry that URI (clients' carry ``spiffe://aidc/client/<name>``); the common name grants
+    nothing, so no client certificate, whatever it is called, becomes a service identity.
+    """
     auth = context.auth_context()
     if auth.get("transport_security_type") != [b"ssl"]:
         return None
-    names = list(auth.get("x509_common_name") or [])
-    if not names:
+    uris = list(auth.get("peer_spiffe_id") or ())
+    if len(uris) != 1:
         return None
-    service = names[0].decode().removeprefix("aidc-")
+    uri = uris[0].decode()
+    if not uri.startswith(SERVICE_URI_PREFIX):
+        return None
+    service = uri[len(SERVICE_URI_PREFIX) :]
     return service if service in SERVICE_NAMES else None
 
 
