@@ -14,7 +14,7 @@ from services.billing.client import money, usage_event
 from services.billing.core.model import AlertKind, UsageEvent
 from services.billing.core.periods import HOUR_NS, month_start, next_month
 from services.billing.core.service import BillingCore
-from services.billing.store import budget_alerts
+from services.billing.schema import budget_alerts
 from services.gen.aidc.billing.v1 import billing_service_pb2 as pb
 from services.mesh import errors
 from tests.billing.conftest import NOW, Clock, RunningBilling
