@@ -15,7 +15,11 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    inspect,
+    text,
+    update,
 )
+from sqlalchemy.engine import Connection
 
 from services.mesh.db import Migration
 
@@ -113,6 +117,9 @@ budgets = Table(
     Column("enforce", Boolean, nullable=False),
     Column("prepaid", Boolean, nullable=False),
     Column("update_time", BigInteger, nullable=False),
+    # The monthly limit and enforcement the platform set: a tenant may tighten them, never loosen them.
+    Column("platform_limit_micros", BigInteger),
+    Column("platform_enforce", Boolean, nullable=False, default=False),
 )
 
 credit_grants = Table(
@@ -197,6 +204,19 @@ invoice_lines = Table(
     PrimaryKeyConstraint("invoice_id", "line_no"),
 )
 
+
+def _platform_budget_bounds(conn: Connection) -> None:
+    """Adds the platform's bounds to budgets. Nobody recorded who set an existing budget, so its limit and enforcement
+    become the platform's: tenants may still lower them, and raising them takes the platform, as for new ones."""
+    present = {column["name"] for column in inspect(conn).get_columns("billing_budgets")}
+    if "platform_limit_micros" not in present:  # databases made by migration 1 before these columns existed
+        conn.execute(text("ALTER TABLE billing_budgets ADD COLUMN platform_limit_micros BIGINT"))
+        conn.execute(text("ALTER TABLE billing_budgets ADD COLUMN platform_enforce BOOLEAN NOT NULL DEFAULT FALSE"))
+    existing = budgets.c
+    conn.execute(update(budgets).values(platform_limit_micros=existing.limit_micros, platform_enforce=existing.enforce))
+
+
 MIGRATIONS = [
     Migration(1, "billing: ledger, rollups, price books, budgets, credit, alerts, invoices", metadata.create_all),
+    Migration(2, "billing: budgets keep the limit and enforcement the platform set", _platform_budget_bounds),
 ]

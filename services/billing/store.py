@@ -517,6 +517,8 @@ class Transaction:
             enforce=bool(row.enforce),
             prepaid=bool(row.prepaid),
             update_ns=row.update_time,
+            platform_limit_micros=row.platform_limit_micros,
+            platform_enforce=bool(row.platform_enforce),
         )
 
     def put_budget(self, budget: Budget) -> None:
@@ -530,6 +532,8 @@ class Transaction:
                 enforce=budget.enforce,
                 prepaid=budget.prepaid,
                 update_time=budget.update_ns,
+                platform_limit_micros=budget.platform_limit_micros,
+                platform_enforce=budget.platform_enforce,
             )
         )
 
