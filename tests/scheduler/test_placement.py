@@ -102,3 +102,18 @@ def test_cost_is_exact_and_rounded_up_once() -> None:
     assert prices.cost_micros(r, 3600) == 1_500_013
     assert prices.cost_micros(r, 1) == 417
     assert prices.cost_micros(r, 0) == 0
+
+
+def test_a_resource_the_job_does_not_ask_for_never_blocks_it() -> None:
+    """Regression: a preemptor's reservation overcommits the node's GPU while its victim stops; a CPU-only job was
+    refused the node's free cores because the GPU's free count was negative."""
+    sched = make_scheduler(
+        [Node("g1", POOL, Resources(4000, 16 * GIB, 1, "t4"), prices=_prices(1_000_000, {"t4": 1_000_000}))],
+        [_QUOTA],
+    )
+    submit(sched, job("gpu-low", "a", cpu(1, 1, gpus=1, gpu_type="t4")))
+    cycle(sched)
+    submit(sched, job("gpu-high", "a", cpu(1, 1, gpus=1, gpu_type="t4"), priority=10))
+    assert [p.job_id for p in cycle(sched).preempted] == ["gpu-low"]
+    submit(sched, job("cpu-only", "a", cpu(1, 1)))
+    assert [a.job_id for a in cycle(sched).admitted] == ["cpu-only"]

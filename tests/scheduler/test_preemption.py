@@ -177,3 +177,24 @@ def test_remove_node_only_when_it_holds_nothing() -> None:
     assert sched.release("j")
     sched.remove_node(busy)
     assert sched.nodes() == []
+
+
+def test_a_tenant_swapping_its_own_work_is_not_taken_for_a_borrower() -> None:
+    """Regression: while a's victim stops, a holds it and the reservation of its replacement; that once made a look
+    like a borrower, and b reclaimed a0 from it (and later a reclaimed back: ping-pong in the simulation)."""
+    sched = make_scheduler(
+        [Node("n1", POOL, cpu(5, 32))],
+        [
+            Quota("a", POOL, cpu(2, 16), borrowing_limit=cpu(0), cohort="c"),
+            Quota("b", POOL, cpu(3, 16), cohort="c"),
+        ],
+    )
+    submit(sched, job("a0", "a"), job("a1", "a"), job("b0", "b"), job("b1", "b"))
+    cycle(sched)
+    submit(sched, job("a-hi", "a", priority=10))
+    assert [p.job_id for p in cycle(sched).preempted] == ["a1"]
+    submit(sched, job("b2", "b"))
+    assert cycle(sched).preempted == []  # a stays within its nominal quota: nothing of it may be reclaimed
+    assert sched.reason("b2") == "waiting for preempted jobs in pool p to stop"
+    assert sched.release("a1")
+    assert {a.job_id for a in cycle(sched).admitted} == {"a-hi", "b2"}

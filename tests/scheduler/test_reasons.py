@@ -23,3 +23,15 @@ def test_jobs_beyond_the_scan_wait_behind_the_others() -> None:
     assert sched.queue_position("urgent") == 0 and sched.queue_position("j1") == 1
     assert sched.release("j0")
     assert [a.job_id for a in cycle(sched).admitted] == ["urgent"]
+
+
+def test_each_job_gets_its_own_reason_when_a_larger_one_fails_fast() -> None:
+    """Regression: a job at least as large as one that already failed in the cycle was given that job's reason
+    (another gang size, other resources)."""
+    sched = make_scheduler([Node(f"n{i}", POOL, cpu(4, 16)) for i in range(4)], [Quota("a", POOL, cpu(64, 64))])
+    submit(sched, job("filler", "a", cpu(4)))
+    cycle(sched)
+    submit(sched, job("gang3", "a", cpu(4, 2), workers=4), job("gang4", "a", cpu(4, 4), workers=4))
+    result = cycle(sched)
+    assert "4 cpu, 2 GiB" in result.reasons["gang3"] and "4 cpu, 4 GiB" in result.reasons["gang4"]
+    assert result.reasons["gang4"].endswith("does not hold 4 workers of 4 cpu, 4 GiB at once")
