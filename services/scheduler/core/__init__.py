@@ -1,6 +1,18 @@
 """The scheduler's policy core (pure Python, no grpc, no I/O, no clock): resources and prices, Kueue-style quotas
 and cohorts, dominant-resource fair sharing with its preemption strategies, gangs, cheapest placement and
-budget-aware admission. The service around it persists, executes and meters; see Scheduler."""
+budget-aware admission. The service around it persists, executes and meters; see Scheduler.
+
+Choices where SCHEDULING.md is silent:
+- A tenant without a quota in a pool gets the pool's default (Quota.tenant DEFAULT_TENANT), or runs nothing.
+- A queued job does not block the jobs behind it (Kueue's BestEffortFIFO); a large gang can wait long while
+  smaller work backfills, unless it has the higher priority.
+- A job above its tenant's quota cap stays queued with the reason (quotas change); a job no node set of its pool
+  could ever hold is refused at validate().
+- Another tenant's work is preempted only in the same cohort and while that tenant borrows; priority alone never
+  crosses tenants.
+- queue_position() counts within the tenant's own queue in the pool.
+- A NOT_READY node's jobs are released by the core and returned for the service to requeue.
+"""
 
 from services.scheduler.core.errors import (
     DuplicateJob,
@@ -8,7 +20,6 @@ from services.scheduler.core.errors import (
     InvalidJob,
     InvalidQuota,
     QueueFull,
-    UnknownJob,
     UnknownNode,
 )
 from services.scheduler.core.fairshare import dominant_share, drf_fair_shares
@@ -53,7 +64,6 @@ __all__ = [
     "Quota",
     "Resources",
     "Scheduler",
-    "UnknownJob",
     "UnknownNode",
     "dominant_share",
     "drf_fair_shares",

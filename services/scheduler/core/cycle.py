@@ -26,7 +26,7 @@ __all__ = ["run_cycle", "waiting_reason"]
 _ADMITTED, _REFUSED, _WAITING, _SKIPPED = range(4)
 # Victim searches that found nothing before a tenant's scan stops searching in a cycle.
 _FRUITLESS_SEARCHES = 4
-# How many failures of each kind to remember for the dominance check.
+# How many failed shapes to compare a job with before placing it.
 _REMEMBERED_FAILURES = 8
 
 
@@ -51,6 +51,8 @@ class _Scan:
 
 
 class _PoolCycle:
+    """One cycle of one pool: the waiting preemptors whose victims have stopped first, then the fair-share scan."""
+
     def __init__(self, state: PoolState, budget: BudgetCheck, result: CycleResult, lookahead: int) -> None:
         self.state = state
         self.budget = budget
@@ -181,7 +183,7 @@ class _PoolCycle:
                 scan.fruitless_searches += 1
                 rec.search_generation = state.generation
             elif not plan.victims:
-                self.set_reason(rec, f"waiting for capacity: preempted jobs in pool {state.pool.name} are stopping")
+                self.set_reason(rec, f"waiting for preempted jobs in pool {state.pool.name} to stop")
                 return _REFUSED
             elif self.pays(rec, plan.placement):
                 for victim, reason in plan.victims:
@@ -227,13 +229,9 @@ class _PoolCycle:
         shape = (rec.per_worker, job.workers, job.per_worker.gpu_type)
         reason = self.state.capacity_reason(job)
         self.capacity_reasons[shape] = reason
-        _remember(self.capacity_failures, shape)
+        if len(self.capacity_failures) < _REMEMBERED_FAILURES:
+            self.capacity_failures.append(shape)
         return reason
-
-
-def _remember(failures: list, failure: object) -> None:  # type: ignore[type-arg]
-    if len(failures) < _REMEMBERED_FAILURES:
-        failures.append(failure)
 
 
 def run_cycle(state: PoolState, budget: BudgetCheck, result: CycleResult, lookahead: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 
-__all__ = ["InvalidJob", "InvalidQuota", "InvalidConfig", "QueueFull", "UnknownJob", "UnknownNode", "DuplicateJob"]
+__all__ = ["InvalidJob", "InvalidQuota", "InvalidConfig", "QueueFull", "UnknownNode", "DuplicateJob"]
 
 
 class InvalidJob(InvalidArgument, ValueError):
@@ -24,10 +24,6 @@ class InvalidConfig(InvalidArgument, ValueError):
 
 class QueueFull(QuotaExceeded):
     """The tenant already has max_queued_jobs queued in the pool (RESOURCE_EXHAUSTED)."""
-
-
-class UnknownJob(NotFound):
-    """No such job in the scheduler (NOT_FOUND)."""
 
 
 class UnknownNode(NotFound):

@@ -29,8 +29,9 @@ MAX_PRIORITY = 1000
 DEFAULT_TENANT = ""
 
 #: (tenant, estimated_cost_micros) -> (allowed, reason). Synchronous: the service answers from billing decisions it
-#: fetched before the cycle. An allowed answer is followed by that job's admission, or by its preemptions (it
-#: then waits for its victims and is admitted without being asked again unless its placement changes).
+#: fetched before the cycle. An allowed answer is followed by that job's admission, or by its preemptions; a
+#: preemptor is asked again when its victims have stopped and it is admitted. A refusal keeps the pool in the next
+#: cycle even if nothing else changes (credit may be granted meanwhile).
 BudgetCheck = Callable[[str, int], tuple[bool, str]]
 
 

@@ -211,13 +211,16 @@ class TenantQueue:
         """Why ``q`` does not fit, e.g. "waiting for quota: 2/2 GPUs in use in pool default"."""
         if self.quota is None:
             return f"waiting for quota: tenant {self.tenant} has no quota in pool {self.pool}"
-        if any(self.leaving):
-            leaving = (self.leaving[0], self.leaving[1], self.leaving[2])
-            self.add(leaving, -1)
+        stopping = [m for m in (self.cohort.members if self.cohort is not None else [self]) if any(m.leaving)]
+        if stopping:
+            held = [(m, (m.leaving[0], m.leaving[1], m.leaving[2])) for m in stopping]
+            for member, leaving in held:
+                member.add(leaving, -1)
             fits_once_stopped = self.fits(q)
-            self.add(leaving, 1)
+            for member, leaving in held:
+                member.add(leaving, 1)
             if fits_once_stopped:
-                return f"waiting for quota: preempted jobs of tenant {self.tenant} in pool {self.pool} are stopping"
+                return f"waiting for preempted jobs in pool {self.pool} to stop"
         limits = self.limits
         cohort = self.cohort
         for r in _R:
