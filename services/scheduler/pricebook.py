@@ -14,6 +14,7 @@ price pools there by hand).
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 from collections.abc import Sequence
 from decimal import Decimal
 from fractions import Fraction
@@ -108,6 +109,24 @@ def priced_book(
     return new
 
 
+def _canonical(plan: billing_pb.Plan) -> tuple[object, ...]:
+    """A plan's prices as billing compares them: entries unordered, decimals by value."""
+
+    def number(text: str, default: str) -> Decimal:
+        return Decimal(text or default).normalize()
+
+    entries = frozenset(
+        (
+            price.meter,
+            tuple(sorted(price.match.items())),
+            number(price.free_quantity, "0"),
+            tuple((number(t.up_to, "-1"), t.unit_price.micros, number(t.price_per_quantity, "1")) for t in price.tiers),
+        )
+        for price in plan.prices
+    )
+    return (plan.name, plan.kind, plan.monthly_commitment.micros, entries)
+
+
 class PriceBookSync:
     """Writes the price book version the pools need, as the calling operator (a no-op when nothing changes)."""
 
@@ -115,11 +134,10 @@ class PriceBookSync:
         self._billing = billing
 
     async def sync(self, pools: Sequence[PoolRecord], nodes: Sequence[NodeRecord]) -> None:
-        current = await self._billing.get_price_book(tenant="")
+        # The latest version, also one not yet in effect (a change already scheduled must not be lost).
+        current = await self._billing.get_price_book(tenant="", at=datetime.now(UTC) + timedelta(days=3660))
         wanted = priced_book(current, pools, nodes)
-        if [p.SerializeToString(deterministic=True) for p in wanted.plans] == [
-            p.SerializeToString(deterministic=True) for p in current.plans
-        ]:
+        if [_canonical(p) for p in wanted.plans] == [_canonical(p) for p in current.plans]:
             return
         stored = await self._billing.set_price_book(wanted)
         log.info("price book version %d carries the pools' prices from %s", stored.version, stored.effective_time)

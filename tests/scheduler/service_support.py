@@ -149,3 +149,23 @@ async def wait_state(
 
 async def wait_terminal(client: SchedulerClient, job_id: str, *, tenant: str = "", timeout: float = 60.0) -> pb.Job:
     return await wait_state(client, job_id, sorted(TERMINAL_STATES), tenant=tenant, timeout=timeout)
+
+
+async def set_quota(
+    admin: SchedulerClient,
+    tenant: str,
+    cpu_millicores: int,
+    *,
+    memory_bytes: int = 64 * GIB,
+    cohort: str = "",
+    borrowing_cpu: int | None = None,
+    pool: str = "default",
+) -> pb.Quota:
+    """A quota of ``cpu_millicores`` (and plenty of memory); in a cohort, borrowing up to ``borrowing_cpu`` more
+    (None: unlimited)."""
+    quota = pb.Quota(
+        pool=pool, nominal=pb.Resources(cpu_millicores=cpu_millicores, memory_bytes=memory_bytes), cohort=cohort
+    )
+    if cohort and borrowing_cpu is not None:
+        quota.borrowing_limit.CopyFrom(pb.Resources(cpu_millicores=borrowing_cpu, memory_bytes=memory_bytes))
+    return await admin.set_quota(tenant, quota)

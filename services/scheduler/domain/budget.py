@@ -1,11 +1,12 @@
 """Budget-aware admission: billing's CheckBudget answers per tenant, fetched before a cycle and cached briefly, turned
 into the policy core's synchronous budget callback.
 
-Billing says what a tenant may still spend this month (``remaining``; none when nothing limits it). Jobs already
-holding resources reserve their estimated cost against it (they are billed as they run, so this errs on the safe
-side), and so do the jobs admitted earlier in the same cycle. A refused job stays queued with billing's reason.
-When billing does not answer, admission goes on (as the serving gateway does): a billing outage must not stop the
-platform; the next answer applies again.
+Billing is asked whether the tenant may spend what its jobs holding resources may still cost (their estimates: they
+are billed as they run, so this errs on the safe side) plus its next queued job's estimate. The callback allows a job
+when billing allowed at least that much (jobs admitted earlier in the same cycle count too), refuses it with
+billing's reason when billing refused as little, and otherwise makes the job wait for a fresh answer (the next
+cycle asks again). A tenant whose spend nothing limits is never refused. When billing does not answer, admission goes
+on (as the serving gateway does): a billing outage must not stop the platform; the next answer applies again.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class BudgetSource(Protocol):
 @dataclass
 class _Decision:
     answer: BudgetAnswer | None  # None: billing did not answer (admission goes on)
+    #: What billing was asked about: reserved + the next job's estimate.
+    asked_micros: int
     fresh_until: float
 
 
@@ -68,9 +71,10 @@ class BudgetGate:
         now = self._clock()
         stale = [t for t in tenants if (d := self._decisions.get(t)) is None or d.fresh_until <= now]
         if stale:
-            answers = await asyncio.gather(*(self._ask(t, estimate(t)) for t in stale))
-            for tenant, answer in zip(stale, answers, strict=True):
-                self._decisions[tenant] = _Decision(answer, self._clock() + self._ttl)
+            asked = [self._reserved(t) + estimate(t) for t in stale]
+            answers = await asyncio.gather(*(self._ask(t, micros) for t, micros in zip(stale, asked, strict=True)))
+            for tenant, micros, answer in zip(stale, asked, answers, strict=True):
+                self._decisions[tenant] = _Decision(answer, micros, self._clock() + self._ttl)
         self._spent.clear()
 
     async def _ask(self, tenant: str, estimate: int) -> BudgetAnswer | None:
@@ -92,18 +96,23 @@ class BudgetGate:
         """The core's budget callback: whether ``tenant`` may start something estimated at ``cost_micros``."""
         decision = self._decisions.get(tenant)
         answer = decision.answer if decision is not None else None
-        if answer is None:
-            allowed, reason = True, ""
-        elif answer.remaining_micros is None:
-            allowed, reason = answer.allowed, answer.reason
+        if answer is None or answer.remaining_micros is None:  # billing did not answer, or nothing limits spend
+            allowed, reason = answer is None or answer.allowed, answer.reason if answer is not None else ""
         else:
-            available = answer.remaining_micros - self._reserved(tenant) - self._spent.get(tenant, 0)
-            allowed = cost_micros <= available
-            reason = answer.reason or (
-                f"estimated cost {_money(cost_micros, self._currency)} exceeds the "
-                f"{_money(max(available, 0), self._currency)} the tenant may still spend this month "
-                "(after what its running jobs may cost)"
-            )
+            assert decision is not None
+            need = self._reserved(tenant) + self._spent.get(tenant, 0) + cost_micros
+            if answer.allowed and need <= decision.asked_micros:
+                allowed, reason = True, ""
+            elif not answer.allowed and need >= decision.asked_micros:
+                allowed, reason = False, answer.reason
+            else:
+                # Billing answered about another amount: ask again before the next cycle.
+                self._decisions.pop(tenant, None)
+                allowed = False
+                reason = answer.reason or (
+                    f"checking that the estimated cost {_money(cost_micros, self._currency)} fits the "
+                    f"{_money(answer.remaining_micros, self._currency)} the tenant may still spend this month"
+                )
         if allowed:
             self._spent[tenant] = self._spent.get(tenant, 0) + cost_micros
             return True, ""

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 _WATCH_BUFFER = 10_000
 _TRACE_KEYS = ("traceparent", "tracestate", "baggage")
+#: The policy core's reason of a queued job no cycle has examined yet.
+_UNEXAMINED = "waiting for the next scheduling cycle"
 
 
 class Meter(Protocol):
@@ -315,10 +317,14 @@ class JobScheduler:
         position = self.policy.queue_position(job.job_id) if job.state is JobState.QUEUED else None
         view.queue_position = -1 if position is None else position
         if job.state is JobState.QUEUED:
-            reason = self.policy.reason(job.job_id)
-            if reason:
-                view.state_reason = reason
+            view.state_reason = self._queued_reason(job)
         return view
+
+    def _queued_reason(self, job: JobRecord) -> str:
+        """The policy's current reason; until a cycle has looked at the job, the service's own (why it was queued
+        or requeued)."""
+        reason = self.policy.reason(job.job_id)
+        return job.state_reason if not reason or reason == _UNEXAMINED else reason
 
     async def watch(self, watch: Watch, include_current: bool) -> AsyncIterator[tuple[JobRecord, JobState]]:
         """Changes of matching jobs (with the state before each), after a snapshot of the current ones if asked."""
@@ -364,7 +370,7 @@ class JobScheduler:
                 continue
             position = self.policy.queue_position(job.job_id)
             position = -1 if position is None else position
-            reason = self.policy.reason(job.job_id) or job.state_reason
+            reason = self._queued_reason(job)
             if position != job.queue_position or reason != job.state_reason:
                 job.queue_position, job.state_reason = position, reason
                 self._publish(job, JobState.QUEUED)
