@@ -14,8 +14,8 @@ price pools there by hand).
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 

@@ -19,7 +19,7 @@ from services.cli.session import BearerToken
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as pb
 from services.mesh.channels import create_channel
 from services.mesh.server import MeshServer
-from services.scheduler.client import SchedulerClient, TERMINAL_STATES, state_name
+from services.scheduler.client import TERMINAL_STATES, SchedulerClient, state_name
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.server import build_server
 from tests.conftest import RunningAuth, free_port

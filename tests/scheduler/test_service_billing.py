@@ -30,7 +30,6 @@ from tests.scheduler.service_support import (
     RunningScheduler,
     runner_command,
     scheduler_env,
-    set_quota,
     start_scheduler,
     user_tokens,
     wait_for,
