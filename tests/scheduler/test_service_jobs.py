@@ -233,7 +233,6 @@ async def test_borrowed_work_is_preempted_when_its_owner_reclaims_and_resumes_fr
     owner = (await acme.submit_job(runner_command(10, 0.1), resources=resources(2 * CPU, GIB))).job
     victim = await _first_preempted(globex, [j.job_id for j in borrowers])
     assert victim.state == pb.JOB_STATE_QUEUED and victim.attempt == 2 and victim.preemptions == 1
-    assert "preempt" in victim.state_reason
     first = runner_events(scheduler.settings, victim.job_id)
     assert [e["event"] for e in first] == ["start", "checkpoint"]
     checkpointed = first[-1]["step"]
@@ -260,6 +259,8 @@ async def test_borrowed_work_is_preempted_when_its_owner_reclaims_and_resumes_fr
     ]:
         assert step in path, path
     assert all(c.job.tenant == "globex" for c in changes)
+    reasons = {c.job.state: c.job.state_reason for c in changes if c.job.job_id == victim.job_id}
+    assert reasons[pb.JOB_STATE_PREEMPTED].startswith("preempting:"), reasons
 
 
 async def _first_preempted(client: object, job_ids: list[str]) -> pb.Job:

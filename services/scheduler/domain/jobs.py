@@ -17,10 +17,10 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.mesh.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from services.scheduler.core import Job, Scheduler
@@ -165,7 +165,7 @@ class JobScheduler:
                 self.policy.enqueue(self._policy_job(job))
             else:
                 self.policy.restore(self._policy_job(job), job.nodes)
-                self._tasks[job.job_id] = asyncio.create_task(self._resume(job), name=f"job-{job.job_id}")
+                await self._resume(job)
         self._cycle_task = asyncio.create_task(self._cycle_loop(), name="scheduler-cycle")
         self._wake.set()
 
@@ -444,7 +444,7 @@ class JobScheduler:
         for job, previous in admitted:
             self._meter.track(self._allocations[(job.job_id, job.attempt)])
             self._publish(job, previous)
-            self._tasks[job.job_id] = asyncio.create_task(self._run(job), name=f"job-{job.job_id}")
+            self._start_task(job, self._run(job))
         for job, previous in preempted:
             self._publish(job, previous)
             run = self._runs.get(job.job_id)
@@ -497,43 +497,51 @@ class JobScheduler:
 
     async def _run(self, job: JobRecord) -> None:
         """Launches an admitted attempt and supervises it to its end."""
+        if job.stop is not StopKind.NONE:  # cancelled (or preempted) between admission and launch
+            await self._conclude(job, ExitStatus(0, "never started"))
+            return
         try:
-            if job.stop is not StopKind.NONE:  # cancelled (or preempted) between admission and launch
-                await self._conclude(job, ExitStatus(0, "never started"))
-                return
-            try:
-                run = await self._executor(job).launch(self._launch_request(job))
-            except OSError as exc:
-                await self._conclude(job, ExitStatus(127, f"could not start: {exc}"))
-                return
+            run = await self._executor(job).launch(self._launch_request(job))
+        except OSError as exc:
+            await self._conclude(job, ExitStatus(127, f"could not start: {exc}"))
+            return
+        await self._supervise(job, run)
+
+    async def _resume(self, job: JobRecord) -> None:
+        """After a restart: the attempt's processes adopted (or launched, if it never started), or lost. What ended
+        while the scheduler was down is concluded here, before metering resumes, so its allocation is billed up to
+        when it really ended."""
+        try:
+            run = await self._executor(job).adopt(self._launch_request(job), job.worker_refs)
+        except Exception:
+            log.exception("job %s: re-adopting its run failed", job.job_id)
+            run = None
+        if run is None:
+            if job.state is JobState.SCHEDULED and job.stop is StopKind.NONE:
+                self._start_task(job, self._run(job))
+            else:
+                await self._conclude(job, ExitStatus(EXIT_LOST, "no trace of its processes after a restart"))
+            return
+        if len(run.workers) < job.workers:  # a gang partly started when the scheduler stopped
+            await run.stop(0)
+            await run.wait()
+            await self._conclude(job, ExitStatus(EXIT_LOST, "its gang was only partly started"))
+            return
+        if run.done():
             await self._supervise(job, run)
+        else:
+            self._start_task(job, self._supervise(job, run))
+
+    def _start_task(self, job: JobRecord, work: Coroutine[Any, Any, None]) -> None:
+        self._tasks[job.job_id] = asyncio.create_task(self._guarded(job, work), name=f"job-{job.job_id}")
+
+    async def _guarded(self, job: JobRecord, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("job %s: supervising its run failed", job.job_id)
-            if not job.terminal:
-                await self._conclude(job, ExitStatus(EXIT_LOST, "internal error of the scheduler"))
-
-    async def _resume(self, job: JobRecord) -> None:
-        """After a restart: the attempt's processes adopted (or launched, if it never started), or lost."""
-        try:
-            run = await self._executor(job).adopt(self._launch_request(job), job.worker_refs)
-            if run is None:
-                if job.state is JobState.SCHEDULED and job.stop is StopKind.NONE:
-                    await self._run(job)
-                    return
-                await self._conclude(job, ExitStatus(EXIT_LOST, "no trace of its processes after a restart"))
-                return
-            if len(run.workers) < job.workers:  # a gang partly started when the scheduler stopped
-                await run.stop(0)
-                await run.wait()
-                await self._conclude(job, ExitStatus(EXIT_LOST, "its gang was only partly started"))
-                return
-            await self._supervise(job, run)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("job %s: re-adopting its run failed", job.job_id)
             if not job.terminal:
                 await self._conclude(job, ExitStatus(EXIT_LOST, "internal error of the scheduler"))
 

@@ -70,6 +70,10 @@ class Run(Protocol):
         """Human-readable handle for Placement.executor_ref (e.g. "pid 1234" or "pids 1234,1240")."""
         ...
 
+    def done(self) -> bool:
+        """Whether every worker has exited already."""
+        ...
+
     async def wait(self) -> ExitStatus:
         """Waits until every worker has exited (a failing worker stops the others at once)."""
         ...

@@ -96,6 +96,9 @@ class LocalRun:
         pids = ",".join(w.ref.handle for w in self._workers)
         return f"pid {pids}" if len(self._workers) == 1 else f"pids {pids}"
 
+    def done(self) -> bool:
+        return not any(w.alive() for w in self._workers)
+
     async def _wait_worker(self, worker: _Worker) -> int:
         if worker.process is not None:
             code = await worker.process.wait()
