@@ -327,7 +327,9 @@ class JobScheduler:
         return job.state_reason if not reason or reason == _UNEXAMINED else reason
 
     async def watch(self, watch: Watch, include_current: bool) -> AsyncIterator[tuple[JobRecord, JobState]]:
-        """Changes of matching jobs (with the state before each), after a snapshot of the current ones if asked."""
+        """Changes of matching jobs (with the state before each), after a snapshot of the current ones if asked.
+        Watching named jobs ends once all of them are terminal (NotFound for a job the tenant does not have)."""
+        pending = {job_id for job_id in watch.job_ids if not (await self.job(watch.tenant, job_id)).terminal}
         watcher = _Watcher(watch)
         self._watchers.append(watcher)
         try:
@@ -335,13 +337,15 @@ class JobScheduler:
                 for job in sorted(self._jobs.values(), key=lambda j: j.seq):
                     if watch.matches(job):
                         yield self._view(job), job.state
-            while True:
+            while pending or not watch.job_ids:
                 item = await watcher.queue.get()
                 if item is None:
                     if watcher.overflowed:
                         raise FailedPrecondition("the watcher fell too far behind; watch again")
                     return
                 yield item
+                if item[0].terminal:
+                    pending.discard(item[0].job_id)
         finally:
             self._watchers.remove(watcher)
 

@@ -488,7 +488,7 @@ class Quota(_message.Message):
     COHORT_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
     pool: _builtins.str
-    """Pool name; empty means the tenant's default for pools without their own entry."""
+    """Pool name; empty means the default pool."""
     max_running_jobs: _builtins.int
     """0 means no limit."""
     max_queued_jobs: _builtins.int
@@ -1170,6 +1170,7 @@ class SetQuotaRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     QUOTA_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
+    """Empty: the pool's default quota, for every tenant without one of its own."""
     @_builtins.property
     def quota(self) -> Global___Quota: ...
     def __init__(

@@ -152,7 +152,8 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJobs(self, request, context):
-        """Streams job snapshots as they change (optionally the current ones first). Never ends on its own.
+        """Streams job snapshots as they change (optionally the current ones first). Watching named jobs (job_ids) ends
+        once all of them are terminal (NOT_FOUND for a job the tenant does not have); otherwise it never ends on its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,7 +53,9 @@ class SchedulerServiceStub:
     ListJobs: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListJobsRequest, _scheduler_service_pb2.ListJobsResponse]
     """Lists jobs, newest first."""
     WatchJobs: _grpc.UnaryStreamMultiCallable[_scheduler_service_pb2.WatchJobsRequest, _scheduler_service_pb2.WatchJobsResponse]
-    """Streams job snapshots as they change (optionally the current ones first). Never ends on its own."""
+    """Streams job snapshots as they change (optionally the current ones first). Watching named jobs (job_ids) ends
+    once all of them are terminal (NOT_FOUND for a job the tenant does not have); otherwise it never ends on its own.
+    """
     CancelJob: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.CancelJobRequest, _scheduler_service_pb2.CancelJobResponse]
     """Cancels a job: a queued job is removed from the queue; a running one is stopped (SIGTERM, then SIGKILL after
     the grace period). Cancelling a terminal job is a no-op returning it.
@@ -105,7 +107,9 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     ListJobs: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListJobsRequest, _scheduler_service_pb2.ListJobsResponse]  # type: ignore[assignment]
     """Lists jobs, newest first."""
     WatchJobs: _aio.UnaryStreamMultiCallable[_scheduler_service_pb2.WatchJobsRequest, _scheduler_service_pb2.WatchJobsResponse]  # type: ignore[assignment]
-    """Streams job snapshots as they change (optionally the current ones first). Never ends on its own."""
+    """Streams job snapshots as they change (optionally the current ones first). Watching named jobs (job_ids) ends
+    once all of them are terminal (NOT_FOUND for a job the tenant does not have); otherwise it never ends on its own.
+    """
     CancelJob: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.CancelJobRequest, _scheduler_service_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Cancels a job: a queued job is removed from the queue; a running one is stopped (SIGTERM, then SIGKILL after
     the grace period). Cancelling a terminal job is a no-op returning it.
@@ -178,7 +182,9 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_service_pb2.WatchJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_scheduler_service_pb2.WatchJobsResponse], _abc.AsyncIterator[_scheduler_service_pb2.WatchJobsResponse]]:
-        """Streams job snapshots as they change (optionally the current ones first). Never ends on its own."""
+        """Streams job snapshots as they change (optionally the current ones first). Watching named jobs (job_ids) ends
+        once all of them are terminal (NOT_FOUND for a job the tenant does not have); otherwise it never ends on its own.
+        """
 
     @_abc_1.abstractmethod
     def CancelJob(
