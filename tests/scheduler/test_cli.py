@@ -27,7 +27,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def scheduler_cli(
-    start_auth_server: Callable[..., AuthServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    start_auth_server: Callable[..., AuthServer],  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[tuple[Cli, str]]:
     server = start_auth_server()
     env = service_env(server.data_dir, **scheduler_env(server.data_dir, server.address))
