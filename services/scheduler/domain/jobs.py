@@ -132,6 +132,7 @@ class JobScheduler:
         #: (tenant, pool) -> quota; tenant "" is a pool's default quota. Kept by the inventory.
         self.quotas: dict[tuple[str, str], QuotaRecord] = {}
         self._jobs: dict[str, JobRecord] = {}  # every non-terminal job
+        self._queued: dict[str, JobRecord] = {}  # the QUEUED ones (the cycle looks at these, not at every job)
         self._keys: dict[tuple[str, str], str] = {}
         self._allocations: dict[tuple[str, int], Allocation] = {}
         self._runs: dict[str, Run] = {}
@@ -143,6 +144,8 @@ class JobScheduler:
         self._closing = False
         self._budget = BudgetGate(budget, options.budget_cache_seconds, self._reserved, options.currency)
         self.cycles = 0
+        self._id_prefix = uuid.uuid4().hex[:8]
+        self._base_env = _process_environment()
         #: The GPU model of a node (the inventory's view; set by the Inventory).
         self.node_gpu_type: Callable[[str], str] = lambda _node: ""
 
@@ -163,6 +166,7 @@ class JobScheduler:
                 self._keys[(job.tenant, job.idempotency_key)] = job.job_id
             if job.state is JobState.QUEUED:
                 self.policy.enqueue(self._policy_job(job))
+                self._queued[job.job_id] = job
             else:
                 self.policy.restore(self._policy_job(job), job.nodes)
                 await self._resume(job)
@@ -206,7 +210,8 @@ class JobScheduler:
                 f"{pool.max_run_seconds:.0f} s"
             )
         self._seq += 1
-        job_id = f"j-{uuid.uuid4().hex[:20]}"
+        # Unique without a random draw per job: this instance's random prefix, then the persisted sequence.
+        job_id = f"j-{self._id_prefix}{self._seq:08x}"
         job = JobRecord(
             job_id=job_id,
             tenant=request.tenant,
@@ -247,6 +252,7 @@ class JobScheduler:
             self._keys.pop((job.tenant, job.idempotency_key), None)
             raise
         self.policy.enqueue(policy_job)
+        self._queued[job_id] = job
         self._publish(job, JobState.QUEUED)
         self._wake.set()
         return job, False
@@ -271,6 +277,7 @@ class JobScheduler:
         message = f"cancelled: {reason}" if reason else "cancelled by request"
         if live.state is JobState.QUEUED:
             self.policy.dequeue(job_id)
+            self._queued.pop(job_id, None)
             await self._finish(live, JobState.CANCELLED, message)
         else:
             await self._stop(live, StopKind.CANCEL, message)
@@ -369,8 +376,8 @@ class JobScheduler:
         """Queued jobs some watcher follows whose position or waiting reason changed."""
         if not self._watchers:
             return
-        for job in self._jobs.values():
-            if job.state is not JobState.QUEUED or not any(w.watch.matches(job) for w in self._watchers):
+        for job in self._queued.values():
+            if not any(w.watch.matches(job) for w in self._watchers):
                 continue
             position = self.policy.queue_position(job.job_id)
             position = -1 if position is None else position
@@ -400,7 +407,7 @@ class JobScheduler:
 
     async def cycle(self) -> None:
         """One scheduling cycle: budget answers, the policy's decisions stored in one batch, then executed."""
-        queued_tenants = {j.tenant for j in self._jobs.values() if j.state is JobState.QUEUED}
+        queued_tenants = {j.tenant for j in self._queued.values()}
         await self._budget.prefetch(queued_tenants, self._head_estimate)
         result = self.policy.cycle(self._budget.check)
         self.cycles += 1
@@ -409,6 +416,7 @@ class JobScheduler:
         preempted: list[tuple[JobRecord, JobState]] = []
         for admission in result.admitted:
             job = self._jobs[admission.job_id]
+            self._queued.pop(job.job_id, None)
             previous = job.state
             job.state = JobState.SCHEDULED
             job.nodes = tuple(admission.nodes)
@@ -459,7 +467,7 @@ class JobScheduler:
     def _head_estimate(self, tenant: str) -> int:
         """The estimated cost of the tenant's next queued job (what billing is asked about)."""
         head = min(
-            (j for j in self._jobs.values() if j.tenant == tenant and j.state is JobState.QUEUED),
+            (j for j in self._queued.values() if j.tenant == tenant),
             key=lambda j: (-j.priority, j.seq),
         )
         pool = self.pools[head.pool]
@@ -482,7 +490,7 @@ class JobScheduler:
     # -- runs --------------------------------------------------------------------------------------------------
 
     def _launch_request(self, job: JobRecord) -> LaunchRequest:
-        env = _process_environment()
+        env = dict(self._base_env)
         env.update(job.env)
         env.update(self._sealer.unseal(job.job_id, job.sealed_secrets))
         env.update({k.upper(): v for k, v in job.trace_carrier.items()})
@@ -643,6 +651,7 @@ class JobScheduler:
             job.state, job.state_reason = JobState.QUEUED, reason
             await self.writer.save_job(job)
             self.policy.enqueue(self._policy_job(job))
+            self._queued[job.job_id] = job
             self._publish(job, previous)
         else:
             await self._finish(job, target, reason, end_ns=released)
