@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,9 +39,11 @@ from services.cli.session import BearerToken
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as pb
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2_grpc
 from services.mesh.channels import create_channel
+from services.mesh.server import serve
 from services.scheduler.client import SchedulerClient, resources
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.executors import ExitStatus, LaunchRequest, WorkerRef
+from services.scheduler.server import build_server
 from tests.conftest import free_port, service_env, start_service_process, stop_process, wait_serving
 
 JOBS = int(os.environ.get("BENCH_SCHEDULER_JOBS", "3000"))
@@ -93,9 +97,6 @@ class HeldRuns:
 
 
 def serve_ours() -> None:
-    from services.mesh.server import serve
-    from services.scheduler.server import build_server
-
     settings = SchedulerSettings.from_env()
     serve(lambda: build_server(settings, executors={"local": HeldRuns()}))
 
@@ -249,16 +250,12 @@ async def bench_naive(tmp: Path) -> dict[str, float]:
         stop_process(process)
 
 
-def socket_connect(address: str) -> object:
-    import socket
-
+def socket_connect(address: str) -> socket.socket:
     host, _, port = address.rpartition(":")
     return socket.create_connection((host, int(port)), timeout=1)
 
 
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> object:
-    import subprocess
-
+def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(argv, env=env, cwd=Path(__file__).resolve().parents[2], stdout=out, stderr=out)
 
