@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from decimal import Decimal
+from fractions import Fraction
 from typing import Protocol
 
 from services.billing.client import usage_event
@@ -45,11 +46,7 @@ def event_id(job_id: str, attempt: int, window_start_ns: int, node: str, meter: 
 
 
 def _round_half_even(numerator: int, denominator: int) -> int:
-    quotient, remainder = divmod(numerator, denominator)
-    twice = 2 * remainder
-    if twice > denominator or (twice == denominator and quotient % 2 == 1):
-        quotient += 1
-    return quotient
+    return round(Fraction(numerator, denominator))  # Fraction rounds half to even
 
 
 def _pieces(start_ns: int, end_ns: int, interval_ns: int) -> list[tuple[int, int, int]]:
