@@ -172,9 +172,10 @@ async def billed(billing: BillingClient, tenant: str, meter: str) -> dict[str, D
 
 async def assert_billed_as_held(
     billing: BillingClient, tenant: str, held: dict[str, dict[str, float]], settings: SchedulerSettings
-) -> None:
+) -> float:
     """Billing's cpu_core_seconds and memory_gib_seconds of each job equal its held time within 1 % (polling while
-    the usage outbox drains), and the outbox rejected nothing (no event was emitted twice with other content)."""
+    the usage outbox drains), and the outbox rejected nothing (no event was emitted twice with other content).
+    Returns the largest relative difference seen."""
     deadline = time.monotonic() + 60
     while True:
         cpu = await billed(billing, tenant, "cpu_core_seconds")
@@ -195,3 +196,9 @@ async def assert_billed_as_held(
         assert outbox.dead_letters() == []
     finally:
         outbox.close()
+    worst = 0.0
+    for job, h in held.items():
+        worst = max(
+            worst, abs(float(cpu[job]) - h["cpu"]) / h["cpu"], abs(float(memory[job]) - h["memory"]) / h["memory"]
+        )
+    return worst

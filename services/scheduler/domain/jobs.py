@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from services.mesh.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.mesh.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from services.scheduler.core import Job, Scheduler
 from services.scheduler.domain.budget import BudgetGate, BudgetSource
 from services.scheduler.domain.model import (
@@ -142,6 +142,7 @@ class JobScheduler:
         self._wake = asyncio.Event()
         self._cycle_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._started = False
         self._budget = BudgetGate(budget, options.budget_cache_seconds, self._reserved, options.currency)
         self.cycles = 0
         self._id_prefix = uuid.uuid4().hex[:8]
@@ -171,6 +172,7 @@ class JobScheduler:
                 self.policy.restore(self._policy_job(job), job.nodes)
                 await self._resume(job)
         self._cycle_task = asyncio.create_task(self._cycle_loop(), name="scheduler-cycle")
+        self._started = True
         self._wake.set()
 
     async def close(self) -> None:
@@ -191,6 +193,7 @@ class JobScheduler:
 
     async def submit(self, request: JobRequest, submitted_by: str, *, privileged: bool) -> tuple[JobRecord, bool]:
         """Queues a job (durably) and triggers a cycle; (job, deduplicated)."""
+        self._require_started()
         if request.idempotency_key:
             existing = await self._by_key(request.tenant, request.idempotency_key)
             if existing is not None:
@@ -270,6 +273,7 @@ class JobScheduler:
     async def cancel(self, tenant: str, job_id: str, reason: str) -> JobRecord:
         """Queued: removed at once. Admitted: stopped (SIGTERM, SIGKILL after the grace period), CANCELLED when it
         exited. Terminal: returned as is."""
+        self._require_started()
         job = await self.job(tenant, job_id)
         live = self._jobs.get(job_id)
         if live is None or live.terminal or live.stop is StopKind.CANCEL:
@@ -282,6 +286,10 @@ class JobScheduler:
         else:
             await self._stop(live, StopKind.CANCEL, message)
         return self._view(live)
+
+    def _require_started(self) -> None:
+        if not self._started or self._closing:
+            raise Unavailable("the scheduler is starting or stopping; retry shortly")
 
     # -- views -------------------------------------------------------------------------------------------------
 
