@@ -54,8 +54,11 @@ async def test_one_failing_worker_stops_the_rest_of_its_gang(tmp_path: Path) -> 
     command = [
         sys.executable,
         "-c",
-        "import os, signal, sys, time\n"
+        "import os, pathlib, signal, sys, time\n"
         "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
+        "ready = pathlib.Path('worker-0.ready')\n"
+        "if os.environ['AIDC_WORKER_INDEX'] == '0': ready.touch()\n"
+        "while not ready.exists(): time.sleep(0.05)\n"  # worker 1 fails once worker 0 handles SIGTERM
         "if os.environ['AIDC_WORKER_INDEX'] == '1': sys.exit(3)\n"
         "time.sleep(60)",
     ]
