@@ -13,8 +13,9 @@ from services.gen.aidc.common.v1 import common_pb2
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as pb
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2_grpc
 from services.mesh.client import ServiceClient
+from services.scheduler.executors.base import worker_output
 
-__all__ = ["SchedulerClient", "resources", "prices", "duration", "TERMINAL_STATES", "state_name"]
+__all__ = ["SchedulerClient", "resources", "prices", "duration", "TERMINAL_STATES", "state_name", "worker_output"]
 
 #: Job states after which nothing changes.
 TERMINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
