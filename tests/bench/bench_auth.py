@@ -22,7 +22,7 @@ from services.auth.core.policy import CASBIN_MODEL, PolicyEngine, role_policy_li
 from services.mesh.authz import CachedPermissionChecker
 from services.mesh.channels import create_channel
 from services.mesh.config import MeshSettings, load_settings
-from tests.conftest import free_port, service_env, start_service_process, stop_process, wait_serving
+from tests.conftest import first_admin_login, free_port, service_env, start_service_process, stop_process, wait_serving
 
 
 def _time_sync(fn: Callable[[], object], n: int) -> list[float]:
@@ -126,9 +126,8 @@ async def bench_check_permission_rpc(report: list[tuple[str, float, float, str]]
         process = start_service_process("auth", env, data / "auth.log")
         try:
             wait_serving(address, process=process)
-            import json
 
-            password = json.loads((data / "auth" / "bootstrap-admin.json").read_text())["password"]
+            password = first_admin_login(address, data)
             settings = load_settings(MeshSettings, env)
             client = AuthClient(create_channel(address, settings))
             token = (await client.login("platform", "admin", password)).access_token

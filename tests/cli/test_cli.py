@@ -160,11 +160,11 @@ def test_expired_access_token_is_refreshed_transparently(
 
 def test_admin_init_shows_the_bootstrap_password_once(cli: Cli) -> None:
     first = cli.ok("admin", "init")
-    assert cli.server.admin_password in first.stdout
+    assert cli.server.bootstrap_password in first.stdout
     assert "shown only this once" in first.stderr
     assert not (cli.server.data_dir / "auth" / "bootstrap-admin.json").exists()
     _assert_error(cli("admin", "init"), "FAILED_PRECONDITION", "already shown")
-    cli.login_admin()  # the password itself keeps working
+    cli.login_admin()  # the password set at the first login keeps working
 
 
 def test_config_markdown_lists_every_variable_once(cli: Cli) -> None:
