@@ -32,6 +32,7 @@ __all__ = [
     "Principal",
     "TokenVerifier",
     "revocation_of",
+    "principal_of",
     "outside_binding",
     "current_peer_service",
     "current_principal",
@@ -137,6 +138,23 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
+def principal_of(token: str, claims: Mapping[str, Any], key_id: str) -> Principal:
+    """The principal an access token's claims name (the claims of a verified token, or of one just received from
+    auth itself)."""
+    return Principal(
+        subject=str(claims["sub"]),
+        tenant=str(claims.get("tid", "")),
+        kind=str(claims.get("knd", "user")),
+        token=token,
+        token_id=str(claims["jti"]),
+        credential=str(claims["cid"]),
+        bound_tenant=str(claims.get("btn", "")),
+        issued_at=float(claims["iat"]),
+        expires_at=float(claims["exp"]),
+        key_id=key_id,
+    )
+
+
 KeySetLoader = Callable[[], Awaitable[str]]
 #: Loads the revocation list: credential or subject -> tokens issued before this time (epoch seconds) are refused.
 RevocationLoader = Callable[[], Awaitable[Mapping[str, float]]]
@@ -237,18 +255,7 @@ class TokenVerifier:
             raise Unauthenticated("access token expired") from None
         except jwt.PyJWTError as exc:
             raise Unauthenticated(f"invalid access token: {exc}") from None
-        return Principal(
-            subject=str(claims["sub"]),
-            tenant=str(claims.get("tid", "")),
-            kind=str(claims.get("knd", "user")),
-            token=token,
-            token_id=str(claims["jti"]),
-            credential=str(claims["cid"]),
-            bound_tenant=str(claims.get("btn", "")),
-            issued_at=float(claims["iat"]),
-            expires_at=float(claims["exp"]),
-            key_id=kid,
-        )
+        return principal_of(token, claims, kid)
 
     async def _key(self, kid: str) -> Any:
         key = self._keys.get(kid)
