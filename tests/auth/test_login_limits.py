@@ -8,6 +8,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from services.auth.client import AuthClient
 from services.auth.core.limits import LoginLimits, LoginThrottle
 from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
 from services.gen.aidc.auth.v1 import auth_service_pb2_grpc
@@ -19,7 +20,7 @@ PASSWORD = "correct horse battery"
 WRONG = "not the password at all"
 
 
-async def _tenant_with_users(auth: RunningAuth, *names: str) -> object:
+async def _tenant_with_users(auth: RunningAuth, *names: str) -> AuthClient:
     admin = auth.client((await auth.client().login("platform", "admin", auth.admin_password)).access_token)
     await admin.create_tenant("acme")
     for name in names:
@@ -53,7 +54,7 @@ async def test_failed_logins_block_the_account_before_any_hash_with_a_retry_hint
     for _ in range(6):  # five free failures, then the sixth starts a block
         with pytest.raises(Unauthenticated):
             await auth.client().login("acme", "alice", WRONG)
-    failures = [e for e in await admin.list_audit_events("acme", 1000) if e.action == "login.failure"]  # type: ignore[attr-defined]
+    failures = [e for e in await admin.list_audit_events("acme", 1000) if e.action == "login.failure"]
     assert len(failures) == 6 and '"blocked_seconds": 60.0' in failures[0].details_json
 
     # Blocked: even the right password is refused, before it is hashed, with the standard retry hint.
@@ -69,7 +70,7 @@ async def test_failed_logins_block_the_account_before_any_hash_with_a_retry_hint
     for _ in range(10):
         with pytest.raises(QuotaExceeded):
             await auth.client().login("acme", "alice", WRONG)
-    after = [e for e in await admin.list_audit_events("acme", 1000) if e.action == "login.failure"]  # type: ignore[attr-defined]
+    after = [e for e in await admin.list_audit_events("acme", 1000) if e.action == "login.failure"]
     assert len(after) == 6
 
     # Other accounts from the same address are not blocked (the address has 6 failures, under its limit of 20).
@@ -85,7 +86,7 @@ async def test_failures_spread_over_accounts_block_the_address(auth: RunningAuth
     with pytest.raises(QuotaExceeded, match="this address"):
         await auth.client().login("acme", "alice", PASSWORD)
     # Names no account has are not written to the audit log; the block on the address is, once.
-    events = await admin.list_audit_events("", 1000)  # type: ignore[attr-defined]
+    events = await admin.list_audit_events("", 1000)
     assert not [e for e in events if e.action == "login.failure"]
     assert [e.target for e in events if e.action == "login.throttled"] == ["source:127.0.0.1"]
 

@@ -15,8 +15,10 @@ import jwt
 import pytest
 
 from services.auth.client import AuthClient
-from services.auth.core.tokens import KeyWrapper, sign_access_token
+from services.auth.config import AuthSettings
+from services.auth.core.tokens import KeyWrapper, SigningKey, sign_access_token
 from services.auth.store import AuthStore
+from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
 from services.mesh.db import open_database
 from services.mesh.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from services.mesh.security import secured_server
@@ -108,16 +110,13 @@ async def test_a_retired_signing_key_is_refused_everywhere_once_its_tokens_have_
     finally:
         db.dispose()
     # Someone who stole the key keeps minting long-lived tokens with it after the operator rotated it away.
-    stolen = type(
-        "Key",
-        (),
-        {"kid": old_kid, "private_key": KeyWrapper(auth.settings.master_key()).unwrap(old_kid, row.private_key)},
-    )
+    private = KeyWrapper(auth.settings.master_key()).unwrap(old_kid, row.private_key)
+    stolen = SigningKey(old_kid, private, {}, datetime.now(UTC), None)
     claims = jwt.decode(login, options={"verify_signature": False})
     claims = {k: claims[k] for k in ("sub", "tid", "knd", "cid") if k in claims}
 
     def forged() -> str:
-        return sign_access_token(stolen, claims, datetime.now(UTC), timedelta(hours=1))[0]  # type: ignore[arg-type]
+        return sign_access_token(stolen, claims, datetime.now(UTC), timedelta(hours=1))[0]
 
     await (await _admin(auth)).rotate_signing_key()
     rotated = time.monotonic()
@@ -166,9 +165,7 @@ async def test_a_disabled_user_is_refused_everywhere_until_enabled(auth: Running
     assert "user.disable" in actions and "user.enable" in actions
 
 
-async def _users(admin: AuthClient) -> list:  # noqa: ANN001
-    from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
-
+async def _users(admin: AuthClient) -> list[pb.User]:
     return list((await admin._unary(admin.stub.ListUsers, pb.ListUsersRequest(tenant="acme"))).users)
 
 
@@ -246,8 +243,8 @@ async def test_a_login_ends_at_its_absolute_lifetime_however_often_it_is_refresh
     assert (await auth.client().login("acme", "alice", PASSWORD)).refresh_token  # a new login starts a new one
 
 
-async def test_the_first_start_admin_password_works_once_to_set_a_new_one(settings: object) -> None:
-    running = await start_auth(settings, first_login=False)  # type: ignore[arg-type]
+async def test_the_first_start_admin_password_works_once_to_set_a_new_one(settings: AuthSettings) -> None:
+    running = await start_auth(settings, first_login=False)
     try:
         one_time = running.admin_password
         with pytest.raises(FailedPrecondition, match="expired"):

@@ -268,17 +268,30 @@ class SessionCore:
         await self._set_password(caller.subject, caller.tenant, current, new, keep)
 
     # -- refresh and logout --------------------------------------------------------------------------
-    def _refresh_row(self, value: str) -> Any:
+    def _secret_row(
+        self,
+        value: str,
+        field: str,
+        what: str,
+        parse: Callable[[str], tuple[str, str] | None],
+        lookup: Callable[[str], Any],
+    ) -> Any:
+        """The row of an opaque "<id>.<secret>" credential (a refresh token, a delegation) whose secret matches."""
         if not value:
-            raise InvalidArgument("refresh_token is required")
-        parsed = parse_refresh_secret(value)
+            raise InvalidArgument(f"{field} is required")
+        parsed = parse(value)
         if parsed is None:
-            raise Unauthenticated("malformed refresh token")
-        token_id, secret = parsed
-        row = self._store.get_refresh_token(token_id)
+            raise Unauthenticated(f"malformed {what}")
+        row_id, secret = parsed
+        row = lookup(row_id)
         if row is None or not secrets_equal(row.secret_hash, hash_token_secret(secret)):
-            raise Unauthenticated("unknown refresh token")
+            raise Unauthenticated(f"unknown {what}")
         return row
+
+    def _refresh_row(self, value: str) -> Any:
+        return self._secret_row(
+            value, "refresh_token", "refresh token", parse_refresh_secret, self._store.get_refresh_token
+        )
 
     def _end_login(self, row: Any, action: str) -> None:
         now = self._clock()
@@ -404,16 +417,7 @@ class SessionCore:
         return self._delegation_info(row), full
 
     def _delegation_row(self, value: str) -> Any:
-        if not value:
-            raise InvalidArgument("secret is required")
-        parsed = parse_delegation_secret(value)
-        if parsed is None:
-            raise Unauthenticated("malformed delegation secret")
-        delegation_id, secret = parsed
-        row = self._store.get_delegation(delegation_id)
-        if row is None or not secrets_equal(row.secret_hash, hash_token_secret(secret)):
-            raise Unauthenticated("unknown delegation")
-        return row
+        return self._secret_row(value, "secret", "delegation", parse_delegation_secret, self._store.get_delegation)
 
     def exchange_delegation(self, value: str, peer_service: str | None) -> TokenPair:
         """An access token of the delegating subject, bound to the delegation's tenant."""
