@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -100,7 +101,9 @@ def sign_access_token(key: SigningKey, claims: dict[str, Any], now: datetime, tt
     payload = {
         "iss": TOKEN_ISSUER,
         "aud": TOKEN_AUDIENCE,
-        "iat": int(now.timestamp()),
+        # To the millisecond, rounded down (JWT times may have fractions): revocations refuse tokens issued before
+        # an instant, and whole seconds would refuse tokens issued just after it too (or spare ones issued before).
+        "iat": math.floor(now.timestamp() * 1000) / 1000,
         "nbf": int(now.timestamp()),
         "exp": int(expires.timestamp()),
         "jti": new_id(),
