@@ -187,6 +187,7 @@ class TokenVerifier:
         unknown_kid_interval_seconds: float = 2.0,
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._load_jwks = load_jwks
         self._load_revocations = load_revocations
@@ -194,7 +195,8 @@ class TokenVerifier:
         self._leeway = leeway_seconds
         self._unknown_kid_interval = unknown_kid_interval_seconds
         self._cache_size = cache_size
-        self._clock = clock
+        self._clock = clock  # wall clock: token times
+        self._monotonic = monotonic  # when the keys and revocations were fetched
         self._keys: dict[str, Any] = {}
         self._revoked: Mapping[str, float] = {}
         self._loaded_at = float("-inf")
@@ -206,14 +208,10 @@ class TokenVerifier:
         """Drops a token from the verified-token cache."""
         self._cache.pop(token, None)
 
-    def expire(self) -> None:
-        """Makes the next verification refetch the keys and the revocation list (after a change in this process)."""
-        self._loaded_at = float("-inf")
-
     async def verify(self, token: str) -> Principal:
         """The principal a token names; Unauthenticated for malformed, tampered, expired, revoked or unknown-key
         tokens; Unavailable when the keys and the revocation list are stale and auth does not answer."""
-        if self._clock() - self._loaded_at >= self._refresh_seconds:
+        if self._monotonic() - self._loaded_at >= self._refresh_seconds:
             await self._refresh_when_stale()
         principal = self._cache.get(token)
         if principal is None:
@@ -263,7 +261,7 @@ class TokenVerifier:
             return key
         async with self._lock:
             key = self._keys.get(kid)
-            if key is None and self._clock() - self._loaded_at >= self._unknown_kid_interval:
+            if key is None and self._monotonic() - self._loaded_at >= self._unknown_kid_interval:
                 await self._refresh()
                 key = self._keys.get(kid)
         if key is None:
@@ -272,15 +270,15 @@ class TokenVerifier:
 
     async def _refresh_when_stale(self) -> None:
         async with self._lock:  # concurrent requests share one refetch
-            if self._clock() - self._loaded_at < self._refresh_seconds:
+            if self._monotonic() - self._loaded_at < self._refresh_seconds:
                 return
-            if self._clock() - self._failed_at < _RETRY_AFTER_FAILURE_SECONDS:
+            if self._monotonic() - self._failed_at < _RETRY_AFTER_FAILURE_SECONDS:
                 # Requests queued behind a refetch that just failed fail at once rather than each waiting for auth.
                 raise Unavailable("token verification keys are unavailable")
             try:
                 await self._refresh()
             except Unavailable:
-                self._failed_at = self._clock()
+                self._failed_at = self._monotonic()
                 raise
 
     async def _refresh(self) -> None:
@@ -300,4 +298,4 @@ class TokenVerifier:
                 log.warning("skipping a bad JWKS entry: %s", exc)
         self._keys = keys
         self._revoked = dict(revoked)
-        self._loaded_at = self._clock()
+        self._loaded_at = self._monotonic()

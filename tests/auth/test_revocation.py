@@ -257,3 +257,14 @@ async def test_the_first_start_admin_password_works_once_to_set_a_new_one(settin
         assert (await running.client().login("platform", "admin", ADMIN_PASSWORD)).access_token
     finally:
         await running.server.stop(0)
+
+
+async def test_a_service_that_cannot_refetch_the_revocation_list_refuses_rather_than_trust_an_old_one(
+    auth: RunningAuth, echo: Echo
+) -> None:
+    await _acme_with_alice(auth)
+    token = (await auth.client().login("acme", "alice", PASSWORD)).access_token
+    assert await echo(token) == "ok"
+    await auth.server.stop(0)
+    answer, _ = await _refused_within(lambda: echo(token), REFRESH_SECONDS + 10)
+    assert answer == "UNAVAILABLE"  # not "ok": a revocation made just before auth went down must not be missed
