@@ -22,6 +22,7 @@ from services.auth.core.policy import CASBIN_MODEL, PolicyEngine, role_policy_li
 from services.mesh.authz import CachedPermissionChecker
 from services.mesh.channels import create_channel
 from services.mesh.config import MeshSettings, load_settings
+from services.mesh.identity import Principal
 from tests.conftest import first_admin_login, free_port, service_env, start_service_process, stop_process, wait_serving
 
 
@@ -100,7 +101,8 @@ async def bench_cached_decision(report: list[tuple[str, float, float, str]]) -> 
             return engine.allowed(subject, tenant, resource, action)
 
     cached = CachedPermissionChecker(_Engine(), ttl_seconds=60)
-    query = ("user:tenant-0042/u3", "tenant-0042", "datasets", "write")
+    principal = Principal(subject="user:tenant-0042/u3", tenant="tenant-0042", kind="user")
+    query = (principal, "tenant-0042", "datasets", "write")
     await cached.check(*query)
     plain_model = casbin.model.Model()
     plain_model.load_model_from_text(CASBIN_MODEL)
