@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import json
 import os
 import statistics
 import tempfile
@@ -25,7 +24,15 @@ from minio import Minio
 
 from services.auth.config import AuthSettings
 from services.storage.core.crypto import DataKey
-from tests.conftest import AuthProcess, free_port, service_env, start_service_process, stop_process, wait_serving
+from tests.conftest import (
+    AuthProcess,
+    first_admin_login,
+    free_port,
+    service_env,
+    start_service_process,
+    stop_process,
+    wait_serving,
+)
 from tests.storage.conftest import process_client, start_storage_process
 from tests.storage.seaweed import SeaweedFS
 
@@ -110,7 +117,7 @@ def _start_auth(tmp: Path) -> AuthProcess:
     env = service_env(data_dir, AIDC_AUTH_ADDR=address)
     process = start_service_process("auth", env, tmp / "auth.log")
     wait_serving(address, process=process)
-    password = json.loads((data_dir / "auth" / "bootstrap-admin.json").read_text())["password"]
+    password = first_admin_login(address, data_dir)
     return AuthProcess(process, address, data_dir, env, password, AuthSettings.from_env(env))
 
 
