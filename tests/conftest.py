@@ -22,6 +22,7 @@ from services.auth.config import AuthSettings
 from services.auth.server import build_server
 from services.gen.aidc.auth.v1 import auth_service_pb2 as auth_pb
 from services.gen.aidc.auth.v1 import auth_service_pb2_grpc
+from services.mesh.certs import init_certificates
 from services.mesh.channels import create_channel
 from services.mesh.errors import Unauthenticated
 from services.mesh.server import MeshServer
@@ -35,6 +36,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def mesh_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One certificate directory for the session (a CA, every service's certificate, the CLI's): for tests whose
+    services talk mutual TLS, as the mesh does (e.g. a mesh service submitting a job for a user)."""
+    certs = tmp_path_factory.mktemp("mesh-certs")
+    init_certificates(certs)
+    return certs
 
 
 @pytest.fixture
