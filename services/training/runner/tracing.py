@@ -36,7 +36,7 @@ def traced_run(env: Mapping[str, str]) -> Iterator[None]:
     carrier = {name.lower(): env[name] for name in _CARRIER_VARIABLES if env.get(name)}
     token = context.attach(propagate.extract(carrier))
     try:
-        attributes = {
+        attributes: dict[str, str | int] = {
             "aidc.scheduler.job_id": env.get("AIDC_JOB_ID", ""),
             "aidc.scheduler.attempt": int(env.get("AIDC_JOB_ATTEMPT", "0") or 0),
         }
