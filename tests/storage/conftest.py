@@ -158,7 +158,7 @@ def start_storage_process(auth: AuthProcess, s3: SeaweedFS, tmp_path: Path, **ex
     process = start_service_process("storage", env, log)
     address = env["AIDC_STORAGE_ADDR"]
     try:
-        wait_serving(address, process=process)
+        wait_serving(address, process=process, certs=env.get("AIDC_CERTS_DIR"))
     except BaseException as exc:
         stop_process(process)
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
