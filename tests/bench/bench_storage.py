@@ -104,7 +104,7 @@ async def bench_service(storage: object, data: bytes, rounds: int) -> list[tuple
     return out
 
 
-def _start_auth(tmp: Path) -> AuthProcess:
+def start_auth(tmp: Path) -> AuthProcess:
     data_dir = tmp / "data"
     address = f"127.0.0.1:{free_port()}"
     env = service_env(data_dir, AIDC_AUTH_ADDR=address)
@@ -122,7 +122,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         s3 = SeaweedFS(tmp / "s3")
         s3.start()
-        auth = _start_auth(tmp)
+        auth = start_auth(tmp)
         # AIDC_STORAGE_* tuning variables of this shell reach the service (e.g. AIDC_STORAGE_CHUNK_BYTES).
         tuning = {k: v for k, v in os.environ.items() if k.startswith("AIDC_STORAGE_")}
         storage = start_storage_process(auth, s3, tmp, **tuning)

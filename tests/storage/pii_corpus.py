@@ -23,6 +23,7 @@ class LabelledRow:
     text: str
     language: str  # zh, en, mixed
     spans: tuple[tuple[str, int, int], ...]  # (kind, start, end) of every identifier that must be masked
+    numbers: tuple[tuple[str, int, int], ...]  # (context, start, end) of every number that must stay
 
 
 _FULL_WIDTH = {ord(c): ord(c) + 0xFEE0 for c in "0123456789+-()@."} | {ord(" "): 0x3000}
@@ -259,22 +260,22 @@ def _row(gen: _Generator, language: str, clean: bool) -> LabelledRow:
     positives = _TEMPLATES[language]
     text = ""
     spans: list[tuple[str, int, int]] = []
+    numbers: list[tuple[str, int, int]] = []
     for i in range(gen.r.randint(1, 3)):
         if i:
             text += _JOIN[language]
-        kind: str | None = None
         if clean or gen.r.random() < 0.35:
             value, context = gen.negative()
-            template = gen.r.choice(_CLEAN.get(context) or positives[context])
+            template, labels, label = gen.r.choice(_CLEAN.get(context) or positives[context]), numbers, context
         else:
-            kind = gen.r.choice([PHONE, PHONE, ID, CARD, EMAIL])
-            template, value = gen.r.choice(positives[kind]), _identifier(gen, kind, language)
+            label = gen.r.choice([PHONE, PHONE, ID, CARD, EMAIL])
+            template, value, labels = gen.r.choice(positives[label]), _identifier(gen, label, language), spans
         before, after = template.split("{}")
         text += before
-        if kind is not None:
-            spans.append((kind, len(text), len(text) + len(value)))
+        labels.append((label, len(text), len(text) + len(value)))
         text += value + after
-    return LabelledRow(text + ("。" if language != "en" else "."), language, tuple(spans))
+    end = "。" if language != "en" else "."
+    return LabelledRow(text + end, language, tuple(spans), tuple(numbers))
 
 
 def evaluation_set(seed: int = 18, rows: int = 600) -> list[LabelledRow]:

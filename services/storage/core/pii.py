@@ -125,9 +125,9 @@ _LEAD = re.compile(r"[+(\[]{1,3}$")
 # What may follow a number and still belong to it (an extension), or tell the matcher it is a time of day.
 _SUFFIX = re.compile(r":[0-5][0-9]|[ ]?(?:ext\.?|extn\.?|x|#|~)[ ]?[0-9]{1,7}", re.IGNORECASE)
 _DIGITS_ONLY = re.compile(r"[^0-9]")
-# phonenumbers never splits a run of digits; a run this long is no phone number (15 digits + a 3-digit IDD prefix).
-_MAX_PHONE_RUN = 18
-_LONG_RUN = re.compile(f"[0-9]{{{_MAX_PHONE_RUN + 1},}}")
+_DIGIT_RUN = re.compile(r"[0-9]+")
+#: Most digits a phone number is written with: 15 (E.164) after an international prefix such as 011.
+_MAX_PHONE_DIGITS = 18
 
 # -- the patterns -----------------------------------------------------------------------------------------
 
@@ -249,18 +249,25 @@ def _card(match: re.Match[str]) -> str | None:
 
 
 _Validator = Callable[["re.Match[str]"], "str | None"]
-#: Number detectors in order of precedence (a span one of them claimed is not looked at again), each with its
-#: validator (the canonical value, or None) and whether its check is weak enough for the words before to overrule.
-_NUMBER_DETECTORS: tuple[tuple[PiiKind, re.Pattern[str], _Validator, bool], ...] = (
-    (PiiKind.ID_NUMBER, _RESIDENT_ID, _resident_id, False),
-    (PiiKind.ID_NUMBER, _OLD_RESIDENT_ID, _old_resident_id, True),
-    (PiiKind.ID_NUMBER, _SSN, _ssn, True),
-    (PiiKind.BANK_CARD, _CARD, _card, True),
+#: Number detectors in order of precedence (a span one of them claimed is not looked at again), each with the
+#: fewest digits its numbers have, its validator (the canonical value, or None) and whether its check is weak
+#: enough for the words before to overrule.
+_NUMBER_DETECTORS: tuple[tuple[PiiKind, int, re.Pattern[str], _Validator, bool], ...] = (
+    (PiiKind.ID_NUMBER, 17, _RESIDENT_ID, _resident_id, False),
+    (PiiKind.ID_NUMBER, 15, _OLD_RESIDENT_ID, _old_resident_id, True),
+    (PiiKind.ID_NUMBER, 9, _SSN, _ssn, True),
+    (PiiKind.BANK_CARD, 16, _CARD, _card, True),
 )
 
 
 def _business_number(text: str, start: int) -> bool:
     return _BUSINESS_NUMBER_BEFORE.search(text, max(0, start - _CONTEXT_CHARS), start) is not None
+
+
+def _after_code(text: str, start: int) -> bool:
+    """Digits right after letters and a hyphen belong to a code ("INV-2022-781853", "SKU-…"), not a phone number
+    (which the matcher would only refuse after parsing the digits, for each region)."""
+    return start >= 2 and text[start - 1] == "-" and text[start - 2].isascii() and text[start - 2].isalpha()
 
 
 class PiiScanner:
@@ -270,6 +277,7 @@ class PiiScanner:
         self._email = PiiKind.EMAIL in kinds
         self._numbers = [d for d in _NUMBER_DETECTORS if d[0] in kinds]
         self._phone_regions = phone_regions if PiiKind.PHONE in kinds else ()
+        self._phone_plans = [_PhonePlan.of(region) for region in self._phone_regions]
 
     def find(self, text: str) -> list[PiiSpan]:
         """The identifiers in ``text``, in order, none overlapping (e-mail before ID before card before phone)."""
@@ -289,9 +297,14 @@ class PiiScanner:
             for match in _EMAIL.finditer(text):
                 found.append(PiiSpan(PiiKind.EMAIL, match.start(), match.end(), match.group(0).lower()))
                 claimed.append(match.span())
-        if clusters:
-            for kind, pattern, validate, weak in self._numbers:
-                for match in pattern.finditer(text):
+        # Numbers are looked for only inside the clusters (one character around them for the lookarounds, and an
+        # ID's trailing X), and only by detectors whose numbers fit.
+        sized = [(cluster, _digit_count(cluster.group(0))) for cluster in clusters]
+        for kind, fewest, pattern, validate, weak in self._numbers:
+            for cluster, digits in sized:
+                if digits < fewest:
+                    continue
+                for match in pattern.finditer(text, max(0, cluster.start() - 1), cluster.end() + 1):
                     start, end = match.span()
                     if not free(start, end):
                         continue
@@ -301,15 +314,15 @@ class PiiScanner:
                     claimed.append((start, end))
                     if not (weak and _business_number(text, start)):
                         found.append(PiiSpan(kind, start, end, value))
-            for cluster in clusters if self._phone_regions else ():
-                start, end = cluster.span()
-                inside = any(s <= start and end <= e for s, e in claimed)
-                if not inside and not _LONG_RUN.fullmatch(cluster.group(0)):
-                    for span in self._phones(text, cluster):
-                        if free(span.start, span.end):
-                            claimed.append((span.start, span.end))
-                            if not _business_number(text, span.start):
-                                found.append(span)
+        for cluster, _ in sized if self._phone_regions else ():
+            start, end = cluster.span()
+            if _after_code(text, start) or any(s <= start and end <= e for s, e in claimed):
+                continue
+            for span in self._phones(text, cluster):
+                if free(span.start, span.end):
+                    claimed.append((span.start, span.end))
+                    if not _business_number(text, span.start):
+                        found.append(span)
         found.sort(key=lambda span: span.start)
         return found
 
@@ -322,15 +335,27 @@ class PiiScanner:
         lead = _LEAD.search(text, max(0, start - 3), start)
         if lead is not None:
             start = lead.start()
+        international = lead is not None and "+" in lead.group(0)
+        if _NOT_A_PHONE.fullmatch(cluster.group(0)):
+            return []
+        sequences = _digit_sequences(cluster.group(0))
+        plans = [
+            (order, plan)
+            for order, plan in enumerate(self._phone_plans)
+            if (international and order == 0) or any(plan.possible(digits) for digits in sequences)
+        ]
+        if not plans:
+            return []
         suffix = _SUFFIX.match(text, end)
         window_start = max(0, start - 1)
         window = text[window_start : (suffix.end() if suffix else end) + 1]
         wanted = _digit_count(cluster.group(0))
+        leniency = _leniency_for(cluster.group(0), suffix)
         candidates: list[tuple[int, int, PiiSpan]] = []  # (-length, region order, span)
-        for order, region in enumerate(self._phone_regions):
+        for order, plan in plans:
             covered = 0
-            for match in PhoneNumberMatcher(window, region, leniency=_LENIENCY):
-                if not _written_as_dialled(region, match.raw_string, match.number):
+            for match in PhoneNumberMatcher(window, plan.region, leniency=leniency):
+                if not _written_as_dialled(plan.region, match.raw_string, match.number):
                     continue
                 e164 = phonenumbers.format_number(match.number, phonenumbers.PhoneNumberFormat.E164)
                 span = PiiSpan(PiiKind.PHONE, window_start + match.start, window_start + match.end, e164)
@@ -340,6 +365,13 @@ class PiiScanner:
                 break
         candidates.sort(key=lambda c: (c[0], c[1]))
         return [span for _, _, span in candidates]
+
+
+def _leniency_for(cluster: str, suffix: re.Match[str] | None) -> Leniency:
+    """STRICT_GROUPING checks that a number's digit groups are the ones its country writes; a number written as one
+    run of digits has no groups to check, so VALID (which skips formatting the number, a third of the matcher's
+    time) decides the same for it."""
+    return Leniency.VALID if suffix is None and cluster.isdigit() else _LENIENCY
 
 
 #: Regions whose landline numbers are written with their trunk prefix (0) or country code whenever the area code
@@ -361,6 +393,80 @@ def _written_as_dialled(region: str, raw: str, number: phonenumbers.PhoneNumber)
     if prefix in ("", str(number.country_code)) and len(national) == 11 and national[0] == "1":
         return True  # a mainland mobile number: written without a prefix, or after a bare 86
     return phonenumbers.number_type(number) not in _FIXED_LINE
+
+
+_NOT_FIXED_LINE_TYPES = (
+    "mobile",
+    "toll_free",
+    "premium_rate",
+    "shared_cost",
+    "personal_number",
+    "voip",
+    "pager",
+    "uan",
+    "voicemail",
+)
+
+
+class _PhonePlan:
+    """The prefilter of one region, from phonenumbers' own metadata: could these digits be a number of the region,
+    written nationally (after its national prefix or country code, or neither) or after an international prefix?
+    One regular expression: any number the matcher (and ``_written_as_dialled``) would accept passes; most dates,
+    order numbers and amounts do not, and never reach the matcher."""
+
+    _plans: dict[str, _PhonePlan] = {}
+
+    def __init__(self, region: str) -> None:
+        metadata = phonenumbers.PhoneMetadata.metadata_for_region(region)
+        assert metadata is not None and metadata.general_desc is not None
+        self.region = region
+        general = metadata.general_desc.national_number_pattern or "(?!)"
+        prefixes = [str(metadata.country_code)]
+        if national_prefix := metadata.national_prefix_for_parsing or metadata.national_prefix:
+            prefixes.append(national_prefix)
+        prefix = "|".join(f"(?:{p})" for p in prefixes)
+        trunk = _TRUNK_WRITTEN.get(region)
+        if trunk is None:
+            national = f"(?:{prefix})?(?:{general})"
+        else:  # without the trunk prefix, only numbers that are not landlines (see _written_as_dialled)
+            types = [getattr(metadata, name) for name in _NOT_FIXED_LINE_TYPES]
+            not_fixed = "|".join(f"(?:{d.national_number_pattern})" for d in types if d and d.national_number_pattern)
+            national = f"{trunk}(?:{general})|(?:{prefix})?(?:{not_fixed or '(?!)'})"
+        abroad = f"(?:{metadata.international_prefix})(?!0)[0-9]{{7,15}}|" if metadata.international_prefix else ""
+        self._possible = re.compile(abroad + national)
+
+    @classmethod
+    def of(cls, region: str) -> _PhonePlan:
+        plan = cls._plans.get(region)
+        if plan is None:
+            plan = cls._plans[region] = _PhonePlan(region)
+        return plan
+
+    def possible(self, digits: str) -> bool:
+        return self._possible.fullmatch(digits) is not None
+
+
+# Clusters that are certainly something else; the matcher would refuse them too, only more slowly.
+_NOT_A_PHONE = re.compile(
+    r"(?:[0-9]{1,3}\.){3}[0-9]{1,3}"  # an IPv4 address
+    r"|(?:19|20)[0-9]{2}([-./])(?:0?[1-9]|1[0-2])\1(?:0?[1-9]|[12][0-9]|3[01])"  # a date, year first
+    r"|(?:0?[1-9]|[12][0-9]|3[01])([-./])(?:0?[1-9]|1[0-2])\2(?:19|20)[0-9]{2}"  # a date, year last
+)
+
+
+def _digit_sequences(cluster: str) -> list[str]:
+    """The digits of every stretch of consecutive digit runs in a cluster: the only digits a phone match can hold
+    (the matcher never splits a run of digits)."""
+    runs = _DIGIT_RUN.findall(cluster)
+    sequences = []
+    for i in range(len(runs)):
+        digits = ""
+        for run in runs[i:]:
+            digits += run
+            if len(digits) > _MAX_PHONE_DIGITS:
+                break
+            sequences.append(digits)
+    return sequences
 
 
 def _digit_count(text: str) -> int:
