@@ -367,7 +367,7 @@ class PiiScanner:
         return [span for _, _, span in candidates]
 
 
-def _leniency_for(cluster: str, suffix: re.Match[str] | None) -> Leniency:
+def _leniency_for(cluster: str, suffix: re.Match[str] | None) -> int:
     """STRICT_GROUPING checks that a number's digit groups are the ones its country writes; a number written as one
     run of digits has no groups to check, so VALID (which skips formatting the number, a third of the matcher's
     time) decides the same for it."""
