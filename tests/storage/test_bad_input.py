@@ -162,7 +162,7 @@ UPLOADS: list[tuple[str, list[pb.UploadRequest], type[errors.AidcError], str]] =
             _chunk(b"text,label\na,b\n"),
         ],
         errors.InvalidArgument,
-        "at most 8 phone regions",
+        "phone_regions holds 9 items",
     ),
     ("wrong SHA-256", [_header(expected_sha256="0" * 64), _chunk(b"content")], errors.DataLoss, "SHA-256"),
     ("malformed SHA-256", [_header(expected_sha256="xyz"), _chunk(b"content")], errors.InvalidArgument, "64"),
