@@ -278,6 +278,9 @@ class PiiScanner:
         self._numbers = [d for d in _NUMBER_DETECTORS if d[0] in kinds]
         self._phone_regions = phone_regions if PiiKind.PHONE in kinds else ()
         self._phone_plans = [_PhonePlan.of(region) for region in self._phone_regions]
+        lengths = [length for plan in self._phone_plans for length in plan.lengths]
+        self._shortest_phone = min(lengths, default=1)
+        self._any_region = re.compile("|".join(f"(?:{plan.pattern})" for plan in self._phone_plans) or "(?!)")
 
     def find(self, text: str) -> list[PiiSpan]:
         """The identifiers in ``text``, in order, none overlapping (e-mail before ID before card before phone)."""
@@ -336,16 +339,18 @@ class PiiScanner:
         if lead is not None:
             start = lead.start()
         international = lead is not None and "+" in lead.group(0)
-        if _NOT_A_PHONE.fullmatch(cluster.group(0)):
+        written = cluster.group(0)
+        one_run = written.isdigit()
+        if not international and not one_run and _NOT_A_PHONE.fullmatch(written):
             return []
-        sequences = _digit_sequences(cluster.group(0))
+        sequences = [written] if one_run else _digit_sequences(written, self._shortest_phone)
+        if not international and not any(self._any_region.fullmatch(digits) for digits in sequences):
+            return []  # the common case, decided by one regular expression per digit sequence
         plans = [
             (order, plan)
             for order, plan in enumerate(self._phone_plans)
             if (international and order == 0) or any(plan.possible(digits) for digits in sequences)
         ]
-        if not plans:
-            return []
         suffix = _SUFFIX.match(text, end)
         window_start = max(0, start - 1)
         window = text[window_start : (suffix.end() if suffix else end) + 1]
@@ -433,7 +438,9 @@ class _PhonePlan:
             not_fixed = "|".join(f"(?:{d.national_number_pattern})" for d in types if d and d.national_number_pattern)
             national = f"{trunk}(?:{general})|(?:{prefix})?(?:{not_fixed or '(?!)'})"
         abroad = f"(?:{metadata.international_prefix})(?!0)[0-9]{{7,15}}|" if metadata.international_prefix else ""
-        self._possible = re.compile(abroad + national)
+        self.lengths = metadata.general_desc.possible_length or (1,)
+        self.pattern = abroad + national
+        self._possible = re.compile(self.pattern)
 
     @classmethod
     def of(cls, region: str) -> _PhonePlan:
@@ -454,9 +461,9 @@ _NOT_A_PHONE = re.compile(
 )
 
 
-def _digit_sequences(cluster: str) -> list[str]:
-    """The digits of every stretch of consecutive digit runs in a cluster: the only digits a phone match can hold
-    (the matcher never splits a run of digits)."""
+def _digit_sequences(cluster: str, shortest: int) -> list[str]:
+    """The digits of every stretch of consecutive digit runs in a cluster that is as long as the ``shortest`` number
+    of the declared regions: the only digits a phone match can hold (the matcher never splits a run of digits)."""
     runs = _DIGIT_RUN.findall(cluster)
     sequences = []
     for i in range(len(runs)):
@@ -465,7 +472,8 @@ def _digit_sequences(cluster: str) -> list[str]:
             digits += run
             if len(digits) > _MAX_PHONE_DIGITS:
                 break
-            sequences.append(digits)
+            if len(digits) >= shortest:
+                sequences.append(digits)
     return sequences
 
 
