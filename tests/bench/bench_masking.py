@@ -24,8 +24,7 @@ from pathlib import Path
 
 from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
 from services.storage.client import StorageClient
-from tests.bench.bench_storage import start_auth
-from tests.conftest import stop_process
+from tests.conftest import start_auth_process, stop_process
 from tests.storage.conftest import StorageProcess, process_client, start_storage_process
 from tests.storage.pii_corpus import clean_sentence, evaluation_set
 from tests.storage.seaweed import SeaweedFS
@@ -109,7 +108,7 @@ def main() -> None:
         actual = path.stat().st_size
         s3 = SeaweedFS(tmp / "s3")
         s3.start()
-        auth = start_auth(tmp)
+        auth = start_auth_process(tmp)
         storage = start_storage_process(auth, s3, tmp)
         try:
             seconds, report = asyncio.run(bench(storage, path, rounds))

@@ -31,6 +31,7 @@ _FULL_WIDTH = {ord(c): ord(c) + 0xFEE0 for c in "0123456789+-()@."} | {ord(" "):
 _CN_MOBILE = [f"13{d}" for d in range(10)] + ["150", "151", "152", "153", "155", "156", "157", "158", "159"]
 _CN_MOBILE += [f"18{d}" for d in range(10)] + ["166", "173", "176", "177", "178", "191", "198", "199"]
 _CN_AREAS = ["010", "020", "021", "022", "023", "024", "025", "027", "028", "029", "0755", "0571", "0512", "0532"]
+_SG_PREFIXES = ["61", "62", "63", "81", "82", "90", "91", "96"]  # Singapore landlines and mobiles
 _US_AREAS = "201 202 206 212 213 214 215 305 310 312 404 415 469 503 512 602 617 646 702 713 718 805 917 972".split()
 _ID_REGIONS = "110101 110105 310104 440305 330106 510107 420111 320102 610113 500103 370202 620102".split()
 _ID_WEIGHTS = [2 ** (17 - i) % 11 for i in range(17)]
@@ -63,7 +64,7 @@ class _Generator:
 
     def cn_landline(self) -> str:
         area = self.r.choice(_CN_AREAS)
-        local = self.digits(8, "2345678")
+        local = self.digits(8, "234567")
         return self.r.choice([f"{area}-{local}", f"{area}-{local[:4]} {local[4:]}", f"+86 {area[1:]} {local}"])
 
     def us_phone(self) -> str:
@@ -88,7 +89,7 @@ class _Generator:
             [
                 f"+44 20 7{self.digits(3)} {self.digits(4)}",
                 f"+81 3-{self.digits(4, '3456')}-{self.digits(4)}",
-                f"+65 {self.r.choice('689')}{self.digits(3, '12345678')} {self.digits(4)}",
+                f"+65 {self.r.choice(_SG_PREFIXES)}{self.digits(2)} {self.digits(4)}",
             ]
         )
 

@@ -27,6 +27,9 @@ MASKING_CASES = [
     ("退款到卡号6222021234567890128上", "退款到卡号[CARD]上", {PiiKind.BANK_CARD: 1}),
     ("邮箱zhang.san@example.com谢谢", "邮箱[EMAIL]谢谢", {PiiKind.EMAIL: 1}),
     ("电话：010-62345678转分机", "电话：[PHONE]转分机", {PiiKind.PHONE: 1}),
+    # A sentence's full stop ends a number; a code before a number is not part of it.
+    ("my cell is 201.994.7429. 12/03/2015 it broke", "my cell is [PHONE]. 12/03/2015 it broke", {PiiKind.PHONE: 1}),
+    ("INV-2021-907430 131-6677-6351 is mine", "INV-2021-907430 [PHONE] is mine", {PiiKind.PHONE: 1}),
     # Full-width digits are matched as digits; what is replaced is the span as written.
     ("电话１３８００１３８０００。", "电话[PHONE]。", {PiiKind.PHONE: 1}),
     ("卡号６２２２０２１２３４５６７８９０１２８", "卡号[CARD]", {PiiKind.BANK_CARD: 1}),
@@ -34,6 +37,8 @@ MASKING_CASES = [
     ("on 2024-01-15 v1.2.3 at 192.168.100.200", "on 2024-01-15 v1.2.3 at 192.168.100.200", {}),
     ("order 12345 costs 99.90, ref 1234567812345678", "order 12345 costs 99.90, ref 1234567812345678", {}),
     ("身份证号110105194912310021请核实", "身份证号110105194912310021请核实", {}),  # wrong check character
+    # Wrong check character X, and the 17 digits before it pass Luhn after a UnionPay prefix: still no card.
+    ("my 身份证 is 62010219920901695X", "my 身份证 is 62010219920901695X", {}),
     ("卡号6222021234567890127", "卡号6222021234567890127", {}),  # fails Luhn
     ("订单号4312345678901236已发货", "订单号4312345678901236已发货", {}),  # Luhn-valid, but an order number
     ("2024年3月15日下单，金额¥1,299.00，共3件", "2024年3月15日下单，金额¥1,299.00，共3件", {}),
