@@ -1,6 +1,7 @@
 """Persistence of the storage service's metadata (SQLAlchemy Core; SQLite by default, PostgreSQL at scale):
 datasets, visible object versions with their wrapped data keys, tenant keys and their states, the local keyring's
-sealed tenant keys, uploads in progress, and each tenant's storage metering point.
+sealed tenant keys, each tenant's wrapped pseudonym key, uploads in progress, and each tenant's storage metering
+point.
 
 Tenant-key bookkeeping is serialized per tenant by touching the tenant's ``tenant_keyrings`` row first in every
 transaction that depends on a key's state (a row lock on PostgreSQL; SQLite serializes writers anyway), so a key
@@ -45,6 +46,7 @@ from services.storage.core.model import (
     KeyState,
     MaskingRecord,
     PendingUpload,
+    PseudonymKeyRecord,
     TenantKeyRecord,
     TextDatasetRecord,
     VersionRecord,
@@ -158,6 +160,21 @@ storage_metering = Table(
 )
 
 
+pseudonym_metadata = MetaData()
+
+# One pseudonym key per tenant, wrapped by one of its tenant keys (``key_id``; no foreign key across the two
+# MetaData, the keyring lock keeps them consistent). Deleted with the tenant's keys when they are destroyed.
+pseudonym_keys = Table(
+    "pseudonym_keys",
+    pseudonym_metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("pseudonym_key_id", String(64), nullable=False),
+    Column("key_id", String(64), nullable=False, index=True),
+    Column("wrapped", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+
 def _create_schema(conn: Connection) -> None:
     metadata.create_all(conn)
 
@@ -166,9 +183,14 @@ def _create_metering(conn: Connection) -> None:
     metering_metadata.create_all(conn)
 
 
+def _create_pseudonym_keys(conn: Connection) -> None:
+    pseudonym_metadata.create_all(conn)
+
+
 MIGRATIONS = [
     Migration(1, "storage: datasets, versions, tenant keys, keyring, pending uploads", _create_schema),
     Migration(2, "storage: metering points of storage_gib_hours per tenant", _create_metering),
+    Migration(3, "storage: pseudonym keys of tenants (masking's keyed tokens)", _create_pseudonym_keys),
 ]
 
 
@@ -683,7 +705,10 @@ class StorageStore:
             used = conn.execute(
                 select(object_versions.c.object_id).where(object_versions.c.key_id == key_id).limit(1)
             ).first()
-            if used is not None:
+            wraps_pseudonyms = conn.execute(
+                select(pseudonym_keys.c.tenant).where(pseudonym_keys.c.key_id == key_id)
+            ).first()
+            if used is not None or wraps_pseudonyms is not None:
                 return False
             result = conn.execute(
                 update(tenant_keys)
@@ -693,9 +718,11 @@ class StorageStore:
             return bool(result.rowcount)
 
     def destroy_all_keys(self, tenant: str) -> tuple[list[str], int]:
-        """Marks every live key of ``tenant`` destroyed; returns their ids and how many versions they wrapped."""
+        """Marks every live key of ``tenant`` destroyed and forgets its pseudonym key; returns the keys' ids and how
+        many versions they wrapped."""
         with self._engine.begin() as conn:
             self._lock_keyring(conn, tenant)
+            conn.execute(delete(pseudonym_keys).where(pseudonym_keys.c.tenant == tenant))
             live = list(
                 conn.execute(
                     select(tenant_keys.c.key_id).where(
@@ -730,6 +757,54 @@ class StorageStore:
                 )
             ).all()
         return [(r.tenant, r.key_id) for r in rows]
+
+    # -- pseudonym keys ----------------------------------------------------------------------------------
+
+    def pseudonym_key(self, tenant: str) -> PseudonymKeyRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(pseudonym_keys).where(pseudonym_keys.c.tenant == tenant)).first()
+        if row is None:
+            return None
+        return PseudonymKeyRecord(
+            row.tenant, row.pseudonym_key_id, row.key_id, bytes(row.wrapped), _aware(row.created_at)
+        )
+
+    def install_pseudonym_key(self, record: PseudonymKeyRecord) -> bool:
+        """Installs the tenant's pseudonym key unless it has a usable one (False: use that one). KeyUnusable if the
+        tenant key that wraps ``record`` was destroyed meanwhile."""
+        with self._engine.begin() as conn:
+            self._lock_keyring(conn, record.tenant)
+            wrapping = conn.execute(select(tenant_keys.c.state).where(tenant_keys.c.key_id == record.key_id)).scalar()
+            if wrapping is None or wrapping == KeyState.DESTROYED.value:
+                raise KeyUnusable(record.key_id)
+            current = conn.execute(
+                select(tenant_keys.c.state)
+                .select_from(pseudonym_keys.join(tenant_keys, pseudonym_keys.c.key_id == tenant_keys.c.key_id))
+                .where(pseudonym_keys.c.tenant == record.tenant)
+            ).scalar()
+            if current is not None and current != KeyState.DESTROYED.value:
+                return False
+            conn.execute(delete(pseudonym_keys).where(pseudonym_keys.c.tenant == record.tenant))
+            conn.execute(
+                insert(pseudonym_keys).values(
+                    tenant=record.tenant,
+                    pseudonym_key_id=record.pseudonym_key_id,
+                    key_id=record.key_id,
+                    wrapped=record.wrapped,
+                    created_at=record.created_at,
+                )
+            )
+            return True
+
+    def rewrap_pseudonym_key(self, tenant: str, old_key_id: str, new_key_id: str, wrapped: bytes) -> bool:
+        """Replaces the tenant's wrapped pseudonym key, if it is still wrapped by ``old_key_id``."""
+        with self._engine.begin() as conn:
+            result = conn.execute(
+                update(pseudonym_keys)
+                .where(pseudonym_keys.c.tenant == tenant, pseudonym_keys.c.key_id == old_key_id)
+                .values(key_id=new_key_id, wrapped=wrapped)
+            )
+            return bool(result.rowcount)
 
     # -- the local keyring's sealed keys (KeyringStore) --------------------------------------------------
 
