@@ -20,10 +20,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.auth.client import AuthClient
 from services.auth.config import AuthSettings
 from services.auth.server import build_server
+from services.gen.aidc.auth.v1 import auth_service_pb2 as auth_pb
+from services.gen.aidc.auth.v1 import auth_service_pb2_grpc
 from services.mesh.channels import create_channel
+from services.mesh.errors import Unauthenticated
 from services.mesh.server import MeshServer
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The password the tests' first login gives the first-start admin (its one-time password expires at first use).
+ADMIN_PASSWORD = "the platform admin's own passphrase"
 
 
 def free_port() -> int:
@@ -33,14 +38,17 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> AuthSettings:
-    """Auth settings on a fresh data dir with cheap password hashing (tests only)."""
+def settings(tmp_path: Path, request: pytest.FixtureRequest) -> AuthSettings:
+    """Auth settings on a fresh data dir with cheap password hashing (tests only); a test marked
+    ``@pytest.mark.auth_env(AIDC_X="...")`` adds variables (e.g. a short access-token lifetime)."""
+    marker = request.node.get_closest_marker("auth_env")
     return AuthSettings.from_env(
         {
             "AIDC_DATA_DIR": str(tmp_path / "data"),
             "AIDC_AUTH_ADDR": f"127.0.0.1:{free_port()}",
             "AIDC_AUTH_ARGON2_TIME_COST": "1",
             "AIDC_AUTH_ARGON2_MEMORY_KIB": "1024",
+            **(marker.kwargs if marker is not None else {}),
         }
     )
 
@@ -50,6 +58,7 @@ class RunningAuth:
     server: MeshServer
     settings: AuthSettings
     address: str
+    #: ADMIN_PASSWORD once the first login set it; the one-time password while it is unused ("" if unknown).
     admin_password: str
 
     def client(self, token: str | None = None) -> AuthClient:
@@ -82,13 +91,33 @@ def _with_token(stub: object, token: str) -> object:
     return _TokenStub(stub, token)
 
 
-async def start_auth(settings: AuthSettings) -> RunningAuth:
+async def start_auth(settings: AuthSettings, *, first_login: bool = True) -> RunningAuth:
+    """Auth in this process. With ``first_login`` the first-start admin logs in once, setting ADMIN_PASSWORD (as
+    `aidc up` does with a password of its own); without it, ``admin_password`` is the unused one-time password."""
     server = await build_server(settings)
     await server.start()
     await server.wait_ready()
     bootstrap = settings.bootstrap_file
     password = json.loads(bootstrap.read_text())["password"] if bootstrap.exists() else ""
+    if password and first_login:
+        client = AuthClient(create_channel(settings.auth_addr, settings))
+        try:
+            await client.login("platform", "admin", password, new_password=ADMIN_PASSWORD)
+        except Unauthenticated:
+            pass  # an earlier start on this data directory did it
+        finally:
+            await client.close()
+        password = ADMIN_PASSWORD
     return RunningAuth(server, settings, settings.auth_addr, password)
+
+
+def first_admin_login(address: str, data_dir: Path) -> str:
+    """For an auth process: the first-start admin's first login sets ADMIN_PASSWORD; returns it."""
+    password = json.loads((data_dir / "auth" / "bootstrap-admin.json").read_text())["password"]
+    with grpc.insecure_channel(address) as channel:
+        request = auth_pb.LoginRequest(tenant="platform", name="admin", password=password, new_password=ADMIN_PASSWORD)
+        auth_service_pb2_grpc.AuthServiceStub(channel).Login(request, timeout=30)
+    return ADMIN_PASSWORD
 
 
 @pytest.fixture
@@ -172,7 +201,7 @@ def start_auth_process(tmp_path: Path) -> AuthProcess:
     process = start_service_process("auth", env, tmp_path / "auth.log")
     try:
         wait_serving(address, process=process)
-        password = json.loads((data_dir / "auth" / "bootstrap-admin.json").read_text())["password"]
+        password = first_admin_login(address, data_dir)
     except BaseException:
         stop_process(process)
         raise

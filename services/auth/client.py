@@ -27,9 +27,41 @@ class AuthClient(ServiceClient):
         response = await self._unary(self.stub.CheckPermission, pb.CheckPermissionRequest(check=check), idempotent=True)
         return response.allowed
 
-    async def login(self, tenant: str, name: str, password: str) -> pb.TokenPair:
-        request = pb.LoginRequest(tenant=tenant, name=name, password=password)
+    async def login(self, tenant: str, name: str, password: str, new_password: str = "") -> pb.TokenPair:
+        request = pb.LoginRequest(tenant=tenant, name=name, password=password, new_password=new_password)
         return (await self._unary(self.stub.Login, request)).tokens
+
+    async def logout(self, refresh_token: str) -> None:
+        await self._unary(self.stub.Logout, pb.LogoutRequest(refresh_token=refresh_token))
+
+    async def change_password(self, current_password: str, new_password: str) -> None:
+        request = pb.ChangePasswordRequest(current_password=current_password, new_password=new_password)
+        await self._unary(self.stub.ChangePassword, request)
+
+    async def disable_user(self, tenant: str, subject: str) -> pb.User:
+        request = pb.DisableUserRequest(tenant=tenant, subject=subject)
+        return (await self._unary(self.stub.DisableUser, request)).user
+
+    async def enable_user(self, tenant: str, subject: str) -> pb.User:
+        request = pb.EnableUserRequest(tenant=tenant, subject=subject)
+        return (await self._unary(self.stub.EnableUser, request)).user
+
+    async def create_delegation(
+        self, tenant: str, job_id: str, delegate: str, ttl_seconds: int = 0
+    ) -> pb.CreateDelegationResponse:
+        request = pb.CreateDelegationRequest(tenant=tenant, job_id=job_id, delegate=delegate, ttl_seconds=ttl_seconds)
+        return await self._unary(self.stub.CreateDelegation, request)
+
+    async def exchange_delegation(self, secret: str) -> pb.TokenPair:
+        request = pb.ExchangeDelegationRequest(secret=secret)
+        return (await self._unary(self.stub.ExchangeDelegation, request)).tokens
+
+    async def revoke_delegation(self, secret: str) -> None:
+        await self._unary(self.stub.RevokeDelegation, pb.RevokeDelegationRequest(secret=secret), idempotent=True)
+
+    async def get_revocations(self) -> list[pb.Revocation]:
+        response = await self._unary(self.stub.GetRevocations, pb.GetRevocationsRequest(), idempotent=True)
+        return list(response.revocations)
 
     async def exchange_api_key(self, api_key: str) -> pb.TokenPair:
         return (await self._unary(self.stub.ExchangeApiKey, pb.ExchangeApiKeyRequest(api_key=api_key))).tokens

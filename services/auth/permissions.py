@@ -17,14 +17,28 @@ PERMISSIONS = PermissionTable.for_service(
         "CreateUser": tenant_rule("users", "write"),
         "ListUsers": tenant_rule("users", "read"),
         "CreateServiceAccount": tenant_rule("users", "write"),
-        # Anyone may hold keys for themselves; keys for others need users:write (checked in the core).
+        # Also the right to grant every role the subject holds (checked in the core).
+        "DisableUser": tenant_rule("users", "write"),
+        "EnableUser": tenant_rule("users", "write"),
+        # Users change their own password (re-authenticating with the current one).
+        "ChangePassword": authenticated(),
+        # Anyone may hold keys for themselves; keys for others need users:write and the right to grant every role
+        # the subject holds (checked in the core).
         "CreateApiKey": tenant_rule("apikeys", "write"),
         "ListApiKeys": tenant_rule("apikeys", "read"),
         "RevokeApiKey": tenant_rule("apikeys", "write"),
         "Login": public(),
         "ExchangeApiKey": public(),
         "RefreshToken": public(),
+        # The refresh token (Logout) or the delegation secret (ExchangeDelegation, RevokeDelegation) is the
+        # credential; with mutual TLS a delegation also needs its delegate's certificate (checked in the core).
+        "Logout": public(),
         "GetJwks": public(),
+        "GetRevocations": public(),
+        # A job's submitter lets the service running the job act for it there (the job's tenant only).
+        "CreateDelegation": tenant_rule("jobs", "write"),
+        "ExchangeDelegation": public(),
+        "RevokeDelegation": public(),
         "RotateSigningKey": platform_rule("signing-keys", "write"),
         "WhoAmI": authenticated(),
         # Checking oneself is always allowed; checking others needs roles:read (checked in the core).

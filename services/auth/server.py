@@ -1,12 +1,15 @@
-"""Wiring of the auth service: database, policy engine, core, servicer, and the mesh server."""
+"""Wiring of the auth service: database, policy engine, cores, servicer, and the mesh server."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
 
 from services.auth.config import AuthSettings
+from services.auth.core.limits import LoginLimits, LoginThrottle
 from services.auth.core.policy import PolicyEngine
 from services.auth.core.service import AuthCore
+from services.auth.core.sessions import SessionCore
 from services.auth.core.tokens import KeyWrapper, SlowHasher
 from services.auth.permissions import PERMISSIONS
 from services.auth.servicer import AuthServicer
@@ -27,38 +30,54 @@ class LocalPermissionChecker:
     def __init__(self, core: AuthCore) -> None:
         self._core = core
 
-    async def check(self, subject: str, tenant: str, resource: str, action: str) -> bool:
-        return self._core.allowed(subject, tenant, resource, action)
+    async def check(self, principal: Principal, tenant: str, resource: str, action: str) -> bool:
+        return self._core.allowed_for(principal, tenant, resource, action)
 
 
 class LocalTokenVerifier(TokenVerifier):
-    """Verifies with the service's own keys, and also rejects tokens of revoked API keys."""
+    """Verifies with the service's own keys and revocations; a revocation made here applies at once."""
 
-    def __init__(self, core: AuthCore) -> None:
-        async def load() -> str:
-            return core.jwks()
+    def __init__(self, sessions: SessionCore, refresh_seconds: float) -> None:
+        async def jwks() -> str:
+            return sessions.jwks()
 
-        super().__init__(load, refresh_interval_seconds=0.0)
-        self._core = core
+        async def revocations() -> Mapping[str, float]:
+            return sessions.revocations()
+
+        super().__init__(jwks, revocations, refresh_seconds=refresh_seconds)
+        self._sessions = sessions
 
     async def verify(self, token: str) -> Principal:
-        return self._core.ensure_active(await super().verify(token))
+        return self._sessions.ensure_active(await super().verify(token))
 
 
 async def build_server(settings: AuthSettings, address: str | None = None) -> MeshServer:
     db = open_database(settings.database_url_for(SERVICE))
     db.migrate(MIGRATIONS, SERVICE)
     store = AuthStore(db)
-    core = AuthCore(
+    limits = LoginLimits(
+        attempts_per_second=settings.auth_login_rate_per_second,
+        attempt_burst=settings.auth_login_burst,
+        account_free_failures=settings.auth_login_account_free_failures,
+        source_free_failures=settings.auth_login_source_free_failures,
+        first_block_seconds=settings.auth_login_first_block_seconds,
+        max_block_seconds=settings.auth_login_max_block_seconds,
+    )
+    sessions = SessionCore(
         store,
-        PolicyEngine(CasbinAdapter(store)),
         KeyWrapper(settings.master_key()),
         hasher=SlowHasher(settings.auth_argon2_time_cost, settings.auth_argon2_memory_kib),
+        throttle=LoginThrottle(limits),
         access_ttl=timedelta(seconds=settings.auth_access_token_ttl_seconds),
         refresh_ttl=timedelta(seconds=settings.auth_refresh_token_ttl_seconds),
+        login_max_age=timedelta(seconds=settings.auth_login_max_age_seconds),
+        delegation_ttl=timedelta(seconds=settings.auth_delegation_ttl_seconds),
+        # With mutual TLS every mesh service has a certificate: a delegation is then usable only on its delegate's.
+        delegates_need_certificates=settings.tls_dir() is not None and settings.client_auth == "require",
     )
+    core = AuthCore(store, PolicyEngine(CasbinAdapter(store)), sessions)
     core.bootstrap(settings.bootstrap_file)
-    servicer = AuthServicer(core)
+    servicer = AuthServicer(core, sessions, settings.trusted_proxies())
 
     async def close() -> None:
         db.dispose()
@@ -73,7 +92,7 @@ async def build_server(settings: AuthSettings, address: str | None = None) -> Me
             ),
         ],
         permissions=PERMISSIONS,
-        verifier=LocalTokenVerifier(core),
+        verifier=LocalTokenVerifier(sessions, settings.revocation_refresh_seconds),
         checker=LocalPermissionChecker(core),
         on_stop=[close],
         address=address,

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc.aio import ServicerContext
 
-from services.auth.core.service import ApiKeyInfo, AuthCore, PrincipalInfo, TenantInfo, TokenPair
+from services.auth.core.records import ApiKeyInfo, DelegationInfo, PrincipalInfo, TenantInfo, TokenPair
+from services.auth.core.service import AuthCore
+from services.auth.core.sessions import SessionCore
 from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
 from services.gen.aidc.auth.v1 import auth_service_pb2_grpc
 from services.gen.aidc.common.v1 import common_pb2
-from services.mesh.identity import require_principal
+from services.mesh.identity import current_peer_service, require_principal
 from services.mesh.messages import timestamp
+from services.mesh.peers import ProxyNetworks, client_address
 
 __all__ = ["AuthServicer"]
 
@@ -29,7 +33,12 @@ def _tenant(t: TenantInfo) -> pb.Tenant:
 
 def _user(p: PrincipalInfo) -> pb.User:
     return pb.User(
-        subject=p.subject, tenant=p.tenant, name=p.name, kind=_KINDS[p.kind], create_time=timestamp(p.created_at)
+        subject=p.subject,
+        tenant=p.tenant,
+        name=p.name,
+        kind=_KINDS[p.kind],
+        create_time=timestamp(p.created_at),
+        disabled=p.disabled,
     )
 
 
@@ -43,6 +52,25 @@ def _api_key(k: ApiKeyInfo) -> pb.ApiKey:
         expire_time=timestamp(k.expires_at),
         revoked=k.revoked,
     )
+
+
+def _delegation(d: DelegationInfo) -> pb.Delegation:
+    return pb.Delegation(
+        delegation_id=d.delegation_id,
+        subject=d.subject,
+        tenant=d.tenant,
+        job_id=d.job_id,
+        delegate=d.delegate,
+        create_time=timestamp(d.created_at),
+        expire_time=timestamp(d.expires_at),
+        revoked=d.revoked,
+    )
+
+
+def _epoch(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMicroseconds(round(seconds * 1e6))
+    return stamp
 
 
 def _tokens(t: TokenPair) -> pb.TokenPair:
@@ -61,8 +89,14 @@ def _page(token: str) -> common_pb2.PageResponse:
 class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
     """Each RPC: unpack, call the core, pack."""
 
-    def __init__(self, core: AuthCore) -> None:
+    def __init__(self, core: AuthCore, sessions: SessionCore, trusted_proxies: ProxyNetworks = ()) -> None:
         self._core = core
+        self._sessions = sessions
+        self._proxies = trusted_proxies
+
+    def _source(self, context: ServicerContext) -> str:
+        """The client address the login limits key on."""
+        return client_address(context.peer() or "", tuple(context.invocation_metadata() or ()), self._proxies)
 
     async def CreateTenant(self, request: pb.CreateTenantRequest, context: ServicerContext) -> Any:
         tenant = self._core.create_tenant(require_principal(), request.name, request.display_name)
@@ -91,6 +125,20 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         )
         return pb.CreateServiceAccountResponse(service_account=_user(account))
 
+    async def DisableUser(self, request: pb.DisableUserRequest, context: ServicerContext) -> Any:
+        user = self._core.set_disabled(require_principal(), request.tenant, request.subject, disabled=True)
+        return pb.DisableUserResponse(user=_user(user))
+
+    async def EnableUser(self, request: pb.EnableUserRequest, context: ServicerContext) -> Any:
+        user = self._core.set_disabled(require_principal(), request.tenant, request.subject, disabled=False)
+        return pb.EnableUserResponse(user=_user(user))
+
+    async def ChangePassword(self, request: pb.ChangePasswordRequest, context: ServicerContext) -> Any:
+        await self._sessions.change_password(
+            require_principal(), request.current_password, request.new_password, self._source(context)
+        )
+        return pb.ChangePasswordResponse()
+
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: ServicerContext) -> Any:
         key, secret = await self._core.create_api_key(
             require_principal(), request.tenant, request.subject, request.description, request.ttl_seconds
@@ -106,20 +154,53 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         return pb.RevokeApiKeyResponse(api_key=_api_key(key))
 
     async def Login(self, request: pb.LoginRequest, context: ServicerContext) -> Any:
-        tokens = await self._core.login(request.tenant, request.name, request.password)
+        tokens = await self._sessions.login(
+            request.tenant, request.name, request.password, request.new_password, self._source(context)
+        )
         return pb.LoginResponse(tokens=_tokens(tokens))
 
     async def ExchangeApiKey(self, request: pb.ExchangeApiKeyRequest, context: ServicerContext) -> Any:
-        return pb.ExchangeApiKeyResponse(tokens=_tokens(await self._core.exchange_api_key(request.api_key)))
+        tokens = await self._sessions.exchange_api_key(request.api_key, self._source(context))
+        return pb.ExchangeApiKeyResponse(tokens=_tokens(tokens))
 
     async def RefreshToken(self, request: pb.RefreshTokenRequest, context: ServicerContext) -> Any:
-        return pb.RefreshTokenResponse(tokens=_tokens(self._core.refresh(request.refresh_token)))
+        return pb.RefreshTokenResponse(tokens=_tokens(self._sessions.refresh(request.refresh_token)))
+
+    async def Logout(self, request: pb.LogoutRequest, context: ServicerContext) -> Any:
+        self._sessions.logout(request.refresh_token)
+        return pb.LogoutResponse()
 
     async def GetJwks(self, request: pb.GetJwksRequest, context: ServicerContext) -> Any:
-        return pb.GetJwksResponse(jwks_json=self._core.jwks())
+        return pb.GetJwksResponse(jwks_json=self._sessions.jwks())
+
+    async def GetRevocations(self, request: pb.GetRevocationsRequest, context: ServicerContext) -> Any:
+        revocations = [
+            pb.Revocation(credential=credential, issued_before=_epoch(before))
+            for credential, before in sorted(self._sessions.revocations().items())
+        ]
+        return pb.GetRevocationsResponse(revocations=revocations)
 
     async def RotateSigningKey(self, request: pb.RotateSigningKeyRequest, context: ServicerContext) -> Any:
-        return pb.RotateSigningKeyResponse(kid=self._core.rotate_signing_key(require_principal()))
+        return pb.RotateSigningKeyResponse(kid=self._sessions.rotate_signing_key(require_principal()))
+
+    async def CreateDelegation(self, request: pb.CreateDelegationRequest, context: ServicerContext) -> Any:
+        delegation, secret = self._sessions.create_delegation(
+            require_principal(),
+            request.tenant,
+            request.job_id,
+            request.delegate,
+            request.ttl_seconds,
+            current_peer_service.get(),
+        )
+        return pb.CreateDelegationResponse(delegation=_delegation(delegation), secret=secret)
+
+    async def ExchangeDelegation(self, request: pb.ExchangeDelegationRequest, context: ServicerContext) -> Any:
+        tokens = self._sessions.exchange_delegation(request.secret, current_peer_service.get())
+        return pb.ExchangeDelegationResponse(tokens=_tokens(tokens))
+
+    async def RevokeDelegation(self, request: pb.RevokeDelegationRequest, context: ServicerContext) -> Any:
+        self._sessions.revoke_delegation(request.secret, current_peer_service.get())
+        return pb.RevokeDelegationResponse()
 
     async def WhoAmI(self, request: pb.WhoAmIRequest, context: ServicerContext) -> Any:
         caller = require_principal()

@@ -1,5 +1,6 @@
-"""Persistence of the auth service: tenants, principals, API keys, refresh tokens, signing keys, the Casbin
-policy and the audit log, in one SQLAlchemy database. Each change and its audit event commit together."""
+"""Persistence of the auth service: tenants, principals, API keys, refresh tokens, job delegations, revocations,
+signing keys, the Casbin policy and the audit log, in one SQLAlchemy database. Each change and its audit event
+commit together."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection, Row
@@ -61,6 +64,9 @@ principals = Table(
     Column("kind", String(32), nullable=False),
     Column("password_hash", String(200)),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Added in migration 2: a disabled principal cannot authenticate; an expired password must be replaced.
+    Column("disabled_at", DateTime(timezone=True)),
+    Column("password_expires_at", DateTime(timezone=True)),
 )
 
 api_keys = Table(
@@ -88,6 +94,30 @@ refresh_tokens = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("used_at", DateTime(timezone=True)),
     Column("revoked", Boolean, nullable=False, default=False),
+    # Added in migration 2: the absolute end of the login (the family), carried to every rotated token.
+    Column("family_expires_at", DateTime(timezone=True)),
+)
+
+delegations = Table(
+    "delegations",
+    metadata,
+    Column("delegation_id", String(64), primary_key=True),
+    Column("subject", String(200), nullable=False, index=True),
+    Column("tenant", String(64), nullable=False),
+    Column("job_id", String(128), nullable=False),
+    Column("delegate", String(64), nullable=False),
+    Column("secret_hash", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+#: Tokens bearing ``credential`` ("rf:", "ak:", "dg:" id, or a subject) issued before ``issued_before`` are refused.
+revocations = Table(
+    "revocations",
+    metadata,
+    Column("credential", String(220), primary_key=True),
+    Column("issued_before", DateTime(timezone=True), nullable=False, index=True),
 )
 
 signing_keys = Table(
@@ -127,8 +157,28 @@ audit_events = Table(
     Index("ix_audit_tenant_seq", "tenant", "seq"),
 )
 
+
+def _add_missing(conn: Connection) -> None:
+    """Creates the tables and columns of this schema that the database lacks (databases made by migration 1 on an
+    older schema; on a new database migration 1 already made them all)."""
+    metadata.create_all(conn, tables=[delegations, revocations])
+    found = inspect(conn)
+    for table, names in (
+        (principals, ("disabled_at", "password_expires_at")),
+        (refresh_tokens, ("family_expires_at",)),
+    ):
+        present = {c["name"] for c in found.get_columns(table.name)}
+        for name in names:
+            if name not in present:
+                kind = table.c[name].type.compile(dialect=conn.dialect)
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
+
+
 MIGRATIONS = [
     Migration(1, "auth: initial schema", lambda conn: metadata.create_all(conn)),
+    Migration(
+        2, "auth: disabled principals, expiring passwords, login lifetime, revocations, delegations", _add_missing
+    ),
 ]
 
 
@@ -256,6 +306,7 @@ class AuthStore:
         now: datetime,
         policy: Sequence[PolicyLine],
         audit: AuditRecord | None,
+        password_expires_at: datetime | None = None,
     ) -> None:
         self._write(
             audit,
@@ -266,6 +317,7 @@ class AuthStore:
                 kind=kind,
                 password_hash=password_hash,
                 created_at=now,
+                password_expires_at=password_expires_at,
             ),
             policy_add=policy,
         )
@@ -285,6 +337,37 @@ class AuthStore:
                 .limit(limit)
             )
             return list(conn.execute(query))
+
+    def set_disabled(
+        self, subject: str, disabled_at: datetime | None, audit: AuditRecord, revoke_delegations: bool = False
+    ) -> None:
+        """Disables (``disabled_at`` set: every token of the subject issued before it is refused, its delegations are
+        revoked) or enables (None) a principal."""
+        statements: list[Any] = [
+            update(principals).where(principals.c.subject == subject).values(disabled_at=disabled_at)
+        ]
+        if disabled_at is not None:
+            statements += self._revocation(subject, disabled_at)
+            if revoke_delegations:
+                statements.append(
+                    update(delegations)
+                    .where(delegations.c.subject == subject, delegations.c.revoked_at.is_(None))
+                    .values(revoked_at=disabled_at)
+                )
+        self._write(audit, *statements)
+
+    def set_password(
+        self, subject: str, password_hash: str, now: datetime, end_families: Sequence[str], audit: AuditRecord
+    ) -> None:
+        """Replaces a password (no longer expired) and ends the given logins (refresh families) of the subject."""
+        statements: list[Any] = [
+            update(principals)
+            .where(principals.c.subject == subject)
+            .values(password_hash=password_hash, password_expires_at=None)
+        ]
+        for family in end_families:
+            statements += self._family_revocation(family, now)
+        self._write(audit, *statements)
 
     def count_principals(self) -> int:
         with self.db.engine.connect() as conn:
@@ -332,11 +415,25 @@ class AuthStore:
             return list(conn.execute(query))
 
     def revoke_api_key(self, key_id: str, now: datetime, audit: AuditRecord) -> None:
-        self._write(audit, update(api_keys).where(api_keys.c.key_id == key_id).values(revoked_at=now))
+        self._write(
+            audit,
+            update(api_keys).where(api_keys.c.key_id == key_id).values(revoked_at=now),
+            *self._revocation(f"ak:{key_id}", now),
+        )
 
-    def revoked_api_key_ids(self) -> set[str]:
+    # -- revocations --------------------------------------------------------------------------------
+    @staticmethod
+    def _revocation(credential: str, issued_before: datetime) -> list[Any]:
+        return [
+            delete(revocations).where(revocations.c.credential == credential),
+            insert(revocations).values(credential=credential, issued_before=issued_before),
+        ]
+
+    def revocations_since(self, since: datetime) -> dict[str, datetime]:
+        """Revocations made after ``since`` (older ones concern only expired tokens)."""
         with self.db.engine.connect() as conn:
-            return set(conn.execute(select(api_keys.c.key_id).where(api_keys.c.revoked_at.is_not(None))).scalars())
+            rows = conn.execute(select(revocations).where(revocations.c.issued_before > since))
+            return {r.credential: _utc(r.issued_before) or since for r in rows}
 
     # -- refresh tokens -----------------------------------------------------------------------------
     def insert_refresh_token(
@@ -348,6 +445,7 @@ class AuthStore:
         secret_hash: str,
         now: datetime,
         expires_at: datetime,
+        family_expires_at: datetime,
     ) -> None:
         with self.db.engine.begin() as conn:
             conn.execute(
@@ -360,6 +458,7 @@ class AuthStore:
                     created_at=now,
                     expires_at=expires_at,
                     revoked=False,
+                    family_expires_at=family_expires_at,
                 )
             )
 
@@ -379,8 +478,66 @@ class AuthStore:
             )
             return bool(result.rowcount == 1)
 
-    def revoke_refresh_family(self, family_id: str, audit: AuditRecord) -> None:
-        self._write(audit, update(refresh_tokens).where(refresh_tokens.c.family_id == family_id).values(revoked=True))
+    @classmethod
+    def _family_revocation(cls, family_id: str, now: datetime) -> list[Any]:
+        return [
+            update(refresh_tokens).where(refresh_tokens.c.family_id == family_id).values(revoked=True),
+            *cls._revocation(f"rf:{family_id}", now),
+        ]
+
+    def revoke_refresh_family(self, family_id: str, now: datetime, audit: AuditRecord) -> None:
+        """Ends a login: its refresh tokens, and the access tokens issued from them."""
+        self._write(audit, *self._family_revocation(family_id, now))
+
+    def live_families(self, subject: str, now: datetime) -> list[str]:
+        """The logins (refresh families) of a subject that can still be refreshed."""
+        with self.db.engine.connect() as conn:
+            query = select(refresh_tokens.c.family_id).where(
+                refresh_tokens.c.subject == subject,
+                refresh_tokens.c.revoked.is_(False),
+                refresh_tokens.c.expires_at > now,
+            )
+            return sorted(set(conn.execute(query.distinct()).scalars()))
+
+    # -- delegations --------------------------------------------------------------------------------
+    def create_delegation(
+        self,
+        delegation_id: str,
+        subject: str,
+        tenant: str,
+        job_id: str,
+        delegate: str,
+        secret_hash: str,
+        now: datetime,
+        expires_at: datetime,
+        audit: AuditRecord,
+    ) -> None:
+        self._write(
+            audit,
+            insert(delegations).values(
+                delegation_id=delegation_id,
+                subject=subject,
+                tenant=tenant,
+                job_id=job_id,
+                delegate=delegate,
+                secret_hash=secret_hash,
+                created_at=now,
+                expires_at=expires_at,
+            ),
+        )
+
+    def get_delegation(self, delegation_id: str) -> Row[Any] | None:
+        if not _findable(delegation_id):
+            return None
+        with self.db.engine.connect() as conn:
+            return conn.execute(select(delegations).where(delegations.c.delegation_id == delegation_id)).first()
+
+    def revoke_delegation(self, delegation_id: str, now: datetime, audit: AuditRecord) -> None:
+        self._write(
+            audit,
+            update(delegations).where(delegations.c.delegation_id == delegation_id).values(revoked_at=now),
+            *self._revocation(f"dg:{delegation_id}", now),
+        )
 
     # -- signing keys -------------------------------------------------------------------------------
     def insert_signing_key(

@@ -404,7 +404,7 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
         tenant = _scope(request.tenant)
         limit = request.monthly_limit if request.HasField("monthly_limit") else None
         # The permission table let the caller write budgets in this tenant; platform terms need the platform scope.
-        by_platform = await self._checker.check(require_principal().subject, PLATFORM_TENANT, "budgets", "write")
+        by_platform = await self._checker.check(require_principal(), PLATFORM_TENANT, "budgets", "write")
         budget = await self._call(
             self._core.set_budget,
             tenant,

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -24,6 +25,7 @@ __all__ = [
     "CredentialsStore",
     "credentials_path",
     "take_bootstrap_admin",
+    "replace_one_time_password",
 ]
 
 #: Overrides where the credentials file lives.
@@ -175,6 +177,16 @@ class CredentialsStore:
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+
+async def replace_one_time_password(
+    login: Callable[..., Awaitable[pb.TokenPair]], tenant: str, user: str, one_time: str
+) -> tuple[pb.TokenPair, str]:
+    """The first login of the first-start admin, which must set a new password (the one-time password auth wrote to
+    disk expires at first use): sets a fresh random one. (tokens, the new password) — show it to the operator once,
+    it is stored nowhere. ``login`` is AuthClient.login."""
+    password = secrets.token_urlsafe(18)
+    return await login(tenant, user, one_time, new_password=password), password
 
 
 def take_bootstrap_admin(path: Path) -> dict[str, str] | None:

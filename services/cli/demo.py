@@ -24,7 +24,13 @@ from rich.console import Console
 
 from services.auth.client import AuthClient
 from services.billing.client import BillingClient
-from services.cli.credentials import Credentials, CredentialsStore, credentials_path, take_bootstrap_admin
+from services.cli.credentials import (
+    Credentials,
+    CredentialsStore,
+    credentials_path,
+    replace_one_time_password,
+    take_bootstrap_admin,
+)
 from services.cli.session import BearerToken, bearer_channel, cli_settings
 from services.gen.aidc.common.v1 import common_pb2
 from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
@@ -61,11 +67,14 @@ async def _admin_token(settings: MeshSettings, anon: AuthClient) -> str:
     store = CredentialsStore(credentials_path(settings.data_dir, os.environ))
     bootstrap = take_bootstrap_admin(settings.data_dir / "auth" / "bootstrap-admin.json")
     if bootstrap is not None:
-        console.print(
-            f"first start: platform admin [bold]{bootstrap['tenant']}/{bootstrap['user']}[/], one-time password "
-            f"[bold yellow]{bootstrap['password']}[/] (shown once; the demo logs the CLI in with it)"
+        # The one-time password works for one login, which must set a new password: the demo sets one.
+        tokens, password = await replace_one_time_password(
+            anon.login, bootstrap["tenant"], bootstrap["user"], bootstrap["password"]
         )
-        tokens = await anon.login(bootstrap["tenant"], bootstrap["user"], bootstrap["password"])
+        console.print(
+            f"first start: platform admin [bold]{bootstrap['tenant']}/{bootstrap['user']}[/]; its one-time password "
+            f"was replaced at first use by [bold yellow]{password}[/] (shown once; the CLI is logged in with it)"
+        )
         store.save(Credentials.from_token_pair(settings.auth_addr, tokens, "user:platform/admin", "platform"))
     return await store.access_token(settings.auth_addr, anon.refresh_token)
 

@@ -32,7 +32,7 @@ from services.cli.session import CliSession, cli_settings, open_session
 from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
 from services.gen.aidc.common.v1 import common_pb2
 from services.mesh.config import SERVICE_NAMES, Setting, describe_settings
-from services.mesh.errors import AidcError, FailedPrecondition, InvalidArgument, Unavailable
+from services.mesh.errors import AidcError, FailedPrecondition, InvalidArgument, Unauthenticated, Unavailable
 
 __all__ = ["app", "documented_settings", "settings_markdown"]
 
@@ -63,7 +63,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 tenant_app = typer.Typer(help="Create and list tenants.", no_args_is_help=True)
-user_app = typer.Typer(help="Create and list users of a tenant.", no_args_is_help=True)
+user_app = typer.Typer(help="Create, list, disable and enable users of a tenant.", no_args_is_help=True)
 sa_app = typer.Typer(
     help="Create service accounts (machine identities that log in with API keys).", no_args_is_help=True
 )
@@ -142,6 +142,18 @@ def _read_stdin(what: str) -> str:
     return value
 
 
+def _read_stdin_lines(first: str, second: str) -> tuple[str, str]:
+    """The first line of standard input (required) and the second ("" when absent)."""
+    lines = typer.get_text_stream("stdin").read().splitlines()
+    if not lines or not lines[0]:
+        raise InvalidArgument(f"no {first} on standard input")
+    return lines[0], lines[1] if len(lines) > 1 else ""
+
+
+def _prompt_new_password(prompt: str = "New password") -> str:
+    return str(typer.prompt(prompt, hide_input=True, confirmation_prompt=True))
+
+
 def _when(stamp: Timestamp) -> str:
     if not stamp.seconds and not stamp.nanos:
         return ""
@@ -166,45 +178,111 @@ def _table(*columns: str, rows: Iterable[Iterable[str]], title: str | None = Non
 def login(
     tenant: Annotated[str, typer.Option("--tenant", "-t", help="The tenant of the user.")] = "",
     user: Annotated[str, typer.Option("--user", "-u", help="The user name.")] = "",
-    password_stdin: PasswordStdinOption = False,
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin",
+            help="Read the password from standard input instead of prompting (a new one, if any, on the second line).",
+        ),
+    ] = False,
+    new_password: Annotated[
+        bool,
+        typer.Option(
+            "--new-password",
+            help="Set a new password as part of this login (asked for, or read from the second line of standard "
+            "input). Asked for anyway when the password has expired, as the first-start admin's has.",
+        ),
+    ] = False,
     api_key_stdin: Annotated[
         bool, typer.Option("--api-key-stdin", help="Log in with an API key read from standard input.")
     ] = False,
 ) -> None:
     """Log in (user and password, or an API key) and store the tokens for later commands."""
+    replacement = ""
     if api_key_stdin:
-        if tenant or user or password_stdin:
-            raise typer.BadParameter("--api-key-stdin takes no --tenant, --user or --password-stdin")
+        if tenant or user or password_stdin or new_password:
+            raise typer.BadParameter("--api-key-stdin takes no --tenant, --user, --password-stdin or --new-password")
         secret = _read_stdin("API key")
     else:
         if not tenant or not user:
             raise typer.BadParameter("give --tenant and --user (or --api-key-stdin)")
-        password = _read_stdin("password") if password_stdin else typer.prompt("Password", hide_input=True)
+        if password_stdin:
+            password, replacement = _read_stdin_lines("password", "new password")
+            if new_password and not replacement:
+                raise InvalidArgument("--new-password with --password-stdin: give the new password on the second line")
+        else:
+            password = typer.prompt("Password", hide_input=True)
+            replacement = _prompt_new_password() if new_password else ""
 
     async def work(session: CliSession) -> Credentials:
         client = session.auth
         if api_key_stdin:
             tokens = await client.exchange_api_key(secret)
         else:
-            tokens = await client.login(tenant, user, password)
+            tokens = await client.login(tenant, user, password, new_password=replacement)
         session.bearer.token = tokens.access_token
         me = await client.whoami()
         credentials = Credentials.from_token_pair(session.auth_addr, tokens, me.subject, me.tenant)
         session.store.save(credentials)
         return credentials
 
-    credentials = _run(work, authenticated=False)
+    try:
+        credentials = _run(work, authenticated=False)
+    except FailedPrecondition as expired:
+        if api_key_stdin or replacement:
+            raise
+        if password_stdin:
+            raise FailedPrecondition(f"{expired.message} (give the new password on the second line of stdin)") from None
+        typer.echo("Your password has expired: choose a new one.", err=True)
+        replacement = _prompt_new_password()
+        credentials = _run(work, authenticated=False)
     typer.echo(f"logged in to {credentials.auth_addr} as {credentials.subject} (tenant {credentials.tenant})")
+    if replacement:
+        typer.echo("password changed", err=True)
 
 
 @app.command()
 def logout() -> None:
-    """Forget the stored login."""
+    """End the stored login (its tokens are refused everywhere) and forget it."""
     path = credentials_path(cli_settings().data_dir)
-    if CredentialsStore(path).delete():
-        typer.echo(f"logged out (removed {path})")
+    store = CredentialsStore(path)
+    stored = store.load()
+    ended = ""
+    if stored is not None and stored.refresh_token:
+
+        async def end(session: CliSession) -> None:
+            await session.auth.logout(stored.refresh_token)
+
+        try:
+            _run(end, authenticated=False)
+            ended = "; the login was ended"
+        except (Unauthenticated, Unavailable) as exc:
+            ended = f"; the auth service did not end the login ({exc.message})"
+    if store.delete():
+        typer.echo(f"logged out (removed {path}){ended}")
     else:
         typer.echo("not logged in")
+
+
+@app.command()
+def password(
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin", help="Read the current and the new password from two lines of standard input."
+        ),
+    ] = False,
+) -> None:
+    """Change your password (your other logins end; this one goes on)."""
+    if password_stdin:
+        current, new = _read_stdin_lines("current password", "new password")
+        if not new:
+            raise InvalidArgument("no new password on the second line of standard input")
+    else:
+        current = typer.prompt("Current password", hide_input=True)
+        new = _prompt_new_password()
+    _run(lambda session: session.auth.change_password(current, new))
+    typer.echo("password changed; your other logins were ended")
 
 
 @app.command()
@@ -269,9 +347,32 @@ def user_list(tenant: TenantOption) -> None:
             "name",
             "kind",
             "created",
-            rows=((u.subject, u.name, _kind(u.kind), _when(u.create_time)) for u in users),
+            "state",
+            rows=(
+                (u.subject, u.name, _kind(u.kind), _when(u.create_time), "disabled" if u.disabled else "active")
+                for u in users
+            ),
         )
     )
+
+
+@user_app.command("disable")
+def user_disable(
+    subject: Annotated[str, typer.Argument(help="e.g. user:acme/alice or sa:acme/ci.")], tenant: TenantOption
+) -> None:
+    """Disable a user or service account: its logins, API keys, job delegations and every token it holds stop
+    working (other services refuse its tokens within AIDC_REVOCATION_REFRESH_SECONDS)."""
+    user = _run(lambda session: session.auth.disable_user(tenant, subject))
+    typer.echo(f"disabled {user.subject}")
+
+
+@user_app.command("enable")
+def user_enable(
+    subject: Annotated[str, typer.Argument(help="e.g. user:acme/alice or sa:acme/ci.")], tenant: TenantOption
+) -> None:
+    """Enable a disabled user or service account (it logs in again; tokens from before stay refused)."""
+    user = _run(lambda session: session.auth.enable_user(tenant, subject))
+    typer.echo(f"enabled {user.subject}")
 
 
 @sa_app.command("create")
@@ -412,9 +513,10 @@ def admin_init() -> None:
     typer.echo(f"platform admin: tenant {admin['tenant']}, user {admin['user']}")
     typer.echo(f"password: {admin['password']}")
     typer.echo(
-        "warning: this password is shown only this once and has now been deleted from disk. Log in with\n"
+        "warning: this password is shown only this once and has now been deleted from disk. It works for one\n"
+        "login, which must set a new password (aidc login asks for it):\n"
         f"  aidc login --tenant {admin['tenant']} --user {admin['user']}\n"
-        "and create named administrators; do not share this account.",
+        "Then create named administrators; do not share this account.",
         err=True,
     )
 

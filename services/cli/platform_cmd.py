@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.cli.credentials import Credentials
+from services.cli.credentials import Credentials, replace_one_time_password
 from services.cli.session import open_session
 from services.mesh.errors import AidcError
 from services.platform.components import build_components
@@ -62,12 +62,14 @@ def _env(data_dir: Path | None) -> Mapping[str, str]:
     return env
 
 
-async def _login_as(env: Mapping[str, str], tenant: str, user: str, password: str) -> None:
-    """Stores a CLI login for the operator who just started the platform."""
+async def _first_login(env: Mapping[str, str], tenant: str, user: str, one_time: str) -> str:
+    """Logs the operator who just started the platform in as the first-start admin, replacing its one-time
+    password (which expires at first use) by a new one; stores the CLI login, returns the new password."""
     async with open_session(authenticated=False, env=env) as session:
-        tokens = await session.auth.login(tenant, user, password)
+        tokens, password = await replace_one_time_password(session.auth.login, tenant, user, one_time)
         subject = f"user:{tenant}/{user}"
         session.store.save(Credentials.from_token_pair(session.auth_addr, tokens, subject, tenant))
+    return password
 
 
 def _print_ready(state: PlatformState, began: float, env: Mapping[str, str]) -> None:
@@ -86,14 +88,19 @@ def _print_ready(state: PlatformState, began: float, env: Mapping[str, str]) -> 
     _console.print(f"data in {state.data_dir}, logs in {Path(state.data_dir) / 'logs'}", highlight=False)
     admin = read_bootstrap_admin(Path(state.data_dir))
     if admin is not None:
-        _console.print("[bold yellow]platform admin created; this password is shown once[/] (store it now):")
-        _console.print(f"  tenant:   {admin.tenant}\n  user:     {admin.user}\n  password: {admin.password}")
-        admin.path.unlink(missing_ok=True)
         try:
-            asyncio.run(_login_as(env, admin.tenant, admin.user, admin.password))
-            _console.print(f"the CLI is logged in as {admin.tenant}/{admin.user} (`aidc logout` to forget it)")
+            password = asyncio.run(_first_login(env, admin.tenant, admin.user, admin.password))
+            logged_in = True
         except AidcError as error:
             _errors.print(f"could not log the CLI in: {error.code.name}: {error.message}")
+            password, logged_in = admin.password, False
+        _console.print("[bold yellow]platform admin created; this password is shown once[/] (store it now):")
+        _console.print(f"  tenant:   {admin.tenant}\n  user:     {admin.user}\n  password: {password}")
+        admin.path.unlink(missing_ok=True)  # the one-time password on disk no longer works (or is shown above)
+        if logged_in:
+            _console.print(f"the CLI is logged in as {admin.tenant}/{admin.user} (`aidc logout` to end it)")
+        else:
+            _console.print("it works once: the first `aidc login` sets a new password")
 
 
 def up(

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from google.protobuf.descriptor import ServiceDescriptor
 
-from services.mesh.identity import PLATFORM_TENANT
+from services.mesh.identity import PLATFORM_TENANT, Principal, outside_binding
 
 __all__ = [
     "Scope",
@@ -27,6 +27,7 @@ __all__ = [
     "platform_rule",
     "PermissionTable",
     "PermissionChecker",
+    "SubjectDecisions",
     "CachedPermissionChecker",
     "request_tenant",
 ]
@@ -108,17 +109,28 @@ def request_tenant(request: Any) -> str:
 
 
 class PermissionChecker(Protocol):
-    """Decides whether ``subject`` may do ``action`` on ``resource`` in ``tenant``."""
+    """Decides whether ``principal`` may do ``action`` on ``resource`` in ``tenant``."""
+
+    async def check(self, principal: Principal, tenant: str, resource: str, action: str) -> bool: ...
+
+
+class SubjectDecisions(Protocol):
+    """Decisions by subject alone (auth's CheckPermission, asked with the caller's token)."""
 
     async def check(self, subject: str, tenant: str, resource: str, action: str) -> bool: ...
 
 
 class CachedPermissionChecker:
-    """Caches another checker's decisions (allow and deny) for a few seconds."""
+    """A principal's decisions: refused outright outside the tenant its token is bound to (job delegations), else
+    the subject's decision from ``inner``, cached (allow and deny) for a few seconds.
+
+    The cache is keyed by subject, not by token: whether a token is still good (expired, revoked, signed by a
+    retired key) is the verifier's business, decided on every request before any permission is checked.
+    """
 
     def __init__(
         self,
-        inner: PermissionChecker,
+        inner: SubjectDecisions,
         ttl_seconds: float = 5.0,
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
@@ -129,20 +141,15 @@ class CachedPermissionChecker:
         self._clock = clock
         self._decisions: dict[tuple[str, str, str, str], tuple[bool, float]] = {}
 
-    def cached(self, subject: str, tenant: str, resource: str, action: str) -> bool | None:
-        """The cached decision, or None when there is no fresh one."""
-        hit = self._decisions.get((subject, tenant, resource, action))
-        if hit is not None and hit[1] > self._clock():
-            return hit[0]
-        return None
-
-    async def check(self, subject: str, tenant: str, resource: str, action: str) -> bool:
-        key = (subject, tenant, resource, action)
+    async def check(self, principal: Principal, tenant: str, resource: str, action: str) -> bool:
+        if outside_binding(principal, tenant):
+            return False
+        key = (principal.subject, tenant, resource, action)
         hit = self._decisions.get(key)
         now = self._clock()
         if hit is not None and hit[1] > now:
             return hit[0]
-        allowed = await self._inner.check(subject, tenant, resource, action)
+        allowed = await self._inner.check(principal.subject, tenant, resource, action)
         if len(self._decisions) >= self._max:
             self._decisions.clear()
         self._decisions[key] = (allowed, now + self._ttl)

@@ -21,7 +21,9 @@ def translate_rpc_error(error: grpc.RpcError) -> AidcError:
     """The typed error for a failed call (the same class the server raised)."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
-    return error_for_status(code, details or code.name)
+    # grpc-stubs types metadata entries loosely; they are (key, str | bytes) pairs.
+    trailers: Any = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    return error_for_status(code, details or code.name, [(str(k), v) for k, v in (trailers or ())])
 
 
 class ServiceClient:

@@ -84,7 +84,17 @@ class MeshSettings:
     max_message_bytes: int = setting(64 * 1024 * 1024, "Largest gRPC message a service sends or receives.")
     shutdown_grace_seconds: float = setting(5.0, "Seconds in-flight RPCs get to finish on SIGTERM.")
     log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
-    decision_cache_seconds: float = setting(5.0, "How long an authorization decision is cached by a service.")
+    decision_cache_seconds: float = setting(
+        5.0,
+        "How long an authorization decision is cached by a service: a revoked role keeps working in other services "
+        "for at most this long.",
+    )
+    revocation_refresh_seconds: float = setting(
+        5.0,
+        "How often each service refetches auth's token-signing keys (JWKS) and list of revoked credentials: a revoked "
+        "API key, ended login or job delegation, disabled user or retired signing key stops working in other "
+        "services at most this long after auth dropped it.",
+    )
     database_url: str = setting(
         "",
         "SQLAlchemy URL of the services' databases; '{service}' in it is replaced by the service name (give each "
@@ -122,6 +132,8 @@ class MeshSettings:
             raise ValueError(f"AIDC_CLIENT_AUTH must be 'require' or 'none', not {self.client_auth!r}")
         if self.max_message_bytes <= 0:
             raise ValueError("AIDC_MAX_MESSAGE_BYTES must be positive")
+        if self.revocation_refresh_seconds <= 0:
+            raise ValueError("AIDC_REVOCATION_REFRESH_SECONDS must be positive")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"AIDC_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
 

@@ -15,12 +15,19 @@
     └── Unimplemented              -> UNIMPLEMENTED
 
 Domain code raises these; the error-mapping server interceptor turns them into statuses, and typed clients
-turn statuses back into the same classes, so a NotFound raised two services away arrives as NotFound.
+turn statuses back into the same classes, so a NotFound raised two services away arrives as NotFound. A
+QuotaExceeded may carry a retry hint, sent the standard way (a ``google.rpc.RetryInfo`` in the status details,
+trailer ``grpc-status-details-bin``) as well as in its message, so any gRPC client in any language can read it.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 __all__ = [
     "AidcError",
@@ -37,12 +44,16 @@ __all__ = [
     "DataLoss",
     "Unimplemented",
     "status_for",
+    "status_details",
     "error_for_status",
+    "STATUS_DETAILS_KEY",
     "INTERNAL_MESSAGE",
 ]
 
 #: What a caller sees for any error that is not a domain error.
 INTERNAL_MESSAGE = "internal error"
+#: The trailer that carries a serialized ``google.rpc.Status`` with typed details (gRPC's rich error model).
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class AidcError(Exception):
@@ -92,9 +103,14 @@ class FailedPrecondition(AidcError):
 
 
 class QuotaExceeded(AidcError):
-    """A quota, budget or rate limit would be exceeded."""
+    """A quota, budget or rate limit would be exceeded; ``retry_after_seconds``, when known, says when trying
+    again can succeed."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
 
 
 class Aborted(AidcError):
@@ -153,8 +169,43 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
-def error_for_status(code: grpc.StatusCode, message: str) -> AidcError:
-    """The typed error for a status received from another service (INTERNAL and unknown codes -> AidcError)."""
+def status_details(error: BaseException) -> bytes | None:
+    """The serialized ``google.rpc.Status`` to send in the STATUS_DETAILS_KEY trailer, or None (no typed details)."""
+    retry_after = getattr(error, "retry_after_seconds", None)
+    if not isinstance(error, QuotaExceeded) or retry_after is None:
+        return None
+    seconds = max(retry_after, 0.0)
+    whole = math.floor(seconds)
+    delay = duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    code, message = status_for(error)
+    return status_pb2.Status(code=code.value[0], message=message, details=[detail]).SerializeToString()
+
+
+def _retry_after(trailers: Iterable[tuple[str, str | bytes]]) -> float | None:
+    for key, value in trailers:
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status()
+        try:
+            status.ParseFromString(value)
+        except Exception:  # noqa: BLE001 - a peer's malformed details are not worth failing the call over
+            return None
+        for detail in status.details:
+            info = error_details_pb2.RetryInfo()
+            if detail.Unpack(info):
+                return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return None
+
+
+def error_for_status(
+    code: grpc.StatusCode, message: str, trailers: Iterable[tuple[str, str | bytes]] = ()
+) -> AidcError:
+    """The typed error for a status received from another service (INTERNAL and unknown codes -> AidcError);
+    a retry hint in the trailers comes back as QuotaExceeded.retry_after_seconds."""
     if code == grpc.StatusCode.CANCELLED:
         return Aborted(message or "cancelled")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return QuotaExceeded(message, _retry_after(trailers))
     return _BY_CODE.get(code, AidcError)(message)

@@ -19,8 +19,15 @@ from opentelemetry import trace
 from services.mesh.authz import PermissionChecker, PermissionTable, Scope, decide_scope_tenant
 from services.mesh.certs import SERVICE_URI_PREFIX
 from services.mesh.config import SERVICE_NAMES
-from services.mesh.errors import PermissionDenied, Unauthenticated, status_for
-from services.mesh.identity import PLATFORM_TENANT, Principal, TokenVerifier, bearer_token, current_principal
+from services.mesh.errors import STATUS_DETAILS_KEY, PermissionDenied, Unauthenticated, status_details, status_for
+from services.mesh.identity import (
+    PLATFORM_TENANT,
+    Principal,
+    TokenVerifier,
+    bearer_token,
+    current_peer_service,
+    current_principal,
+)
 from services.mesh.limits import RequestLimits
 
 __all__ = [
@@ -182,7 +189,8 @@ class ErrorMappingInterceptor(_WrappingInterceptor):
                 log.error("unhandled error in %s", method, exc_info=error)
             else:
                 log.info("%s -> %s: %s", method, code.name, message)
-            await context.abort(code, message)
+            details = status_details(error)
+            await context.abort(code, message, ((STATUS_DETAILS_KEY, details),) if details is not None else ())
 
         if response_streaming:
 
@@ -327,13 +335,13 @@ class AuthenticationInterceptor(_WrappingInterceptor):
 
         async def before(_request: Any, context: ServicerContext) -> None:
             token = bearer_token(tuple(context.invocation_metadata() or ()))
+            service = _peer_service(context)
+            current_peer_service.set(service)
             principal: Principal | None = None
             if token is not None:
                 principal = await verifier.verify(token)
-            else:
-                service = _peer_service(context)
-                if service is not None:
-                    principal = Principal(subject=f"service:{service}", tenant=PLATFORM_TENANT, kind="service")
+            elif service is not None:
+                principal = Principal(subject=f"service:{service}", tenant=PLATFORM_TENANT, kind="service")
             if principal is None and not is_public:
                 raise Unauthenticated("this call requires credentials: send 'authorization: Bearer <token>'")
             current_principal.set(principal)
@@ -372,7 +380,7 @@ class AuthorizationInterceptor(_WrappingInterceptor):
             if principal is None:  # pragma: no cover - authentication runs first
                 raise Unauthenticated("this call requires credentials")
             tenant = decide_scope_tenant(rule, request, principal.tenant)
-            allowed = await checker.check(principal.subject, tenant, rule.resource, rule.action)
+            allowed = await checker.check(principal, tenant, rule.resource, rule.action)
             span = trace.get_current_span()
             span.set_attribute("aidc.mesh.tenant", tenant)
             span.set_attribute("aidc.mesh.permission", f"{rule.resource}:{rule.action}")

@@ -7,7 +7,7 @@ service's implementation.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -25,7 +25,7 @@ __all__ = ["AuthDecisions", "MeshSecurity", "mesh_security", "secured_server"]
 
 
 class AuthDecisions(ServiceClient):
-    """The two auth RPCs the mesh runtime uses: GetJwks and CheckPermission."""
+    """The auth RPCs the mesh runtime uses: GetJwks, GetRevocations and CheckPermission."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         super().__init__(channel, timeout_seconds=3.0)
@@ -33,6 +33,11 @@ class AuthDecisions(ServiceClient):
 
     async def jwks(self) -> str:
         return (await self._unary(self._stub.GetJwks, pb.GetJwksRequest(), idempotent=True)).jwks_json
+
+    async def revocations(self) -> Mapping[str, float]:
+        """Credential or subject -> tokens issued before this time (epoch seconds) are refused."""
+        response = await self._unary(self._stub.GetRevocations, pb.GetRevocationsRequest(), idempotent=True)
+        return {r.credential: r.issued_before.ToMicroseconds() / 1e6 for r in response.revocations}
 
     async def check(self, subject: str, tenant: str, resource: str, action: str) -> bool:
         """Asks auth; the caller's token is forwarded by the channel, so auth sees the end user."""
@@ -62,7 +67,7 @@ def mesh_security(settings: MeshSettings, service: str) -> MeshSecurity:
     auth = AuthDecisions(create_channel(settings.auth_addr, settings, identity=service))
     return MeshSecurity(
         auth=auth,
-        verifier=TokenVerifier(auth.jwks),
+        verifier=TokenVerifier(auth.jwks, auth.revocations, refresh_seconds=settings.revocation_refresh_seconds),
         checker=CachedPermissionChecker(auth, ttl_seconds=settings.decision_cache_seconds),
     )
 

@@ -236,7 +236,7 @@ class InferenceGateway:
             tenant, model = principal.tenant, name
         if not tenant or not model:
             raise InvalidArgument(f"model name {name!r} is not 'model' or 'tenant/model'")
-        if not await self._checker.check(principal.subject, tenant, "models", action):
+        if not await self._checker.check(principal, tenant, "models", action):
             raise PermissionDenied(f"{principal.subject} may not {action} models in tenant {tenant!r}")
         route = self._routes.get(tenant, model)
         if route is None:

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from services.gen.aidc.billing.v1 import billing_service_pb2 as billing_pb
 from services.mesh.errors import AidcError, QuotaExceeded
+from services.mesh.ratelimit import TokenBuckets
 
 __all__ = ["TenantRateLimiter", "BudgetGuard", "BudgetDecision", "BudgetSource"]
 
@@ -32,31 +33,18 @@ class TenantRateLimiter:
     """A token bucket per tenant: ``rate_per_second`` requests on average, ``burst`` at once; rate 0 is no limit."""
 
     def __init__(self, rate_per_second: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        if rate_per_second < 0 or burst < 1:
-            raise ValueError("the rate must be >= 0 and the burst >= 1")
-        self._rate = rate_per_second
-        self._burst = float(burst)
-        self._clock = clock
-        # tenant -> [tokens, time of the last update]
-        self._buckets: dict[str, list[float]] = {}
+        self._buckets = TokenBuckets(rate_per_second, burst, clock)
 
     def admit(self, tenant: str) -> None:
-        """Takes one token from the tenant's bucket; QuotaExceeded (RESOURCE_EXHAUSTED) when it is empty."""
-        if not self._rate:
-            return
-        now = self._clock()
-        bucket = self._buckets.get(tenant)
-        if bucket is None:
-            bucket = self._buckets[tenant] = [self._burst, now]
-        tokens = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
-        bucket[1] = now
-        if tokens < 1.0:
-            bucket[0] = tokens
+        """Takes one token from the tenant's bucket; QuotaExceeded (RESOURCE_EXHAUSTED) when it is empty, with the
+        seconds until the next token as its retry hint."""
+        wait = self._buckets.take(tenant)
+        if wait:
             raise QuotaExceeded(
-                f"tenant {tenant!r} exceeded its inference rate limit of {self._rate:g} requests/s "
-                f"(burst {self._burst:g}); retry later"
+                f"tenant {tenant!r} exceeded its inference rate limit of {self._buckets.rate:g} requests/s "
+                f"(burst {self._buckets.burst:g}); retry in {wait:.2f}s",
+                retry_after_seconds=wait,
             )
-        bucket[0] = tokens - 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""Settings of the training service: where jobs run, how many at once, and how often runners report progress."""
+"""Settings of the training service: where jobs run, how many at once, how often runners report progress, and the
+key that seals jobs' delegations at rest."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.mesh.config import MeshSettings, load_settings, setting
+from services.mesh.config import MeshSettings, check_master_key, load_settings, master_key, setting
 
 __all__ = ["TrainingSettings"]
 
@@ -19,6 +20,11 @@ class TrainingSettings(MeshSettings):
     training_max_concurrent_jobs: int = setting(1, "Fine-tune runners the local executor runs at the same time.")
     training_progress_interval_seconds: float = setting(2.0, "Seconds between the progress events of a runner.")
     training_runner_threads: int = setting(0, "torch threads of each runner (OMP_NUM_THREADS); 0: torch's default.")
+    training_master_key: str = setting(
+        "",
+        "Base64 of 32 bytes sealing each job's delegation (how it acts for its submitter) at rest; empty: "
+        "<data_dir>/training/master.key (0600).",
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TrainingSettings:
@@ -32,6 +38,11 @@ class TrainingSettings(MeshSettings):
             raise ValueError("AIDC_TRAINING_PROGRESS_INTERVAL_SECONDS must not be negative")
         if self.training_runner_threads < 0:
             raise ValueError("AIDC_TRAINING_RUNNER_THREADS must not be negative")
+        check_master_key(self.training_master_key, "AIDC_TRAINING_MASTER_KEY")
+
+    def master_key(self) -> bytes:
+        """The configured master key, or the one in <data_dir>/training/master.key (created 0600 on first use)."""
+        return master_key(self.training_master_key, self.training_dir / "master.key")
 
     @property
     def training_dir(self) -> Path:

@@ -8,6 +8,7 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from services.auth.client import AuthClient
 from services.billing.client import UsageEmitter
 from services.gen.aidc.training.v1 import training_service_pb2_grpc
 from services.mesh.channels import create_channel
@@ -20,6 +21,7 @@ from services.training.config import TrainingSettings
 from services.training.core.catalog import BaseModelCatalog, shipped_models
 from services.training.core.executor import Executor, LocalExecutor
 from services.training.core.service import JobOptions, TrainingCore
+from services.training.delegations import JobDelegations
 from services.training.permissions import PERMISSIONS
 from services.training.servicer import TrainingServicer
 from services.training.store import MIGRATIONS, TrainingStore
@@ -57,6 +59,7 @@ async def build_server(
     db = open_database(settings.database_url_for(SERVICE))
     db.migrate(MIGRATIONS, SERVICE)
     storage = StorageClient(create_channel(settings.storage_addr, settings, identity=SERVICE))
+    auth = AuthClient(create_channel(settings.auth_addr, settings, identity=SERVICE))
     emitter = UsageEmitter.for_service(settings, SERVICE)
     core = TrainingCore(
         TrainingStore(db),
@@ -72,6 +75,7 @@ async def build_server(
             code_version=code_version(),
         ),
         usage=emitter,
+        credentials=JobDelegations(auth, settings.master_key(), SERVICE),
     )
     servicer = TrainingServicer(core)
     # Billing takes usage only from a mesh service's certificate: without certificates (plaintext dev mode) the
@@ -87,6 +91,7 @@ async def build_server(
         await core.close()
         await emitter.close(flush_timeout=settings.shutdown_grace_seconds)
         await storage.close()
+        await auth.close()
         db.dispose()
 
     return secured_server(

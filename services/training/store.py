@@ -1,5 +1,5 @@
 """Persistence of the training service (SQLAlchemy Core; SQLite by default, PostgreSQL at scale): jobs and their
-event history, tenants' base models, and the model registry (models, versions, aliases)."""
+event history and sealed delegations, tenants' base models, and the model registry (models, versions, aliases)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Index,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -105,11 +106,26 @@ base_models = Table(
 )
 
 
+#: How each job acts for its submitter: the delegation auth gave for it, sealed under the training master key.
+job_credentials = Table(
+    "job_credentials",
+    metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("sealed", LargeBinary, nullable=False),
+)
+
+
 def _create_schema(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
-MIGRATIONS = [Migration(1, "jobs, job events, base models, models, versions, aliases", _create_schema)]
+MIGRATIONS = [
+    Migration(1, "jobs, job events, base models, models, versions, aliases", _create_schema),
+    # A new database has the table from migration 1 already (create_all skips what exists).
+    Migration(
+        2, "job credentials: each job's sealed delegation", lambda conn: metadata.create_all(conn, [job_credentials])
+    ),
+]
 
 
 def _aware(value: datetime) -> datetime:
@@ -176,8 +192,9 @@ class TrainingStore:
 
     # -- jobs ----------------------------------------------------------------------------------------------
 
-    def create_job(self, job: JobRecord) -> JobRecord:
-        """Inserts a job; with a request id already used by the tenant, returns that job instead."""
+    def create_job(self, job: JobRecord, credential: bytes | None = None) -> JobRecord:
+        """Inserts a job (and its sealed delegation); with a request id already used by the tenant, returns that job
+        instead."""
         with self._engine.begin() as conn:
             if job.request_id:
                 row = conn.execute(
@@ -195,7 +212,30 @@ class TrainingStore:
                     record_json=_job_json(job),
                 )
             )
+            if credential is not None:
+                conn.execute(insert(job_credentials).values(job_id=job.job_id, sealed=credential))
         return job
+
+    def job_credential(self, job_id: str) -> bytes | None:
+        """The job's sealed delegation, if it still holds one."""
+        with self._engine.connect() as conn:
+            return conn.execute(  # type: ignore[no-any-return]
+                select(job_credentials.c.sealed).where(job_credentials.c.job_id == job_id)
+            ).scalar()
+
+    def drop_job_credential(self, job_id: str) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(delete(job_credentials).where(job_credentials.c.job_id == job_id))
+
+    def ended_jobs_with_credentials(self, ended: frozenset[JobState]) -> list[str]:
+        """Jobs in one of the ``ended`` states that still hold a delegation (its revocation has not gone through)."""
+        query = (
+            select(job_credentials.c.job_id)
+            .join(jobs, jobs.c.job_id == job_credentials.c.job_id)
+            .where(jobs.c.state.in_([s.value for s in ended]))
+        )
+        with self._engine.connect() as conn:
+            return list(conn.execute(query).scalars())
 
     def save_job(self, job: JobRecord) -> None:
         with self._engine.begin() as conn:

@@ -23,13 +23,21 @@ EXPECTED: dict[str, frozenset[str]] = {
     "CreateUser": ADMINS,
     "ListUsers": frozenset({"tenant-admin", "developer", "viewer", "platform-admin"}),
     "CreateServiceAccount": ADMINS,
+    "DisableUser": ADMINS,
+    "EnableUser": ADMINS,
+    "ChangePassword": EVERYONE,  # one's own password
     "CreateApiKey": frozenset({"tenant-admin", "developer", "platform-admin"}),
     "ListApiKeys": frozenset({"tenant-admin", "developer", "platform-admin"}),
     "RevokeApiKey": frozenset({"tenant-admin", "developer", "platform-admin"}),
     "Login": EVERYONE,
     "ExchangeApiKey": EVERYONE,
     "RefreshToken": EVERYONE,
+    "Logout": EVERYONE,
     "GetJwks": EVERYONE,
+    "GetRevocations": EVERYONE,
+    "CreateDelegation": frozenset({"tenant-admin", "developer", "platform-admin"}),  # jobs:write
+    "ExchangeDelegation": EVERYONE,  # the secret (and with mTLS the delegate's certificate) is the credential
+    "RevokeDelegation": EVERYONE,
     "RotateSigningKey": PLATFORM,
     "WhoAmI": EVERYONE,
     "CheckPermission": ADMINS,  # about another subject; everyone may check themselves
@@ -41,7 +49,19 @@ EXPECTED: dict[str, frozenset[str]] = {
 }
 
 #: RPCs whose decision does not depend on the tenant named in the request.
-TENANT_FREE = {"ListTenants", "Login", "ExchangeApiKey", "RefreshToken", "GetJwks", "WhoAmI"}
+TENANT_FREE = {
+    "ListTenants",
+    "Login",
+    "ExchangeApiKey",
+    "RefreshToken",
+    "Logout",
+    "GetJwks",
+    "GetRevocations",
+    "ExchangeDelegation",
+    "RevokeDelegation",
+    "WhoAmI",
+    "ChangePassword",
+}
 
 _counter = itertools.count()
 
@@ -60,13 +80,25 @@ def build_request(rpc: str, tenant: str) -> Any:
         "CreateUser": lambda: auth_pb.CreateUserRequest(tenant=tenant, name=f"u{n}", password=PASSWORD),
         "ListUsers": lambda: auth_pb.ListUsersRequest(tenant=tenant),
         "CreateServiceAccount": lambda: auth_pb.CreateServiceAccountRequest(tenant=tenant, name=f"sa{n}"),
+        # A subject that does not exist (NOT_FOUND once allowed): disabling a real user would end its tokens.
+        "DisableUser": lambda: auth_pb.DisableUserRequest(tenant=tenant, subject=f"user:{tenant}/nobody"),
+        "EnableUser": lambda: auth_pb.EnableUserRequest(tenant=tenant, subject=f"user:{tenant}/nobody"),
+        # A new password too short (INVALID_ARGUMENT once allowed), so no password changes.
+        "ChangePassword": lambda: auth_pb.ChangePasswordRequest(current_password=PASSWORD, new_password="short"),
         "CreateApiKey": lambda: auth_pb.CreateApiKeyRequest(tenant=tenant),
         "ListApiKeys": lambda: auth_pb.ListApiKeysRequest(tenant=tenant),
         "RevokeApiKey": lambda: auth_pb.RevokeApiKeyRequest(tenant=tenant, key_id="0123456789abcdef"),
         "Login": lambda: auth_pb.LoginRequest(tenant=tenant, name="dev", password="wrong password!"),
         "ExchangeApiKey": lambda: auth_pb.ExchangeApiKeyRequest(api_key="aidc_0123456789abcdef_nope"),
         "RefreshToken": lambda: auth_pb.RefreshTokenRequest(refresh_token="rt_x.y"),
+        "Logout": lambda: auth_pb.LogoutRequest(refresh_token="rt_x.y"),
         "GetJwks": auth_pb.GetJwksRequest,
+        "GetRevocations": auth_pb.GetRevocationsRequest,
+        "CreateDelegation": lambda: auth_pb.CreateDelegationRequest(
+            tenant=tenant, job_id=f"job-{n}", delegate="training"
+        ),
+        "ExchangeDelegation": lambda: auth_pb.ExchangeDelegationRequest(secret="dg_x.y"),
+        "RevokeDelegation": lambda: auth_pb.RevokeDelegationRequest(secret="dg_x.y"),
         "RotateSigningKey": auth_pb.RotateSigningKeyRequest,
         "WhoAmI": auth_pb.WhoAmIRequest,
         "CheckPermission": lambda: auth_pb.CheckPermissionRequest(check=check),

@@ -145,6 +145,26 @@ BAD_INPUT: list[tuple[str, Callable[[AuthClient], Awaitable[Any]], type[errors.A
         errors.Unauthenticated,
         "wrong",
     ),
+    (
+        "short new password at login",
+        lambda a: a.login("acme", "alice", PASSWORD, new_password="short"),
+        errors.InvalidArgument,
+        "new_password",
+    ),
+    ("short new password", lambda a: a.change_password("x" * 12, "short"), errors.InvalidArgument, "12"),
+    ("change without current password", lambda a: a.change_password("", "x" * 12), errors.InvalidArgument, "current"),
+    ("disable unknown subject", lambda a: a.disable_user("acme", "user:acme/ghost"), errors.NotFound, "ghost"),
+    ("disable without subject", lambda a: a.disable_user("acme", ""), errors.InvalidArgument, "subject"),
+    ("enable in unknown tenant", lambda a: a.enable_user("nope-co", "user:acme/alice"), errors.NotFound, "nope-co"),
+    ("malformed logout", lambda a: a.logout("garbage"), errors.Unauthenticated, "malformed"),
+    ("unknown refresh token at logout", lambda a: a.logout("rt_ab.cd"), errors.Unauthenticated, "unknown"),
+    (
+        "delegation to no service",
+        lambda a: a.create_delegation("acme", "job-1", "nobody"),
+        errors.InvalidArgument,
+        "mesh service",
+    ),
+    ("malformed delegation", lambda a: a.exchange_delegation("garbage"), errors.Unauthenticated, "malformed"),
 ]
 
 

@@ -118,8 +118,17 @@ async def test_schema_is_migrated_in_the_configured_database(backend: AuthSettin
             tables = set(inspect(conn).get_table_names())
     finally:
         engine.dispose()
-    assert versions == [1]
-    assert {"tenants", "principals", "api_keys", "refresh_tokens", "signing_keys", "audit_events"} <= tables
+    assert versions == [1, 2]
+    assert {
+        "tenants",
+        "principals",
+        "api_keys",
+        "refresh_tokens",
+        "signing_keys",
+        "audit_events",
+        "delegations",
+        "revocations",
+    } <= tables
     sqlite_files = list(backend.data_dir.rglob("*.db"))
     if backend.database_url:
         assert engine.dialect.name == "postgresql"
@@ -255,6 +264,9 @@ async def test_restart_on_the_same_database_keeps_everything(backend: AuthSettin
         await admin.create_user("acme", "alice", PASSWORD, ["developer"])
         await admin.assign_role("user:acme/alice", "viewer", "acme")
         key = await admin.create_api_key("acme", subject="user:acme/alice", description="ci")
+        revoked = await admin.create_api_key("acme", subject="user:acme/alice", description="leaked")
+        revoked_token = (await first.client().exchange_api_key(revoked.secret)).access_token
+        await admin.revoke_api_key("acme", revoked.api_key.key_id)
         # The admin's token is now signed by a retired key, which must still verify after the restart.
         await admin.rotate_signing_key()
         refresh = (await first.client().login("acme", "alice", PASSWORD)).refresh_token
@@ -274,9 +286,11 @@ async def test_restart_on_the_same_database_keeps_everything(backend: AuthSettin
         key_token = (await anon.exchange_api_key(key.secret)).access_token
         assert (await second.client(key_token).whoami()).subject == "user:acme/alice"
         assert (await anon.refresh_token(refresh)).access_token
+        with pytest.raises(errors.Unauthenticated, match="revoked"):  # revocations are persisted
+            await second.client(revoked_token).whoami()
         roles = {(b.subject, b.role) for b in await admin.list_role_bindings("acme")}
         assert roles == {("user:acme/alice", "developer"), ("user:acme/alice", "viewer")}
-        assert [k.key_id for k in await admin.list_api_keys("acme")] == [key.api_key.key_id]
+        assert {k.key_id for k in await admin.list_api_keys("acme")} == {key.api_key.key_id, revoked.api_key.key_id}
         events_after = [e.id for e in await admin.list_audit_events(page_size=1000)]
         assert events_after[-len(events_before) :] == events_before
         with pytest.raises(errors.AlreadyExists):
@@ -286,7 +300,49 @@ async def test_restart_on_the_same_database_keeps_everything(backend: AuthSettin
     engine = create_engine(backend.database_url_for("auth"))
     try:
         with engine.connect() as conn:
-            assert list(conn.execute(text("SELECT version FROM schema_migrations")).scalars()) == [1]
+            assert list(conn.execute(text("SELECT version FROM schema_migrations")).scalars()) == [1, 2]
             assert conn.execute(text("SELECT count(*) FROM signing_keys")).scalar_one() == 2
     finally:
         engine.dispose()
+
+
+async def test_migration_2_upgrades_a_database_of_the_first_schema(backend: AuthSettings) -> None:
+    """A database made before disabled users, expiring passwords, login lifetimes, revocations and delegations
+    existed: migration 2 adds them, and what was stored keeps working (a refresh token without a login lifetime
+    gets one counted from its creation)."""
+    first = await start_auth(backend)
+    try:
+        _, admin = await _admin(first)
+        await admin.create_tenant("acme")
+        await admin.create_user("acme", "alice", PASSWORD, ["developer"])
+        refresh = (await first.client().login("acme", "alice", PASSWORD)).refresh_token
+    finally:
+        await first.server.stop(0)
+    engine = create_engine(backend.database_url_for("auth"))
+    try:
+        with engine.begin() as conn:  # back to the first schema
+            conn.execute(text("DROP TABLE delegations"))
+            conn.execute(text("DROP TABLE revocations"))
+            for table, column in (
+                ("principals", "disabled_at"),
+                ("principals", "password_expires_at"),
+                ("refresh_tokens", "family_expires_at"),
+            ):
+                conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+            conn.execute(text("DELETE FROM schema_migrations WHERE component = 'auth' AND version = 2"))
+    finally:
+        engine.dispose()
+
+    second = await start_auth(backend)
+    try:
+        _, admin = await _admin(second)
+        pair = await second.client().refresh_token(refresh)
+        assert pair.refresh_token_expire_time.seconds > 0
+        assert (await second.client().refresh_token(pair.refresh_token)).access_token
+        await admin.disable_user("acme", "user:acme/alice")
+        with pytest.raises(errors.Unauthenticated, match="disabled"):
+            await second.client().login("acme", "alice", PASSWORD)
+        created = await admin.create_delegation("acme", "job-1", "training")
+        assert (await second.client().exchange_delegation(created.secret)).access_token
+    finally:
+        await second.server.stop(0)

@@ -29,8 +29,8 @@ async def _setup(auth: RunningAuth) -> str:
     return admin_token
 
 
-def _core(auth: RunningAuth):  # noqa: ANN202 - test access to the service's domain object
-    return auth.server.verifier._core  # type: ignore[attr-defined]
+def _sessions(auth: RunningAuth):  # noqa: ANN202 - test access to the service's domain object
+    return auth.server.verifier._sessions  # type: ignore[attr-defined]
 
 
 async def _whoami(auth: RunningAuth, token: str) -> str:
@@ -49,9 +49,14 @@ async def test_bad_access_tokens_are_unauthenticated(auth: RunningAuth) -> None:
     await _setup(auth)
     good = (await auth.client().login("acme", "alice", PASSWORD)).access_token
     assert await _whoami(auth, good) == "user:acme/alice"
-    core = _core(auth)
+    core = _sessions(auth)
     now = datetime.now(UTC)
-    claims = {"sub": "user:acme/alice", "tid": "acme", "knd": "user"}
+    claims = {
+        "sub": "user:acme/alice",
+        "tid": "acme",
+        "knd": "user",
+        "cid": jwt.decode(good, options={"verify_signature": False})["cid"],
+    }
     expired, _ = sign_access_token(core._active_key(), claims, now - timedelta(hours=1), timedelta(minutes=15))
     foreign_key = new_signing_key(now)
     unknown_kid, _ = sign_access_token(foreign_key, claims, now, timedelta(minutes=15))
@@ -66,6 +71,10 @@ async def test_bad_access_tokens_are_unauthenticated(auth: RunningAuth) -> None:
         "wrong signature": wrong_signature,
         "malformed": "abc.def",
         "none algorithm": jwt.encode({**claims, "exp": 9999999999}, key=None, algorithm="none"),
+        # Every token must name the credential it was issued for (else it could never be revoked).
+        "no credential": sign_access_token(
+            core._active_key(), {k: v for k, v in claims.items() if k != "cid"}, now, timedelta(minutes=15)
+        )[0],
     }
     for label, token in cases.items():
         with pytest.raises(Unauthenticated) as info:

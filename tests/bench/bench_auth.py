@@ -11,7 +11,6 @@ the ratios are what to compare.
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import tempfile
 import time
@@ -28,7 +27,8 @@ from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
 from services.mesh.authz import CachedPermissionChecker
 from services.mesh.channels import create_channel
 from services.mesh.config import MeshSettings, load_settings
-from tests.conftest import free_port, service_env, start_service_process, stop_process, wait_serving
+from services.mesh.identity import Principal
+from tests.conftest import first_admin_login, free_port, service_env, start_service_process, stop_process, wait_serving
 
 
 def _time_sync(fn: Callable[[], object], n: int) -> list[float]:
@@ -119,7 +119,8 @@ async def bench_cached_decision(report: list[tuple[str, float, float, str]]) -> 
             return engine.allowed(subject, tenant, resource, action)
 
     cached = CachedPermissionChecker(_Engine(), ttl_seconds=60)
-    query = ("user:tenant-0042/u3", "tenant-0042", "datasets", "write")
+    principal = Principal(subject="user:tenant-0042/u3", tenant="tenant-0042", kind="user")
+    query = (principal, "tenant-0042", "datasets", "write")
     await cached.check(*query)
     plain_model = casbin.model.Model()
     plain_model.load_model_from_text(CASBIN_MODEL)
@@ -147,7 +148,7 @@ async def _auth_service() -> AsyncIterator[tuple[AuthClient, tuple[tuple[str, st
         process = start_service_process("auth", env, data / "auth.log")
         try:
             wait_serving(address, process=process)
-            password = json.loads((data / "auth" / "bootstrap-admin.json").read_text())["password"]
+            password = first_admin_login(address, data)
             client = AuthClient(create_channel(address, load_settings(MeshSettings, env)))
             token = (await client.login("platform", "admin", password)).access_token
             yield client, (("authorization", f"Bearer {token}"),)

@@ -45,7 +45,7 @@ from services.cli.session import BearerToken
 from services.gen.aidc.billing.v1 import billing_service_pb2 as pb
 from services.mesh.channels import create_channel
 from services.mesh.db import open_database
-from tests.conftest import free_port, service_env, start_service_process, stop_process, wait_serving
+from tests.conftest import first_admin_login, free_port, service_env, start_service_process, stop_process, wait_serving
 
 BATCH = 500
 INGEST_EVENTS = int(os.environ.get("BENCH_BILLING_INGEST_EVENTS", "300000"))
@@ -244,7 +244,7 @@ async def bench_rpc(report: list[tuple[str, float, float, str]], now_ns: int) ->
             wait_serving(auth_addr, process=auth)
             wait_serving(billing_addr, process=billing)
             settings = BillingSettings.from_env(env)
-            password = json.loads((data / "auth" / "bootstrap-admin.json").read_text())["password"]
+            password = first_admin_login(auth_addr, data)
             auth_client = AuthClient(create_channel(auth_addr, settings))
             token = (await auth_client.login("platform", "admin", password)).access_token
             await auth_client.close()

@@ -44,7 +44,15 @@ from services.cli.session import BearerToken
 from services.mesh.channels import create_channel
 from services.mesh.config import MeshSettings, load_settings
 from services.serving.repository import DeploymentShape, ExportBundle, LiveRepository
-from tests.conftest import ROOT, free_port, service_env, start_service_process, stop_process, wait_serving
+from tests.conftest import (
+    ROOT,
+    first_admin_login,
+    free_port,
+    service_env,
+    start_service_process,
+    stop_process,
+    wait_serving,
+)
 from tests.serving.triton import TritonProcess
 
 SAMPLE = ROOT / "model_repository" / "sample"
@@ -166,7 +174,7 @@ def _minilm_export(target: Path) -> ExportBundle:
 async def _tenant_token(auth_address: str, data: Path, env: dict[str, str]) -> str:
     """Creates tenant "bench" with a developer and returns the developer's access token."""
     settings = load_settings(MeshSettings, env)
-    password = json.loads((data / "auth" / "bootstrap-admin.json").read_text())["password"]
+    password = first_admin_login(auth_address, data)
     anonymous = AuthClient(create_channel(auth_address, settings))
     admin_token = (await anonymous.login("platform", "admin", password)).access_token
     admin = AuthClient(create_channel(auth_address, settings, extra_interceptors=[BearerToken(admin_token)]))  # type: ignore[list-item]

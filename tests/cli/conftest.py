@@ -16,7 +16,14 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from services.cli.main import app
-from tests.conftest import free_port, service_env, start_service_process, stop_process, wait_serving
+from tests.conftest import (
+    first_admin_login,
+    free_port,
+    service_env,
+    start_service_process,
+    stop_process,
+    wait_serving,
+)
 
 
 @dataclass
@@ -25,7 +32,10 @@ class AuthServer:
 
     address: str
     data_dir: Path
+    #: The first-start admin's password: set by a first login at start, unless started with first_login=False.
     admin_password: str
+    #: The one-time password auth wrote on first start.
+    bootstrap_password: str
 
 
 @pytest.fixture
@@ -33,15 +43,16 @@ def start_auth_server(tmp_path: Path) -> Iterator[Callable[..., AuthServer]]:
     """Starts an auth service process with extra ``AIDC_*`` settings; stopped at the end of the test."""
     processes = []
 
-    def start(**extra: str) -> AuthServer:
+    def start(first_login: bool = True, **extra: str) -> AuthServer:
         data_dir = tmp_path / "data"
         address = f"127.0.0.1:{free_port()}"
         env = service_env(data_dir, AIDC_AUTH_ADDR=address, **extra)
         process = start_service_process("auth", env, tmp_path / "auth.log")
         processes.append(process)
         wait_serving(address, process=process)
-        password = json.loads((data_dir / "auth" / "bootstrap-admin.json").read_text())["password"]
-        return AuthServer(address, data_dir, password)
+        bootstrap = json.loads((data_dir / "auth" / "bootstrap-admin.json").read_text())["password"]
+        password = first_admin_login(address, data_dir) if first_login else bootstrap
+        return AuthServer(address, data_dir, password, bootstrap)
 
     yield start
     for process in processes:

@@ -160,11 +160,11 @@ def test_expired_access_token_is_refreshed_transparently(
 
 def test_admin_init_shows_the_bootstrap_password_once(cli: Cli) -> None:
     first = cli.ok("admin", "init")
-    assert cli.server.admin_password in first.stdout
+    assert cli.server.bootstrap_password in first.stdout
     assert "shown only this once" in first.stderr
     assert not (cli.server.data_dir / "auth" / "bootstrap-admin.json").exists()
     _assert_error(cli("admin", "init"), "FAILED_PRECONDITION", "already shown")
-    cli.login_admin()  # the password itself keeps working
+    cli.login_admin()  # the password set at the first login keeps working
 
 
 def test_config_markdown_lists_every_variable_once(cli: Cli) -> None:
@@ -198,3 +198,55 @@ def test_model_references(ref: str, parsed: tuple[str, int, str]) -> None:
 def test_bad_model_references(ref: str) -> None:
     with pytest.raises(typer.BadParameter):
         parse_model_ref(ref)
+
+
+def test_the_first_login_of_the_first_start_admin_sets_a_new_password(
+    start_auth_server: Callable[..., AuthServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = start_auth_server(first_login=False)
+    cli = cli_for(server, tmp_path, monkeypatch)
+    admin = ["login", "--tenant", "platform", "--user", "admin"]
+    # A script without the new password is told what to do, and nothing is stored.
+    _assert_error(
+        cli(*admin, "--password-stdin", input=server.bootstrap_password), "FAILED_PRECONDITION", "second line"
+    )
+    assert not cli.credentials_file.exists()
+    # Interactively, aidc login asks for the new password (twice) once the server says the password has expired.
+    result = cli.ok(*admin, input=f"{server.bootstrap_password}\n{PASSWORD}\n{PASSWORD}\n")
+    assert "user:platform/admin" in result.stdout and "password changed" in result.stderr
+    assert "expired" in result.stderr
+    _assert_error(cli(*admin, "--password-stdin", input=server.bootstrap_password), "UNAUTHENTICATED")
+    cli.ok(*admin, "--password-stdin", input=PASSWORD)
+    # A script may change it at login too: the new password on the second line.
+    cli.ok(*admin, "--password-stdin", "--new-password", input=f"{PASSWORD}\nanother passphrase\n")
+    cli.ok(*admin, "--password-stdin", input="another passphrase")
+
+
+def test_password_change_disable_enable_and_logout(cli: Cli) -> None:
+    cli.login_admin()
+    cli.ok("tenant", "create", "acme")
+    cli.ok("user", "create", "alice", "--tenant", "acme", "--role", "developer", "--password-stdin", input=PASSWORD)
+    alice = ["login", "--tenant", "acme", "--user", "alice", "--password-stdin"]
+    cli.ok(*alice, input=PASSWORD)
+    assert (
+        "password changed" in cli.ok("password", "--password-stdin", input=f"{PASSWORD}\nalice's new passphrase").stdout
+    )
+    assert "user:acme/alice" in cli.ok("whoami").stdout  # the login that changed it goes on
+    _assert_error(cli(*alice, input=PASSWORD), "UNAUTHENTICATED")
+
+    # Logout ends the login on the server: its stored tokens are refused even if kept.
+    cli.ok(*alice, input="alice's new passphrase")
+    kept = cli.credentials_file.read_text()
+    assert "the login was ended" in cli.ok("logout").stdout
+    cli.credentials_file.write_text(kept)
+    _assert_error(cli("whoami"), "UNAUTHENTICATED", "revoked")
+
+    cli.login_admin()
+    assert "disabled user:acme/alice" in cli.ok("user", "disable", "user:acme/alice", "--tenant", "acme").stdout
+    row = [line for line in cli.ok("user", "list", "--tenant", "acme").stdout.splitlines() if "user:acme/alice" in line]
+    assert "disabled" in row[0]
+    _assert_error(cli(*alice, input="alice's new passphrase"), "UNAUTHENTICATED", "disabled")
+    cli.login_admin()
+    _assert_error(cli("user", "disable", "user:acme/nobody", "--tenant", "acme"), "NOT_FOUND")
+    assert "enabled user:acme/alice" in cli.ok("user", "enable", "user:acme/alice", "--tenant", "acme").stdout
+    cli.ok(*alice, input="alice's new passphrase")

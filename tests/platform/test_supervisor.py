@@ -185,6 +185,8 @@ def test_up_status_restart_down(platform_env: Platform) -> None:
     assert time.monotonic() - began < 120
     assert "platform admin created; this password is shown once" in up.stdout
     assert not (p.data_dir / "auth" / "bootstrap-admin.json").exists()
+    # The one-time password on disk expired at its first use, the CLI's login, which set the one shown.
+    assert "the CLI is logged in as platform/admin" in up.stdout
 
     state = p.state()
     assert state.status == "serving"

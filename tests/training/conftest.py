@@ -88,8 +88,10 @@ def training_settings(data_dir: Path, auth_address: str, storage_address: str) -
     )
 
 
-async def start_training(settings: TrainingSettings, user_tokens: dict[str, str]) -> RunningTraining:
-    executor = CountingExecutor()
+async def start_training(
+    settings: TrainingSettings, user_tokens: dict[str, str], executor: CountingExecutor | None = None
+) -> RunningTraining:
+    executor = executor or CountingExecutor()
     server = await build_server(settings, settings.training_addr, executor=executor)
     await server.start()
     await server.wait_ready()

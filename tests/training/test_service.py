@@ -4,22 +4,32 @@ tenants apart, cancel, and resume a job after the service restarts."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import jwt
 import pytest
 
 from services.billing.outbox import UsageOutbox
 from services.gen.aidc.billing.v1 import billing_service_pb2 as billing_pb
 from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.gen.aidc.training.v1 import training_service_pb2 as pb
-from services.mesh.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
+from services.mesh.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from services.mesh.identity import TOKEN_LEEWAY_SECONDS
 from services.storage.client import StorageClient
 from services.training.client import TrainingClient
+from services.training.core.executor import LocalHandle
+from tests.conftest import RunningAuth
+from tests.storage import conftest as storage_conftest
 from tests.storage.conftest import RunningStorage
 from tests.training.conftest import (
+    CountingExecutor,
     RunningTraining,
     keyword_spec,
     start_training,
+    training_settings,
     upload_keywords_and_tiny_bert,
 )
 
@@ -190,12 +200,66 @@ async def test_cancel_and_resume_after_restart(
         resumed = [e.progress.step for e in events[relaunch:] if e.HasField("progress")]
         assert resumed and min(resumed) > before, (before, resumed)  # the step counter continues
         assert any(e.HasField("metrics") for e in events[relaunch:])
-        # The submitter's token is gone after a restart, so the export is published as the training service itself,
-        # which needs mesh certificates and artifacts:write for the service role (not granted yet): it says so.
-        assert final.state == pb.JOB_STATE_FAILED, final.error
-        assert "publishing the model failed" in final.error and "credentials" in final.error
+        # The restarted service has no token of the submitter: the job acts for it through the delegation stored
+        # (sealed) with the job, and publishes exactly one version.
+        assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+        versions = await client.list_model_versions("keywords-clf", tenant="acme")
+        assert [(v.version, v.lineage.job_id) for v in versions] == [(1, job.job_id)]
+        assert (final.model, final.model_version) == ("keywords-clf", 1)
     finally:
         await restarted.stop()
+
+
+class HeldExecutor(CountingExecutor):
+    """The real local executor, starting runners only at ``start_at`` (wall clock): a job that waits in a queue."""
+
+    def __init__(self, start_at: float) -> None:
+        super().__init__()
+        self.start_at = start_at
+
+    async def submit(self, job_id: str, argv: Sequence[str], env: Mapping[str, str], workdir: Path) -> LocalHandle:
+        await asyncio.sleep(max(0.0, self.start_at - time.time()))
+        return await super().submit(job_id, argv, env, workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.auth_env(AIDC_AUTH_ACCESS_TOKEN_TTL_SECONDS="25")
+async def test_a_job_outliving_the_submitters_token_publishes_for_the_submitter(
+    auth: RunningAuth, storage: RunningStorage, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    token = storage.tokens["acme/dev"]
+    expires = jwt.decode(token, options={"verify_signature": False})["exp"]
+    # The runner starts only once the submitter's token is refused everywhere (its expiry plus the verifiers' leeway).
+    settings = training_settings(tmp_path / "training", auth.address, storage.address)
+    training = await start_training(settings, storage.tokens, HeldExecutor(expires + TOKEN_LEEWAY_SECONDS + 1))
+    try:
+        await _setup(storage, training, tiny_bert_dir)
+        job = await training.client().submit_fine_tune(keyword_spec(epochs=2), tenant="acme")
+        await _watch(training.client(), job.job_id)  # a stream opened while the token was good runs to the end
+        assert time.time() > expires + TOKEN_LEEWAY_SECONDS
+        with pytest.raises(Unauthenticated):
+            await storage.client("acme/dev").stat("acme", "keywords")  # the submitter's token is long dead
+
+        fresh = (await auth.client().login("acme", "dev", storage_conftest.PASSWORD)).access_token
+        storage.tokens["acme/dev"] = training.tokens["acme/dev"] = fresh
+        client = training.client()
+        final = await client.get_job(job.job_id, tenant="acme")
+        assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+        versions = await client.list_model_versions("keywords-clf", tenant="acme")
+        assert [(v.version, v.lineage.job_id) for v in versions] == [(1, job.job_id)]
+        # Published for the submitter (not as the training service), and the delegation ended with the job.
+        files = storage.client("acme/dev")
+        for artifact in versions[0].artifacts:
+            stat = await files.stat(
+                "acme", artifact.name, kind=storage_pb.OBJECT_KIND_ARTIFACT, version=artifact.version
+            )
+            assert stat.created_by == "user:acme/dev"
+        admin = auth.client((await auth.client().login("platform", "admin", auth.admin_password)).access_token)
+        events = [(e.action, e.target) for e in await admin.list_audit_events("acme", 200)]
+        delegations = [t for a, t in events if a == "delegation.create"]
+        assert len(delegations) == 1 and ("delegation.revoke", delegations[0]) in events
+    finally:
+        await training.stop()
 
 
 async def _job_state(training: RunningTraining, job_id: str) -> str:

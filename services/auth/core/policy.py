@@ -125,9 +125,8 @@ ROLE_PERMISSIONS: dict[str, list[tuple[str, str]]] = {
         ("pools", "read"),
         ("models", "read"),
         ("artifacts", "read"),
-        # The training service publishes a finished job's model into the tenant's storage as itself when the
-        # submitter's token is gone (a job resumed after a restart, or one that outlived the token).
-        ("artifacts", "write"),
+        # No artifacts:write: a training job publishes its model acting for its submitter (a job delegation, bound
+        # to the job's tenant), never as the training service itself, which could then write into any tenant.
         ("datasets", "read"),
     ],
 }

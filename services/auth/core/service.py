@@ -1,4 +1,5 @@
-"""AuthCore: the auth service's domain operations (tenants, identities, tokens, roles, audit)."""
+"""AuthCore: the auth service's directory and policy (tenants, users, service accounts, API keys, roles, audit).
+Issuing and ending tokens is SessionCore's (sessions.py); AuthCore holds it and tells it what a change revokes."""
 
 from __future__ import annotations
 
@@ -10,12 +11,9 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-
-from opentelemetry import trace
 
 from services.auth.core.policy import (
     PLATFORM_ROLES,
@@ -24,21 +22,22 @@ from services.auth.core.policy import (
     PolicyEngine,
     role_policy_lines,
 )
-from services.auth.core.tokens import (
-    KeyWrapper,
-    SigningKey,
-    SlowHasher,
-    hash_token_secret,
-    jwks_document,
-    new_api_key_secret,
-    new_id,
-    new_refresh_secret,
-    new_signing_key,
-    parse_api_key_secret,
-    parse_refresh_secret,
-    secrets_equal,
-    sign_access_token,
+from services.auth.core.records import (
+    CONTROL,
+    ApiKeyInfo,
+    Auditor,
+    AuditPage,
+    Page,
+    PrincipalInfo,
+    TenantInfo,
+    TokenPair,
+    check_new_password,
+    check_text,
+    subject_of,
+    utc,
 )
+from services.auth.core.sessions import SessionCore
+from services.auth.core.tokens import new_api_key_secret
 from services.auth.store import AuditRecord, AuthStore, PolicyLine
 from services.mesh.config import SERVICE_NAMES
 from services.mesh.errors import (
@@ -47,9 +46,8 @@ from services.mesh.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    Unauthenticated,
 )
-from services.mesh.identity import PLATFORM_TENANT, Principal
+from services.mesh.identity import PLATFORM_TENANT, Principal, outside_binding
 
 __all__ = ["AuthCore", "TokenPair", "TenantInfo", "PrincipalInfo", "ApiKeyInfo", "AuditPage", "Page"]
 
@@ -57,65 +55,12 @@ log = logging.getLogger(__name__)
 
 _TENANT_NAME = re.compile(r"^[a-z][a-z0-9-]{1,38}[a-z0-9]$")
 _USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_MAX_TEXT = 200
-_MIN_PASSWORD, _MAX_PASSWORD = 12, 256
 _MAX_API_KEY_TTL = timedelta(days=366)
 _DEFAULT_PAGE, _MAX_PAGE = 50, 1000
 #: Longest stretch of policy evaluation a BatchCheckPermission runs before it lets the event loop serve other RPCs
 #: for CHECK_PAUSE_SECONDS (a batch takes at most two thirds of the loop; single checks meanwhile stay ~ms).
 CHECK_SLICE_SECONDS = 0.001
 CHECK_PAUSE_SECONDS = 0.0005
-
-
-@dataclass(frozen=True)
-class TokenPair:
-    access_token: str
-    access_expires: datetime
-    refresh_token: str = ""
-    refresh_expires: datetime | None = None
-
-
-@dataclass(frozen=True)
-class TenantInfo:
-    name: str
-    display_name: str
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class PrincipalInfo:
-    subject: str
-    tenant: str
-    name: str
-    kind: str
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class ApiKeyInfo:
-    key_id: str
-    subject: str
-    tenant: str
-    description: str
-    created_at: datetime
-    expires_at: datetime | None
-    revoked: bool
-
-
-@dataclass(frozen=True)
-class Page:
-    items: list[Any]
-    next_token: str
-
-
-AuditPage = Page
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
 
 
 def _page_size(size: int) -> int:
@@ -135,7 +80,7 @@ def _decode_token(token: str) -> str:
         value = base64.urlsafe_b64decode(token.encode()).decode()
     except (ValueError, UnicodeDecodeError):
         raise InvalidArgument("malformed page_token") from None
-    if _CONTROL.search(value):  # never in a token we issued; and PostgreSQL can't compare NUL
+    if CONTROL.search(value):  # never in a token we issued; and PostgreSQL can't compare NUL
         raise InvalidArgument("malformed page_token")
     return value
 
@@ -156,22 +101,6 @@ def _check_user_name(name: str) -> None:
         raise InvalidArgument("name must be 1-64 characters of lowercase letters, digits, '.', '_' and '-'")
 
 
-def _check_text(label: str, value: str) -> None:
-    if len(value) > _MAX_TEXT:
-        raise InvalidArgument(f"{label} is longer than {_MAX_TEXT} characters")
-    if _CONTROL.search(value):
-        raise InvalidArgument(f"{label} contains control characters")
-
-
-def _current_trace_id() -> str:
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else ""
-
-
-def _subject(kind: str, tenant: str, name: str) -> str:
-    return f"{'user' if kind == 'user' else 'sa'}:{tenant}/{name}"
-
-
 class AuthCore:
     """Everything the auth service does, behind its RPCs."""
 
@@ -179,28 +108,23 @@ class AuthCore:
         self,
         store: AuthStore,
         policy: PolicyEngine,
-        key_wrapper: KeyWrapper,
+        sessions: SessionCore,
         *,
-        hasher: SlowHasher | None = None,
-        access_ttl: timedelta = timedelta(minutes=15),
-        refresh_ttl: timedelta = timedelta(days=7),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._store = store
         self._policy = policy
-        self._wrapper = key_wrapper
-        self._hasher = hasher or SlowHasher()
-        self._access_ttl = access_ttl
-        self._refresh_ttl = refresh_ttl
+        self.sessions = sessions
+        self._hasher = sessions.hasher
         self._clock = clock
-        self._keys: list[SigningKey] = []
-        self._revoked_api_keys: set[str] = set()
+        self._audit = Auditor(clock)
 
     # -- start-up ------------------------------------------------------------------------------------
     def bootstrap(self, bootstrap_file: Path) -> bool:
         """Brings the stored state up to date: platform tenant, every tenant's role policies in line with
         ROLE_PERMISSIONS, mesh service bindings, a signing key, and, on the very first start, a platform
-        admin whose one-time password is written to ``bootstrap_file`` (0600). Returns True on first start."""
+        admin whose one-time password is written to ``bootstrap_file`` (0600). That password is expired from the
+        start: it logs in once, in a login that sets a new password. Returns True on first start."""
         now = self._clock()
         self._policy.reload()
         first_start = self._store.get_tenant(PLATFORM_TENANT) is None
@@ -233,15 +157,10 @@ class AuthCore:
                 ),
             )
             self._policy.apply(missing, stale)
-        rows = self._store.signing_keys()
-        if not rows:
-            self._add_signing_key(None)
-        else:
-            self._keys = [self._row_to_key(r) for r in rows]
-        self._revoked_api_keys = self._store.revoked_api_key_ids()
+        self.sessions.start()
         if first_start:
             password = secrets.token_urlsafe(18)
-            subject = _subject("user", PLATFORM_TENANT, "admin")
+            subject = subject_of("user", PLATFORM_TENANT, "admin")
             binding = ("g", subject, "platform-admin", PLATFORM_TENANT)
             self._store.create_principal(
                 subject,
@@ -252,6 +171,7 @@ class AuthCore:
                 now,
                 [binding],
                 self._audit("system", PLATFORM_TENANT, "user.create", subject, {"roles": ["platform-admin"]}),
+                password_expires_at=now,
             )
             self._policy.apply([binding])
             bootstrap_file.parent.mkdir(parents=True, exist_ok=True)
@@ -260,43 +180,30 @@ class AuthCore:
             log.warning("first start: platform admin created; its one-time password is in %s", bootstrap_file)
         return first_start
 
-    def _row_to_key(self, row: Any) -> SigningKey:
-        return SigningKey(
-            kid=row.kid,
-            private_key=self._wrapper.unwrap(row.kid, row.private_key),
-            public_jwk=json.loads(row.public_jwk),
-            created_at=_utc(row.created_at) or self._clock(),
-            retired_at=_utc(row.retired_at),
-        )
-
-    def _add_signing_key(self, audit: AuditRecord | None) -> SigningKey:
-        now = self._clock()
-        key = new_signing_key(now)
-        self._store.insert_signing_key(
-            key.kid, self._wrapper.wrap(key.kid, key.private_key), json.dumps(key.public_jwk), now, audit
-        )
-        self._keys = [self._row_to_key(r) for r in self._store.signing_keys()]
-        return key
-
-    def _audit(self, actor: str, tenant: str, action: str, target: str, details: dict[str, Any]) -> AuditRecord:
-        return AuditRecord(
-            id=new_id("ae_"),
-            time=self._clock(),
-            actor=actor,
-            tenant=tenant,
-            action=action,
-            target=target,
-            trace_id=_current_trace_id(),
-            details=details,
-        )
-
     # -- permissions ---------------------------------------------------------------------------------
     def allowed(self, subject: str, tenant: str, resource: str, action: str) -> bool:
         return self._policy.allowed(subject, tenant, resource, action)
 
+    def allowed_for(self, caller: Principal, tenant: str, resource: str, action: str) -> bool:
+        """The caller's decision: its subject's, and never outside the tenant its token is bound to."""
+        return not outside_binding(caller, tenant) and self.allowed(caller.subject, tenant, resource, action)
+
     def _require(self, caller: Principal, tenant: str, resource: str, action: str) -> None:
-        if not self.allowed(caller.subject, tenant, resource, action):
+        if not self.allowed_for(caller, tenant, resource, action):
             raise PermissionDenied(f"{caller.subject} may not {action} {resource} in tenant {tenant!r}")
+
+    def _require_may_act_for(self, caller: Principal, tenant: str, subject: str, what: str) -> None:
+        """Acting on another subject's credentials needs users:write in its tenant and the right to grant every role
+        it holds, wherever it holds it (a platform-domain role needs roles:write in the platform domain)."""
+        if subject == caller.subject:
+            return
+        self._require(caller, tenant, "users", "write")
+        for _, role, domain in self._policy.bindings(None, subject):
+            if not self.allowed_for(caller, domain, "roles", "write"):
+                raise PermissionDenied(
+                    f"{caller.subject} may not {what} {subject}: it holds role {role} in {domain!r}, "
+                    f"which {caller.subject} may not grant"
+                )
 
     def check(self, caller: Principal, subject: str, tenant: str, resource: str, action: str) -> bool:
         """CheckPermission: anyone may ask about themselves; mesh services about anyone; others need
@@ -304,7 +211,9 @@ class AuthCore:
         subject = subject or caller.subject
         if not tenant or not resource or not action:
             raise InvalidArgument("tenant, resource and action are required")
-        if subject != caller.subject and caller.kind != "service":
+        if subject == caller.subject:
+            return self.allowed_for(caller, tenant, resource, action)
+        if caller.kind != "service":
             self._require(caller, tenant, "roles", "read")
         return self.allowed(subject, tenant, resource, action)
 
@@ -324,12 +233,6 @@ class AuthCore:
                 slice_ends = time.monotonic() + CHECK_SLICE_SECONDS
         return decisions
 
-    def ensure_active(self, principal: Principal) -> Principal:
-        """Rejects tokens obtained with an API key that has since been revoked."""
-        if principal.api_key_id and principal.api_key_id in self._revoked_api_keys:
-            raise Unauthenticated("the API key behind this token was revoked")
-        return principal
-
     # -- tenants -------------------------------------------------------------------------------------
     def _tenant_exists(self, tenant: str) -> None:
         if not tenant:
@@ -341,7 +244,7 @@ class AuthCore:
         _check_tenant_name(name)
         if name == PLATFORM_TENANT:
             raise InvalidArgument(f"{PLATFORM_TENANT!r} is reserved")
-        _check_text("display_name", display_name)
+        check_text("display_name", display_name)
         if self._store.get_tenant(name) is not None:
             raise AlreadyExists(f"tenant {name!r} already exists")
         now = self._clock()
@@ -361,14 +264,14 @@ class AuthCore:
         row = self._store.get_tenant(name)
         if row is None:
             raise NotFound(f"tenant {name!r} not found")
-        return TenantInfo(row.name, row.display_name, _utc(row.created_at) or self._clock())
+        return TenantInfo(row.name, row.display_name, utc(row.created_at) or self._clock())
 
     def list_tenants(self, caller: Principal, page_size: int, page_token: str) -> Page:
         limit = _page_size(page_size)
         if not self.allowed(caller.subject, PLATFORM_TENANT, "tenants", "read"):
             return Page([self.get_tenant(caller.tenant)] if not page_token else [], "")
         rows = self._store.list_tenants(_decode_token(page_token), limit + 1)
-        items = [TenantInfo(r.name, r.display_name, _utc(r.created_at) or self._clock()) for r in rows[:limit]]
+        items = [TenantInfo(r.name, r.display_name, utc(r.created_at) or self._clock()) for r in rows[:limit]]
         return Page(items, _encode_token(items[-1].name) if len(rows) > limit else "")
 
     # -- principals ----------------------------------------------------------------------------------
@@ -384,12 +287,12 @@ class AuthCore:
     ) -> PrincipalInfo:
         self._tenant_exists(tenant)
         _check_user_name(name)
-        if kind == "user" and not _MIN_PASSWORD <= len(password) <= _MAX_PASSWORD:
-            raise InvalidArgument(f"password must be {_MIN_PASSWORD} to {_MAX_PASSWORD} characters")
+        if kind == "user":
+            check_new_password(password)
         wanted_roles = self._check_roles(tenant, roles)
         if wanted_roles:
             self._require(caller, tenant, "roles", "write")
-        subject = _subject(kind, tenant, name)
+        subject = subject_of(kind, tenant, name)
         if self._store.get_principal(subject) is not None:
             raise AlreadyExists(f"{subject} already exists")
         password_hash = await asyncio.to_thread(self._hasher.hash, password) if kind == "user" else None
@@ -418,11 +321,47 @@ class AuthCore:
         self._tenant_exists(tenant)
         limit = _page_size(page_size)
         rows = self._store.list_principals(tenant, _decode_token(page_token), limit + 1)
-        items = [
-            PrincipalInfo(r.subject, r.tenant, r.name, r.kind, _utc(r.created_at) or self._clock())
-            for r in rows[:limit]
-        ]
+        items = [self._principal_info(r) for r in rows[:limit]]
         return Page(items, _encode_token(items[-1].subject) if len(rows) > limit else "")
+
+    def _principal_info(self, row: Any) -> PrincipalInfo:
+        return PrincipalInfo(
+            row.subject,
+            row.tenant,
+            row.name,
+            row.kind,
+            utc(row.created_at) or self._clock(),
+            row.disabled_at is not None,
+        )
+
+    def _own_principal(self, tenant: str, subject: str) -> Any:
+        self._tenant_exists(tenant)
+        if not subject:
+            raise InvalidArgument("subject is required")
+        row = self._store.get_principal(subject)
+        if row is None or row.tenant != tenant:
+            raise NotFound(f"{subject} not found in tenant {tenant!r}")
+        return row
+
+    def set_disabled(self, caller: Principal, tenant: str, subject: str, disabled: bool) -> PrincipalInfo:
+        """Disables a user or service account (every token of it issued until now is refused, its job delegations
+        are revoked, it can no longer log in or use its API keys) or enables it again. Idempotent."""
+        row = self._own_principal(tenant, subject)
+        if subject == caller.subject:
+            raise FailedPrecondition("you cannot disable or enable yourself")
+        self._require_may_act_for(caller, tenant, subject, "disable or enable")
+        if (row.disabled_at is not None) != disabled:
+            now = self._clock()
+            action = "user.disable" if disabled else "user.enable"
+            self._store.set_disabled(
+                subject,
+                now if disabled else None,
+                self._audit(caller.subject, tenant, action, subject, {}),
+                revoke_delegations=disabled,
+            )
+            if disabled:
+                self.sessions.revoked(subject, now)
+        return self._principal_info(self._store.get_principal(subject))
 
     # -- API keys ------------------------------------------------------------------------------------
     async def create_api_key(
@@ -430,14 +369,15 @@ class AuthCore:
     ) -> tuple[ApiKeyInfo, str]:
         self._tenant_exists(tenant)
         subject = subject or caller.subject
-        _check_text("description", description)
+        check_text("description", description)
         if ttl_seconds < 0 or timedelta(seconds=ttl_seconds) > _MAX_API_KEY_TTL:
             raise InvalidArgument("ttl_seconds must be between 0 (no expiry) and 366 days")
+        if caller.credential.startswith("dg:"):
+            raise PermissionDenied("a job delegation cannot create API keys")
         row = self._store.get_principal(subject)
         if row is None or row.tenant != tenant:
             raise NotFound(f"{subject} not found in tenant {tenant!r}")
-        if subject != caller.subject:
-            self._require(caller, tenant, "users", "write")
+        self._require_may_act_for(caller, tenant, subject, "create API keys for")
         key_id, secret, full = new_api_key_secret()
         secret_hash = await asyncio.to_thread(self._hasher.hash, secret)
         now = self._clock()
@@ -460,8 +400,8 @@ class AuthCore:
             row.subject,
             row.tenant,
             row.description,
-            _utc(row.created_at) or self._clock(),
-            _utc(row.expires_at),
+            utc(row.created_at) or self._clock(),
+            utc(row.expires_at),
             row.revoked_at is not None,
         )
 
@@ -482,108 +422,21 @@ class AuthCore:
         if row.subject != caller.subject:
             self._require(caller, tenant, "users", "write")
         if row.revoked_at is None:
+            now = self._clock()
             self._store.revoke_api_key(
                 key_id,
-                self._clock(),
+                now,
                 self._audit(caller.subject, tenant, "apikey.revoke", f"apikey:{key_id}", {"subject": row.subject}),
             )
-            self._revoked_api_keys.add(key_id)
+            self.sessions.revoked(f"ak:{key_id}", now)
         return self._api_key_info(self._store.get_api_key(key_id))
-
-    # -- tokens --------------------------------------------------------------------------------------
-    def _active_key(self) -> SigningKey:
-        return next(k for k in reversed(self._keys) if k.retired_at is None)
-
-    def _access_token(self, subject: str, tenant: str, kind: str, api_key_id: str = "") -> tuple[str, datetime]:
-        claims: dict[str, Any] = {"sub": subject, "tid": tenant, "knd": kind}
-        if api_key_id:
-            claims["akid"] = api_key_id
-        return sign_access_token(self._active_key(), claims, self._clock(), self._access_ttl)
-
-    def _new_refresh(self, subject: str, tenant: str, family_id: str) -> tuple[str, datetime]:
-        token_id, secret, full = new_refresh_secret()
-        now = self._clock()
-        expires = now + self._refresh_ttl
-        self._store.insert_refresh_token(token_id, family_id, subject, tenant, hash_token_secret(secret), now, expires)
-        return full, expires
-
-    async def login(self, tenant: str, name: str, password: str) -> TokenPair:
-        if not tenant or not name or not password:
-            raise InvalidArgument("tenant, name and password are required")
-        # Names no account can have are refused before the failure audit (which would have to store them).
-        if len(password) > _MAX_PASSWORD or len(name) > 64 or len(tenant) > 40 or _CONTROL.search(tenant + name):
-            raise Unauthenticated("wrong tenant, name or password")
-        subject = _subject("user", tenant, name)
-        row = self._store.get_principal(subject)
-        stored = row.password_hash if row is not None and row.kind == "user" else None
-        if not await asyncio.to_thread(self._hasher.verify, stored, password):
-            self._store.record_audit(self._audit(subject, tenant, "login.failure", subject, {}))
-            raise Unauthenticated("wrong tenant, name or password")
-        access, access_expires = self._access_token(subject, tenant, "user")
-        refresh, refresh_expires = self._new_refresh(subject, tenant, new_id())
-        return TokenPair(access, access_expires, refresh, refresh_expires)
-
-    async def exchange_api_key(self, value: str) -> TokenPair:
-        if not value:
-            raise InvalidArgument("api_key is required")
-        parsed = parse_api_key_secret(value)
-        if parsed is None:
-            raise Unauthenticated("malformed API key")
-        key_id, secret = parsed
-        row = self._store.get_api_key(key_id)
-        if not await asyncio.to_thread(self._hasher.verify, row.secret_hash if row else None, secret) or row is None:
-            raise Unauthenticated("unknown API key")
-        if row.revoked_at is not None:
-            raise Unauthenticated("API key revoked")
-        expires_at = _utc(row.expires_at)
-        if expires_at is not None and expires_at <= self._clock():
-            raise Unauthenticated("API key expired")
-        principal = self._store.get_principal(row.subject)
-        if principal is None:
-            raise Unauthenticated("the API key's subject no longer exists")
-        access, access_expires = self._access_token(row.subject, row.tenant, principal.kind, key_id)
-        return TokenPair(access, access_expires)
-
-    def refresh(self, value: str) -> TokenPair:
-        if not value:
-            raise InvalidArgument("refresh_token is required")
-        parsed = parse_refresh_secret(value)
-        if parsed is None:
-            raise Unauthenticated("malformed refresh token")
-        token_id, secret = parsed
-        row = self._store.get_refresh_token(token_id)
-        if row is None or not secrets_equal(row.secret_hash, hash_token_secret(secret)):
-            raise Unauthenticated("unknown refresh token")
-        if row.revoked:
-            raise Unauthenticated("refresh token revoked")
-        if (_utc(row.expires_at) or self._clock()) <= self._clock():
-            raise Unauthenticated("refresh token expired")
-        if not self._store.use_refresh_token(token_id, self._clock()):
-            self._store.revoke_refresh_family(
-                row.family_id,
-                self._audit(row.subject, row.tenant, "token.reuse_detected", row.subject, {"family": row.family_id}),
-            )
-            raise Unauthenticated("refresh token reused: every token of this login was revoked")
-        access, access_expires = self._access_token(row.subject, row.tenant, "user")
-        refresh, refresh_expires = self._new_refresh(row.subject, row.tenant, row.family_id)
-        return TokenPair(access, access_expires, refresh, refresh_expires)
-
-    def jwks(self) -> str:
-        return jwks_document(self._keys, self._clock(), self._access_ttl + timedelta(minutes=5))
-
-    def rotate_signing_key(self, caller: Principal) -> str:
-        key = self._add_signing_key(None)
-        self._store.record_audit(
-            self._audit(caller.subject, PLATFORM_TENANT, "signing_key.rotate", f"key:{key.kid}", {})
-        )
-        return key.kid
 
     # -- roles ---------------------------------------------------------------------------------------
     def _binding(self, subject: str, role: str, tenant: str) -> PolicyLine:
         if not subject or not role or not tenant:
             raise InvalidArgument("subject, role and tenant are required")
         # Service subjects go into the policy unchecked below: keep them within what the column holds.
-        _check_text("subject", subject)
+        check_text("subject", subject)
         if tenant != PLATFORM_TENANT:
             self._tenant_exists(tenant)
         self._check_roles(tenant, [role])
@@ -633,7 +486,7 @@ class AuthCore:
         items = [
             AuditRecord(
                 r.id,
-                _utc(r.time) or self._clock(),
+                utc(r.time) or self._clock(),
                 r.actor,
                 r.tenant,
                 r.action,

@@ -1,5 +1,5 @@
 """Signing keys and tokens: Ed25519 JWTs with ``kid``, the published key set, key rotation, and the
-opaque secrets (API keys, refresh tokens) with their hashes."""
+opaque secrets (API keys, refresh tokens, job delegations) with their hashes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
-import os
+import math
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -19,9 +19,9 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from services.mesh.identity import TOKEN_AUDIENCE, TOKEN_ISSUER
+from services.mesh.sealing import seal, unseal
 
 __all__ = [
     "SigningKey",
@@ -34,6 +34,8 @@ __all__ = [
     "parse_api_key_secret",
     "new_refresh_secret",
     "parse_refresh_secret",
+    "new_delegation_secret",
+    "parse_delegation_secret",
     "hash_token_secret",
     "new_id",
 ]
@@ -61,18 +63,16 @@ class KeyWrapper:
     def __init__(self, master_key: bytes) -> None:
         if len(master_key) != 32:
             raise ValueError("the auth master key must be 32 bytes")
-        self._aead = AESGCM(master_key)
+        self._master = master_key
 
     def wrap(self, kid: str, key: Ed25519PrivateKey) -> bytes:
         raw = key.private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
         )
-        nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, raw, kid.encode())
+        return seal(self._master, raw, kid.encode())
 
     def unwrap(self, kid: str, blob: bytes) -> Ed25519PrivateKey:
-        raw = self._aead.decrypt(blob[:12], blob[12:], kid.encode())
-        return Ed25519PrivateKey.from_private_bytes(raw)
+        return Ed25519PrivateKey.from_private_bytes(unseal(self._master, blob, kid.encode()))
 
 
 def _b64url(data: bytes) -> str:
@@ -89,7 +89,8 @@ def new_signing_key(now: datetime) -> SigningKey:
 
 
 def jwks_document(keys: list[SigningKey], now: datetime, keep_retired_for: timedelta) -> str:
-    """The JWKS: the active key and retired keys whose tokens may still be valid."""
+    """The JWKS: the active key, and retired keys for ``keep_retired_for`` after their retirement (while tokens they
+    signed may still be unexpired); after that a retired key is gone, and verifiers refuse what it signs."""
     published = [k.public_jwk for k in keys if k.retired_at is None or k.retired_at + keep_retired_for > now]
     return json.dumps({"keys": published}, sort_keys=True)
 
@@ -100,7 +101,9 @@ def sign_access_token(key: SigningKey, claims: dict[str, Any], now: datetime, tt
     payload = {
         "iss": TOKEN_ISSUER,
         "aud": TOKEN_AUDIENCE,
-        "iat": int(now.timestamp()),
+        # To the millisecond, rounded down (JWT times may have fractions): revocations refuse tokens issued before
+        # an instant, and whole seconds would refuse tokens issued just after it too (or spare ones issued before).
+        "iat": math.floor(now.timestamp() * 1000) / 1000,
         "nbf": int(now.timestamp()),
         "exp": int(expires.timestamp()),
         "jti": new_id(),
@@ -148,24 +151,41 @@ def parse_api_key_secret(value: str) -> tuple[str, str] | None:
     return key_id, secret
 
 
-def new_refresh_secret() -> tuple[str, str, str]:
-    """(token_id, secret, full refresh token string)."""
+def _new_opaque_secret(prefix: str) -> tuple[str, str, str]:
     token_id = secrets.token_hex(12)
     secret = secrets.token_urlsafe(32)
-    return token_id, secret, f"rt_{token_id}.{secret}"
+    return token_id, secret, f"{prefix}{token_id}.{secret}"
 
 
-def parse_refresh_secret(value: str) -> tuple[str, str] | None:
-    if not value.startswith("rt_"):
+def _parse_opaque_secret(prefix: str, value: str) -> tuple[str, str] | None:
+    if not value.startswith(prefix):
         return None
-    token_id, sep, secret = value[3:].partition(".")
+    token_id, sep, secret = value[len(prefix) :].partition(".")
     if not sep or not token_id or not secret:
         return None
     return token_id, secret
 
 
+def new_refresh_secret() -> tuple[str, str, str]:
+    """(token_id, secret, full refresh token string)."""
+    return _new_opaque_secret("rt_")
+
+
+def parse_refresh_secret(value: str) -> tuple[str, str] | None:
+    return _parse_opaque_secret("rt_", value)
+
+
+def new_delegation_secret() -> tuple[str, str, str]:
+    """(delegation_id, secret, full delegation secret string)."""
+    return _new_opaque_secret("dg_")
+
+
+def parse_delegation_secret(value: str) -> tuple[str, str] | None:
+    return _parse_opaque_secret("dg_", value)
+
+
 def hash_token_secret(secret: str) -> str:
-    """SHA-256 for high-entropy random secrets (refresh tokens); slow hashing adds nothing there."""
+    """SHA-256 for high-entropy random secrets (refresh tokens, delegations); slow hashing adds nothing there."""
     return hashlib.sha256(secret.encode()).hexdigest()
 
 

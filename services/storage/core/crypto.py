@@ -17,7 +17,6 @@ Associated data binds every ciphertext to what it belongs to, so nothing can be 
 from __future__ import annotations
 
 import io
-import os
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,10 +25,10 @@ from typing import Any, BinaryIO, Protocol
 
 import tink
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tink import secret_key_access, streaming_aead
 
 from services.mesh.errors import DataLoss, FailedPrecondition
+from services.mesh.sealing import seal, unseal
 
 __all__ = [
     "KeyManager",
@@ -47,7 +46,6 @@ __all__ = [
 streaming_aead.register()
 
 _TEMPLATE = streaming_aead.streaming_aead_key_templates.AES256_GCM_HKDF_1MB
-_NONCE_BYTES = 12
 TinkError = tink.TinkError
 
 
@@ -120,17 +118,6 @@ class KeyringStore(Protocol):
     def delete_sealed_key(self, key_id: str) -> None: ...
 
 
-def _seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    nonce = os.urandom(_NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
-
-
-def _open(key: bytes, sealed: bytes, aad: bytes) -> bytes:
-    if len(sealed) < _NONCE_BYTES + 16:
-        raise InvalidTag()
-    return AESGCM(key).decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], aad)
-
-
 class LocalKeyring:
     """The default KeyManager: 256-bit tenant keys (AES-256-GCM) sealed under the master key in the database.
 
@@ -158,7 +145,7 @@ class LocalKeyring:
     async def create_key(self, tenant: str) -> str:
         key_id = f"tk-{secrets.token_hex(12)}"
         material = secrets.token_bytes(32)
-        sealed = SealedKey(key_id, tenant, _seal(self._master, material, self._aad(tenant, key_id)), datetime.now(UTC))
+        sealed = SealedKey(key_id, tenant, seal(self._master, material, self._aad(tenant, key_id)), datetime.now(UTC))
         await self._run(self._store.put_sealed_key, sealed)
         self._cache[key_id] = material
         return key_id
@@ -173,19 +160,19 @@ class LocalKeyring:
         if sealed.tenant != tenant:
             raise DataLoss(f"tenant key {key_id} does not belong to tenant {tenant!r}")
         try:
-            material = _open(self._master, sealed.sealed, self._aad(tenant, key_id))
+            material = unseal(self._master, sealed.sealed, self._aad(tenant, key_id))
         except InvalidTag:
             raise DataLoss(f"tenant key {key_id} does not open with this master key") from None
         self._cache[key_id] = material
         return material
 
     async def wrap(self, tenant: str, key_id: str, plaintext: bytes, context: bytes) -> bytes:
-        return _seal(await self._material(tenant, key_id), plaintext, _encode(key_id) + context)
+        return seal(await self._material(tenant, key_id), plaintext, _encode(key_id) + context)
 
     async def unwrap(self, tenant: str, key_id: str, ciphertext: bytes, context: bytes) -> bytes:
         material = await self._material(tenant, key_id)
         try:
-            return _open(material, ciphertext, _encode(key_id) + context)
+            return unseal(material, ciphertext, _encode(key_id) + context)
         except InvalidTag:
             raise DataLoss("the object's wrapped data key failed authentication (tampered or misplaced)") from None
 

@@ -197,7 +197,7 @@ class StorageCore:
         return validate_tenant(tenant or principal.tenant)
 
     async def _allowed(self, principal: Principal, tenant: str, resource: str, action: str) -> bool:
-        return await self._checker.check(principal.subject, tenant, resource, action)
+        return await self._checker.check(principal, tenant, resource, action)
 
     async def _authorize(self, principal: Principal, tenant: str, kind: ObjectKind, action: str) -> None:
         # Checked before anything is looked up, so a caller without access learns nothing about what exists.

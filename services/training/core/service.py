@@ -1,5 +1,6 @@
 """TrainingCore: fine-tune jobs (validate, queue, launch the runner, relay its events, publish its result), base
-models and the model registry. Pure Python: storage, the executor and billing come in through Protocols."""
+models and the model registry. Pure Python: storage, the executor, billing and the jobs' credentials come in through
+Protocols."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import services
-from services.mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.mesh.errors import AidcError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.mesh.identity import Principal, current_principal
 from services.mesh.interceptors import current_deadline
 from services.training.core.catalog import BaseModelCatalog, describe_model_dir
@@ -42,7 +43,7 @@ from services.training.runner.preflight import InvalidJob, prepare
 from services.training.runner.spec import FineTuneSpec
 from services.training.store import TrainingStore
 
-__all__ = ["ArtifactGateway", "JobOptions", "Page", "TrainingCore", "UsageSink", "RUN_DIR"]
+__all__ = ["ArtifactGateway", "JobCredentials", "JobOptions", "Page", "TrainingCore", "UsageSink", "RUN_DIR"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,24 @@ class ArtifactGateway(Protocol):
 
     async def put_artifact(self, tenant: str, name: str, source: Path, role: str) -> ArtifactEntry:
         """Uploads ``source`` as a new version of artifact ``name``."""
+        ...
+
+
+class JobCredentials(Protocol):
+    """How a job acts for its submitter for as long as it runs — not with the submitter's token, which expires long
+    before a fine-tune may end, and never as the training service itself: a delegation from the submitter, bound to
+    the job and its tenant, made at submission, kept with the job (sealed), revoked when the job ends."""
+
+    async def delegate(self, tenant: str, job_id: str) -> bytes:
+        """A delegation for the job from the caller of the RPC being served (the submitter), sealed for storage."""
+        ...
+
+    async def act_for(self, job_id: str, sealed: bytes) -> Principal:
+        """The submitter acting in the job's tenant, with a current access token."""
+        ...
+
+    async def end(self, job_id: str, sealed: bytes) -> None:
+        """Revokes the delegation."""
         ...
 
 
@@ -134,8 +153,11 @@ class TrainingCore:
         executor: Executor,
         options: JobOptions,
         usage: UsageSink | None = None,
+        *,
+        credentials: JobCredentials,
     ) -> None:
         self._store = store
+        self._credentials = credentials
         self._catalog = catalog
         self._artifacts = artifacts
         self._executor = executor
@@ -155,11 +177,14 @@ class TrainingCore:
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def start(self) -> bool:
-        """Relaunches the jobs a previous instance left active (runners resume from their checkpoints)."""
+        """Relaunches the jobs a previous instance left active (runners resume from their checkpoints; each acts for
+        its submitter through its stored delegation), and revokes delegations of ended jobs that were not yet."""
         for job in await self._db(self._store.jobs_in, ACTIVE_STATES):
             if job.job_id not in self._tasks:
                 log.info("job %s: resuming after a restart (was %s)", job.job_id, job.state.value)
-                self._launch(job, principal=None)
+                self._launch(job)
+        for job_id in await self._db(self._store.ended_jobs_with_credentials, TERMINAL_STATES):
+            await self._end_credentials(job_id)
         return True
 
     async def close(self) -> None:
@@ -214,6 +239,8 @@ class TrainingCore:
             except InvalidJob as exc:
                 raise InvalidArgument(str(exc)) from None
             (job_dir / "spec.json").write_text(json.dumps(runner_spec.to_dict(), indent=2))
+            # The job outlives this call and the submitter's token: it acts for the submitter through a delegation.
+            credential = await self._credentials.delegate(tenant, job_id)
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
@@ -230,12 +257,18 @@ class TrainingCore:
             base_model_path=base.path,
             base_model_sha256=base.sha256,
         )
-        stored = await self._db(self._store.create_job, job)
+        try:
+            stored = await self._db(self._store.create_job, job, credential)
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            await self._end_credentials(job_id, credential)
+            raise
         if stored.job_id != job_id:  # a concurrent retry with the same request id won
             shutil.rmtree(job_dir, ignore_errors=True)
+            await self._end_credentials(job_id, credential)
             return stored  # type: ignore[no-any-return]
         await self._event(job, "state", {"from": "", "to": JobState.QUEUED.value, "message": "queued"})
-        self._launch(job, principal)
+        self._launch(job)
         return job
 
     async def job(self, tenant: str, job_id: str) -> JobRecord:
@@ -295,17 +328,17 @@ class TrainingCore:
 
     # -- running ---------------------------------------------------------------------------------------------
 
-    def _launch(self, job: JobRecord, principal: Principal | None) -> None:
+    def _launch(self, job: JobRecord) -> None:
         self._live[job.job_id] = job
-        task = asyncio.create_task(self._run(job, principal), name=f"training-job-{job.job_id}")
+        task = asyncio.create_task(self._run(job), name=f"training-job-{job.job_id}")
         self._tasks[job.job_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(job.job_id, None))
 
-    async def _run(self, job: JobRecord, principal: Principal | None) -> None:
-        # Storage calls of this job act for the submitter while their token lasts; after a restart (no token) as
-        # the training service itself. The job outlives the SubmitFineTune call that launched it, so it must not
-        # inherit that call's deadline (every storage call would otherwise fail DEADLINE_EXCEEDED at once).
-        current_principal.set(principal)
+    async def _run(self, job: JobRecord) -> None:
+        # The job outlives the SubmitFineTune call that launched it: it must not inherit that call's caller (whose
+        # token expires) nor its deadline (every storage call would fail DEADLINE_EXCEEDED). What it does in storage
+        # it does for its submitter, through its delegation (_publish).
+        current_principal.set(None)
         current_deadline.set(None)
         try:
             async with self._slots:
@@ -447,7 +480,13 @@ class TrainingCore:
                 archive = packed / f"{role}.tar.gz"
                 await asyncio.to_thread(_tar, directory, archive)
                 uploads.append((role, f"{prefix}/{role}.tar.gz", archive))
-        artifacts = [await self._artifacts.put_artifact(job.tenant, name, path, role) for role, name, path in uploads]
+        artifacts = []
+        for role, name, path in uploads:
+            acting = current_principal.set(await self._submitter(job))  # a current token for each upload
+            try:
+                artifacts.append(await self._artifacts.put_artifact(job.tenant, name, path, role))
+            finally:
+                current_principal.reset(acting)
         export = result.get("export") or {}
         environment = result.get("environment") or {}
         lineage = {
@@ -474,6 +513,29 @@ class TrainingCore:
             created_at=_now(),
         )
         return await self._db(self._store.add_model_version, record)  # type: ignore[no-any-return]
+
+    # -- acting for the submitter -----------------------------------------------------------------------------
+
+    async def _submitter(self, job: JobRecord) -> Principal:
+        """The job's submitter, acting in the job's tenant through the job's delegation."""
+        sealed = await self._db(self._store.job_credential, job.job_id)
+        if sealed is None:
+            raise FailedPrecondition("the job holds no delegation from its submitter: resubmit it")
+        return await self._credentials.act_for(job.job_id, sealed)
+
+    async def _end_credentials(self, job_id: str, sealed: bytes | None = None) -> None:
+        """Revokes the job's delegation. If auth does not answer, the record stays and the next start tries again
+        (the delegation expires on its own in any case)."""
+        if sealed is None:
+            sealed = await self._db(self._store.job_credential, job_id)
+            if sealed is None:
+                return
+        try:
+            await self._credentials.end(job_id, sealed)
+        except AidcError as exc:
+            log.warning("job %s: could not revoke its delegation (%s); will retry at the next start", job_id, exc)
+            return
+        await self._db(self._store.drop_job_credential, job_id)
 
     # -- job state and history -------------------------------------------------------------------------------
 
@@ -503,6 +565,7 @@ class TrainingCore:
             job.error = message
         await self._set_state(job, state, message)
         self._changed.pop(job.job_id, None)
+        await self._end_credentials(job.job_id)
 
     # -- base models -----------------------------------------------------------------------------------------
 

@@ -67,6 +67,21 @@ class AuthServiceStub:
                 request_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.CreateServiceAccountRequest.SerializeToString,
                 response_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.CreateServiceAccountResponse.FromString,
                 _registered_method=True)
+        self.DisableUser = channel.unary_unary(
+                '/aidc.auth.v1.AuthService/DisableUser',
+                request_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.DisableUserRequest.SerializeToString,
+                response_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.DisableUserResponse.FromString,
+                _registered_method=True)
+        self.EnableUser = channel.unary_unary(
+                '/aidc.auth.v1.AuthService/EnableUser',
+                request_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.EnableUserRequest.SerializeToString,
+                response_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.EnableUserResponse.FromString,
+                _registered_method=True)
+        self.ChangePassword = channel.unary_unary(
+                '/aidc.auth.v1.AuthService/ChangePassword',
+                request_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.ChangePasswordRequest.SerializeToString,
+                response_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.ChangePasswordResponse.FromString,
+                _registered_method=True)
         self.CreateApiKey = channel.unary_unary(
                 '/aidc.auth.v1.AuthService/CreateApiKey',
                 request_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.CreateApiKeyRequest.SerializeToString,
@@ -97,15 +112,40 @@ class AuthServiceStub:
                 request_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.RefreshTokenRequest.SerializeToString,
                 response_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.RefreshTokenResponse.FromString,
                 _registered_method=True)
+        self.Logout = channel.unary_unary(
+                '/aidc.auth.v1.AuthService/Logout',
+                request_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.LogoutRequest.SerializeToString,
+                response_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.LogoutResponse.FromString,
+                _registered_method=True)
         self.GetJwks = channel.unary_unary(
                 '/aidc.auth.v1.AuthService/GetJwks',
                 request_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.GetJwksRequest.SerializeToString,
                 response_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.GetJwksResponse.FromString,
                 _registered_method=True)
+        self.GetRevocations = channel.unary_unary(
+                '/aidc.auth.v1.AuthService/GetRevocations',
+                request_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.GetRevocationsRequest.SerializeToString,
+                response_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.GetRevocationsResponse.FromString,
+                _registered_method=True)
         self.RotateSigningKey = channel.unary_unary(
                 '/aidc.auth.v1.AuthService/RotateSigningKey',
                 request_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.RotateSigningKeyRequest.SerializeToString,
                 response_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.RotateSigningKeyResponse.FromString,
+                _registered_method=True)
+        self.CreateDelegation = channel.unary_unary(
+                '/aidc.auth.v1.AuthService/CreateDelegation',
+                request_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.CreateDelegationRequest.SerializeToString,
+                response_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.CreateDelegationResponse.FromString,
+                _registered_method=True)
+        self.ExchangeDelegation = channel.unary_unary(
+                '/aidc.auth.v1.AuthService/ExchangeDelegation',
+                request_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.ExchangeDelegationRequest.SerializeToString,
+                response_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.ExchangeDelegationResponse.FromString,
+                _registered_method=True)
+        self.RevokeDelegation = channel.unary_unary(
+                '/aidc.auth.v1.AuthService/RevokeDelegation',
+                request_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.RevokeDelegationRequest.SerializeToString,
+                response_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.RevokeDelegationResponse.FromString,
                 _registered_method=True)
         self.WhoAmI = channel.unary_unary(
                 '/aidc.auth.v1.AuthService/WhoAmI',
@@ -192,8 +232,33 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DisableUser(self, request, context):
+        """Disables a user or service account: it can no longer log in, refresh, exchange its API keys or act through
+        job delegations (which are revoked), and every token issued to it before is refused. Needs users:write in
+        the tenant and the right to grant every role the subject holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableUser(self, request, context):
+        """Enables a disabled user or service account again (tokens issued before it was disabled stay refused).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangePassword(self, request, context):
+        """Changes the caller's own password (the current one is required); the caller's other logins end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateApiKey(self, request, context):
-        """Creates an API key for a user or service account. The secret is returned once and stored only hashed.
+        """Creates an API key for the caller, or for a user or service account whose roles the caller may all grant
+        (users:write in the tenant; platform roles need platform rights). The secret is returned once and stored
+        only hashed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -207,21 +272,23 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeApiKey(self, request, context):
-        """Revokes an API key; tokens it was exchanged for stop refreshing.
+        """Revokes an API key; tokens it was exchanged for are refused (see GetRevocations).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Login(self, request, context):
-        """Exchanges a user's password for an access token and a refresh token. No authentication required.
+        """Exchanges a user's password for an access token and a refresh token. No authentication required. An expired
+        password (the first-start admin's) is refused with FAILED_PRECONDITION unless new_password sets a new one.
+        Attempts are rate limited per client address and per account (RESOURCE_EXHAUSTED with a retry hint).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ExchangeApiKey(self, request, context):
-        """Exchanges an API key for an access token. No authentication required.
+        """Exchanges an API key for an access token. No authentication required; rate limited like Login.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -229,7 +296,16 @@ class AuthServiceServicer:
 
     def RefreshToken(self, request, context):
         """Rotates a refresh token: returns a new pair and invalidates the old refresh token. Reusing a rotated
-        refresh token revokes its whole family. No authentication required.
+        refresh token revokes its whole family. A login ends at the latest its absolute lifetime after the password
+        was given, however often it is refreshed. No authentication required.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logout(self, request, context):
+        """Ends a login: revokes the refresh token's family and every access token issued from it. No authentication
+        required (the refresh token is the credential).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -242,8 +318,42 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRevocations(self, request, context):
+        """Publishes the credentials and subjects whose tokens are refused (every service refetches this list with
+        the JWKS). No authentication required.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RotateSigningKey(self, request, context):
         """Creates a new signing key; old keys keep verifying until their tokens expire. Platform admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateDelegation(self, request, context):
+        """Lets a mesh service act for the caller in one tenant for one job, for as long as the job runs: returns a
+        delegation secret (shown once, stored only hashed) that the service exchanges for short access tokens.
+        With mutual TLS, only the delegate service itself may request it (its certificate on the connection) and
+        exchange it. Needs jobs:write in the tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExchangeDelegation(self, request, context):
+        """Exchanges a delegation secret for an access token of the delegating subject, valid only in the
+        delegation's tenant. No token required (the secret and, with mutual TLS, the delegate's certificate are the
+        credentials).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeDelegation(self, request, context):
+        """Revokes a delegation (its job ended); its tokens are refused. No token required (the secret is the credential).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -331,6 +441,21 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     request_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.CreateServiceAccountRequest.FromString,
                     response_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.CreateServiceAccountResponse.SerializeToString,
             ),
+            'DisableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableUser,
+                    request_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.DisableUserRequest.FromString,
+                    response_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.DisableUserResponse.SerializeToString,
+            ),
+            'EnableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableUser,
+                    request_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.EnableUserRequest.FromString,
+                    response_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.EnableUserResponse.SerializeToString,
+            ),
+            'ChangePassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangePassword,
+                    request_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.ChangePasswordRequest.FromString,
+                    response_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.ChangePasswordResponse.SerializeToString,
+            ),
             'CreateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateApiKey,
                     request_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.CreateApiKeyRequest.FromString,
@@ -361,15 +486,40 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     request_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.RefreshTokenRequest.FromString,
                     response_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.RefreshTokenResponse.SerializeToString,
             ),
+            'Logout': grpc.unary_unary_rpc_method_handler(
+                    servicer.Logout,
+                    request_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.LogoutRequest.FromString,
+                    response_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.LogoutResponse.SerializeToString,
+            ),
             'GetJwks': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJwks,
                     request_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.GetJwksRequest.FromString,
                     response_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.GetJwksResponse.SerializeToString,
             ),
+            'GetRevocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRevocations,
+                    request_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.GetRevocationsRequest.FromString,
+                    response_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.GetRevocationsResponse.SerializeToString,
+            ),
             'RotateSigningKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateSigningKey,
                     request_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.RotateSigningKeyRequest.FromString,
                     response_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.RotateSigningKeyResponse.SerializeToString,
+            ),
+            'CreateDelegation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateDelegation,
+                    request_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.CreateDelegationRequest.FromString,
+                    response_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.CreateDelegationResponse.SerializeToString,
+            ),
+            'ExchangeDelegation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExchangeDelegation,
+                    request_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.ExchangeDelegationRequest.FromString,
+                    response_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.ExchangeDelegationResponse.SerializeToString,
+            ),
+            'RevokeDelegation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDelegation,
+                    request_deserializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.RevokeDelegationRequest.FromString,
+                    response_serializer=aidc_dot_auth_dot_v1_dot_auth__service__pb2.RevokeDelegationResponse.SerializeToString,
             ),
             'WhoAmI': grpc.unary_unary_rpc_method_handler(
                     servicer.WhoAmI,
@@ -583,6 +733,87 @@ class AuthService:
             _registered_method=True)
 
     @staticmethod
+    def DisableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aidc.auth.v1.AuthService/DisableUser',
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.DisableUserRequest.SerializeToString,
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.DisableUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aidc.auth.v1.AuthService/EnableUser',
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.EnableUserRequest.SerializeToString,
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.EnableUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangePassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aidc.auth.v1.AuthService/ChangePassword',
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.ChangePasswordRequest.SerializeToString,
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.ChangePasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateApiKey(request,
             target,
             options=(),
@@ -745,6 +976,33 @@ class AuthService:
             _registered_method=True)
 
     @staticmethod
+    def Logout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aidc.auth.v1.AuthService/Logout',
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.LogoutRequest.SerializeToString,
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.LogoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetJwks(request,
             target,
             options=(),
@@ -772,6 +1030,33 @@ class AuthService:
             _registered_method=True)
 
     @staticmethod
+    def GetRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aidc.auth.v1.AuthService/GetRevocations',
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.GetRevocationsRequest.SerializeToString,
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.GetRevocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def RotateSigningKey(request,
             target,
             options=(),
@@ -788,6 +1073,87 @@ class AuthService:
             '/aidc.auth.v1.AuthService/RotateSigningKey',
             aidc_dot_auth_dot_v1_dot_auth__service__pb2.RotateSigningKeyRequest.SerializeToString,
             aidc_dot_auth_dot_v1_dot_auth__service__pb2.RotateSigningKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateDelegation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aidc.auth.v1.AuthService/CreateDelegation',
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.CreateDelegationRequest.SerializeToString,
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.CreateDelegationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeDelegation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aidc.auth.v1.AuthService/ExchangeDelegation',
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.ExchangeDelegationRequest.SerializeToString,
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.ExchangeDelegationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDelegation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aidc.auth.v1.AuthService/RevokeDelegation',
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.RevokeDelegationRequest.SerializeToString,
+            aidc_dot_auth_dot_v1_dot_auth__service__pb2.RevokeDelegationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,24 +48,61 @@ class AuthServiceStub:
     """Lists the users of a tenant."""
     CreateServiceAccount: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.CreateServiceAccountRequest, _auth_service_pb2.CreateServiceAccountResponse]
     """Creates a service account (a machine identity that authenticates with API keys)."""
+    DisableUser: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.DisableUserRequest, _auth_service_pb2.DisableUserResponse]
+    """Disables a user or service account: it can no longer log in, refresh, exchange its API keys or act through
+    job delegations (which are revoked), and every token issued to it before is refused. Needs users:write in
+    the tenant and the right to grant every role the subject holds.
+    """
+    EnableUser: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.EnableUserRequest, _auth_service_pb2.EnableUserResponse]
+    """Enables a disabled user or service account again (tokens issued before it was disabled stay refused)."""
+    ChangePassword: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.ChangePasswordRequest, _auth_service_pb2.ChangePasswordResponse]
+    """Changes the caller's own password (the current one is required); the caller's other logins end."""
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.CreateApiKeyRequest, _auth_service_pb2.CreateApiKeyResponse]
-    """Creates an API key for a user or service account. The secret is returned once and stored only hashed."""
+    """Creates an API key for the caller, or for a user or service account whose roles the caller may all grant
+    (users:write in the tenant; platform roles need platform rights). The secret is returned once and stored
+    only hashed.
+    """
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.ListApiKeysRequest, _auth_service_pb2.ListApiKeysResponse]
     """Lists API keys (never their secrets)."""
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.RevokeApiKeyRequest, _auth_service_pb2.RevokeApiKeyResponse]
-    """Revokes an API key; tokens it was exchanged for stop refreshing."""
+    """Revokes an API key; tokens it was exchanged for are refused (see GetRevocations)."""
     Login: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.LoginRequest, _auth_service_pb2.LoginResponse]
-    """Exchanges a user's password for an access token and a refresh token. No authentication required."""
+    """Exchanges a user's password for an access token and a refresh token. No authentication required. An expired
+    password (the first-start admin's) is refused with FAILED_PRECONDITION unless new_password sets a new one.
+    Attempts are rate limited per client address and per account (RESOURCE_EXHAUSTED with a retry hint).
+    """
     ExchangeApiKey: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.ExchangeApiKeyRequest, _auth_service_pb2.ExchangeApiKeyResponse]
-    """Exchanges an API key for an access token. No authentication required."""
+    """Exchanges an API key for an access token. No authentication required; rate limited like Login."""
     RefreshToken: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.RefreshTokenRequest, _auth_service_pb2.RefreshTokenResponse]
     """Rotates a refresh token: returns a new pair and invalidates the old refresh token. Reusing a rotated
-    refresh token revokes its whole family. No authentication required.
+    refresh token revokes its whole family. A login ends at the latest its absolute lifetime after the password
+    was given, however often it is refreshed. No authentication required.
+    """
+    Logout: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.LogoutRequest, _auth_service_pb2.LogoutResponse]
+    """Ends a login: revokes the refresh token's family and every access token issued from it. No authentication
+    required (the refresh token is the credential).
     """
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.GetJwksRequest, _auth_service_pb2.GetJwksResponse]
     """Publishes the public keys that verify access tokens (JWKS). No authentication required."""
+    GetRevocations: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.GetRevocationsRequest, _auth_service_pb2.GetRevocationsResponse]
+    """Publishes the credentials and subjects whose tokens are refused (every service refetches this list with
+    the JWKS). No authentication required.
+    """
     RotateSigningKey: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.RotateSigningKeyRequest, _auth_service_pb2.RotateSigningKeyResponse]
     """Creates a new signing key; old keys keep verifying until their tokens expire. Platform admins only."""
+    CreateDelegation: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.CreateDelegationRequest, _auth_service_pb2.CreateDelegationResponse]
+    """Lets a mesh service act for the caller in one tenant for one job, for as long as the job runs: returns a
+    delegation secret (shown once, stored only hashed) that the service exchanges for short access tokens.
+    With mutual TLS, only the delegate service itself may request it (its certificate on the connection) and
+    exchange it. Needs jobs:write in the tenant.
+    """
+    ExchangeDelegation: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.ExchangeDelegationRequest, _auth_service_pb2.ExchangeDelegationResponse]
+    """Exchanges a delegation secret for an access token of the delegating subject, valid only in the
+    delegation's tenant. No token required (the secret and, with mutual TLS, the delegate's certificate are the
+    credentials).
+    """
+    RevokeDelegation: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.RevokeDelegationRequest, _auth_service_pb2.RevokeDelegationResponse]
+    """Revokes a delegation (its job ended); its tokens are refused. No token required (the secret is the credential)."""
     WhoAmI: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.WhoAmIRequest, _auth_service_pb2.WhoAmIResponse]
     """Describes the calling principal and its role bindings."""
     CheckPermission: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.CheckPermissionRequest, _auth_service_pb2.CheckPermissionResponse]
@@ -101,24 +138,61 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Lists the users of a tenant."""
     CreateServiceAccount: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.CreateServiceAccountRequest, _auth_service_pb2.CreateServiceAccountResponse]  # type: ignore[assignment]
     """Creates a service account (a machine identity that authenticates with API keys)."""
+    DisableUser: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.DisableUserRequest, _auth_service_pb2.DisableUserResponse]  # type: ignore[assignment]
+    """Disables a user or service account: it can no longer log in, refresh, exchange its API keys or act through
+    job delegations (which are revoked), and every token issued to it before is refused. Needs users:write in
+    the tenant and the right to grant every role the subject holds.
+    """
+    EnableUser: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.EnableUserRequest, _auth_service_pb2.EnableUserResponse]  # type: ignore[assignment]
+    """Enables a disabled user or service account again (tokens issued before it was disabled stay refused)."""
+    ChangePassword: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.ChangePasswordRequest, _auth_service_pb2.ChangePasswordResponse]  # type: ignore[assignment]
+    """Changes the caller's own password (the current one is required); the caller's other logins end."""
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.CreateApiKeyRequest, _auth_service_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
-    """Creates an API key for a user or service account. The secret is returned once and stored only hashed."""
+    """Creates an API key for the caller, or for a user or service account whose roles the caller may all grant
+    (users:write in the tenant; platform roles need platform rights). The secret is returned once and stored
+    only hashed.
+    """
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.ListApiKeysRequest, _auth_service_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     """Lists API keys (never their secrets)."""
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.RevokeApiKeyRequest, _auth_service_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
-    """Revokes an API key; tokens it was exchanged for stop refreshing."""
+    """Revokes an API key; tokens it was exchanged for are refused (see GetRevocations)."""
     Login: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.LoginRequest, _auth_service_pb2.LoginResponse]  # type: ignore[assignment]
-    """Exchanges a user's password for an access token and a refresh token. No authentication required."""
+    """Exchanges a user's password for an access token and a refresh token. No authentication required. An expired
+    password (the first-start admin's) is refused with FAILED_PRECONDITION unless new_password sets a new one.
+    Attempts are rate limited per client address and per account (RESOURCE_EXHAUSTED with a retry hint).
+    """
     ExchangeApiKey: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.ExchangeApiKeyRequest, _auth_service_pb2.ExchangeApiKeyResponse]  # type: ignore[assignment]
-    """Exchanges an API key for an access token. No authentication required."""
+    """Exchanges an API key for an access token. No authentication required; rate limited like Login."""
     RefreshToken: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.RefreshTokenRequest, _auth_service_pb2.RefreshTokenResponse]  # type: ignore[assignment]
     """Rotates a refresh token: returns a new pair and invalidates the old refresh token. Reusing a rotated
-    refresh token revokes its whole family. No authentication required.
+    refresh token revokes its whole family. A login ends at the latest its absolute lifetime after the password
+    was given, however often it is refreshed. No authentication required.
+    """
+    Logout: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.LogoutRequest, _auth_service_pb2.LogoutResponse]  # type: ignore[assignment]
+    """Ends a login: revokes the refresh token's family and every access token issued from it. No authentication
+    required (the refresh token is the credential).
     """
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.GetJwksRequest, _auth_service_pb2.GetJwksResponse]  # type: ignore[assignment]
     """Publishes the public keys that verify access tokens (JWKS). No authentication required."""
+    GetRevocations: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.GetRevocationsRequest, _auth_service_pb2.GetRevocationsResponse]  # type: ignore[assignment]
+    """Publishes the credentials and subjects whose tokens are refused (every service refetches this list with
+    the JWKS). No authentication required.
+    """
     RotateSigningKey: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.RotateSigningKeyRequest, _auth_service_pb2.RotateSigningKeyResponse]  # type: ignore[assignment]
     """Creates a new signing key; old keys keep verifying until their tokens expire. Platform admins only."""
+    CreateDelegation: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.CreateDelegationRequest, _auth_service_pb2.CreateDelegationResponse]  # type: ignore[assignment]
+    """Lets a mesh service act for the caller in one tenant for one job, for as long as the job runs: returns a
+    delegation secret (shown once, stored only hashed) that the service exchanges for short access tokens.
+    With mutual TLS, only the delegate service itself may request it (its certificate on the connection) and
+    exchange it. Needs jobs:write in the tenant.
+    """
+    ExchangeDelegation: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.ExchangeDelegationRequest, _auth_service_pb2.ExchangeDelegationResponse]  # type: ignore[assignment]
+    """Exchanges a delegation secret for an access token of the delegating subject, valid only in the
+    delegation's tenant. No token required (the secret and, with mutual TLS, the delegate's certificate are the
+    credentials).
+    """
+    RevokeDelegation: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.RevokeDelegationRequest, _auth_service_pb2.RevokeDelegationResponse]  # type: ignore[assignment]
+    """Revokes a delegation (its job ended); its tokens are refused. No token required (the secret is the credential)."""
     WhoAmI: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.WhoAmIRequest, _auth_service_pb2.WhoAmIResponse]  # type: ignore[assignment]
     """Describes the calling principal and its role bindings."""
     CheckPermission: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.CheckPermissionRequest, _auth_service_pb2.CheckPermissionResponse]  # type: ignore[assignment]
@@ -189,12 +263,42 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a service account (a machine identity that authenticates with API keys)."""
 
     @_abc_1.abstractmethod
+    def DisableUser(
+        self,
+        request: _auth_service_pb2.DisableUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_service_pb2.DisableUserResponse, _abc.Awaitable[_auth_service_pb2.DisableUserResponse]]:
+        """Disables a user or service account: it can no longer log in, refresh, exchange its API keys or act through
+        job delegations (which are revoked), and every token issued to it before is refused. Needs users:write in
+        the tenant and the right to grant every role the subject holds.
+        """
+
+    @_abc_1.abstractmethod
+    def EnableUser(
+        self,
+        request: _auth_service_pb2.EnableUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_service_pb2.EnableUserResponse, _abc.Awaitable[_auth_service_pb2.EnableUserResponse]]:
+        """Enables a disabled user or service account again (tokens issued before it was disabled stay refused)."""
+
+    @_abc_1.abstractmethod
+    def ChangePassword(
+        self,
+        request: _auth_service_pb2.ChangePasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_service_pb2.ChangePasswordResponse, _abc.Awaitable[_auth_service_pb2.ChangePasswordResponse]]:
+        """Changes the caller's own password (the current one is required); the caller's other logins end."""
+
+    @_abc_1.abstractmethod
     def CreateApiKey(
         self,
         request: _auth_service_pb2.CreateApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.CreateApiKeyResponse, _abc.Awaitable[_auth_service_pb2.CreateApiKeyResponse]]:
-        """Creates an API key for a user or service account. The secret is returned once and stored only hashed."""
+        """Creates an API key for the caller, or for a user or service account whose roles the caller may all grant
+        (users:write in the tenant; platform roles need platform rights). The secret is returned once and stored
+        only hashed.
+        """
 
     @_abc_1.abstractmethod
     def ListApiKeys(
@@ -210,7 +314,7 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_service_pb2.RevokeApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.RevokeApiKeyResponse, _abc.Awaitable[_auth_service_pb2.RevokeApiKeyResponse]]:
-        """Revokes an API key; tokens it was exchanged for stop refreshing."""
+        """Revokes an API key; tokens it was exchanged for are refused (see GetRevocations)."""
 
     @_abc_1.abstractmethod
     def Login(
@@ -218,7 +322,10 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_service_pb2.LoginRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.LoginResponse, _abc.Awaitable[_auth_service_pb2.LoginResponse]]:
-        """Exchanges a user's password for an access token and a refresh token. No authentication required."""
+        """Exchanges a user's password for an access token and a refresh token. No authentication required. An expired
+        password (the first-start admin's) is refused with FAILED_PRECONDITION unless new_password sets a new one.
+        Attempts are rate limited per client address and per account (RESOURCE_EXHAUSTED with a retry hint).
+        """
 
     @_abc_1.abstractmethod
     def ExchangeApiKey(
@@ -226,7 +333,7 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_service_pb2.ExchangeApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.ExchangeApiKeyResponse, _abc.Awaitable[_auth_service_pb2.ExchangeApiKeyResponse]]:
-        """Exchanges an API key for an access token. No authentication required."""
+        """Exchanges an API key for an access token. No authentication required; rate limited like Login."""
 
     @_abc_1.abstractmethod
     def RefreshToken(
@@ -235,7 +342,18 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.RefreshTokenResponse, _abc.Awaitable[_auth_service_pb2.RefreshTokenResponse]]:
         """Rotates a refresh token: returns a new pair and invalidates the old refresh token. Reusing a rotated
-        refresh token revokes its whole family. No authentication required.
+        refresh token revokes its whole family. A login ends at the latest its absolute lifetime after the password
+        was given, however often it is refreshed. No authentication required.
+        """
+
+    @_abc_1.abstractmethod
+    def Logout(
+        self,
+        request: _auth_service_pb2.LogoutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_service_pb2.LogoutResponse, _abc.Awaitable[_auth_service_pb2.LogoutResponse]]:
+        """Ends a login: revokes the refresh token's family and every access token issued from it. No authentication
+        required (the refresh token is the credential).
         """
 
     @_abc_1.abstractmethod
@@ -247,12 +365,53 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """Publishes the public keys that verify access tokens (JWKS). No authentication required."""
 
     @_abc_1.abstractmethod
+    def GetRevocations(
+        self,
+        request: _auth_service_pb2.GetRevocationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_service_pb2.GetRevocationsResponse, _abc.Awaitable[_auth_service_pb2.GetRevocationsResponse]]:
+        """Publishes the credentials and subjects whose tokens are refused (every service refetches this list with
+        the JWKS). No authentication required.
+        """
+
+    @_abc_1.abstractmethod
     def RotateSigningKey(
         self,
         request: _auth_service_pb2.RotateSigningKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_service_pb2.RotateSigningKeyResponse, _abc.Awaitable[_auth_service_pb2.RotateSigningKeyResponse]]:
         """Creates a new signing key; old keys keep verifying until their tokens expire. Platform admins only."""
+
+    @_abc_1.abstractmethod
+    def CreateDelegation(
+        self,
+        request: _auth_service_pb2.CreateDelegationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_service_pb2.CreateDelegationResponse, _abc.Awaitable[_auth_service_pb2.CreateDelegationResponse]]:
+        """Lets a mesh service act for the caller in one tenant for one job, for as long as the job runs: returns a
+        delegation secret (shown once, stored only hashed) that the service exchanges for short access tokens.
+        With mutual TLS, only the delegate service itself may request it (its certificate on the connection) and
+        exchange it. Needs jobs:write in the tenant.
+        """
+
+    @_abc_1.abstractmethod
+    def ExchangeDelegation(
+        self,
+        request: _auth_service_pb2.ExchangeDelegationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_service_pb2.ExchangeDelegationResponse, _abc.Awaitable[_auth_service_pb2.ExchangeDelegationResponse]]:
+        """Exchanges a delegation secret for an access token of the delegating subject, valid only in the
+        delegation's tenant. No token required (the secret and, with mutual TLS, the delegate's certificate are the
+        credentials).
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeDelegation(
+        self,
+        request: _auth_service_pb2.RevokeDelegationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_service_pb2.RevokeDelegationResponse, _abc.Awaitable[_auth_service_pb2.RevokeDelegationResponse]]:
+        """Revokes a delegation (its job ended); its tokens are refused. No token required (the secret is the credential)."""
 
     @_abc_1.abstractmethod
     def WhoAmI(
