@@ -38,9 +38,17 @@ def use_private_umask() -> None:
 
 
 def private_dir(path: Path) -> Path:
-    """``path`` (and missing parents) as a directory of mode 0700; an existing one is made 0700 too."""
-    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
-    os.chmod(path, PRIVATE_DIR_MODE)
+    """``path`` as a directory of mode 0700, missing parents too (``mkdir -p`` would give them the default mode);
+    an existing one this user owns is made 0700 as well (data directories of earlier versions)."""
+    missing = []
+    parent = path
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+    if path.stat().st_uid == os.getuid():
+        os.chmod(path, PRIVATE_DIR_MODE)
     return path
 
 

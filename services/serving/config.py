@@ -10,6 +10,7 @@ from pathlib import Path
 from services.mesh.config import MeshSettings, load_settings, setting
 from services.mesh.errors import InvalidArgument
 from services.serving.s3mirror import S3RepositoryURL, is_s3_url
+from services.serving.triton import TLS_FILES, TritonAccess
 
 __all__ = ["ServingSettings", "FLAVOURS"]
 
@@ -22,6 +23,16 @@ class ServingSettings(MeshSettings):
     """MeshSettings plus Triton, the live repository, rollout limits and the gateway's limits."""
 
     triton_grpc_addr: str = setting("127.0.0.1:50061", "Triton's KServe v2 gRPC endpoint.")
+    triton_tls_dir: str = setting(
+        "",
+        "Directory with ca.pem, client.pem and client-key.pem: mutual TLS to Triton's gRPC endpoint (`aidc up` makes "
+        "them, in <data_dir>/triton/tls); empty: plaintext.",
+    )
+    triton_access_key_file: str = setting(
+        "",
+        "File holding the secret of Triton's --grpc-restricted-protocol (key aidc-triton-key), sent on every call to "
+        "Triton (a cluster's Secret); empty: none.",
+    )
     model_repository: str = setting(
         "",
         "Triton's live model repository; empty means <data_dir>/model_repository. An s3://host:port/bucket/prefix "
@@ -77,11 +88,21 @@ class ServingSettings(MeshSettings):
             raise ValueError("AIDC_SERVING_RATE_LIMIT_PER_SECOND and AIDC_SERVING_BUDGET_CACHE_SECONDS must be >= 0")
         if self.serving_rate_limit_burst < 1:
             raise ValueError("AIDC_SERVING_RATE_LIMIT_BURST must be at least 1")
+        for env, path in (
+            ("AIDC_TRITON_TLS_DIR", self.triton_tls_dir and Path(self.triton_tls_dir) / TLS_FILES[0]),
+            ("AIDC_TRITON_ACCESS_KEY_FILE", self.triton_access_key_file and Path(self.triton_access_key_file)),
+        ):
+            if path and not path.is_file():
+                raise ValueError(f"{env}: {path} is not a readable file")
         if self.model_repository_s3:
             try:
                 S3RepositoryURL.parse(self.model_repository_s3)
             except InvalidArgument as exc:
                 raise ValueError(f"AIDC_MODEL_REPOSITORY: {exc.message}") from None
+
+    def triton_access(self) -> TritonAccess:
+        """How this service reaches Triton (reads the access key file)."""
+        return TritonAccess.from_files(self.triton_grpc_addr, self.triton_tls_dir, self.triton_access_key_file)
 
     @property
     def serving_dir(self) -> Path:

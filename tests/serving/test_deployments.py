@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import create_engine, update
+from sqlalchemy import update
 from transformers import AutoTokenizer
 
 from services.gen.aidc.serving.v1 import serving_service_pb2 as pb
@@ -27,7 +27,7 @@ from services.training.runner.tiny import keyword_dataset
 from tests.serving.conftest import RunningServing, fine_tune, serving_settings, start_serving
 from tests.serving.sample_support import SAMPLE_DIR
 from tests.serving.triton import TritonProcess
-from tests.storage.conftest import RunningStorage
+from tests.storage.conftest import RunningStorage, storage_database
 from tests.training.conftest import RunningTraining
 
 pytestmark = pytest.mark.slow
@@ -79,17 +79,13 @@ async def _swap_in_storage(storage: RunningStorage, training: RunningTraining, v
     [model] = [a for a in found.artifacts if a.role == "model"]
     files = storage.client("acme/dev")
     await files.delete("acme", model.name, kind=storage_pb.OBJECT_KIND_ARTIFACT, version=model.version)
-    engine = create_engine(storage.settings.database_url_for("storage"))
-    try:
-        with engine.begin() as conn:
-            c = object_counters.c
-            conn.execute(
-                update(object_counters)
-                .where(c.tenant == "acme", c.name == model.name)
-                .values(last_version=model.version - 1)
-            )
-    finally:
-        engine.dispose()
+    with storage_database(storage.settings) as engine, engine.begin() as conn:
+        c = object_counters.c
+        conn.execute(
+            update(object_counters)
+            .where(c.tenant == "acme", c.name == model.name)
+            .values(last_version=model.version - 1)
+        )
     swapped = await files.upload("acme", model.name, content, kind=storage_pb.OBJECT_KIND_ARTIFACT)
     assert (swapped.name, swapped.version) == (model.name, model.version)
 

@@ -448,7 +448,7 @@ async def test_concurrent_requests_are_batched_and_bad_ones_fail_alone(
         if i % 6 == 5:
             requests.append(bad[i // 6])
 
-    async with triton_aio.InferenceServerClient(triton.grpc_addr) as aio:
+    async with triton_aio.InferenceServerClient(triton.grpc_addr, creds=triton.access.credentials()) as aio:
         before = await _executions(aio, served)
         answers = await asyncio.gather(*(aio.infer(served, inputs) for inputs, _ in requests), return_exceptions=True)
         after = await _executions(aio, served)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select, text
 
 from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
 from services.mesh import errors
@@ -17,7 +17,7 @@ from services.storage.config import StorageSettings
 from services.storage.schema import object_counters
 from tests.conftest import RunningAuth
 from tests.postgres import postgres_cluster, postgres_url  # noqa: F401 - fixtures
-from tests.storage.conftest import RunningStorage, start_storage, storage_env
+from tests.storage.conftest import RunningStorage, start_storage, storage_database, storage_env
 from tests.storage.seaweed import SeaweedFS
 
 ARTIFACT = pb.OBJECT_KIND_ARTIFACT
@@ -25,7 +25,7 @@ ARTIFACT = pb.OBJECT_KIND_ARTIFACT
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """"" (the default SQLite file) or a fresh PostgreSQL database."""
+    """Empty (the default SQLite file) or the URL of a fresh PostgreSQL database."""
     yield "" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
 
 
@@ -79,13 +79,9 @@ async def test_databases_from_before_the_counters_keep_their_numbers(
         await running.server.stop(0)
 
     # Back to the schema of the code before the counters: table and migration record gone.
-    engine = create_engine(settings.database_url_for("storage"))
-    try:
-        with engine.begin() as conn:
-            object_counters.drop(conn)
-            conn.execute(text("DELETE FROM schema_migrations WHERE component = 'storage' AND version = 3"))
-    finally:
-        engine.dispose()
+    with storage_database(settings) as engine, engine.begin() as conn:
+        object_counters.drop(conn)
+        conn.execute(text("DELETE FROM schema_migrations WHERE component = 'storage' AND version = 3"))
 
     running = await start_storage(settings, tokens)
     try:
@@ -100,15 +96,11 @@ async def test_databases_from_before_the_counters_keep_their_numbers(
         await running.close()
         await running.server.stop(0)
 
-    engine = create_engine(settings.database_url_for("storage"))
-    try:
-        with engine.connect() as conn:
-            assert engine.dialect.name == ("postgresql" if database_url else "sqlite")
-            migrations = conn.execute(
-                text("SELECT version FROM schema_migrations WHERE component = 'storage' ORDER BY version")
-            ).scalars()
-            assert list(migrations) == [1, 2, 3]
-            counters = conn.execute(select(object_counters.c.name, object_counters.c.last_version)).all()
-            assert [tuple(row) for row in counters] == [("exports/model.pt", 5)]
-    finally:
-        engine.dispose()
+    with storage_database(settings) as engine, engine.connect() as conn:
+        assert engine.dialect.name == ("postgresql" if database_url else "sqlite")
+        migrations = conn.execute(
+            text("SELECT version FROM schema_migrations WHERE component = 'storage' ORDER BY version")
+        ).scalars()
+        assert list(migrations) == [1, 2, 3]
+        counters = conn.execute(select(object_counters.c.name, object_counters.c.last_version)).all()
+        assert [tuple(row) for row in counters] == [("exports/model.pt", 5)]
