@@ -10,7 +10,7 @@ from pathlib import Path
 from services.mesh.config import MeshSettings, load_settings, setting
 from services.mesh.errors import InvalidArgument
 from services.serving.s3mirror import S3RepositoryURL, is_s3_url
-from services.serving.triton import TLS_FILES, TritonAccess
+from services.serving.triton import TritonAccess
 
 __all__ = ["ServingSettings", "FLAVOURS"]
 
@@ -88,12 +88,6 @@ class ServingSettings(MeshSettings):
             raise ValueError("AIDC_SERVING_RATE_LIMIT_PER_SECOND and AIDC_SERVING_BUDGET_CACHE_SECONDS must be >= 0")
         if self.serving_rate_limit_burst < 1:
             raise ValueError("AIDC_SERVING_RATE_LIMIT_BURST must be at least 1")
-        for env, path in (
-            ("AIDC_TRITON_TLS_DIR", self.triton_tls_dir and Path(self.triton_tls_dir) / TLS_FILES[0]),
-            ("AIDC_TRITON_ACCESS_KEY_FILE", self.triton_access_key_file and Path(self.triton_access_key_file)),
-        ):
-            if path and not path.is_file():
-                raise ValueError(f"{env}: {path} is not a readable file")
         if self.model_repository_s3:
             try:
                 S3RepositoryURL.parse(self.model_repository_s3)
@@ -101,7 +95,8 @@ class ServingSettings(MeshSettings):
                 raise ValueError(f"AIDC_MODEL_REPOSITORY: {exc.message}") from None
 
     def triton_access(self) -> TritonAccess:
-        """How this service reaches Triton (reads the access key file)."""
+        """How this service reaches Triton (reads the access key file; the TLS files are read when a channel is
+        made: a missing one stops the service at start)."""
         return TritonAccess.from_files(self.triton_grpc_addr, self.triton_tls_dir, self.triton_access_key_file)
 
     @property

@@ -405,7 +405,7 @@ def test_triton_serves_the_mirrored_repository(
     sample: ExportBundle,
     renamed_sample: ExportBundle,
 ) -> None:
-    url = s3_triton.env["AIDC_MODEL_REPOSITORY"]
+    url = s3_triton.platform.model_repository_url
     assert f"--model-repository={url}" in s3_triton.argv
     mirror = _mirror(seaweed, url)
     live = LiveRepository(tmp_path / "serving" / "model_repository", mirror=mirror)
