@@ -3,8 +3,8 @@
 
 Kubernetes' built-in gRPC probes speak plaintext and cannot present a client certificate, while a mesh service's port
 requires one (AIDC_CLIENT_AUTH=require). This probe runs inside the container, so it can: it reads the same AIDC_*
-settings as the service, connects to 127.0.0.1 (in every certificate `aidc certs` issues) and presents the service's
-certificate. Health is a public RPC, so no token is needed.
+settings as the service, connects to 127.0.0.1 (in every service certificate `aidc certs` issues) and presents the
+service's certificate. Health is a public RPC, so no token is needed.
 
     aidc-healthcheck [SERVICE] [--live]
 

@@ -139,8 +139,8 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         return pb.CheckPermissionResponse(allowed=allowed)
 
     async def BatchCheckPermission(self, request: pb.BatchCheckPermissionRequest, context: ServicerContext) -> Any:
-        caller = require_principal()
-        decisions = [self._core.check(caller, c.subject, c.tenant, c.resource, c.action) for c in request.checks]
+        checks = [(c.subject, c.tenant, c.resource, c.action) for c in request.checks]
+        decisions = await self._core.check_all(require_principal(), checks)
         return pb.BatchCheckPermissionResponse(allowed=decisions)
 
     async def AssignRole(self, request: pb.AssignRoleRequest, context: ServicerContext) -> Any:

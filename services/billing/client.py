@@ -172,15 +172,17 @@ class BillingClient(ServiceClient):
         *,
         thresholds: Sequence[int] = (),
         enforce: bool = False,
-        prepaid: bool = False,
+        prepaid: bool | None = None,
     ) -> pb.Budget:
+        """Sets ``tenant``'s budget; ``prepaid`` None leaves it as it is (only the platform may change it)."""
         request = pb.SetBudgetRequest(
             tenant=tenant,
             monthly_limit=monthly_limit,
             alert_threshold_percents=list(thresholds),
             enforce=enforce,
-            prepaid=prepaid,
         )
+        if prepaid is not None:
+            request.prepaid = prepaid
         return (await self._unary(self.stub.SetBudget, request, idempotent=True)).budget
 
     async def grant_credit(

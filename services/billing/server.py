@@ -13,7 +13,7 @@ from services.billing.servicer import BillingServicer
 from services.billing.store import BillingStore
 from services.gen.aidc.billing.v1 import billing_service_pb2_grpc
 from services.mesh.db import open_database
-from services.mesh.security import secured_server
+from services.mesh.security import mesh_security, secured_server
 from services.mesh.server import MeshServer, Registration
 
 __all__ = ["build_server", "SERVICE"]
@@ -43,7 +43,8 @@ async def build_server(settings: BillingSettings, address: str | None = None) ->
     )
     core = BillingCore(store, policy)
     await asyncio.to_thread(core.start)
-    servicer = BillingServicer(core)
+    security = mesh_security(settings, SERVICE)
+    servicer = BillingServicer(core, security.checker)
     refresher = asyncio.create_task(
         _refresh_budgets(core, settings.billing_budget_refresh_seconds), name="billing-budget-refresh"
     )
@@ -66,4 +67,5 @@ async def build_server(settings: BillingSettings, address: str | None = None) ->
         permissions=PERMISSIONS,
         on_stop=[close],
         address=address,
+        security=security,
     )

@@ -42,6 +42,7 @@ from services.billing.core.service import BillingCore
 from services.gen.aidc.billing.v1 import billing_service_pb2 as pb
 from services.gen.aidc.billing.v1 import billing_service_pb2_grpc
 from services.gen.aidc.common.v1 import common_pb2
+from services.mesh.authz import PermissionChecker
 from services.mesh.errors import InvalidArgument
 from services.mesh.identity import PLATFORM_TENANT, require_principal
 
@@ -219,6 +220,8 @@ def _budget_message(budget: Budget | None, tenant: str) -> pb.Budget:
         enforce=budget.enforce,
         prepaid=budget.prepaid,
         update_time=_ts(budget.update_ns),
+        platform_monthly_limit=_money(budget.platform_limit_micros, budget.currency),
+        platform_enforce=budget.platform_enforce,
     )
 
 
@@ -293,8 +296,9 @@ def _page(token: str) -> common_pb2.PageResponse:
 class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
     """Each RPC: unpack, call the core (in a worker thread), pack."""
 
-    def __init__(self, core: BillingCore) -> None:
+    def __init__(self, core: BillingCore, checker: PermissionChecker) -> None:
         self._core = core
+        self._checker = checker
 
     @staticmethod
     async def _call(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -399,6 +403,8 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
     async def SetBudget(self, request: pb.SetBudgetRequest, context: ServicerContext) -> Any:
         tenant = _scope(request.tenant)
         limit = request.monthly_limit if request.HasField("monthly_limit") else None
+        # The permission table let the caller write budgets in this tenant; platform terms need the platform scope.
+        by_platform = await self._checker.check(require_principal().subject, PLATFORM_TENANT, "budgets", "write")
         budget = await self._call(
             self._core.set_budget,
             tenant,
@@ -406,7 +412,8 @@ class BillingServicer(billing_service_pb2_grpc.BillingServiceServicer):
             "" if limit is None else limit.currency,
             list(request.alert_threshold_percents),
             enforce=request.enforce,
-            prepaid=request.prepaid,
+            prepaid=request.prepaid if request.HasField("prepaid") else None,
+            by_platform=by_platform,
         )
         return pb.SetBudgetResponse(budget=_budget_message(budget, tenant))
 

@@ -267,12 +267,19 @@ def budget_set(
         list[int] | None, typer.Option("--threshold", help="Alert at this percent of the limit (repeatable).")
     ] = None,
     enforce: Annotated[bool, typer.Option("--enforce", help="Refuse spend beyond the limit.")] = False,
-    prepaid: Annotated[bool, typer.Option("--prepaid", help="Refuse spend beyond the prepaid credit.")] = False,
+    prepaid: Annotated[
+        bool | None,
+        typer.Option(
+            "--prepaid/--postpaid",
+            help="Platform admins: refuse spend beyond the prepaid credit, or stop (default: leave as it is).",
+        ),
+    ] = None,
     remove: Annotated[bool, typer.Option("--remove", help="Remove the budget.")] = False,
 ) -> None:
-    """Set (or remove) a tenant's monthly budget, its alert thresholds and enforcement."""
-    if remove == bool(limit or prepaid):
-        raise typer.BadParameter("give --limit and/or --prepaid, or --remove")
+    """Set (or remove) a tenant's monthly budget, its alert thresholds and enforcement. A tenant-admin may lower or
+    enforce a limit the platform set, not raise, remove or unenforce it."""
+    if (remove and limit) or (not remove and not limit and prepaid is None):
+        raise typer.BadParameter("give --limit (and/or --prepaid/--postpaid), or --remove")
     micros = parse_money(limit) if limit else None
 
     async def work(client: BillingClient, _: CliSession) -> pb.Budget:
@@ -304,6 +311,12 @@ def budget_show(tenant: TenantOption = "") -> None:
         ("remaining", _money(balance.remaining_budget) if balance.HasField("remaining_budget") else "-"),
         ("alerts at", ", ".join(f"{p}%" for p in budget.alert_threshold_percents) or "-"),
         ("enforced", "yes" if budget.enforce else "no"),
+        (
+            "platform limit",
+            (_money(budget.platform_monthly_limit) + (", enforced" if budget.platform_enforce else ""))
+            if budget.HasField("platform_monthly_limit")
+            else "none",
+        ),
         ("prepaid", "yes" if budget.prepaid else "no"),
         ("credit balance", _money(balance.credit_balance)),
         ("as of", _when(balance.as_of_time)),

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
+from services.mesh.certs import check_service_certificate
 from services.mesh.config import MeshSettings, parse_address
 from services.mesh.errors import InvalidArgument
 from services.mesh.identity import current_principal
@@ -57,9 +58,12 @@ def client_credentials(certs_dir: Path, identity: str | None) -> grpc.ChannelCre
 
 
 def server_credentials(certs_dir: Path, service: str, require_client_auth: bool) -> grpc.ServerCredentials:
-    """The service's certificate, and (for mutual TLS) the CA that client certificates must chain to."""
+    """The service's certificate, and (for mutual TLS) the CA that client certificates must chain to. Refuses to
+    serve with anything but this service's own service certificate (an old or a client certificate)."""
+    certificate = _read(certs_dir / f"{service}.pem")
+    check_service_certificate(certificate, service, certs_dir / f"{service}.pem")
     return grpc.ssl_server_credentials(
-        [(_read(certs_dir / f"{service}-key.pem"), _read(certs_dir / f"{service}.pem"))],
+        [(_read(certs_dir / f"{service}-key.pem"), certificate)],
         root_certificates=_read(certs_dir / "ca.pem"),
         require_client_auth=require_client_auth,
     )

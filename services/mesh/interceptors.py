@@ -1,5 +1,5 @@
-"""The server interceptors every service runs, outermost first: tracing, error mapping, deadlines,
-authentication, authorization. Each wraps the RPC's behavior; none knows about any particular service.
+"""The server interceptors every service runs, outermost first: tracing, error mapping, deadlines, request size
+limits, authentication, authorization. Each wraps the RPC's behavior; none knows about any particular service.
 """
 
 from __future__ import annotations
@@ -12,17 +12,21 @@ from contextvars import ContextVar
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc.aio import ServicerContext
 from opentelemetry import trace
 
 from services.mesh.authz import PermissionChecker, PermissionTable, Scope, decide_scope_tenant
+from services.mesh.certs import SERVICE_URI_PREFIX
 from services.mesh.config import SERVICE_NAMES
 from services.mesh.errors import PermissionDenied, Unauthenticated, status_for
 from services.mesh.identity import PLATFORM_TENANT, Principal, TokenVerifier, bearer_token, current_principal
+from services.mesh.limits import RequestLimits
 
 __all__ = [
     "ErrorMappingInterceptor",
     "DeadlineInterceptor",
+    "RequestLimitInterceptor",
     "AuthenticationInterceptor",
     "AuthorizationInterceptor",
     "current_deadline",
@@ -224,15 +228,78 @@ class DeadlineInterceptor(_WrappingInterceptor):
         return _around(behavior, request_streaming, response_streaming, before)
 
 
+def _declared_request_type(method: str) -> Any:
+    """The request type the contract declares for ``/package.Service/Method``; None when no loaded contract has it."""
+    try:
+        return descriptor_pool.Default().FindMethodByName(method.lstrip("/").replace("/", ".")).input_type
+    except KeyError:
+        return None
+
+
+class RequestLimitInterceptor(_WrappingInterceptor):
+    """Refuses, with INVALID_ARGUMENT naming the field, every request message (each message of a request stream)
+    whose repeated fields or maps hold more items than ``RequestLimits`` allows.
+
+    RPCs whose declared request type cannot hold any are not wrapped at all; pass-through handlers (the inference
+    gateway forwards raw bytes) are not messages and pass unchecked.
+    """
+
+    def __init__(self, limits: RequestLimits | None = None) -> None:
+        self._limits = limits or RequestLimits()
+
+    def decorate(
+        self,
+        behavior: Behavior,
+        request_streaming: bool,
+        response_streaming: bool,
+        details: grpc.HandlerCallDetails,
+    ) -> Behavior:
+        declared = _declared_request_type(details.method)
+        if declared is not None and self._limits.plan_of(declared) is None:
+            return behavior
+        check = self._limits.check
+        if not request_streaming:
+
+            async def before(request: Any, _context: ServicerContext) -> None:
+                check(request)
+
+            return _around(behavior, request_streaming, response_streaming, before)
+
+        async def checked(requests: Any) -> AsyncIterator[Any]:
+            async for request in requests:
+                check(request)
+                yield request
+
+        if response_streaming:
+
+            async def stream_stream(requests: Any, context: ServicerContext) -> AsyncIterator[Any]:
+                async for response in behavior(checked(requests), context):
+                    yield response
+
+            return stream_stream
+
+        async def stream_unary(requests: Any, context: ServicerContext) -> Any:
+            return await behavior(checked(requests), context)
+
+        return stream_unary
+
+
 def _peer_service(context: ServicerContext) -> str | None:
-    """The mesh service named by a verified client certificate ("aidc-<service>"), if any."""
+    """The mesh service a verified client certificate names by its URI ``spiffe://aidc/service/<service>``, if any.
+
+    Only service certificates carry that URI (clients' carry ``spiffe://aidc/client/<name>``); the common name grants
+    nothing, so no client certificate, whatever it is called, becomes a service identity.
+    """
     auth = context.auth_context()
     if auth.get("transport_security_type") != [b"ssl"]:
         return None
-    names = list(auth.get("x509_common_name") or [])
-    if not names:
+    uris = list(auth.get("peer_spiffe_id") or ())
+    if len(uris) != 1:
         return None
-    service = names[0].decode().removeprefix("aidc-")
+    uri = uris[0].decode()
+    if not uri.startswith(SERVICE_URI_PREFIX):
+        return None
+    service = uri[len(SERVICE_URI_PREFIX) :]
     return service if service in SERVICE_NAMES else None
 
 

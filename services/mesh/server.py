@@ -27,6 +27,7 @@ from services.mesh.interceptors import (
     AuthorizationInterceptor,
     DeadlineInterceptor,
     ErrorMappingInterceptor,
+    RequestLimitInterceptor,
 )
 from services.mesh.logs import configure_logging
 from services.mesh.telemetry import init_telemetry, shutdown_telemetry
@@ -116,6 +117,7 @@ class MeshServer:
                 aio_server_interceptor(filter_=_per_method(negate(_NOT_TRACED))),
                 ErrorMappingInterceptor(),
                 DeadlineInterceptor(),
+                RequestLimitInterceptor(),
                 AuthenticationInterceptor(table, self.verifier),
                 AuthorizationInterceptor(table, self.checker),
             ],

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from services.mesh.certs import init_certificates, issue_certificate
+from services.mesh.certs import init_certificates, issue_service_certificate
 from services.mesh.config import SERVICE_NAMES, MeshSettings, describe_settings, parse_address
 from services.mesh.files import private_dir, write_private
 from services.platform.config import PlatformSettings
@@ -213,8 +213,8 @@ def write_triton_tls(platform: Platform) -> None:
     made for this Triton (the next `aidc up` makes a new CA)."""
     directory = platform.triton_tls_dir
     host, _ = parse_address(platform.platform.triton_grpc_addr)
-    init_certificates(directory, identities=("client",), force=True)
-    issue_certificate(directory, "triton", hosts=(host,))
+    init_certificates(directory, services=(), clients=("client",), force=True)
+    issue_service_certificate(directory, "triton", hosts=(host,))
     (directory / "ca-key.pem").unlink()
 
 

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from services.billing.client import BillingClient, money, usage_event
-from services.billing.store import metadata
+from services.billing.schema import metadata
 from services.gen.aidc.billing.v1 import billing_service_pb2 as pb
 from services.mesh import errors
 from tests.billing.conftest import RunningBilling

@@ -6,18 +6,22 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, text
 
 from services.billing.client import money, usage_event
 from services.billing.core.model import AlertKind, UsageEvent
 from services.billing.core.periods import HOUR_NS, month_start, next_month
 from services.billing.core.service import BillingCore
-from services.billing.store import budget_alerts
+from services.billing.schema import MIGRATIONS, budget_alerts
 from services.gen.aidc.billing.v1 import billing_service_pb2 as pb
 from services.mesh import errors
-from tests.billing.conftest import NOW, Clock, RunningBilling
+from services.mesh.db import open_database
+from tests.billing.conftest import NOW, Clock, RunningBilling, make_core
+from tests.conftest import RunningAuth
 
 
 def _gpu(core: BillingCore, id: str, seconds: int, at: int = NOW - HOUR_NS) -> None:
@@ -135,3 +139,174 @@ async def test_the_service_raises_alerts_in_the_background(billing: RunningBilli
     assert not removed.HasField("monthly_limit")
     assert (await client.check_budget("acme", money(5_000_000), as_caller=True)).allowed
     await client.close()
+
+
+# -- who may change what in a budget ----------------------------------------------------------------------------
+
+_USD = 1_000_000  # micros of one USD
+
+#: (what happened before, in order: (who, limit USD, enforce, prepaid)), then the change asked for, and what results:
+#: the budget as (limit USD, enforce, prepaid, platform limit USD, platform enforce), or the refusal's words.
+#: ``prepaid`` None: not sent. A limit of None removes the budget (or keeps only prepaid).
+_Step = tuple[str, int | None, bool, bool | None]
+_BUDGET_RULES: list[tuple[str, list[_Step], _Step, tuple[Any, ...] | str]] = [
+    ("a tenant sets its own budget", [], ("tenant", 100, True, None), (100, True, False, None, False)),
+    (
+        "and raises it again",
+        [("tenant", 100, True, None)],
+        ("tenant", 200, False, None),
+        (200, False, False, None, False),
+    ),
+    ("and removes it", [("tenant", 100, True, None)], ("tenant", None, False, None), (None, False, False, None, False)),
+    ("may not make itself prepaid", [], ("tenant", 100, False, True), "prepaid is set by the platform"),
+    ("may not switch prepaid off", [("platform", None, False, True)], ("tenant", 50, False, False), "prepaid is set"),
+    (
+        "keeps prepaid when it sends none",
+        [("platform", None, False, True)],
+        ("tenant", 50, False, None),
+        (50, False, True, None, False),
+    ),
+    (
+        "may repeat prepaid as it is",
+        [("platform", None, False, True)],
+        ("tenant", 50, True, True),
+        (50, True, True, None, False),
+    ),
+    (
+        "may not remove the budget of a prepaid tenant",
+        [("platform", 100, False, True)],
+        ("tenant", None, False, None),
+        "may be lowered, not raised or removed",
+    ),
+    (
+        "lowers the platform's limit",
+        [("platform", 100, True, None)],
+        ("tenant", 50, True, None),
+        (50, True, False, 100, True),
+    ),
+    (
+        "enforces the platform's alert-only limit",
+        [("platform", 100, False, None)],
+        ("tenant", 100, True, None),
+        (100, True, False, 100, False),
+    ),
+    (
+        "may not raise the platform's limit",
+        [("platform", 100, True, None)],
+        ("tenant", 101, True, None),
+        "the platform set a monthly limit of 100.00 USD: it may be lowered, not raised or removed",
+    ),
+    (
+        "may not remove the platform's limit",
+        [("platform", 100, False, None)],
+        ("tenant", None, False, None),
+        "it may be lowered, not raised or removed",
+    ),
+    (
+        "may not stop enforcing the platform's limit",
+        [("platform", 100, True, None)],
+        ("tenant", 50, False, None),
+        "the platform enforces the monthly limit of 100.00 USD: enforcement cannot be switched off",
+    ),
+    (
+        "goes back up to the platform's limit, not beyond",
+        [("platform", 100, True, None), ("tenant", 50, True, None)],
+        ("tenant", 100, True, None),
+        (100, True, False, 100, True),
+    ),
+    (
+        "after lowering it, still not above the platform's limit",
+        [("platform", 100, True, None), ("tenant", 50, True, None)],
+        ("tenant", 150, True, None),
+        "not raised",
+    ),
+    (
+        "the platform raises its own limit and switches prepaid off",
+        [("platform", 100, True, True), ("tenant", 50, True, None)],
+        ("platform", 300, False, False),
+        (300, False, False, 300, False),
+    ),
+    (
+        "the platform keeps prepaid when it sends none",
+        [("platform", None, False, True)],
+        ("platform", 100, True, None),
+        (100, True, True, 100, True),
+    ),
+    (
+        "the platform removes everything",
+        [("platform", 100, True, True)],
+        ("platform", None, False, False),
+        (None, False, False, None, False),
+    ),
+]
+
+
+def _shape(budget: pb.Budget) -> tuple[Any, ...]:
+    def usd(money: Any, present: bool) -> int | None:
+        return money.micros // _USD if present else None
+
+    return (
+        usd(budget.monthly_limit, budget.HasField("monthly_limit")),
+        budget.enforce,
+        budget.prepaid,
+        usd(budget.platform_monthly_limit, budget.HasField("platform_monthly_limit")),
+        budget.platform_enforce,
+    )
+
+
+async def test_tenants_may_only_tighten_what_the_platform_set(auth: RunningAuth, billing: RunningBilling) -> None:
+    """Table-driven through the real billing and auth services: a tenant-admin's SetBudget against what a platform
+    admin set before. A refusal is PERMISSION_DENIED and changes nothing."""
+    anonymous = auth.client()
+    admin_auth = auth.client(billing.admin_token)
+    platform = billing.client()
+    for number, (case, before, (who, limit, enforce, prepaid), expected) in enumerate(_BUDGET_RULES):
+        tenant = f"budget-case-{number}"
+        await admin_auth.create_tenant(tenant)
+        await admin_auth.create_user(tenant, "boss", "correct horse battery", ["tenant-admin"])
+        token = (await anonymous.login(tenant, "boss", "correct horse battery")).access_token
+        clients = {"platform": platform, "tenant": billing.client(token)}
+
+        async def set_budget(step: _Step, tenant: str = tenant, clients: Any = clients) -> pb.Budget:
+            by, usd, enforced, paid = step
+            cap = None if usd is None else money(usd * _USD)
+            return await clients[by].set_budget(tenant, cap, enforce=enforced, prepaid=paid)
+
+        for step in before:
+            await set_budget(step)
+        held = _shape((await platform.get_balance(tenant)).budget)
+        if isinstance(expected, str):
+            with pytest.raises(errors.PermissionDenied) as refused:
+                await set_budget((who, limit, enforce, prepaid))
+            assert expected in refused.value.message, case
+            assert _shape((await platform.get_balance(tenant)).budget) == held, case
+        else:
+            assert _shape(await set_budget((who, limit, enforce, prepaid))) == expected, case
+            assert _shape((await platform.get_balance(tenant)).budget) == expected, case
+        await clients["tenant"].close()
+    await platform.close()
+    await admin_auth.close()
+    await anonymous.close()
+
+
+def test_budgets_from_before_platform_bounds_become_the_platforms(tmp_path: Path, clock: Clock) -> None:
+    """An existing database: its budgets' limits and enforcement become the platform's bounds (nobody recorded who set
+    them, so loosening them takes the platform)."""
+    db = open_database(f"sqlite:///{tmp_path / 'billing.db'}")
+    db.migrate(MIGRATIONS[:1], "billing")
+    with db.engine.begin() as conn:  # the table as migration 1 made it before the platform's columns existed
+        conn.execute(text("ALTER TABLE billing_budgets DROP COLUMN platform_limit_micros"))
+        conn.execute(text("ALTER TABLE billing_budgets DROP COLUMN platform_enforce"))
+        conn.execute(
+            text(
+                "INSERT INTO billing_budgets (tenant, limit_micros, currency, thresholds, enforce, prepaid,"
+                " update_time) VALUES ('acme', 100000000, 'USD', '[80, 100]', 1, 0, 1)"
+            )
+        )
+    db.dispose()
+    core = make_core(tmp_path / "billing.db", clock)
+    budget = core.set_budget("acme", 50 * _USD, "USD", enforce=True, by_platform=False)
+    assert budget is not None and (budget.platform_limit_micros, budget.platform_enforce) == (100 * _USD, True)
+    with pytest.raises(errors.PermissionDenied):
+        core.set_budget("acme", 200 * _USD, "USD", enforce=True, by_platform=False)
+    core._store.db.dispose()

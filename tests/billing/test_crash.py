@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, func, select
 from services.auth.client import AuthClient
 from services.billing.client import BillingClient, UsageEmitter
 from services.billing.config import BillingSettings
-from services.billing.store import usage_events
+from services.billing.schema import usage_events
 from services.cli.session import BearerToken
 from services.gen.aidc.billing.v1 import billing_service_pb2 as pb
 from services.mesh.channels import create_channel

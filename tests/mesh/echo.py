@@ -1,6 +1,7 @@
 """A tiny gRPC service for testing the mesh runtime through a real server: its handlers raise chosen errors,
 echo the caller, and need chosen permissions. Messages reuse auth's GetTenantRequest/Response (they have a
-``tenant`` field, which is all the authorization interceptor reads)."""
+``tenant`` field, which is all the authorization interceptor reads); the Count RPCs take auth's
+BatchCheckPermissionRequest, whose repeated ``checks`` field the request limits bound."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from services.gen.aidc.auth.v1.auth_service_pb2 import BatchCheckPermissionRequest as Batch
 from services.gen.aidc.auth.v1.auth_service_pb2 import GetTenantRequest as Req
 from services.gen.aidc.auth.v1.auth_service_pb2 import GetTenantResponse as Resp
 from services.gen.aidc.auth.v1.auth_service_pb2 import Tenant
@@ -45,6 +47,8 @@ PERMISSIONS = PermissionTable(
         f"/{SERVICE}/WhoAmI": authenticated(),
         f"/{SERVICE}/ReadDatasets": tenant_rule("datasets", "read"),
         f"/{SERVICE}/UploadDataset": tenant_rule("datasets", "write"),
+        f"/{SERVICE}/Count": public(),
+        f"/{SERVICE}/CountStream": public(),
         # "/test.v1.Echo/Unlisted" is deliberately missing.
     }
 )
@@ -87,6 +91,17 @@ async def _upload(requests: AsyncIterator[Req], context: Any) -> Resp:
     return _reply(f"received {count}")
 
 
+async def _count(request: Batch, context: Any) -> Resp:
+    return _reply(f"counted {len(request.checks)}")
+
+
+async def _count_stream(requests: AsyncIterator[Batch], context: Any) -> Resp:
+    total = 0
+    async for request in requests:
+        total += len(request.checks)
+    return _reply(f"counted {total}")
+
+
 def _unary(fn: Any) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(
         fn, request_deserializer=Req.FromString, response_serializer=Resp.SerializeToString
@@ -104,6 +119,12 @@ def registration() -> Registration:
         "Unlisted": _unary(_read),
         "UploadDataset": grpc.stream_unary_rpc_method_handler(
             _upload, request_deserializer=Req.FromString, response_serializer=Resp.SerializeToString
+        ),
+        "Count": grpc.unary_unary_rpc_method_handler(
+            _count, request_deserializer=Batch.FromString, response_serializer=Resp.SerializeToString
+        ),
+        "CountStream": grpc.stream_unary_rpc_method_handler(
+            _count_stream, request_deserializer=Batch.FromString, response_serializer=Resp.SerializeToString
         ),
     }
     generic = grpc.method_handlers_generic_handler(SERVICE, handlers)
@@ -127,6 +148,14 @@ class EchoClient:
         return self._channel.unary_stream(
             f"/{SERVICE}/{method}",
             request_serializer=Req.SerializeToString,
+            response_deserializer=Resp.FromString,
+        )
+
+    def count(self, streaming: bool = False) -> Any:
+        call = self._channel.stream_unary if streaming else self._channel.unary_unary
+        return call(
+            f"/{SERVICE}/CountStream" if streaming else f"/{SERVICE}/Count",
+            request_serializer=Batch.SerializeToString,
             response_deserializer=Resp.FromString,
         )
 

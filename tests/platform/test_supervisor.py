@@ -366,7 +366,7 @@ def test_triton_holds_no_platform_secret_and_admits_only_the_platform(platform_e
         with pytest.raises(InferenceServerException):
             plaintext.load_model("echo")
     foreign = tmp_path / "foreign"
-    init_certificates(foreign, identities=("client",))
+    init_certificates(foreign, services=(), clients=("client",))
     for certs in (foreign, None):
         credentials = grpc.ssl_channel_credentials(
             (tls / "ca.pem").read_bytes(),

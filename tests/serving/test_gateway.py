@@ -326,7 +326,7 @@ async def test_a_tenant_without_budget_is_refused_until_billing_allows_it_again(
                     assert status_of(exc) == "RESOURCE_EXHAUSTED" and time.monotonic() < deadline
                     await asyncio.sleep(0.1)
     finally:
-        await billing.set_budget("globex", None)
+        await billing.set_budget("globex", None, prepaid=False)
         await billing.close()
         await guarded.stop()
 

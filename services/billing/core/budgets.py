@@ -1,5 +1,6 @@
 """The budget read model: per tenant, month-to-date charges, credit and budget, kept in memory so CheckBudget
-costs a dictionary lookup; recomputed in the background for tenants whose usage changed."""
+costs a dictionary lookup; recomputed in the background for tenants whose usage changed. And the rule of what a
+tenant may change in its own budget."""
 
 from __future__ import annotations
 
@@ -9,8 +10,26 @@ from dataclasses import dataclass
 
 from services.billing.core.model import Budget, BudgetCheck
 from services.billing.core.quantities import format_micros
+from services.mesh.errors import PermissionDenied
 
-__all__ = ["BudgetView", "BudgetReadModel", "decide"]
+__all__ = ["BudgetView", "BudgetReadModel", "decide", "check_tenant_change"]
+
+
+def check_tenant_change(current: Budget | None, limit_micros: int | None, enforce: bool, prepaid: bool | None) -> None:
+    """PermissionDenied unless a tenant (not the platform) may set its budget so.
+
+    Whether a tenant is prepaid is the platform's decision (its credit risk), and so is a monthly limit the platform
+    set: the tenant may lower it or enforce it, never raise it, remove it or stop enforcing it. Within those bounds a
+    tenant manages its own budget freely (a limit it set itself it may raise again, up to the platform's)."""
+    if prepaid is not None and prepaid != (current is not None and current.prepaid):
+        raise PermissionDenied("whether a tenant is prepaid is set by the platform, not by the tenant")
+    if current is None or current.platform_limit_micros is None:
+        return
+    cap = f"{format_micros(current.platform_limit_micros)} {current.currency}"
+    if limit_micros is None or limit_micros > current.platform_limit_micros:
+        raise PermissionDenied(f"the platform set a monthly limit of {cap}: it may be lowered, not raised or removed")
+    if current.platform_enforce and not enforce:
+        raise PermissionDenied(f"the platform enforces the monthly limit of {cap}: enforcement cannot be switched off")
 
 
 @dataclass(frozen=True)

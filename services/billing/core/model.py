@@ -228,6 +228,9 @@ class Budget:
     enforce: bool = False
     prepaid: bool = False
     update_ns: int = 0
+    #: The monthly limit (None: none) and enforcement the platform set; the tenant may tighten, never loosen them.
+    platform_limit_micros: int | None = None
+    platform_enforce: bool = False
 
 
 @dataclass(frozen=True)

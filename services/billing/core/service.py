@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
-from services.billing.core.budgets import BudgetReadModel, BudgetView, decide
+from services.billing.core.budgets import BudgetReadModel, BudgetView, check_tenant_change, decide
 from services.billing.core.invoices import CreditUse, assemble_invoice, invoice_csv, invoice_id_for, line_key
 from services.billing.core.meters import METERS, REFERENCE_ATTRIBUTES
 from services.billing.core.model import (
@@ -430,9 +430,14 @@ class BillingCore:
         thresholds: Sequence[int] = (),
         *,
         enforce: bool = False,
-        prepaid: bool = False,
+        prepaid: bool | None = None,
+        by_platform: bool = True,
     ) -> Budget | None:
-        """Sets the monthly budget (limit None with prepaid False removes it); returns it (None: removed)."""
+        """Sets the monthly budget (no limit and not prepaid removes it); returns it (None: removed). ``prepaid``
+        None keeps what is set.
+
+        What the platform (``by_platform``) sets also bounds the tenant: a tenant may only tighten the platform's
+        limit and enforcement, and never change prepaid (``check_tenant_change``)."""
         _require_tenant(tenant)
         if limit_micros is not None:
             if limit_micros <= 0:
@@ -442,16 +447,25 @@ class BillingCore:
             raise InvalidArgument("alert thresholds are distinct percentages from 1 to 1000")
         if enforce and limit_micros is None:
             raise InvalidArgument("enforce needs a monthly_limit")
-        budget = Budget(
-            tenant,
-            limit_micros,
-            self.currency,
-            tuple(sorted(thresholds)) or DEFAULT_THRESHOLDS,
-            enforce,
-            prepaid,
-            self._clock(),
-        )
         with self._store.transaction() as tx:
+            current = tx.budget(tenant)
+            if by_platform:
+                bounds = (limit_micros, enforce)
+            else:
+                check_tenant_change(current, limit_micros, enforce, prepaid)
+                bounds = (current.platform_limit_micros, current.platform_enforce) if current else (None, False)
+            if prepaid is None or not by_platform:
+                prepaid = current is not None and current.prepaid
+            budget = Budget(
+                tenant,
+                limit_micros,
+                self.currency,
+                tuple(sorted(thresholds)) or DEFAULT_THRESHOLDS,
+                enforce,
+                prepaid,
+                self._clock(),
+                *bounds,
+            )
             if limit_micros is None and not prepaid:
                 tx.delete_budget(tenant)
             else:

@@ -936,7 +936,9 @@ class BatchCheckPermissionRequest(_message.Message):
 
     CHECKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___PermissionCheck]: ...
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___PermissionCheck]:
+        """At most 1000 checks."""
+
     def __init__(
         self,
         *,

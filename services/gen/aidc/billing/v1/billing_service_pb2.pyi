@@ -581,11 +581,15 @@ class Budget(_message.Message):
     ENFORCE_FIELD_NUMBER: _builtins.int
     PREPAID_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    PLATFORM_MONTHLY_LIMIT_FIELD_NUMBER: _builtins.int
+    PLATFORM_ENFORCE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     enforce: _builtins.bool
     """When true, CheckBudget refuses spend that would exceed monthly_limit; otherwise only alerts are raised."""
     prepaid: _builtins.bool
-    """When true, CheckBudget also refuses spend beyond the prepaid credit balance."""
+    """When true, CheckBudget also refuses spend beyond the prepaid credit balance. Set by the platform only."""
+    platform_enforce: _builtins.bool
+    """The platform enforces its limit: the tenant cannot switch enforce off."""
     @_builtins.property
     def monthly_limit(self) -> _common_pb2.Money:
         """Per calendar month (UTC); unset means no budget."""
@@ -596,6 +600,12 @@ class Budget(_message.Message):
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def platform_monthly_limit(self) -> _common_pb2.Money:
+        """The monthly limit the platform set, if any: the tenant may lower monthly_limit below it, never raise it above it
+        or remove it.
+        """
+
     def __init__(
         self,
         *,
@@ -605,10 +615,12 @@ class Budget(_message.Message):
         enforce: _builtins.bool = ...,
         prepaid: _builtins.bool = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        platform_monthly_limit: _common_pb2.Money | None = ...,
+        platform_enforce: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["monthly_limit", b"monthly_limit", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["monthly_limit", b"monthly_limit", "platform_monthly_limit", b"platform_monthly_limit", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_threshold_percents", b"alert_threshold_percents", "enforce", b"enforce", "monthly_limit", b"monthly_limit", "prepaid", b"prepaid", "tenant", b"tenant", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_threshold_percents", b"alert_threshold_percents", "enforce", b"enforce", "monthly_limit", b"monthly_limit", "platform_enforce", b"platform_enforce", "platform_monthly_limit", b"platform_monthly_limit", "prepaid", b"prepaid", "tenant", b"tenant", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1360,6 +1372,7 @@ class SetBudgetRequest(_message.Message):
     tenant: _builtins.str
     enforce: _builtins.bool
     prepaid: _builtins.bool
+    """Unset keeps what is set. Platform admins only: a tenant-admin sending a different value is PERMISSION_DENIED."""
     @_builtins.property
     def monthly_limit(self) -> _common_pb2.Money:
         """Unset removes the budget."""
@@ -1373,13 +1386,15 @@ class SetBudgetRequest(_message.Message):
         monthly_limit: _common_pb2.Money | None = ...,
         alert_threshold_percents: _abc.Iterable[_builtins.int] | None = ...,
         enforce: _builtins.bool = ...,
-        prepaid: _builtins.bool = ...,
+        prepaid: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["monthly_limit", b"monthly_limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_prepaid", b"_prepaid", "monthly_limit", b"monthly_limit", "prepaid", b"prepaid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_threshold_percents", b"alert_threshold_percents", "enforce", b"enforce", "monthly_limit", b"monthly_limit", "prepaid", b"prepaid", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prepaid", b"_prepaid", "alert_threshold_percents", b"alert_threshold_percents", "enforce", b"enforce", "monthly_limit", b"monthly_limit", "prepaid", b"prepaid", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__prepaid: _TypeAlias = _typing.Literal["prepaid"]  # noqa: Y015
+    _WhichOneofArgType__prepaid: _TypeAlias = _typing.Literal["_prepaid", b"_prepaid"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prepaid) -> _WhichOneofReturnType__prepaid | None: ...
 
 Global___SetBudgetRequest: _TypeAlias = SetBudgetRequest  # noqa: Y015
 

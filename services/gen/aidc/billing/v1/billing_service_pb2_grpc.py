@@ -226,7 +226,9 @@ class BillingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetBudget(self, request, context):
-        """Sets a tenant's monthly budget and its alert thresholds.
+        """Sets a tenant's monthly budget and its alert thresholds. A platform admin sets anything, and what it sets bounds the
+        tenant; a tenant-admin may lower or enforce the platform's limit, never raise, remove or unenforce it, and never
+        changes prepaid (PERMISSION_DENIED). A limit the tenant set itself it may change freely within those bounds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

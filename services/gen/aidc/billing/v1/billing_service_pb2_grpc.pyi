@@ -86,7 +86,10 @@ class BillingServiceStub:
     scheduler before admitting a job and by the gateway before inference.
     """
     SetBudget: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.SetBudgetRequest, _billing_service_pb2.SetBudgetResponse]
-    """Sets a tenant's monthly budget and its alert thresholds."""
+    """Sets a tenant's monthly budget and its alert thresholds. A platform admin sets anything, and what it sets bounds the
+    tenant; a tenant-admin may lower or enforce the platform's limit, never raise, remove or unenforce it, and never
+    changes prepaid (PERMISSION_DENIED). A limit the tenant set itself it may change freely within those bounds.
+    """
     GrantCredit: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.GrantCreditRequest, _billing_service_pb2.GrantCreditResponse]
     """Adds prepaid credit to a tenant. Idempotent on grant_id. Platform admins only."""
     GetBalance: _grpc.UnaryUnaryMultiCallable[_billing_service_pb2.GetBalanceRequest, _billing_service_pb2.GetBalanceResponse]
@@ -167,7 +170,10 @@ class BillingServiceAsyncStub(BillingServiceStub):
     scheduler before admitting a job and by the gateway before inference.
     """
     SetBudget: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.SetBudgetRequest, _billing_service_pb2.SetBudgetResponse]  # type: ignore[assignment]
-    """Sets a tenant's monthly budget and its alert thresholds."""
+    """Sets a tenant's monthly budget and its alert thresholds. A platform admin sets anything, and what it sets bounds the
+    tenant; a tenant-admin may lower or enforce the platform's limit, never raise, remove or unenforce it, and never
+    changes prepaid (PERMISSION_DENIED). A limit the tenant set itself it may change freely within those bounds.
+    """
     GrantCredit: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.GrantCreditRequest, _billing_service_pb2.GrantCreditResponse]  # type: ignore[assignment]
     """Adds prepaid credit to a tenant. Idempotent on grant_id. Platform admins only."""
     GetBalance: _aio.UnaryUnaryMultiCallable[_billing_service_pb2.GetBalanceRequest, _billing_service_pb2.GetBalanceResponse]  # type: ignore[assignment]
@@ -293,7 +299,10 @@ class BillingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _billing_service_pb2.SetBudgetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_billing_service_pb2.SetBudgetResponse, _abc.Awaitable[_billing_service_pb2.SetBudgetResponse]]:
-        """Sets a tenant's monthly budget and its alert thresholds."""
+        """Sets a tenant's monthly budget and its alert thresholds. A platform admin sets anything, and what it sets bounds the
+        tenant; a tenant-admin may lower or enforce the platform's limit, never raise, remove or unenforce it, and never
+        changes prepaid (PERMISSION_DENIED). A limit the tenant set itself it may change freely within those bounds.
+        """
 
     @_abc_1.abstractmethod
     def GrantCredit(

@@ -22,21 +22,22 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61idc/common/v1/common.proto\x12\x0e\x61idc.common.v1\")\n\x05Money\x12\x0e\n\x06micros\x18\x01 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\"4\n\x0bPageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\'\n\x0cPageResponse\x12\x17\n\x0fnext_page_token\x18\x01 \x01(\t\"H\n\tObjectRef\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61idc/common/v1/common.proto\x12\x0e\x61idc.common.v1\x1a google/protobuf/descriptor.proto\")\n\x05Money\x12\x0e\n\x06micros\x18\x01 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\"4\n\x0bPageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\'\n\x0cPageResponse\x12\x17\n\x0fnext_page_token\x18\x01 \x01(\t\"H\n\tObjectRef\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t:2\n\tmax_items\x12\x1d.google.protobuf.FieldOptions\x18\xd1\x86\x03 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aidc.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MONEY']._serialized_start=47
-  _globals['_MONEY']._serialized_end=88
-  _globals['_PAGEREQUEST']._serialized_start=90
-  _globals['_PAGEREQUEST']._serialized_end=142
-  _globals['_PAGERESPONSE']._serialized_start=144
-  _globals['_PAGERESPONSE']._serialized_end=183
-  _globals['_OBJECTREF']._serialized_start=185
-  _globals['_OBJECTREF']._serialized_end=257
+  _globals['_MONEY']._serialized_start=81
+  _globals['_MONEY']._serialized_end=122
+  _globals['_PAGEREQUEST']._serialized_start=124
+  _globals['_PAGEREQUEST']._serialized_end=176
+  _globals['_PAGERESPONSE']._serialized_start=178
+  _globals['_PAGERESPONSE']._serialized_end=217
+  _globals['_OBJECTREF']._serialized_start=219
+  _globals['_OBJECTREF']._serialized_end=291
 # @@protoc_insertion_point(module_scope)

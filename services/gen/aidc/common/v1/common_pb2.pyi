@@ -4,7 +4,9 @@ isort:skip_file
 """
 
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf import message as _message
+from google.protobuf.internal import extension_dict as _extension_dict
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,9 +20,7 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Money(_message.Message):
-    """Types shared by every aidc service.
-
-    An amount of money: integer micros (1/1,000,000 of the currency unit) plus an ISO 4217 code.
+    """An amount of money: integer micros (1/1,000,000 of the currency unit) plus an ISO 4217 code.
     Money is never a float anywhere in aidc.
     """
 
@@ -127,3 +127,10 @@ class ObjectRef(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ObjectRef: _TypeAlias = ObjectRef  # noqa: Y015
+
+MAX_ITEMS_FIELD_NUMBER: _builtins.int
+max_items: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.FieldOptions, _builtins.int]
+"""The most items a repeated field or map of a request message may hold, at any depth. Every service refuses a
+larger request with INVALID_ARGUMENT naming the field, before any work is done; fields without this option
+may hold 256 items.
+"""
