@@ -164,8 +164,8 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-@pytest.fixture
-def auth_process(tmp_path: Path) -> Iterator[AuthProcess]:
+def start_auth_process(tmp_path: Path) -> AuthProcess:
+    """The auth service as its own OS process, data under ``tmp_path``; the caller stops it (stop_process)."""
     data_dir = tmp_path / "data"
     address = f"127.0.0.1:{free_port()}"
     env = service_env(data_dir, AIDC_AUTH_ADDR=address)
@@ -173,10 +173,19 @@ def auth_process(tmp_path: Path) -> Iterator[AuthProcess]:
     try:
         wait_serving(address, process=process)
         password = json.loads((data_dir / "auth" / "bootstrap-admin.json").read_text())["password"]
-        settings = AuthSettings.from_env(env)
-        yield AuthProcess(process, address, data_dir, env, password, settings)
-    finally:
+    except BaseException:
         stop_process(process)
+        raise
+    return AuthProcess(process, address, data_dir, env, password, AuthSettings.from_env(env))
+
+
+@pytest.fixture
+def auth_process(tmp_path: Path) -> Iterator[AuthProcess]:
+    running = start_auth_process(tmp_path)
+    try:
+        yield running
+    finally:
+        stop_process(running.process)
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,16 @@ from typer.core import TyperGroup
 
 from services.auth.client import AuthClient
 from services.auth.config import AuthSettings
-from services.cli import billing_cmd, certs_cmd, platform_cmd, serving_cmd, storage_cmd, trace_cmd, training_cmd
+from services.cli import (
+    billing_cmd,
+    certs_cmd,
+    platform_cmd,
+    scheduler_cmd,
+    serving_cmd,
+    storage_cmd,
+    trace_cmd,
+    training_cmd,
+)
 from services.cli.credentials import Credentials, CredentialsStore, credentials_path, take_bootstrap_admin
 from services.cli.session import CliSession, cli_settings, open_session
 from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
@@ -415,6 +424,7 @@ certs_cmd.register(app)
 storage_cmd.register(app)
 billing_cmd.register(app)
 training_cmd.register(app)
+scheduler_cmd.register(app)
 serving_cmd.register(app)
 
 # -- configuration ---------------------------------------------------------------------------------------

@@ -1,20 +1,153 @@
-"""Wiring of the scheduler service.
-
-Until its issue [scheduler] lands, the service serves only health and reflection: it does not register
-SchedulerService at all, so its RPCs answer UNIMPLEMENTED from gRPC itself rather than pretending to work.
-"""
+"""Wiring of the scheduler service: database, policy core, executors, billing (budget answers, usage outbox, price
+book), the domain (jobs, inventory), this machine as the default pool, the servicer, and the mesh server."""
 
 from __future__ import annotations
 
-from services.mesh.authz import PermissionTable
-from services.mesh.security import secured_server
-from services.mesh.server import MeshServer
-from services.scheduler.config import SchedulerSettings
+import logging
+from dataclasses import replace
 
-__all__ = ["build_server", "SERVICE"]
+from services.billing.client import BillingClient, UsageEmitter, money
+from services.gen.aidc.scheduler.v1 import scheduler_service_pb2_grpc
+from services.mesh.channels import create_channel
+from services.mesh.config import master_key
+from services.mesh.db import open_database
+from services.mesh.security import secured_server
+from services.mesh.server import MeshServer, Registration
+from services.scheduler.config import SchedulerSettings
+from services.scheduler.core import DEFAULT_TENANT, Prices, Resources, Scheduler
+from services.scheduler.domain.budget import BudgetAnswer
+from services.scheduler.domain.inventory import Inventory
+from services.scheduler.domain.jobs import JobOptions, JobScheduler
+from services.scheduler.domain.model import Allocation, QuotaRecord
+from services.scheduler.domain.requests import NodeChange, PoolChange
+from services.scheduler.domain.secrets import SecretSealer
+from services.scheduler.executors import Executor, LocalExecutor
+from services.scheduler.machine import detect_machine
+from services.scheduler.metering import AllocationMeter
+from services.scheduler.permissions import PERMISSIONS
+from services.scheduler.pricebook import PriceBookSync
+from services.scheduler.servicer import SchedulerServicer
+from services.scheduler.store import MIGRATIONS, SchedulerStore
+
+__all__ = ["build_server", "SERVICE", "BillingBudget", "register_local_machine"]
 
 SERVICE = "scheduler"
 
+log = logging.getLogger(__name__)
 
-async def build_server(settings: SchedulerSettings, address: str | None = None) -> MeshServer:
-    return secured_server(SERVICE, settings, registrations=[], permissions=PermissionTable({}), address=address)
+
+class BillingBudget:
+    """Billing's CheckBudget, asked as the scheduler itself."""
+
+    def __init__(self, billing: BillingClient, currency: str) -> None:
+        self._billing = billing
+        self._currency = currency
+
+    async def check_budget(self, tenant: str, estimated_micros: int) -> BudgetAnswer:
+        answer = await self._billing.check_budget(tenant, money(estimated_micros, self._currency))
+        remaining = answer.remaining.micros if answer.HasField("remaining") else None
+        return BudgetAnswer(answer.allowed, remaining, answer.reason)
+
+
+async def register_local_machine(inventory: Inventory, settings: SchedulerSettings) -> None:
+    """The default pool (created at the configured prices if missing) with this machine as its node."""
+    name = settings.scheduler_default_pool
+    if name not in inventory.pools:
+        prices = Prices(
+            settings.scheduler_cpu_core_hour_micros, settings.scheduler_memory_gib_hour_micros, settings.gpu_prices()
+        )
+        await inventory.create_pool(
+            PoolChange(name, "local", prices, settings.scheduler_max_run_seconds), is_default=True, sync=False
+        )
+    if not settings.scheduler_register_local_node:
+        return
+    machine = detect_machine(settings.scheduler_local_cpu_millicores, settings.scheduler_local_memory_bytes)
+    capacity = Resources(machine.cpu_millicores, machine.memory_bytes, machine.gpus, machine.gpu_type)
+    node = settings.scheduler_local_node_name or "local"
+    if node in inventory.nodes:
+        if inventory.nodes[node].capacity != capacity:
+            await inventory.update_node(NodeChange(node, capacity=capacity))
+    else:
+        await inventory.add_node(
+            NodeChange(node, pool=name, capacity=capacity, labels={"aidc.io/machine": "local"}), sync=False
+        )
+    if (DEFAULT_TENANT, name) not in inventory.quotas:
+        # Out of the box every tenant may use the whole machine (no cohort: nothing to borrow); operators narrow it
+        # with `aidc quota set` (the pool's default, or per tenant).
+        await inventory.set_quota(QuotaRecord(DEFAULT_TENANT, name, replace(capacity, gpu_type=""), None, None))
+    log.info("this machine is node %s of pool %s: %s", node, name, capacity.describe())
+
+
+async def build_server(
+    settings: SchedulerSettings,
+    address: str | None = None,
+    *,
+    executors: dict[str, Executor] | None = None,
+) -> MeshServer:
+    db = open_database(settings.database_url_for(SERVICE))
+    db.migrate(MIGRATIONS, SERVICE)
+    store = SchedulerStore(db)
+    billing = BillingClient(create_channel(settings.billing_addr, settings, identity=SERVICE))
+    emitter = UsageEmitter.for_service(settings, SERVICE)
+    sealer = SecretSealer(master_key(settings.scheduler_master_key, settings.scheduler_dir / "master.key"))
+
+    async def save_allocation(allocation: Allocation) -> None:
+        await jobs.writer.save_allocation(allocation)
+
+    meter = AllocationMeter(emitter, save_allocation, interval_seconds=settings.scheduler_metering_interval_seconds)
+    jobs = JobScheduler(
+        store,
+        Scheduler(),
+        executors or {"local": LocalExecutor(poll_seconds=settings.scheduler_poll_seconds)},
+        meter,
+        BillingBudget(billing, settings.scheduler_currency),
+        sealer,
+        JobOptions(
+            jobs_dir=settings.jobs_dir,
+            default_pool=settings.scheduler_default_pool,
+            default_grace_seconds=settings.scheduler_default_grace_seconds,
+            cycle_interval_seconds=settings.scheduler_cycle_interval_seconds,
+            budget_cache_seconds=settings.scheduler_budget_cache_seconds,
+            currency=settings.scheduler_currency,
+        ),
+    )
+    inventory = Inventory(store, jobs, PriceBookSync(billing))
+    servicer = SchedulerServicer(jobs, inventory, settings.scheduler_currency)
+    # Billing takes usage only from a mesh service's certificate: without certificates (plaintext dev mode) the
+    # usage waits in the outbox until mTLS is configured.
+    delivers_usage = settings.tls_dir() is not None
+    started = False
+
+    async def ready() -> bool:
+        nonlocal started
+        if not started:
+            pools = await inventory.load()
+            await register_local_machine(inventory, settings)
+            await jobs.start(list(inventory.pools.values()) or pools)
+            await meter.start()
+            if delivers_usage:
+                await emitter.start()
+            started = True
+        return True
+
+    async def close() -> None:
+        await jobs.close()
+        await meter.close()
+        await emitter.close(flush_timeout=settings.shutdown_grace_seconds)
+        await billing.close()
+        db.dispose()
+
+    return secured_server(
+        SERVICE,
+        settings,
+        registrations=[
+            Registration(
+                "aidc.scheduler.v1.SchedulerService",
+                lambda server: scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server),
+            )
+        ],
+        permissions=PERMISSIONS,
+        readiness=ready,
+        on_stop=[close],
+        address=address,
+    )

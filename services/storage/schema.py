@@ -29,6 +29,7 @@ __all__ = [
     "object_counters",
     "object_versions",
     "pending_uploads",
+    "pseudonym_keys",
     "storage_metering",
     "tenant_keyrings",
     "tenant_keys",
@@ -127,12 +128,31 @@ storage_metering = Table(
 )
 
 
+pseudonym_metadata = MetaData()
+
+# One pseudonym key per tenant, wrapped by one of its tenant keys (``key_id``; no foreign key across the two
+# MetaData, the keyring lock keeps them consistent). Deleted with the tenant's keys when they are destroyed.
+pseudonym_keys = Table(
+    "pseudonym_keys",
+    pseudonym_metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("pseudonym_key_id", String(64), nullable=False),
+    Column("key_id", String(64), nullable=False, index=True),
+    Column("wrapped", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+
 def _create_schema(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
 def _create_metering(conn: Connection) -> None:
     metering_metadata.create_all(conn)
+
+
+def _create_pseudonym_keys(conn: Connection) -> None:
+    pseudonym_metadata.create_all(conn)
 
 
 # A version number, once given, is never given again, even after its version is deleted: whoever fetched "v3" of
@@ -166,5 +186,6 @@ def _create_counters(conn: Connection) -> None:
 MIGRATIONS = [
     Migration(1, "storage: datasets, versions, tenant keys, keyring, pending uploads", _create_schema),
     Migration(2, "storage: metering points of storage_gib_hours per tenant", _create_metering),
-    Migration(3, "storage: per-object version counters (a number is never given twice)", _create_counters),
+    Migration(3, "storage: pseudonym keys of tenants (masking's keyed tokens)", _create_pseudonym_keys),
+    Migration(4, "storage: per-object version counters (a number is never given twice)", _create_counters),
 ]

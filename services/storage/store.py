@@ -1,6 +1,7 @@
 """Persistence of the storage service's metadata (SQLAlchemy Core; SQLite by default, PostgreSQL at scale):
 datasets, visible object versions with their wrapped data keys, tenant keys and their states, the local keyring's
-sealed tenant keys, uploads in progress, and each tenant's storage metering point (tables in ``schema``).
+sealed tenant keys, each tenant's wrapped pseudonym key, uploads in progress, and each tenant's storage metering
+point (tables in ``schema``).
 
 Version numbers are never given twice: each object's highest number ever given is kept (``object_counters``)
 through the deletion of its versions, so (tenant, kind, name, version) names the same bytes forever.
@@ -38,6 +39,7 @@ from services.storage.core.model import (
     KeyState,
     MaskingRecord,
     PendingUpload,
+    PseudonymKeyRecord,
     TenantKeyRecord,
     TextDatasetRecord,
     VersionRecord,
@@ -49,6 +51,7 @@ from services.storage.schema import (
     object_counters,
     object_versions,
     pending_uploads,
+    pseudonym_keys,
     storage_metering,
     tenant_keyrings,
     tenant_keys,
@@ -604,7 +607,10 @@ class StorageStore:
             used = conn.execute(
                 select(object_versions.c.object_id).where(object_versions.c.key_id == key_id).limit(1)
             ).first()
-            if used is not None:
+            wraps_pseudonyms = conn.execute(
+                select(pseudonym_keys.c.tenant).where(pseudonym_keys.c.key_id == key_id)
+            ).first()
+            if used is not None or wraps_pseudonyms is not None:
                 return False
             result = conn.execute(
                 update(tenant_keys)
@@ -614,9 +620,11 @@ class StorageStore:
             return bool(result.rowcount)
 
     def destroy_all_keys(self, tenant: str) -> tuple[list[str], int]:
-        """Marks every live key of ``tenant`` destroyed; returns their ids and how many versions they wrapped."""
+        """Marks every live key of ``tenant`` destroyed and forgets its pseudonym key; returns the keys' ids and how
+        many versions they wrapped."""
         with self._engine.begin() as conn:
             self._lock_keyring(conn, tenant)
+            conn.execute(delete(pseudonym_keys).where(pseudonym_keys.c.tenant == tenant))
             live = list(
                 conn.execute(
                     select(tenant_keys.c.key_id).where(
@@ -651,6 +659,54 @@ class StorageStore:
                 )
             ).all()
         return [(r.tenant, r.key_id) for r in rows]
+
+    # -- pseudonym keys ----------------------------------------------------------------------------------
+
+    def pseudonym_key(self, tenant: str) -> PseudonymKeyRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(pseudonym_keys).where(pseudonym_keys.c.tenant == tenant)).first()
+        if row is None:
+            return None
+        return PseudonymKeyRecord(
+            row.tenant, row.pseudonym_key_id, row.key_id, bytes(row.wrapped), _aware(row.created_at)
+        )
+
+    def install_pseudonym_key(self, record: PseudonymKeyRecord) -> bool:
+        """Installs the tenant's pseudonym key unless it has a usable one (False: use that one). KeyUnusable if the
+        tenant key that wraps ``record`` was destroyed meanwhile."""
+        with self._engine.begin() as conn:
+            self._lock_keyring(conn, record.tenant)
+            wrapping = conn.execute(select(tenant_keys.c.state).where(tenant_keys.c.key_id == record.key_id)).scalar()
+            if wrapping is None or wrapping == KeyState.DESTROYED.value:
+                raise KeyUnusable(record.key_id)
+            current = conn.execute(
+                select(tenant_keys.c.state)
+                .select_from(pseudonym_keys.join(tenant_keys, pseudonym_keys.c.key_id == tenant_keys.c.key_id))
+                .where(pseudonym_keys.c.tenant == record.tenant)
+            ).scalar()
+            if current is not None and current != KeyState.DESTROYED.value:
+                return False
+            conn.execute(delete(pseudonym_keys).where(pseudonym_keys.c.tenant == record.tenant))
+            conn.execute(
+                insert(pseudonym_keys).values(
+                    tenant=record.tenant,
+                    pseudonym_key_id=record.pseudonym_key_id,
+                    key_id=record.key_id,
+                    wrapped=record.wrapped,
+                    created_at=record.created_at,
+                )
+            )
+            return True
+
+    def rewrap_pseudonym_key(self, tenant: str, old_key_id: str, new_key_id: str, wrapped: bytes) -> bool:
+        """Replaces the tenant's wrapped pseudonym key, if it is still wrapped by ``old_key_id``."""
+        with self._engine.begin() as conn:
+            result = conn.execute(
+                update(pseudonym_keys)
+                .where(pseudonym_keys.c.tenant == tenant, pseudonym_keys.c.key_id == old_key_id)
+                .values(key_id=new_key_id, wrapped=wrapped)
+            )
+            return bool(result.rowcount)
 
     # -- the local keyring's sealed keys (KeyringStore) --------------------------------------------------
 

@@ -65,7 +65,7 @@ async def test_a_deleted_versions_number_is_never_given_again(storage: RunningSt
 async def test_databases_from_before_the_counters_keep_their_numbers(
     auth: RunningAuth, tokens: dict[str, str], seaweed: SeaweedFS, tmp_path: Path, database_url: str
 ) -> None:
-    """A database whose schema predates migration 3 (no counters) is migrated at start: each object continues
+    """A database whose schema predates migration 4 (no counters) is migrated at start: each object continues
     above its highest version, and from then on deleted numbers stay retired; on SQLite and PostgreSQL."""
     settings = _settings(tmp_path, auth, seaweed, database_url, f"test-{secrets.token_hex(6)}")
     running = await start_storage(settings, tokens)
@@ -81,7 +81,7 @@ async def test_databases_from_before_the_counters_keep_their_numbers(
     # Back to the schema of the code before the counters: table and migration record gone.
     with storage_database(settings) as engine, engine.begin() as conn:
         object_counters.drop(conn)
-        conn.execute(text("DELETE FROM schema_migrations WHERE component = 'storage' AND version = 3"))
+        conn.execute(text("DELETE FROM schema_migrations WHERE component = 'storage' AND version = 4"))
 
     running = await start_storage(settings, tokens)
     try:
@@ -101,6 +101,6 @@ async def test_databases_from_before_the_counters_keep_their_numbers(
         migrations = conn.execute(
             text("SELECT version FROM schema_migrations WHERE component = 'storage' ORDER BY version")
         ).scalars()
-        assert list(migrations) == [1, 2, 3]
+        assert list(migrations) == [1, 2, 3, 4]
         counters = conn.execute(select(object_counters.c.name, object_counters.c.last_version)).all()
         assert [tuple(row) for row in counters] == [("exports/model.pt", 5)]

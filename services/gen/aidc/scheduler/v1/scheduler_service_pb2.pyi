@@ -7,6 +7,7 @@ from services.gen.aidc.common.v1 import common_pb2 as _common_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -43,8 +44,9 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_CANCELLED: _JobState.ValueType  # 7
     """Terminal."""
     JOB_STATE_PREEMPTED: _JobState.ValueType  # 8
-    """Stopped to make room for higher-priority work. The job returns to QUEUED when it has retries left (its
-    attempt increases); terminal otherwise.
+    """Stopped to make room for higher-priority work or a tenant reclaiming its quota: the process got SIGTERM and
+    its grace period to checkpoint. The job then returns to QUEUED (its attempt increases). Preemption is not the
+    job's fault, so it does not count against max_retries and a preempted job is never terminal.
     """
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
@@ -65,8 +67,9 @@ JOB_STATE_CANCELLING: JobState.ValueType  # 6
 JOB_STATE_CANCELLED: JobState.ValueType  # 7
 """Terminal."""
 JOB_STATE_PREEMPTED: JobState.ValueType  # 8
-"""Stopped to make room for higher-priority work. The job returns to QUEUED when it has retries left (its
-attempt increases); terminal otherwise.
+"""Stopped to make room for higher-priority work or a tenant reclaiming its quota: the process got SIGTERM and
+its grace period to checkpoint. The job then returns to QUEUED (its attempt increases). Preemption is not the
+job's fault, so it does not count against max_retries and a preempted job is never terminal.
 """
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
@@ -81,7 +84,9 @@ class _ExecutorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Executor
     EXECUTOR_KIND_LOCAL: _ExecutorKind.ValueType  # 1
     """A child process on the scheduler's machine."""
     EXECUTOR_KIND_KUBERNETES: _ExecutorKind.ValueType  # 2
-    """A Kubernetes Job (an indexed Job with torchrun for workers > 1)."""
+    """A Kubernetes Job (an indexed Job with torchrun for workers > 1). Not available yet."""
+    EXECUTOR_KIND_RAY: _ExecutorKind.ValueType  # 3
+    """A Ray cluster (issue [distributed]). Not available yet: pools of this kind are refused."""
 
 class ExecutorKind(_ExecutorKind, metaclass=_ExecutorKindEnumTypeWrapper):
     """Which executor runs a job."""
@@ -91,7 +96,9 @@ EXECUTOR_KIND_UNSPECIFIED: ExecutorKind.ValueType  # 0
 EXECUTOR_KIND_LOCAL: ExecutorKind.ValueType  # 1
 """A child process on the scheduler's machine."""
 EXECUTOR_KIND_KUBERNETES: ExecutorKind.ValueType  # 2
-"""A Kubernetes Job (an indexed Job with torchrun for workers > 1)."""
+"""A Kubernetes Job (an indexed Job with torchrun for workers > 1). Not available yet."""
+EXECUTOR_KIND_RAY: ExecutorKind.ValueType  # 3
+"""A Ray cluster (issue [distributed]). Not available yet: pools of this kind are refused."""
 Global___ExecutorKind: _TypeAlias = ExecutorKind  # noqa: Y015
 
 class _NodeState:
@@ -213,9 +220,13 @@ class ExecutorSpec(_message.Message):
     """Container image (Kubernetes executor); ignored by the local executor."""
     working_dir: _builtins.str
     workers: _builtins.int
-    """Processes launched together as one gang (all placed or none); > 1 runs under torchrun. Default 1."""
+    """Processes launched together as one gang (all placed or none), one per worker; each gets AIDC_WORKER_INDEX,
+    AIDC_WORKERS and AIDC_NODE in its environment. Default 1.
+    """
     max_retries: _builtins.int
-    """Restarts after a failure or a preemption before the job fails for good; default 0."""
+    """Restarts after a failure (a non-zero exit, or a process lost with its node or a scheduler restart) before the
+    job fails for good; default 0. Preemptions do not count.
+    """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """argv of the process; the first element is the program."""
@@ -238,7 +249,7 @@ class ExecutorSpec(_message.Message):
 
     @_builtins.property
     def termination_grace_period(self) -> _duration_pb2.Duration:
-        """Time between SIGTERM and SIGKILL on cancel or preemption; default 30 s."""
+        """Time between SIGTERM and SIGKILL on cancel, preemption or max_run_duration; default 30 s."""
 
     def __init__(
         self,
@@ -359,6 +370,9 @@ class Job(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     RUN_TIME_FIELD_NUMBER: _builtins.int
+    ESTIMATED_COST_FIELD_NUMBER: _builtins.int
+    PREEMPTIONS_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     job_id: _builtins.str
     name: _builtins.str
@@ -380,6 +394,10 @@ class Job(_message.Message):
     """Position in the pool's queue while QUEUED (0 = next)."""
     submitted_by: _builtins.str
     """Subject that submitted the job (the end user for jobs submitted on their behalf)."""
+    preemptions: _builtins.int
+    """Times the job was preempted."""
+    workers: _builtins.int
+    """Number of workers (ExecutorSpec.workers, at least 1)."""
     @_builtins.property
     def resources(self) -> Global___Resources:
         """Resources per worker."""
@@ -410,6 +428,10 @@ class Job(_message.Message):
     def run_time(self) -> _duration_pb2.Duration:
         """Wall time run summed over attempts; resource usage is this times resources times workers."""
 
+    @_builtins.property
+    def estimated_cost(self) -> _common_pb2.Money:
+        """Requested resources x the pool's prices x max run duration (what CheckBudget was asked)."""
+
     def __init__(
         self,
         *,
@@ -435,10 +457,13 @@ class Job(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         run_time: _duration_pb2.Duration | None = ...,
+        estimated_cost: _common_pb2.Money | None = ...,
+        preemptions: _builtins.int = ...,
+        workers: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "executor", b"executor", "placement", b"placement", "resources", b"resources", "run_time", b"run_time", "start_time", b"start_time", "submit_time", b"submit_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "estimated_cost", b"estimated_cost", "executor", b"executor", "placement", b"placement", "resources", b"resources", "run_time", b"run_time", "start_time", b"start_time", "submit_time", b"submit_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "end_time", b"end_time", "executor", b"executor", "exit_code", b"exit_code", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "labels", b"labels", "name", b"name", "placement", b"placement", "pool", b"pool", "preemptible", b"preemptible", "priority", b"priority", "queue_position", b"queue_position", "resources", b"resources", "run_time", b"run_time", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "submit_time", b"submit_time", "submitted_by", b"submitted_by", "tenant", b"tenant", "trace_carrier", b"trace_carrier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "end_time", b"end_time", "estimated_cost", b"estimated_cost", "executor", b"executor", "exit_code", b"exit_code", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "labels", b"labels", "name", b"name", "placement", b"placement", "pool", b"pool", "preemptible", b"preemptible", "preemptions", b"preemptions", "priority", b"priority", "queue_position", b"queue_position", "resources", b"resources", "run_time", b"run_time", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "submit_time", b"submit_time", "submitted_by", b"submitted_by", "tenant", b"tenant", "trace_carrier", b"trace_carrier", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -446,7 +471,9 @@ Global___Job: _TypeAlias = Job  # noqa: Y015
 
 @_typing.final
 class Quota(_message.Message):
-    """A tenant's limits in a pool."""
+    """A tenant's limits in a pool (Kueue's ClusterQueue model): it is guaranteed its nominal quota, and may borrow
+    up to borrowing_limit more from the unused nominal quota of the other tenants of its cohort.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -455,18 +482,43 @@ class Quota(_message.Message):
     MAX_RUNNING_JOBS_FIELD_NUMBER: _builtins.int
     MAX_QUEUED_JOBS_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    NOMINAL_FIELD_NUMBER: _builtins.int
+    BORROWING_LIMIT_FIELD_NUMBER: _builtins.int
+    LENDING_LIMIT_FIELD_NUMBER: _builtins.int
+    COHORT_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
     pool: _builtins.str
-    """Pool name; empty means the tenant's default for pools without their own entry."""
+    """Pool name; empty means the default pool."""
     max_running_jobs: _builtins.int
     """0 means no limit."""
     max_queued_jobs: _builtins.int
     """Submissions beyond this many queued jobs -> RESOURCE_EXHAUSTED; 0 means no limit."""
+    cohort: _builtins.str
+    """Tenants of one cohort lend to and borrow from each other; empty: the tenant is alone (no borrowing)."""
+    weight: _builtins.float
+    """Fair-sharing weight: a tenant's share of what is borrowed is divided by it. Unset: 1. 0: always last, first
+    to be preempted.
+    """
     @_builtins.property
     def max_resources(self) -> Global___Resources:
-        """Upper bound on resources allocated to the tenant's running jobs at once. gpu_type is ignored."""
+        """Upper bound on resources allocated to the tenant's running jobs at once: nominal + borrowing_limit (output;
+        on input it is read as the nominal quota with no borrowing when nominal is unset). gpu_type is ignored.
+        """
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def nominal(self) -> Global___Resources:
+        """What the tenant is guaranteed in the pool. gpu_type is ignored."""
+
+    @_builtins.property
+    def borrowing_limit(self) -> Global___Resources:
+        """How much above nominal the tenant may borrow from its cohort; unset: unlimited (what the cohort has unused)."""
+
+    @_builtins.property
+    def lending_limit(self) -> Global___Resources:
+        """How much of its unused nominal quota the tenant lends to its cohort; unset: all of it."""
+
     def __init__(
         self,
         *,
@@ -475,12 +527,19 @@ class Quota(_message.Message):
         max_running_jobs: _builtins.int = ...,
         max_queued_jobs: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        nominal: Global___Resources | None = ...,
+        borrowing_limit: Global___Resources | None = ...,
+        lending_limit: Global___Resources | None = ...,
+        cohort: _builtins.str = ...,
+        weight: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_resources", b"max_resources", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "borrowing_limit", b"borrowing_limit", "lending_limit", b"lending_limit", "max_resources", b"max_resources", "nominal", b"nominal", "update_time", b"update_time", "weight", b"weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_queued_jobs", b"max_queued_jobs", "max_resources", b"max_resources", "max_running_jobs", b"max_running_jobs", "pool", b"pool", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "borrowing_limit", b"borrowing_limit", "cohort", b"cohort", "lending_limit", b"lending_limit", "max_queued_jobs", b"max_queued_jobs", "max_resources", b"max_resources", "max_running_jobs", b"max_running_jobs", "nominal", b"nominal", "pool", b"pool", "update_time", b"update_time", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__weight: _TypeAlias = _typing.Literal["weight"]  # noqa: Y015
+    _WhichOneofArgType__weight: _TypeAlias = _typing.Literal["_weight", b"_weight"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight) -> _WhichOneofReturnType__weight | None: ...
 
 Global___Quota: _TypeAlias = Quota  # noqa: Y015
 
@@ -494,12 +553,20 @@ class QuotaUsage(_message.Message):
     ALLOCATED_FIELD_NUMBER: _builtins.int
     RUNNING_JOBS_FIELD_NUMBER: _builtins.int
     QUEUED_JOBS_FIELD_NUMBER: _builtins.int
+    BORROWED_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
     running_jobs: _builtins.int
     queued_jobs: _builtins.int
+    share: _builtins.float
+    """Dominant-resource fair share in the pool (0 while within nominal quota)."""
     @_builtins.property
     def quota(self) -> Global___Quota: ...
     @_builtins.property
     def allocated(self) -> Global___Resources: ...
+    @_builtins.property
+    def borrowed(self) -> Global___Resources:
+        """The part of allocated above nominal (borrowed from the cohort)."""
+
     def __init__(
         self,
         *,
@@ -507,14 +574,76 @@ class QuotaUsage(_message.Message):
         allocated: Global___Resources | None = ...,
         running_jobs: _builtins.int = ...,
         queued_jobs: _builtins.int = ...,
+        borrowed: Global___Resources | None = ...,
+        share: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "quota", b"quota"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "borrowed", b"borrowed", "quota", b"quota"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "queued_jobs", b"queued_jobs", "quota", b"quota", "running_jobs", b"running_jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "borrowed", b"borrowed", "queued_jobs", b"queued_jobs", "quota", b"quota", "running_jobs", b"running_jobs", "share", b"share"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QuotaUsage: _TypeAlias = QuotaUsage  # noqa: Y015
+
+@_typing.final
+class PoolPrices(_message.Message):
+    """Prices per resource-hour of a pool or a node. Billing charges these: the scheduler keeps billing's price book in
+    line (entries matching attribute pool, and node where a node's prices differ), except where they equal the book's
+    catch-all prices, which then apply unchanged (free quantities included).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class GpuHourEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _common_pb2.Money: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _common_pb2.Money | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CPU_CORE_HOUR_FIELD_NUMBER: _builtins.int
+    MEMORY_GIB_HOUR_FIELD_NUMBER: _builtins.int
+    GPU_HOUR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cpu_core_hour(self) -> _common_pb2.Money:
+        """Per CPU core-hour."""
+
+    @_builtins.property
+    def memory_gib_hour(self) -> _common_pb2.Money:
+        """Per GiB-hour of memory (GiB = 2^30 bytes)."""
+
+    @_builtins.property
+    def gpu_hour(self) -> _containers.MessageMap[_builtins.str, _common_pb2.Money]:
+        """Per GPU-hour, by GPU type."""
+
+    def __init__(
+        self,
+        *,
+        cpu_core_hour: _common_pb2.Money | None = ...,
+        memory_gib_hour: _common_pb2.Money | None = ...,
+        gpu_hour: _abc.Mapping[_builtins.str, _common_pb2.Money] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cpu_core_hour", b"cpu_core_hour", "memory_gib_hour", b"memory_gib_hour"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_core_hour", b"cpu_core_hour", "gpu_hour", b"gpu_hour", "memory_gib_hour", b"memory_gib_hour"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PoolPrices: _TypeAlias = PoolPrices  # noqa: Y015
 
 @_typing.final
 class Node(_message.Message):
@@ -546,8 +675,14 @@ class Node(_message.Message):
     ALLOCATED_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     LAST_HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    PRICES_FIELD_NUMBER: _builtins.int
+    RUNNING_JOBS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: Global___NodeState.ValueType
+    pool: _builtins.str
+    """Pool of the node."""
+    running_jobs: _builtins.int
     @_builtins.property
     def capacity(self) -> Global___Resources: ...
     @_builtins.property
@@ -556,6 +691,10 @@ class Node(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def last_heartbeat_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def prices(self) -> Global___PoolPrices:
+        """The node's own prices; unset: the pool's."""
+
     def __init__(
         self,
         *,
@@ -565,10 +704,13 @@ class Node(_message.Message):
         allocated: Global___Resources | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         last_heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
+        pool: _builtins.str = ...,
+        prices: Global___PoolPrices | None = ...,
+        running_jobs: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity", "last_heartbeat_time", b"last_heartbeat_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity", "last_heartbeat_time", b"last_heartbeat_time", "prices", b"prices"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "name", b"name", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity", "labels", b"labels", "last_heartbeat_time", b"last_heartbeat_time", "name", b"name", "pool", b"pool", "prices", b"prices", "running_jobs", b"running_jobs", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -589,10 +731,14 @@ class Pool(_message.Message):
     RUNNING_JOBS_FIELD_NUMBER: _builtins.int
     QUEUED_JOBS_FIELD_NUMBER: _builtins.int
     MAX_RUN_DURATION_FIELD_NUMBER: _builtins.int
+    PRICES_FIELD_NUMBER: _builtins.int
+    DEFAULT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     executor: Global___ExecutorKind.ValueType
     running_jobs: _builtins.int
     queued_jobs: _builtins.int
+    default: _builtins.bool
+    """Whether new jobs without a pool go here."""
     @_builtins.property
     def capacity(self) -> Global___Resources:
         """Sum over READY nodes."""
@@ -609,6 +755,10 @@ class Pool(_message.Message):
     def max_run_duration(self) -> _duration_pb2.Duration:
         """Upper bound on a job's max_run_duration in this pool."""
 
+    @_builtins.property
+    def prices(self) -> Global___PoolPrices:
+        """Prices per resource-hour of the pool's nodes (unless a node has its own)."""
+
     def __init__(
         self,
         *,
@@ -621,10 +771,12 @@ class Pool(_message.Message):
         running_jobs: _builtins.int = ...,
         queued_jobs: _builtins.int = ...,
         max_run_duration: _duration_pb2.Duration | None = ...,
+        prices: Global___PoolPrices | None = ...,
+        default: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity", "max_run_duration", b"max_run_duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity", "max_run_duration", b"max_run_duration", "prices", b"prices"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity", "executor", b"executor", "gpu_types", b"gpu_types", "max_run_duration", b"max_run_duration", "name", b"name", "nodes", b"nodes", "queued_jobs", b"queued_jobs", "running_jobs", b"running_jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocated", b"allocated", "capacity", b"capacity", "default", b"default", "executor", b"executor", "gpu_types", b"gpu_types", "max_run_duration", b"max_run_duration", "name", b"name", "nodes", b"nodes", "prices", b"prices", "queued_jobs", b"queued_jobs", "running_jobs", b"running_jobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1018,6 +1170,7 @@ class SetQuotaRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     QUOTA_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
+    """Empty: the pool's default quota, for every tenant without one of its own."""
     @_builtins.property
     def quota(self) -> Global___Quota: ...
     def __init__(
@@ -1138,3 +1291,221 @@ class ListPoolsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPoolsResponse: _TypeAlias = ListPoolsResponse  # noqa: Y015
+
+@_typing.final
+class CreatePoolRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pool(self) -> Global___Pool:
+        """name (lowercase letters, digits and '-'), executor (unspecified: LOCAL), prices and max_run_duration (unset:
+        24 h). Other fields are ignored.
+        """
+
+    def __init__(
+        self,
+        *,
+        pool: Global___Pool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePoolRequest: _TypeAlias = CreatePoolRequest  # noqa: Y015
+
+@_typing.final
+class CreatePoolResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pool(self) -> Global___Pool: ...
+    def __init__(
+        self,
+        *,
+        pool: Global___Pool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreatePoolResponse: _TypeAlias = CreatePoolResponse  # noqa: Y015
+
+@_typing.final
+class UpdatePoolRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pool(self) -> Global___Pool:
+        """The pool's name and the new values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change: "prices", "max_run_duration"; empty means both."""
+
+    def __init__(
+        self,
+        *,
+        pool: Global___Pool | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdatePoolRequest: _TypeAlias = UpdatePoolRequest  # noqa: Y015
+
+@_typing.final
+class UpdatePoolResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pool(self) -> Global___Pool: ...
+    def __init__(
+        self,
+        *,
+        pool: Global___Pool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdatePoolResponse: _TypeAlias = UpdatePoolResponse  # noqa: Y015
+
+@_typing.final
+class AddNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node:
+        """name (lowercase letters, digits, '.', '_' and '-'; unique across pools), pool, capacity, labels, prices
+        (unset: the pool's) and state (unspecified: READY). Other fields are ignored.
+        """
+
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddNodeRequest: _TypeAlias = AddNodeRequest  # noqa: Y015
+
+@_typing.final
+class AddNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node: ...
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddNodeResponse: _TypeAlias = AddNodeResponse  # noqa: Y015
+
+@_typing.final
+class UpdateNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node:
+        """The node's name and the new values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change: "capacity", "labels", "prices", "state"; empty means all four."""
+
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNodeRequest: _TypeAlias = UpdateNodeRequest  # noqa: Y015
+
+@_typing.final
+class UpdateNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node: ...
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateNodeResponse: _TypeAlias = UpdateNodeResponse  # noqa: Y015
+
+@_typing.final
+class RemoveNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveNodeRequest: _TypeAlias = RemoveNodeRequest  # noqa: Y015
+
+@_typing.final
+class RemoveNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveNodeResponse: _TypeAlias = RemoveNodeResponse  # noqa: Y015

@@ -27,9 +27,16 @@ if _version_not_supported:
 
 class SchedulerServiceStub:
     """SchedulerService owns resource pools and their nodes, tenant quotas, the job queue, placement, preemption and
-    the executors that run jobs (local processes; Kubernetes Jobs, torchrun gangs for multi-worker jobs). A job is
-    admitted when it fits the tenant's quota and the billing budget allows its estimated cost, then placed on a pool's
-    nodes; higher-priority jobs may preempt lower-priority preemptible ones.
+    the executors that run jobs (local processes; a Ray cluster later). A job is admitted when it fits the tenant's
+    quota (nominal, or borrowed from its cohort's unused quota), dominant-resource fair sharing orders tenants, and
+    billing's CheckBudget allows its estimated cost (requested resources x the pool's prices x max run duration);
+    then it is placed on the cheapest feasible nodes of its pool, all workers of a gang at once or none.
+    Higher-priority jobs, and tenants reclaiming their nominal quota, may preempt preemptible work: it gets SIGTERM,
+    checkpoints within its grace period, and is requeued.
+
+    Tenants pay for what they hold: from admission to release, each job's allocation is metered to billing as
+    cpu_core_seconds, memory_gib_seconds and gpu_seconds (attributes pool, node, job, gpu_type), priced by the
+    pool's prices (see PoolPrices).
 
     RPCs whose `tenant` is empty act across all tenants and are allowed to platform admins and mesh services only.
     """
@@ -80,13 +87,45 @@ class SchedulerServiceStub:
                 request_serializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListPoolsRequest.SerializeToString,
                 response_deserializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListPoolsResponse.FromString,
                 _registered_method=True)
+        self.CreatePool = channel.unary_unary(
+                '/aidc.scheduler.v1.SchedulerService/CreatePool',
+                request_serializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CreatePoolRequest.SerializeToString,
+                response_deserializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CreatePoolResponse.FromString,
+                _registered_method=True)
+        self.UpdatePool = channel.unary_unary(
+                '/aidc.scheduler.v1.SchedulerService/UpdatePool',
+                request_serializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdatePoolRequest.SerializeToString,
+                response_deserializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdatePoolResponse.FromString,
+                _registered_method=True)
+        self.AddNode = channel.unary_unary(
+                '/aidc.scheduler.v1.SchedulerService/AddNode',
+                request_serializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.AddNodeRequest.SerializeToString,
+                response_deserializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.AddNodeResponse.FromString,
+                _registered_method=True)
+        self.UpdateNode = channel.unary_unary(
+                '/aidc.scheduler.v1.SchedulerService/UpdateNode',
+                request_serializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdateNodeRequest.SerializeToString,
+                response_deserializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdateNodeResponse.FromString,
+                _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/aidc.scheduler.v1.SchedulerService/RemoveNode',
+                request_serializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RemoveNodeResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
     """SchedulerService owns resource pools and their nodes, tenant quotas, the job queue, placement, preemption and
-    the executors that run jobs (local processes; Kubernetes Jobs, torchrun gangs for multi-worker jobs). A job is
-    admitted when it fits the tenant's quota and the billing budget allows its estimated cost, then placed on a pool's
-    nodes; higher-priority jobs may preempt lower-priority preemptible ones.
+    the executors that run jobs (local processes; a Ray cluster later). A job is admitted when it fits the tenant's
+    quota (nominal, or borrowed from its cohort's unused quota), dominant-resource fair sharing orders tenants, and
+    billing's CheckBudget allows its estimated cost (requested resources x the pool's prices x max run duration);
+    then it is placed on the cheapest feasible nodes of its pool, all workers of a gang at once or none.
+    Higher-priority jobs, and tenants reclaiming their nominal quota, may preempt preemptible work: it gets SIGTERM,
+    checkpoints within its grace period, and is requeued.
+
+    Tenants pay for what they hold: from admission to release, each job's allocation is metered to billing as
+    cpu_core_seconds, memory_gib_seconds and gpu_seconds (attributes pool, node, job, gpu_type), priced by the
+    pool's prices (see PoolPrices).
 
     RPCs whose `tenant` is empty act across all tenants and are allowed to platform admins and mesh services only.
     """
@@ -113,7 +152,8 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJobs(self, request, context):
-        """Streams job snapshots as they change (optionally the current ones first). Never ends on its own.
+        """Streams job snapshots as they change (optionally the current ones first). Watching named jobs (job_ids) ends
+        once all of them are terminal (NOT_FOUND for a job the tenant does not have); otherwise it never ends on its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +183,44 @@ class SchedulerServiceServicer:
 
     def ListPools(self, request, context):
         """Lists resource pools with their capacity, allocation and nodes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreatePool(self, request, context):
+        """Creates a pool (no nodes yet). Platform admins only. Its prices go to billing's price book.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdatePool(self, request, context):
+        """Changes a pool's prices or max run duration (the fields named in update_mask; empty: all). Platform admins
+        only. New prices apply to placement and estimates at once, to billing from the price book's next version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddNode(self, request, context):
+        """Adds a node to a pool. Platform admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateNode(self, request, context):
+        """Changes a node's capacity, labels, prices or state (the fields named in update_mask; empty: all). DRAINING
+        keeps its jobs and takes no new ones; NOT_READY requeues its jobs. A capacity below what the node holds ->
+        FAILED_PRECONDITION. Platform admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveNode(self, request, context):
+        """Removes a node that holds no jobs (drain it first; FAILED_PRECONDITION otherwise). Platform admins only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,6 +269,31 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     request_deserializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListPoolsRequest.FromString,
                     response_serializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListPoolsResponse.SerializeToString,
             ),
+            'CreatePool': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreatePool,
+                    request_deserializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CreatePoolRequest.FromString,
+                    response_serializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CreatePoolResponse.SerializeToString,
+            ),
+            'UpdatePool': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdatePool,
+                    request_deserializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdatePoolRequest.FromString,
+                    response_serializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdatePoolResponse.SerializeToString,
+            ),
+            'AddNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddNode,
+                    request_deserializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.AddNodeRequest.FromString,
+                    response_serializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.AddNodeResponse.SerializeToString,
+            ),
+            'UpdateNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNode,
+                    request_deserializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdateNodeRequest.FromString,
+                    response_serializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdateNodeResponse.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RemoveNodeResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'aidc.scheduler.v1.SchedulerService', rpc_method_handlers)
@@ -201,9 +304,16 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class SchedulerService:
     """SchedulerService owns resource pools and their nodes, tenant quotas, the job queue, placement, preemption and
-    the executors that run jobs (local processes; Kubernetes Jobs, torchrun gangs for multi-worker jobs). A job is
-    admitted when it fits the tenant's quota and the billing budget allows its estimated cost, then placed on a pool's
-    nodes; higher-priority jobs may preempt lower-priority preemptible ones.
+    the executors that run jobs (local processes; a Ray cluster later). A job is admitted when it fits the tenant's
+    quota (nominal, or borrowed from its cohort's unused quota), dominant-resource fair sharing orders tenants, and
+    billing's CheckBudget allows its estimated cost (requested resources x the pool's prices x max run duration);
+    then it is placed on the cheapest feasible nodes of its pool, all workers of a gang at once or none.
+    Higher-priority jobs, and tenants reclaiming their nominal quota, may preempt preemptible work: it gets SIGTERM,
+    checkpoints within its grace period, and is requeued.
+
+    Tenants pay for what they hold: from admission to release, each job's allocation is metered to billing as
+    cpu_core_seconds, memory_gib_seconds and gpu_seconds (attributes pool, node, job, gpu_type), priced by the
+    pool's prices (see PoolPrices).
 
     RPCs whose `tenant` is empty act across all tenants and are allowed to platform admins and mesh services only.
     """
@@ -414,6 +524,141 @@ class SchedulerService:
             '/aidc.scheduler.v1.SchedulerService/ListPools',
             aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListPoolsRequest.SerializeToString,
             aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListPoolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreatePool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aidc.scheduler.v1.SchedulerService/CreatePool',
+            aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CreatePoolRequest.SerializeToString,
+            aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CreatePoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdatePool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aidc.scheduler.v1.SchedulerService/UpdatePool',
+            aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdatePoolRequest.SerializeToString,
+            aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdatePoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aidc.scheduler.v1.SchedulerService/AddNode',
+            aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.AddNodeRequest.SerializeToString,
+            aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.AddNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aidc.scheduler.v1.SchedulerService/UpdateNode',
+            aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdateNodeRequest.SerializeToString,
+            aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpdateNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aidc.scheduler.v1.SchedulerService/RemoveNode',
+            aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RemoveNodeRequest.SerializeToString,
+            aidc_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RemoveNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,9 +28,16 @@ GRPC_VERSION: str
 
 class SchedulerServiceStub:
     """SchedulerService owns resource pools and their nodes, tenant quotas, the job queue, placement, preemption and
-    the executors that run jobs (local processes; Kubernetes Jobs, torchrun gangs for multi-worker jobs). A job is
-    admitted when it fits the tenant's quota and the billing budget allows its estimated cost, then placed on a pool's
-    nodes; higher-priority jobs may preempt lower-priority preemptible ones.
+    the executors that run jobs (local processes; a Ray cluster later). A job is admitted when it fits the tenant's
+    quota (nominal, or borrowed from its cohort's unused quota), dominant-resource fair sharing orders tenants, and
+    billing's CheckBudget allows its estimated cost (requested resources x the pool's prices x max run duration);
+    then it is placed on the cheapest feasible nodes of its pool, all workers of a gang at once or none.
+    Higher-priority jobs, and tenants reclaiming their nominal quota, may preempt preemptible work: it gets SIGTERM,
+    checkpoints within its grace period, and is requeued.
+
+    Tenants pay for what they hold: from admission to release, each job's allocation is metered to billing as
+    cpu_core_seconds, memory_gib_seconds and gpu_seconds (attributes pool, node, job, gpu_type), priced by the
+    pool's prices (see PoolPrices).
 
     RPCs whose `tenant` is empty act across all tenants and are allowed to platform admins and mesh services only.
     """
@@ -46,7 +53,9 @@ class SchedulerServiceStub:
     ListJobs: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListJobsRequest, _scheduler_service_pb2.ListJobsResponse]
     """Lists jobs, newest first."""
     WatchJobs: _grpc.UnaryStreamMultiCallable[_scheduler_service_pb2.WatchJobsRequest, _scheduler_service_pb2.WatchJobsResponse]
-    """Streams job snapshots as they change (optionally the current ones first). Never ends on its own."""
+    """Streams job snapshots as they change (optionally the current ones first). Watching named jobs (job_ids) ends
+    once all of them are terminal (NOT_FOUND for a job the tenant does not have); otherwise it never ends on its own.
+    """
     CancelJob: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.CancelJobRequest, _scheduler_service_pb2.CancelJobResponse]
     """Cancels a job: a queued job is removed from the queue; a running one is stopped (SIGTERM, then SIGKILL after
     the grace period). Cancelling a terminal job is a no-op returning it.
@@ -57,13 +66,35 @@ class SchedulerServiceStub:
     """Returns a tenant's quotas with what is currently in use."""
     ListPools: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListPoolsRequest, _scheduler_service_pb2.ListPoolsResponse]
     """Lists resource pools with their capacity, allocation and nodes."""
+    CreatePool: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.CreatePoolRequest, _scheduler_service_pb2.CreatePoolResponse]
+    """Creates a pool (no nodes yet). Platform admins only. Its prices go to billing's price book."""
+    UpdatePool: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.UpdatePoolRequest, _scheduler_service_pb2.UpdatePoolResponse]
+    """Changes a pool's prices or max run duration (the fields named in update_mask; empty: all). Platform admins
+    only. New prices apply to placement and estimates at once, to billing from the price book's next version.
+    """
+    AddNode: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.AddNodeRequest, _scheduler_service_pb2.AddNodeResponse]
+    """Adds a node to a pool. Platform admins only."""
+    UpdateNode: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.UpdateNodeRequest, _scheduler_service_pb2.UpdateNodeResponse]
+    """Changes a node's capacity, labels, prices or state (the fields named in update_mask; empty: all). DRAINING
+    keeps its jobs and takes no new ones; NOT_READY requeues its jobs. A capacity below what the node holds ->
+    FAILED_PRECONDITION. Platform admins only.
+    """
+    RemoveNode: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.RemoveNodeRequest, _scheduler_service_pb2.RemoveNodeResponse]
+    """Removes a node that holds no jobs (drain it first; FAILED_PRECONDITION otherwise). Platform admins only."""
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """SchedulerService owns resource pools and their nodes, tenant quotas, the job queue, placement, preemption and
-    the executors that run jobs (local processes; Kubernetes Jobs, torchrun gangs for multi-worker jobs). A job is
-    admitted when it fits the tenant's quota and the billing budget allows its estimated cost, then placed on a pool's
-    nodes; higher-priority jobs may preempt lower-priority preemptible ones.
+    the executors that run jobs (local processes; a Ray cluster later). A job is admitted when it fits the tenant's
+    quota (nominal, or borrowed from its cohort's unused quota), dominant-resource fair sharing orders tenants, and
+    billing's CheckBudget allows its estimated cost (requested resources x the pool's prices x max run duration);
+    then it is placed on the cheapest feasible nodes of its pool, all workers of a gang at once or none.
+    Higher-priority jobs, and tenants reclaiming their nominal quota, may preempt preemptible work: it gets SIGTERM,
+    checkpoints within its grace period, and is requeued.
+
+    Tenants pay for what they hold: from admission to release, each job's allocation is metered to billing as
+    cpu_core_seconds, memory_gib_seconds and gpu_seconds (attributes pool, node, job, gpu_type), priced by the
+    pool's prices (see PoolPrices).
 
     RPCs whose `tenant` is empty act across all tenants and are allowed to platform admins and mesh services only.
     """
@@ -76,7 +107,9 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     ListJobs: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListJobsRequest, _scheduler_service_pb2.ListJobsResponse]  # type: ignore[assignment]
     """Lists jobs, newest first."""
     WatchJobs: _aio.UnaryStreamMultiCallable[_scheduler_service_pb2.WatchJobsRequest, _scheduler_service_pb2.WatchJobsResponse]  # type: ignore[assignment]
-    """Streams job snapshots as they change (optionally the current ones first). Never ends on its own."""
+    """Streams job snapshots as they change (optionally the current ones first). Watching named jobs (job_ids) ends
+    once all of them are terminal (NOT_FOUND for a job the tenant does not have); otherwise it never ends on its own.
+    """
     CancelJob: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.CancelJobRequest, _scheduler_service_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Cancels a job: a queued job is removed from the queue; a running one is stopped (SIGTERM, then SIGKILL after
     the grace period). Cancelling a terminal job is a no-op returning it.
@@ -87,12 +120,34 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """Returns a tenant's quotas with what is currently in use."""
     ListPools: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListPoolsRequest, _scheduler_service_pb2.ListPoolsResponse]  # type: ignore[assignment]
     """Lists resource pools with their capacity, allocation and nodes."""
+    CreatePool: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.CreatePoolRequest, _scheduler_service_pb2.CreatePoolResponse]  # type: ignore[assignment]
+    """Creates a pool (no nodes yet). Platform admins only. Its prices go to billing's price book."""
+    UpdatePool: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.UpdatePoolRequest, _scheduler_service_pb2.UpdatePoolResponse]  # type: ignore[assignment]
+    """Changes a pool's prices or max run duration (the fields named in update_mask; empty: all). Platform admins
+    only. New prices apply to placement and estimates at once, to billing from the price book's next version.
+    """
+    AddNode: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.AddNodeRequest, _scheduler_service_pb2.AddNodeResponse]  # type: ignore[assignment]
+    """Adds a node to a pool. Platform admins only."""
+    UpdateNode: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.UpdateNodeRequest, _scheduler_service_pb2.UpdateNodeResponse]  # type: ignore[assignment]
+    """Changes a node's capacity, labels, prices or state (the fields named in update_mask; empty: all). DRAINING
+    keeps its jobs and takes no new ones; NOT_READY requeues its jobs. A capacity below what the node holds ->
+    FAILED_PRECONDITION. Platform admins only.
+    """
+    RemoveNode: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.RemoveNodeRequest, _scheduler_service_pb2.RemoveNodeResponse]  # type: ignore[assignment]
+    """Removes a node that holds no jobs (drain it first; FAILED_PRECONDITION otherwise). Platform admins only."""
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """SchedulerService owns resource pools and their nodes, tenant quotas, the job queue, placement, preemption and
-    the executors that run jobs (local processes; Kubernetes Jobs, torchrun gangs for multi-worker jobs). A job is
-    admitted when it fits the tenant's quota and the billing budget allows its estimated cost, then placed on a pool's
-    nodes; higher-priority jobs may preempt lower-priority preemptible ones.
+    the executors that run jobs (local processes; a Ray cluster later). A job is admitted when it fits the tenant's
+    quota (nominal, or borrowed from its cohort's unused quota), dominant-resource fair sharing orders tenants, and
+    billing's CheckBudget allows its estimated cost (requested resources x the pool's prices x max run duration);
+    then it is placed on the cheapest feasible nodes of its pool, all workers of a gang at once or none.
+    Higher-priority jobs, and tenants reclaiming their nominal quota, may preempt preemptible work: it gets SIGTERM,
+    checkpoints within its grace period, and is requeued.
+
+    Tenants pay for what they hold: from admission to release, each job's allocation is metered to billing as
+    cpu_core_seconds, memory_gib_seconds and gpu_seconds (attributes pool, node, job, gpu_type), priced by the
+    pool's prices (see PoolPrices).
 
     RPCs whose `tenant` is empty act across all tenants and are allowed to platform admins and mesh services only.
     """
@@ -127,7 +182,9 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_service_pb2.WatchJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_scheduler_service_pb2.WatchJobsResponse], _abc.AsyncIterator[_scheduler_service_pb2.WatchJobsResponse]]:
-        """Streams job snapshots as they change (optionally the current ones first). Never ends on its own."""
+        """Streams job snapshots as they change (optionally the current ones first). Watching named jobs (job_ids) ends
+        once all of them are terminal (NOT_FOUND for a job the tenant does not have); otherwise it never ends on its own.
+        """
 
     @_abc_1.abstractmethod
     def CancelJob(
@@ -162,5 +219,50 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_service_pb2.ListPoolsResponse, _abc.Awaitable[_scheduler_service_pb2.ListPoolsResponse]]:
         """Lists resource pools with their capacity, allocation and nodes."""
+
+    @_abc_1.abstractmethod
+    def CreatePool(
+        self,
+        request: _scheduler_service_pb2.CreatePoolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.CreatePoolResponse, _abc.Awaitable[_scheduler_service_pb2.CreatePoolResponse]]:
+        """Creates a pool (no nodes yet). Platform admins only. Its prices go to billing's price book."""
+
+    @_abc_1.abstractmethod
+    def UpdatePool(
+        self,
+        request: _scheduler_service_pb2.UpdatePoolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.UpdatePoolResponse, _abc.Awaitable[_scheduler_service_pb2.UpdatePoolResponse]]:
+        """Changes a pool's prices or max run duration (the fields named in update_mask; empty: all). Platform admins
+        only. New prices apply to placement and estimates at once, to billing from the price book's next version.
+        """
+
+    @_abc_1.abstractmethod
+    def AddNode(
+        self,
+        request: _scheduler_service_pb2.AddNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.AddNodeResponse, _abc.Awaitable[_scheduler_service_pb2.AddNodeResponse]]:
+        """Adds a node to a pool. Platform admins only."""
+
+    @_abc_1.abstractmethod
+    def UpdateNode(
+        self,
+        request: _scheduler_service_pb2.UpdateNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.UpdateNodeResponse, _abc.Awaitable[_scheduler_service_pb2.UpdateNodeResponse]]:
+        """Changes a node's capacity, labels, prices or state (the fields named in update_mask; empty: all). DRAINING
+        keeps its jobs and takes no new ones; NOT_READY requeues its jobs. A capacity below what the node holds ->
+        FAILED_PRECONDITION. Platform admins only.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveNode(
+        self,
+        request: _scheduler_service_pb2.RemoveNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.RemoveNodeResponse, _abc.Awaitable[_scheduler_service_pb2.RemoveNodeResponse]]:
+        """Removes a node that holds no jobs (drain it first; FAILED_PRECONDITION otherwise). Platform admins only."""
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
