@@ -17,10 +17,12 @@ from services.gen.aidc.billing.v1 import billing_service_pb2 as billing_pb
 from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.gen.aidc.training.v1 import training_service_pb2 as pb
 from services.mesh.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from services.mesh.files import sha256_file
 from services.mesh.identity import TOKEN_LEEWAY_SECONDS
 from services.storage.client import StorageClient
 from services.training.client import TrainingClient
 from services.training.core.executor import LocalHandle
+from services.training.core.service import RUN_DIR
 from tests.conftest import RunningAuth
 from tests.storage import conftest as storage_conftest
 from tests.storage.conftest import RunningStorage
@@ -90,6 +92,10 @@ async def test_fine_tune_end_to_end(storage: RunningStorage, training: RunningTr
     for artifact in version.artifacts:  # every export artifact is in storage, byte for byte what was registered
         stored = await files.stat("acme", artifact.name, kind=storage_pb.OBJECT_KIND_ARTIFACT, version=artifact.version)
         assert (stored.sha256, stored.size_bytes) == (artifact.sha256, artifact.size_bytes)
+    # The version is pinned to the digests of the files the runner exported (what serving checks every fetch by).
+    export = training.settings.jobs_dir / job.job_id / RUN_DIR / "export"
+    for role, name in (("model", "model.pt"), ("model_config", "model_config.json"), ("labels", "labels.json")):
+        assert roles[role].sha256 == sha256_file(export / name), role
 
     # The run's CPU time waits in the service's usage outbox for billing (delivered once mTLS is set up).
     outbox = UsageOutbox(training.settings.data_dir / "training" / "usage-outbox.db")

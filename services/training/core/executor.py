@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from services.mesh.files import private_dir
+
 __all__ = ["ExecutionHandle", "Executor", "LocalExecutor", "LocalHandle", "runner_environment"]
 
 log = logging.getLogger(__name__)
@@ -113,7 +115,7 @@ class LocalExecutor:
         self._meter = _ChildCpuMeter()
 
     async def submit(self, job_id: str, argv: Sequence[str], env: Mapping[str, str], workdir: Path) -> LocalHandle:
-        workdir.mkdir(parents=True, exist_ok=True)
+        private_dir(workdir)
         with (workdir / "runner.log").open("ab") as stderr:
             process = await asyncio.create_subprocess_exec(
                 *argv,

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import services
 from services.mesh.errors import AidcError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.mesh.files import private_dir, private_tar_member
 from services.mesh.identity import Principal, current_principal
 from services.mesh.interceptors import current_deadline
 from services.training.core.catalog import BaseModelCatalog, describe_model_dir
@@ -222,8 +223,7 @@ class TrainingCore:
                     return job
         base = await self.base_model(tenant, spec.base_model)
         job_id = uuid.uuid4().hex
-        job_dir = self._options.jobs_dir / job_id
-        job_dir.mkdir(parents=True)
+        job_dir = private_dir(self._options.jobs_dir / job_id)
         try:
             try:
                 resolved, fmt = await self._artifacts.fetch_dataset(
@@ -606,8 +606,7 @@ class TrainingCore:
         if not artifact_name:
             raise InvalidArgument("artifact_name is required")
         target = self._options.base_models_dir / tenant / name
-        staging = target.with_name(f".{name}.{uuid.uuid4().hex}")
-        staging.mkdir(parents=True)
+        staging = private_dir(target.with_name(f".{name}.{uuid.uuid4().hex}"))
         try:
             artifact = await self._artifacts.fetch_artifact(
                 tenant, artifact_name, artifact_version, staging / "artifact.tar"
@@ -693,10 +692,11 @@ def _tar(directory: Path, archive: Path) -> None:
 
 
 def _untar(archive: Path, target: Path) -> None:
-    """Unpacks a (gzip) tar safely: members stay inside ``target``; a single top-level directory is unwrapped."""
-    target.mkdir(parents=True)
+    """Unpacks a (gzip) tar safely: members stay inside ``target`` and are private; a single top-level directory is
+    unwrapped."""
+    private_dir(target)
     with tarfile.open(archive, "r:*") as tar:
-        tar.extractall(target, filter="data")
+        tar.extractall(target, filter=private_tar_member)
     entries = list(target.iterdir())
     if len(entries) == 1 and entries[0].is_dir() and not (target / "config.json").exists():
         inner = entries[0]
