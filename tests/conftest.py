@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,10 +215,9 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-@contextmanager
-def running_auth_process(tmp_path: Path, **extra: str) -> Iterator[AuthProcess]:
-    """The auth service as its own process on a data dir under ``tmp_path`` (``extra`` settings, e.g. the mesh's
-    AIDC_CERTS_DIR), its first-start admin logged in once; stopped when the block ends."""
+def start_auth_process(tmp_path: Path, **extra: str) -> AuthProcess:
+    """The auth service as its own OS process, data under ``tmp_path``, with ``extra`` settings (e.g. the mesh's
+    AIDC_CERTS_DIR); its first-start admin logged in once. The caller stops it (stop_process)."""
     data_dir = tmp_path / "data"
     address = f"127.0.0.1:{free_port()}"
     env = service_env(data_dir, AIDC_AUTH_ADDR=address, **extra)
@@ -228,16 +226,19 @@ def running_auth_process(tmp_path: Path, **extra: str) -> Iterator[AuthProcess]:
         certs = extra.get("AIDC_CERTS_DIR")
         wait_serving(address, process=process, certs=certs)
         password = first_admin_login(address, data_dir, certs)
-        settings = AuthSettings.from_env(env)
-        yield AuthProcess(process, address, data_dir, env, password, settings)
-    finally:
+    except BaseException:
         stop_process(process)
+        raise
+    return AuthProcess(process, address, data_dir, env, password, AuthSettings.from_env(env))
 
 
 @pytest.fixture
 def auth_process(tmp_path: Path) -> Iterator[AuthProcess]:
-    with running_auth_process(tmp_path) as running:
+    running = start_auth_process(tmp_path)
+    try:
         yield running
+    finally:
+        stop_process(running.process)
 
 
 @pytest.fixture(autouse=True)

@@ -38,23 +38,39 @@ class BadRequest(ValueError):
 
 
 class ExportFiles:
-    """The export's files in one version directory: model_config.json and what it points at."""
+    """The export's files in one version directory: model_config.json and what it points at. Every path read comes
+    from inside the version directory, whatever model_config.json says (TorchScript can read and write files: only
+    the export's own model may be loaded)."""
 
     def __init__(self, version_dir: Path) -> None:
         self.dir = version_dir
-        self.config: dict[str, Any] = json.loads((version_dir / "model_config.json").read_text())
+        self.config: dict[str, Any] = json.loads(self.path("model_config.json").read_text())
         self.max_length = int(self.config["max_sequence_length"])
         self.pad_id = int(self.config["tokenizer"]["pad_token_id"])
 
+    def path(self, relative: str) -> Path:
+        """``relative`` inside the version directory: no absolute path, no '..', no link on the way."""
+        parts = Path(relative).parts
+        if not parts or Path(relative).is_absolute() or ".." in parts:
+            raise ValueError(f"{relative!r} is not a path inside the version directory")
+        path = self.dir
+        for part in parts:
+            path = path / part
+            if path.is_symlink():
+                raise ValueError(f"{relative!r} is a link: the export's files must be in the version directory")
+        if not path.resolve().is_relative_to(self.dir.resolve()):
+            raise ValueError(f"{relative!r} leads outside the version directory")
+        return path
+
     def labels(self) -> list[bytes]:
-        return [label.encode() for label in json.loads((self.dir / "labels.json").read_text())]
+        return [label.encode() for label in json.loads(self.path("labels.json").read_text())]
 
     def tokenizer(self, pad_to_max: bool) -> Any:
         """Truncating like AutoTokenizer(truncation=True, max_length=...); padding to the longest text of a batch,
         or always to max_sequence_length (fixed shapes let the libtorch model batch every request together)."""
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(self.dir / self.config["tokenizer"]["dir"] / "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(str(self.path(f"{self.config['tokenizer']['dir']}/tokenizer.json")))
         tokenizer.enable_truncation(self.max_length)
         tokenizer.enable_padding(
             pad_id=self.pad_id,
@@ -207,7 +223,7 @@ class Classify:
 
         torch.set_num_threads(int(os.environ.get("TORCH_NUM_THREADS", "1")))
         self.torch = torch
-        self.model = torch.jit.load(str(files.dir / files.config.get("file", "model.pt")), map_location="cpu")
+        self.model = torch.jit.load(str(files.path(files.config.get("file", "model.pt"))), map_location="cpu")
         self.model.eval()
         self.labels = files.labels()
         self.tokenizer = files.tokenizer(pad_to_max=False)

@@ -146,6 +146,7 @@ async def run() -> None:
     writer.writerow(["text", "label"])
     writer.writerows(_TWEETS * 50)
     writer.writerow(["call me at +1 415 555 0100 or mail jane.doe@example.com", "neutral"])
+    writer.writerow(["退款请打到卡号6222021234567890128，有问题打13800138000找我", "negative"])
     data = buffer.getvalue().encode()
     dataset = f"tweets-{secrets.token_hex(2)}"
     await storage.create_dataset("acme", dataset, "demo tweets")
@@ -162,7 +163,8 @@ async def run() -> None:
         f"{info.masking.masked_total} personal-data spans masked, sha256 {info.sha256[:16]}…"
     )
     back = await storage.download_bytes("acme", dataset)
-    console.print(f"  downloaded {len(back)} bytes; masked row: {back.splitlines()[-1].decode()!r}")
+    for row in back.splitlines()[-2:]:
+        console.print(f"  downloaded, masked: {row.decode()!r}")
     await storage.close()
 
     _step("The developer fine-tunes MiniLM on it: a runner process, checkpoints, TorchScript export, parity check")

@@ -39,7 +39,12 @@ NameArgument = Annotated[str, typer.Argument(help="The dataset's name, e.g. supp
 VersionOption = Annotated[int, typer.Option("--version", "-v", min=0, help="A version; 0 means the latest.")]
 
 _FORMATS = {"csv": pb.DATA_FORMAT_CSV, "jsonl": pb.DATA_FORMAT_JSONL}
-_MASK_KINDS = {"email": pb.PII_KIND_EMAIL, "phone": pb.PII_KIND_PHONE, "id": pb.PII_KIND_ID_NUMBER}
+_MASK_KINDS = {
+    "email": pb.PII_KIND_EMAIL,
+    "phone": pb.PII_KIND_PHONE,
+    "id": pb.PII_KIND_ID_NUMBER,
+    "card": pb.PII_KIND_BANK_CARD,
+}
 
 
 def register(app: typer.Typer) -> None:
@@ -128,6 +133,12 @@ def _describe(info: pb.ObjectInfo) -> None:
             f"{pb.PiiKind.Name(c.kind).removeprefix('PII_KIND_').lower()}={c.count}" for c in info.masking.counts
         )
         rows.append(("masked", f"{info.masking.masked_total} spans in {info.masking.rows_affected} rows ({counts})"))
+        how = "pseudonyms" if info.masking.mode == pb.MASKING_MODE_PSEUDONYMIZE else "placeholders"
+        if info.masking.pseudonym_key_id:
+            how += f" (pseudonym key {info.masking.pseudonym_key_id})"
+        if info.masking.phone_regions:
+            how += f"; phone regions {', '.join(info.masking.phone_regions)}"
+        rows.append(("masking", how))
     for key, value in sorted(info.metadata.items()):
         rows.append((f"metadata {key}", value))
     table = Table(show_header=False, box=None)
@@ -148,10 +159,22 @@ def upload(
     text_column: Annotated[str, typer.Option(help="Column (or JSON key) holding the text.")] = "text",
     label_column: Annotated[str, typer.Option(help="Column (or JSON key) holding the label.")] = "label",
     mask: Annotated[
-        bool, typer.Option("--mask", help="Mask personal data in the text column (needs --format).")
+        bool,
+        typer.Option("--mask", help="Mask personal data in the text column with [EMAIL], [PHONE]... (needs --format)."),
     ] = False,
     mask_kinds: Annotated[
-        list[str] | None, typer.Option("--mask-kind", help="Only these kinds: email, phone, id (repeatable).")
+        list[str] | None, typer.Option("--mask-kind", help="Only these kinds: email, phone, id, card (repeatable).")
+    ] = None,
+    pseudonymize: Annotated[
+        bool,
+        typer.Option(
+            "--pseudonymize",
+            help="Replace personal data by keyed pseudonyms, [PHONE:3f9a...]: equal values give equal tokens.",
+        ),
+    ] = False,
+    phone_regions: Annotated[
+        list[str] | None,
+        typer.Option("--phone-region", help="Countries whose phone formats to recognise (repeatable; default CN, US)."),
     ] = None,
     content_type: Annotated[str, typer.Option(help="MIME type stored with the version.")] = "",
     metadata: Annotated[
@@ -167,11 +190,16 @@ def upload(
             format=_FORMATS[text_format], text_column=text_column, label_column=label_column
         )
     masking = None
-    if mask or mask_kinds:
+    if mask or mask_kinds or pseudonymize or phone_regions:
         unknown = [k for k in mask_kinds or [] if k not in _MASK_KINDS]
         if unknown:
-            raise InvalidArgument(f"--mask-kind must be one of email, phone, id (not {', '.join(unknown)})")
-        masking = pb.MaskingOptions(enabled=True, kinds=[_MASK_KINDS[k] for k in mask_kinds or []])
+            raise InvalidArgument(f"--mask-kind must be one of {', '.join(_MASK_KINDS)} (not {', '.join(unknown)})")
+        masking = pb.MaskingOptions(
+            enabled=True,
+            kinds=[_MASK_KINDS[k] for k in mask_kinds or []],
+            mode=pb.MASKING_MODE_PSEUDONYMIZE if pseudonymize else pb.MASKING_MODE_PLACEHOLDER,
+            phone_regions=phone_regions or [],
+        )
     labels = _parse_metadata(metadata or [])
     size = os.stat(file).st_size
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.mesh.config import SERVICE_NAMES
 from services.mesh.errors import InvalidArgument
+from services.mesh.files import private_dir, write_private
 
 __all__ = [
     "CLIENT_IDENTITIES",
@@ -42,12 +42,6 @@ CLIENT_URI_PREFIX = "spiffe://aidc/client/"
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _RESERVED = {"ca"}
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -79,7 +73,7 @@ def _new_ca(certs_dir: Path, days: int) -> None:
         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .sign(key, hashes.SHA256())
     )
-    _write_private(certs_dir / "ca-key.pem", _key_pem(key))
+    write_private(certs_dir / "ca-key.pem", _key_pem(key))
     (certs_dir / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
@@ -122,7 +116,7 @@ def _issue(
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write_private(certs_dir / f"{name}-key.pem", _key_pem(key))
+    write_private(certs_dir / f"{name}-key.pem", _key_pem(key))
     (certs_dir / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
@@ -194,8 +188,7 @@ def init_certificates(
     a new CA: its old CA signed client certificates that can serve, and only a new CA stops trusting them.
     """
     services, clients = list(services), list(clients)
-    certs_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(certs_dir, 0o700)
+    private_dir(certs_dir)
     has_ca = (certs_dir / "ca.pem").exists()
     outdated = outdated_certificates(certs_dir, services, clients) if has_ca and not force else []
     if outdated:

@@ -20,6 +20,7 @@ from opentelemetry.instrumentation.grpc.filters import any_of, health_check, neg
 from services.mesh.authz import PermissionChecker, PermissionTable, Rule, public
 from services.mesh.channels import channel_options, server_credentials
 from services.mesh.config import MeshSettings, parse_address
+from services.mesh.files import use_private_umask
 from services.mesh.identity import TokenVerifier
 from services.mesh.interceptors import (
     AuthenticationInterceptor,
@@ -205,7 +206,9 @@ def serve(build: Callable[[], Awaitable[MeshServer]]) -> None:
 
 
 def run_service(name: str, load_settings: Callable[[], _S], build: Callable[[_S], Awaitable[MeshServer]]) -> None:
-    """The whole life of a service process: settings, logging, telemetry, serve until SIGTERM, flush spans."""
+    """The whole life of a service process: private files, settings, logging, telemetry, serve until SIGTERM,
+    flush spans."""
+    use_private_umask()
     settings = load_settings()
     configure_logging(name, settings.log_level)
     init_telemetry(name, settings.data_dir)

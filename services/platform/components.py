@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from services.mesh.certs import init_certificates, issue_service_certificate
 from services.mesh.config import SERVICE_NAMES, MeshSettings, describe_settings, parse_address
+from services.mesh.files import private_dir, write_private
 from services.platform.config import PlatformSettings
 
 __all__ = [
     "ProbeSpec",
+    "TRITON_CLIENT_FILES",
     "ComponentSpec",
     "S3Credentials",
     "Platform",
@@ -28,6 +31,7 @@ __all__ = [
     "ensure_s3_credentials",
     "write_s3_identity_config",
     "prepare_data_dir",
+    "write_triton_tls",
     "build_components",
     "settings_env",
     "triton_argv",
@@ -41,6 +45,8 @@ ProbeKind = Literal["grpc", "http", "tcp"]
 #: Start stage: the runtime (collector, object store, Triton) must be ready before the services start.
 _RUNTIME_STAGE = 0
 _SERVICE_STAGE = 1
+#: Files of Triton's TLS directory a client of it uses (AIDC_TRITON_TLS_DIR; serving.triton.TLS_FILES).
+TRITON_CLIENT_FILES = ("ca.pem", "client.pem", "client-key.pem")
 #: Unix socket paths longer than this don't fit in sockaddr_un (108 bytes with the terminator).
 _MAX_SOCKET_PATH = 100
 
@@ -53,10 +59,12 @@ def _is_s3_url(repository: str) -> bool:
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    """How to ask a component whether it is ready: gRPC health (overall ""), HTTP GET (200) or TCP connect."""
+    """How to ask a component whether it is ready: gRPC health (overall ""), HTTP GET (200) or TCP connect. A gRPC
+    probe speaks the mesh's TLS, or with ``tls_dir`` mutual TLS with that directory's ca.pem and client cert."""
 
     kind: ProbeKind
     target: str
+    tls_dir: str = ""
 
     def describe(self) -> str:
         """Human-readable form for error messages."""
@@ -135,6 +143,17 @@ class Platform:
         return self.platform.runtime_dir / "pytriton" / "tritonserver"
 
     @property
+    def triton_work_dir(self) -> Path:
+        """Triton's working directory: private, and holding nothing but Triton's own TLS files."""
+        return self.mesh.data_dir / "triton"
+
+    @property
+    def triton_tls_dir(self) -> Path:
+        """Triton's CA, its server certificate and the one client certificate (the platform's), made by each
+        `aidc up` (AIDC_TRITON_TLS_DIR of the services)."""
+        return self.triton_work_dir / "tls"
+
+    @property
     def weed_bin(self) -> Path:
         return self.platform.runtime_dir / "bin" / "weed"
 
@@ -155,20 +174,6 @@ def resolve_platform(mesh: MeshSettings, platform: PlatformSettings, credentials
     return Platform(mesh=mesh, platform=platform, credentials=credentials)
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Writes a secret file atomically, readable by its owner only from the first byte."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def ensure_s3_credentials(platform: PlatformSettings, data_dir: Path) -> S3Credentials:
     """The S3 identity: AWS_* when set, else one generated once and kept in data_dir/s3/credentials.json."""
     if platform.aws_access_key_id:
@@ -182,14 +187,8 @@ def ensure_s3_credentials(platform: PlatformSettings, data_dir: Path) -> S3Crede
         access_key_id="AIDC" + "".join(secrets.choice(alphabet) for _ in range(16)),
         secret_access_key=secrets.token_urlsafe(30),
     )
-    _write_private(
-        path,
-        json.dumps(
-            {"access_key_id": credentials.access_key_id, "secret_access_key": credentials.secret_access_key},
-            indent=2,
-        )
-        + "\n",
-    )
+    stored = {"access_key_id": credentials.access_key_id, "secret_access_key": credentials.secret_access_key}
+    write_private(path, (json.dumps(stored, indent=2) + "\n").encode())
     logger.info("generated S3 credentials in %s", path)
     return credentials
 
@@ -205,20 +204,35 @@ def write_s3_identity_config(path: Path, credentials: S3Credentials) -> None:
             }
         ]
     }
-    _write_private(path, json.dumps(config, indent=2) + "\n")
+    write_private(path, (json.dumps(config, indent=2) + "\n").encode())
+
+
+def write_triton_tls(platform: Platform) -> None:
+    """A new CA for Triton's gRPC endpoint, Triton's server certificate and one client certificate, in
+    ``triton_tls_dir``; the CA's key is deleted once they are issued, so no other client certificate can ever be
+    made for this Triton (the next `aidc up` makes a new CA)."""
+    directory = platform.triton_tls_dir
+    host, _ = parse_address(platform.platform.triton_grpc_addr)
+    init_certificates(directory, services=(), clients=("client",), force=True)
+    issue_service_certificate(directory, "triton", hosts=(host,))
+    (directory / "ca-key.pem").unlink()
 
 
 def prepare_data_dir(platform: Platform) -> None:
-    """Creates the directories every component expects and writes the object store's identity config."""
+    """Creates the directories every component expects (private: 0700; an existing data directory is made private
+    too), writes the object store's identity config and Triton's TLS files."""
     for directory in (
+        platform.data_dir,
         platform.logs_dir,
         platform.run_dir,
         platform.s3_dir / "data",
         platform.s3_dir / "log",
+        platform.triton_work_dir,
         platform.model_repository,
     ):
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
     write_s3_identity_config(platform.s3_dir / "s3.json", platform.credentials)
+    write_triton_tls(platform)
 
 
 def settings_env(settings: Any) -> dict[str, str]:
@@ -285,12 +299,19 @@ def _weed_ports(p: PlatformSettings) -> tuple[int, ...]:
 
 
 def triton_argv(platform: Platform) -> tuple[str, ...]:
-    """Triton with explicit model control over the live repository, CPU-only pools, OpenTelemetry export."""
+    """Triton with explicit model control over the live repository, CPU-only pools, OpenTelemetry export; its gRPC
+    endpoint admits only holders of the client certificate in ``triton_tls_dir`` (mutual TLS); no HTTP endpoint;
+    metrics only when AIDC_TRITON_METRICS_PORT is set."""
     p = platform.platform
     grpc_host, grpc_port = parse_address(p.triton_grpc_addr)
-    http_host, http_port = parse_address(p.triton_http_addr)
+    tls = platform.triton_tls_dir
     # Triton's own exit timeout must end before the supervisor's SIGKILL does.
     exit_timeout = max(1, int(p.stop_grace_seconds) // 2)
+    metrics = (
+        (f"--metrics-address={grpc_host}", f"--metrics-port={p.triton_metrics_port}")
+        if p.triton_metrics_port
+        else ("--allow-metrics=false",)
+    )
     return (
         str(platform.triton_dir / "bin" / "tritonserver"),
         f"--model-repository={platform.model_repository_url}",
@@ -299,10 +320,14 @@ def triton_argv(platform: Platform) -> tuple[str, ...]:
         "--disable-auto-complete-config",
         f"--grpc-address={grpc_host}",
         f"--grpc-port={grpc_port}",
-        f"--http-address={http_host}",
-        f"--http-port={http_port}",
-        f"--metrics-address={http_host}",
-        f"--metrics-port={p.triton_metrics_port}",
+        "--grpc-use-ssl=true",
+        "--grpc-use-ssl-mutual=true",
+        f"--grpc-root-cert={tls / 'ca.pem'}",
+        f"--grpc-server-cert={tls / 'triton.pem'}",
+        f"--grpc-server-key={tls / 'triton-key.pem'}",
+        # Triton's HTTP endpoint has no TLS: it stays off (nothing here uses it).
+        "--allow-http=false",
+        *metrics,
         "--pinned-memory-pool-byte-size=0",
         "--cuda-memory-pool-byte-size=0:0",
         "--allow-gpu-metrics=false",
@@ -323,12 +348,45 @@ def triton_argv(platform: Platform) -> tuple[str, ...]:
     )
 
 
+#: Variables Triton gets from the environment `aidc up` runs in: locale, paths, the GPU runtime's. Nothing else: no
+#: AIDC_* (master keys, database URL), no PG*, no AWS_* (unless it reads its repository from S3), no OTEL_*.
+_TRITON_INHERITED = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH")
+_TRITON_INHERITED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_")
+#: What an S3 model repository needs: Triton's S3 client reads AWS_*; the s3mirror step before it (which creates
+#: the bucket) reads the object store's connection settings.
+_TRITON_S3_SETTINGS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AIDC_STORAGE_S3_SECURE",
+    "AIDC_STORAGE_S3_CA_FILE",
+    "AIDC_STORAGE_S3_REGION",
+    "AIDC_STORAGE_S3_TIMEOUT_SECONDS",
+)
+
+
+def _triton_env(platform: Platform, base: Mapping[str, str], env: Mapping[str, str]) -> dict[str, str]:
+    """Triton's whole environment. TorchScript can read files and the python backend runs model code: Triton must
+    hold no platform secret it does not need (``env`` is the services' environment, secrets included)."""
+    out = {k: v for k, v in base.items() if k in _TRITON_INHERITED or k.startswith(_TRITON_INHERITED_PREFIXES)}
+    # The python backend stub runs its own interpreter and ignores PYTHONPATH: it finds torch and numpy<2
+    # through the first python on PATH, which must be this venv's.
+    out["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), base.get("PATH", os.defpath)])
+    out["TORCH_NUM_THREADS"] = "1"
+    out["PYTHONUNBUFFERED"] = "1"
+    if _is_s3_url(platform.platform.model_repository):
+        out.update({k: env[k] for k in _TRITON_S3_SETTINGS if env.get(k)})
+    return out
+
+
 def _child_env(platform: Platform, base: Mapping[str, str]) -> dict[str, str]:
     env = dict(base)
     env.update(settings_env(platform.mesh))
     env.update(settings_env(platform.platform))
     # Triton and the serving service read AWS_* (above) for an S3 repository.
     env["AIDC_MODEL_REPOSITORY"] = platform.model_repository_url
+    env["AIDC_TRITON_TLS_DIR"] = str(platform.triton_tls_dir)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -371,32 +429,27 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
         stop_stage=1,
     )
 
-    http_host, _ = parse_address(p.triton_http_addr)
-    triton_env = dict(env)
-    # The python backend stub runs its own interpreter and ignores PYTHONPATH: it finds torch and numpy<2
-    # through the first python on PATH, which must be this venv's.
-    triton_env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), base.get("PATH", os.defpath)])
-    triton_env["TORCH_NUM_THREADS"] = "1"
+    grpc_host, _ = parse_address(p.triton_grpc_addr)
     triton = triton_argv(platform)
     if _is_s3_url(p.model_repository):
         # Triton exits at once on a bucket or prefix that does not exist yet: this creates them (waiting for the
         # object store, started alongside), then execs Triton in the same process.
         wait = f"--wait={p.startup_timeout_seconds:g}"
         triton = (python, "-m", "services.serving.s3mirror", wait, platform.model_repository_url, "--", *triton)
+    metrics = (f"{grpc_host}:{p.triton_metrics_port}",) if p.triton_metrics_port else ()
     specs["triton"] = ComponentSpec(
         name="triton",
         argv=triton,
-        env=triton_env,
-        cwd=platform.data_dir,
+        env=_triton_env(platform, base, env),
+        cwd=platform.triton_work_dir,
         log_file=logs / "triton.log",
-        probe=ProbeSpec("http", f"http://{p.triton_http_addr}/v2/health/ready"),
+        probe=ProbeSpec("grpc", p.triton_grpc_addr, tls_dir=str(platform.triton_tls_dir)),
         address=p.triton_grpc_addr,
         endpoints=(
-            f"KServe v2 gRPC {p.triton_grpc_addr}",
-            f"KServe v2 HTTP http://{p.triton_http_addr}",
-            f"metrics http://{http_host}:{p.triton_metrics_port}/metrics",
+            f"KServe v2 gRPC {p.triton_grpc_addr} (mutual TLS: {platform.triton_tls_dir})",
+            *(f"metrics http://{address}/metrics" for address in metrics),
         ),
-        listens=(p.triton_grpc_addr, p.triton_http_addr, f"{http_host}:{p.triton_metrics_port}"),
+        listens=(p.triton_grpc_addr, *metrics),
         start_stage=_RUNTIME_STAGE,
         stop_stage=1,
     )

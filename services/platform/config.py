@@ -27,8 +27,11 @@ class PlatformSettings:
     model_repository: str = setting("", "Triton's live model repository; empty means <data_dir>/model_repository.")
     collector_addr: str = setting("127.0.0.1:50060", "Address of the trace collector (OTLP/HTTP JSON receiver).")
     triton_grpc_addr: str = setting("127.0.0.1:50061", "Triton's KServe v2 gRPC endpoint.")
-    triton_http_addr: str = setting("127.0.0.1:50062", "Triton's KServe v2 HTTP endpoint.")
-    triton_metrics_port: int = setting(50063, "Triton's Prometheus metrics port (same host as its HTTP endpoint).")
+    triton_metrics_port: int = setting(
+        0,
+        "Triton's Prometheus metrics port, on the host of its gRPC endpoint; 0: off. Plain HTTP without "
+        "authentication (Triton has none for it): any local user can read it, deployment names included.",
+    )
     s3_endpoint: str = setting("127.0.0.1:50070", "S3 endpoint (host:port) of the object store (SeaweedFS here).")
     seaweedfs_s3_grpc_port: int = setting(50071, "SeaweedFS S3 gateway gRPC port.")
     seaweedfs_master_port: int = setting(50072, "SeaweedFS master HTTP port.")
@@ -68,7 +71,6 @@ class PlatformSettings:
         for env, value in (
             ("AIDC_COLLECTOR_ADDR", self.collector_addr),
             ("AIDC_TRITON_GRPC_ADDR", self.triton_grpc_addr),
-            ("AIDC_TRITON_HTTP_ADDR", self.triton_http_addr),
             ("AIDC_S3_ENDPOINT", self.s3_endpoint),
         ):
             try:
@@ -82,8 +84,9 @@ class PlatformSettings:
             )
         if bool(self.aws_access_key_id) != bool(self.aws_secret_access_key):
             raise ValueError("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither")
+        if not 0 <= self.triton_metrics_port <= 65535:
+            raise ValueError(f"AIDC_TRITON_METRICS_PORT must be a port number or 0, not {self.triton_metrics_port}")
         for name in (
-            "triton_metrics_port",
             "seaweedfs_s3_grpc_port",
             "seaweedfs_master_port",
             "seaweedfs_master_grpc_port",

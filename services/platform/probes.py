@@ -8,13 +8,14 @@ import http.client
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.mesh.channels import create_channel
 from services.mesh.config import MeshSettings, parse_address
-from services.platform.components import ProbeSpec
+from services.platform.components import TRITON_CLIENT_FILES, ProbeSpec
 
 __all__ = ["Health", "ProbeResult", "probe"]
 
@@ -33,10 +34,17 @@ class ProbeResult:
     detail: str = ""
 
 
-async def _probe_grpc(spec: ProbeSpec, settings: MeshSettings, timeout: float) -> ProbeResult:
+def _channel(spec: ProbeSpec, settings: MeshSettings) -> grpc.aio.Channel:
+    if spec.tls_dir:  # Triton: mutual TLS with its own CA and the platform's client certificate
+        ca, cert, key = ((Path(spec.tls_dir) / name).read_bytes() for name in TRITON_CLIENT_FILES)
+        return grpc.aio.secure_channel(spec.target, grpc.ssl_channel_credentials(ca, key, cert))
     # The operator's identity: with AIDC_CERTS_DIR set the probe speaks mutual TLS like the CLI does.
+    return create_channel(spec.target, settings, identity="cli")
+
+
+async def _probe_grpc(spec: ProbeSpec, settings: MeshSettings, timeout: float) -> ProbeResult:
     try:
-        channel = create_channel(spec.target, settings, identity="cli")
+        channel = _channel(spec, settings)
     except Exception as exc:  # a configuration problem (missing certificate, plaintext to a remote host)
         return ProbeResult(Health.DOWN, f"cannot connect: {exc}")
     try:

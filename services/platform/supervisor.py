@@ -18,6 +18,7 @@ from pathlib import Path
 
 from services.mesh.certs import init_certificates
 from services.mesh.config import MeshSettings, load_settings
+from services.mesh.files import private_dir, use_private_umask
 from services.platform.components import (
     ComponentSpec,
     Platform,
@@ -94,6 +95,7 @@ def load_platform(env: Mapping[str, str] | None = None, *, create_credentials: b
     mesh = load_settings(MeshSettings, env)
     settings = load_settings(PlatformSettings, env)
     if create_credentials:
+        use_private_umask()  # what `aidc up` creates (credentials, certificates, logs) is private from the start
         credentials = ensure_s3_credentials(settings, mesh.data_dir.resolve())
         if mesh.certs_dir != "off":
             # Mutual TLS between services is the default: a local CA and a certificate per service.
@@ -200,6 +202,7 @@ class Supervisor:
 
     async def run(self) -> None:
         """Starts everything, waits for SERVING, supervises until stopped; StartupError if it can't start."""
+        use_private_umask()  # every file of the platform, and of the processes it starts, is private
         run_dir = self._platform.run_dir
         with _exclusive_lock(run_dir):
             previous = read_state(run_dir)
@@ -470,7 +473,8 @@ def start_detached(
     if running is not None:
         raise AlreadyRunning(running)
     timeout = timeout or platform.platform.startup_timeout_seconds
-    platform.logs_dir.mkdir(parents=True, exist_ok=True)
+    use_private_umask()
+    private_dir(platform.logs_dir)
     log_file = platform.logs_dir / "supervisor.log"
     # Resolved settings (absolute paths, the S3 identity) go along: the supervisor runs from the project root.
     child_env = {

@@ -10,6 +10,7 @@ from pathlib import Path
 from services.mesh.config import MeshSettings, load_settings, setting
 from services.mesh.errors import InvalidArgument
 from services.serving.s3mirror import S3RepositoryURL, is_s3_url
+from services.serving.triton import TritonAccess
 
 __all__ = ["ServingSettings", "FLAVOURS"]
 
@@ -22,6 +23,16 @@ class ServingSettings(MeshSettings):
     """MeshSettings plus Triton, the live repository, rollout limits and the gateway's limits."""
 
     triton_grpc_addr: str = setting("127.0.0.1:50061", "Triton's KServe v2 gRPC endpoint.")
+    triton_tls_dir: str = setting(
+        "",
+        "Directory with ca.pem, client.pem and client-key.pem: mutual TLS to Triton's gRPC endpoint (`aidc up` makes "
+        "them, in <data_dir>/triton/tls); empty: plaintext.",
+    )
+    triton_access_key_file: str = setting(
+        "",
+        "File holding the secret of Triton's --grpc-restricted-protocol (key aidc-triton-key), sent on every call to "
+        "Triton (a cluster's Secret); empty: none.",
+    )
     model_repository: str = setting(
         "",
         "Triton's live model repository; empty means <data_dir>/model_repository. An s3://host:port/bucket/prefix "
@@ -82,6 +93,11 @@ class ServingSettings(MeshSettings):
                 S3RepositoryURL.parse(self.model_repository_s3)
             except InvalidArgument as exc:
                 raise ValueError(f"AIDC_MODEL_REPOSITORY: {exc.message}") from None
+
+    def triton_access(self) -> TritonAccess:
+        """How this service reaches Triton (reads the access key file; the TLS files are read when a channel is
+        made: a missing one stops the service at start)."""
+        return TritonAccess.from_files(self.triton_grpc_addr, self.triton_tls_dir, self.triton_access_key_file)
 
     @property
     def serving_dir(self) -> Path:

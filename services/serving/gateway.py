@@ -47,6 +47,7 @@ from services.serving.config import ServingSettings
 from services.serving.limits import BudgetGuard, TenantRateLimiter
 from services.serving.metering import InferenceMeter, TritonStatistics
 from services.serving.routes import Route, Routes
+from services.serving.triton import TritonAccess
 from services.serving.wire import (
     read_header,
     read_stream_response,
@@ -81,14 +82,13 @@ _TRACE_CONTEXT = TraceContextTextMapPropagator()
 _EOF = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
 
 
-def triton_channel(address: str, max_message_bytes: int) -> grpc.aio.Channel:
-    """A plaintext channel to Triton's loopback or cluster-internal address (Triton is not a mesh service).
+def triton_channel(access: TritonAccess, max_message_bytes: int) -> grpc.aio.Channel:
+    """A channel to Triton (mutual TLS or plaintext, as ``access`` says; Triton is not a mesh service).
 
     Reconnection backs off from 100 ms to at most 1 s, so a restarted Triton is picked up within about a second;
     calls never wait for a connection (no wait_for_ready): while Triton is down they fail at once.
     """
-    return grpc.aio.insecure_channel(
-        address,
+    return access.channel(
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -99,10 +99,13 @@ def triton_channel(address: str, max_message_bytes: int) -> grpc.aio.Channel:
     )
 
 
-def build_gateway(settings: ServingSettings, routes: Routes, security: MeshSecurity) -> InferenceGateway:
-    """The gateway as the serving service runs it: Triton at ``triton_grpc_addr``, budgets from billing (asked as
-    the serving service), usage through the service's durable outbox."""
-    channel = triton_channel(settings.triton_grpc_addr, settings.max_message_bytes)
+def build_gateway(
+    settings: ServingSettings, routes: Routes, security: MeshSecurity, access: TritonAccess | None = None
+) -> InferenceGateway:
+    """The gateway as the serving service runs it: Triton as ``access`` (default: from the settings) says, budgets
+    from billing (asked as the serving service), usage through the service's durable outbox."""
+    access = access or settings.triton_access()
+    channel = triton_channel(access, settings.max_message_bytes)
     # One attempt with a short timeout: a slow billing must not hold a tenant's first request for long.
     billing = BillingClient(
         create_channel(settings.billing_addr, settings, identity="serving"), timeout_seconds=2.0, retries=0
@@ -114,18 +117,20 @@ def build_gateway(settings: ServingSettings, routes: Routes, security: MeshSecur
         budget=BudgetGuard(billing, settings.serving_budget_cache_seconds),
         meter=InferenceMeter(
             UsageEmitter.for_service(settings, "serving"),
-            TritonStatistics(channel),
+            TritonStatistics(channel, access.metadata),
             settings.serving_metering_interval_seconds,
         ),
         triton=channel,
+        triton_metadata=access.metadata,
     )
 
 
-def _trace_metadata() -> tuple[tuple[str, str], ...]:
-    """traceparent/tracestate of the current span: the only metadata Triton receives."""
+def _trace_metadata(access: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """Triton's access header (``access``) and traceparent/tracestate of the current span: the only metadata Triton
+    receives."""
     carrier: dict[str, str] = {}
     _TRACE_CONTEXT.inject(carrier)
-    return tuple(carrier.items())
+    return (*access, *carrier.items())
 
 
 def _in_tenant_terms(text: str, route: Route, name: str) -> str:
@@ -142,7 +147,8 @@ class InferenceGateway:
     """GRPCInferenceService in front of Triton. ``start()`` before serving, ``close()`` after.
 
     ``routes`` (written by the deployments core) maps tenant models to Triton models; ``checker`` is the mesh's
-    cached permission checker; ``triton`` a channel to Triton (``triton_channel``), owned by the gateway from now on.
+    cached permission checker; ``triton`` a channel to Triton (``triton_channel``), owned by the gateway from now on,
+    and ``triton_metadata`` what every call to Triton carries (TritonAccess.metadata).
     """
 
     def __init__(
@@ -154,8 +160,10 @@ class InferenceGateway:
         budget: BudgetGuard,
         meter: InferenceMeter,
         triton: grpc.aio.Channel,
+        triton_metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self._routes = routes
+        self._access = triton_metadata
         self._checker = checker
         self._limiter = limiter
         self._budget = budget
@@ -191,7 +199,9 @@ class InferenceGateway:
     async def triton_ready(self) -> bool:
         """Whether Triton answers ServerReady with ready (the serving service's readiness)."""
         try:
-            response = await self._triton_ready(spb.ServerReadyRequest(), timeout=_READY_TIMEOUT_SECONDS)
+            response = await self._triton_ready(
+                spb.ServerReadyRequest(), timeout=_READY_TIMEOUT_SECONDS, metadata=self._access
+            )
         except grpc.aio.AioRpcError:
             return False
         return bool(response.ready)
@@ -284,7 +294,7 @@ class InferenceGateway:
             response: bytes = await self._triton_infer(
                 route_request(request, route.triton_name, route.version),
                 timeout=_timeout(context),
-                metadata=_trace_metadata(),
+                metadata=_trace_metadata(self._access),
             )
         except grpc.aio.AioRpcError as error:
             await self._fail(error, context, route, header.model_name)
@@ -309,7 +319,7 @@ class InferenceGateway:
 
     async def server_metadata(self, request: bytes, context: ServicerContext[Any, Any]) -> bytes:
         try:
-            response: bytes = await self._triton_metadata(request, timeout=_timeout(context))
+            response: bytes = await self._triton_metadata(request, timeout=_timeout(context), metadata=self._access)
         except grpc.aio.AioRpcError as error:
             await self._fail(error, context, None, "")
         return response
@@ -345,7 +355,7 @@ class InferenceGateway:
         self, method: Any, request: Any, context: ServicerContext[Any, Any], route: Route, name: str
     ) -> Any:
         try:
-            return await method(request, timeout=_timeout(context), metadata=_trace_metadata())
+            return await method(request, timeout=_timeout(context), metadata=_trace_metadata(self._access))
         except grpc.aio.AioRpcError as error:
             await self._fail(error, context, route, name)
 
@@ -371,7 +381,9 @@ class _InferStream:
         self._trace_id = trace.get_current_span().get_span_context().trace_id
 
     async def run(self, requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        call = self._gateway._triton_stream(None, timeout=_timeout(self._context, None), metadata=_trace_metadata())
+        call = self._gateway._triton_stream(
+            None, timeout=_timeout(self._context, None), metadata=_trace_metadata(self._gateway._access)
+        )
         tasks = [asyncio.create_task(self._send(requests, call)), asyncio.create_task(self._receive(call))]
         try:
             finished = 0

@@ -71,18 +71,22 @@ class UsageSink(Protocol):
 
 
 class TritonStatistics:
-    """Reads ModelStatistics from Triton over the gateway's channel."""
+    """Reads ModelStatistics from Triton over the gateway's channel (with Triton's access ``metadata``)."""
 
-    def __init__(self, channel: grpc.aio.Channel, timeout_seconds: float = 5.0) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = (), timeout_seconds: float = 5.0
+    ) -> None:
         self._call = channel.unary_unary(
             "/inference.GRPCInferenceService/ModelStatistics",
             request_serializer=spb.ModelStatisticsRequest.SerializeToString,
             response_deserializer=spb.ModelStatisticsResponse.FromString,
         )
+        self._metadata = metadata
         self._timeout = timeout_seconds
 
     async def read(self, model: str, version: str) -> ComputeReading:
-        response = await self._call(spb.ModelStatisticsRequest(name=model, version=version), timeout=self._timeout)
+        request = spb.ModelStatisticsRequest(name=model, version=version)
+        response = await self._call(request, timeout=self._timeout, metadata=self._metadata)
         for stats in response.model_stats:
             if stats.version == version:
                 compute = sum(b.compute_input.ns + b.compute_infer.ns + b.compute_output.ns for b in stats.batch_stats)

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from services.mesh.errors import FailedPrecondition, InvalidArgument
+from services.mesh.files import PRIVATE_DIR_MODE, private_dir, sha256_file
 from services.serving.config import FLAVOURS
+from services.serving.pins import export_files as export_files_of
 
 if TYPE_CHECKING:
     from services.serving.s3mirror import S3RepositoryMirror
@@ -81,11 +83,14 @@ class ExportBundle:
 
     @classmethod
     def load(cls, root: Path) -> ExportBundle:
-        """Read and check the export; FailedPrecondition names what is missing or inconsistent."""
+        """Read and check the export; FailedPrecondition names what is missing or inconsistent. Everything it names
+        must be inside ``root`` and no link (model.py, running in Triton, checks the same again)."""
         for name, is_dir in ((MODEL_FILE, False), (CONFIG_FILE, False), (LABELS_FILE, False), (TOKENIZER_DIR, True)):
-            path = root / name
+            path = _inside(root, name)
             if not (path.is_dir() if is_dir else path.is_file()):
                 raise _unusable(f"{name} is missing")
+        for member in (root / TOKENIZER_DIR).iterdir():
+            _inside(root, f"{TOKENIZER_DIR}/{member.name}")
         config = _read_json(root, CONFIG_FILE, dict)
         labels = tuple(_read_json(root, LABELS_FILE, list))
         bundle = cls(root, config, labels)
@@ -107,6 +112,10 @@ class ExportBundle:
                 f"{LABELS_FILE} {list(labels)} disagrees with {CONFIG_FILE} labels {config.get('labels')} "
                 f"(num_labels {config.get('num_labels')})",
             )
+        if config.get("file", MODEL_FILE) != MODEL_FILE:
+            raise _unusable(
+                f"{CONFIG_FILE} file must be {MODEL_FILE!r} (the export's own model), not {config['file']!r}"
+            )
         if not _positive_int(config.get("max_sequence_length")):
             raise _unusable(f"{CONFIG_FILE} max_sequence_length must be a positive integer")
         tokenizer = config.get("tokenizer")
@@ -114,7 +123,7 @@ class ExportBundle:
             raise _unusable(f"{CONFIG_FILE} tokenizer.pad_token_id is missing")
         if (
             tokenizer.get("dir", TOKENIZER_DIR) != TOKENIZER_DIR
-            or not (self.root / TOKENIZER_DIR / "tokenizer.json").is_file()
+            or not _inside(self.root, f"{TOKENIZER_DIR}/tokenizer.json").is_file()
         ):
             raise _unusable(f"{TOKENIZER_DIR}/tokenizer.json (a fast tokenizer) is missing")
         self.libtorch_names()
@@ -137,9 +146,24 @@ def _unusable(problem: str) -> FailedPrecondition:
     return FailedPrecondition(f"the export cannot be served: {problem}")
 
 
+def _inside(root: Path, relative: str) -> Path:
+    """``root/relative``, refused unless it stays inside ``root``: no absolute path, no '..', no link on the way."""
+    parts = Path(relative).parts
+    if Path(relative).is_absolute() or ".." in parts:
+        raise _unusable(f"{relative!r} is not a path inside the export")
+    path = root
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise _unusable(f"{relative!r} is a link")
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise _unusable(f"{relative!r} leads outside the export")
+    return path
+
+
 def _read_json(root: Path, name: str, kind: type) -> Any:
     try:
-        value = json.loads((root / name).read_text())
+        value = json.loads(_inside(root, name).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _unusable(f"{name} is not JSON ({exc})") from exc
     if not isinstance(value, kind):
@@ -365,7 +389,7 @@ class LiveRepository:
         self.python_env = python_env
         self.mirror = mirror
         self._parts = _FLAVOUR_PARTS[flavour]
-        root.mkdir(parents=True, exist_ok=True)
+        private_dir(root)
         #: Deployments whose S3 objects may differ from the directory.
         self._unmirrored: set[str] = set(self.names()) if mirror is not None else set()
 
@@ -444,6 +468,31 @@ class LiveRepository:
             return []
         return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
+    def holds(self, triton_name: str, version: int, export_files: Mapping[str, str]) -> bool:
+        """Whether the version is written (versions()) with exactly the files of the export whose files' SHA-256s
+        are ``export_files`` (pins.export_files), in every model of the deployment: what a reload may load as it
+        is. False when a file is missing, added or changed."""
+        if version not in self.versions(triton_name):
+            return False
+        model_py = sha256_file(TEXT_CLASSIFIER_MODEL)
+        for part in self._parts:
+            expected: dict[str, str] = {}
+            for name in part.files:
+                if name == MODEL_PY:
+                    expected[name] = model_py
+                expected.update(
+                    (path, digest)
+                    for path, digest in export_files.items()
+                    if path == name or path.startswith(f"{name}/")
+                )
+            version_dir = self._model_dir(triton_name + part.suffix) / str(version)
+            try:
+                if export_files_of(version_dir) != expected:
+                    return False
+            except FailedPrecondition:
+                return False
+        return True
+
     def names(self) -> list[str]:
         """Triton names of the deployments present (composing models and staging directories left out)."""
         return sorted(
@@ -483,13 +532,14 @@ class LiveRepository:
         return labels if isinstance(labels, list) else []
 
     def _publish_version(self, model_dir: Path, version: int, files: dict[str, Path]) -> None:
-        model_dir.mkdir(exist_ok=True)
+        model_dir.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
         staging = _fresh_hidden_path(self.root, f"staging-{model_dir.name}-{version}")
-        staging.mkdir()
+        staging.mkdir(mode=PRIVATE_DIR_MODE)
         try:
             for name, source in files.items():
                 if source.is_dir():
-                    # copyfile, not copy2: exports arrive with private (0600) modes; Triton may run as another user.
+                    # Private like everything of the platform's: Triton reads it as the platform's user (here) or
+                    # from S3 (on a cluster).
                     shutil.copytree(source, staging / name, copy_function=shutil.copyfile)
                 else:
                     shutil.copyfile(source, staging / name)

@@ -39,6 +39,7 @@ from urllib3.util import Retry, Timeout
 
 from services.mesh.config import parse_address
 from services.mesh.errors import InvalidArgument, Unavailable
+from services.mesh.files import sha256_file
 from services.storage.config import StorageSettings
 
 __all__ = ["S3RepositoryMirror", "S3RepositoryURL", "is_s3_url"]
@@ -55,7 +56,6 @@ _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 _CREDENTIAL_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
-_READ_CHUNK = 1024 * 1024
 
 
 def is_s3_url(value: str) -> bool:
@@ -297,18 +297,10 @@ def _local_tree(directory: Path) -> dict[str, _LocalEntry]:
         if any(part.startswith(".") for part in relative.parts):
             continue
         if path.is_file():
-            out[relative.as_posix()] = _LocalEntry(path, _sha256(path))
+            out[relative.as_posix()] = _LocalEntry(path, sha256_file(path))
         elif path.is_dir() and not any(not child.name.startswith(".") for child in path.iterdir()):
             out[relative.as_posix() + "/"] = _LocalEntry(None, _EMPTY_SHA256)
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -36,7 +36,8 @@ async def build_server(settings: ServingSettings, address: str | None = None) ->
         TrainingClient(create_channel(settings.training_addr, settings, identity=SERVICE)),
         StorageClient(create_channel(settings.storage_addr, settings, identity=SERVICE)),
     )
-    triton = TritonControl(settings.triton_grpc_addr, settings.serving_rollout_timeout_seconds)
+    access = settings.triton_access()
+    triton = TritonControl(access, settings.serving_rollout_timeout_seconds)
     # On a cluster Triton reads the repository from S3: the local directory is then the staging area, mirrored.
     s3 = settings.model_repository_s3
     mirror = S3RepositoryMirror.from_env(s3) if s3 else None
@@ -55,7 +56,7 @@ async def build_server(settings: ServingSettings, address: str | None = None) ->
             alias_poll_seconds=settings.serving_alias_poll_seconds,
         ),
     )
-    gateway = build_gateway(settings, routes, security)
+    gateway = build_gateway(settings, routes, security, access)
     servicer = ServingServicer(core)
     # Billing takes usage only from a mesh service's certificate: without certificates (plaintext dev mode) the
     # gateway's usage waits in its outbox until mTLS is configured.

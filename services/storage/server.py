@@ -18,8 +18,9 @@ from services.storage.core.usage import UsageSink
 from services.storage.metering import StorageMeter
 from services.storage.objectstore import S3ObjectStore
 from services.storage.permissions import PERMISSIONS
+from services.storage.schema import MIGRATIONS
 from services.storage.servicer import StorageServicer
-from services.storage.store import MIGRATIONS, StorageStore
+from services.storage.store import StorageStore
 
 __all__ = ["build_server", "SERVICE"]
 

@@ -15,8 +15,9 @@ from services.mesh.identity import require_principal
 from services.mesh.messages import timestamp
 from services.storage.core.model import DatasetRecord, KeyState, VersionRecord
 from services.storage.core.names import ObjectKind
+from services.storage.core.pii import MaskingMode, MaskingSpec, PiiKind, masking_spec
 from services.storage.core.service import DEFAULT_CONTENT_TYPE, Page, StorageCore, UploadSpec
-from services.storage.core.textdata import PiiKind, TextFormat, TextSpec
+from services.storage.core.textdata import TextFormat, TextSpec
 
 __all__ = ["StorageServicer"]
 
@@ -24,8 +25,19 @@ _KINDS = {pb.OBJECT_KIND_DATASET: ObjectKind.DATASET, pb.OBJECT_KIND_ARTIFACT: O
 _KIND_TO_PB = {kind: value for value, kind in _KINDS.items()}
 _FORMATS = {pb.DATA_FORMAT_CSV: TextFormat.CSV, pb.DATA_FORMAT_JSONL: TextFormat.JSONL}
 _FORMAT_TO_PB = {"opaque": pb.DATA_FORMAT_OPAQUE, "csv": pb.DATA_FORMAT_CSV, "jsonl": pb.DATA_FORMAT_JSONL}
-_PII = {pb.PII_KIND_EMAIL: PiiKind.EMAIL, pb.PII_KIND_PHONE: PiiKind.PHONE, pb.PII_KIND_ID_NUMBER: PiiKind.ID_NUMBER}
+_PII = {
+    pb.PII_KIND_EMAIL: PiiKind.EMAIL,
+    pb.PII_KIND_PHONE: PiiKind.PHONE,
+    pb.PII_KIND_ID_NUMBER: PiiKind.ID_NUMBER,
+    pb.PII_KIND_BANK_CARD: PiiKind.BANK_CARD,
+}
 _PII_BY_NAME = {kind.name: value for value, kind in _PII.items()}
+_MODES = {
+    pb.MASKING_MODE_UNSPECIFIED: MaskingMode.PLACEHOLDER,
+    pb.MASKING_MODE_PLACEHOLDER: MaskingMode.PLACEHOLDER,
+    pb.MASKING_MODE_PSEUDONYMIZE: MaskingMode.PSEUDONYMIZE,
+}
+_MODE_TO_PB = {"placeholder": pb.MASKING_MODE_PLACEHOLDER, "pseudonymize": pb.MASKING_MODE_PSEUDONYMIZE}
 
 
 def _kind(value: int, required: bool = True) -> ObjectKind | None:
@@ -83,27 +95,41 @@ def _object(v: VersionRecord) -> pb.ObjectInfo:
                 masked_total=v.masking.masked_total,
                 rows_affected=v.masking.rows_affected,
                 counts=[pb.MaskCount(kind=_PII_BY_NAME[name], count=n) for name, n in v.masking.counts.items()],
+                mode=_MODE_TO_PB[v.masking.mode],
+                phone_regions=v.masking.phone_regions,
+                pseudonym_key_id=v.masking.pseudonym_key_id,
             )
         )
     return info
 
 
+def _masking(options: pb.MaskingOptions) -> MaskingSpec | None:
+    if not options.enabled:
+        if options.kinds or options.mode or options.phone_regions:
+            raise InvalidArgument("masking options were given but masking.enabled is false: nothing would be masked")
+        return None
+    unknown = [k for k in options.kinds if k not in _PII]
+    if unknown:
+        raise InvalidArgument(f"masking.kinds may hold only {', '.join(pb.PiiKind.Name(k) for k in _PII)}")
+    kinds = {_PII[k] for k in options.kinds}  # type: ignore[index]
+    if PiiKind.ID_NUMBER in kinds:
+        kinds.add(PiiKind.BANK_CARD)  # ID_NUMBER covered cards before BANK_CARD existed; clients rely on it
+    mode = _MODES.get(options.mode)  # type: ignore[call-overload]
+    if mode is None:
+        raise InvalidArgument("masking.mode must be MASKING_MODE_PLACEHOLDER or MASKING_MODE_PSEUDONYMIZE")
+    return masking_spec(frozenset(kinds), mode, list(options.phone_regions))
+
+
 def _text_spec(header: pb.UploadHeader) -> TextSpec | None:
-    masking = header.masking.enabled if header.HasField("masking") else False
+    mask = _masking(header.masking)
     if not header.HasField("text_dataset"):
-        if masking:
+        if mask is not None:
             raise InvalidArgument("masking needs text_dataset (which column holds the text)")
         return None
     spec = header.text_dataset
     text_format = _FORMATS.get(spec.format)  # type: ignore[call-overload]
     if text_format is None:
         raise InvalidArgument("text_dataset.format must be DATA_FORMAT_CSV or DATA_FORMAT_JSONL")
-    mask: frozenset[PiiKind] | None = None
-    if masking:
-        unknown = [k for k in header.masking.kinds if k not in _PII]
-        if unknown:
-            raise InvalidArgument("masking.kinds may hold PII_KIND_EMAIL, PII_KIND_PHONE and PII_KIND_ID_NUMBER")
-        mask = frozenset(_PII[k] for k in header.masking.kinds) or frozenset(PiiKind)  # type: ignore[index]
     return TextSpec(text_format, spec.text_column or "text", spec.label_column or "label", mask)
 
 

@@ -1,6 +1,10 @@
 """Persistence of the storage service's metadata (SQLAlchemy Core; SQLite by default, PostgreSQL at scale):
 datasets, visible object versions with their wrapped data keys, tenant keys and their states, the local keyring's
-sealed tenant keys, uploads in progress, and each tenant's storage metering point.
+sealed tenant keys, each tenant's wrapped pseudonym key, uploads in progress, and each tenant's storage metering
+point (tables in ``schema``).
+
+Version numbers are never given twice: each object's highest number ever given is kept (``object_counters``)
+through the deletion of its versions, so (tenant, kind, name, version) names the same bytes forever.
 
 Tenant-key bookkeeping is serialized per tenant by touching the tenant's ``tenant_keyrings`` row first in every
 transaction that depends on a key's state (a row lock on PostgreSQL; SQLite serializes writers anyway), so a key
@@ -16,16 +20,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
-    Column,
-    DateTime,
-    ForeignKey,
-    Index,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    Text,
     and_,
     delete,
     func,
@@ -37,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
-from services.mesh.db import Database, Migration
+from services.mesh.db import Database
 from services.mesh.errors import AlreadyExists
 from services.storage.core.crypto import SealedKey
 from services.storage.core.model import (
@@ -45,15 +39,26 @@ from services.storage.core.model import (
     KeyState,
     MaskingRecord,
     PendingUpload,
+    PseudonymKeyRecord,
     TenantKeyRecord,
     TextDatasetRecord,
     VersionRecord,
 )
 from services.storage.core.names import ObjectKind
+from services.storage.schema import (
+    datasets,
+    keyring_keys,
+    object_counters,
+    object_versions,
+    pending_uploads,
+    pseudonym_keys,
+    storage_metering,
+    tenant_keyrings,
+    tenant_keys,
+)
 
 __all__ = [
     "StorageStore",
-    "MIGRATIONS",
     "MeteringPoint",
     "VersionTaken",
     "KeyUnusable",
@@ -64,112 +69,6 @@ __all__ = [
 
 #: instance_id of the pending records of deleted versions whose bytes are still to be removed from the store.
 DELETED_MARK = "deleted"
-
-metadata = MetaData()
-
-datasets = Table(
-    "datasets",
-    metadata,
-    Column("tenant", String(64), primary_key=True),
-    Column("name", String(128), primary_key=True),
-    Column("description", String(1000), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("created_by", String(200), nullable=False),
-)
-
-tenant_keys = Table(
-    "tenant_keys",
-    metadata,
-    Column("key_id", String(64), primary_key=True),
-    Column("tenant", String(64), nullable=False, index=True),
-    Column("state", String(16), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("destroyed_at", DateTime(timezone=True)),
-)
-
-tenant_keyrings = Table(
-    "tenant_keyrings",
-    metadata,
-    Column("tenant", String(64), primary_key=True),
-    Column("active_key_id", String(64), ForeignKey("tenant_keys.key_id")),
-    # Bumped by every transaction that must be serialized with key changes of the tenant (takes the row lock).
-    Column("serial", BigInteger, nullable=False),
-)
-
-object_versions = Table(
-    "object_versions",
-    metadata,
-    Column("object_id", String(32), primary_key=True),
-    Column("tenant", String(64), nullable=False),
-    Column("kind", String(16), nullable=False),
-    Column("name", String(512), nullable=False),
-    Column("version", BigInteger, nullable=False),
-    Column("s3_key", String(700), nullable=False),
-    Column("size_bytes", BigInteger, nullable=False),
-    Column("stored_bytes", BigInteger, nullable=False),
-    Column("sha256", String(64), nullable=False),
-    Column("content_type", String(200), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("created_by", String(200), nullable=False),
-    Column("format", String(16), nullable=False),
-    Column("key_id", String(64), ForeignKey("tenant_keys.key_id"), nullable=False, index=True),
-    Column("wrapped_key", LargeBinary, nullable=False),
-    Column("text_json", Text),
-    Column("masking_json", Text),
-    Column("metadata_json", Text, nullable=False),
-    Index("object_versions_identity", "tenant", "kind", "name", "version", unique=True),
-)
-
-keyring_keys = Table(
-    "keyring_keys",
-    metadata,
-    Column("key_id", String(64), primary_key=True),
-    Column("tenant", String(64), nullable=False, index=True),
-    Column("sealed", LargeBinary, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-)
-
-pending_uploads = Table(
-    "pending_uploads",
-    metadata,
-    Column("object_id", String(32), primary_key=True),
-    Column("tenant", String(64), nullable=False),
-    Column("s3_key", String(700), nullable=False),
-    Column("instance_id", String(64), nullable=False),
-    Column("started_at", DateTime(timezone=True), nullable=False),
-)
-
-
-# Tables of later migrations live in their own MetaData, so migration 1 keeps creating exactly the first schema.
-metering_metadata = MetaData()
-
-storage_metering = Table(
-    "storage_metering",
-    metering_metadata,
-    Column("tenant", String(64), primary_key=True),
-    Column("metered_until_ns", BigInteger, nullable=False),
-    Column("observed_until_ns", BigInteger, nullable=False),
-    Column("unbilled_byte_ns", BigInteger, nullable=False),
-    Column("stored_bytes", BigInteger, nullable=False),
-    Column("due_span_start_ns", BigInteger),
-    Column("due_quantity_nanos", BigInteger),
-    # Bumped by every save: the compare-and-set token of concurrent meters (replicas on one database).
-    Column("revision", BigInteger, nullable=False),
-)
-
-
-def _create_schema(conn: Connection) -> None:
-    metadata.create_all(conn)
-
-
-def _create_metering(conn: Connection) -> None:
-    metering_metadata.create_all(conn)
-
-
-MIGRATIONS = [
-    Migration(1, "storage: datasets, versions, tenant keys, keyring, pending uploads", _create_schema),
-    Migration(2, "storage: metering points of storage_gib_hours per tenant", _create_metering),
-]
 
 
 @dataclass(frozen=True)
@@ -400,12 +299,34 @@ class StorageStore:
             return [_version(row) for row in conn.execute(query)]
 
     def next_version(self, tenant: str, kind: ObjectKind, name: str) -> int:
-        v = object_versions.c
+        """The number the next version of the object gets: above every number it was ever given (deleted ones
+        included)."""
+        c = object_counters.c
         with self._engine.connect() as conn:
             top = conn.execute(
-                select(func.max(v.version)).where(v.tenant == tenant, v.kind == kind.value, v.name == name)
+                select(c.last_version).where(c.tenant == tenant, c.kind == kind.value, c.name == name)
             ).scalar()
         return int(top or 0) + 1
+
+    @staticmethod
+    def _take_number(conn: Connection, record: VersionRecord) -> None:
+        """Records ``record.version`` as the object's highest number given; VersionTaken if it is not above it
+        (another upload took it, or it was given before and its version deleted)."""
+        c = object_counters.c
+        key = (c.tenant == record.tenant, c.kind == record.kind.value, c.name == record.name)
+        raised = conn.execute(
+            update(object_counters).where(*key, c.last_version < record.version).values(last_version=record.version)
+        )
+        if raised.rowcount:
+            return
+        if conn.execute(select(c.last_version).where(*key)).first() is not None:
+            raise VersionTaken(record.name)
+        # The object's first version: a concurrent first upload makes this an IntegrityError (VersionTaken too).
+        conn.execute(
+            insert(object_counters).values(
+                tenant=record.tenant, kind=record.kind.value, name=record.name, last_version=record.version
+            )
+        )
 
     def _lock_keyring(self, conn: Connection, tenant: str) -> bool:
         """Serializes this transaction with key changes of ``tenant``; False if the tenant has no keyring."""
@@ -419,8 +340,9 @@ class StorageStore:
     def commit_version(self, record: VersionRecord) -> None:
         """Makes an uploaded version visible and forgets its pending record, atomically.
 
-        Raises VersionTaken (retry with the next number), KeyUnusable (wrap again with the active key),
-        UploadGone (the pending record was cleaned up), or NotFound-like errors left to the caller to check.
+        Raises VersionTaken (retry with the next number: numbers are never given twice), KeyUnusable (wrap again
+        with the active key), UploadGone (the pending record was cleaned up), or NotFound-like errors left to the
+        caller to check.
         """
         try:
             with self._engine.begin() as conn:
@@ -433,6 +355,7 @@ class StorageStore:
                     raise UploadGone(record.object_id)
                 if record.kind is ObjectKind.DATASET and not self._dataset_exists(conn, record.tenant, record.name):
                     raise DatasetGone(record.name)
+                self._take_number(conn, record)
                 conn.execute(insert(object_versions).values(**self._version_values(record)))
         except IntegrityError:
             raise VersionTaken(record.name) from None
@@ -462,7 +385,8 @@ class StorageStore:
 
     def delete_versions(self, versions: Sequence[VersionRecord], dataset: tuple[str, str] | None = None) -> None:
         """Removes versions (and, when given, the dataset (tenant, name)) in one transaction, recording their
-        stored bytes as pending removal from the object store (so nothing is forgotten if that fails)."""
+        stored bytes as pending removal from the object store (so nothing is forgotten if that fails). Their numbers
+        stay taken."""
         with self._engine.begin() as conn:
             if versions:
                 ids = [v.object_id for v in versions]
@@ -683,7 +607,10 @@ class StorageStore:
             used = conn.execute(
                 select(object_versions.c.object_id).where(object_versions.c.key_id == key_id).limit(1)
             ).first()
-            if used is not None:
+            wraps_pseudonyms = conn.execute(
+                select(pseudonym_keys.c.tenant).where(pseudonym_keys.c.key_id == key_id)
+            ).first()
+            if used is not None or wraps_pseudonyms is not None:
                 return False
             result = conn.execute(
                 update(tenant_keys)
@@ -693,9 +620,11 @@ class StorageStore:
             return bool(result.rowcount)
 
     def destroy_all_keys(self, tenant: str) -> tuple[list[str], int]:
-        """Marks every live key of ``tenant`` destroyed; returns their ids and how many versions they wrapped."""
+        """Marks every live key of ``tenant`` destroyed and forgets its pseudonym key; returns the keys' ids and how
+        many versions they wrapped."""
         with self._engine.begin() as conn:
             self._lock_keyring(conn, tenant)
+            conn.execute(delete(pseudonym_keys).where(pseudonym_keys.c.tenant == tenant))
             live = list(
                 conn.execute(
                     select(tenant_keys.c.key_id).where(
@@ -730,6 +659,54 @@ class StorageStore:
                 )
             ).all()
         return [(r.tenant, r.key_id) for r in rows]
+
+    # -- pseudonym keys ----------------------------------------------------------------------------------
+
+    def pseudonym_key(self, tenant: str) -> PseudonymKeyRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(pseudonym_keys).where(pseudonym_keys.c.tenant == tenant)).first()
+        if row is None:
+            return None
+        return PseudonymKeyRecord(
+            row.tenant, row.pseudonym_key_id, row.key_id, bytes(row.wrapped), _aware(row.created_at)
+        )
+
+    def install_pseudonym_key(self, record: PseudonymKeyRecord) -> bool:
+        """Installs the tenant's pseudonym key unless it has a usable one (False: use that one). KeyUnusable if the
+        tenant key that wraps ``record`` was destroyed meanwhile."""
+        with self._engine.begin() as conn:
+            self._lock_keyring(conn, record.tenant)
+            wrapping = conn.execute(select(tenant_keys.c.state).where(tenant_keys.c.key_id == record.key_id)).scalar()
+            if wrapping is None or wrapping == KeyState.DESTROYED.value:
+                raise KeyUnusable(record.key_id)
+            current = conn.execute(
+                select(tenant_keys.c.state)
+                .select_from(pseudonym_keys.join(tenant_keys, pseudonym_keys.c.key_id == tenant_keys.c.key_id))
+                .where(pseudonym_keys.c.tenant == record.tenant)
+            ).scalar()
+            if current is not None and current != KeyState.DESTROYED.value:
+                return False
+            conn.execute(delete(pseudonym_keys).where(pseudonym_keys.c.tenant == record.tenant))
+            conn.execute(
+                insert(pseudonym_keys).values(
+                    tenant=record.tenant,
+                    pseudonym_key_id=record.pseudonym_key_id,
+                    key_id=record.key_id,
+                    wrapped=record.wrapped,
+                    created_at=record.created_at,
+                )
+            )
+            return True
+
+    def rewrap_pseudonym_key(self, tenant: str, old_key_id: str, new_key_id: str, wrapped: bytes) -> bool:
+        """Replaces the tenant's wrapped pseudonym key, if it is still wrapped by ``old_key_id``."""
+        with self._engine.begin() as conn:
+            result = conn.execute(
+                update(pseudonym_keys)
+                .where(pseudonym_keys.c.tenant == tenant, pseudonym_keys.c.key_id == old_key_id)
+                .values(key_id=new_key_id, wrapped=wrapped)
+            )
+            return bool(result.rowcount)
 
     # -- the local keyring's sealed keys (KeyringStore) --------------------------------------------------
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
-from services.mesh.errors import InvalidArgument
+from services.mesh.errors import DataLoss, InvalidArgument
+from services.mesh.files import sha256_file
 from services.storage.client import StorageClient
 from services.training.core.model import ArtifactEntry, DatasetVersion
 
@@ -38,12 +40,18 @@ class StorageArtifacts:
         return ArtifactEntry("artifact", info.name, info.version, info.size_bytes, info.sha256)
 
     async def put_artifact(self, tenant: str, name: str, source: Path, role: str) -> ArtifactEntry:
+        """Uploads ``source`` as a new version of artifact ``name``; the entry pins that version and the SHA-256 of
+        the file as training wrote it (storage refuses the upload if the bytes it received differ)."""
+        digest = await asyncio.to_thread(sha256_file, source)
         info = await self._client.upload(
             tenant,
             name,
             source,
             kind=storage_pb.OBJECT_KIND_ARTIFACT,
             metadata={"producer": "training", "role": role},
+            expected_sha256=digest,
             timeout=self._timeout,
         )
-        return ArtifactEntry(role, info.name, info.version, info.size_bytes, info.sha256)
+        if info.sha256 != digest:
+            raise DataLoss(f"storage recorded SHA-256 {info.sha256} for {name!r}, training wrote {digest}")
+        return ArtifactEntry(role, info.name, info.version, info.size_bytes, digest)

@@ -20,7 +20,6 @@ workloads over 2,000 ClusterQueues in 1,404 s, ~43/s (kueue PR #11004).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import sqlite3
@@ -44,7 +43,7 @@ from services.scheduler.client import SchedulerClient, resources
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.executors import ExitStatus, LaunchRequest, WorkerRef
 from services.scheduler.server import build_server
-from tests.conftest import free_port, service_env, start_service_process, stop_process, wait_serving
+from tests.conftest import first_admin_login, free_port, service_env, start_service_process, stop_process, wait_serving
 
 JOBS = int(os.environ.get("BENCH_SCHEDULER_JOBS", "3000"))
 NAIVE_JOBS = int(os.environ.get("BENCH_SCHEDULER_NAIVE_JOBS", "1000"))
@@ -171,7 +170,7 @@ async def bench_ours(tmp: Path) -> dict[str, float]:
     scheduler = None
     try:
         wait_serving(auth_address, process=auth)
-        password = json.loads((data / "auth" / "bootstrap-admin.json").read_text())["password"]
+        password = first_admin_login(auth_address, data)
         address = f"127.0.0.1:{free_port()}"
         env.update(
             AIDC_SCHEDULER_ADDR=address,

@@ -15,17 +15,21 @@ above the floor is its own (the mesh's interceptors and telemetry, authorization
 
 The gateway runs as the serving service would (telemetry into the local span store, metering into its usage
 outbox, per-tenant rate limit on), in dev mode: plaintext loopback, no billing process (budget checks fail open).
+Triton admits only the platform: by default as `aidc up` runs it (mutual TLS with its own CA: the direct client and
+the gateway present the platform's client certificate), with ``header`` as a cluster runs it (plaintext behind a
+NetworkPolicy, the restricted-protocol secret sent as a header by every caller).
 Triton runs without its OpenTelemetry tracing: Triton 2.51 crashes now and then under concurrent load with it on
 (SIGSEGV or std::length_error in the python backend's execute; with or without a traceparent; fixed upstream after
 2.51, triton-inference-server/server#7795 and #8144), which would end a run halfway.
 
-Run with `python -m tests.bench.bench_serving [rounds]`.
+Run with `python -m tests.bench.bench_serving [rounds] [tls|header]`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import statistics
 import subprocess
 import sys
@@ -36,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import tritonclient.grpc as triton_grpc
 
@@ -64,12 +69,14 @@ C8_SECONDS = 3.0
 
 @dataclass
 class Target:
-    """One way to reach the model: an address, the model name there, and the headers to send."""
+    """One way to reach the model: an address, the model name there, the headers to send, and the channel
+    credentials (Triton itself wants the platform's client certificate, as `aidc up` runs it)."""
 
     label: str
     address: str
     model: str
     headers: dict[str, str]
+    creds: grpc.ChannelCredentials | None = None
 
 
 def _inputs() -> list[triton_grpc.InferInput]:
@@ -79,7 +86,7 @@ def _inputs() -> list[triton_grpc.InferInput]:
 
 
 def _caller(target: Target) -> tuple[triton_grpc.InferenceServerClient, Callable[[], object]]:
-    client = triton_grpc.InferenceServerClient(target.address)
+    client = triton_grpc.InferenceServerClient(target.address, creds=target.creds)
     inputs = _inputs()
     outputs = [triton_grpc.InferRequestedOutput("LABEL")]
     return client, lambda: client.infer(target.model, inputs, outputs=outputs, headers=target.headers)
@@ -208,19 +215,20 @@ def _wait_answering(target: Target, process: subprocess.Popen[bytes], timeout: f
                 time.sleep(0.1)
 
 
-def run(rounds: int) -> None:
+def run(rounds: int, access: str = "tls") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         _write_sample(work / "models")
         _write(work / "models", MINILM_NAME, _minilm_export(work / "minilm"))
-        triton = TritonProcess(work / "models", work / "triton")
+        key = secrets.token_hex(16) if access == "header" else ""
+        triton = TritonProcess(work / "models", work / "triton", access_key=key)
         triton.argv = _without_tracing(triton.argv)
         triton.start()
         processes: list[subprocess.Popen[bytes]] = []
         try:
             with triton.client() as control:
-                control.load_model(TRITON_NAME)
-                control.load_model(MINILM_NAME)
+                control.load_model(TRITON_NAME, headers=triton.headers)
+                control.load_model(MINILM_NAME, headers=triton.headers)
             data = work / "data"
             auth_address, gateway_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
             env = service_env(
@@ -228,7 +236,7 @@ def run(rounds: int) -> None:
                 AIDC_AUTH_ADDR=auth_address,
                 AIDC_SERVING_ADDR=gateway_address,
                 AIDC_BILLING_ADDR=f"127.0.0.1:{free_port()}",
-                AIDC_TRITON_GRPC_ADDR=triton.grpc_addr,
+                **triton.serving_env(),
                 AIDC_CERTS_DIR="off",
                 AIDC_LOG_LEVEL="WARNING",
                 AIDC_SERVING_RATE_LIMIT_PER_SECOND="1000000",
@@ -256,7 +264,7 @@ def run(rounds: int) -> None:
                 ),
             ):
                 targets = [
-                    Target("Triton", triton.grpc_addr, triton_name, {}),
+                    Target("Triton", triton.grpc_addr, triton_name, triton.headers, triton.access.credentials()),
                     Target("floor", floor_address, triton_name, {}),
                     Target("gateway", gateway_address, model, bearer),
                 ]
@@ -303,4 +311,4 @@ def _report(results: dict[str, dict[str, list[float]]], rounds: int) -> None:
 
 
 if __name__ == "__main__":
-    run(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
+    run(int(sys.argv[1]) if len(sys.argv) > 1 else 5, sys.argv[2] if len(sys.argv) > 2 else "tls")

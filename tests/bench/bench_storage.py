@@ -22,17 +22,8 @@ from pathlib import Path
 
 from minio import Minio
 
-from services.auth.config import AuthSettings
 from services.storage.core.crypto import DataKey
-from tests.conftest import (
-    AuthProcess,
-    first_admin_login,
-    free_port,
-    service_env,
-    start_service_process,
-    stop_process,
-    wait_serving,
-)
+from tests.conftest import start_auth_process, stop_process
 from tests.storage.conftest import process_client, start_storage_process
 from tests.storage.seaweed import SeaweedFS
 
@@ -111,16 +102,6 @@ async def bench_service(storage: object, data: bytes, rounds: int) -> list[tuple
     return out
 
 
-def _start_auth(tmp: Path) -> AuthProcess:
-    data_dir = tmp / "data"
-    address = f"127.0.0.1:{free_port()}"
-    env = service_env(data_dir, AIDC_AUTH_ADDR=address)
-    process = start_service_process("auth", env, tmp / "auth.log")
-    wait_serving(address, process=process)
-    password = first_admin_login(address, data_dir)
-    return AuthProcess(process, address, data_dir, env, password, AuthSettings.from_env(env))
-
-
 def main() -> None:
     size = int(os.environ.get("BENCH_STORAGE_MIB", "256")) * MiB
     rounds = int(os.environ.get("BENCH_STORAGE_ROUNDS", "3"))
@@ -129,7 +110,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         s3 = SeaweedFS(tmp / "s3")
         s3.start()
-        auth = _start_auth(tmp)
+        auth = start_auth_process(tmp)
         # AIDC_STORAGE_* tuning variables of this shell reach the service (e.g. AIDC_STORAGE_CHUNK_BYTES).
         tuning = {k: v for k, v in os.environ.items() if k.startswith("AIDC_STORAGE_")}
         storage = start_storage_process(auth, s3, tmp, **tuning)

@@ -52,11 +52,12 @@ async def build(settings: ServingSettings) -> MeshServer:
 
 async def serve_bare_proxy(settings: ServingSettings) -> None:
     """Forwards ModelInfer from ``serving_addr`` to Triton as bytes until cancelled."""
-    channel = grpc.aio.insecure_channel(settings.triton_grpc_addr)
+    access = settings.triton_access()
+    channel = access.channel()
     infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", None, None)
 
     async def model_infer(request: bytes, context: Any) -> Any:
-        return await infer(request, timeout=60)
+        return await infer(request, timeout=60, metadata=access.metadata)
 
     handler = grpc.unary_unary_rpc_method_handler(model_infer)
     server = grpc.aio.server()

@@ -31,6 +31,7 @@ from services.mesh.certs import init_certificates
 from services.mesh.config import SERVICE_NAMES, MeshSettings, load_settings, parse_address
 from services.platform.components import Platform, S3Credentials, triton_argv
 from services.platform.config import PlatformSettings
+from services.serving.triton import restricted_protocol_flags
 from tests.conftest import ROOT, free_port
 
 DEPLOY = ROOT / "deploy"
@@ -52,12 +53,29 @@ TRITON_SITE_FLAGS = {
     "--backend-directory",
     "--grpc-address",
     "--grpc-port",
+    "--exit-timeout-secs",
+    "--trace-config opentelemetry,url",
+}
+#: How Triton admits only the platform differs by site. `aidc up`: mutual TLS with a CA of Triton's own, no HTTP
+#: endpoint, no metrics (a secret on Triton's command line would be readable by every local user). A cluster: the
+#: restricted-protocol secret from a Secret (visible only inside Triton's pod), HTTP for the kubelet's probes of
+#: health, metrics for Prometheus, and a NetworkPolicy.
+TRITON_LOCAL_ACCESS_FLAGS = {
+    "--grpc-use-ssl",
+    "--grpc-use-ssl-mutual",
+    "--grpc-root-cert",
+    "--grpc-server-cert",
+    "--grpc-server-key",
+    "--allow-http",
+    "--allow-metrics",
+}
+TRITON_CLUSTER_ACCESS_FLAGS = {
+    "--grpc-restricted-protocol",
+    "--http-restricted-api",
     "--http-address",
     "--http-port",
     "--metrics-address",
     "--metrics-port",
-    "--exit-timeout-secs",
-    "--trace-config opentelemetry,url",
 }
 #: Flags the GPU overlay tunes: `aidc up` runs on CPU with the GPU pools off.
 TRITON_GPU_FLAGS = {"--pinned-memory-pool-byte-size", "--cuda-memory-pool-byte-size", "--allow-gpu-metrics"}
@@ -343,9 +361,14 @@ def test_triton_runs_like_aidc_up(variant: str) -> None:
         args = _container(_yaml_docs(GPU / "triton-gpu.yaml"), "triton")["args"]
     assert container["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
     cluster, local = _flags(args), _local_triton_flags()
-    assert cluster.keys() == local.keys()
-    free = TRITON_SITE_FLAGS | (TRITON_GPU_FLAGS if variant == "gpu" else set())
-    assert {k: v for k, v in cluster.items() if k not in free} == {k: v for k, v in local.items() if k not in free}
+    assert cluster.keys() - TRITON_CLUSTER_ACCESS_FLAGS == local.keys() - TRITON_LOCAL_ACCESS_FLAGS
+    assert TRITON_CLUSTER_ACCESS_FLAGS <= cluster.keys() and TRITON_LOCAL_ACCESS_FLAGS <= local.keys()
+    free = TRITON_SITE_FLAGS | TRITON_CLUSTER_ACCESS_FLAGS | (TRITON_GPU_FLAGS if variant == "gpu" else set())
+    assert {k: v for k, v in cluster.items() if k not in free} == {
+        k: v for k, v in local.items() if k not in free | TRITON_LOCAL_ACCESS_FLAGS
+    }
+    restricted = [a for a in args if a.startswith(("--grpc-restricted-protocol=", "--http-restricted-api="))]
+    assert tuple(restricted) == restricted_protocol_flags("$(TRITON_ACCESS_KEY)")
     assert cluster["--model-control-mode"] == "explicit" and cluster["--trace-config mode"] == "opentelemetry"
     assert cluster["--model-repository"] == _config()["AIDC_MODEL_REPOSITORY"]
     assert cluster["--trace-config opentelemetry,url"] == "http://otel-collector.aidc.svc:4318/v1/traces"
@@ -355,6 +378,51 @@ def test_triton_runs_like_aidc_up(variant: str) -> None:
     assert int(cluster["--grpc-port"]) == triton_ports["grpc"] == parse_address(_config()["AIDC_TRITON_GRPC_ADDR"])[1]
     assert int(cluster["--http-port"]) == triton_ports["http"]
     assert int(cluster["--metrics-port"]) == triton_ports["metrics"]
+
+
+def test_only_serving_reaches_triton_with_the_access_secret() -> None:
+    """The access secret reaches Triton (substituted into its restricted-protocol arguments) and the serving service
+    (a file it reads) and no other pod; the NetworkPolicy admits only serving to Triton's gRPC and HTTP ports and
+    only the monitoring namespace's Prometheus to its metrics; the kubelet probes health, which stays open."""
+    docs = _all()
+    triton = _container(docs, "triton")
+    [key] = [v for v in triton["env"] if v["name"] == "TRITON_ACCESS_KEY"]
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "aidc-triton-access", "key": "access-key"}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert triton[probe]["httpGet"]["path"].startswith("/v2/health/")
+    serving = _container(docs, "serving")
+    key_file = Path(next(v["value"] for v in serving["env"] if v["name"] == "AIDC_TRITON_ACCESS_KEY_FILE"))
+    pod = _named(docs, "Deployment")["serving"]["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "aidc-triton-access"]
+    [mount] = [m for m in serving["volumeMounts"] if m["name"] == volume["name"]]
+    assert Path(mount["mountPath"]) == key_file.parent and mount["readOnly"] is True
+    templates = {doc["metadata"]["name"]: doc["stringData"] for doc in _yaml_docs(SECRETS)}
+    assert key_file.name in templates["aidc-triton-access"]
+    holders = {
+        workload
+        for workload, spec in _pod_specs(docs)
+        if "aidc-triton-access" in str(spec.get("volumes", [])) + str(_containers(spec))
+    }
+    assert holders == {"Deployment/triton", "Deployment/serving"}
+
+    policy = _named(docs, "NetworkPolicy")["triton"]["spec"]
+    assert policy["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "triton"}}
+    assert policy["policyTypes"] == ["Ingress"]
+    admitted = {
+        port["port"]: rule["from"] for rule in policy["ingress"] for port in rule["ports"]
+    }  # every rule names its sources: none is open to the whole namespace
+    assert all(rule.get("from") for rule in policy["ingress"])
+    services = _named(docs, "Service")
+    ports = {p["name"]: p["port"] for p in services["triton"]["spec"]["ports"]}
+    serving_only = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "serving"}}}]
+    assert admitted[ports["grpc"]] == admitted[ports["http"]] == serving_only
+    assert admitted[ports["metrics"]] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ]
+    assert set(admitted) == set(ports.values())
 
 
 def test_gpu_overlay_gives_triton_and_training_one_gpu_each() -> None:

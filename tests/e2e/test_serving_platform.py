@@ -1,7 +1,8 @@
 """Serving as a tenant meets it, on the real platform `aidc up` starts (mTLS on, every component its own process):
 fine-tune, deploy by alias, infer with the stock `tritonclient.grpc` through the gateway, one trace from the gateway
 through auth and Triton to billing, usage metered in billing, the alias moved (the deployment follows), Triton killed
-(UNAVAILABLE within the deadline) and restarted by the supervisor (serving again without restarting the mesh)."""
+(UNAVAILABLE within the deadline) and restarted by the supervisor (serving again without restarting the mesh), and
+every file the run created private to the platform's user."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from services.serving.client import ServingClient
 from services.storage.client import StorageClient
 from services.training.client import TrainingClient
 from services.training.runner.tiny import build_tiny_bert, keyword_dataset
-from tests.platform.test_supervisor import Platform, platform_env  # noqa: F401 - fixture
+from tests.platform.test_supervisor import Platform, platform_env, private_modes  # noqa: F401 - fixture
 from tests.training.conftest import keyword_spec, run_job, upload_keywords_and_tiny_bert
 
 pytestmark = pytest.mark.slow
@@ -230,6 +231,12 @@ async def _scenario(p: Platform, admin_password: str, work: Path) -> None:
 
         await _eventually(serving_again, 90, "inference after Triton's restart")
         client.close()
+
+        # Everything this run created (databases, keys, logs, job directories, base models, exports, the live
+        # model repository Triton read, the object store's files) is the platform user's alone. SeaweedFS sets
+        # its volume info files (*.vif) to 0644 itself; they are in its 0700 data directory.
+        wrong = private_modes(p.data_dir)
+        assert [w for w in wrong if not (w.startswith("0o644 s3/data/") and w.endswith(".vif"))] == [], wrong
     finally:
         await mesh.close()
 

@@ -12,6 +12,7 @@ import pytest
 from services.mesh.config import SERVICE_NAMES, MeshSettings, load_settings
 from services.platform.components import (
     Platform,
+    ProbeSpec,
     S3Credentials,
     build_components,
     ensure_s3_credentials,
@@ -45,7 +46,6 @@ def test_triton_argv_follows_settings(tmp_path: Path) -> None:
     platform = make_platform(
         tmp_path,
         AIDC_TRITON_GRPC_ADDR="127.0.0.1:41001",
-        AIDC_TRITON_HTTP_ADDR="127.0.0.1:41002",
         AIDC_TRITON_METRICS_PORT="41003",
         AIDC_COLLECTOR_ADDR="127.0.0.1:41004",
     )
@@ -56,8 +56,17 @@ def test_triton_argv_follows_settings(tmp_path: Path) -> None:
     assert flag(argv, "--model-control-mode") == "explicit"
     assert "--disable-auto-complete-config" in argv
     assert (flag(argv, "--grpc-address"), flag(argv, "--grpc-port")) == ("127.0.0.1", "41001")
-    assert (flag(argv, "--http-address"), flag(argv, "--http-port")) == ("127.0.0.1", "41002")
+    # Only the platform reaches Triton: mutual TLS with Triton's own CA on gRPC, no HTTP endpoint (it has no TLS).
+    tls = tmp_path / "data" / "triton" / "tls"
+    assert (flag(argv, "--grpc-use-ssl"), flag(argv, "--grpc-use-ssl-mutual")) == ("true", "true")
+    assert flag(argv, "--grpc-root-cert") == str(tls / "ca.pem")
+    assert (flag(argv, "--grpc-server-cert"), flag(argv, "--grpc-server-key")) == (
+        str(tls / "triton.pem"),
+        str(tls / "triton-key.pem"),
+    )
+    assert flag(argv, "--allow-http") == "false"
     assert (flag(argv, "--metrics-address"), flag(argv, "--metrics-port")) == ("127.0.0.1", "41003")
+    assert flag(triton_argv(make_platform(tmp_path)), "--allow-metrics") == "false"  # metrics are off by default
     assert flag(argv, "--pinned-memory-pool-byte-size") == "0"
     assert flag(argv, "--cuda-memory-pool-byte-size") == "0:0"
     assert flag(argv, "--allow-gpu-metrics") == "false"
@@ -125,7 +134,7 @@ def test_components_in_start_order_with_probes(tmp_path: Path) -> None:
     by_name = {s.name: s for s in specs}
     assert by_name["collector"].probe.target == "http://127.0.0.1:50060/healthz"
     assert by_name["s3"].probe.target == "http://127.0.0.1:50070/healthz"
-    assert by_name["triton"].probe.target == "http://127.0.0.1:50062/v2/health/ready"
+    assert by_name["triton"].probe == ProbeSpec("grpc", "127.0.0.1:50061", str(tmp_path / "data" / "triton" / "tls"))
     assert (by_name["billing"].probe.kind, by_name["billing"].probe.target) == ("grpc", "127.0.0.1:43005")
     for name in SERVICE_NAMES:
         spec = by_name[name]
@@ -145,10 +154,37 @@ def test_child_environment(tmp_path: Path) -> None:
     assert (storage["AWS_ACCESS_KEY_ID"], storage["AWS_SECRET_ACCESS_KEY"]) == ("AKIDTEST", "secret-test")
     assert storage["AIDC_TRITON_GRPC_ADDR"] == "127.0.0.1:50061"
     assert storage["AIDC_MODEL_REPOSITORY"] == str(tmp_path / "data" / "model_repository")
+    assert storage["AIDC_TRITON_TLS_DIR"] == str(tmp_path / "data" / "triton" / "tls")
     triton = specs["triton"].env
     # The python backend stub must find this venv's python (torch, numpy<2) first.
     assert triton["PATH"].split(":")[0] == str(Path(sys.prefix) / "bin")
     assert triton["TORCH_NUM_THREADS"] == "1"
+    assert specs["triton"].cwd == tmp_path / "data" / "triton"
+
+
+def test_triton_environment_holds_no_platform_secret(tmp_path: Path) -> None:
+    """Triton runs tenants' TorchScript and python-backend model code: only locale, paths and the GPU runtime's
+    variables reach it, and AWS_* only when it reads its model repository from S3 (which needs them)."""
+    base = {
+        "PATH": "/usr/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "CUDA_VISIBLE_DEVICES": "0",
+        "AIDC_AUTH_MASTER_KEY": "a2V5",
+        "AIDC_STORAGE_MASTER_KEY": "a2V5",
+        "AIDC_DATABASE_URL": "postgresql+psycopg://u:pw@db/aidc_{service}",
+        "PGPASSWORD": "pw",
+        "AWS_SESSION_TOKEN": "token",
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer x",
+        "GITHUB_TOKEN": "ghp_x",
+    }
+    local = {s.name: s for s in build_components(make_platform(tmp_path), base)}["triton"].env
+    assert set(local) == {"PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "TORCH_NUM_THREADS", "PYTHONUNBUFFERED"}
+    s3 = make_platform(tmp_path, AIDC_MODEL_REPOSITORY="s3://127.0.0.1:50070/models/repo")
+    remote = {s.name: s for s in build_components(s3, base)}["triton"].env
+    assert (remote["AWS_ACCESS_KEY_ID"], remote["AWS_SECRET_ACCESS_KEY"]) == ("AKIDTEST", "secret-test")
+    assert not {k for k in remote if k.startswith(("AIDC_", "PG", "OTEL_")) and not k.startswith("AIDC_STORAGE_S3")}
+    assert "AWS_SESSION_TOKEN" not in remote and "GITHUB_TOKEN" not in remote
 
 
 def test_component_selection(tmp_path: Path) -> None:
@@ -168,6 +204,7 @@ def test_settings_env_round_trips(tmp_path: Path) -> None:
         ({"AIDC_PLATFORM_COMPONENTS": "auth,mongodb"}, "AIDC_PLATFORM_COMPONENTS"),
         ({"AWS_ACCESS_KEY_ID": "only-the-key"}, "AWS_SECRET_ACCESS_KEY"),
         ({"AIDC_TRITON_GRPC_ADDR": "50061"}, "AIDC_TRITON_GRPC_ADDR"),
+        ({"AIDC_TRITON_METRICS_PORT": "-1"}, "AIDC_TRITON_METRICS_PORT"),
         ({"AIDC_SEAWEEDFS_MASTER_PORT": "70000"}, "AIDC_SEAWEEDFS_MASTER_PORT"),
         ({"AIDC_RESTART_BACKOFF_SECONDS": "0"}, "AIDC_RESTART_BACKOFF_SECONDS"),
     ],
@@ -206,5 +243,13 @@ def test_prepare_data_dir_writes_private_identity(tmp_path: Path) -> None:
     (only,) = config["identities"]
     assert only["credentials"] == [{"accessKey": "AKIDTEST", "secretKey": "secret-test"}]
     assert "Admin" in only["actions"]
-    for directory in ("logs", "run", "model_repository", "s3/data"):
-        assert (tmp_path / "data" / directory).is_dir()
+    for directory in ("", "logs", "run", "model_repository", "s3/data", "triton", "triton/tls"):
+        assert stat.S_IMODE((tmp_path / "data" / directory).stat().st_mode) == 0o700, directory
+    tls = tmp_path / "data" / "triton" / "tls"
+    assert sorted(p.name for p in tls.iterdir()) == [
+        "ca.pem",
+        "client-key.pem",
+        "client.pem",
+        "triton-key.pem",
+        "triton.pem",
+    ]

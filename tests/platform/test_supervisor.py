@@ -6,9 +6,11 @@ own `aidc up`. Needs the runtime from `make install` (.runtime/).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -21,8 +23,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
+from services.mesh.certs import init_certificates
 from services.mesh.config import SERVICE_NAMES
 from services.platform.config import ALL_COMPONENTS
 from services.platform.process import ProcessId, is_running, process_id, session_members
@@ -40,11 +45,9 @@ _PORT_VARIABLES = [
     *(f"AIDC_{name.upper()}_ADDR" for name in SERVICE_NAMES),
     "AIDC_COLLECTOR_ADDR",
     "AIDC_TRITON_GRPC_ADDR",
-    "AIDC_TRITON_HTTP_ADDR",
     "AIDC_S3_ENDPOINT",
 ]
 _PORT_NUMBERS = [
-    "AIDC_TRITON_METRICS_PORT",
     *(
         f"AIDC_SEAWEEDFS_{listener}_PORT"
         for listener in (
@@ -177,6 +180,26 @@ def http_status(url: str, method: str = "GET") -> int:
         return exc.code
 
 
+def triton_client(p: Platform, tls: Path | None = None) -> triton_grpc.InferenceServerClient:
+    """A client of the platform's Triton with the client certificate in ``tls`` (default: the platform's own)."""
+    tls = tls or p.data_dir / "triton" / "tls"
+    credentials = grpc.ssl_channel_credentials(
+        (tls / "ca.pem").read_bytes(), (tls / "client-key.pem").read_bytes(), (tls / "client.pem").read_bytes()
+    )
+    return triton_grpc.InferenceServerClient(p.address("AIDC_TRITON_GRPC_ADDR"), creds=credentials)
+
+
+def load_echo_model(p: Platform) -> None:
+    """Writes the echo model into the platform's live repository and has Triton load it (its python backend stub
+    starts: a grandchild of the supervisor)."""
+    model = p.data_dir / "model_repository" / "echo"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(ECHO_CONFIG)
+    (model / "1" / "model.py").write_text(ECHO_MODEL)
+    with triton_client(p) as client:
+        client.load_model("echo")
+
+
 def test_up_status_restart_down(platform_env: Platform) -> None:
     p = platform_env
     began = time.monotonic()
@@ -204,18 +227,14 @@ def test_up_status_restart_down(platform_env: Platform) -> None:
     # The same answers, asked directly: gRPC health of every service, HTTP of the rest.
     for service in SERVICE_NAMES:
         assert grpc_serving(p.address(f"AIDC_{service.upper()}_ADDR"), p.data_dir / "certs"), service
-    assert http_status(f"http://{p.address('AIDC_TRITON_HTTP_ADDR')}/v2/health/ready") == 200
+    with triton_client(p) as triton:
+        assert triton.is_server_ready()
     assert http_status(f"http://{p.address('AIDC_COLLECTOR_ADDR')}/healthz") == 200
     # The object store has an identity configured, so anonymous requests are refused.
     assert http_status(f"http://{p.address('AIDC_S3_ENDPOINT')}/") == 403
 
     # A model in Triton's live repository gives it a python backend stub: a grandchild that must die with it.
-    model = p.data_dir / "model_repository" / "echo"
-    (model / "1").mkdir(parents=True)
-    (model / "config.pbtxt").write_text(ECHO_CONFIG)
-    (model / "1" / "model.py").write_text(ECHO_MODEL)
-    load = f"http://{p.address('AIDC_TRITON_HTTP_ADDR')}/v2/repository/models/echo/load"
-    assert http_status(load, method="POST") == 200
+    load_echo_model(p)
     triton = next(c for c in state.components if c.name == "triton")
     assert triton.session is not None
     stubs = [pid for pid in session_members(triton.session) if pid != triton.pid]
@@ -270,3 +289,97 @@ def test_down_after_the_supervisor_was_killed(platform_env: Platform) -> None:
     assert not any(ident is not None and is_running(ident) for ident in orphans)
     for c in state.components:
         assert c.session is not None and session_members(c.session) == []
+
+
+#: Secrets the platform's own processes may hold, and that Triton must not (it runs tenants' TorchScript).
+PLATFORM_SECRETS = {
+    "AIDC_AUTH_MASTER_KEY": "bWFzdGVyLWtleS1vZi1hdXRoLS0tLS0tLS0tLS0tLS0=",
+    "AIDC_STORAGE_MASTER_KEY": "bWFzdGVyLWtleS1vZi1zdG9yYWdlLS0tLS0tLS0tLS0=",
+    "AIDC_DATABASE_URL": "postgresql+psycopg://aidc:db-password-123@127.0.0.1:1/aidc_{service}",
+    "PGPASSWORD": "db-password-123",
+    "AWS_ACCESS_KEY_ID": "AIDCTESTACCESSKEY",
+    "AWS_SECRET_ACCESS_KEY": "s3-secret-key-456",
+}
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """TCP ports the process listens on (from /proc: its socket inodes in the LISTEN table)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def private_modes(root: Path) -> list[str]:
+    """What under ``root`` is not private: directories other than 0700, files other than 0600."""
+    wrong = []
+    for path in [root, *root.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if path.is_symlink() or path.is_socket():
+            continue
+        if (path.is_dir() and mode != 0o700) or (path.is_file() and mode != 0o600):
+            wrong.append(f"{oct(mode)} {path.relative_to(root)}")
+    return wrong
+
+
+def test_triton_holds_no_platform_secret_and_admits_only_the_platform(platform_env: Platform, tmp_path: Path) -> None:
+    """Issue 11 items 1, 9 and 11 on the Triton `aidc up` starts: its environment (and its python backend stubs')
+    holds none of the platform's secrets, its working directory is not the data directory, its gRPC endpoint admits
+    only the platform's client certificate (no plaintext, no other certificate, no HTTP endpoint, no metrics port),
+    and what the supervisor creates is private."""
+    p = platform_env
+    p.env.update(PLATFORM_SECRETS, AIDC_PLATFORM_COMPONENTS="triton")
+    up = p.cli("up", "--detach")
+    assert up.returncode == 0, p.diagnostics(up)
+    triton = next(c for c in p.state().components if c.name == "triton")
+    assert triton.pid is not None and triton.session is not None
+
+    assert private_modes(p.data_dir) == []
+    tls = p.data_dir / "triton" / "tls"
+    assert not (tls / "ca-key.pem").exists()  # no other client certificate can ever be issued for this Triton
+
+    # Model code runs in Triton and in its python backend stubs: none of them holds a secret.
+    load_echo_model(p)
+    members = session_members(triton.session)
+    assert len(members) >= 2, members  # tritonserver and the echo model's stub
+    for pid in members:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+        for name, value in PLATFORM_SECRETS.items():
+            assert value not in environ and f"{name}=" not in environ, (pid, name)
+        assert not [v for v in environ.split("\0") if v.startswith(("AIDC_", "PG", "AWS_", "OTEL_"))], pid
+        assert "PGPASSWORD" not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    cwd = Path(os.readlink(f"/proc/{triton.pid}/cwd"))
+    assert cwd == p.data_dir / "triton" and cwd != p.data_dir
+    assert sorted(child.name for child in cwd.iterdir()) == ["tls"]
+
+    # Only the gRPC port listens, and only the platform's client certificate gets through it.
+    grpc_port = int(p.address("AIDC_TRITON_GRPC_ADDR").rsplit(":", 1)[1])
+    assert _listening_ports(triton.pid) == {grpc_port}
+    with triton_grpc.InferenceServerClient(p.address("AIDC_TRITON_GRPC_ADDR")) as plaintext:
+        with pytest.raises(InferenceServerException):
+            plaintext.load_model("echo")
+    foreign = tmp_path / "foreign"
+    init_certificates(foreign, services=(), clients=("client",))
+    for certs in (foreign, None):
+        credentials = grpc.ssl_channel_credentials(
+            (tls / "ca.pem").read_bytes(),
+            None if certs is None else (certs / "client-key.pem").read_bytes(),
+            None if certs is None else (certs / "client.pem").read_bytes(),
+        )
+        with triton_grpc.InferenceServerClient(p.address("AIDC_TRITON_GRPC_ADDR"), creds=credentials) as stranger:
+            with pytest.raises(InferenceServerException):
+                stranger.unload_model("echo")
+    with triton_client(p) as client:
+        assert client.is_model_ready("echo")
+
+    down = p.cli("down")
+    assert down.returncode == 0, p.diagnostics(down)

@@ -53,7 +53,7 @@ def serving_settings(
             "AIDC_TRAINING_ADDR": training_addr,
             "AIDC_BILLING_ADDR": f"127.0.0.1:{free_port()}",
             "AIDC_SERVING_ADDR": f"127.0.0.1:{free_port()}",
-            "AIDC_TRITON_GRPC_ADDR": triton.grpc_addr,
+            **triton.serving_env(),
             "AIDC_MODEL_REPOSITORY": str(triton.repository),
             "AIDC_SERVING_RECONCILE_INTERVAL_SECONDS": "0.3",
             "AIDC_SERVING_ROLLOUT_TIMEOUT_SECONDS": "120",

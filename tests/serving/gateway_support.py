@@ -108,7 +108,7 @@ class GatewayBench:
             "AIDC_AUTH_ADDR": self.auth.address,
             "AIDC_BILLING_ADDR": self.billing.address,
             "AIDC_SERVING_ADDR": f"127.0.0.1:{free_port()}",
-            "AIDC_TRITON_GRPC_ADDR": self.triton.grpc_addr,
+            **self.triton.serving_env(),
             "AIDC_SERVING_METERING_INTERVAL_SECONDS": "0.5",
             **overrides,
         }

@@ -1,25 +1,33 @@
 """Deployments through the real serving service: registry versions (real fine-tunes of a tiny BERT, exported by the
 training service into a real storage service) written into the live repository of a real tritonserver, loaded,
-probed, switched without failed requests, rolled back when loading fails, reloaded after Triton restarts."""
+probed, switched without failed requests, rolled back when loading fails, reloaded after Triton restarts; only
+exports whose bytes are the ones the registry pinned are ever deployed or reloaded."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import update
 from transformers import AutoTokenizer
 
 from services.gen.aidc.serving.v1 import serving_service_pb2 as pb
+from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.mesh.errors import AidcError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from services.serving.client import TextClassifierClient
+from services.serving.pins import seal_export
+from services.serving.registry import EXPORT_ROLES
+from services.storage.schema import object_counters
 from services.training.runner.tiny import keyword_dataset
 from tests.serving.conftest import RunningServing, fine_tune, serving_settings, start_serving
+from tests.serving.sample_support import SAMPLE_DIR
 from tests.serving.triton import TritonProcess
-from tests.storage.conftest import RunningStorage
+from tests.storage.conftest import RunningStorage, storage_database
 from tests.training.conftest import RunningTraining
 
 pytestmark = pytest.mark.slow
@@ -41,6 +49,45 @@ def _local_labels(export: Path, texts: list[str]) -> list[str]:
     with torch.inference_mode():
         logits = model(batch["input_ids"], batch["attention_mask"])
     return [labels[i] for i in logits.argmax(dim=-1).tolist()]
+
+
+async def _registry_pins(training: RunningTraining, version: int) -> dict[str, str]:
+    """The SHA-256 the registry pinned for each export artifact of keywords-clf ``version``."""
+    found = await training.client().get_model_version("keywords-clf", version=version)
+    return {a.role: a.sha256 for a in found.artifacts if a.role in EXPORT_ROLES}
+
+
+async def _stage(serving: RunningServing, training: RunningTraining, version: int, source: Path, damage: str) -> None:
+    """Stages keywords-clf ``version``'s export by hand, copied from ``source`` (an export), damaged (``damage``:
+    "model" or "tokenizer"), and sealed with the registry's own pins for it: an export that matches its pins and
+    still cannot be served (as a faulty export of the training side would be)."""
+    staged = serving.settings.serving_dir / "exports" / "acme__keywords-clf" / str(version)
+    shutil.copytree(source, staged, ignore=shutil.ignore_patterns(".pins.json", "*.py", "__pycache__"))
+    if damage == "model":
+        (staged / "model.pt").write_bytes(b"not a torchscript archive")
+    else:
+        shutil.rmtree(staged / "tokenizer")
+    seal_export(staged, await _registry_pins(training, version))
+
+
+async def _swap_in_storage(storage: RunningStorage, training: RunningTraining, version: int, content: bytes) -> None:
+    """acme/dev replaces keywords-clf ``version``'s model.pt in storage by other bytes under the same artifact name
+    and version number: deletes it and uploads again. Storage never gives a number twice, so the test first lowers
+    the artifact's version counter in storage's database: a stand-in for the storage defect of issue 11 (numbers
+    reused), or for a storage database restored from an older backup."""
+    found = await training.client().get_model_version("keywords-clf", version=version)
+    [model] = [a for a in found.artifacts if a.role == "model"]
+    files = storage.client("acme/dev")
+    await files.delete("acme", model.name, kind=storage_pb.OBJECT_KIND_ARTIFACT, version=model.version)
+    with storage_database(storage.settings) as engine, engine.begin() as conn:
+        c = object_counters.c
+        conn.execute(
+            update(object_counters)
+            .where(c.tenant == "acme", c.name == model.name)
+            .values(last_version=model.version - 1)
+        )
+    swapped = await files.upload("acme", model.name, content, kind=storage_pb.OBJECT_KIND_ARTIFACT)
+    assert (swapped.name, swapped.version) == (model.name, model.version)
 
 
 class Traffic:
@@ -121,17 +168,8 @@ async def test_a_failed_rollout_keeps_the_previous_version(
     await fine_tune(storage, training, tiny_bert_dir, seeds=(7, 8))
     client = serving.client()
     await client.deploy("keywords-clf", version=1, wait=True)
-    # Version 2's staged export is damaged (as a corrupt download would be): Triton fails to load it.
-    staged = serving.settings.serving_dir / "exports" / "acme__keywords-clf" / "2"
-    staged.mkdir(parents=True)
-    for source in (serving.settings.serving_dir / "exports" / "acme__keywords-clf" / "1").rglob("*"):
-        target = staged / source.relative_to(staged.parent / "1")
-        if source.is_dir():
-            target.mkdir(exist_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(source.read_bytes())
-    (staged / "model.pt").write_bytes(b"not a torchscript archive")
+    # Version 2's export matches its pins but its model.pt is no TorchScript: Triton fails to load it.
+    await _stage(serving, training, 2, serving.settings.serving_dir / "exports" / "acme__keywords-clf" / "1", "model")
 
     with Traffic(serving.classifier()) as traffic:
         with pytest.raises(FailedPrecondition, match="version 2"):
@@ -150,11 +188,9 @@ async def test_a_failed_first_deploy_ends_failed_with_nothing_loaded(
     storage: RunningStorage, training: RunningTraining, serving: RunningServing, tiny_bert_dir: Path
 ) -> None:
     await fine_tune(storage, training, tiny_bert_dir)
-    staged = serving.settings.serving_dir / "exports" / "acme__keywords-clf" / "1"
     # A staged export missing its tokenizer: refused before Triton is asked to load anything.
-    staged.mkdir(parents=True)
-    (staged / "model.pt").write_bytes(b"junk")
-    with pytest.raises(FailedPrecondition):
+    await _stage(serving, training, 1, SAMPLE_DIR, "tokenizer")
+    with pytest.raises(FailedPrecondition, match="tokenizer"):
         await serving.client().deploy("keywords-clf", version=1, wait=True)
     failed = await serving.client().get_deployment("keywords-clf")
     assert (failed.state, failed.version) == (pb.DEPLOYMENT_STATE_FAILED, 0)
@@ -162,6 +198,51 @@ async def test_a_failed_first_deploy_ends_failed_with_nothing_loaded(
     assert not (serving.settings.model_repository_path / "acme__keywords-clf").exists()
     with pytest.raises(NotFound):
         await serving.classifier().classify("keywords-clf", ["anything"])
+
+
+async def test_an_export_swapped_in_storage_is_refused_and_nothing_is_deployed(
+    storage: RunningStorage,
+    training: RunningTraining,
+    serving: RunningServing,
+    triton: TritonProcess,
+    tiny_bert_dir: Path,
+) -> None:
+    """Issue 11 item 1: a developer swaps other TorchScript in under a registered version's artifact (name and
+    version). Serving fetches by (name, version), so without digest pins Triton would load and run the swapped
+    file. The deploy must fail with a clear status naming the mismatch, and nothing may reach Triton or the live
+    repository; a version switch to such a version keeps the previous one serving."""
+    assert await fine_tune(storage, training, tiny_bert_dir, seeds=(7, 8)) == [1, 2]
+    await _swap_in_storage(storage, training, 1, (SAMPLE_DIR / "model.pt").read_bytes())
+    client = serving.client()
+    with pytest.raises(FailedPrecondition, match="does not match the registry.*nothing was deployed"):
+        await client.deploy("keywords-clf", version=1, wait=True)
+    failed = await client.get_deployment("keywords-clf")
+    assert (failed.state, failed.version) == (pb.DEPLOYMENT_STATE_FAILED, 0)
+    assert "SHA-256" in failed.last_error and "model.pt" in failed.last_error
+    assert not (serving.settings.model_repository_path / "acme__keywords-clf").exists()
+    assert not (serving.settings.serving_dir / "exports" / "acme__keywords-clf" / "1").exists()
+    with triton.client() as direct:
+        assert direct.get_model_repository_index(as_json=True).get("models", []) == []
+
+    # Version 2 is intact and deploys; a later switch to the swapped version 1 is refused and 2 keeps serving.
+    assert (await client.deploy("keywords-clf", version=2, wait=True)).version == 2
+    with pytest.raises(FailedPrecondition, match="does not match the registry"):
+        await client.deploy("keywords-clf", version=1, wait=True)
+    after = await client.get_deployment("keywords-clf")
+    assert (after.state, after.version) == (pb.DEPLOYMENT_STATE_READY, 2)
+    repository = serving.settings.model_repository_path / "acme__keywords-clf"
+    assert sorted(p.name for p in repository.iterdir() if p.is_dir()) == ["2"]
+    assert await _accuracy(serving.classifier()) >= 0.5
+
+    # A staged export changed on disk no longer matches its pins: the next rollout fetches it again (checked against
+    # the registry) and writes the live version from that, not from what it found.
+    staged = serving.settings.serving_dir / "exports" / "acme__keywords-clf" / "2"
+    pinned_labels = (staged / "labels.json").read_bytes()
+    (staged / "labels.json").write_text('["spam", "ham", "eggs"]')
+    reshaped = await client.deploy("keywords-clf", version=2, max_batch_size=4, wait=True)
+    assert (reshaped.state, reshaped.version, reshaped.max_batch_size) == (pb.DEPLOYMENT_STATE_READY, 2, 4)
+    assert (staged / "labels.json").read_bytes() == pinned_labels
+    assert (repository / "2" / "labels.json").read_bytes() == pinned_labels
 
 
 async def test_bad_deploy_requests_change_nothing(
@@ -212,13 +293,21 @@ async def test_triton_restart_and_service_restart_reload_deployments(
     triton.kill()
     with pytest.raises(Unavailable):
         await classifier.classify("keywords-clf", ["the weather is great"])
+    # While Triton is down, someone changes the model Triton would load next: the reload must check the live
+    # version against the pinned export and write it again, never load what it found.
+    live = serving.settings.model_repository_path / "acme__keywords-clf" / "1" / "model.pt"
+    export = serving.settings.serving_dir / "exports" / "acme__keywords-clf" / "1"
+    live.write_bytes((SAMPLE_DIR / "model.pt").read_bytes())
     triton.start()  # same ports, same repository; Triton remembers nothing it loaded
     await _eventually(lambda: _accuracy(classifier), timeout=60)
     assert await _accuracy(classifier) >= 0.5
+    assert live.read_bytes() == (export / "model.pt").read_bytes()
 
-    # The serving service restarts (and Triton with it, as after a machine reboot): the deployment comes back.
+    # The serving service restarts (and Triton with it, as after a machine reboot): the deployment comes back,
+    # the live version checked against its export again.
     await serving.stop()
     triton.stop()
+    live.write_bytes(b"changed again")
     triton.start()
     settings = serving_settings(
         serving.settings.data_dir, serving.settings.auth_addr, storage.address, training.settings.training_addr, triton
@@ -228,6 +317,7 @@ async def test_triton_restart_and_service_restart_reload_deployments(
         classifier = restarted.classifier()
         await _eventually(lambda: _accuracy(classifier), timeout=60)
         assert (await restarted.client().get_deployment("keywords-clf")).state == pb.DEPLOYMENT_STATE_READY
+        assert live.read_bytes() == (export / "model.pt").read_bytes()
     finally:
         await restarted.stop()
 

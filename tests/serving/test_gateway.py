@@ -33,6 +33,7 @@ from services.mesh.telemetry import init_telemetry, shutdown_telemetry, tracer
 from services.serving.limits import BudgetGuard, TenantRateLimiter
 from services.serving.metering import ComputeReading, InferenceMeter, split
 from services.serving.routes import Route, Routes
+from services.serving.triton import TritonAccess, TritonControl
 from tests.serving.gateway_support import (
     UNLOADED_MODEL,
     GatewayBench,
@@ -361,7 +362,7 @@ async def test_billing_unreachable_fails_open_and_usage_waits_in_the_outbox(benc
 def _compute_ns(triton: TritonProcess, model: str) -> int:
     """Triton's cumulative execution time of a model (all batches), read directly."""
     with triton.client() as client:
-        stats = client.get_inference_statistics(model, "1").model_stats[0]
+        stats = client.get_inference_statistics(model, "1", headers=triton.headers).model_stats[0]
     return sum(b.compute_input.ns + b.compute_infer.ns + b.compute_output.ns for b in stats.batch_stats)
 
 
@@ -437,7 +438,7 @@ async def test_triton_down_is_unavailable_at_once_and_a_restarted_triton_serves_
     routes = Routes()
     routes.set(Route("acme", "addone", "acme__addone", "1"))
     # Billing unreachable: usage stays in the outbox, where the test reads it.
-    own = await bench.start_gateway(routes, AIDC_TRITON_GRPC_ADDR=triton.grpc_addr, AIDC_BILLING_ADDR="127.0.0.1:9")
+    own = await bench.start_gateway(routes, **triton.serving_env(), AIDC_BILLING_ADDR="127.0.0.1:9")
     try:
         with triton.client() as control:
             control.load_model("acme__addone")
@@ -476,6 +477,55 @@ async def test_triton_down_is_unavailable_at_once_and_a_restarted_triton_serves_
             await _metered(own)
             after_restart = _outbox_compute_ns(own)[before:]
             assert after_restart and 0 < sum(after_restart) <= _compute_ns(triton, "acme__addone")
+    finally:
+        await own.stop(flush_timeout=0.1)
+        triton.stop()
+
+
+async def test_a_cluster_triton_admits_only_callers_with_its_access_key(bench: GatewayBench, tmp_path: Path) -> None:
+    """Triton as deploy/k8s runs it (plaintext gRPC behind a NetworkPolicy, every protocol but health restricted to
+    callers sending the secret of a Kubernetes Secret): the gateway and the deployer send it, so inference, model
+    control and metering work; a caller without it (anyone else who reaches the port) can use nothing but health."""
+    repository = tmp_path / "models"
+    write_model(repository, "acme__addone")
+    secret = uuid.uuid4().hex
+    triton = TritonProcess(repository, tmp_path / "triton", access_key=secret)
+    triton.start()
+    routes = Routes()
+    routes.set(Route("acme", "addone", "acme__addone", "1"))
+    own = await bench.start_gateway(routes, **triton.serving_env(), AIDC_BILLING_ADDR="127.0.0.1:9")
+    try:
+        stranger = TritonControl(TritonAccess(triton.grpc_addr))
+        wrong = TritonControl(TritonAccess(triton.grpc_addr, access_key="guessed"))
+        try:
+            for control in (stranger, wrong):
+                with pytest.raises(Unavailable, match="restricted"):
+                    await control.load(["acme__addone"])
+                assert await control.live()  # health stays open: the kubelet probes it
+        finally:
+            await stranger.close()
+            await wrong.close()
+        deployer = TritonControl(own.settings.triton_access())
+        try:
+            await deployer.load(["acme__addone"])
+            assert await deployer.ready("acme__addone", 1)
+        finally:
+            await deployer.close()
+        with triton_grpc.InferenceServerClient(triton.grpc_addr) as direct:
+            for call in (
+                lambda: direct.infer("acme__addone", [add_one_input([1])]),
+                lambda: direct.get_model_repository_index(),
+                lambda: direct.get_inference_statistics("acme__addone"),
+                lambda: direct.unload_model("acme__addone"),
+            ):
+                with pytest.raises(InferenceServerException, match="restricted"):
+                    call()
+
+        async with bench.client(own.address) as client:
+            result = await client.infer("addone", [add_one_input([4])], headers=bench.headers("acme/dev"))
+            assert result.as_numpy("OUTPUT").tolist() == [[5.0]]
+            await _metered(own)
+            assert sum(_outbox_compute_ns(own)) == _compute_ns(triton, "acme__addone") > 0
     finally:
         await own.stop(flush_timeout=0.1)
         triton.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,14 @@ def _edit_json(name: str, edit: Callable[[Any], Any]) -> Callable[[Path], None]:
     return apply
 
 
+def _replace_by_link(path: Path, target: str) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    path.symlink_to(target)
+
+
 def _without_libtorch_names(config: dict[str, Any]) -> dict[str, Any]:
     for tensor in config["inputs"]:
         tensor.pop("libtorch_name")
@@ -290,6 +299,14 @@ def _without_libtorch_names(config: dict[str, Any]) -> dict[str, Any]:
         (_edit_json("labels.json", lambda labels: labels[:2]), "disagrees with model_config.json labels"),
         (_edit_json("labels.json", lambda labels: {"classes": labels}), "labels.json must hold a JSON array"),
         (_edit_json("model_config.json", _without_libtorch_names), "libtorch_name"),
+        # Paths from the export stay inside it: no other file as the model, no links out.
+        (_edit_json("model_config.json", lambda c: {**c, "file": "../../escape.pt"}), "file must be 'model.pt'"),
+        (_edit_json("model_config.json", lambda c: {**c, "file": "/etc/hostname"}), "file must be 'model.pt'"),
+        (_edit_json("model_config.json", lambda c: {**c, "file": "tokenizer/vocab.txt"}), "file must be 'model.pt'"),
+        (lambda root: _replace_by_link(root / "model.pt", "/etc/hostname"), "'model.pt' is a link"),
+        (lambda root: _replace_by_link(root / "labels.json", "/etc/hostname"), "'labels.json' is a link"),
+        (lambda root: (root / "tokenizer" / "extra").symlink_to("/etc"), "'tokenizer/extra' is a link"),
+        (lambda root: _replace_by_link(root / "tokenizer", "/etc"), "'tokenizer' is a link"),
     ],
 )
 def test_export_bundle_rejects_unusable_exports(tmp_path: Path, damage: Callable[[Path], None], message: str) -> None:
@@ -431,7 +448,7 @@ async def test_concurrent_requests_are_batched_and_bad_ones_fail_alone(
         if i % 6 == 5:
             requests.append(bad[i // 6])
 
-    async with triton_aio.InferenceServerClient(triton.grpc_addr) as aio:
+    async with triton_aio.InferenceServerClient(triton.grpc_addr, creds=triton.access.credentials()) as aio:
         before = await _executions(aio, served)
         answers = await asyncio.gather(*(aio.infer(served, inputs) for inputs, _ in requests), return_exceptions=True)
         after = await _executions(aio, served)
@@ -511,6 +528,46 @@ def test_versions_roll_out_and_the_deployment_is_removed(
     assert name not in live.names() and not (live.root / name).exists()
     with pytest.raises(InferenceServerException):
         client.load_model(name)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda v: _edit_json("model_config.json", lambda c: {**c, "file": "../escape.pt"})(v), "inside"),
+        (lambda v: _edit_json("model_config.json", lambda c: {**c, "file": str(v.parent / "escape.pt")})(v), "inside"),
+        (lambda v: _replace_by_link(v / "model.pt", str(v.parent / "escape.pt")), "is a link"),
+        (lambda v: _edit_json("model_config.json", lambda c: _tokenizer_dir(c, "../elsewhere"))(v), "inside"),
+        (lambda v: _replace_by_link(v / "tokenizer", str(v.parent / "elsewhere")), "is a link"),
+    ],
+    ids=["file with ..", "absolute file", "model.pt a link", "tokenizer dir with ..", "tokenizer a link"],
+)
+def test_the_model_reads_only_files_of_its_version_directory(
+    live: LiveRepository,
+    client: triton_grpc.InferenceServerClient,
+    sample: ExportBundle,
+    change: Callable[[Path], None],
+    message: str,
+) -> None:
+    """Triton runs model.py on whatever a version directory holds: a model_config.json (or a link) pointing at a
+    file outside it, even a loadable model, must make the load fail, never be read."""
+    name = "acme__confined"
+    live.write_version(name, 1, sample)
+    live.write_config(name, [1], DeploymentShape(), sample)
+    version_dir = live.root / name / "1"
+    shutil.copyfile(sample.root / "model.pt", live.root / name / "escape.pt")
+    shutil.copytree(sample.root / "tokenizer", live.root / name / "elsewhere", dirs_exist_ok=True)
+    change(version_dir)
+    try:
+        with pytest.raises(InferenceServerException, match=message):
+            client.load_model(name)
+        assert not client.is_model_ready(name)
+    finally:
+        client.unload_model(name)
+        live.remove(name)
+
+
+def _tokenizer_dir(config: dict[str, Any], directory: str) -> dict[str, Any]:
+    return {**config, "tokenizer": {**config["tokenizer"], "dir": directory}}
 
 
 def test_libtorch_flavour_python_steps_on_triton(

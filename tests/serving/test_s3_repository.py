@@ -116,21 +116,20 @@ class S3TritonProcess(TritonProcess):
             "AIDC_PLATFORM_COMPONENTS": "triton",
             "AIDC_MODEL_REPOSITORY": url,
             "AIDC_TRITON_GRPC_ADDR": self.grpc_addr,
-            "AIDC_TRITON_HTTP_ADDR": self.http_addr,
-            "AIDC_TRITON_METRICS_PORT": str(free_port()),
             "AIDC_COLLECTOR_ADDR": f"127.0.0.1:{free_port()}",
             "AIDC_STOP_GRACE_SECONDS": "6",
             "AIDC_STARTUP_TIMEOUT_SECONDS": "30",
         }
-        platform = resolve_platform(
+        self.platform = resolve_platform(
             load_settings(MeshSettings, environ),
             load_settings(PlatformSettings, environ),
             S3Credentials(s3.access_key, s3.secret_key),
         )
         base = {k: v for k, v in os.environ.items() if not k.startswith(("AIDC_", "OTEL_", "AWS_"))}
-        (spec,) = build_components(platform, base)
+        (spec,) = build_components(self.platform, base)
         self.argv = list(spec.argv)
         self.env = dict(spec.env)
+        self.cwd = spec.cwd
 
 
 # ---- the URL and the settings (no servers) ---------------------------------------------------------------------
@@ -406,7 +405,7 @@ def test_triton_serves_the_mirrored_repository(
     sample: ExportBundle,
     renamed_sample: ExportBundle,
 ) -> None:
-    url = s3_triton.env["AIDC_MODEL_REPOSITORY"]
+    url = s3_triton.platform.model_repository_url
     assert f"--model-repository={url}" in s3_triton.argv
     mirror = _mirror(seaweed, url)
     live = LiveRepository(tmp_path / "serving" / "model_repository", mirror=mirror)

@@ -3,6 +3,7 @@ acme and globex, and one user per role."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -12,6 +13,7 @@ from typing import cast
 
 import grpc
 import pytest
+from sqlalchemy import Engine, create_engine
 
 from services.auth.client import AuthClient
 from services.cli.session import BearerToken
@@ -109,6 +111,16 @@ async def user_tokens(auth: RunningAuth) -> dict[str, str]:
         await admin.create_user(tenant, name, PASSWORD, [role])
         tokens[f"{tenant}/{name}"] = (await auth.client().login(tenant, name, PASSWORD)).access_token
     return tokens
+
+
+@contextlib.contextmanager
+def storage_database(settings: StorageSettings) -> Iterator[Engine]:
+    """An engine on the storage service's own database, for tests that must read or damage it directly."""
+    engine = create_engine(settings.database_url_for("storage"))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 async def start_storage(settings: StorageSettings, tokens: dict[str, str]) -> RunningStorage:

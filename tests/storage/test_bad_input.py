@@ -125,6 +125,45 @@ UPLOADS: list[tuple[str, list[pb.UploadRequest], type[errors.AidcError], str]] =
         errors.InvalidArgument,
         "masking needs text_dataset",
     ),
+    (
+        "masking options without masking.enabled",
+        [_header(text_dataset=CSV, masking=pb.MaskingOptions(mode=pb.MASKING_MODE_PSEUDONYMIZE)), _chunk(b"t,l\n")],
+        errors.InvalidArgument,
+        "masking.enabled is false",
+    ),
+    (
+        "unknown masking kind",
+        [_header(text_dataset=CSV, masking=pb.MaskingOptions(enabled=True, kinds=[9])), _chunk(b"text,label\na,b\n")],
+        errors.InvalidArgument,
+        "masking.kinds",
+    ),
+    (
+        "unknown masking mode",
+        [_header(text_dataset=CSV, masking=pb.MaskingOptions(enabled=True, mode=7)), _chunk(b"text,label\na,b\n")],
+        errors.InvalidArgument,
+        "masking.mode",
+    ),
+    (
+        "unknown phone region",
+        [
+            _header(text_dataset=CSV, masking=pb.MaskingOptions(enabled=True, phone_regions=["CN", "XX"])),
+            _chunk(b"text,label\na,b\n"),
+        ],
+        errors.InvalidArgument,
+        "unknown phone region 'XX'",
+    ),
+    (
+        "too many phone regions",
+        [
+            _header(
+                text_dataset=CSV,
+                masking=pb.MaskingOptions(enabled=True, phone_regions="CN US GB DE FR JP KR SG HK".split()),
+            ),
+            _chunk(b"text,label\na,b\n"),
+        ],
+        errors.InvalidArgument,
+        "phone_regions holds 9 items",
+    ),
     ("wrong SHA-256", [_header(expected_sha256="0" * 64), _chunk(b"content")], errors.DataLoss, "SHA-256"),
     ("malformed SHA-256", [_header(expected_sha256="xyz"), _chunk(b"content")], errors.InvalidArgument, "64"),
     ("wrong size", [_header(expected_size_bytes=99), _chunk(b"content")], errors.DataLoss, "announced 99"),

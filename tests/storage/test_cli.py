@@ -62,5 +62,15 @@ def test_dataset_commands(dataset_cli: typer.Typer, storage_process: StorageProc
     assert missing.exit_code == 1 and "NOT_FOUND" in missing.output
     bad = runner.invoke(dataset_cli, ["dataset", "upload", "../up", str(source)])
     assert bad.exit_code == 1 and "INVALID_ARGUMENT" in bad.output
+    chinese = tmp_path / "kefu.csv"
+    chinese.write_text(
+        "text,label\n请打13800138000找我,contact\n同一个号码+86 138 0013 8000,contact\n", encoding="utf-8"
+    )
+    out = ok("upload", "kefu", str(chinese), "--format", "csv", "--pseudonymize", "--phone-region", "cn")
+    assert "phone=2" in out and "pseudonyms (pseudonym key pk-" in out and "phone regions CN" in out
+    ok("download", "kefu", "-o", str(target))
+    first, second = target.read_text(encoding="utf-8").splitlines()[1:]
+    token = first.removeprefix("请打").removesuffix("找我,contact")
+    assert token.startswith("[PHONE:") and second == f"同一个号码{token},contact"
     assert "versions 2" in ok("delete", "reviews", "--yes")
     assert "reviews" not in ok("list")

@@ -34,7 +34,8 @@ from services.storage.core.model import PendingUpload, VersionRecord
 from services.storage.core.names import ObjectKind
 from services.storage.core.usage import StorageUsage, UsageKind
 from services.storage.metering import GIB, StorageMeter, next_point, span_event_id
-from services.storage.store import MIGRATIONS, MeteringPoint, StorageStore
+from services.storage.schema import MIGRATIONS
+from services.storage.store import MeteringPoint, StorageStore
 from tests.billing.conftest import Clock, make_core, start_billing
 from tests.conftest import start_auth
 from tests.storage.conftest import start_storage, storage_env, user_tokens

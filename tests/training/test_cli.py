@@ -25,8 +25,8 @@ from services.training.client import TrainingClient
 from services.training.runner.tiny import keyword_dataset, to_csv
 from tests.conftest import (
     free_port,
-    running_auth_process,
     service_env,
+    start_auth_process,
     start_service_process,
     stop_process,
     wait_serving,
@@ -47,8 +47,11 @@ def mesh_processes(seaweed: SeaweedFS, mesh_certs: Path, tmp_path: Path) -> Iter
         "AIDC_BILLING_ADDR": f"127.0.0.1:{free_port()}",
         "AIDC_SHUTDOWN_GRACE_SECONDS": "1",
     }
-    with running_auth_process(tmp_path, AIDC_CERTS_DIR=certs) as auth:
+    auth = start_auth_process(tmp_path, AIDC_CERTS_DIR=certs)
+    processes = [auth.process]
+    try:
         storage = start_storage_process(auth, seaweed, tmp_path, **quiet)
+        processes.append(storage.process)
         scheduler_address = f"127.0.0.1:{free_port()}"
         data = auth.data_dir
         scheduler = start_service_process(
@@ -56,6 +59,7 @@ def mesh_processes(seaweed: SeaweedFS, mesh_certs: Path, tmp_path: Path) -> Iter
             service_env(data, **scheduler_env(data, auth.address, **quiet, AIDC_SCHEDULER_ADDR=scheduler_address)),
             tmp_path / "scheduler.log",
         )
+        processes.append(scheduler)
         address = f"127.0.0.1:{free_port()}"
         env = service_env(
             data,
@@ -68,13 +72,13 @@ def mesh_processes(seaweed: SeaweedFS, mesh_certs: Path, tmp_path: Path) -> Iter
             AIDC_TRAINING_RUNNER_THREADS="1",
         )
         training = start_service_process("training", env, tmp_path / "training.log")
-        try:
-            wait_serving(scheduler_address, timeout=60, process=scheduler, certs=certs)
-            wait_serving(address, timeout=60, process=training, certs=certs)
-            yield storage, address
-        finally:
-            for process in (training, scheduler, storage.process):
-                stop_process(process)
+        processes.append(training)
+        wait_serving(scheduler_address, timeout=60, process=scheduler, certs=certs)
+        wait_serving(address, timeout=60, process=training, certs=certs)
+        yield storage, address
+    finally:
+        for process in reversed(processes):
+            stop_process(process)
 
 
 async def _prepare(storage_process: StorageProcess, training_address: str, tiny_bert_dir: Path) -> None:

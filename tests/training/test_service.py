@@ -16,11 +16,12 @@ from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.gen.aidc.training.v1 import training_service_pb2 as pb
 from services.mesh.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from services.mesh.files import sha256_file
 from services.mesh.identity import TOKEN_LEEWAY_SECONDS
 from services.scheduler.client import resources
 from services.storage.client import StorageClient
 from services.training.client import TrainingClient
-from services.training.core.service import JOB_LABEL
+from services.training.core.service import JOB_LABEL, RUN_DIR
 from tests.conftest import RunningAuth
 from tests.scheduler.service_support import GIB, RunningScheduler, runner_command, set_quota, wait_terminal
 from tests.storage import conftest as storage_conftest
@@ -120,8 +121,12 @@ async def test_fine_tune_end_to_end(storage: RunningStorage, training: RunningTr
     for artifact in version.artifacts:  # every export artifact is in storage, byte for byte what was registered
         stored = await files.stat("acme", artifact.name, kind=storage_pb.OBJECT_KIND_ARTIFACT, version=artifact.version)
         assert (stored.sha256, stored.size_bytes) == (artifact.sha256, artifact.size_bytes)
+    # The version is pinned to the digests of the files the runner exported (what serving checks every fetch by).
+    export = training.settings.jobs_dir / job.job_id / RUN_DIR / "export"
+    for role, name in (("model", "model.pt"), ("model_config", "model_config.json"), ("labels", "labels.json")):
+        assert roles[role].sha256 == sha256_file(export / name), role
     # Training meters nothing itself any more: the scheduler meters the run's allocation (tests/training/
-    # test_billing.py follows it into billing).
+    # test_through_the_mesh.py follows it into billing).
     assert not (training.settings.data_dir / "training" / "usage-outbox.db").exists()
 
     model = await client.set_alias("keywords-clf", "production", 1, tenant="acme")

@@ -3,7 +3,9 @@
 A rollout (first deploy, version switch, alias move, shape change) runs as a task of its own:
 
 1. stage: the export is fetched from storage into ``<serving_dir>/exports/<triton name>/<version>`` (kept while the
-   version is deployed, so a lost live repository or an interrupted rollout can be rebuilt without the registry);
+   version is deployed, so a lost live repository or an interrupted rollout can be rebuilt without the registry),
+   each artifact checked against the SHA-256 the registry pinned, and checked again against those pins at every
+   deploy and reload (pins.py);
 2. write the version into the live repository, with a config that keeps the serving version *and* the new one;
 3. load (Triton keeps the old model serving while it reloads), then probe the new version with a real inference;
 4. switch the gateway's route to the new version, then retire the old one (config with the new version only).
@@ -20,7 +22,7 @@ import contextlib
 import logging
 import re
 import shutil
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +32,7 @@ from services.mesh.errors import AidcError, DeadlineExceeded, FailedPrecondition
 from services.mesh.identity import as_service
 from services.mesh.interceptors import current_deadline
 from services.serving.core.model import SERVING_STATES, DeploymentRecord, DeploymentState
+from services.serving.pins import verify_export
 from services.serving.registry import ResolvedVersion
 from services.serving.repository import DeploymentShape, ExportBundle, LiveRepository, check_probe_result, probe_request
 from services.serving.routes import TRITON_NAME_SEPARATOR, Route, Routes, triton_model_name
@@ -291,16 +294,29 @@ class DeploymentsCore:
     def _export_dir(self, record: DeploymentRecord, version: int) -> Path:
         return self._options.exports_dir / record.triton_name / str(version)
 
-    async def _bundle(self, record: DeploymentRecord, version: int, resolved: ResolvedVersion | None) -> ExportBundle:
-        """The unpacked export of ``version``: staged already, or fetched (as the caller when ``resolved`` came
-        from the Deploy RPC, else as this service)."""
+    async def _export(
+        self, record: DeploymentRecord, version: int, resolved: ResolvedVersion | None
+    ) -> tuple[ExportBundle, Mapping[str, str]]:
+        """The unpacked export of ``version`` and its files' SHA-256s, checked against the registry's pins: staged
+        already and still exactly as fetched (and, given ``resolved``, fetched for the same pins), else fetched (as
+        the caller when ``resolved`` came from the Deploy RPC, else as this service), which checks every artifact
+        against its pin. FailedPrecondition when storage holds other bytes than the registry pinned."""
         target = self._export_dir(record, version)
-        if not target.is_dir():
-            if resolved is None:
-                with as_service():
-                    resolved = await self._source.resolve(record.tenant, record.model, version)
-            await self._source.fetch(resolved, target)
-        return await asyncio.to_thread(ExportBundle.load, target)
+        pins = None if resolved is None else resolved.pins
+        if target.is_dir():
+            try:
+                files = (await asyncio.to_thread(verify_export, target, pins)).files
+            except FailedPrecondition as error:
+                log.warning("fetching %s version %d again: %s", record.triton_name, version, error)
+                await asyncio.to_thread(shutil.rmtree, target, True)
+            else:
+                return await asyncio.to_thread(ExportBundle.load, target), files
+        if resolved is None:
+            with as_service():
+                resolved = await self._source.resolve(record.tenant, record.model, version)
+        await self._source.fetch(resolved, target)
+        files = (await asyncio.to_thread(verify_export, target, resolved.pins)).files
+        return await asyncio.to_thread(ExportBundle.load, target), files
 
     async def _rollout(
         self, record: DeploymentRecord, version: int, resolved: ResolvedVersion | None = None
@@ -310,8 +326,8 @@ class DeploymentsCore:
         shape = _shape(record)
         try:
             async with asyncio.timeout(self._options.rollout_timeout_seconds):
-                bundle = await self._bundle(record, version, resolved)
-                if version not in await asyncio.to_thread(self._repository.versions, name):
+                bundle, files = await self._export(record, version, resolved)
+                if not await asyncio.to_thread(self._repository.holds, name, version, files):
                     await asyncio.to_thread(self._repository.write_version, name, version, bundle)
                 both = sorted({previous, version} - {0})
                 await asyncio.to_thread(self._repository.write_config, name, both, shape, bundle)
@@ -419,8 +435,10 @@ class DeploymentsCore:
     async def _reload(self, record: DeploymentRecord) -> int:
         name = record.triton_name
         try:
-            if record.version not in await asyncio.to_thread(self._repository.versions, name):
-                bundle = await self._bundle(record, record.version, None)
+            # What Triton will load is checked against the pins first: a live version that differs from its
+            # export (or a staged export that differs from the registry's pins) is written again.
+            bundle, files = await self._export(record, record.version, None)
+            if not await asyncio.to_thread(self._repository.holds, name, record.version, files):
                 await asyncio.to_thread(self._repository.write_version, name, record.version, bundle)
                 await asyncio.to_thread(self._repository.write_config, name, [record.version], _shape(record), bundle)
             await self._triton.load(self._repository.load_order(name))

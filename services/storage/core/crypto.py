@@ -10,6 +10,7 @@ Associated data binds every ciphertext to what it belongs to, so nothing can be 
 
 * content: ``aidc-storage/v1/content`` + tenant, kind, name and the upload's random object id;
 * wrapped data key: ``aidc-storage/v1/data-key`` + tenant, kind, name, version, object id and object-store key;
+* wrapped pseudonym key: ``aidc-storage/v1/pseudonym-key`` + tenant and pseudonym key id;
 * sealed tenant key: ``aidc-storage/v1/tenant-key`` + tenant and key id.
 """
 
@@ -38,6 +39,7 @@ __all__ = [
     "DataKey",
     "content_aad",
     "data_key_context",
+    "pseudonym_key_context",
     "TinkError",
 ]
 
@@ -64,6 +66,11 @@ def content_aad(tenant: str, kind: str, name: str, object_id: str) -> bytes:
 def data_key_context(tenant: str, kind: str, name: str, version: int, object_id: str, s3_key: str) -> bytes:
     """Associated data of a wrapped data key: the exact stored version it opens."""
     return _encode("aidc-storage/v1/data-key", tenant, kind, name, version, object_id, s3_key)
+
+
+def pseudonym_key_context(tenant: str, pseudonym_key_id: str) -> bytes:
+    """Associated data of a tenant's wrapped pseudonym key."""
+    return _encode("aidc-storage/v1/pseudonym-key", tenant, pseudonym_key_id)
 
 
 class KeyDestroyed(FailedPrecondition):

@@ -16,6 +16,7 @@ __all__ = [
     "VersionRecord",
     "PendingUpload",
     "TenantKeyRecord",
+    "PseudonymKeyRecord",
 ]
 
 
@@ -50,11 +51,16 @@ class TextDatasetRecord:
 
 @dataclass(frozen=True)
 class MaskingRecord:
-    """How much personal data was masked on upload, per kind name (EMAIL, PHONE, ID_NUMBER)."""
+    """How much personal data was masked on upload, per kind name (EMAIL, PHONE, ID_NUMBER, BANK_CARD), and how:
+    the mode's value (placeholder, pseudonymize), the phone regions and the pseudonym key's id. Versions recorded
+    before modes and regions existed read as placeholder masking without regions."""
 
     masked_total: int
     rows_affected: int
     counts: dict[str, int]
+    mode: str = "placeholder"
+    phone_regions: list[str] = field(default_factory=list)
+    pseudonym_key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,4 +104,15 @@ class TenantKeyRecord:
     key_id: str
     tenant: str
     state: KeyState
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class PseudonymKeyRecord:
+    """A tenant's pseudonym key (the HMAC key of masking's tokens), wrapped by the tenant key ``key_id``."""
+
+    tenant: str
+    pseudonym_key_id: str
+    key_id: str
+    wrapped: bytes
     created_at: datetime

@@ -21,7 +21,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, TypeVar
 
@@ -37,14 +37,7 @@ from services.mesh.errors import (
     Unavailable,
 )
 from services.mesh.identity import Principal
-from services.storage.core.crypto import (
-    DataKey,
-    KeyDestroyed,
-    KeyManager,
-    TinkError,
-    content_aad,
-    data_key_context,
-)
+from services.storage.core.crypto import DataKey, KeyDestroyed, KeyManager, TinkError, content_aad, data_key_context
 from services.storage.core.model import (
     DatasetRecord,
     KeyState,
@@ -54,8 +47,10 @@ from services.storage.core.model import (
     VersionRecord,
 )
 from services.storage.core.names import ObjectKind, object_key, validate_object_name, validate_tenant
-from services.storage.core.pipe import BoundedPipe, PipeAborted, PipeReader, PipeWriter
-from services.storage.core.textdata import PiiKind, TextDatasetProcessor, TextSpec
+from services.storage.core.pii import MaskingMode
+from services.storage.core.pipe import BoundedPipe, PipeAborted, PipeReader
+from services.storage.core.sealing import DEFAULT_CONTENT_TYPE, SealingWriter, UploadSpec
+from services.storage.core.tenantkeys import TenantKeys
 from services.storage.core.usage import NoUsageSink, StorageUsage, UsageKind, UsageSink
 from services.storage.objectstore import ObjectStore, ReadableObject, StoredObjectMissing
 from services.storage.store import DatasetGone, KeyUnusable, StorageStore, UploadGone, VersionTaken
@@ -66,7 +61,6 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-DEFAULT_CONTENT_TYPE = "application/octet-stream"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_METADATA_ENTRIES = 32
@@ -76,7 +70,6 @@ _DEFAULT_PAGE, _MAX_PAGE = 50, 1000
 #: Plaintext handed to the encryptor at a time (chunks from the wire are coalesced up to this).
 _WRITE_BLOCK = 1024 * 1024
 _COMMIT_ATTEMPTS = 8
-_REWRAP_BATCH = 200
 
 
 @dataclass(frozen=True)
@@ -89,20 +82,6 @@ class TransferLimits:
     max_concurrent_transfers: int = 16
     verify_uploads: bool = False
     orphan_grace: timedelta = timedelta(hours=1)
-
-
-@dataclass(frozen=True)
-class UploadSpec:
-    """An Upload's header, in domain terms."""
-
-    tenant: str
-    kind: ObjectKind
-    name: str
-    content_type: str = DEFAULT_CONTENT_TYPE
-    text: TextSpec | None = None
-    expected_sha256: str = ""
-    expected_size: int | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -140,70 +119,6 @@ def _resource(kind: ObjectKind) -> str:
     return kind.value  # "datasets" / "artifacts", the resources of the role table
 
 
-class _SealingWriter:
-    """The blocking half of an upload (runs in worker threads): text checks and masking, hashing, sealing into
-    the pipe. ``finish`` checks what the header promised and ends the Tink stream, which ends the pipe."""
-
-    def __init__(self, spec: UploadSpec, data_key: DataKey, aad: bytes, pipe: BoundedPipe, max_bytes: int) -> None:
-        self._spec = spec
-        self._text = TextDatasetProcessor(spec.text) if spec.text is not None else None
-        self._sent_sha = hashlib.sha256() if spec.expected_sha256 and self._text is not None else None
-        self.sha = hashlib.sha256()
-        self.received = 0
-        self.size = 0
-        self._max = max_bytes
-        self.destination = PipeWriter(pipe)
-        self._sealed = data_key.encrypting_stream(self.destination, aad)
-
-    def write(self, data: bytes) -> None:
-        self.received += len(data)
-        if self.received > self._max:
-            raise InvalidArgument(f"object larger than the limit of {self._max} bytes")
-        if self._sent_sha is not None:
-            self._sent_sha.update(data)
-        self._emit(self._text.feed(data) if self._text is not None else data)
-
-    def _emit(self, data: bytes) -> None:
-        if data:
-            self.sha.update(data)
-            self.size += len(data)
-            self._sealed.write(data)
-
-    def finish(self) -> None:
-        spec = self._spec
-        if self._text is not None:
-            self._emit(self._text.finish())
-        if spec.expected_size is not None and spec.expected_size != self.received:
-            raise DataLoss(f"received {self.received} bytes, the header announced {spec.expected_size}")
-        if spec.expected_sha256:
-            sent = (self._sent_sha or self.sha).hexdigest()
-            if sent != spec.expected_sha256:
-                raise DataLoss(f"the content's SHA-256 is {sent}, the header announced {spec.expected_sha256}")
-        self._sealed.close()  # writes the final segment and closes the pipe: the S3 upload completes
-
-    def text_summary(self) -> tuple[TextDatasetRecord | None, MaskingRecord | None]:
-        text = self._text
-        spec = self._spec.text
-        if text is None or spec is None:
-            return None, None
-        summary = text.summary
-        record = TextDatasetRecord(
-            format=spec.format.value,
-            text_column=spec.text_column,
-            label_column=spec.label_column,
-            row_count=summary.row_count,
-            labels=dict(sorted(summary.labels.items())),
-        )
-        masking = None
-        if spec.mask is not None:
-            masking = MaskingRecord(
-                masked_total=sum(summary.masked.values()),
-                rows_affected=summary.rows_masked,
-                counts={kind.name: summary.masked.get(kind, 0) for kind in PiiKind if kind in spec.mask},
-            )
-        return record, masking
-
-
 class StorageCore:
     """Every storage operation; callers pass the authenticated principal, the core authorizes per object kind."""
 
@@ -230,7 +145,7 @@ class StorageCore:
         self._executor = ThreadPoolExecutor(
             max_workers=2 * self._limits.max_concurrent_transfers + 4, thread_name_prefix="storage-transfer"
         )
-        self._rotation_locks: dict[str, asyncio.Lock] = {}
+        self._tenant_keys = TenantKeys(store, keys)
         self._background: set[asyncio.Task[None]] = set()
         self._started = False
 
@@ -241,7 +156,7 @@ class StorageCore:
         await self._io(self._objects.ensure_bucket)
         if not self._started:
             self._started = True
-            await self.reconcile_destroyed_keys()
+            await self._tenant_keys.reconcile_destroyed()
             await self.clean_orphans()
         return True
 
@@ -273,12 +188,6 @@ class StorageCore:
         if cleaned:
             log.info("cleaned %d orphaned objects from the object store", cleaned)
         return cleaned
-
-    async def reconcile_destroyed_keys(self) -> None:
-        """Makes sure the key manager holds no material of keys the database says were destroyed (a crash
-        between the two steps of destroying a key)."""
-        for tenant, key_id in await self._db(self._store.destroyed_key_ids):
-            await self._keys.destroy_key(tenant, key_id)
 
     # -- authorization -----------------------------------------------------------------------------------
 
@@ -349,6 +258,9 @@ class StorageCore:
             return await self._upload(principal, spec, chunks)
 
     async def _upload(self, principal: Principal, spec: UploadSpec, chunks: AsyncIterator[bytes]) -> VersionRecord:
+        pseudonymizer = None
+        if spec.text is not None and spec.text.mask is not None and spec.text.mask.mode is MaskingMode.PSEUDONYMIZE:
+            pseudonymizer = await self._tenant_keys.pseudonymizer(spec.tenant)
         object_id = uuid.uuid4().hex
         s3_key = object_key(spec.tenant, spec.kind, spec.name, object_id)
         await self._db(
@@ -372,10 +284,12 @@ class StorageCore:
 
         threading.Thread(target=put, name=f"s3-put-{object_id[:8]}", daemon=True).start()
         aad = content_aad(spec.tenant, spec.kind.value, spec.name, object_id)
-        writer: _SealingWriter | None = None
+        writer: SealingWriter | None = None
         sealing: asyncio.Future[None] | None = None
         try:
-            writer = await self._io(_SealingWriter, spec, data_key, aad, pipe, self._limits.max_object_bytes)
+            writer = await self._io(
+                SealingWriter, spec, data_key, aad, pipe, self._limits.max_object_bytes, pseudonymizer
+            )
             # One block is sealed in a worker thread while the next one arrives from the network.
             block = bytearray()
             async for chunk in chunks:
@@ -429,7 +343,7 @@ class StorageCore:
         object_id: str,
         s3_key: str,
         data_key: DataKey,
-        writer: _SealingWriter,
+        writer: SealingWriter,
         stored_bytes: int,
         text: TextDatasetRecord | None,
         masking: MaskingRecord | None,
@@ -473,18 +387,7 @@ class StorageCore:
         raise Aborted("too many concurrent uploads of this object; retry")
 
     async def _active_key(self, tenant: str) -> str:
-        key_id = await self._db(self._store.active_key, tenant)
-        if key_id is not None:
-            return key_id
-        new = await self._keys.create_key(tenant)
-        if await self._db(self._store.install_first_key, tenant, new):
-            log.info("created the first key of tenant %s", tenant)
-            return new
-        await self._keys.destroy_key(tenant, new)
-        key_id = await self._db(self._store.active_key, tenant)
-        if key_id is None:
-            raise Aborted("the tenant's keys changed concurrently; retry")
-        return key_id
+        return await self._tenant_keys.active(tenant)
 
     async def _verify(self, s3_key: str, data_key: DataKey, aad: bytes, sha256: str, size: int) -> None:
         source = await self._open_stored(s3_key)
@@ -691,50 +594,12 @@ class StorageCore:
     # -- keys --------------------------------------------------------------------------------------------
 
     async def rotate_tenant_key(self, tenant: str) -> tuple[str, int]:
-        """Makes a new tenant key active and re-wraps every data key with it (content is not re-encrypted);
-        then destroys the previous keys, which nothing needs any more."""
-        lock = self._rotation_locks.setdefault(tenant, asyncio.Lock())
-        async with lock:
-            new = await self._keys.create_key(tenant)
-            retired = await self._db(self._store.install_key, tenant, new)
-            rewrapped = 0
-            failed: set[str] = set()
-            while True:
-                batch = [
-                    r
-                    for r in await self._db(self._store.versions_to_rewrap, tenant, new, _REWRAP_BATCH + len(failed))
-                    if r.object_id not in failed
-                ]
-                if not batch:
-                    break
-                for record in batch:
-                    context = data_key_context(
-                        record.tenant, record.kind.value, record.name, record.version, record.object_id, record.s3_key
-                    )
-                    try:
-                        plain = await self._keys.unwrap(tenant, record.key_id, record.wrapped_key, context)
-                    except AidcError as exc:
-                        log.error("cannot re-wrap %s v%d: %s", record.name, record.version, exc.message)
-                        failed.add(record.object_id)
-                        continue
-                    wrapped = await self._keys.wrap(tenant, new, plain, context)
-                    if await self._db(self._store.rewrap, record.object_id, record.key_id, new, wrapped):
-                        rewrapped += 1
-            for key_id in retired:
-                if await self._db(self._store.destroy_if_unused, tenant, key_id):
-                    await self._keys.destroy_key(tenant, key_id)
-            log.info("rotated the key of tenant %s: %s, %d data keys re-wrapped", tenant, new, rewrapped)
-            return new, rewrapped
+        """A new active tenant key; every data key and the pseudonym key re-wrapped with it (see TenantKeys)."""
+        return await self._tenant_keys.rotate(tenant)
 
     async def delete_tenant_keys(self, tenant: str, confirm_tenant: str) -> tuple[int, int]:
-        """Crypto-shreds the tenant: destroys every one of its keys. Returns (keys destroyed, versions shredded)."""
-        if confirm_tenant != tenant:
-            raise InvalidArgument("confirm_tenant must repeat the tenant whose keys are to be destroyed")
-        key_ids, shredded = await self._db(self._store.destroy_all_keys, tenant)
-        for key_id in key_ids:
-            await self._keys.destroy_key(tenant, key_id)
-        log.warning("destroyed %d keys of tenant %s: %d object versions are unreadable", len(key_ids), tenant, shredded)
-        return len(key_ids), shredded
+        """Crypto-shreds the tenant (see TenantKeys). Returns (keys destroyed, versions shredded)."""
+        return await self._tenant_keys.destroy_all(tenant, confirm_tenant)
 
     # -- usage -------------------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Text-classification datasets (CSV with a header row, or JSON Lines) checked while they stream in: the text
 and label columns are present, every row has a non-empty text and label; the row count and label set are
-recorded. Optionally personal data in the text column is masked (e-mail addresses, phone numbers, ID and card
-numbers), and the masked spans are counted.
+recorded. Optionally personal data in the text column is masked or pseudonymized (services.storage.core.pii), and
+the masked spans are counted.
 
 The content is processed record by record, so memory stays bounded by the longest record, whatever the size
 of the dataset.
@@ -13,19 +13,16 @@ import csv
 import enum
 import io
 import json
-import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.mesh.errors import InvalidArgument
+from services.storage.core.pii import MaskingSpec, PiiKind, PiiMasker, Pseudonymizer
 
 __all__ = [
     "TextFormat",
-    "PiiKind",
     "TextSpec",
     "TextDatasetSummary",
     "TextDatasetProcessor",
-    "mask_text",
     "MAX_RECORD_BYTES",
     "MAX_LABELS",
 ]
@@ -42,14 +39,6 @@ class TextFormat(enum.Enum):
     JSONL = "jsonl"
 
 
-class PiiKind(enum.Enum):
-    """Kinds of personal data the masking recognises; the value is the placeholder written instead."""
-
-    EMAIL = "[EMAIL]"
-    PHONE = "[PHONE]"
-    ID_NUMBER = "[ID]"
-
-
 @dataclass(frozen=True)
 class TextSpec:
     """How to read a text dataset, and what to mask (None: no masking)."""
@@ -57,7 +46,7 @@ class TextSpec:
     format: TextFormat
     text_column: str = "text"
     label_column: str = "label"
-    mask: frozenset[PiiKind] | None = None
+    mask: MaskingSpec | None = None
 
 
 @dataclass
@@ -70,63 +59,14 @@ class TextDatasetSummary:
     rows_masked: int = 0
 
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
-# Mainland China resident identity number (17 digits and a check character), US SSN.
-_NATIONAL_ID = re.compile(r"(?<![\w])(?:\d{17}[\dXx]|\d{3}-\d{2}-\d{4})(?![\w])")
-# 13-19 digits, optionally grouped by spaces or dashes: bank cards (kept only if the Luhn check passes).
-_CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
-# Phone numbers: an optional +country code, optional (area), then groups of digits; 9-15 digits in all.
-_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?![\w])")
-_DATE_LIKE = re.compile(r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{4}$")
-_DOTTED_QUAD = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
-
-
-def _luhn(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = int(ch)
-        if i % 2 == 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def _is_phone(span: str) -> bool:
-    digits = sum(ch.isdigit() for ch in span)
-    if not 9 <= digits <= 15:
-        return False
-    return not (_DATE_LIKE.match(span) or _DOTTED_QUAD.match(span))
-
-
-def mask_text(text: str, kinds: frozenset[PiiKind]) -> tuple[str, dict[PiiKind, int]]:
-    """``text`` with each recognised span of ``kinds`` replaced by its placeholder, and the counts per kind."""
-    counts: dict[PiiKind, int] = {}
-
-    def substitute(pattern: re.Pattern[str], kind: PiiKind, keep: Callable[[str], bool], value: str) -> str:
-        def replace(match: re.Match[str]) -> str:
-            if not keep(match.group(0)):
-                return match.group(0)
-            counts[kind] = counts.get(kind, 0) + 1
-            return kind.value
-
-        return pattern.sub(replace, value)
-
-    if PiiKind.EMAIL in kinds:
-        text = substitute(_EMAIL, PiiKind.EMAIL, lambda _: True, text)
-    if PiiKind.ID_NUMBER in kinds:
-        text = substitute(_NATIONAL_ID, PiiKind.ID_NUMBER, lambda _: True, text)
-        text = substitute(_CARD, PiiKind.ID_NUMBER, lambda s: _luhn(re.sub(r"\D", "", s)), text)
-    if PiiKind.PHONE in kinds:
-        text = substitute(_PHONE, PiiKind.PHONE, _is_phone, text)
-    return text, counts
-
-
 class TextDatasetProcessor:
     """Validates (and masks) a text dataset fed in arbitrary byte chunks; ``feed`` and ``finish`` return the bytes
-    to store: the input as it was, except records whose text was masked, which are re-encoded."""
+    to store: the input as it was, except records whose text was masked, which are re-encoded. Pseudonymization
+    needs the tenant's ``pseudonymizer``."""
 
-    def __init__(self, spec: TextSpec) -> None:
+    def __init__(self, spec: TextSpec, pseudonymizer: Pseudonymizer | None = None) -> None:
         self._spec = spec
+        self._masker = PiiMasker(spec.mask, pseudonymizer) if spec.mask is not None else None
         self.summary = TextDatasetSummary()
         self._partial = bytearray()
         self._pending: list[bytes] = []  # lines of a CSV record whose quoted field spans lines
@@ -271,9 +211,9 @@ class TextDatasetProcessor:
         if label not in summary.labels and len(summary.labels) >= MAX_LABELS:
             raise InvalidArgument(f"line {line}: more than {MAX_LABELS} distinct labels")
         summary.labels[label] = summary.labels.get(label, 0) + 1
-        if self._spec.mask is None:
+        if self._masker is None:
             return None
-        masked, counts = mask_text(text, self._spec.mask)
+        masked, counts = self._masker.mask(text)
         if not counts:
             return None
         summary.rows_masked += 1

@@ -3,7 +3,6 @@ platform operator registers) plus tenants' own, unpacked from uploaded artifacts
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from collections.abc import Mapping
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from services.mesh.files import sha256_file
 from services.training.runner.preflight import base_model_max_length
 
 __all__ = ["BaseModelCatalog", "ModelDirInfo", "describe_model_dir", "shipped_models"]
@@ -26,14 +26,6 @@ class ModelDirInfo:
     max_seq_length: int
     parameter_count: int
     sha256: str
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _safetensors_parameters(path: Path) -> int:
@@ -61,7 +53,7 @@ def describe_model_dir(directory: Path) -> ModelDirInfo:
     architectures = config.get("architectures") or [config.get("model_type", "unknown")]
     weights = next(directory / name for name in _WEIGHT_FILES if (directory / name).is_file())
     parameters = _safetensors_parameters(weights) if weights.suffix == ".safetensors" else 0
-    return ModelDirInfo(str(architectures[0]), max_length, parameters, _sha256_file(weights))
+    return ModelDirInfo(str(architectures[0]), max_length, parameters, sha256_file(weights))
 
 
 def shipped_models() -> dict[str, Path]:

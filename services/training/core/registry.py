@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from services.mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.mesh.files import private_dir, private_tar_member
 from services.training.core.catalog import BaseModelCatalog, describe_model_dir
 from services.training.core.model import ArtifactEntry, BaseModelRecord, DatasetVersion, ModelRecord, ModelVersionRecord
 from services.training.store import TrainingStore
@@ -116,8 +117,7 @@ class ModelRegistry:
         if not artifact_name:
             raise InvalidArgument("artifact_name is required")
         target = self._base_models_dir / tenant / name
-        staging = target.with_name(f".{name}.{uuid.uuid4().hex}")
-        staging.mkdir(parents=True)
+        staging = private_dir(target.with_name(f".{name}.{uuid.uuid4().hex}"))
         try:
             artifact = await self._artifacts.fetch_artifact(
                 tenant, artifact_name, artifact_version, staging / "artifact.tar"
@@ -196,10 +196,11 @@ class ModelRegistry:
 
 
 def _untar(archive: Path, target: Path) -> None:
-    """Unpacks a (gzip) tar safely: members stay inside ``target``; a single top-level directory is unwrapped."""
-    target.mkdir(parents=True)
+    """Unpacks a (gzip) tar safely: members stay inside ``target`` and are private; a single top-level directory is
+    unwrapped."""
+    private_dir(target)
     with tarfile.open(archive, "r:*") as tar:
-        tar.extractall(target, filter="data")
+        tar.extractall(target, filter=private_tar_member)
     entries = list(target.iterdir())
     if len(entries) == 1 and entries[0].is_dir() and not (target / "config.json").exists():
         inner = entries[0]

@@ -34,6 +34,7 @@ from services.mesh.errors import (
     Unauthenticated,
     Unavailable,
 )
+from services.mesh.files import private_dir
 from services.mesh.identity import Principal, current_principal
 from services.mesh.interceptors import current_deadline
 from services.mesh.telemetry import export_environment
@@ -206,8 +207,7 @@ class TrainingCore:
                     return self._live.get(job.job_id, job)
         base = await self._registry.base_model(tenant, spec.base_model)
         job_id = uuid.uuid4().hex
-        job_dir = self._options.jobs_dir / job_id
-        job_dir.mkdir(parents=True)
+        job_dir = private_dir(self._options.jobs_dir / job_id)
         try:
             try:
                 resolved, fmt = await self._artifacts.fetch_dataset(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from services.mesh.files import use_private_umask
 from services.mesh.logs import configure_logging
 from services.training.runner.main import main
 
@@ -14,5 +15,6 @@ if __name__ == "__main__":
     events = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    use_private_umask()  # checkpoints, exports and event files are the platform user's alone
     configure_logging("training-runner")
     sys.exit(main(stdout=events))

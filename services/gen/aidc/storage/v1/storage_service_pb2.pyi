@@ -85,21 +85,77 @@ class _PiiKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PiiKind.Value
     PII_KIND_EMAIL: _PiiKind.ValueType  # 1
     """E-mail addresses."""
     PII_KIND_PHONE: _PiiKind.ValueType  # 2
-    """Telephone numbers (international and common national formats)."""
+    """Telephone numbers valid in the numbering plan of a declared phone region (MaskingOptions.phone_regions), or of
+    any country when written with "+" and its country code.
+    """
     PII_KIND_ID_NUMBER: _PiiKind.ValueType  # 3
-    """ID-card, passport, bank-card and similar long digit sequences (card numbers checked with Luhn where applicable)."""
+    """National identity numbers: mainland resident ID numbers (18 characters with a valid GB 11643 check character, or
+    the old 15-digit form; valid region and birth date) and US social security numbers (ddd-dd-dddd). Asking for this
+    kind masks bank cards too, as it did before PII_KIND_BANK_CARD existed; they are counted as PII_KIND_BANK_CARD.
+    """
+    PII_KIND_BANK_CARD: _PiiKind.ValueType  # 4
+    """Payment card numbers: 16-19 digits, contiguous or in groups of four, with a card network's issuer prefix and a
+    valid Luhn check digit.
+    """
 
 class PiiKind(_PiiKind, metaclass=_PiiKindEnumTypeWrapper):
-    """A kind of personal data the masking option recognises."""
+    """A kind of personal data the masking option recognises, in Chinese, English and mixed text alike (identifiers glued
+    to CJK characters, separated by spaces or dashes, or written in full-width digits).
+    """
 
 PII_KIND_UNSPECIFIED: PiiKind.ValueType  # 0
 PII_KIND_EMAIL: PiiKind.ValueType  # 1
 """E-mail addresses."""
 PII_KIND_PHONE: PiiKind.ValueType  # 2
-"""Telephone numbers (international and common national formats)."""
+"""Telephone numbers valid in the numbering plan of a declared phone region (MaskingOptions.phone_regions), or of
+any country when written with "+" and its country code.
+"""
 PII_KIND_ID_NUMBER: PiiKind.ValueType  # 3
-"""ID-card, passport, bank-card and similar long digit sequences (card numbers checked with Luhn where applicable)."""
+"""National identity numbers: mainland resident ID numbers (18 characters with a valid GB 11643 check character, or
+the old 15-digit form; valid region and birth date) and US social security numbers (ddd-dd-dddd). Asking for this
+kind masks bank cards too, as it did before PII_KIND_BANK_CARD existed; they are counted as PII_KIND_BANK_CARD.
+"""
+PII_KIND_BANK_CARD: PiiKind.ValueType  # 4
+"""Payment card numbers: 16-19 digits, contiguous or in groups of four, with a card network's issuer prefix and a
+valid Luhn check digit.
+"""
 Global___PiiKind: _TypeAlias = PiiKind  # noqa: Y015
+
+class _MaskingMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MaskingModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MaskingMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MASKING_MODE_UNSPECIFIED: _MaskingMode.ValueType  # 0
+    """MASKING_MODE_PLACEHOLDER."""
+    MASKING_MODE_PLACEHOLDER: _MaskingMode.ValueType  # 1
+    """A placeholder naming the kind: "[EMAIL]", "[PHONE]", "[ID]", "[CARD]"."""
+    MASKING_MODE_PSEUDONYMIZE: _MaskingMode.ValueType  # 2
+    """A pseudonym, e.g. "[PHONE:3f9a0c1d2e4b5a6978c0]": 80 bits of HMAC-SHA256 under the tenant's pseudonym key of the
+    kind and the value in canonical form (lower-case e-mail, E.164 phone number, 18-character resident ID, digits of
+    an SSN or card). Equal values give equal tokens everywhere in the tenant, so data can still be grouped by person;
+    other tenants' tokens differ, and without the key a token reveals nothing. The key is created on first use, kept
+    by the storage service's key manager wrapped by the tenant key, survives RotateTenantKey (tokens stay stable) and
+    is destroyed by DeleteTenantKeys (earlier tokens can then never be linked to anything again).
+    """
+
+class MaskingMode(_MaskingMode, metaclass=_MaskingModeEnumTypeWrapper):
+    """What replaces a masked span."""
+
+MASKING_MODE_UNSPECIFIED: MaskingMode.ValueType  # 0
+"""MASKING_MODE_PLACEHOLDER."""
+MASKING_MODE_PLACEHOLDER: MaskingMode.ValueType  # 1
+"""A placeholder naming the kind: "[EMAIL]", "[PHONE]", "[ID]", "[CARD]"."""
+MASKING_MODE_PSEUDONYMIZE: MaskingMode.ValueType  # 2
+"""A pseudonym, e.g. "[PHONE:3f9a0c1d2e4b5a6978c0]": 80 bits of HMAC-SHA256 under the tenant's pseudonym key of the
+kind and the value in canonical form (lower-case e-mail, E.164 phone number, 18-character resident ID, digits of
+an SSN or card). Equal values give equal tokens everywhere in the tenant, so data can still be grouped by person;
+other tenants' tokens differ, and without the key a token reveals nothing. The key is created on first use, kept
+by the storage service's key manager wrapped by the tenant key, survives RotateTenantKey (tokens stay stable) and
+is destroyed by DeleteTenantKeys (earlier tokens can then never be linked to anything again).
+"""
+Global___MaskingMode: _TypeAlias = MaskingMode  # noqa: Y015
 
 @_typing.final
 class Dataset(_message.Message):
@@ -228,28 +284,42 @@ Global___LabelCount: _TypeAlias = LabelCount  # noqa: Y015
 
 @_typing.final
 class MaskingOptions(_message.Message):
-    """Masking of personal data in the text column of a text dataset (data desensitization). Masked spans are replaced
-    by a placeholder naming their kind, e.g. "[EMAIL]", "[PHONE]", "[ID]".
+    """Masking of personal data in the text column of a text dataset (data desensitization, 数据脱敏). Each span found is
+    replaced by a placeholder naming its kind ("[EMAIL]", "[PHONE]", "[ID]", "[CARD]") or by a pseudonym (see
+    MaskingMode). Check digits decide where they exist, so order numbers, dates, prices and quantities stay.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ENABLED_FIELD_NUMBER: _builtins.int
     KINDS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    PHONE_REGIONS_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
+    """Must be set for any masking; the other fields require it."""
+    mode: Global___MaskingMode.ValueType
+    """Placeholders by default."""
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___PiiKind.ValueType]:
         """Kinds to mask; empty means all kinds."""
+
+    @_builtins.property
+    def phone_regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Regions whose national phone number formats are recognised, as ISO 3166-1 alpha-2 codes ("CN", "US", "GB"), at
+        most 8, the first preferred when a number is valid in several; empty means CN and US.
+        """
 
     def __init__(
         self,
         *,
         enabled: _builtins.bool = ...,
         kinds: _abc.Iterable[Global___PiiKind.ValueType] | None = ...,
+        mode: Global___MaskingMode.ValueType = ...,
+        phone_regions: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "kinds", b"kinds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "kinds", b"kinds", "mode", b"mode", "phone_regions", b"phone_regions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -257,29 +327,45 @@ Global___MaskingOptions: _TypeAlias = MaskingOptions  # noqa: Y015
 
 @_typing.final
 class MaskingReport(_message.Message):
-    """How many personal-data spans were masked on upload."""
+    """What was masked on upload."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     MASKED_TOTAL_FIELD_NUMBER: _builtins.int
     ROWS_AFFECTED_FIELD_NUMBER: _builtins.int
     COUNTS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    PHONE_REGIONS_FIELD_NUMBER: _builtins.int
+    PSEUDONYM_KEY_ID_FIELD_NUMBER: _builtins.int
     masked_total: _builtins.int
     """Total masked spans."""
     rows_affected: _builtins.int
     """Rows with at least one masked span."""
+    mode: Global___MaskingMode.ValueType
+    """How spans were replaced."""
+    pseudonym_key_id: _builtins.str
+    """With MASKING_MODE_PSEUDONYMIZE, the id of the tenant's pseudonym key: tokens of two versions can be joined
+    exactly when their ids are equal.
+    """
     @_builtins.property
     def counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaskCount]: ...
+    @_builtins.property
+    def phone_regions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The phone regions used."""
+
     def __init__(
         self,
         *,
         masked_total: _builtins.int = ...,
         rows_affected: _builtins.int = ...,
         counts: _abc.Iterable[Global___MaskCount] | None = ...,
+        mode: Global___MaskingMode.ValueType = ...,
+        phone_regions: _abc.Iterable[_builtins.str] | None = ...,
+        pseudonym_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "masked_total", b"masked_total", "rows_affected", b"rows_affected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "masked_total", b"masked_total", "mode", b"mode", "phone_regions", b"phone_regions", "pseudonym_key_id", b"pseudonym_key_id", "rows_affected", b"rows_affected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
