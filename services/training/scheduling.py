@@ -3,7 +3,7 @@ scheduler's client (whose channel forwards the token of whoever the job acts as:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
@@ -56,7 +56,7 @@ class SchedulerRuns:
     async def run(self, tenant: str, job_id: str) -> ScheduledRun:
         return _run(await self._client.get_job(job_id, tenant))
 
-    async def watch(self, tenant: str, job_id: str) -> AsyncIterator[ScheduledRun]:
+    async def watch(self, tenant: str, job_id: str) -> AsyncGenerator[ScheduledRun, None]:
         async for change in self._client.watch_jobs(tenant, job_ids=[job_id], include_current=True):
             yield _run(change.job)
 

@@ -4,7 +4,7 @@ scheduler's client."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -65,7 +65,7 @@ class ComputeScheduler(Protocol):
 
     async def run(self, tenant: str, job_id: str) -> ScheduledRun: ...
 
-    def watch(self, tenant: str, job_id: str) -> AsyncIterator[ScheduledRun]:
+    def watch(self, tenant: str, job_id: str) -> AsyncGenerator[ScheduledRun, None]:
         """The run now (unless it has ended), then each change, until it ends."""
         ...
 

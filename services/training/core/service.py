@@ -252,7 +252,8 @@ class TrainingCore:
             shutil.rmtree(job_dir, ignore_errors=True)
             await self._end_credentials(job_id, credential)
             return stored  # type: ignore[no-any-return]
-        await self._record(job, [("state", {"from": "", "to": JobState.QUEUED.value, "message": "queued"})])
+        queued = {"from": "", "to": JobState.QUEUED.value, "message": "accepted; submitting it to the scheduler"}
+        await self._record(job, [("state", queued)])
         try:
             # As the caller (the submitter's own token): the scheduler's job is theirs, in their tenant, and their
             # quota, budget and rights apply.
@@ -449,10 +450,12 @@ class TrainingCore:
         tail = asyncio.create_task(self._tail(job), name=f"training-output-{job.job_id}")
         try:
             current_principal.set(await self._submitter(job))
-            async for run in self._scheduler.watch(job.tenant, job.scheduler_job_id):
-                await self._track(job, run)
-                if run.terminal:
-                    break
+            # Closed as soon as the run ends: the stream (and the scheduler's watcher) does not outlive it.
+            async with contextlib.aclosing(self._scheduler.watch(job.tenant, job.scheduler_job_id)) as changes:
+                async for run in changes:
+                    await self._track(job, run)
+                    if run.terminal:
+                        break
             run = await self._as_submitter(job, lambda: self._scheduler.run(job.tenant, job.scheduler_job_id))
             await self._track(job, run)
         finally:
