@@ -95,6 +95,12 @@ class MeshSettings:
         "API key, ended login or job delegation, disabled user or retired signing key stops working in other "
         "services at most this long after auth dropped it.",
     )
+    metrics_addr: str = setting(
+        "",
+        "host:port where this process serves its Prometheus metrics at /metrics (TLS and a client certificate of the "
+        "mesh's CA required when certificates are on); empty: recorded but not served; 'off': not recorded at all. "
+        "`aidc up` gives each component its own port (AIDC_<COMPONENT>_METRICS_PORT).",
+    )
     database_url: str = setting(
         "",
         "SQLAlchemy URL of the services' databases; '{service}' in it is replaced by the service name (give each "
@@ -134,6 +140,11 @@ class MeshSettings:
             raise ValueError("AIDC_MAX_MESSAGE_BYTES must be positive")
         if self.revocation_refresh_seconds <= 0:
             raise ValueError("AIDC_REVOCATION_REFRESH_SECONDS must be positive")
+        if self.metrics_addr not in ("", "off"):
+            try:
+                parse_address(self.metrics_addr)
+            except ValueError as exc:
+                raise ValueError(f"AIDC_METRICS_ADDR must be host:port, empty or 'off': {exc}") from None
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"AIDC_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
 
