@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
