@@ -68,7 +68,9 @@ def mesh_security(settings: MeshSettings, service: str) -> MeshSecurity:
     return MeshSecurity(
         auth=auth,
         verifier=TokenVerifier(auth.jwks, auth.revocations, refresh_seconds=settings.revocation_refresh_seconds),
-        checker=CachedPermissionChecker(auth, ttl_seconds=settings.decision_cache_seconds),
+        checker=CachedPermissionChecker(
+            auth, ttl_seconds=settings.decision_cache_seconds, metrics=settings.metrics_addr != "off"
+        ),
     )
 
 
