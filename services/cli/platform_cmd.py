@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
 
 
-def _env(data_dir: Path | None) -> Mapping[str, str]:
+def _env(data_dir: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     if data_dir is not None:
         env["AIDC_DATA_DIR"] = str(data_dir)
@@ -80,6 +80,8 @@ def _print_ready(state: PlatformState, began: float, env: Mapping[str, str]) -> 
     for c in state.components:
         for i, endpoint in enumerate(c.endpoints):
             table.add_row(c.name if i == 0 else "", endpoint, str(c.pid or "-") if i == 0 else "")
+    if state.metrics_url:
+        table.add_row("supervisor", f"metrics {state.metrics_url}", str(state.supervisor_pid))
     _console.print(table)
     _console.print(
         f"all {len(state.components)} components SERVING in {state.ready_seconds:.1f}s "
@@ -113,10 +115,20 @@ def up(
         typer.Option("--timeout", min=1, help="Seconds to wait for SERVING (default AIDC_STARTUP_TIMEOUT_SECONDS)."),
     ] = None,
     data_dir: DataDirOption = None,
+    monitoring: Annotated[
+        bool,
+        typer.Option(
+            "--monitoring",
+            help="Also run a local Prometheus scraping every component, with the alert rules loaded "
+            "(Debian's prometheus package: `make prometheus-server`). Same as AIDC_MONITORING=true.",
+        ),
+    ] = False,
 ) -> None:
     """Start every service, Triton, the S3 server and the trace collector; supervise them until Ctrl-C."""
     began = time.monotonic()
     env = _env(data_dir)
+    if monitoring:
+        env["AIDC_MONITORING"] = "true"
     try:
         platform = load_platform(env)
     except ValueError as exc:
@@ -173,11 +185,33 @@ def status(data_dir: DataDirOption = None) -> None:
     if result.error:
         _console.print(f"[red]last start failed:[/] {result.error}", highlight=False)
     table = Table()
-    for column in ("component", "status", "address", "pid", "restarts", "detail"):
-        table.add_column(column, justify="right" if column in ("pid", "restarts") else "left")
+    numeric = ("pid", "restarts", "RPCs", "errors", "p50")
+    for column in ("component", "status", "address", *numeric, "figures"):
+        table.add_column(column, justify="right" if column in numeric else "left")
     for c in result.components:
         style = _HEALTH_STYLE[c.health]
-        table.add_row(c.name, f"[{style}]{c.health.value}[/]", c.address, str(c.pid or "-"), str(c.restarts), c.detail)
+        restarts = f"{c.restarts} ({c.hung_restarts} hung)" if c.hung_restarts else str(c.restarts)
+        f = c.figures
+        rpcs, errors, p50, shown = "-", "-", "-", c.detail
+        if f is not None and not f.error:
+            rpcs, errors = f"{f.rpcs:.0f}", f"{f.server_errors:.0f}"
+            p50 = "-" if f.p50_seconds is None else f"{f.p50_seconds * 1e3:.1f}ms"
+            in_flight = f"{f.in_flight:.0f} in flight" if f.in_flight else ""
+            shown = "; ".join(part for part in (c.detail, in_flight, f.detail) if part)
+        elif f is not None:
+            shown = "; ".join(part for part in (c.detail, f.error) if part)
+        table.add_row(
+            c.name, f"[{style}]{c.health.value}[/]", c.address, str(c.pid or "-"), restarts, rpcs, errors, p50, shown
+        )
     _console.print(table)
+    for c in result.components:
+        if c.last_restart:
+            _console.print(f"{c.name} last restarted: {c.last_restart}", highlight=False)
+    if any(c.figures is not None for c in result.components):
+        _console.print(
+            "RPCs, server errors (5xx: UNKNOWN, INTERNAL, UNAVAILABLE, DATA_LOSS, DEADLINE_EXCEEDED) and the "
+            "median unary latency since each component started, from its /metrics.",
+            style="dim",
+        )
     if not result.all_serving:
         raise typer.Exit(code=1)

@@ -26,7 +26,6 @@ from services.platform.components import (
     MONITORING_IDENTITIES,
     ComponentSpec,
     Platform,
-    ProbeSpec,
     S3Credentials,
     build_components,
     ensure_s3_credentials,
@@ -54,6 +53,7 @@ from services.platform.state import (
     write_pid_file,
     write_state,
 )
+from services.platform.summary import Figures, read_figures
 
 __all__ = [
     "StartupError",
@@ -707,6 +707,11 @@ class ComponentStatus:
     pid: int | None
     restarts: int
     log_file: str
+    #: Of ``restarts``, those because it hung; and why it last restarted.
+    hung_restarts: int = 0
+    last_restart: str = ""
+    #: From its /metrics (None when it serves none).
+    figures: Figures | None = None
 
 
 @dataclass(frozen=True)
@@ -728,25 +733,40 @@ async def platform_status(platform: Platform) -> PlatformStatus:
     state = read_state(platform.run_dir)
     supervisor_pid: int | None = None
     phase, error = "not running", ""
-    targets: list[tuple[str, ProbeSpec, str, int | None, int, str]] = []
+    components: list[ComponentState] = []
     if state is not None:
         if is_running(state.supervisor):
             supervisor_pid, phase = state.supervisor_pid, state.status
         elif state.status == "failed":
             phase, error = "failed", state.error
-        for c in state.components:
-            ident = c.process
-            pid = c.pid if ident is not None and is_running(ident) else None
-            targets.append((c.name, c.probe, c.address, pid, c.restarts, c.log_file))
+        components = state.components
     else:
-        for spec in build_components(platform):
-            targets.append((spec.name, spec.probe, spec.address, None, 0, str(spec.log_file)))
-    results = await asyncio.gather(*(probe(spec, platform.mesh, 2.0) for _, spec, *_ in targets))
-    components = [
-        ComponentStatus(name, result.health, result.detail, address, pid, restarts, log_file)
-        for (name, _, address, pid, restarts, log_file), result in zip(targets, results, strict=True)
+        components = [ComponentState.from_spec(spec) for spec in build_components(platform)]
+    tls_dir = platform.mesh.tls_dir()
+
+    async def figures(c: ComponentState) -> Figures | None:
+        if not c.metrics_url or supervisor_pid is None:
+            return None
+        return await asyncio.to_thread(read_figures, c.metrics_url, tls_dir, c.name)
+
+    results = await asyncio.gather(*(probe(c.probe, platform.mesh, 2.0) for c in components))
+    read = await asyncio.gather(*(figures(c) for c in components))
+    statuses = [
+        ComponentStatus(
+            c.name,
+            result.health,
+            result.detail,
+            c.address,
+            c.pid if c.process is not None and is_running(c.process) else None,
+            c.restarts,
+            c.log_file,
+            hung_restarts=c.hung_restarts,
+            last_restart=c.last_restart,
+            figures=figures_read,
+        )
+        for c, result, figures_read in zip(components, results, read, strict=True)
     ]
-    return PlatformStatus(supervisor_pid=supervisor_pid, phase=phase, error=error, components=components)
+    return PlatformStatus(supervisor_pid=supervisor_pid, phase=phase, error=error, components=statuses)
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ def build_gateway(
         triton=channel,
         triton_metadata=access.metadata,
         metrics=GatewayMetrics(enabled),
-        relay=TritonMetricsRelay(statistics, enabled=enabled),
+        relay=TritonMetricsRelay(statistics, enabled=enabled, relay=settings.serving_relay_triton_metrics),
     )
 
 

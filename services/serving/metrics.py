@@ -88,13 +88,17 @@ class StatisticsReader(Protocol):
 
 
 class TritonMetricsRelay:
-    """Reads all of Triton's model statistics every ``interval`` seconds into the figures scrapes report, and
-    whether Triton answered. The loop runs on the gateway's event loop; scrapes read the last snapshot."""
+    """Reads all of Triton's model statistics every ``interval`` seconds into the figures scrapes report (unless
+    ``relay`` is off), and whether Triton answered. The loop runs on the gateway's event loop; scrapes read the last
+    snapshot."""
 
-    def __init__(self, statistics: StatisticsReader, interval_seconds: float = 5.0, enabled: bool = True) -> None:
+    def __init__(
+        self, statistics: StatisticsReader, interval_seconds: float = 5.0, enabled: bool = True, relay: bool = True
+    ) -> None:
         self._statistics = statistics
         self._interval = interval_seconds
         self._enabled = enabled
+        self._relay = relay
         self._snapshot: list[Figure] = []
         self._task: asyncio.Task[None] | None = None
         self._detach = lambda: None
@@ -102,7 +106,8 @@ class TritonMetricsRelay:
     def start(self) -> None:
         if not self._enabled or self._task is not None:
             return
-        self._detach = TRITON_FIGURES.attach(lambda: self._snapshot)
+        if self._relay:
+            self._detach = TRITON_FIGURES.attach(lambda: self._snapshot)
         self._task = asyncio.create_task(self._run(), name="triton-metrics")
 
     async def refresh(self) -> None:
