@@ -22,6 +22,7 @@ from services.platform.probes import Health
 from services.platform.state import PlatformState
 from services.platform.supervisor import (
     AlreadyRunning,
+    ComponentStatus,
     StartupError,
     Supervisor,
     load_platform,
@@ -174,6 +175,30 @@ def down(data_dir: DataDirOption = None) -> None:
         raise typer.Exit(code=1)
 
 
+def _print_figures(components: list[ComponentStatus]) -> None:
+    """The second table: what each component's /metrics says (since it started)."""
+    measured = [c for c in components if c.figures is not None]
+    if not measured:
+        return
+    table = Table(title="since each component started, from its /metrics", title_justify="left")
+    for column in ("component", "RPCs", "errors", "p50", "in flight", "figures"):
+        table.add_column(column, justify="left" if column in ("component", "figures") else "right")
+    for c in measured:
+        f = c.figures
+        assert f is not None
+        if f.error:
+            table.add_row(c.name, "-", "-", "-", "-", f.error)
+            continue
+        p50 = "-" if f.p50_seconds is None else f"{f.p50_seconds * 1e3:.1f}ms"
+        table.add_row(c.name, f"{f.rpcs:.0f}", f"{f.server_errors:.0f}", p50, f"{f.in_flight:.0f}", f.detail)
+    _console.print(table)
+    _console.print(
+        "errors: RPCs that failed on the server's side (UNKNOWN, INTERNAL, UNAVAILABLE, DATA_LOSS, DEADLINE_EXCEEDED); "
+        "p50: median latency of unary RPCs.",
+        style="dim",
+    )
+
+
 def status(data_dir: DataDirOption = None) -> None:
     """Probe every component live; exit code 0 only if all are SERVING."""
     platform = load_platform(_env(data_dir), create_credentials=False)
@@ -185,33 +210,16 @@ def status(data_dir: DataDirOption = None) -> None:
     if result.error:
         _console.print(f"[red]last start failed:[/] {result.error}", highlight=False)
     table = Table()
-    numeric = ("pid", "restarts", "RPCs", "errors", "p50")
-    for column in ("component", "status", "address", *numeric, "figures"):
-        table.add_column(column, justify="right" if column in numeric else "left")
+    for column in ("component", "status", "address", "pid", "restarts", "detail"):
+        table.add_column(column, justify="right" if column in ("pid", "restarts") else "left")
     for c in result.components:
         style = _HEALTH_STYLE[c.health]
         restarts = f"{c.restarts} ({c.hung_restarts} hung)" if c.hung_restarts else str(c.restarts)
-        f = c.figures
-        rpcs, errors, p50, shown = "-", "-", "-", c.detail
-        if f is not None and not f.error:
-            rpcs, errors = f"{f.rpcs:.0f}", f"{f.server_errors:.0f}"
-            p50 = "-" if f.p50_seconds is None else f"{f.p50_seconds * 1e3:.1f}ms"
-            in_flight = f"{f.in_flight:.0f} in flight" if f.in_flight else ""
-            shown = "; ".join(part for part in (c.detail, in_flight, f.detail) if part)
-        elif f is not None:
-            shown = "; ".join(part for part in (c.detail, f.error) if part)
-        table.add_row(
-            c.name, f"[{style}]{c.health.value}[/]", c.address, str(c.pid or "-"), restarts, rpcs, errors, p50, shown
-        )
+        table.add_row(c.name, f"[{style}]{c.health.value}[/]", c.address, str(c.pid or "-"), restarts, c.detail)
     _console.print(table)
     for c in result.components:
         if c.last_restart:
             _console.print(f"{c.name} last restarted: {c.last_restart}", highlight=False)
-    if any(c.figures is not None for c in result.components):
-        _console.print(
-            "RPCs, server errors (5xx: UNKNOWN, INTERNAL, UNAVAILABLE, DATA_LOSS, DEADLINE_EXCEEDED) and the "
-            "median unary latency since each component started, from its /metrics.",
-            style="dim",
-        )
+    _print_figures(result.components)
     if not result.all_serving:
         raise typer.Exit(code=1)
