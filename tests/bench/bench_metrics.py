@@ -3,20 +3,23 @@ added to the p50):
 
 * the CheckPermission RPC on loopback: two auth processes side by side, one recording metrics and serving /metrics
   (``AIDC_METRICS_ADDR`` set), one with ``AIDC_METRICS_ADDR=off`` (no interceptor, no-op children), called in
-  interleaved rounds by one client;
+  alternation by one client;
 * an inference through the gateway at concurrency 1: two gateway processes in front of the same Triton (the tiny
   sample classifier, about 1.5 ms in Triton, so the gateway's own cost shows in full), with and without metrics.
 
-Each round measures both targets back to back (in alternating order) so both see the same machine noise; the report
-gives the median of the rounds' p50s and the added share. Run with `python -m tests.bench.bench_metrics [rounds]`.
+Calls alternate one by one between the two targets (the order flipping every pair), so both see the same machine
+noise at the same moments; the report gives each target's p50 over all its calls and the added share, and the same
+per tenth of the run (its spread shows the noise). Run with `python -m tests.bench.bench_metrics [calls]`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -25,89 +28,77 @@ from tests.bench.bench_auth import auth_service
 from tests.bench.bench_serving import (
     TRITON_NAME,
     Target,
+    _caller,
     _start_gateway,
-    _tenant_token,
     _wait_answering,
     _without_tracing,
     _write_sample,
-    latencies,
+    start_auth,
 )
-from tests.conftest import free_port, service_env, start_service_process, stop_process, wait_serving
+from tests.conftest import free_port, stop_process, wait_serving
 from tests.serving.triton import TritonProcess
 
-CHECKS_PER_ROUND = 300
-INFERENCES_PER_ROUND = 300
 _CHECK = pb.CheckPermissionRequest(check=pb.PermissionCheck(tenant="platform", resource="tenants", action="read"))
+_PARTS = 10
 
 
-async def _p50_us(call: Callable[[], Awaitable[object]], n: int) -> float:
+def _report(title: str, on: list[float], off: list[float], unit: str, scale: float) -> None:
+    """``on``/``off``: seconds per call, in call order (pairs measured back to back)."""
+    p50_on, p50_off = statistics.median(on) * scale, statistics.median(off) * scale
+    size = len(on) // _PARTS
+    parts = [
+        100 * (statistics.median(on[i : i + size]) / statistics.median(off[i : i + size]) - 1)
+        for i in range(0, size * _PARTS, size)
+    ]
+    print(f"\n{title}: {len(on)} calls to each, alternating")
+    print(f"  p50 with metrics {p50_on:.1f} {unit}, without {p50_off:.1f} {unit}")
+    print(f"  added: {100 * (p50_on / p50_off - 1):+.2f} % (goal <= 3 %)")
+    print(f"  added per tenth of the run: {' '.join(f'{v:+.1f}' for v in parts)} %")
+
+
+async def _alternate(
+    on: Callable[[], Awaitable[object]], off: Callable[[], Awaitable[object]], calls: int
+) -> tuple[list[float], list[float]]:
     loop = asyncio.get_running_loop()
-    samples = []
-    for _ in range(n):
-        start = loop.time()
-        await call()
-        samples.append(loop.time() - start)
-    return statistics.median(samples) * 1e6
+    timed: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(calls):
+        for first in (True, False) if i % 2 == 0 else (False, True):
+            call = on if first else off
+            start = loop.time()
+            await call()
+            timed[first].append(loop.time() - start)
+    return timed[True], timed[False]
 
 
-def _report(title: str, with_metrics: list[float], without: list[float], unit: str) -> None:
-    on, off = statistics.median(with_metrics), statistics.median(without)
-    added = [100 * (a / b - 1) for a, b in zip(with_metrics, without, strict=True)]
-    print(f"\n{title}, {len(added)} interleaved rounds")
-    print(f"  with metrics    {' '.join(f'{v:8.1f}' for v in with_metrics)}  {unit}")
-    print(f"  without metrics {' '.join(f'{v:8.1f}' for v in without)}  {unit}")
-    print(
-        f"  p50 with {on:.1f} {unit}, without {off:.1f} {unit}: added {100 * (on / off - 1):+.2f} % "
-        f"(rounds {min(added):+.1f} .. {max(added):+.1f} %, median {statistics.median(added):+.2f} %; goal <= 3 %)"
-    )
-
-
-async def bench_check_permission(rounds: int) -> None:
+async def bench_check_permission(calls: int) -> None:
     async with (
         auth_service(AIDC_METRICS_ADDR=f"127.0.0.1:{free_port()}") as (measured, metadata_on),
         auth_service(AIDC_METRICS_ADDR="off") as (plain, metadata_off),
     ):
-        targets = {
-            "on": lambda: measured.stub.CheckPermission(_CHECK, metadata=metadata_on),
-            "off": lambda: plain.stub.CheckPermission(_CHECK, metadata=metadata_off),
-        }
-        for call in targets.values():
-            for _ in range(300):  # warm up: connections, caches, the decision memo
-                await call()
-        results: dict[str, list[float]] = {"on": [], "off": []}
-        for i in range(rounds):
-            for name in ("on", "off") if i % 2 == 0 else ("off", "on"):
-                results[name].append(await _p50_us(targets[name], CHECKS_PER_ROUND))
-    _report("CheckPermission RPC p50 on loopback", results["on"], results["off"], "us")
+
+        def on() -> Awaitable[object]:
+            return measured.stub.CheckPermission(_CHECK, metadata=metadata_on)
+
+        def off() -> Awaitable[object]:
+            return plain.stub.CheckPermission(_CHECK, metadata=metadata_off)
+
+        await _alternate(on, off, 500)  # warm up: connections, caches, the decision memo
+        with_metrics, without = await _alternate(on, off, calls)
+    _report("CheckPermission RPC on loopback", with_metrics, without, "us", 1e6)
 
 
-def bench_gateway(rounds: int) -> None:
+def bench_gateway(calls: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         _write_sample(work / "models")
         triton = TritonProcess(work / "models", work / "triton")
         triton.argv = _without_tracing(triton.argv)
         triton.start()
-        processes = []
+        processes: list[subprocess.Popen[bytes]] = []
         try:
             with triton.client() as control:
                 control.load_model(TRITON_NAME, headers=triton.headers)
-            data = work / "data"
-            auth_address = f"127.0.0.1:{free_port()}"
-            env = service_env(
-                data,
-                AIDC_AUTH_ADDR=auth_address,
-                AIDC_BILLING_ADDR=f"127.0.0.1:{free_port()}",
-                **triton.serving_env(),
-                AIDC_CERTS_DIR="off",
-                AIDC_LOG_LEVEL="WARNING",
-                AIDC_SERVING_RATE_LIMIT_PER_SECOND="1000000",
-                AIDC_SERVING_RATE_LIMIT_BURST="1000000",
-                BENCH_ROUTES=f"bench/sample={TRITON_NAME}:1",
-            )
-            processes.append(start_service_process("auth", env, work / "auth.log"))
-            wait_serving(auth_address, process=processes[-1])
-            token = asyncio.run(_tenant_token(auth_address, data, env))
+            env, token = start_auth(work, triton, f"bench/sample={TRITON_NAME}:1", processes)
             bearer = {"authorization": f"Bearer {token}"}
             targets = {}
             for name, metrics in (("on", f"127.0.0.1:{free_port()}"), ("off", "off")):
@@ -117,24 +108,27 @@ def bench_gateway(rounds: int) -> None:
                 wait_serving(address, process=processes[-1])
                 targets[name] = Target(f"gateway, metrics {name}", address, "sample", bearer)
                 _wait_answering(targets[name], processes[-1])
-            for target in targets.values():
-                latencies(target, 100)  # warm up
-            results: dict[str, list[float]] = {"on": [], "off": []}
-            for i in range(rounds):
+            callers = {name: _caller(target) for name, target in targets.items()}
+            timed: dict[str, list[float]] = {"on": [], "off": []}
+            for i in range(calls + 100):  # the first 100 pairs warm up
                 for name in ("on", "off") if i % 2 == 0 else ("off", "on"):
-                    samples = latencies(targets[name], INFERENCES_PER_ROUND)
-                    results[name].append(statistics.median(samples) * 1e3)
+                    start = time.perf_counter()
+                    callers[name][1]()
+                    if i >= 100:
+                        timed[name].append(time.perf_counter() - start)
+            for client, _ in callers.values():
+                client.close()
         finally:
             for process in processes:
                 stop_process(process)
             triton.stop()
-    _report("Inference through the gateway, p50 at concurrency 1", results["on"], results["off"], "ms")
+    _report("Inference through the gateway at concurrency 1", timed["on"], timed["off"], "ms", 1e3)
 
 
-def main(rounds: int) -> None:
-    asyncio.run(bench_check_permission(rounds))
-    bench_gateway(rounds)
+def main(calls: int) -> None:
+    asyncio.run(bench_check_permission(calls))
+    bench_gateway(calls)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 10)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 4000)

@@ -37,7 +37,10 @@ def free_port() -> int:
 
 
 def make_platform(tmp_path: Path) -> Platform:
-    settings = PlatformSettings(stop_grace_seconds=2.0, restart_backoff_seconds=0.1, startup_timeout_seconds=20.0)
+    # No supervisor metrics endpoint: its default port may be taken by anything running beside the tests.
+    settings = PlatformSettings(
+        stop_grace_seconds=2.0, restart_backoff_seconds=0.1, startup_timeout_seconds=20.0, supervisor_metrics_port=0
+    )
     return resolve_platform(MeshSettings(data_dir=tmp_path / "data"), settings, S3Credentials("a", "b"))
 
 
@@ -238,19 +241,24 @@ def test_down_kills_what_a_dead_supervisor_left(tmp_path: Path) -> None:
     assert stop_platform(run_dir, grace=1.0).stragglers == {}
 
 
-async def test_a_hung_component_is_killed_and_restarted(tmp_path: Path) -> None:
-    """SIGSTOP: the process lives on but answers nothing. The supervisor's health checks notice, kill it and
-    restart it with the crash backoff; the state and the supervisor's metrics say it hung."""
+def health_checked_platform(tmp_path: Path, failures: int, interval: float, supervisor_metrics_port: int) -> Platform:
+    """make_platform's, with health checks ``interval`` seconds apart, each waiting 0.5 s."""
     settings = PlatformSettings(
         stop_grace_seconds=2.0,
         restart_backoff_seconds=0.1,
         startup_timeout_seconds=20.0,
-        health_check_interval_seconds=0.2,
+        health_check_interval_seconds=interval,
         health_check_timeout_seconds=0.5,
-        health_check_failures=3,
-        supervisor_metrics_port=free_port(),
+        health_check_failures=failures,
+        supervisor_metrics_port=supervisor_metrics_port,
     )
-    platform = resolve_platform(MeshSettings(data_dir=tmp_path / "data"), settings, S3Credentials("a", "b"))
+    return resolve_platform(MeshSettings(data_dir=tmp_path / "data"), settings, S3Credentials("a", "b"))
+
+
+async def test_a_hung_component_is_killed_and_restarted(tmp_path: Path) -> None:
+    """SIGSTOP: the process lives on but answers nothing. The supervisor's health checks notice, kill it and
+    restart it with the crash backoff; the state and the supervisor's metrics say it hung."""
+    platform = health_checked_platform(tmp_path, failures=3, interval=0.2, supervisor_metrics_port=free_port())
     supervisor = Supervisor(platform, [standin(platform, "web"), standin(platform, "steady")])
     task = await run_until_serving(supervisor)
     web = component(supervisor, "web")
@@ -284,15 +292,7 @@ async def test_a_hung_component_is_killed_and_restarted(tmp_path: Path) -> None:
 async def test_not_serving_is_an_answer_not_a_hang(tmp_path: Path) -> None:
     """A component that answers "not ready" (HTTP 503 here, NOT_SERVING in gRPC) is waiting for something a
     restart would not bring: it is never killed for it."""
-    settings = PlatformSettings(
-        stop_grace_seconds=2.0,
-        startup_timeout_seconds=20.0,
-        health_check_interval_seconds=0.1,
-        health_check_timeout_seconds=0.5,
-        health_check_failures=2,
-        supervisor_metrics_port=0,
-    )
-    platform = resolve_platform(MeshSettings(data_dir=tmp_path / "data"), settings, S3Credentials("a", "b"))
+    platform = health_checked_platform(tmp_path, failures=2, interval=0.1, supervisor_metrics_port=0)
     supervisor = Supervisor(platform, [standin(platform, "flaky", "--ready-for", "1")])
     task = await run_until_serving(supervisor)
     try:
