@@ -310,7 +310,7 @@ class UsageEmitter:
             status: child(metrics, DELIVERED, source, name) for status, name in _DELIVERY_STATUSES.items()
         }
         self._failures = child(metrics, DELIVERY_FAILURES, source)
-        self._detach_backlog = BACKLOG.attach(self._backlog) if metrics else (lambda: None)
+        self._detach_backlog = BACKLOG.attach(self.figures) if metrics else (lambda: None)
         self.client = client
         self.source = source
         self.stats = EmitterStats()
@@ -337,7 +337,8 @@ class UsageEmitter:
             **kwargs,  # type: ignore[arg-type]
         )
 
-    def _backlog(self) -> list[Figure]:
+    def figures(self) -> list[Figure]:
+        """What a scrape reports about this emitter's outbox: events waiting, the oldest one's age, dead letters."""
         pending, oldest, dead = self.outbox.backlog()
         age = max(time.time() - oldest, 0.0) if oldest is not None else 0.0
         labels = (self.source,)
