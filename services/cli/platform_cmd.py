@@ -20,13 +20,12 @@ from services.mesh.errors import AidcError
 from services.platform.components import build_components
 from services.platform.probes import Health
 from services.platform.state import PlatformState
+from services.platform.status import ComponentStatus, platform_status
 from services.platform.supervisor import (
     AlreadyRunning,
-    ComponentStatus,
     StartupError,
     Supervisor,
     load_platform,
-    platform_status,
     read_bootstrap_admin,
     start_detached,
     stop_platform,

@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-
 from services.mesh.certs import init_certificates, issue_service_certificate
 from services.mesh.config import MeshSettings, load_settings
 from services.mesh.files import private_dir, use_private_umask
@@ -27,7 +25,6 @@ from services.platform.components import (
     ComponentSpec,
     Platform,
     S3Credentials,
-    build_components,
     ensure_s3_credentials,
     metrics_url,
     prepare_data_dir,
@@ -35,6 +32,7 @@ from services.platform.components import (
     settings_env,
 )
 from services.platform.config import PlatformSettings
+from services.platform.metrics import SupervisorMetrics
 from services.platform.probes import Health, probe
 from services.platform.process import (
     ProcessId,
@@ -53,7 +51,6 @@ from services.platform.state import (
     write_pid_file,
     write_state,
 )
-from services.platform.summary import Figures, read_figures
 
 __all__ = [
     "StartupError",
@@ -64,9 +61,6 @@ __all__ = [
     "start_detached",
     "stop_platform",
     "StopReport",
-    "ComponentStatus",
-    "PlatformStatus",
-    "platform_status",
     "BootstrapAdmin",
     "read_bootstrap_admin",
     "log_tail",
@@ -173,29 +167,6 @@ class _Run:
     unanswered: int = 0
     #: Why the supervisor itself killed the current process ("" if it did not): the restart's reason.
     killed_because: str = ""
-
-
-class SupervisorMetrics:
-    """What the supervisor exports (its own registry: the supervisor serves no RPCs)."""
-
-    def __init__(self, components: list[str]) -> None:
-        self.registry = CollectorRegistry()
-        self.up = Gauge(
-            "aidc_component_up",
-            "1 while the component answers its health check as ready, else 0 (starting, restarting, hung, down).",
-            ["component"],
-            registry=self.registry,
-        )
-        self.restarts = Counter(
-            "aidc_component_restarts",
-            "Restarts of a component by the supervisor, by reason: it exited, or it hung (stopped answering health).",
-            ["component", "reason"],
-            registry=self.registry,
-        )
-        for name in components:  # every series exists from the start, so the first restart is an increase
-            self.up.labels(name).set(0)
-            for reason in ("exit", "hung"):
-                self.restarts.labels(name, reason)
 
 
 class Supervisor:
@@ -694,79 +665,6 @@ def stop_platform(run_dir: Path, grace: float) -> StopReport:
     if not left:
         remove_run_files(run_dir)
     return StopReport(supervisor_pid=stopped_supervisor, stragglers=stragglers, left=left)
-
-
-@dataclass(frozen=True)
-class ComponentStatus:
-    """One component, probed live."""
-
-    name: str
-    health: Health
-    detail: str
-    address: str
-    pid: int | None
-    restarts: int
-    log_file: str
-    #: Of ``restarts``, those because it hung; and why it last restarted.
-    hung_restarts: int = 0
-    last_restart: str = ""
-    #: From its /metrics (None when it serves none).
-    figures: Figures | None = None
-
-
-@dataclass(frozen=True)
-class PlatformStatus:
-    """The live view `aidc status` prints."""
-
-    supervisor_pid: int | None
-    phase: str
-    error: str
-    components: list[ComponentStatus]
-
-    @property
-    def all_serving(self) -> bool:
-        return bool(self.components) and all(c.health is Health.SERVING for c in self.components)
-
-
-async def platform_status(platform: Platform) -> PlatformStatus:
-    """Probes every component of the running platform (or, with none running, of the configured one)."""
-    state = read_state(platform.run_dir)
-    supervisor_pid: int | None = None
-    phase, error = "not running", ""
-    components: list[ComponentState] = []
-    if state is not None:
-        if is_running(state.supervisor):
-            supervisor_pid, phase = state.supervisor_pid, state.status
-        elif state.status == "failed":
-            phase, error = "failed", state.error
-        components = state.components
-    else:
-        components = [ComponentState.from_spec(spec) for spec in build_components(platform)]
-    tls_dir = platform.mesh.tls_dir()
-
-    async def figures(c: ComponentState) -> Figures | None:
-        if not c.metrics_url or supervisor_pid is None:
-            return None
-        return await asyncio.to_thread(read_figures, c.metrics_url, tls_dir, c.name)
-
-    results = await asyncio.gather(*(probe(c.probe, platform.mesh, 2.0) for c in components))
-    read = await asyncio.gather(*(figures(c) for c in components))
-    statuses = [
-        ComponentStatus(
-            c.name,
-            result.health,
-            result.detail,
-            c.address,
-            c.pid if c.process is not None and is_running(c.process) else None,
-            c.restarts,
-            c.log_file,
-            hung_restarts=c.hung_restarts,
-            last_restart=c.last_restart,
-            figures=figures_read,
-        )
-        for c, result, figures_read in zip(components, results, read, strict=True)
-    ]
-    return PlatformStatus(supervisor_pid=supervisor_pid, phase=phase, error=error, components=statuses)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from prometheus_client import REGISTRY
 
 from services.mesh.config import SERVICE_NAMES
 from services.mesh.metrics import exported_names
-from services.platform.supervisor import SupervisorMetrics
+from services.platform.metrics import SupervisorMetrics
 from tests.conftest import ROOT
 
 MONITORING = ROOT / "deploy" / "monitoring"

@@ -1,15 +1,28 @@
-"""What `aidc status` shows from each component's /metrics: RPCs served and failed, median latency, RPCs in flight,
-and a line of the component's own figures. All counts are since the component's last start."""
+"""What `aidc status` shows: each component probed live, its restarts, and what its /metrics say (RPCs served and
+failed, median latency, RPCs in flight, a line of its own figures; all since the component's last start)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.mesh.metrics import Scrape, scrape
+from services.platform.components import Platform, build_components
+from services.platform.probes import Health, probe
+from services.platform.process import is_running
+from services.platform.state import ComponentState, read_state
 
-__all__ = ["Figures", "read_figures", "summarize", "SERVER_ERRORS"]
+__all__ = [
+    "Figures",
+    "read_figures",
+    "summarize",
+    "SERVER_ERRORS",
+    "ComponentStatus",
+    "PlatformStatus",
+    "platform_status",
+]
 
 #: Status codes that are the server's fault (what the availability objective counts; the alert rules use the same).
 SERVER_ERRORS = ("UNKNOWN", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "DEADLINE_EXCEEDED")
@@ -142,3 +155,76 @@ def summarize(scraped: Scrape, component: str) -> Figures:
         in_flight=scraped.value("grpc_server_in_flight"),
         detail="; ".join(_domain(scraped, component)),
     )
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    """One component, probed live."""
+
+    name: str
+    health: Health
+    detail: str
+    address: str
+    pid: int | None
+    restarts: int
+    log_file: str
+    #: Of ``restarts``, those because it hung; and why it last restarted.
+    hung_restarts: int = 0
+    last_restart: str = ""
+    #: From its /metrics (None when it serves none).
+    figures: Figures | None = None
+
+
+@dataclass(frozen=True)
+class PlatformStatus:
+    """The live view `aidc status` prints."""
+
+    supervisor_pid: int | None
+    phase: str
+    error: str
+    components: list[ComponentStatus]
+
+    @property
+    def all_serving(self) -> bool:
+        return bool(self.components) and all(c.health is Health.SERVING for c in self.components)
+
+
+async def platform_status(platform: Platform) -> PlatformStatus:
+    """Probes every component of the running platform (or, with none running, of the configured one)."""
+    state = read_state(platform.run_dir)
+    supervisor_pid: int | None = None
+    phase, error = "not running", ""
+    components: list[ComponentState] = []
+    if state is not None:
+        if is_running(state.supervisor):
+            supervisor_pid, phase = state.supervisor_pid, state.status
+        elif state.status == "failed":
+            phase, error = "failed", state.error
+        components = state.components
+    else:
+        components = [ComponentState.from_spec(spec) for spec in build_components(platform)]
+    tls_dir = platform.mesh.tls_dir()
+
+    async def figures(c: ComponentState) -> Figures | None:
+        if not c.metrics_url or supervisor_pid is None:
+            return None
+        return await asyncio.to_thread(read_figures, c.metrics_url, tls_dir, c.name)
+
+    results = await asyncio.gather(*(probe(c.probe, platform.mesh, 2.0) for c in components))
+    read = await asyncio.gather(*(figures(c) for c in components))
+    statuses = [
+        ComponentStatus(
+            c.name,
+            result.health,
+            result.detail,
+            c.address,
+            c.pid if c.process is not None and is_running(c.process) else None,
+            c.restarts,
+            c.log_file,
+            hung_restarts=c.hung_restarts,
+            last_restart=c.last_restart,
+            figures=figures_read,
+        )
+        for c, result, figures_read in zip(components, results, read, strict=True)
+    ]
+    return PlatformStatus(supervisor_pid=supervisor_pid, phase=phase, error=error, components=statuses)
