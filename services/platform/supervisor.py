@@ -393,6 +393,8 @@ class Supervisor:
                 process = await self._spawn(run)
             except OSError as exc:
                 hint = " (run `make install`)" if spec.argv[0].startswith(str(self._settings.runtime_dir)) else ""
+                if spec.name == "prometheus":
+                    hint = " (`make prometheus-server` installs Debian's prometheus package)"
                 run.fatal = f"{spec.name}: cannot start {spec.argv[0]}: {exc.strerror or exc}{hint}"
                 run.state.status = "failed"
                 self._write()

@@ -8,6 +8,7 @@ supervisor over the real platform.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -19,9 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from services.mesh.config import MeshSettings
+from services.mesh.config import SERVICE_NAMES, MeshSettings
 from services.mesh.metrics import scrape
-from services.platform.components import ComponentSpec, Platform, ProbeSpec, S3Credentials, resolve_platform
+from services.platform.components import (
+    ComponentSpec,
+    Platform,
+    ProbeSpec,
+    S3Credentials,
+    build_components,
+    resolve_platform,
+)
 from services.platform.config import PlatformSettings
 from services.platform.process import process_id, session_members, terminate_session
 from services.platform.state import ComponentState, PlatformState, read_state, state_path, write_state
@@ -303,3 +311,30 @@ async def test_not_serving_is_an_answer_not_a_hang(tmp_path: Path) -> None:
     finally:
         supervisor.request_stop()
         await asyncio.wait_for(task, 20)
+
+
+async def test_monitoring_without_prometheus_installed_is_a_clear_error(tmp_path: Path) -> None:
+    """`aidc up --monitoring` on a machine without Debian's prometheus: it says how to get it."""
+    settings = PlatformSettings(
+        stop_grace_seconds=2.0,
+        startup_timeout_seconds=20.0,
+        supervisor_metrics_port=0,
+        monitoring=True,
+        prometheus_bin=str(tmp_path / "nowhere" / "prometheus"),
+        platform_components=("collector",),
+        collector_addr=f"127.0.0.1:{free_port()}",
+        prometheus_port=free_port(),
+        **{f"{service}_metrics_port": 0 for service in SERVICE_NAMES},
+    )
+    platform = resolve_platform(
+        MeshSettings(data_dir=tmp_path / "data", certs_dir="off"), settings, S3Credentials("a", "b")
+    )
+    specs = [spec for spec in build_components(platform) if spec.name == "prometheus"]
+    assert len(specs) == 1 and specs[0].argv[0] == str(tmp_path / "nowhere" / "prometheus")
+    with pytest.raises(StartupError, match="prometheus: cannot start .*: No such file.*make prometheus-server"):
+        await Supervisor(platform, specs).run()
+    # Its configuration was written: every service's metrics port and the rules file (plain HTTP: no certificates).
+    config = json.loads((platform.prometheus_dir / "prometheus.yml").read_text())
+    assert config["rule_files"] == [str(platform.project_root / "deploy" / "monitoring" / "aidc-alerts.yml")]
+    assert [job["job_name"] for job in config["scrape_configs"]] == ["prometheus"]
+    assert "scheme" not in config["scrape_configs"][0]
