@@ -30,6 +30,7 @@ from services.mesh.interceptors import (
     RequestLimitInterceptor,
 )
 from services.mesh.logs import configure_logging
+from services.mesh.metrics import MetricsEndpoint, MetricsInterceptor, metrics_enabled
 from services.mesh.telemetry import init_telemetry, shutdown_telemetry
 
 __all__ = ["Registration", "MeshServer", "serve", "run_service", "INFRASTRUCTURE_SERVICES"]
@@ -108,12 +109,17 @@ class MeshServer:
     _server: grpc.aio.Server | None = field(default=None, init=False, repr=False)
     _health: AsyncHealthServicer | None = field(default=None, init=False, repr=False)
     _ready_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    #: The /metrics endpoint, when AIDC_METRICS_ADDR names one.
+    metrics: MetricsEndpoint | None = field(default=None, init=False, repr=False)
 
     async def start(self) -> int:
         """Binds and starts the server; returns the bound port. Readiness is polled in the background."""
         table = self.permissions.merged(_infrastructure_rules())
+        # Outermost: each RPC's time and status code include every other interceptor's work and refusals.
+        measured = [MetricsInterceptor()] if metrics_enabled(self.settings) else []
         server = grpc.aio.server(
             interceptors=[
+                *measured,
                 aio_server_interceptor(filter_=_per_method(negate(_NOT_TRACED))),
                 ErrorMappingInterceptor(),
                 DeadlineInterceptor(),
@@ -142,9 +148,19 @@ class MeshServer:
             self.port = server.add_insecure_port(bind)
         await server.start()
         self._server = server
+        self._start_metrics()
         self._ready_task = asyncio.create_task(self._become_ready(), name=f"{self.name}-readiness")
         log.info("%s listening on %s:%d", self.name, bind.rpartition(":")[0], self.port)
         return self.port
+
+    def _start_metrics(self) -> None:
+        address = self.settings.metrics_addr
+        if address in ("", "off"):
+            return
+        self.metrics = MetricsEndpoint(
+            address, self.settings.tls_dir(), self.name, require_client_cert=self.settings.client_auth == "require"
+        )
+        self.metrics.start()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         assert self._health is not None
@@ -179,6 +195,9 @@ class MeshServer:
         await self._health.enter_graceful_shutdown() if self._health else None
         await self._server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
         self._server = None
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         for hook in self.on_stop:
             await hook()
         log.info("%s stopped", self.name)

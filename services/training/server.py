@@ -12,6 +12,7 @@ from services.auth.client import AuthClient
 from services.gen.aidc.training.v1 import training_service_pb2_grpc
 from services.mesh.channels import create_channel
 from services.mesh.db import open_database
+from services.mesh.metrics import metrics_enabled
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer, Registration
 from services.scheduler.client import SchedulerClient
@@ -22,6 +23,7 @@ from services.training.core.catalog import BaseModelCatalog, shipped_models
 from services.training.core.registry import ModelRegistry
 from services.training.core.service import JobOptions, TrainingCore
 from services.training.delegations import JobDelegations
+from services.training.metrics import TrainingMetrics
 from services.training.permissions import PERMISSIONS
 from services.training.scheduling import SchedulerRuns
 from services.training.servicer import TrainingServicer
@@ -64,6 +66,8 @@ async def build_server(
     # and the submitter's token (the run is theirs).
     scheduler = SchedulerClient(create_channel(settings.scheduler_addr, settings, identity=SERVICE))
     store = TrainingStore(db)
+    metrics = TrainingMetrics(metrics_enabled(settings))
+    metrics.watch(store)
     artifacts = StorageArtifacts(storage)
     registry = ModelRegistry(
         store,
@@ -85,6 +89,7 @@ async def build_server(
             code_version=code_version(),
         ),
         credentials=JobDelegations(auth, settings.master_key(), SERVICE),
+        metrics=metrics,
     )
     servicer = TrainingServicer(core, registry)
 
@@ -92,6 +97,7 @@ async def build_server(
         return await core.start()
 
     async def close() -> None:
+        metrics.close()
         await core.close()
         await scheduler.close()
         await storage.close()

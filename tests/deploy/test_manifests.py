@@ -220,7 +220,14 @@ def test_every_object_lands_in_the_aidc_namespace() -> None:
 def test_each_service_has_a_deployment_and_a_service_on_its_port(service: str) -> None:
     port = _default_port(service)
     container = _container(_all(), service)
-    assert [p["containerPort"] for p in container["ports"]] == [port]
+    _, metrics_port = parse_address(_config()["AIDC_METRICS_ADDR"])
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("grpc", port), ("metrics", metrics_port)]
+    # Prometheus scrapes it over mutual TLS, checking the certificate's name (the service's cluster name).
+    monitor = _named(_all(), "PodMonitor")[f"aidc-{service}"]["spec"]
+    assert monitor["selector"]["matchLabels"]["app.kubernetes.io/name"] == service
+    [endpoint] = monitor["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["scheme"]) == ("metrics", "https")
+    assert endpoint["tlsConfig"]["serverName"] == f"{service}.aidc.svc"
     assert {"name": "AIDC_SERVICE", "value": service} in container["env"]
     assert container["image"].split(":")[0] == "aidc"
     assert {"configMapRef": {"name": "aidc-config"}} in container["envFrom"]

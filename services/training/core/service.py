@@ -52,6 +52,7 @@ from services.training.core.model import (
 from services.training.core.registry import MODEL_NAME, ArtifactGateway, ModelRegistry, Page, now, page_bounds
 from services.training.core.relay import read_new_lines, translate
 from services.training.core.scheduling import ComputeScheduler, RunRequest, ScheduledRun
+from services.training.metrics import TrainingMetrics
 from services.training.runner.data import LocalFileSource
 from services.training.runner.preflight import InvalidJob, prepare
 from services.training.runner.spec import FineTuneSpec
@@ -142,7 +143,9 @@ class TrainingCore:
         options: JobOptions,
         *,
         credentials: JobCredentials,
+        metrics: TrainingMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or TrainingMetrics()
         self._store = store
         self._registry = registry
         self._artifacts = artifacts
@@ -535,6 +538,7 @@ class TrainingCore:
         """One output line: its event, and what it changes in the record."""
         item = translate(line)
         if item.progress is not None:
+            self._metrics.progress(job.progress, item.progress)
             job.progress = item.progress
         if item.metrics is not None:
             job.metrics = item.metrics
