@@ -3,7 +3,7 @@ build its messages (resources, prices, durations) so callers need not know the w
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -138,7 +138,7 @@ class SchedulerClient(ServiceClient):
         job_ids: Sequence[str] = (),
         labels: Mapping[str, str] | None = None,
         include_current: bool = False,
-    ) -> AsyncIterator[pb.WatchJobsResponse]:
+    ) -> AsyncGenerator[pb.WatchJobsResponse, None]:
         """Job changes as they happen (no deadline: the stream never ends on its own)."""
         request = pb.WatchJobsRequest(
             tenant=tenant, job_ids=list(job_ids), labels=dict(labels or {}), include_current=include_current

@@ -3,6 +3,7 @@ scheduler's client (whose channel forwards the token of whoever the job acts as:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
@@ -57,8 +58,10 @@ class SchedulerRuns:
         return _run(await self._client.get_job(job_id, tenant))
 
     async def watch(self, tenant: str, job_id: str) -> AsyncGenerator[ScheduledRun, None]:
-        async for change in self._client.watch_jobs(tenant, job_ids=[job_id], include_current=True):
-            yield _run(change.job)
+        changes = self._client.watch_jobs(tenant, job_ids=[job_id], include_current=True)
+        async with contextlib.aclosing(changes):
+            async for change in changes:
+                yield _run(change.job)
 
     async def cancel(self, tenant: str, job_id: str, reason: str) -> ScheduledRun:
         return _run(await self._client.cancel_job(job_id, tenant, reason))

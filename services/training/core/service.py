@@ -453,12 +453,10 @@ class TrainingCore:
         tail = asyncio.create_task(self._tail(job), name=f"training-output-{job.job_id}")
         try:
             current_principal.set(await self._submitter(job))
-            # Closed as soon as the run ends: the stream (and the scheduler's watcher) does not outlive it.
+            # The scheduler ends the stream once the run ended (read to its end: the call and its span end with it).
             async with contextlib.aclosing(self._scheduler.watch(job.tenant, job.scheduler_job_id)) as changes:
                 async for run in changes:
                     await self._track(job, run)
-                    if run.terminal:
-                        break
             run = await self._as_submitter(job, lambda: self._scheduler.run(job.tenant, job.scheduler_job_id))
             await self._track(job, run)
         finally:
