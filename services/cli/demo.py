@@ -1,9 +1,10 @@
 """`make demo`: a walk through what runs today, against the platform `aidc up` started.
 
 It logs in as the platform admin (the stored CLI login, or the first-start secret), creates a tenant and a
-developer, exchanges an API key, uploads a dataset, fine-tunes a model, deploys it to Triton and classifies text
-through the gateway, shows what the developer may and may not do and what billing metered, checks every
-component's health, and prints the traces of requests as they crossed the mesh (Triton included).
+developer, exchanges an API key, uploads a dataset, fine-tunes a model as a job of the scheduler (its path from the
+queue to the end), deploys it to Triton and classifies text through the gateway, shows what the developer may and
+may not do and what billing metered, checks every component's health, and prints the traces of requests as they
+crossed the mesh (the fine-tune's runner and Triton included).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from decimal import Decimal
 
 import grpc
@@ -38,8 +40,9 @@ from services.gen.aidc.training.v1 import training_service_pb2 as training_pb
 from services.mesh.channels import create_channel
 from services.mesh.config import SERVICE_NAMES, MeshSettings
 from services.mesh.errors import AidcError, AlreadyExists, PermissionDenied
-from services.mesh.spanstore import SpanStore, render_tree
+from services.mesh.spanstore import SpanRecord, SpanStore, render_tree
 from services.mesh.telemetry import init_telemetry, shutdown_telemetry
+from services.scheduler.client import SchedulerClient, state_name
 from services.serving.client import ServingClient, TextClassifierClient
 from services.storage.client import StorageClient
 from services.training.client import TrainingClient
@@ -93,14 +96,20 @@ async def _health(settings: MeshSettings) -> None:
         console.print(f"  {name:<10} {settings.address_of(name):<18} [{colour}]{status}[/]")
 
 
-def _print_trace(store: SpanStore, trace_id: str, services: set[str], at_least: int) -> None:
+def _print_trace(
+    store: SpanStore,
+    trace_id: str,
+    services: set[str],
+    at_least: int,
+    keep: Callable[[SpanRecord], bool] = lambda _: True,
+) -> None:
     spans = []
     for _ in range(50):  # services export their spans in 200 ms batches, Triton every 500 ms
         spans = store.spans(trace_id)
         if services <= {s.service for s in spans} and len(spans) >= at_least:
             break
         time.sleep(0.2)
-    console.print(render_tree(spans), markup=False, highlight=False)
+    console.print(render_tree([s for s in spans if keep(s)]), markup=False, highlight=False)
 
 
 async def run() -> None:
@@ -167,7 +176,10 @@ async def run() -> None:
         console.print(f"  downloaded, masked: {row.decode()!r}")
     await storage.close()
 
-    _step("The developer fine-tunes MiniLM on it: a runner process, checkpoints, TorchScript export, parity check")
+    _step(
+        "The developer fine-tunes MiniLM on it: a job of the scheduler (quota, budget, placement), a runner process, "
+        "checkpoints, TorchScript export, parity check"
+    )
     training = TrainingClient(bearer_channel(settings.training_addr, settings, BearerToken(tokens.access_token)))
     spec = training_pb.FineTuneSpec(
         base_model="minilm-l6",
@@ -175,17 +187,35 @@ async def run() -> None:
         sequence_classification=training_pb.SequenceClassificationTask(text_column="text", label_column="label"),
         hyperparameters=training_pb.Hyperparameters(max_steps=20, batch_size=8, max_seq_length=64),
         output_model="sentiment",
+        compute=training_pb.ComputeRequest(cpu_millicores=2000, memory_bytes=2 * 2**30),
     )
     job = await training.submit_fine_tune(spec, tenant="acme")
-    console.print(f"  job {job.job_id} submitted (20 steps on 2 CPU cores take about a minute)")
+    console.print(
+        f"  job {job.job_id} submitted as scheduler job {job.scheduler_job_id} for 2 cores and 2 GiB "
+        "(20 steps take about a minute)"
+    )
     async for job_event in training.watch_job(job.job_id, tenant="acme"):
         which = job_event.WhichOneof("event")
         if which == "state_change":
             state = training_pb.JobState.Name(job_event.state_change.to_state).removeprefix("JOB_STATE_").lower()
             console.print(f"  {state} {job_event.state_change.message}")
+        elif which == "scheduling":
+            update = job_event.scheduling
+            where = f" on {', '.join(update.nodes)}" if update.nodes else ""
+            console.print(f"    scheduler: {state_name(update.state)}{where} ({update.reason})")
         elif which == "metrics":
             values = ", ".join(f"{k} {v:.3f}" for k, v in sorted(job_event.metrics.values.items()))
             console.print(f"  epoch {job_event.metrics.epoch} step {job_event.metrics.step}: {values}")
+    scheduler = SchedulerClient(bearer_channel(settings.scheduler_addr, settings, BearerToken(tokens.access_token)))
+    run = await scheduler.get_job(job.scheduler_job_id)
+    await scheduler.close()
+    console.print(
+        f"  aidc jobs show {run.job_id}: {state_name(run.state)} on {', '.join(run.placement.nodes)} "
+        f"({run.placement.executor_ref}), attempt {run.attempt}, by {run.submitted_by} in {run.tenant}, "
+        f"ran {run.run_time.ToTimedelta().total_seconds():.1f} s, budget estimate "
+        f"{run.estimated_cost.micros / 1e6:.2f} {run.estimated_cost.currency}"
+    )
+    fine_tune_trace = job.trace_id
     version = await training.get_model_version("sentiment", tenant="acme")
     console.print(
         f"  registered sentiment v{version.version}: lineage {version.lineage.dataset.name} "
@@ -235,7 +265,7 @@ async def run() -> None:
 
     _step("Billing: what acme used (metered exactly once) and an enforced budget")
     billing = BillingClient(bearer_channel(settings.billing_addr, settings, BearerToken(admin_token)))
-    for _ in range(20):  # the training service's outbox delivers within a second or so
+    for _ in range(20):  # the scheduler meters the run's allocation up to its release; its outbox delivers at once
         usage = await billing.query_usage("cpu_core_seconds", tenant="acme")
         if usage.buckets:
             break
@@ -244,7 +274,14 @@ async def run() -> None:
         if (await billing.query_usage("inference_requests", tenant="acme")).buckets:
             break
         await asyncio.sleep(0.5)
-    for meter in ("cpu_core_seconds", "storage_gib_hours", "inference_requests", "inference_compute_ms"):
+    meters = (
+        "cpu_core_seconds",
+        "memory_gib_seconds",
+        "storage_gib_hours",
+        "inference_requests",
+        "inference_compute_ms",
+    )
+    for meter in meters:
         buckets = (await billing.query_usage(meter, tenant="acme")).buckets
         total = sum((Decimal(b.value) for b in buckets), Decimal(0))
         console.print(f"  {meter:<20} {total:>16f}  ({sum(b.event_count for b in buckets)} events)")
@@ -262,6 +299,17 @@ async def run() -> None:
     store = SpanStore(settings.data_dir / "traces")
     _step(f"The trace of the sign-in (aidc trace {trace_id})")
     _print_trace(store, trace_id, {"aidc-cli", "auth"}, 7)
+    _step(
+        f"The trace of the fine-tune: submission, the scheduler, the runner's phases (aidc trace {fine_tune_trace}; "
+        "auth and storage calls left out here)"
+    )
+    _print_trace(
+        store,
+        fine_tune_trace,
+        {"aidc-cli", "training", "scheduler", "training-runner"},
+        12,
+        keep=lambda span: "AuthService/" not in span.name and "StorageService/" not in span.name,
+    )
     _step(f"The trace of the classification: gateway, auth, Triton, billing (aidc trace {infer_trace_id})")
     _print_trace(store, infer_trace_id, {"aidc-cli", "serving", "auth", "triton", "billing"}, 8)
     for client in (anon, admin, dev, machine):

@@ -75,14 +75,22 @@ class RunningScheduler:
     tokens: dict[str, str]
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
 
-    def client(self, user: str = "acme/dev") -> SchedulerClient:
-        """A client carrying ``user``'s token ("<tenant>/<name>", or "platform/admin")."""
+    def client(self, user: str = "acme/dev", *, via: str | None = None) -> SchedulerClient:
+        """A client carrying ``user``'s token ("<tenant>/<name>", or "platform/admin"): on the tenant path (the CLI's
+        certificate), or ``via`` a mesh service (its certificate, as when that service calls for the user)."""
         bearer = BearerToken(self.tokens[user])
         channel = create_channel(
-            self.address, self.settings, extra_interceptors=[cast(grpc.aio.ClientInterceptor, bearer)]
+            self.address,
+            self.settings,
+            identity=via or "cli",
+            extra_interceptors=[cast(grpc.aio.ClientInterceptor, bearer)],
         )
         self._channels.append(channel)
         return SchedulerClient(channel)
+
+    def submitter(self, user: str = "acme/dev") -> SchedulerClient:
+        """``user``'s client through the training service, the way a tenant's jobs reach the scheduler."""
+        return self.client(user, via="training")
 
     async def stop(self) -> None:
         for channel in self._channels:

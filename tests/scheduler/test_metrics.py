@@ -43,7 +43,12 @@ async def eventually(check: object, timeout: float = 30.0) -> None:
 @pytest.fixture
 async def scheduler(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[RunningScheduler]:
     tokens = await user_tokens(auth)
-    running = await start_scheduler(SchedulerSettings.from_env(scheduler_env(tmp_path / "data", auth.address)), tokens)
+    running = await start_scheduler(
+        SchedulerSettings.from_env(
+            scheduler_env(tmp_path / "data", auth.address, AIDC_CERTS_DIR=auth.settings.certs_dir)
+        ),
+        tokens,
+    )
     yield running
     await running.stop()
 
@@ -59,7 +64,7 @@ async def test_queue_admissions_allocation_preemptions_and_ended_jobs(scheduler:
     admin = scheduler.client("platform/admin")
     await set_quota(admin, "acme", 2 * CPU, cohort="lab")
     await set_quota(admin, "globex", 2 * CPU, cohort="lab")
-    globex, acme = scheduler.client("globex/dev"), scheduler.client("acme/dev")
+    globex, acme = scheduler.submitter("globex/dev"), scheduler.submitter("acme/dev")
     # globex fills the 4-core node: its own 2 cores and 2 borrowed from acme's quota.
     borrowers = [
         (

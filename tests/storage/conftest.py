@@ -139,8 +139,14 @@ async def tokens(auth: RunningAuth) -> dict[str, str]:
 async def storage(
     auth: RunningAuth, tokens: dict[str, str], seaweed: SeaweedFS, tmp_path: Path
 ) -> AsyncIterator[RunningStorage]:
-    settings = StorageSettings.from_env(storage_env(tmp_path / "data", auth.address, seaweed))
-    running = await start_storage(settings, tokens)
+    # On the mesh's mutual TLS when auth is (tests of services that call storage as a mesh service). Then storage
+    # delivers its usage: to no billing (never to the default address, which a running platform may hold), and
+    # without waiting for it when stopped.
+    mesh = {"AIDC_CERTS_DIR": auth.settings.certs_dir}
+    if auth.settings.certs_dir:
+        mesh |= {"AIDC_BILLING_ADDR": f"127.0.0.1:{free_port()}", "AIDC_SHUTDOWN_GRACE_SECONDS": "0.5"}
+    env = storage_env(tmp_path / "data", auth.address, seaweed, **mesh)
+    running = await start_storage(StorageSettings.from_env(env), tokens)
     yield running
     await running.close()
     await running.server.stop(0)
@@ -164,7 +170,7 @@ def start_storage_process(auth: AuthProcess, s3: SeaweedFS, tmp_path: Path, **ex
     process = start_service_process("storage", env, log)
     address = env["AIDC_STORAGE_ADDR"]
     try:
-        wait_serving(address, process=process)
+        wait_serving(address, process=process, certs=env.get("AIDC_CERTS_DIR"))
     except BaseException as exc:
         stop_process(process)
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""

@@ -194,9 +194,20 @@ class JobScheduler:
 
     # -- submission and cancellation ---------------------------------------------------------------------------
 
-    async def submit(self, request: JobRequest, submitted_by: str, *, privileged: bool) -> tuple[JobRecord, bool]:
-        """Queues a job (durably) and triggers a cycle; (job, deduplicated)."""
+    async def submit(
+        self, request: JobRequest, submitted_by: str, *, privileged: bool, via_service: str | None = None
+    ) -> tuple[JobRecord, bool]:
+        """Queues a job (durably) and triggers a cycle; (job, deduplicated). ``privileged``: a platform admin or a
+        mesh service acting as itself; ``via_service``: the mesh service the request came through (it may forward
+        an end user's token)."""
         self._require_started()
+        if not privileged and via_service is None:
+            # A job is a program run on the platform's machines (the local executor runs it as the scheduler's own
+            # user): only the platform's services and its admins choose what runs.
+            raise PermissionDenied(
+                "SubmitJob runs a program on the platform's machines: only platform admins and mesh services may "
+                "call it; tenants submit fine-tunes through the training service (SubmitFineTune)"
+            )
         if request.idempotency_key:
             existing = await self._by_key(request.tenant, request.idempotency_key)
             if existing is not None:
