@@ -79,6 +79,7 @@ class SchedulerClient(ServiceClient):
         trace_carrier: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
         idempotency_key: str = "",
+        driver: bool = False,
     ) -> pb.SubmitJobResponse:
         spec = pb.ExecutorSpec(
             command=list(command),
@@ -87,6 +88,7 @@ class SchedulerClient(ServiceClient):
             working_dir=working_dir,
             workers=workers,
             max_retries=max_retries,
+            driver=driver,
         )
         if max_run_seconds:
             spec.max_run_duration.CopyFrom(duration(max_run_seconds))

@@ -1,5 +1,5 @@
 """Settings of the scheduler service: the default pool (this machine) and its prices, the cycle, the budget cache,
-metering windows and the local executor."""
+metering windows, the local executor and an optional Ray cluster's pool."""
 
 from __future__ import annotations
 
@@ -64,6 +64,15 @@ class SchedulerSettings(MeshSettings):
     scheduler_master_key: str = setting(
         "", "Base64 of 32 bytes sealing jobs' secret_env at rest; empty: <data_dir>/scheduler/master.key (0600)."
     )
+    scheduler_ray_address: str = setting(
+        "",
+        "Address of a Ray cluster (host:port of its GCS, e.g. the KubeRay head service's 6379) backing the Ray pool; "
+        "empty: no Ray pool and ray is never imported. The cluster's nodes and resources become the pool's.",
+    )
+    scheduler_ray_pool: str = setting("ray", "Name of the pool backed by the Ray cluster (created if missing).")
+    scheduler_ray_sync_seconds: float = setting(
+        2.0, "How often the Ray pool's nodes are read from the cluster (a node that left goes NOT_READY)."
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SchedulerSettings:
@@ -81,7 +90,17 @@ class SchedulerSettings(MeshSettings):
         self.gpu_prices()
         if not re.fullmatch(r"[A-Z]{3}", self.scheduler_currency):
             raise ValueError("AIDC_SCHEDULER_CURRENCY must be an ISO 4217 code")
-        for name in ("max_run_seconds", "cycle_interval_seconds", "metering_interval_seconds", "poll_seconds"):
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", self.scheduler_ray_pool):
+            raise ValueError("AIDC_SCHEDULER_RAY_POOL must be lowercase letters, digits and '-'")
+        if self.scheduler_ray_address and self.scheduler_ray_pool == self.scheduler_default_pool:
+            raise ValueError("AIDC_SCHEDULER_RAY_POOL must differ from AIDC_SCHEDULER_DEFAULT_POOL (this machine's)")
+        for name in (
+            "max_run_seconds",
+            "cycle_interval_seconds",
+            "metering_interval_seconds",
+            "poll_seconds",
+            "ray_sync_seconds",
+        ):
             if getattr(self, f"scheduler_{name}") <= 0:
                 raise ValueError(f"AIDC_SCHEDULER_{name.upper()} must be positive")
         if self.scheduler_budget_cache_seconds < 0 or self.scheduler_default_grace_seconds < 0:

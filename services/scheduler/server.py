@@ -17,6 +17,7 @@ from services.mesh.server import MeshServer, Registration
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.core import DEFAULT_TENANT, Prices, Resources, Scheduler
 from services.scheduler.domain.budget import BudgetAnswer
+from services.scheduler.domain.clusternodes import ClusterNodes
 from services.scheduler.domain.inventory import Inventory
 from services.scheduler.domain.jobs import JobOptions, JobScheduler
 from services.scheduler.domain.model import Allocation, QuotaRecord
@@ -51,15 +52,21 @@ class BillingBudget:
         return BudgetAnswer(answer.allowed, remaining, answer.reason)
 
 
+def _default_prices(settings: SchedulerSettings) -> Prices:
+    """The configured prices (the seeded price book's): this machine's pool, and a Ray pool created at start."""
+    return Prices(
+        settings.scheduler_cpu_core_hour_micros, settings.scheduler_memory_gib_hour_micros, settings.gpu_prices()
+    )
+
+
 async def register_local_machine(inventory: Inventory, settings: SchedulerSettings) -> None:
     """The default pool (created at the configured prices if missing) with this machine as its node."""
     name = settings.scheduler_default_pool
     if name not in inventory.pools:
-        prices = Prices(
-            settings.scheduler_cpu_core_hour_micros, settings.scheduler_memory_gib_hour_micros, settings.gpu_prices()
-        )
         await inventory.create_pool(
-            PoolChange(name, "local", prices, settings.scheduler_max_run_seconds), is_default=True, sync=False
+            PoolChange(name, "local", _default_prices(settings), settings.scheduler_max_run_seconds),
+            is_default=True,
+            sync=False,
         )
     if not settings.scheduler_register_local_node:
         return
@@ -97,10 +104,19 @@ async def build_server(
         await jobs.writer.save_allocation(allocation)
 
     meter = AllocationMeter(emitter, save_allocation, interval_seconds=settings.scheduler_metering_interval_seconds)
+    if executors is None:
+        executors = {"local": LocalExecutor(poll_seconds=settings.scheduler_poll_seconds)}
+        if settings.scheduler_ray_address:
+            # Imported only with a Ray cluster configured: the module itself does not import ray until it connects.
+            from services.scheduler.executors.ray_cluster import RayCluster
+            from services.scheduler.executors.ray_executor import RayExecutor
+
+            cluster = RayCluster(settings.scheduler_ray_address)
+            executors["ray"] = RayExecutor(cluster, LocalExecutor(poll_seconds=settings.scheduler_poll_seconds))
     jobs = JobScheduler(
         store,
         Scheduler(),
-        executors or {"local": LocalExecutor(poll_seconds=settings.scheduler_poll_seconds)},
+        executors,
         meter,
         BillingBudget(billing, settings.scheduler_currency),
         sealer,
@@ -115,6 +131,20 @@ async def build_server(
         metrics=SchedulerMetrics(metrics_enabled(settings)),
     )
     inventory = Inventory(store, jobs, PriceBookSync(billing))
+    ray_executor = executors.get("ray")
+    ray_nodes = (
+        None
+        if ray_executor is None
+        else ClusterNodes(
+            inventory,
+            ray_executor.cluster,  # type: ignore[attr-defined]
+            settings.scheduler_ray_pool,
+            "ray",
+            _default_prices(settings),
+            settings.scheduler_max_run_seconds,
+            settings.scheduler_ray_sync_seconds,
+        )
+    )
     servicer = SchedulerServicer(jobs, inventory, settings.scheduler_currency)
     # Billing takes usage only from a mesh service's certificate: without certificates (plaintext dev mode) the
     # usage waits in the outbox until mTLS is configured.
@@ -126,6 +156,8 @@ async def build_server(
         if not started:
             pools = await inventory.load()
             await register_local_machine(inventory, settings)
+            if ray_nodes is not None:
+                await ray_nodes.start()  # before the jobs: a node that left meanwhile requeues what it ran
             await jobs.start(list(inventory.pools.values()) or pools)
             await meter.start()
             if delivers_usage:
@@ -134,6 +166,8 @@ async def build_server(
         return True
 
     async def close() -> None:
+        if ray_nodes is not None:
+            await ray_nodes.close()
         await jobs.close()
         await meter.close()
         await emitter.close(flush_timeout=settings.shutdown_grace_seconds)

@@ -134,6 +134,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
                 max_run_duration=_duration(job.max_run_seconds),
                 max_retries=job.max_retries,
                 termination_grace_period=_duration(job.grace_seconds),
+                driver=job.driver,
             ),
             trace_carrier=job.trace_carrier,
             labels=job.labels,
@@ -255,6 +256,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             labels=dict(request.labels),
             idempotency_key=request.idempotency_key,
             executor=_EXECUTOR_FROM.get(spec.kind, ""),
+            driver=spec.driver,
         )
         job, deduplicated = await self._jobs.submit(
             job_request,

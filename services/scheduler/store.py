@@ -163,6 +163,7 @@ def _job_json(job: JobRecord) -> str:
         "stop": job.stop.value,
         "stop_reason": job.stop_reason,
         "kill_at_ns": job.kill_at_ns,
+        "driver": job.driver,
     }
     return json.dumps(data, separators=(",", ":"))
 

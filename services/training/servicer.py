@@ -117,6 +117,7 @@ def compute_from_proto(compute: pb.ComputeRequest) -> ComputeSpec:
         pool=compute.pool,
         priority=compute.priority,
         preemptible=compute.preemptible,
+        workers=compute.workers,
         max_run_seconds=duration.seconds + duration.nanos / 1e9,
     )
 
@@ -130,6 +131,7 @@ def _compute_to_proto(compute: ComputeSpec) -> pb.ComputeRequest:
         priority=compute.priority,
         pool=compute.pool,
         preemptible=compute.preemptible,
+        workers=compute.workers,
     )
     if compute.max_run_seconds:
         out.max_run_duration.FromNanoseconds(int(compute.max_run_seconds * 1e9))

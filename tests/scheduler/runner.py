@@ -1,6 +1,6 @@
 """A small job for the scheduler's tests: counts steps, checkpoints on SIGTERM and resumes from its checkpoint.
 
-    python runner.py --steps 20 --step-seconds 0.1 [--fail-code N] [--ignore-term]
+    python runner.py --steps 20 --step-seconds 0.1 [--fail-code N] [--ignore-term] [--checkpoint-every N]
 
 State lives in the working directory (the job's): ``checkpoint-<worker>.json`` (the next step), and one JSON line
 per event in ``events-<worker>.jsonl`` (start with the step it resumed from, checkpoint, done), each with the wall
@@ -31,6 +31,7 @@ def main() -> int:
     parser.add_argument("--step-seconds", type=float, default=0.1)
     parser.add_argument("--fail-code", type=int, default=0, help="exit with this code instead of finishing")
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (to be SIGKILLed)")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     args = parser.parse_args()
     worker = os.environ.get("AIDC_WORKER_INDEX", "0")
     checkpoint = Path(f"checkpoint-{worker}.json")
@@ -55,6 +56,7 @@ def main() -> int:
         traceparent=os.environ.get("TRACEPARENT", ""),
         secret=os.environ.get("API_TOKEN", ""),
         platform_variables=sorted(k for k in os.environ if k.startswith(("AIDC_", "AWS_", "PG", "OTEL_"))),
+        node=os.environ.get("AIDC_NODE", ""),
     )
     print(f"worker {worker} starting at step {step}", flush=True)
     if args.fail_code:
@@ -67,6 +69,8 @@ def main() -> int:
             return 143
         time.sleep(args.step_seconds)
         step += 1
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            checkpoint.write_text(json.dumps({"step": step}))
     checkpoint.write_text(json.dumps({"step": step}))
     event("done", step=step)
     return 0

@@ -144,8 +144,11 @@ class Inventory:
         check_name("pool", change.name)
         if change.executor not in EXECUTORS:
             raise InvalidArgument(f"unknown executor {change.executor!r}")
-        if change.executor != "local":
-            raise FailedPrecondition(f"the {change.executor} executor is not available in this deployment")
+        if not self._jobs.has_executor(change.executor):
+            raise FailedPrecondition(
+                f"the {change.executor} executor is not available in this deployment"
+                + (" (set AIDC_SCHEDULER_RAY_ADDRESS)" if change.executor == "ray" else "")
+            )
         prices = change.prices or Prices(0, 0, {})
         check_prices("prices", prices)
         max_run = change.max_run_seconds or 86_400.0

@@ -220,6 +220,11 @@ class JobScheduler:
             raise InvalidArgument(f"pool {pool.name!r} runs {pool.executor} jobs, not {request.executor}")
         if pool.executor not in self._executors:
             raise FailedPrecondition(f"pool {pool.name!r} uses the {pool.executor} executor, not available here")
+        if request.driver and pool.executor != "ray":
+            raise InvalidArgument(
+                f"executor.driver: a driver places its workers on a Ray cluster; pool {pool.name!r} runs "
+                f"{pool.executor} jobs (use a Ray pool)"
+            )
         max_run = request.max_run_seconds or pool.max_run_seconds
         if max_run > pool.max_run_seconds:
             raise InvalidArgument(
@@ -251,6 +256,7 @@ class JobScheduler:
             trace_carrier={k.lower(): v for k, v in request.trace_carrier.items() if k.lower() in _TRACE_KEYS},
             labels=dict(request.labels),
             idempotency_key=request.idempotency_key,
+            driver=request.driver,
             submitted_by=submitted_by,
             submit_ns=self._clock(),
             seq=self._seq,
@@ -529,6 +535,8 @@ class JobScheduler:
             job_dir=self.options.jobs_dir / job.job_id,
             nodes=job.nodes,
             cwd=Path(job.working_dir) if job.working_dir else None,
+            per_worker=job.per_worker,
+            driver=job.driver,
         )
 
     def _executor(self, job: JobRecord) -> Executor:
@@ -650,13 +658,10 @@ class JobScheduler:
             target, reason = JobState.QUEUED, f"requeued after preemption ({stop_reason})"
         elif stop is StopKind.TIMEOUT:
             target, reason = JobState.FAILED, f"{stop_reason} ({detail})"
-        elif stop is StopKind.LOST:
-            job.failures += 1
-            if job.failures <= job.max_retries:
-                target = JobState.QUEUED
-                reason = f"attempt {job.attempt} lost ({stop_reason}); retry {job.failures} of {job.max_retries}"
-            else:
-                target, reason = JobState.FAILED, f"lost: {stop_reason}"
+        elif stop is StopKind.LOST or (status.disrupted and stop is StopKind.NONE):
+            # The platform lost the node, not the job: requeued like a preemption (it resumes from its checkpoint).
+            target = JobState.QUEUED
+            reason = f"requeued: attempt {job.attempt} was lost with its node ({stop_reason or detail})"
         elif status.code == 0:
             target, reason = JobState.SUCCEEDED, "exit code 0"
         else:
@@ -719,6 +724,9 @@ class JobScheduler:
         return pool
 
     # -- what the inventory needs ------------------------------------------------------------------------------
+
+    def has_executor(self, kind: str) -> bool:
+        return kind in self._executors
 
     def active_jobs(self) -> Sequence[JobRecord]:
         return list(self._jobs.values())

@@ -46,7 +46,8 @@ class StopKind(enum.Enum):
     CANCEL = "cancel"
     PREEMPT = "preempt"
     TIMEOUT = "timeout"
-    #: Its node went NOT_READY: killed at once, the attempt counts as a failure (retried under max_retries).
+    #: Its node went NOT_READY: killed at once and requeued. The platform lost the node, not the job: like a
+    #: preemption this does not count against max_retries (Kubernetes' pod failure policy treats a disruption so).
     LOST = "lost"
 
 
@@ -95,6 +96,8 @@ class JobRecord:
     stop_reason: str = ""
     #: When the running attempt is SIGKILLed if it has not exited (0: no stop in progress).
     kill_at_ns: int = 0
+    #: Ray pools: the command is a Ray driver that places the workers itself (ExecutorSpec.driver).
+    driver: bool = False
     #: Not stored: the queue position while QUEUED.
     queue_position: int = field(default=-1, compare=False)
 

@@ -57,6 +57,8 @@ class JobRequest:
     idempotency_key: str
     #: "": the pool's executor.
     executor: str = ""
+    #: Ray pools: run the command once as a Ray driver that places the workers itself.
+    driver: bool = False
 
     def check(self) -> None:
         """InvalidArgument for what is malformed whatever the pools and quotas are."""

@@ -1,5 +1,5 @@
-"""The scheduler's executor interface: what runs an admitted job's workers (local processes today, a Ray cluster
-later), and the records that let a restarted scheduler find them again."""
+"""The scheduler's executor interface: what runs an admitted job's workers (local processes, or a Ray cluster), and
+the records that let a restarted scheduler find them again."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+from services.scheduler.core import Resources
 
 __all__ = [
     "Executor",
@@ -41,6 +43,10 @@ class LaunchRequest:
     #: The job's working directory (ExecutorSpec.working_dir). Its submitter owns it, so the attempts' files go under
     #: it too: that is where the submitter reads the job's output (the training service relays a runner's events).
     cwd: Path | None = None
+    #: What each worker was admitted with (a Ray executor reserves it on the worker's node).
+    per_worker: Resources = field(default_factory=Resources)
+    #: The command is a driver placing the workers itself (ExecutorSpec.driver; Ray pools only).
+    driver: bool = False
 
     @property
     def files_dir(self) -> Path:
@@ -87,6 +93,8 @@ class ExitStatus:
     per_worker: tuple[int, ...] = field(default=())
     #: When the last worker exited (wall clock ns), when the executor recorded it; 0: unknown (use "now").
     ended_ns: int = 0
+    #: The platform lost a node the attempt ran on (not the job's fault): requeued without counting a failure.
+    disrupted: bool = False
 
     @property
     def lost(self) -> bool:
@@ -119,8 +127,8 @@ class Run(Protocol):
 
 
 class Executor(Protocol):
-    """Runs attempts of admitted jobs. Implementations: LocalExecutor (processes on this machine); a Ray executor
-    later (a pool backed by a Ray cluster; a gang as a placement group)."""
+    """Runs attempts of admitted jobs. Implementations: LocalExecutor (processes on this machine) and RayExecutor (a
+    pool backed by a Ray cluster; a gang as a placement group pinned to the admitted nodes)."""
 
     kind: str
 

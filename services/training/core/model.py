@@ -73,6 +73,8 @@ class ComputeSpec:
     priority: int = 0
     preemptible: bool = False
     max_run_seconds: float = 0.0
+    #: Data-parallel workers (a gang on a Ray pool; 1: one local process). 0 is resolved to 1 at submission.
+    workers: int = 0
 
 
 @dataclass

@@ -86,7 +86,9 @@ class _ExecutorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Executor
     EXECUTOR_KIND_KUBERNETES: _ExecutorKind.ValueType  # 2
     """A Kubernetes Job (an indexed Job with torchrun for workers > 1). Not available yet."""
     EXECUTOR_KIND_RAY: _ExecutorKind.ValueType  # 3
-    """A Ray cluster (issue [distributed]). Not available yet: pools of this kind are refused."""
+    """A Ray cluster (AIDC_SCHEDULER_RAY_ADDRESS): the pool's nodes and capacity are the cluster's, a gang is a placement
+    group pinned to the nodes the scheduler chose.
+    """
 
 class ExecutorKind(_ExecutorKind, metaclass=_ExecutorKindEnumTypeWrapper):
     """Which executor runs a job."""
@@ -98,7 +100,9 @@ EXECUTOR_KIND_LOCAL: ExecutorKind.ValueType  # 1
 EXECUTOR_KIND_KUBERNETES: ExecutorKind.ValueType  # 2
 """A Kubernetes Job (an indexed Job with torchrun for workers > 1). Not available yet."""
 EXECUTOR_KIND_RAY: ExecutorKind.ValueType  # 3
-"""A Ray cluster (issue [distributed]). Not available yet: pools of this kind are refused."""
+"""A Ray cluster (AIDC_SCHEDULER_RAY_ADDRESS): the pool's nodes and capacity are the cluster's, a gang is a placement
+group pinned to the nodes the scheduler chose.
+"""
 Global___ExecutorKind: _TypeAlias = ExecutorKind  # noqa: Y015
 
 class _NodeState:
@@ -214,6 +218,7 @@ class ExecutorSpec(_message.Message):
     MAX_RUN_DURATION_FIELD_NUMBER: _builtins.int
     MAX_RETRIES_FIELD_NUMBER: _builtins.int
     TERMINATION_GRACE_PERIOD_FIELD_NUMBER: _builtins.int
+    DRIVER_FIELD_NUMBER: _builtins.int
     kind: Global___ExecutorKind.ValueType
     """Unspecified means the pool's executor."""
     image: _builtins.str
@@ -226,6 +231,13 @@ class ExecutorSpec(_message.Message):
     max_retries: _builtins.int
     """Restarts after a failure (a non-zero exit, or a process lost with its node or a scheduler restart) before the
     job fails for good; default 0. Preemptions do not count.
+    """
+    driver: _builtins.bool
+    """Ray pools only: the command is the driver of a Ray application (e.g. Ray Train's TorchTrainer) and runs once,
+    on the scheduler's machine, connected to the pool's Ray cluster; it places the `workers` workers itself where
+    the scheduler admitted them (AIDC_RAY_PLACEMENT: resources per worker, a Ray node id per worker, the placement
+    group strategy). Without it a Ray pool runs one process per worker, each in its bundle of a placement group
+    pinned to its admitted node.
     """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -264,10 +276,11 @@ class ExecutorSpec(_message.Message):
         max_run_duration: _duration_pb2.Duration | None = ...,
         max_retries: _builtins.int = ...,
         termination_grace_period: _duration_pb2.Duration | None = ...,
+        driver: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_run_duration", b"max_run_duration", "termination_grace_period", b"termination_grace_period"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "env", b"env", "image", b"image", "kind", b"kind", "max_retries", b"max_retries", "max_run_duration", b"max_run_duration", "secret_env", b"secret_env", "termination_grace_period", b"termination_grace_period", "workers", b"workers", "working_dir", b"working_dir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "driver", b"driver", "env", b"env", "image", b"image", "kind", b"kind", "max_retries", b"max_retries", "max_run_duration", b"max_run_duration", "secret_env", b"secret_env", "termination_grace_period", b"termination_grace_period", "workers", b"workers", "working_dir", b"working_dir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

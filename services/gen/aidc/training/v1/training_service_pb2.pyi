@@ -526,6 +526,7 @@ class ComputeRequest(_message.Message):
     POOL_FIELD_NUMBER: _builtins.int
     PREEMPTIBLE_FIELD_NUMBER: _builtins.int
     MAX_RUN_DURATION_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
     cpu_millicores: _builtins.int
     """Thousandths of a CPU core; 0 means the training service's default (AIDC_TRAINING_DEFAULT_CPU_MILLICORES, one
     core). The runner uses as many torch threads as whole cores requested.
@@ -541,6 +542,13 @@ class ComputeRequest(_message.Message):
     """Scheduler pool; empty means the default pool."""
     preemptible: _builtins.bool
     """Whether higher-priority work may preempt the run (it checkpoints, waits queued, and resumes). Default false."""
+    workers: _builtins.int
+    """Data-parallel workers, each with the resources above (0 or 1: one process, as before). More than one trains
+    with DDP through Ray Train's TorchTrainer on a Ray pool (the pool must be one): a gang placed all at once or not
+    at all, the global batch split between the workers, checkpoints in the tenant's storage (resumed on the
+    remaining capacity when a node is lost), the export and the model version made once, by rank 0. LoRA and full
+    fine-tunes only (not differential privacy). At most 64.
+    """
     @_builtins.property
     def max_run_duration(self) -> _duration_pb2.Duration:
         """The run is stopped and the job failed after running this long; unset means the pool's limit. Also what the
@@ -558,10 +566,11 @@ class ComputeRequest(_message.Message):
         pool: _builtins.str = ...,
         preemptible: _builtins.bool = ...,
         max_run_duration: _duration_pb2.Duration | None = ...,
+        workers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_run_duration", b"max_run_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_millicores", b"cpu_millicores", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "max_run_duration", b"max_run_duration", "memory_bytes", b"memory_bytes", "pool", b"pool", "preemptible", b"preemptible", "priority", b"priority"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_millicores", b"cpu_millicores", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "max_run_duration", b"max_run_duration", "memory_bytes", b"memory_bytes", "pool", b"pool", "preemptible", b"preemptible", "priority", b"priority", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
