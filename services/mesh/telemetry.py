@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.mesh.config import Setting
@@ -133,6 +135,17 @@ _state_lock = threading.Lock()
 _state: _Telemetry | None = None
 
 
+class _SystemIdGenerator(IdGenerator):
+    """Trace and span ids from the OS's randomness. The SDK's default draws from the ``random`` module, which a
+    training run seeds: every rank of a data-parallel run (and every rerun of one seed) would make the same ids."""
+
+    def generate_span_id(self) -> int:
+        return secrets.randbits(64) or 1
+
+    def generate_trace_id(self) -> int:
+        return secrets.randbits(128) or 1
+
+
 def init_telemetry(service_name: str, data_dir: Path, env: Mapping[str, str] = os.environ) -> TracerProvider:
     """Installs tracing for this process and returns the global tracer provider.
 
@@ -177,7 +190,7 @@ def _install_provider(service_name: str, env: Mapping[str, str]) -> TracerProvid
         # export through it rather than through a provider no tracer would ever use.
         _log.warning("a global tracer provider already exists; adding the %s exporter to it", service_name)
         return current
-    provider = TracerProvider(resource=_resource(service_name, env))
+    provider = TracerProvider(resource=_resource(service_name, env), id_generator=_SystemIdGenerator())
     trace.set_tracer_provider(provider)
     if trace.get_tracer_provider() is not provider:
         raise RuntimeError("could not install the global tracer provider")

@@ -42,6 +42,9 @@ class SchedulerRuns:
             name=request.name,
             pool=compute.pool,
             resources=resources(compute.cpu_millicores, compute.memory_bytes, compute.gpu_count, compute.gpu_type),
+            workers=max(compute.workers, 1),
+            # Several workers: the runner is a Ray driver placing its ranks itself (on a Ray pool only).
+            driver=compute.workers > 1,
             priority=compute.priority,
             preemptible=compute.preemptible,
             env=request.env,

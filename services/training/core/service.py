@@ -81,6 +81,7 @@ _REFUSALS = (
     QuotaExceeded,
 )
 _RETRY_SECONDS = (0.5, 10.0)
+_MAX_WORKERS = 64
 _T = TypeVar("_T")
 
 
@@ -124,10 +125,13 @@ def resolve_compute(compute: ComputeSpec, options: JobOptions) -> ComputeSpec:
         raise InvalidArgument("compute: quantities must not be negative")
     if compute.max_run_seconds and compute.max_run_seconds < 1:
         raise InvalidArgument("compute.max_run_duration must be at least one second")
+    if not 0 <= compute.workers <= _MAX_WORKERS:
+        raise InvalidArgument(f"compute.workers must be between 1 and {_MAX_WORKERS}")
     return replace(
         compute,
         cpu_millicores=compute.cpu_millicores or options.default_cpu_millicores,
         memory_bytes=compute.memory_bytes or options.default_memory_bytes,
+        workers=compute.workers or 1,
     )
 
 
@@ -204,6 +208,10 @@ class TrainingCore:
         if not dataset.name:
             raise InvalidArgument("dataset.name is required")
         resources = resolve_compute(compute or ComputeSpec(), self._options)
+        if resources.workers > 1 and spec.privacy is not None:
+            raise InvalidArgument(
+                "compute.workers: differential privacy trains on one worker (its accounting is per process)"
+            )
         if request_id:
             for job in await self._db(self._store.jobs, tenant):
                 if job.request_id == request_id:
@@ -344,10 +352,12 @@ class TrainingCore:
     def _run_request(self, job: JobRecord) -> RunRequest:
         job_dir = self._options.jobs_dir / job.job_id
         data_path = next(job_dir.glob("dataset.*"))
+        distributed = job.compute.workers > 1
         argv = (
             sys.executable,
             "-m",
-            "services.training.runner",
+            # Several workers: a Ray driver whose TorchTrainer runs the ranks where the scheduler placed them.
+            "services.training.runner.distributed" if distributed else "services.training.runner",
             "--job-dir",
             str(job_dir / RUN_DIR),
             "--spec",

@@ -20,7 +20,7 @@ from services.training.runner.store import ArtifactStore
 from services.training.runner.tracing import phase
 from services.training.runner.train import Trainer, TrainOutcome
 
-__all__ = ["RESULT_FILE", "RESULT_SCHEMA_VERSION", "InvalidJob", "run_job"]
+__all__ = ["RESULT_FILE", "RESULT_SCHEMA_VERSION", "InvalidJob", "finished_result", "run_job"]
 
 RESULT_FILE = "result.json"
 RESULT_SCHEMA_VERSION = 1
@@ -45,7 +45,7 @@ def run_job(
     with phase("load data") as span:
         job = prepare(spec, source)
         span.set_attribute("aidc.training.examples", len(job.dataset.examples))
-    finished = _finished_result(store, job)
+    finished = finished_result(store, job)
     if finished is not None:
         sink.emit(LogLine("info", "the job already finished; keeping its result"))
         sink.emit(StateChanged("succeeded", {"result": RESULT_FILE}))
@@ -79,7 +79,7 @@ def run_job(
     return result
 
 
-def _finished_result(store: ArtifactStore, job: PreparedJob) -> dict[str, Any] | None:
+def finished_result(store: ArtifactStore, job: PreparedJob) -> dict[str, Any] | None:
     if not store.exists(RESULT_FILE):
         return None
     result: dict[str, Any] = json.loads(store.get(RESULT_FILE))

