@@ -123,12 +123,22 @@ def up(
             "(Debian's prometheus package: `make prometheus-server`). Same as AIDC_MONITORING=true.",
         ),
     ] = False,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Also run a local Ray head and give the scheduler a Ray pool on it (multi-worker fine-tunes). "
+            "Same as AIDC_RAY=true.",
+        ),
+    ] = False,
 ) -> None:
     """Start every service, Triton, the S3 server and the trace collector; supervise them until Ctrl-C."""
     began = time.monotonic()
     env = _env(data_dir)
     if monitoring:
         env["AIDC_MONITORING"] = "true"
+    if ray:
+        env["AIDC_RAY"] = "true"
     try:
         platform = load_platform(env)
     except ValueError as exc:

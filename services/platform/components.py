@@ -34,6 +34,9 @@ __all__ = [
     "prepare_data_dir",
     "write_triton_tls",
     "build_components",
+    "ray_address",
+    "ray_head_argv",
+    "ray_temp_dir",
     "settings_env",
     "triton_argv",
     "weed_argv",
@@ -269,6 +272,11 @@ def _socket_path(directory: Path, name: str) -> Path:
     path = directory / name
     if len(str(path)) <= _MAX_SOCKET_PATH:
         return path
+    return _short_path(directory, name)
+
+
+def _short_path(directory: Path, name: str) -> Path:
+    """A short path in the system's temp directory standing for ``directory``/``name`` (one per directory)."""
     digest = hashlib.sha256(str(directory).encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"aidc-{digest}-{name}"
 
@@ -474,6 +482,37 @@ def prometheus_argv(platform: Platform) -> tuple[str, ...]:
     )
 
 
+def ray_head_argv(platform: Platform) -> tuple[str, ...]:
+    """A Ray head in the foreground (`ray start --block`: it exits, and the supervisor restarts it, if any of its
+    processes dies), on the platform's host, without a dashboard."""
+    p = platform.platform
+    binary = Path(sys.executable).with_name("ray")
+    cpus = (f"--num-cpus={p.ray_cpus}",) if p.ray_cpus else ()
+    return (
+        str(binary),
+        "start",
+        "--head",
+        "--block",
+        f"--port={p.ray_port}",
+        f"--node-ip-address={platform.mesh.host}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--temp-dir={ray_temp_dir(platform)}",
+        *cpus,
+    )
+
+
+def ray_temp_dir(platform: Platform) -> Path:
+    """Ray's session files: a short path of this data directory's own (Ray puts its unix sockets some 60 characters
+    deeper, and a socket path holds at most 107 bytes)."""
+    return _short_path(platform.data_dir.resolve(), "ray")
+
+
+def ray_address(platform: Platform) -> str:
+    """The local Ray head's GCS address (what `ray.init` and `ray start --address` join)."""
+    return f"{platform.mesh.host}:{platform.platform.ray_port}"
+
+
 def _child_env(platform: Platform, base: Mapping[str, str]) -> dict[str, str]:
     env = dict(base)
     env.update(settings_env(platform.mesh))
@@ -482,6 +521,11 @@ def _child_env(platform: Platform, base: Mapping[str, str]) -> dict[str, str]:
     env["AIDC_MODEL_REPOSITORY"] = platform.model_repository_url
     env["AIDC_TRITON_TLS_DIR"] = str(platform.triton_tls_dir)
     env["PYTHONUNBUFFERED"] = "1"
+    if platform.platform.ray:
+        # The scheduler's Ray pool is the local head (unless the operator points it at another cluster).
+        env.setdefault("AIDC_SCHEDULER_RAY_ADDRESS", ray_address(platform))
+        if platform.mesh.host in ("127.0.0.1", "localhost"):
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # a one-machine cluster stays on loopback
     return env
 
 
@@ -570,6 +614,24 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
         )
 
     chosen = [specs[name] for name in specs if name in p.platform_components]
+    if p.ray:
+        address = ray_address(platform)
+        chosen.insert(
+            0,
+            ComponentSpec(
+                name="ray",
+                argv=ray_head_argv(platform),
+                env=env,
+                cwd=platform.run_dir,
+                log_file=logs / "ray.log",
+                probe=ProbeSpec("tcp", address),
+                address=address,
+                endpoints=(f"Ray GCS {address} (the scheduler's pool {env.get('AIDC_SCHEDULER_RAY_POOL', 'ray')})",),
+                listens=(address,),
+                start_stage=_RUNTIME_STAGE,
+                stop_stage=1,
+            ),
+        )
     if p.monitoring:
         web = f"{platform.mesh.host}:{p.prometheus_port}"
         scheme = "http" if platform.mesh.tls_dir() is None else "https"

@@ -66,6 +66,15 @@ class PlatformSettings:
     prometheus_scrape_interval_seconds: float = setting(
         15.0, "How often the local Prometheus scrapes every component and evaluates the alert rules."
     )
+    ray: bool = setting(
+        False,
+        "Also run a local Ray head (`aidc up --ray`; the aidc[ray] extra, which `make install` installs) and give the "
+        "scheduler a Ray pool backed by it. Off: nothing of Ray starts or is imported.",
+    )
+    ray_port: int = setting(50160, "Port of the local Ray head's GCS (the address the scheduler and drivers join).")
+    ray_cpus: int = setting(
+        0, "CPUs the local Ray head offers; 0: Ray's count of this machine's (the default pool offers them too)."
+    )
     supervisor_metrics_port: int = setting(
         50150, "Port of the supervisor's own metrics (components up, restarts and why); 0: none."
     )
@@ -143,11 +152,14 @@ class PlatformSettings:
             "seaweedfs_filer_grpc_port",
             "seaweedfs_admin_port",
             "seaweedfs_admin_grpc_port",
+            "ray_port",
         ):
             if not 0 < getattr(self, name) <= 65535:
                 raise ValueError(f"AIDC_{name.upper()} must be a port number, not {getattr(self, name)}")
         if self.startup_timeout_seconds <= 0 or self.stop_grace_seconds <= 0:
             raise ValueError("AIDC_STARTUP_TIMEOUT_SECONDS and AIDC_STOP_GRACE_SECONDS must be positive")
+        if self.ray_cpus < 0:
+            raise ValueError(f"AIDC_RAY_CPUS must be 0 (Ray's count) or more, not {self.ray_cpus}")
         if self.triton_trace_rate < 1:
             raise ValueError("AIDC_TRITON_TRACE_RATE must be at least 1")
         if not 0 < self.restart_backoff_seconds <= self.restart_backoff_max_seconds:

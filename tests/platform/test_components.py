@@ -207,6 +207,8 @@ def test_settings_env_round_trips(tmp_path: Path) -> None:
         ({"AIDC_TRITON_METRICS_PORT": "-1"}, "AIDC_TRITON_METRICS_PORT"),
         ({"AIDC_SEAWEEDFS_MASTER_PORT": "70000"}, "AIDC_SEAWEEDFS_MASTER_PORT"),
         ({"AIDC_RESTART_BACKOFF_SECONDS": "0"}, "AIDC_RESTART_BACKOFF_SECONDS"),
+        ({"AIDC_RAY_PORT": "0"}, "AIDC_RAY_PORT"),
+        ({"AIDC_RAY_CPUS": "-1"}, "AIDC_RAY_CPUS"),
     ],
 )
 def test_bad_settings_fail_fast(env: dict[str, str], message: str) -> None:
