@@ -154,7 +154,18 @@ class AllocationMeter:
     async def release(self, allocation: Allocation) -> None:
         """``allocation`` with its release time stored: meters it to the end and forgets it."""
         async with self._lock:
-            await self._meter((allocation.job_id, allocation.attempt), allocation, allocation.released_ns)
+            key = (allocation.job_id, allocation.attempt)
+            tracked = self._open.get(key)
+            if tracked is not None and tracked.metered_until_ns > allocation.metered_until_ns:
+                allocation = replace(allocation, metered_until_ns=tracked.metered_until_ns)
+            if allocation.metered_until_ns > allocation.released_ns:
+                # Its work ended (e.g. the process's recorded exit) in a window already metered while the scheduler
+                # still held the allocation (it learns of an end a poll later; a Ray driver that lost a worker waits
+                # for Ray's word on the node): billed is billed, so it was held until then. Re-metering that window
+                # up to the earlier end would re-emit its events with other quantities, which billing rejects.
+                allocation = replace(allocation, released_ns=allocation.metered_until_ns)
+                await self._save(allocation)
+            await self._meter(key, allocation, allocation.released_ns)
 
     async def _meter(self, key: tuple[str, int], allocation: Allocation, until_ns: int) -> None:
         start = max(allocation.metered_until_ns, allocation.admitted_ns)

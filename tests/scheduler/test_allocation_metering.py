@@ -3,15 +3,18 @@ re-emission after a crash is identical), and the default pool's prices equal the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from decimal import Decimal
 from fractions import Fraction
 
 from services.billing.core.model import DEFAULT_PLAN
 from services.billing.core.pricebook import default_price_book
+from services.gen.aidc.billing.v1 import billing_service_pb2 as billing_pb
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.core import Resources
 from services.scheduler.domain.model import Allocation
-from services.scheduler.metering import allocation_events
+from services.scheduler.metering import AllocationMeter, allocation_events
 
 S = 10**9
 T0 = 1_741_608_000 * S  # a window boundary for 60 s windows
@@ -87,3 +90,40 @@ def test_the_default_pool_is_priced_like_the_seeded_price_book() -> None:
     gpus = settings.gpu_prices()
     assert gpus.pop("*") == hourly("gpu_seconds")
     assert gpus == {t: hourly("gpu_seconds", (("gpu_type", t),)) for t in gpus}
+
+
+class _Collected:
+    """The meter's outbox, collecting what it is given (the delivery to billing is tested in test_service_billing)."""
+
+    source = "scheduler"
+
+    def __init__(self) -> None:
+        self.events: list[billing_pb.UsageEvent] = []
+
+    def emit_events(self, events: Sequence[billing_pb.UsageEvent]) -> None:
+        self.events += events
+
+
+async def test_an_end_learned_after_its_window_was_metered_never_re_emits_that_window_otherwise() -> None:
+    """The process ended at 20.5 s (its recorded exit), but the scheduler learned of it only after the tick that
+    metered the window [20 s, 21 s) as held (a poll later; a Ray driver that lost a worker waits for Ray's word on
+    the node): the window is not emitted again with less, and the allocation counts as held until 21 s."""
+    outbox = _Collected()
+    saved: list[Allocation] = []
+    now = [T0 + 21 * S + 5]
+
+    async def save(allocation: Allocation) -> None:
+        saved.append(allocation)
+
+    meter = AllocationMeter(outbox, save, interval_seconds=1, clock=lambda: now[0])
+    allocation = _allocation(admitted_ns=T0 + 10 * S, nodes=("n1",), per_worker=Resources(1000, 2**30))
+    meter.track(allocation)
+    await meter.tick()  # windows up to 21 s, as held
+    await meter.release(replace(allocation, released_ns=T0 + 20 * S + S // 2))
+    contents: dict[str, bytes] = {}
+    for event in outbox.events:
+        assert contents.setdefault(event.id, event.SerializeToString()) == event.SerializeToString(), event.id
+    cpu = sum(Decimal(e.quantity) for e in outbox.events if e.meter == "cpu_core_seconds")
+    assert cpu == 11  # 10 s .. 21 s, once
+    assert saved[-1].released_ns == saved[-1].metered_until_ns == T0 + 21 * S
+    assert meter.held() == []
