@@ -37,6 +37,17 @@ class LocalRayCluster:
     def address(self) -> str:
         return str(self.cluster.address)
 
+    @property
+    def head(self) -> str:
+        return next(name for name, node in self.nodes.items() if node is self.cluster.head_node)
+
+    def add(self, spec: NodeSpec) -> str:
+        """Starts one more worker node; returns its scheduler node name."""
+        node = self.cluster.add_node(**_args(spec))
+        self.cluster.wait_for_nodes(timeout=120)
+        self.nodes[node_name_of(node.node_id)] = node
+        return node_name_of(node.node_id)
+
     def kill(self, name: str) -> None:
         """Kills a worker node's raylet and everything on it (a node lost)."""
         self.cluster.remove_node(self.nodes.pop(name), allow_graceful=False)
@@ -48,7 +59,6 @@ def _args(spec: NodeSpec) -> dict[str, Any]:
         "memory": spec.memory_bytes,
         "node_ip_address": "127.0.0.1",
         "object_store_memory": 80 * 2**20,
-        "include_dashboard": False,
     }
 
 
@@ -57,14 +67,11 @@ def ray_cluster(specs: Sequence[NodeSpec]) -> Iterator[LocalRayCluster]:
     """The head is ``specs[0]``, each other spec a worker node; shut down (every process) on exit."""
     from ray.cluster_utils import Cluster
 
-    head_args = _args(specs[0])
-    cluster = Cluster(initialize_head=True, head_node_args=head_args)
+    cluster = Cluster(initialize_head=True, head_node_args={**_args(specs[0]), "include_dashboard": False})
     try:
         handles = [cluster.head_node]
         for spec in specs[1:]:
-            worker_args = _args(spec)
-            worker_args.pop("include_dashboard")
-            handles.append(cluster.add_node(**worker_args))
+            handles.append(cluster.add_node(**_args(spec)))
         cluster.wait_for_nodes(timeout=120)
         nodes = {node_name_of(h.node_id): h for h in handles}
         yield LocalRayCluster(cluster, nodes)

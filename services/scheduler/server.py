@@ -145,6 +145,8 @@ async def build_server(
             settings.scheduler_ray_sync_seconds,
         )
     )
+    if ray_nodes is not None:
+        ray_executor.on_nodes_lost = ray_nodes.sync  # type: ignore[union-attr]
     servicer = SchedulerServicer(jobs, inventory, settings.scheduler_currency)
     # Billing takes usage only from a mesh service's certificate: without certificates (plaintext dev mode) the
     # usage waits in the outbox until mTLS is configured.

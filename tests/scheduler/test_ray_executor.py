@@ -170,61 +170,47 @@ async def test_a_gang_the_ready_nodes_cannot_hold_waits_and_never_starts(schedul
 
 @pytest.mark.slow
 async def test_a_node_killed_mid_job_requeues_it_and_it_resumes_from_its_checkpoint(
-    auth: RunningAuth, settings: AuthSettings, tmp_path: Path
+    scheduler: RunningScheduler, cluster: LocalRayCluster
 ) -> None:
-    tokens = await user_tokens(auth)
-    with ray_cluster([NodeSpec(1, 2 * GIB), NodeSpec(1, 2 * GIB), NodeSpec(1, 2 * GIB)]) as cluster:
-        env = scheduler_env(
-            tmp_path / "scheduler",
-            settings.auth_addr,
-            AIDC_CERTS_DIR=settings.certs_dir,
-            AIDC_SCHEDULER_RAY_ADDRESS=cluster.address,
-            AIDC_SCHEDULER_RAY_SYNC_SECONDS="0.5",
-        )
-        running = await start_scheduler(SchedulerSettings.from_env(env), tokens)
-        try:
-            client = running.submitter()
-            job = await _submit(running, runner_command(60, 0.1, "--checkpoint-every", "5"), workers=2)
-            directory = job_dir(running.settings, job.job_id)
+    """Last in this module: it kills a node of the module's cluster (after adding one, so that three remain)."""
+    cluster.add(NodeSpec(1, 2 * GIB))  # in this thread: Ray sets a signal handler (a few seconds, nothing runs)
+    client = scheduler.submitter()
+    job = await _submit(scheduler, runner_command(60, 0.1, "--checkpoint-every", "5"), workers=2)
+    directory = job_dir(scheduler.settings, job.job_id)
 
-            def checkpointed(worker: int) -> int:
-                path = directory / f"checkpoint-{worker}.json"
-                return int(json.loads(path.read_text())["step"]) if path.exists() else 0
+    def checkpointed(worker: int) -> int:
+        path = directory / f"checkpoint-{worker}.json"
+        return int(json.loads(path.read_text())["step"]) if path.exists() else 0
 
-            await wait_for(
-                client,
-                job.job_id,
-                lambda _: min(checkpointed(0), checkpointed(1)) >= 10,
-                timeout=180,
-                what="checkpointed on both workers",
-            )
-            first = await client.get_job(job.job_id)
-            head = next(name for name, node in cluster.nodes.items() if node is cluster.cluster.head_node)
-            victim = next(n for n in first.placement.nodes if n != head)
-            await asyncio.to_thread(cluster.kill, victim)
+    await wait_for(
+        client,
+        job.job_id,
+        lambda _: min(checkpointed(0), checkpointed(1)) >= 10,
+        timeout=180,
+        what="checkpointed on both workers",
+    )
+    first = await client.get_job(job.job_id)
+    victim = next(n for n in first.placement.nodes if n != cluster.head)
+    await asyncio.to_thread(cluster.kill, victim)
 
-            requeued = await wait_for(
-                client, job.job_id, lambda j: j.attempt == 2, timeout=120, what="requeued (attempt 2)"
-            )
-            assert "lost with its node" in requeued.state_reason or requeued.state != pb.JOB_STATE_QUEUED
-            done = await wait_terminal(client, job.job_id, timeout=240)
-            assert done.state == pb.JOB_STATE_SUCCEEDED, done.state_reason
-            assert done.attempt == 2 and victim not in done.placement.nodes
-            for worker in (0, 1):
-                events = runner_events(running.settings, job.job_id, worker)
-                starts = [e for e in events if e["event"] == "start"]
-                assert [s["attempt"] for s in starts] == [1, 2]
-                assert starts[1]["step"] >= 10  # resumed from its checkpoint, not from the start
-                assert [e["event"] for e in events].count("done") == 1
-            nodes = {n.name: n for n in _ray_pool(await running.client("platform/admin").list_pools()).nodes}
-            assert nodes[victim].state == pb.NODE_STATE_NOT_READY
-            # Metered: each attempt for the time it held its allocation, the lost one up to the loss.
-            allocations = _allocations(running, job.job_id)
-            assert [a["attempt"] for a in allocations] == [1, 2]
-            assert all(a["released_ns"] > a["admitted_ns"] for a in allocations)
-            assert allocations[0]["released_ns"] <= allocations[1]["admitted_ns"]
-        finally:
-            await running.stop()
+    requeued = await wait_for(client, job.job_id, lambda j: j.attempt == 2, timeout=120, what="requeued (attempt 2)")
+    assert "lost with its node" in requeued.state_reason or requeued.state != pb.JOB_STATE_QUEUED
+    done = await wait_terminal(client, job.job_id, timeout=240)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.state_reason
+    assert done.attempt == 2 and victim not in done.placement.nodes
+    for worker in (0, 1):
+        events = runner_events(scheduler.settings, job.job_id, worker)
+        starts = [e for e in events if e["event"] == "start"]
+        assert [s["attempt"] for s in starts] == [1, 2]
+        assert starts[1]["step"] >= 10  # resumed from its checkpoint, not from the start
+        assert [e["event"] for e in events].count("done") == 1
+    nodes = {n.name: n for n in _ray_pool(await scheduler.client("platform/admin").list_pools()).nodes}
+    assert nodes[victim].state == pb.NODE_STATE_NOT_READY
+    # Metered: each attempt for the time it held its allocation, the lost one up to the loss.
+    allocations = _allocations(scheduler, job.job_id)
+    assert [a["attempt"] for a in allocations] == [1, 2]
+    assert all(a["released_ns"] > a["admitted_ns"] for a in allocations)
+    assert allocations[0]["released_ns"] <= allocations[1]["admitted_ns"]
 
 
 def _allocations(running: RunningScheduler, job_id: str) -> list[dict[str, int]]:

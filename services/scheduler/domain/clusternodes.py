@@ -58,6 +58,8 @@ class ClusterNodes:
         self._max_run = max_run_seconds
         self._interval = interval_seconds
         self._task: asyncio.Task[None] | None = None
+        #: One sync at a time: the periodic one and the executor's when an attempt was lost with a node.
+        self._lock = asyncio.Lock()
 
     async def start(self) -> None:
         """Creates the pool if missing, syncs once, then keeps syncing in the background."""
@@ -86,6 +88,10 @@ class ClusterNodes:
 
     async def sync(self) -> None:
         """One round: the pool's nodes brought in line with the cluster's."""
+        async with self._lock:
+            await self._sync()
+
+    async def _sync(self) -> None:
         seen = {node.name: node for node in await self._source.nodes()}
         for name, node in seen.items():
             capacity = Resources(node.cpu_millicores, node.memory_bytes, node.gpus, node.gpu_type)

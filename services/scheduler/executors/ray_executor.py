@@ -18,7 +18,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
 from services.scheduler.executors.base import ExitStatus, LaunchRequest, WorkerRef, attempt_dir
@@ -47,14 +47,13 @@ def placement_of(request: LaunchRequest) -> Placement:
 class RayRun:
     """An attempt on Ray, seen through its driver. Each worker's ref names the driver (the one process to find)."""
 
-    def __init__(
-        self, driver: LocalRun, request: LaunchRequest, cluster: RayCluster, node_loss_wait_seconds: float
-    ) -> None:
+    def __init__(self, driver: LocalRun, request: LaunchRequest, executor: RayExecutor) -> None:
         self._driver = driver
         self._request = request
-        self._cluster = cluster
+        self._cluster = executor.cluster
+        self._executor = executor
         self._stopping = False
-        self._loss_wait = node_loss_wait_seconds
+        self._loss_wait = executor.node_loss_wait_seconds
 
     @property
     def workers(self) -> Sequence[WorkerRef]:
@@ -87,6 +86,14 @@ class RayRun:
             await asyncio.sleep(0.5)
         if not gone:
             return status
+        hook = self._executor.on_nodes_lost
+        if hook is not None:
+            # The pool learns of the loss before the job is requeued, so the next attempt is not placed on the dead
+            # node (which the periodic sync may not have marked NOT_READY yet).
+            try:
+                await hook()
+            except Exception:  # noqa: BLE001 - the periodic sync catches up; the requeue must not wait for it
+                log.warning("job %s: updating the pool's nodes failed", self._request.job_id, exc_info=True)
         names = ", ".join(sorted(n for n in self._request.nodes if node_id_of(n) in gone))
         return replace(status, disrupted=True, reason=f"Ray node {names} left the cluster; {status.reason}")
 
@@ -112,7 +119,9 @@ class RayExecutor:
         self._local = local
         self._python = python
         #: How long a driver that lost a worker waits for Ray to say whether the worker's node died.
-        self._loss_wait = node_loss_wait_seconds
+        self.node_loss_wait_seconds = node_loss_wait_seconds
+        #: Called when an attempt was lost with a node, before it ends (the pool's node sync, set by the server).
+        self.on_nodes_lost: Callable[[], Awaitable[None]] | None = None
 
     def _driver_request(self, request: LaunchRequest) -> LaunchRequest:
         placement = placement_of(request)
@@ -133,11 +142,11 @@ class RayExecutor:
             driver.ref,
             len(request.nodes),
         )
-        return RayRun(driver, request, self.cluster, self._loss_wait)
+        return RayRun(driver, request, self)
 
     async def adopt(self, request: LaunchRequest, workers: Sequence[WorkerRef]) -> RayRun | None:
         driver = await self._local.adopt(self._driver_request(request), [w for w in workers if w.index == 0])
-        return None if driver is None else RayRun(driver, request, self.cluster, self._loss_wait)
+        return None if driver is None else RayRun(driver, request, self)
 
     async def close(self) -> None:
         await self._local.close()

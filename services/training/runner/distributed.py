@@ -238,9 +238,21 @@ def _train(
         if rank == 0:
             from services.training.runner.export import ParityError
 
-            outcome = "parity" if isinstance(exc, ParityError) else "failed"
+            outcome = "parity" if isinstance(exc, ParityError) else "lost" if _peer_lost(exc) else "failed"
             ray.get(channel.finish.remote(outcome, f"{type(exc).__name__}: {exc}"))
         raise
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Whether a collective failed because another rank went away (its process, or its node), not by the job's
+    fault: then the scheduler asks Ray whether a node died (EXIT_WORKER_LOST) rather than failing the job."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):  # NCCL's and the rendezvous store's errors
+        return True
+    # gloo's transport errors ("Connection closed by peer", "Read error ... reset by peer") are plain RuntimeErrors
+    # naming their source.
+    return isinstance(exc, RuntimeError) and "gloo/transport" in str(exc)
 
 
 class _Driver:
@@ -347,7 +359,8 @@ def run(args: Any, out: TextIO) -> int:
             label_selector=placement.label_selectors(),
         ),
         run_config=RunConfig(
-            name=os.environ.get("AIDC_JOB_ID", "fine-tune"),
+            # One Ray Train run per attempt: an attempt never finds a lost one's state under its name.
+            name=f"{os.environ.get('AIDC_JOB_ID', 'fine-tune')}-attempt-{os.environ.get('AIDC_JOB_ATTEMPT', '0')}",
             storage_path=str((args.job_dir / ".ray-train").resolve()),
             failure_config=FailureConfig(max_failures=0),
         ),
@@ -377,9 +390,9 @@ def run(args: Any, out: TextIO) -> int:
     if outcome in ("invalid", "parity", "failed"):
         sink.emit(StateChanged("failed", {"reason": outcome, "message": message}))
         return {"invalid": EXIT_INVALID, "parity": EXIT_PARITY}.get(outcome, EXIT_FAILED)
-    # No word from rank 0: a rank (or its node) died under it.
-    log.warning("the ranks ended without an outcome: %s", failure)
-    sink.emit(StateChanged("failed", {"reason": "worker_lost", "message": f"a worker was lost: {failure}"}))
+    # Rank 0 lost a peer, or no word from rank 0: a rank (or its node) died under it.
+    log.warning("a worker was lost: %s", message or failure)
+    sink.emit(StateChanged("failed", {"reason": "worker_lost", "message": f"a worker was lost: {message or failure}"}))
     return EXIT_WORKER_LOST
 
 
