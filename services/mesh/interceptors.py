@@ -316,11 +316,16 @@ class AuthenticationInterceptor(_WrappingInterceptor):
 
     Public RPCs (per the permission table) need neither; every other RPC without credentials is
     UNAUTHENTICATED. RPCs missing from the table are left to the authorization interceptor to refuse.
+
+    On the tenant path (``tenant_path``: the listener tenants reach with a token and no client certificate) the
+    connection's certificate is never looked at, so no service identity can be had there, and RPCs whose rule is
+    ``mesh_only`` are refused with PERMISSION_DENIED before anything else.
     """
 
-    def __init__(self, table: PermissionTable, verifier: TokenVerifier) -> None:
+    def __init__(self, table: PermissionTable, verifier: TokenVerifier, *, tenant_path: bool = False) -> None:
         self._table = table
         self._verifier = verifier
+        self._tenant_path = tenant_path
 
     def decorate(
         self,
@@ -332,10 +337,18 @@ class AuthenticationInterceptor(_WrappingInterceptor):
         rule = self._table.rule(details.method)
         is_public = rule is not None and rule.scope is Scope.PUBLIC
         verifier = self._verifier
+        tenant_path = self._tenant_path
+        if tenant_path and rule is not None and rule.mesh_only:
+            refusal = f"{details.method} is for mesh services only: it is not served on the tenant endpoint"
+
+            async def refuse(_request: Any, _context: ServicerContext) -> None:
+                raise PermissionDenied(refusal)
+
+            return _around(behavior, request_streaming, response_streaming, refuse)
 
         async def before(_request: Any, context: ServicerContext) -> None:
             token = bearer_token(tuple(context.invocation_metadata() or ()))
-            service = _peer_service(context)
+            service = None if tenant_path else _peer_service(context)
             current_peer_service.set(service)
             principal: Principal | None = None
             if token is not None:

@@ -43,6 +43,7 @@ CLI = "import typer; from services.cli.platform_cmd import register; app = typer
 
 _PORT_VARIABLES = [
     *(f"AIDC_{name.upper()}_ADDR" for name in SERVICE_NAMES),
+    *(f"AIDC_{name.upper()}_TENANT_ADDR" for name in SERVICE_NAMES),
     "AIDC_COLLECTOR_ADDR",
     "AIDC_TRITON_GRPC_ADDR",
     "AIDC_S3_ENDPOINT",
