@@ -456,6 +456,7 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
 
     for service in SERVICE_NAMES:
         address = platform.mesh.address_of(service)
+        tenant = platform.mesh.tenant_address_of(service)
         specs[service] = ComponentSpec(
             name=service,
             argv=(python, "-m", f"services.{service}"),
@@ -464,8 +465,8 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
             log_file=logs / f"{service}.log",
             probe=ProbeSpec("grpc", address),
             address=address,
-            endpoints=(f"gRPC {address}",),
-            listens=(address,),
+            endpoints=(f"mesh gRPC {address}", *((f"tenant gRPC {tenant}",) if tenant else ())),
+            listens=(address, *((tenant,) if tenant else ())),
             start_stage=_SERVICE_STAGE,
             stop_stage=0,
         )

@@ -28,8 +28,9 @@ from tests.training.conftest import tiny_model_tar
 
 
 @pytest.fixture
-def training_process(storage_process: StorageProcess, tmp_path: Path) -> Iterator[str]:
-    """The training service as its own process next to the auth and storage processes; its address."""
+def training_process(storage_process: StorageProcess, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The training service as its own process next to the auth and storage processes; its mesh and tenant
+    addresses."""
     auth = storage_process.auth
     address = f"127.0.0.1:{free_port()}"
     env = service_env(
@@ -37,13 +38,14 @@ def training_process(storage_process: StorageProcess, tmp_path: Path) -> Iterato
         AIDC_AUTH_ADDR=auth.address,
         AIDC_STORAGE_ADDR=storage_process.address,
         AIDC_TRAINING_ADDR=address,
+        AIDC_TRAINING_TENANT_ADDR=f"127.0.0.1:{free_port()}",
         AIDC_TRAINING_PROGRESS_INTERVAL_SECONDS="0.2",
         AIDC_TRAINING_RUNNER_THREADS="1",
     )
     process = start_service_process("training", env, tmp_path / "training.log")
     try:
         wait_serving(address, process=process)
-        yield address
+        yield address, env["AIDC_TRAINING_TENANT_ADDR"]
     finally:
         stop_process(process)
 
@@ -79,15 +81,16 @@ async def _prepare(storage_process: StorageProcess, training_address: str, tiny_
 
 def test_train_and_model_commands(
     storage_process: StorageProcess,
-    training_process: str,
+    training_process: tuple[str, str],
     tiny_bert_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    asyncio.run(_prepare(storage_process, training_process, tiny_bert_dir))
+    training_address, training_tenant_address = training_process
+    asyncio.run(_prepare(storage_process, training_address, tiny_bert_dir))
     auth = storage_process.auth
-    monkeypatch.setenv("AIDC_AUTH_ADDR", auth.address)
-    monkeypatch.setenv("AIDC_STORAGE_ADDR", storage_process.address)
-    monkeypatch.setenv("AIDC_TRAINING_ADDR", training_process)
+    monkeypatch.setenv("AIDC_AUTH_TENANT_ADDR", auth.env["AIDC_AUTH_TENANT_ADDR"])
+    monkeypatch.setenv("AIDC_STORAGE_TENANT_ADDR", storage_process.env["AIDC_STORAGE_TENANT_ADDR"])
+    monkeypatch.setenv("AIDC_TRAINING_TENANT_ADDR", training_tenant_address)
     monkeypatch.setenv("AIDC_DATA_DIR", str(auth.data_dir))
     monkeypatch.setenv("AIDC_CREDENTIALS_FILE", str(auth.data_dir / "cli-credentials.json"))
     monkeypatch.setenv("COLUMNS", "200")
