@@ -125,8 +125,9 @@ class Platform:
         return f"{shown}\n--- supervisor.log:\n{log_tail(self.data_dir / 'logs' / 'supervisor.log', 40)}"
 
 
-@pytest.fixture
-def platform_env(tmp_path: Path) -> Iterator[Platform]:
+def platform_environment(tmp_path: Path) -> Platform:
+    """What `aidc up` needs to run a platform of its own under ``tmp_path``: every port free and explicit, cheap
+    password hashing; nothing inherited from the developer's AIDC_/OTEL_/AWS_ variables."""
     if not (RUNTIME / "bin" / "weed").exists() or not (RUNTIME / "pytriton").exists():
         pytest.fail(f"the runtime is not installed in {RUNTIME}: run `make install`")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIDC_", "OTEL_", "AWS_"))}
@@ -142,7 +143,12 @@ def platform_env(tmp_path: Path) -> Iterator[Platform]:
         AIDC_AUTH_ARGON2_TIME_COST="1",
         AIDC_AUTH_ARGON2_MEMORY_KIB="1024",
     )
-    platform = Platform(env=env, cwd=tmp_path, data_dir=tmp_path / "data")
+    return Platform(env=env, cwd=tmp_path, data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+def platform_env(tmp_path: Path) -> Iterator[Platform]:
+    platform = platform_environment(tmp_path)
     yield platform
     # Whatever happened above, leave nothing running.
     platform.cli("down", timeout=120)
