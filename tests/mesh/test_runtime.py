@@ -85,6 +85,28 @@ async def test_errors_mid_stream_are_mapped(echo: tuple[MeshServer, EchoClient])
     assert info.value.code() == grpc.StatusCode.INTERNAL and info.value.details() == INTERNAL_MESSAGE
 
 
+@pytest.mark.parametrize("raw", [b"\x0a\x05ab", b"\xff\xff\xff", b"\x0a"])
+async def test_request_bytes_that_do_not_decode_are_invalid_argument(
+    echo: tuple[MeshServer, EchoClient], tokens: dict[str, str], raw: bytes
+) -> None:
+    """Truncated or garbage request bytes: grpc itself would answer UNKNOWN with the parser's exception text (found by
+    fuzzing); the runtime says INVALID_ARGUMENT, for a unary RPC and for any message of a request stream, before
+    anything else runs."""
+    server, _ = echo
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for method in ("Raise", "WhoAmI"):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.unary_unary(f"/test.v1.Echo/{method}")(raw, metadata=_auth(tokens["admin"]), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert "DecodeError" not in (info.value.details() or "")
+        valid = Req(tenant="acme").SerializeToString()
+        upload = channel.stream_unary("/test.v1.Echo/UploadDataset")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await upload(iter([valid, raw]), metadata=_auth(tokens["acme"]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert await upload(iter([valid, valid]), metadata=_auth(tokens["acme"]), timeout=10)
+
+
 async def test_protected_rpc_without_credentials_is_unauthenticated(
     echo: tuple[MeshServer, EchoClient],
 ) -> None:
