@@ -97,7 +97,12 @@ def _start(tmp: Path, mode: str) -> Iterator[RunningPlatform]:
     platform = platform_environment(tmp)
     if mode == "plaintext":
         platform.env["AIDC_CERTS_DIR"] = "off"
-    platform.env.update(AIDC_SERVING_METERING_INTERVAL_SECONDS="0.5", AIDC_TRAINING_RUNNER_THREADS="1")
+    # Tokens outlive a long fuzzing run (AIDC_FUZZ_EXAMPLES), whose failed logins would block fresh ones.
+    platform.env.update(
+        AIDC_SERVING_METERING_INTERVAL_SECONDS="0.5",
+        AIDC_TRAINING_RUNNER_THREADS="1",
+        AIDC_AUTH_ACCESS_TOKEN_TTL_SECONDS="7200",
+    )
     try:
         up = platform.cli("up", "--detach")
         assert up.returncode == 0, platform.diagnostics(up)
