@@ -60,7 +60,7 @@ def parse_address(value: str) -> tuple[str, int]:
 
 
 _TENANT_DOC = (
-    "Tenant endpoint of the {service}: TLS with the service's certificate but no client certificate (plaintext when "
+    "Tenant endpoint of {service}: TLS with the service's certificate but no client certificate (plaintext when "
     "the mesh is), a bearer token per call; no service identity and no mesh-only RPC there. 'off': none."
 )
 #: The value of a tenant address that turns the tenant listener off.
@@ -81,13 +81,13 @@ class MeshSettings:
     scheduler_addr: str = setting("127.0.0.1:50054", "Address of the scheduler service.")
     billing_addr: str = setting("127.0.0.1:50055", "Address of the billing service.")
     serving_addr: str = setting("127.0.0.1:50056", "Address of the serving gateway (KServe v2 inference endpoint).")
-    auth_tenant_addr: str = setting("127.0.0.1:50041", _TENANT_DOC.format(service="auth"))
-    storage_tenant_addr: str = setting("127.0.0.1:50042", _TENANT_DOC.format(service="storage"))
-    training_tenant_addr: str = setting("127.0.0.1:50043", _TENANT_DOC.format(service="training"))
-    scheduler_tenant_addr: str = setting("127.0.0.1:50044", _TENANT_DOC.format(service="scheduler"))
-    billing_tenant_addr: str = setting("127.0.0.1:50045", _TENANT_DOC.format(service="billing"))
+    auth_tenant_addr: str = setting("127.0.0.1:50041", _TENANT_DOC.format(service="the auth service"))
+    storage_tenant_addr: str = setting("127.0.0.1:50042", _TENANT_DOC.format(service="the storage service"))
+    training_tenant_addr: str = setting("127.0.0.1:50043", _TENANT_DOC.format(service="the training service"))
+    scheduler_tenant_addr: str = setting("127.0.0.1:50044", _TENANT_DOC.format(service="the scheduler service"))
+    billing_tenant_addr: str = setting("127.0.0.1:50045", _TENANT_DOC.format(service="the billing service"))
     serving_tenant_addr: str = setting(
-        "127.0.0.1:50046", _TENANT_DOC.format(service="serving gateway (KServe v2 inference included)")
+        "127.0.0.1:50046", _TENANT_DOC.format(service="the serving gateway (KServe v2 inference included)")
     )
     certs_dir: str = setting(
         "",

@@ -6,7 +6,8 @@ request leaves its service's state as it was (its read RPCs answer the same befo
 every service still answers health SERVING and no component was restarted.
 
 How many examples each method gets per caller: AIDC_FUZZ_EXAMPLES (default 4, for `make test`; e.g. 200 for a long
-run). The requests sent per method are written to <data dir>/fuzz-counts.json and printed at the end.
+run). The requests sent per method, and the codes they were answered with, are written to <data dir>/fuzz-counts.json
+and printed at the end.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ HINTS = {
     "platform-admin": Hints(tenants=("globex", "platform", "fuzz"), names=(MODEL, "keywords", "tiny-bert", "fuzz")),
 }
 COUNTS: Counter[str] = Counter()
+#: The status codes each method answered, with how often.
+CODES: dict[str, Counter[str]] = {}
 
 
 def _service_of(method: str) -> str:
@@ -101,10 +104,13 @@ def session(mtls_walk: RunningPlatform) -> Iterator[Session]:
     yield running
     running.close()
     counts = {method: COUNTS[method] for method in METHODS}
-    (mtls_walk.platform.data_dir / "fuzz-counts.json").write_text(json.dumps(counts, indent=2))
+    answers = {method: dict(CODES.get(method, {})) for method in METHODS}
+    report = {"examples_per_caller": EXAMPLES, "requests": counts, "codes": answers}
+    (mtls_walk.platform.data_dir / "fuzz-counts.json").write_text(json.dumps(report, indent=2))
     print(f"\nfuzz requests per method ({EXAMPLES} examples per caller; {sum(counts.values())} in all):")
     for method, count in counts.items():
-        print(f"  {count:6d}  {method}")
+        codes = ", ".join(f"{name} {n}" for name, n in sorted(answers[method].items()))
+        print(f"  {count:6d}  {method}  ({codes})")
 
 
 def _send(session: Session, method: str, messages: list[bytes], token: str) -> tuple[grpc.StatusCode, float]:
@@ -154,6 +160,7 @@ def test_fuzz_rpc(session: Session, method: str, caller: str) -> None:
         before = session.digest(service)
         code, took = _send(session, method, [data for _, data in made], session.tokens[caller])
         COUNTS[method] += 1
+        CODES.setdefault(method, Counter())[code.name] += 1
         how = "+".join(kind for kind, _ in made)
         assert code not in BROKEN, f"{method} as {caller} ({how}) answered {code.name}"
         timeout = STREAM_TIMEOUT if descriptor.server_streaming else UNARY_TIMEOUT
