@@ -44,7 +44,8 @@ class LocalTokenVerifier(TokenVerifier):
         async def revocations() -> Mapping[str, float]:
             return sessions.revocations()
 
-        super().__init__(jwks, revocations, refresh_seconds=refresh_seconds)
+        # Both come from this process: refetched inline (never stale), not in the background as other services do.
+        super().__init__(jwks, revocations, refresh_seconds=refresh_seconds, max_stale_seconds=refresh_seconds)
         self._sessions = sessions
 
     async def verify(self, token: str) -> Principal:

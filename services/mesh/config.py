@@ -110,7 +110,13 @@ class MeshSettings:
         5.0,
         "How often each service refetches auth's token-signing keys (JWKS) and list of revoked credentials: a revoked "
         "API key, ended login or job delegation, disabled user or retired signing key stops working in other "
-        "services at most this long after auth dropped it.",
+        "services about this long after auth dropped it (refetched in the background, off the request path).",
+    )
+    revocation_max_stale_seconds: float = setting(
+        30.0,
+        "How long a service keeps trusting its last keys and revocation list while auth does not answer (an auth "
+        "restart shorter than this is invisible to callers); past it, token-bearing calls fail UNAVAILABLE. The "
+        "upper bound on a revocation's delay when auth is unreachable.",
     )
     database_url: str = setting(
         "",
@@ -170,6 +176,8 @@ class MeshSettings:
             raise ValueError("AIDC_MAX_MESSAGE_BYTES must be positive")
         if self.revocation_refresh_seconds <= 0:
             raise ValueError("AIDC_REVOCATION_REFRESH_SECONDS must be positive")
+        if self.revocation_max_stale_seconds < self.revocation_refresh_seconds:
+            raise ValueError("AIDC_REVOCATION_MAX_STALE_SECONDS must be at least AIDC_REVOCATION_REFRESH_SECONDS")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"AIDC_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
 

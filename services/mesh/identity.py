@@ -170,10 +170,13 @@ async def _nothing_revoked() -> Mapping[str, float]:
 class TokenVerifier:
     """Verifies access tokens against auth's key set (JWKS) and revocation list.
 
-    Both are refetched when they are older than ``refresh_seconds`` (the request that finds them stale waits for
-    the refetch, and fails UNAVAILABLE when auth does not answer: a verifier never trusts a stale list), and the keys
-    at once when an unknown ``kid`` shows up (at most every ``unknown_kid_interval_seconds``). A key that left the
-    JWKS, or a revoked credential, is therefore refused at most ``refresh_seconds`` after auth dropped it.
+    Both are refetched in the background once they are older than ``refresh_seconds`` (the request that notices
+    goes on with the current ones, so no request waits for auth on the hot path), and the keys at once when an
+    unknown ``kid`` shows up (at most every ``unknown_kid_interval_seconds``). Once they are older than
+    ``max_stale_seconds`` (auth has not answered for that long) requests wait for a refetch and fail UNAVAILABLE
+    when auth does not answer: a verifier never trusts a list older than that. A key that left the JWKS, or a
+    revoked credential, is therefore refused about ``refresh_seconds`` after auth dropped it while auth answers,
+    and at most ``max_stale_seconds`` after in any case; an auth restart shorter than that is invisible to callers.
     Verified tokens are cached until they expire, and every hit is checked again against the current keys and list.
     """
 
@@ -183,6 +186,7 @@ class TokenVerifier:
         load_revocations: RevocationLoader = _nothing_revoked,
         *,
         refresh_seconds: float = 5.0,
+        max_stale_seconds: float = 30.0,
         leeway_seconds: float = TOKEN_LEEWAY_SECONDS,
         unknown_kid_interval_seconds: float = 2.0,
         cache_size: int = 10_000,
@@ -192,6 +196,8 @@ class TokenVerifier:
         self._load_jwks = load_jwks
         self._load_revocations = load_revocations
         self._refresh_seconds = refresh_seconds
+        self._max_stale_seconds = max(max_stale_seconds, refresh_seconds)
+        self._background: asyncio.Task[None] | None = None
         self._leeway = leeway_seconds
         self._unknown_kid_interval = unknown_kid_interval_seconds
         self._cache_size = cache_size
@@ -211,8 +217,15 @@ class TokenVerifier:
     async def verify(self, token: str) -> Principal:
         """The principal a token names; Unauthenticated for malformed, tampered, expired, revoked or unknown-key
         tokens; Unavailable when the keys and the revocation list are stale and auth does not answer."""
-        if self._monotonic() - self._loaded_at >= self._refresh_seconds:
+        age = self._monotonic() - self._loaded_at
+        if age >= self._max_stale_seconds:
             await self._refresh_when_stale()
+        elif (
+            age >= self._refresh_seconds
+            and self._background is None
+            and self._monotonic() - self._failed_at >= _RETRY_AFTER_FAILURE_SECONDS
+        ):
+            self._background = asyncio.create_task(self._refresh_in_background())
         principal = self._cache.get(token)
         if principal is None:
             principal = await self._decode(token)
@@ -268,9 +281,19 @@ class TokenVerifier:
             raise Unauthenticated("access token signed by an unknown key")
         return key
 
+    async def _refresh_in_background(self) -> None:
+        try:
+            async with self._lock:
+                if self._monotonic() - self._loaded_at >= self._refresh_seconds:
+                    await self._refresh()
+        except Unavailable:
+            self._failed_at = self._monotonic()  # the next request past the refresh interval tries again
+        finally:
+            self._background = None
+
     async def _refresh_when_stale(self) -> None:
         async with self._lock:  # concurrent requests share one refetch
-            if self._monotonic() - self._loaded_at < self._refresh_seconds:
+            if self._monotonic() - self._loaded_at < self._max_stale_seconds:
                 return
             if self._monotonic() - self._failed_at < _RETRY_AFTER_FAILURE_SECONDS:
                 # Requests queued behind a refetch that just failed fail at once rather than each waiting for auth.

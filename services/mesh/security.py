@@ -67,7 +67,12 @@ def mesh_security(settings: MeshSettings, service: str) -> MeshSecurity:
     auth = AuthDecisions(create_channel(settings.auth_addr, settings, identity=service))
     return MeshSecurity(
         auth=auth,
-        verifier=TokenVerifier(auth.jwks, auth.revocations, refresh_seconds=settings.revocation_refresh_seconds),
+        verifier=TokenVerifier(
+            auth.jwks,
+            auth.revocations,
+            refresh_seconds=settings.revocation_refresh_seconds,
+            max_stale_seconds=settings.revocation_max_stale_seconds,
+        ),
         checker=CachedPermissionChecker(auth, ttl_seconds=settings.decision_cache_seconds),
     )
 

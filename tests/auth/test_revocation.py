@@ -21,13 +21,16 @@ from services.auth.store import AuthStore
 from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
 from services.mesh.db import open_database
 from services.mesh.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
-from services.mesh.security import secured_server
+from services.mesh.identity import TokenVerifier
+from services.mesh.security import AuthDecisions, secured_server
 from tests.conftest import ADMIN_PASSWORD, RunningAuth, start_auth
 from tests.mesh.echo import PERMISSIONS, EchoClient, Req, registration
 
 PASSWORD = "correct horse battery"
 #: How often the echo service refetches auth's keys and revocations in these tests.
 REFRESH_SECONDS = 0.5
+#: How long the echo service trusts its last keys and revocations while auth does not answer, in these tests.
+MAX_STALE_SECONDS = 3.0
 
 #: Calls the echo service's ReadDatasets in acme with a token: "ok" or the status code's name.
 Echo = Callable[[str], Awaitable[str]]
@@ -37,7 +40,12 @@ Echo = Callable[[str], Awaitable[str]]
 async def echo(auth: RunningAuth) -> AsyncIterator[Echo]:
     """Another service of the mesh, verifying with auth's keys and revocations; its decisions are cached for a
     minute, so a refusal within the test can only come from the revocation list (or the keys)."""
-    settings = replace(auth.settings, decision_cache_seconds=60.0, revocation_refresh_seconds=REFRESH_SECONDS)
+    settings = replace(
+        auth.settings,
+        decision_cache_seconds=60.0,
+        revocation_refresh_seconds=REFRESH_SECONDS,
+        revocation_max_stale_seconds=MAX_STALE_SECONDS,
+    )
     server = secured_server("echo", settings, [registration()], PERMISSIONS, address="127.0.0.1:0")
     port = await server.start()
     await server.wait_ready()
@@ -259,12 +267,54 @@ async def test_the_first_start_admin_password_works_once_to_set_a_new_one(settin
         await running.server.stop(0)
 
 
-async def test_a_service_that_cannot_refetch_the_revocation_list_refuses_rather_than_trust_an_old_one(
+async def test_a_service_trusts_its_last_revocation_list_only_for_a_bounded_time_while_auth_is_down(
     auth: RunningAuth, echo: Echo
 ) -> None:
     await _acme_with_alice(auth)
     token = (await auth.client().login("acme", "alice", PASSWORD)).access_token
     assert await echo(token) == "ok"
     await auth.server.stop(0)
-    answer, _ = await _refused_within(lambda: echo(token), REFRESH_SECONDS + 10)
-    assert answer == "UNAVAILABLE"  # not "ok": a revocation made just before auth went down must not be missed
+    stopped = time.monotonic()
+    # A short auth outage (a restart) is invisible: the last keys and list are trusted for MAX_STALE_SECONDS ...
+    assert await echo(token) == "ok"
+    answer, _ = await _refused_within(lambda: echo(token), MAX_STALE_SECONDS + 10)
+    # ... and never longer: a revocation made just before auth went down must not be missed.
+    assert answer == "UNAVAILABLE"
+    assert time.monotonic() - stopped >= MAX_STALE_SECONDS - REFRESH_SECONDS
+
+
+async def test_no_request_waits_for_auth_while_the_keys_are_fresh_enough(auth: RunningAuth) -> None:
+    """The periodic refetch runs beside requests: a slow auth delays no token check until the keys are older than
+    the staleness bound, and then the checks wait for it."""
+    await _acme_with_alice(auth)
+    token = (await auth.client().login("acme", "alice", PASSWORD)).access_token
+    decisions = AuthDecisions(grpc.aio.insecure_channel(auth.address))
+    auth_answers = asyncio.Event()
+    auth_answers.set()
+    fetches = 0
+
+    async def slow_jwks() -> str:
+        nonlocal fetches
+        fetches += 1
+        await auth_answers.wait()
+        return await decisions.jwks()
+
+    verifier = TokenVerifier(slow_jwks, decisions.revocations, refresh_seconds=0.2, max_stale_seconds=2.0)
+    try:
+        assert (await verifier.verify(token)).subject == "user:acme/alice"
+        auth_answers.clear()  # auth stops answering
+        await asyncio.sleep(0.3)  # past the refresh interval, within the staleness bound
+        began = time.monotonic()
+        for _ in range(20):
+            assert (await asyncio.wait_for(verifier.verify(token), 0.5)).subject == "user:acme/alice"
+        assert time.monotonic() - began < 0.5
+        assert fetches == 2  # one background refetch, started by the first request past the interval
+        await asyncio.sleep(2.0)  # past the staleness bound: requests now wait for the refetch
+        waiting = asyncio.create_task(verifier.verify(token))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        auth_answers.set()
+        assert (await asyncio.wait_for(waiting, 5)).subject == "user:acme/alice"
+    finally:
+        auth_answers.set()
+        await decisions.close()

@@ -53,7 +53,10 @@ class SeaweedFS:
         for sub in ("data", "log"):
             (platform.s3_dir / sub).mkdir(parents=True, exist_ok=True)
         write_s3_identity_config(platform.s3_dir / "s3.json", platform.credentials)
-        self._argv = weed_argv(platform)
+        # Every test takes its own bucket, and SeaweedFS gives each bucket its own volumes: with the volume count
+        # left to SeaweedFS (free disk / 1 GiB) a session's buckets ran out of writable volumes on a fuller disk.
+        # Volumes are sparse files, so a high count costs nothing.
+        self._argv = (*weed_argv(platform), "-volume.max=2000", "-master.volumeSizeLimitMB=64")
         self._log = self.directory / "weed.log"
 
     def start(self, timeout: float = 60.0) -> None:
