@@ -156,20 +156,17 @@ class MeshSettings:
 
     def validate(self) -> None:
         """Fails fast on values that can't work; called by load_settings."""
-        listeners: dict[tuple[str, int], str] = {}
         for name in SERVICE_NAMES:
             for what, address in (("", self.address_of(name)), ("_TENANT", self.tenant_address_of(name))):
-                if address is None:
-                    continue
-                env = f"AIDC_{name.upper()}{what}_ADDR"
-                try:
-                    host, port = parse_address(address)
-                except ValueError as exc:
-                    raise ValueError(f"{env}: {exc}") from None
-                # gRPC binds with SO_REUSEPORT: two listeners on one port would silently share its connections.
-                if port and (host, port) in listeners:
-                    raise ValueError(f"{env} is the address of {listeners[host, port]} too")
-                listeners[host, port] = env
+                if address is not None:
+                    try:
+                        parse_address(address)
+                    except ValueError as exc:
+                        raise ValueError(f"AIDC_{name.upper()}{what}_ADDR: {exc}") from None
+            # Both listeners bind on AIDC_HOST, with SO_REUSEPORT: on one port they would silently share connections.
+            tenant = self.tenant_address_of(name)
+            if tenant is not None and parse_address(tenant)[1] == parse_address(self.address_of(name))[1]:
+                raise ValueError(f"AIDC_{name.upper()}_TENANT_ADDR has the port of AIDC_{name.upper()}_ADDR")
         if self.client_auth not in ("require", "none"):
             raise ValueError(f"AIDC_CLIENT_AUTH must be 'require' or 'none', not {self.client_auth!r}")
         if self.max_message_bytes <= 0:

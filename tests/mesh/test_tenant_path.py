@@ -291,8 +291,8 @@ def test_tenant_listener_settings() -> None:
     settings = load_settings(MeshSettings, {"AIDC_BILLING_TENANT_ADDR": "off"})
     assert settings.tenant_address_of("auth") == "127.0.0.1:50041"
     assert settings.tenant_address_of("billing") is None
-    with pytest.raises(ValueError, match="AIDC_SERVING_TENANT_ADDR is the address of AIDC_SERVING_ADDR"):
-        load_settings(MeshSettings, {"AIDC_SERVING_TENANT_ADDR": "127.0.0.1:50056"})
+    with pytest.raises(ValueError, match="AIDC_SERVING_TENANT_ADDR has the port of AIDC_SERVING_ADDR"):
+        load_settings(MeshSettings, {"AIDC_SERVING_TENANT_ADDR": "localhost:50056"})  # both bind AIDC_HOST:50056
     with pytest.raises(ValueError, match="AIDC_AUTH_TENANT_ADDR"):
         load_settings(MeshSettings, {"AIDC_AUTH_TENANT_ADDR": "nowhere"})
 
