@@ -67,17 +67,22 @@ def method_descriptor(full_method: str) -> MethodDescriptor:
     return descriptor_pool.Default().FindMethodByName(full_method.lstrip("/").replace("/", "."))
 
 
-def _strings(field: FieldDescriptor, hints: Hints) -> st.SearchStrategy[str]:
+def _strings(field: FieldDescriptor, hints: Hints, depth: int) -> st.SearchStrategy[str]:
     hinted: list[str] = list(NASTY)
     if field.name in ("tenant", "tenant_id") or field.name.endswith("_tenant"):
         hinted = [*hints.tenants, *hinted]
     elif "name" in field.name or field.name in ("model", "dataset", "base_model", "alias", "pool", "node"):
         hinted = [*hints.names, *hinted]
-    return st.one_of(
-        st.sampled_from(hinted),
-        st.text(max_size=40),
-        st.sampled_from(HUGE).map(lambda n: "x" * n),
-    )
+    choices = [st.sampled_from(hinted), st.text(max_size=40)]
+    if depth == 0:  # huge strings at the top level only: nested in long lists they would multiply
+        choices.append(st.sampled_from(HUGE).map(lambda n: "x" * n))
+    return st.one_of(*choices)
+
+
+def _count(depth: int) -> st.SearchStrategy[int]:
+    """How many items a repeated field or map gets: past the limits at the top level only (a long list of messages
+    each holding long lists would grow without bound)."""
+    return st.one_of(st.integers(0, 3), st.sampled_from(LONG)) if depth == 0 else st.integers(0, 2)
 
 
 _INTS = {
@@ -97,7 +102,7 @@ _INTS = {
 def _scalar(field: FieldDescriptor, hints: Hints, depth: int) -> st.SearchStrategy[Any]:
     kind = field.type
     if kind == FieldDescriptor.TYPE_STRING:
-        return _strings(field, hints)
+        return _strings(field, hints, depth)
     if kind == FieldDescriptor.TYPE_BYTES:
         return st.binary(max_size=64)
     if kind == FieldDescriptor.TYPE_BOOL:
@@ -133,19 +138,19 @@ def messages(draw: st.DrawFn, descriptor: Descriptor, hints: Hints, depth: int =
                 field.message_type.fields_by_name["key"],
                 field.message_type.fields_by_name["value"],
             )
-            count = draw(st.one_of(st.integers(0, 3), st.sampled_from(LONG)))
-            keys = draw(st.lists(_scalar(key_field, hints, depth), min_size=min(count, 3), max_size=min(count, 3)))
+            count = draw(_count(depth))
+            keys = draw(st.lists(_scalar(key_field, hints, depth + 1), min_size=min(count, 3), max_size=min(count, 3)))
             keys += [f"k{i}" if key_field.type == FieldDescriptor.TYPE_STRING else i for i in range(count - len(keys))]
             target = getattr(message, field.name)
             for key in keys:
-                value = draw(_scalar(value_field, hints, depth))
+                value = draw(_scalar(value_field, hints, depth + 1))
                 if value_field.type == FieldDescriptor.TYPE_MESSAGE:
                     target[key].CopyFrom(value)
                 else:
                     target[key] = value
         elif field.is_repeated:
-            count = draw(st.one_of(st.integers(0, 3), st.sampled_from(LONG)))
-            items = draw(st.lists(_scalar(field, hints, depth), min_size=min(count, 3), max_size=min(count, 3)))
+            count = draw(_count(depth))
+            items = draw(st.lists(_scalar(field, hints, depth + 1), min_size=min(count, 3), max_size=min(count, 3)))
             items += items[-1:] * (count - len(items)) if items else []
             target = getattr(message, field.name)
             if field.type == FieldDescriptor.TYPE_MESSAGE:
