@@ -177,7 +177,7 @@ class InferenceGateway:
 
         self._triton_infer = method("ModelInfer")
         self._triton_stream = triton.stream_stream(f"/{INFERENCE_SERVICE}/ModelStreamInfer", None, None)
-        self._triton_metadata = method("ServerMetadata")
+        self._triton_metadata = method("ServerMetadata", spb.ServerMetadataRequest, spb.ServerMetadataResponse)
         self._triton_ready = method("ServerReady", spb.ServerReadyRequest, spb.ServerReadyResponse)
         self._triton_model_ready = method("ModelReady", spb.ModelReadyRequest, spb.ModelReadyResponse)
         self._triton_model_metadata = method("ModelMetadata", spb.ModelMetadataRequest, spb.ModelMetadataResponse)
@@ -221,7 +221,7 @@ class InferenceGateway:
             {
                 "ServerLive": unary(self.server_live, spb.ServerLiveRequest, spb.ServerLiveResponse),
                 "ServerReady": unary(self.server_ready, spb.ServerReadyRequest, spb.ServerReadyResponse),
-                "ServerMetadata": unary(self.server_metadata),
+                "ServerMetadata": unary(self.server_metadata, spb.ServerMetadataRequest, spb.ServerMetadataResponse),
                 "ModelReady": unary(self.model_ready, spb.ModelReadyRequest, spb.ModelReadyResponse),
                 "ModelMetadata": unary(self.model_metadata, spb.ModelMetadataRequest, spb.ModelMetadataResponse),
                 "ModelConfig": unary(self.model_config, spb.ModelConfigRequest, spb.ModelConfigResponse),
@@ -317,12 +317,15 @@ class InferenceGateway:
     async def server_ready(self, request: spb.ServerReadyRequest, context: ServicerContext[Any, Any]) -> Any:
         return spb.ServerReadyResponse(ready=await self.triton_ready())
 
-    async def server_metadata(self, request: bytes, context: ServicerContext[Any, Any]) -> bytes:
+    async def server_metadata(self, request: spb.ServerMetadataRequest, context: ServicerContext[Any, Any]) -> Any:
+        # A request of its own, not the caller's bytes: Triton answers INTERNAL to bytes it cannot parse (found by
+        # fuzzing), while the mesh refuses them with INVALID_ARGUMENT before this runs.
         try:
-            response: bytes = await self._triton_metadata(request, timeout=_timeout(context), metadata=self._access)
+            return await self._triton_metadata(
+                spb.ServerMetadataRequest(), timeout=_timeout(context), metadata=self._access
+            )
         except grpc.aio.AioRpcError as error:
             await self._fail(error, context, None, "")
-        return response
 
     async def model_ready(self, request: spb.ModelReadyRequest, context: ServicerContext[Any, Any]) -> Any:
         """Not deployed is ``ready: false``, as Triton answers for a model it does not know (clients poll it)."""
