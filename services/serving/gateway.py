@@ -39,7 +39,14 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from services.billing.client import BillingClient, UsageEmitter
 from services.mesh.authz import PermissionChecker, PermissionTable, Rule, authenticated, public
 from services.mesh.channels import create_channel
-from services.mesh.errors import AidcError, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from services.mesh.errors import (
+    AidcError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+    bounded_message,
+)
 from services.mesh.identity import PLATFORM_TENANT, require_principal
 from services.mesh.security import MeshSecurity
 from services.mesh.server import Registration
@@ -277,7 +284,8 @@ class InferenceGateway:
             log.info("Triton unavailable: %s", error.details())
             raise Unavailable("inference server unavailable; retry later")
         details = error.details() or ""
-        await context.abort(error.code(), details if route is None else _in_tenant_terms(details, route, name))
+        details = details if route is None else _in_tenant_terms(details, route, name)
+        await context.abort(error.code(), bounded_message(details))  # Triton's may quote the request at any length
 
     # -- inference ---------------------------------------------------------------------------------------
 

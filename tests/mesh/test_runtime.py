@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from services.mesh.channels import create_channel
-from services.mesh.errors import INTERNAL_MESSAGE
+from services.mesh.errors import INTERNAL_MESSAGE, MAX_MESSAGE_BYTES
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer
 from tests.conftest import RunningAuth
@@ -83,6 +83,17 @@ async def test_errors_mid_stream_are_mapped(echo: tuple[MeshServer, EchoClient])
         async for _ in call:
             pass
     assert info.value.code() == grpc.StatusCode.INTERNAL and info.value.details() == INTERNAL_MESSAGE
+
+
+async def test_a_message_quoting_a_huge_input_keeps_its_status(echo: tuple[MeshServer, EchoClient]) -> None:
+    """Found by fuzzing: a status message quoting a 70,000-character name overflowed gRPC's metadata limit, and the
+    caller got RESOURCE_EXHAUSTED instead of NOT_FOUND. Messages are cut to MAX_MESSAGE_BYTES."""
+    _, client = echo
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.unary("Raise")(Req(tenant="NotFound:" + "x" * 70_000))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    details = info.value.details() or ""
+    assert details.startswith("no such thing: NotFound:xxx") and len(details.encode()) <= MAX_MESSAGE_BYTES
 
 
 @pytest.mark.parametrize("raw", [b"\x0a\x05ab", b"\xff\xff\xff", b"\x0a"])
