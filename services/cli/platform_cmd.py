@@ -21,12 +21,12 @@ from services.mesh.errors import AidcError
 from services.platform.components import build_components
 from services.platform.probes import Health
 from services.platform.state import PlatformState
+from services.platform.status import ComponentStatus, platform_status
 from services.platform.supervisor import (
     AlreadyRunning,
     StartupError,
     Supervisor,
     load_platform,
-    platform_status,
     read_bootstrap_admin,
     start_detached,
     stop_platform,
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
 
 
-def _env(data_dir: Path | None) -> Mapping[str, str]:
+def _env(data_dir: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     if data_dir is not None:
         env["AIDC_DATA_DIR"] = str(data_dir)
@@ -81,6 +81,8 @@ def _print_ready(state: PlatformState, began: float, env: Mapping[str, str]) -> 
     for c in state.components:
         for i, endpoint in enumerate(c.endpoints):
             table.add_row(c.name if i == 0 else "", endpoint, str(c.pid or "-") if i == 0 else "")
+    if state.metrics_url:
+        table.add_row("supervisor", f"metrics {state.metrics_url}", str(state.supervisor_pid))
     _console.print(table)
     _console.print(
         f"all {len(state.components)} components SERVING in {state.ready_seconds:.1f}s "
@@ -131,10 +133,20 @@ def up(
         typer.Option("--timeout", min=1, help="Seconds to wait for SERVING (default AIDC_STARTUP_TIMEOUT_SECONDS)."),
     ] = None,
     data_dir: DataDirOption = None,
+    monitoring: Annotated[
+        bool,
+        typer.Option(
+            "--monitoring",
+            help="Also run a local Prometheus scraping every component, with the alert rules loaded "
+            "(Debian's prometheus package: `make prometheus-server`). Same as AIDC_MONITORING=true.",
+        ),
+    ] = False,
 ) -> None:
     """Start every service, Triton, the S3 server and the trace collector; supervise them until Ctrl-C."""
     began = time.monotonic()
     env = _env(data_dir)
+    if monitoring:
+        env["AIDC_MONITORING"] = "true"
     try:
         platform = load_platform(env)
     except ValueError as exc:
@@ -180,6 +192,30 @@ def down(data_dir: DataDirOption = None) -> None:
         raise typer.Exit(code=1)
 
 
+def _print_figures(components: list[ComponentStatus]) -> None:
+    """The second table: what each component's /metrics says (since it started)."""
+    measured = [c for c in components if c.figures is not None]
+    if not measured:
+        return
+    table = Table(title="since each component started, from its /metrics", title_justify="left")
+    for column in ("component", "RPCs", "errors", "p50", "in flight", "figures"):
+        table.add_column(column, justify="left" if column in ("component", "figures") else "right")
+    for c in measured:
+        f = c.figures
+        assert f is not None
+        if f.error:
+            table.add_row(c.name, "-", "-", "-", "-", f.error)
+            continue
+        p50 = "-" if f.p50_seconds is None else f"{f.p50_seconds * 1e3:.1f}ms"
+        table.add_row(c.name, f"{f.rpcs:.0f}", f"{f.server_errors:.0f}", p50, f"{f.in_flight:.0f}", f.detail)
+    _console.print(table)
+    _console.print(
+        "errors: RPCs that failed on the server's side (UNKNOWN, INTERNAL, UNAVAILABLE, DATA_LOSS, DEADLINE_EXCEEDED); "
+        "p50: median latency of unary RPCs.",
+        style="dim",
+    )
+
+
 def status(data_dir: DataDirOption = None) -> None:
     """Probe every component live; exit code 0 only if all are SERVING."""
     platform = load_platform(_env(data_dir), create_credentials=False)
@@ -195,7 +231,12 @@ def status(data_dir: DataDirOption = None) -> None:
         table.add_column(column, justify="right" if column in ("pid", "restarts") else "left")
     for c in result.components:
         style = _HEALTH_STYLE[c.health]
-        table.add_row(c.name, f"[{style}]{c.health.value}[/]", c.address, str(c.pid or "-"), str(c.restarts), c.detail)
+        restarts = f"{c.restarts} ({c.hung_restarts} hung)" if c.hung_restarts else str(c.restarts)
+        table.add_row(c.name, f"[{style}]{c.health.value}[/]", c.address, str(c.pid or "-"), restarts, c.detail)
     _console.print(table)
+    for c in result.components:
+        if c.last_restart:
+            _console.print(f"{c.name} last restarted: {c.last_restart}", highlight=False)
+    _print_figures(result.components)
     if not result.all_serving:
         raise typer.Exit(code=1)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from google.protobuf.descriptor import ServiceDescriptor
+from prometheus_client import Counter
 
 from services.mesh.identity import PLATFORM_TENANT, Principal, outside_binding
 
@@ -130,6 +131,14 @@ class SubjectDecisions(Protocol):
     async def check(self, subject: str, tenant: str, resource: str, action: str) -> bool: ...
 
 
+#: Every service's decisions by where they came from: its cache, or a CheckPermission call to auth (hit rate).
+DECISIONS = Counter(
+    "aidc_authz_decisions",
+    "Authorization decisions of this service's permission checker, by source (cache or auth) and result.",
+    ["source", "result"],
+)
+
+
 class CachedPermissionChecker:
     """A principal's decisions: refused outright outside the tenant its token is bound to (job delegations), else
     the subject's decision from ``inner``, cached (allow and deny) for a few seconds.
@@ -144,12 +153,20 @@ class CachedPermissionChecker:
         ttl_seconds: float = 5.0,
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        metrics: bool = True,
     ) -> None:
         self._inner = inner
         self._ttl = ttl_seconds
         self._max = max_entries
         self._clock = clock
         self._decisions: dict[tuple[str, str, str, str], tuple[bool, float]] = {}
+        self._metrics = metrics
+        # (source, allowed) -> counter child, bound once.
+        self._counted = {
+            (source, allowed): DECISIONS.labels(source, "allowed" if allowed else "denied")
+            for source in ("cache", "auth")
+            for allowed in (True, False)
+        }
 
     async def check(self, principal: Principal, tenant: str, resource: str, action: str) -> bool:
         if outside_binding(principal, tenant):
@@ -158,8 +175,12 @@ class CachedPermissionChecker:
         hit = self._decisions.get(key)
         now = self._clock()
         if hit is not None and hit[1] > now:
+            if self._metrics:
+                self._counted["cache", hit[0]].inc()
             return hit[0]
         allowed = await self._inner.check(principal.subject, tenant, resource, action)
+        if self._metrics:
+            self._counted["auth", allowed].inc()
         if len(self._decisions) >= self._max:
             self._decisions.clear()
         self._decisions[key] = (allowed, now + self._ttl)

@@ -118,6 +118,12 @@ class MeshSettings:
         "restart shorter than this is invisible to callers); past it, token-bearing calls fail UNAVAILABLE. The "
         "upper bound on a revocation's delay when auth is unreachable.",
     )
+    metrics_addr: str = setting(
+        "",
+        "host:port where this process serves its Prometheus metrics at /metrics (TLS and a client certificate of the "
+        "mesh's CA required when certificates are on); empty: recorded but not served; 'off': not recorded at all. "
+        "`aidc up` gives each component its own port (AIDC_<COMPONENT>_METRICS_PORT).",
+    )
     database_url: str = setting(
         "",
         "SQLAlchemy URL of the services' databases; '{service}' in it is replaced by the service name (give each "
@@ -175,6 +181,11 @@ class MeshSettings:
             raise ValueError("AIDC_REVOCATION_REFRESH_SECONDS must be positive")
         if self.revocation_max_stale_seconds < self.revocation_refresh_seconds:
             raise ValueError("AIDC_REVOCATION_MAX_STALE_SECONDS must be at least AIDC_REVOCATION_REFRESH_SECONDS")
+        if self.metrics_addr not in ("", "off"):
+            try:
+                parse_address(self.metrics_addr)
+            except ValueError as exc:
+                raise ValueError(f"AIDC_METRICS_ADDR must be host:port, empty or 'off': {exc}") from None
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"AIDC_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
 

@@ -73,7 +73,9 @@ def mesh_security(settings: MeshSettings, service: str) -> MeshSecurity:
             refresh_seconds=settings.revocation_refresh_seconds,
             max_stale_seconds=settings.revocation_max_stale_seconds,
         ),
-        checker=CachedPermissionChecker(auth, ttl_seconds=settings.decision_cache_seconds),
+        checker=CachedPermissionChecker(
+            auth, ttl_seconds=settings.decision_cache_seconds, metrics=settings.metrics_addr != "off"
+        ),
     )
 
 

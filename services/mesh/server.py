@@ -30,6 +30,7 @@ from services.mesh.interceptors import (
     RequestLimitInterceptor,
 )
 from services.mesh.logs import configure_logging
+from services.mesh.metrics import MetricsEndpoint, MetricsInterceptor, metrics_enabled
 from services.mesh.telemetry import init_telemetry, shutdown_telemetry
 
 __all__ = ["Registration", "MeshServer", "serve", "run_service", "INFRASTRUCTURE_SERVICES"]
@@ -117,13 +118,18 @@ class MeshServer:
     _servers: list[grpc.aio.Server] = field(default_factory=list, init=False, repr=False)
     _health: AsyncHealthServicer | None = field(default=None, init=False, repr=False)
     _ready_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    #: The /metrics endpoint, when AIDC_METRICS_ADDR names one.
+    metrics: MetricsEndpoint | None = field(default=None, init=False, repr=False)
 
     def _server(self, table: PermissionTable, *, tenant_path: bool) -> grpc.aio.Server:
         """One listener's server: the interceptor chain (the tenant path's authentication grants no service
         identity and refuses mesh-only RPCs), the registrations, health and reflection."""
         assert self._health is not None
+        # Outermost: each RPC's time and status code include every other interceptor's work and refusals.
+        measured = [MetricsInterceptor()] if metrics_enabled(self.settings) else []
         server = grpc.aio.server(
             interceptors=[
+                *measured,
                 aio_server_interceptor(filter_=_per_method(negate(_NOT_TRACED))),
                 ErrorMappingInterceptor(),
                 DeadlineInterceptor(),
@@ -175,8 +181,18 @@ class MeshServer:
             self._servers.append(tenant)
         for server in self._servers:
             await server.start()
+        self._start_metrics()
         self._ready_task = asyncio.create_task(self._become_ready(), name=f"{self.name}-readiness")
         return self.port
+
+    def _start_metrics(self) -> None:
+        address = self.settings.metrics_addr
+        if address in ("", "off"):
+            return
+        self.metrics = MetricsEndpoint(
+            address, self.settings.tls_dir(), self.name, require_client_cert=self.settings.client_auth == "require"
+        )
+        self.metrics.start()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         assert self._health is not None
@@ -212,6 +228,9 @@ class MeshServer:
         seconds = self.settings.shutdown_grace_seconds if grace is None else grace
         await asyncio.gather(*(server.stop(seconds) for server in self._servers))
         self._servers = []
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         for hook in self.on_stop:
             await hook()
         log.info("%s stopped", self.name)

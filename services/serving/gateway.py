@@ -44,15 +44,18 @@ from services.mesh.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    QuotaExceeded,
     Unavailable,
     bounded_message,
 )
 from services.mesh.identity import PLATFORM_TENANT, require_principal
+from services.mesh.metrics import metrics_enabled
 from services.mesh.security import MeshSecurity
 from services.mesh.server import Registration
 from services.serving.config import ServingSettings
 from services.serving.limits import BudgetGuard, TenantRateLimiter
 from services.serving.metering import InferenceMeter, TritonStatistics
+from services.serving.metrics import GatewayMetrics, TritonMetricsRelay
 from services.serving.routes import Route, Routes
 from services.serving.triton import TritonAccess
 from services.serving.wire import (
@@ -117,18 +120,20 @@ def build_gateway(
     billing = BillingClient(
         create_channel(settings.billing_addr, settings, identity="serving"), timeout_seconds=2.0, retries=0
     )
+    statistics = TritonStatistics(channel, access.metadata)
+    enabled = metrics_enabled(settings)
     return InferenceGateway(
         routes=routes,
         checker=security.checker,
         limiter=TenantRateLimiter(settings.serving_rate_limit_per_second, settings.serving_rate_limit_burst),
         budget=BudgetGuard(billing, settings.serving_budget_cache_seconds),
         meter=InferenceMeter(
-            UsageEmitter.for_service(settings, "serving"),
-            TritonStatistics(channel, access.metadata),
-            settings.serving_metering_interval_seconds,
+            UsageEmitter.for_service(settings, "serving"), statistics, settings.serving_metering_interval_seconds
         ),
         triton=channel,
         triton_metadata=access.metadata,
+        metrics=GatewayMetrics(enabled),
+        relay=TritonMetricsRelay(statistics, enabled=enabled, relay=settings.serving_relay_triton_metrics),
     )
 
 
@@ -168,7 +173,11 @@ class InferenceGateway:
         meter: InferenceMeter,
         triton: grpc.aio.Channel,
         triton_metadata: tuple[tuple[str, str], ...] = (),
+        metrics: GatewayMetrics | None = None,
+        relay: TritonMetricsRelay | None = None,
     ) -> None:
+        self._metrics = metrics or GatewayMetrics()
+        self._relay = relay
         self._routes = routes
         self._access = triton_metadata
         self._checker = checker
@@ -193,12 +202,16 @@ class InferenceGateway:
     # -- life cycle -------------------------------------------------------------------------------------
 
     async def start(self, deliver_usage: bool = True) -> None:
-        """Starts metering (its loop, and the usage outbox's sender when ``deliver_usage``)."""
+        """Starts metering (its loop, and the usage outbox's sender when ``deliver_usage``) and Triton's metrics."""
         await self.meter.start(deliver=deliver_usage)
+        if self._relay is not None:
+            self._relay.start()
 
     async def close(self, flush_timeout: float = 5.0) -> None:
         """Meters what was served (trying ``flush_timeout`` seconds to deliver it; the rest stays in the outbox),
         then closes the billing and Triton connections."""
+        if self._relay is not None:
+            await self._relay.close()
         await self.meter.close(flush_timeout)
         await self._budget.close()
         await self._channel.close(None)
@@ -268,8 +281,16 @@ class InferenceGateway:
     async def _admit(self, name: str, version: str) -> Route:
         """The route of an inference request that may go ahead: authorized, within rate and budget."""
         route = await self._route(name, version, "infer")
-        self._limiter.admit(route.tenant)
-        await self._budget.admit(route.tenant)
+        try:
+            self._limiter.admit(route.tenant)
+        except QuotaExceeded:
+            self._metrics.refused(route.tenant, "rate_limit")
+            raise
+        try:
+            await self._budget.admit(route.tenant)
+        except QuotaExceeded:
+            self._metrics.refused(route.tenant, "budget")
+            raise
         if not self.meter.has_baseline(route):
             await self.meter.take_baseline(route)
         return route
@@ -306,7 +327,9 @@ class InferenceGateway:
             )
         except grpc.aio.AioRpcError as error:
             await self._fail(error, context, route, header.model_name)
-        self.meter.record(route, started_ns, time.perf_counter_ns() - clock, span.get_span_context().trace_id)
+        took = time.perf_counter_ns() - clock
+        self.meter.record(route, started_ns, took, span.get_span_context().trace_id)
+        self._metrics.served(route, took)
         return rename_response(response, header.model_name)
 
     async def model_stream_infer(
@@ -461,7 +484,9 @@ class _InferStream:
         route, name, tenant_id, started_ns, clock = pending
         if error:
             return _stream_error(response, route, name, tenant_id)
-        self._gateway.meter.record(route, started_ns, time.perf_counter_ns() - clock, self._trace_id)
+        took = time.perf_counter_ns() - clock
+        self._gateway.meter.record(route, started_ns, took, self._trace_id)
+        self._gateway._metrics.served(route, took)
         return rewrite_stream_response(response, name, tenant_id)
 
 

@@ -13,6 +13,7 @@ from services.billing.client import UsageEmitter
 from services.gen.aidc.training.v1 import training_service_pb2_grpc
 from services.mesh.channels import create_channel
 from services.mesh.db import open_database
+from services.mesh.metrics import metrics_enabled
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer, Registration
 from services.storage.client import StorageClient
@@ -22,6 +23,7 @@ from services.training.core.catalog import BaseModelCatalog, shipped_models
 from services.training.core.executor import Executor, LocalExecutor
 from services.training.core.service import JobOptions, TrainingCore
 from services.training.delegations import JobDelegations
+from services.training.metrics import TrainingMetrics
 from services.training.permissions import PERMISSIONS
 from services.training.servicer import TrainingServicer
 from services.training.store import MIGRATIONS, TrainingStore
@@ -61,8 +63,11 @@ async def build_server(
     storage = StorageClient(create_channel(settings.storage_addr, settings, identity=SERVICE))
     auth = AuthClient(create_channel(settings.auth_addr, settings, identity=SERVICE))
     emitter = UsageEmitter.for_service(settings, SERVICE)
+    store = TrainingStore(db)
+    metrics = TrainingMetrics(metrics_enabled(settings))
+    metrics.watch(store)
     core = TrainingCore(
-        TrainingStore(db),
+        store,
         BaseModelCatalog({**shipped_models(), **(extra_base_models or {})}),
         StorageArtifacts(storage),
         executor or LocalExecutor(),
@@ -76,6 +81,7 @@ async def build_server(
         ),
         usage=emitter,
         credentials=JobDelegations(auth, settings.master_key(), SERVICE),
+        metrics=metrics,
     )
     servicer = TrainingServicer(core)
     # Billing takes usage only from a mesh service's certificate: without certificates (plaintext dev mode) the
@@ -88,6 +94,7 @@ async def build_server(
         return await core.start()
 
     async def close() -> None:
+        metrics.close()
         await core.close()
         await emitter.close(flush_timeout=settings.shutdown_grace_seconds)
         await storage.close()

@@ -260,6 +260,12 @@ class TrainingStore:
         with self._engine.connect() as conn:
             return [_job(row) for row in conn.execute(query)]
 
+    def job_counts(self) -> dict[str, int]:
+        """Jobs by state (for the metrics)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
+        return {state: int(count) for state, count in rows}
+
     def jobs_in(self, states: frozenset[JobState]) -> list[JobRecord]:
         """Every job (of every tenant) in one of ``states``, oldest first."""
         query = select(jobs.c.record_json).where(jobs.c.state.in_([s.value for s in states]))

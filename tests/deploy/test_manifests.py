@@ -228,7 +228,18 @@ def test_every_object_lands_in_the_aidc_namespace() -> None:
 def test_each_service_has_a_deployment_and_a_service_on_its_port(service: str) -> None:
     port = _default_port(service)
     container = _container(_all(), service)
-    assert [p["containerPort"] for p in container["ports"]] == [port, TENANT_PORT]
+    _, metrics_port = parse_address(_config()["AIDC_METRICS_ADDR"])
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [
+        ("grpc", port),
+        ("tenant", TENANT_PORT),
+        ("metrics", metrics_port),
+    ]
+    # Prometheus scrapes it over mutual TLS, checking the certificate's name (the service's cluster name).
+    monitor = _named(_all(), "PodMonitor")[f"aidc-{service}"]["spec"]
+    assert monitor["selector"]["matchLabels"]["app.kubernetes.io/name"] == service
+    [endpoint] = monitor["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["scheme"]) == ("metrics", "https")
+    assert endpoint["tlsConfig"]["serverName"] == f"{service}.aidc.svc"
     assert {"name": "AIDC_SERVICE", "value": service} in container["env"]
     assert container["image"].split(":")[0] == "aidc"
     assert {"configMapRef": {"name": "aidc-config"}} in container["envFrom"]
@@ -431,9 +442,9 @@ def test_only_the_gateway_reaches_the_tenant_ports_and_auth_trusts_only_it() -> 
     policy = _named(_all(), "NetworkPolicy")["tenant-endpoints"]["spec"]
     assert policy["podSelector"] == {"matchLabels": {"app.kubernetes.io/component": "mesh"}}
     mesh_rule, tenant_rule = policy["ingress"]
-    assert "from" not in mesh_rule and {p["port"] for p in mesh_rule["ports"]} == {
-        _default_port(s) for s in SERVICE_NAMES
-    }
+    _, metrics_port = parse_address(_config()["AIDC_METRICS_ADDR"])
+    mutual_tls = {_default_port(s) for s in SERVICE_NAMES} | {metrics_port}  # each wants a mesh client certificate
+    assert "from" not in mesh_rule and {p["port"] for p in mesh_rule["ports"]} == mutual_tls
     assert tenant_rule["ports"] == [{"port": TENANT_PORT}] and tenant_rule["from"][0]["namespaceSelector"]
     proxies = parse_proxies(_config()["AIDC_AUTH_TRUSTED_PROXIES"])
     assert proxies and all(network.is_private for network in proxies)

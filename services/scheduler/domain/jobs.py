@@ -38,6 +38,7 @@ from services.scheduler.domain.requests import PRIVILEGED_PRIORITY, JobRequest
 from services.scheduler.domain.secrets import SecretSealer
 from services.scheduler.domain.writer import BatchWriter
 from services.scheduler.executors import EXIT_LOST, Executor, ExitStatus, LaunchRequest, Run
+from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.store import SchedulerStore
 
 __all__ = ["JobScheduler", "JobOptions", "Meter", "Page", "Watch"]
@@ -120,7 +121,9 @@ class JobScheduler:
         options: JobOptions,
         *,
         clock: Callable[[], int] = _now,
+        metrics: SchedulerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or SchedulerMetrics()
         self._store = store
         self.policy = policy
         self._executors = dict(executors)
@@ -416,6 +419,7 @@ class JobScheduler:
         """One scheduling cycle: budget answers, the policy's decisions stored in one batch, then executed."""
         queued_tenants = {j.tenant for j in self._queued.values()}
         await self._budget.prefetch(queued_tenants, self._head_estimate)
+        began = time.perf_counter()
         result = self.policy.cycle(self._budget.check)
         self.cycles += 1
         now = self._clock()
@@ -445,6 +449,7 @@ class JobScheduler:
             self.writer.insert_allocation(allocation)
             self.writer.save_job(job)
             admitted.append((job, previous))
+            self._metrics.admitted(job.pool)
         for preemption in result.preempted:
             job = self._jobs[preemption.job_id]
             if job.stop is not StopKind.NONE:
@@ -454,12 +459,15 @@ class JobScheduler:
             job.state, job.state_reason = JobState.PREEMPTED, f"preempting: {preemption.reason}"
             job.kill_at_ns = now + int(job.grace_seconds * 1e9)
             self.writer.save_job(job)
+            self._metrics.preempted(job.pool)
         for job_id, reason in result.reasons.items():
             waiting = self._jobs.get(job_id)
             if waiting is not None and waiting.state is JobState.QUEUED and reason != waiting.state_reason:
                 waiting.state_reason = reason
                 self.writer.save_job(waiting)
         await self.writer.flush()
+        self._metrics.cycle_seconds.observe(time.perf_counter() - began)
+        self._metrics.pools(self.policy, self.pools)
         for job, previous in admitted:
             self._meter.track(self._allocations[(job.job_id, job.attempt)])
             self._publish(job, previous)
@@ -669,6 +677,7 @@ class JobScheduler:
     async def _finish(self, job: JobRecord, state: JobState, reason: str, end_ns: int = 0) -> None:
         previous = job.state
         job.state, job.state_reason = state, reason
+        self._metrics.finished(job.pool, state.value)
         job.end_ns = end_ns or self._clock()
         job.kill_at_ns = 0
         await self.writer.save_job(job)

@@ -39,6 +39,7 @@ from services.training.core.model import (
     ModelRecord,
     ModelVersionRecord,
 )
+from services.training.metrics import TrainingMetrics
 from services.training.runner.data import LocalFileSource
 from services.training.runner.preflight import InvalidJob, prepare
 from services.training.runner.spec import FineTuneSpec
@@ -156,7 +157,9 @@ class TrainingCore:
         usage: UsageSink | None = None,
         *,
         credentials: JobCredentials,
+        metrics: TrainingMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or TrainingMetrics()
         self._store = store
         self._credentials = credentials
         self._catalog = catalog
@@ -403,6 +406,7 @@ class TrainingCore:
             await self._event(job, "log", {"level": "info", "message": line[:2000]})
             return
         if kind == "progress":
+            self._metrics.progress(job.progress, record)
             job.progress = record
             await self._save(job)
             await self._event(job, "progress", record)
