@@ -68,14 +68,10 @@ class Mesh:
 
 
 def _triton_client(p: Platform) -> triton_grpc.InferenceServerClient:
-    """A stock tritonclient pointed at the gateway (not at Triton): TLS with the CLI's certificate."""
-    certs = p.data_dir / "certs"
+    """A stock tritonclient pointed at the gateway's tenant endpoint (not at Triton): TLS with the CA file only, as a
+    tenant holds it."""
     return triton_grpc.InferenceServerClient(
-        p.env["AIDC_SERVING_ADDR"],
-        ssl=True,
-        root_certificates=str(certs / "ca.pem"),
-        private_key=str(certs / "cli-key.pem"),
-        certificate_chain=str(certs / "cli.pem"),
+        p.env["AIDC_SERVING_TENANT_ADDR"], ssl=True, root_certificates=str(p.data_dir / "certs" / "ca.pem")
     )
 
 

@@ -86,4 +86,7 @@ async def serve(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[str]:
         await running.stop()
 
 
-UNDER_TEST = ServiceUnderTest(SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve)
+#: What only mesh services call (refused on the tenant path to everyone).
+MESH_ONLY = frozenset({"SubmitJob"})
+
+UNDER_TEST = ServiceUnderTest(SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve, MESH_ONLY)

@@ -221,6 +221,13 @@ async def test_malformed_bytes_are_invalid_argument(bench: GatewayBench, gateway
                 await raw(junk, metadata=metadata)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert (refused.value.details() or "").startswith("malformed message")
+        # Found by fuzzing: ServerMetadata forwarded the caller's bytes, and Triton answers INTERNAL to bytes it
+        # cannot parse.
+        metadata_call = channel.unary_unary("/inference.GRPCInferenceService/ServerMetadata")
+        for junk in (b"\x00", b"\x0a\x05ab"):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await metadata_call(junk, metadata=metadata)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_tritons_control_endpoints_are_not_there(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from services.mesh.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from services.mesh.pages import parse_offset
 from services.scheduler.core import Job, Scheduler
 from services.scheduler.domain.budget import BudgetGate, BudgetSource
 from services.scheduler.domain.model import (
@@ -325,11 +326,9 @@ class JobScheduler:
         page_token: str,
     ) -> Page:
         """Newest first; tenant "" lists every tenant's."""
-        if page_token and not page_token.isdigit():
-            raise InvalidArgument("invalid page token")
         if page_size < 0:
             raise InvalidArgument("page_size must not be negative")
-        offset, limit = int(page_token or 0), min(page_size or 50, 1000)
+        offset, limit = parse_offset(page_token), min(page_size or 50, 1000)
         await self.writer.flush()
         if labels:
             everything = await asyncio.to_thread(self._store.jobs, tenant, states, pool, 0, 1_000_000)
