@@ -17,8 +17,7 @@ import pytest
 from services.mesh.authz import PermissionTable, Scope
 from services.mesh.config import SERVICE_NAMES
 from tests.conftest import RunningAuth
-from tests.matrix_support import PASSWORD, ROLES, USERS
-
+from tests.matrix_support import PASSWORD, ROLES, USERS, ServiceUnderTest
 
 #: Answers that mean an allowed call was not served: refused, unauthenticated, or failed where a refusal could hide.
 NOT_SERVED = frozenset(
