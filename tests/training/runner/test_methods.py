@@ -12,9 +12,10 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.optimizers import DPOptimizer
 
-from services.training.runner import LocalArtifactStore, ParityError
+from services.training.runner import CollectingSink, LocalArtifactStore, ParityError
+from services.training.runner import train as train_module
+from services.training.runner.events import LogLine
 from services.training.runner.spec import DEFAULT_INT8_PARITY_TOLERANCE
-from services.training.runner.train import bf16_supported
 from tests.training.runner.conftest import TinyJob
 
 
@@ -124,7 +125,26 @@ def test_parity_failure_fails_the_job_and_publishes_no_model(tiny: TinyJob) -> N
     assert not job.exists("export/model.pt")
 
 
-def test_bf16_runs_with_autocast_only_where_supported(tiny: TinyJob) -> None:
-    result, _, _ = tiny.run(tiny.spec(epochs=1, mixed_precision="bf16"), "bf16")
-    assert result["training"]["mixed_precision"] == ("bf16" if bf16_supported() else "none")
-    assert result["export"]["parity"]["passed"]
+def test_bf16_trains_under_autocast_and_falls_back_to_fp32_without_native_support(
+    tiny: TinyJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both sides of the hardware check, on any machine: bf16_supported() is replaced by a fixed answer (a fake of the
+    hardware probe, since one machine has one answer; CPU autocast to bf16 runs without native bf16, only slower).
+    Said yes, the run trains under bf16 autocast: its numbers differ from the fp32 run's with the same seed, it still
+    learns, and the exported fp32 TorchScript passes parity. Said no, it warns and is the fp32 run exactly."""
+    fp32, _, _ = tiny.run(tiny.spec(epochs=3), "fp32")
+
+    monkeypatch.setattr(train_module, "bf16_supported", lambda: True)
+    bf16, _, _ = tiny.run(tiny.spec(epochs=3, mixed_precision="bf16"), "bf16")
+    assert bf16["training"]["mixed_precision"] == "bf16"
+    assert bf16["history"][-1]["eval_loss"] != fp32["history"][-1]["eval_loss"]  # autocast really ran
+    assert bf16["metrics"]["accuracy"] >= 0.8  # chance is 1/3; fp32 reaches 1.0 on this easy data
+    assert bf16["export"]["parity"]["passed"]
+
+    monkeypatch.setattr(train_module, "bf16_supported", lambda: False)
+    sink = CollectingSink()
+    fallback, _, _ = tiny.run(tiny.spec(epochs=3, mixed_precision="bf16"), "fallback", sink=sink)
+    assert fallback["training"]["mixed_precision"] == "none"
+    warnings = [e.message for e in sink.events if isinstance(e, LogLine) and e.level == "warning"]
+    assert any("no native bf16" in w for w in warnings), warnings
+    assert fallback["history"] == fp32["history"]
