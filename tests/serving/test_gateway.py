@@ -35,6 +35,7 @@ from services.serving.limits import BudgetGuard, TenantRateLimiter
 from services.serving.metering import ComputeReading, InferenceMeter, split
 from services.serving.routes import Route, Routes
 from services.serving.triton import TritonAccess, TritonControl
+from tests.auth.test_revocation import refused_within
 from tests.serving.gateway_support import (
     UNLOADED_MODEL,
     GatewayBench,
@@ -372,6 +373,34 @@ async def test_a_tenant_without_budget_is_refused_until_billing_allows_it_again(
     finally:
         await billing.set_budget("globex", None, prepaid=False)
         await billing.close()
+        await guarded.stop()
+
+
+async def test_a_revoked_api_keys_token_is_refused_within_the_refresh_whatever_the_cache_holds(
+    bench: GatewayBench,
+) -> None:
+    """The gateway's decision cache holds "allowed" for a minute: only its copy of auth's revocation list, refetched
+    every 0.5 s here (AIDC_REVOCATION_REFRESH_SECONDS; 5 s by default), can refuse the key's token in time."""
+    guarded = await bench.start_gateway(AIDC_DECISION_CACHE_SECONDS="60", AIDC_REVOCATION_REFRESH_SECONDS="0.5")
+    dev = bench.auth.client(bench.tokens["acme/dev"])
+    key = await dev.create_api_key("acme", description="inference")
+    key_token = (await bench.auth.client().exchange_api_key(key.secret)).access_token
+    try:
+        async with bench.client(guarded.address) as client:
+
+            async def infer(token: str) -> str:
+                try:
+                    await client.infer("addone", [add_one_input([1])], headers={"authorization": f"Bearer {token}"})
+                except InferenceServerException as error:
+                    return status_of(error)
+                return "ok"
+
+            assert await infer(key_token) == await infer(bench.tokens["acme/dev"]) == "ok"  # dev's decision cached
+            await dev.revoke_api_key("acme", key.api_key.key_id)
+            answer, _ = await refused_within(lambda: infer(key_token), 0.5 + 5)
+            assert answer == "UNAUTHENTICATED"
+            assert await infer(bench.tokens["acme/dev"]) == "ok"  # the key's subject, logged in, is untouched
+    finally:
         await guarded.stop()
 
 
