@@ -1,8 +1,7 @@
 """Request size limits: every message is bounded in bytes (AIDC_MAX_MESSAGE_BYTES); every repeated field and map of
-every request of every service is bounded (256 items, or
-the field's ``(aidc.common.v1.max_items)`` option), and a request over a bound is refused with INVALID_ARGUMENT naming
-the field before any servicer sees it — through a real grpc.aio server for unary and client-streaming RPCs, and for
-every bounded field of every service's contract."""
+every request of every service is bounded (256 items, or the field's ``(aidc.common.v1.max_items)`` option), and a
+request over a bound is refused with INVALID_ARGUMENT naming the field before any servicer sees it — through a real
+grpc.aio server for unary and client-streaming RPCs, and for every bounded field of every service's contract."""
 
 from __future__ import annotations
 
