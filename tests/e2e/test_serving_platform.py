@@ -227,10 +227,11 @@ async def _scenario(p: Platform, admin_password: str, work: Path) -> None:
         import signal
 
         os.kill(triton_pid, signal.SIGKILL)
+        # UNAVAILABLE, not held until the caller's deadline (60 s) waiting for Triton; the bound is far below it.
         began = time.monotonic()
         with pytest.raises(InferenceServerException, match="UNAVAILABLE|unavailable"):
-            client.infer("keywords-clf", [_text_input(texts)], headers=headers, client_timeout=5.0)
-        assert time.monotonic() - began < 5.0
+            client.infer("keywords-clf", [_text_input(texts)], headers=headers, client_timeout=60.0)
+        assert time.monotonic() - began < 20.0
 
         async def serving_again() -> bool:
             try:
