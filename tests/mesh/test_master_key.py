@@ -1,7 +1,7 @@
-"""The master keys auth and storage protect their key material with: configured, or a 0600 file made once; and what
-they protect, read from the services' own database files: passwords and API keys only as Argon2id hashes, signing and
-tenant keys only sealed, no secret anywhere in the files, and a service given the wrong master key refuses to start
-rather than answer with keys it cannot open."""
+"""The master keys auth, storage and the scheduler protect their secrets with: configured, or a 0600 file made once;
+and what they protect, read from the services' own database files: passwords and API keys only as Argon2id hashes,
+signing and tenant keys and jobs' secret_env only sealed, no secret anywhere in the files, and a service given the
+wrong master key refuses to start rather than answer with keys (or hold jobs) it cannot open."""
 
 from __future__ import annotations
 
@@ -21,10 +21,14 @@ from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.mesh.config import check_master_key, master_key
 from services.mesh.db import open_database
 from services.mesh.sealing import WrongMasterKey, unseal
+from services.scheduler.client import resources
+from services.scheduler.config import SchedulerSettings
 from services.storage.config import StorageSettings
 from services.storage.core.crypto import LocalKeyring
 from services.storage.schema import keyring_keys
 from tests.conftest import ADMIN_PASSWORD, start_auth
+from tests.scheduler.service_support import GIB, runner_command, scheduler_env, set_quota, start_scheduler
+from tests.scheduler.service_support import user_tokens as scheduler_users
 from tests.storage.conftest import seaweed, start_storage, storage_env, user_tokens  # noqa: F401 - fixture
 from tests.storage.seaweed import SeaweedFS
 
@@ -138,5 +142,35 @@ async def test_storage_keeps_tenant_keys_only_sealed_and_refuses_a_wrong_master_
         wrong = StorageSettings.from_env({**env, "AIDC_STORAGE_MASTER_KEY": _other_master_key()})
         with pytest.raises(WrongMasterKey, match="tenant key tk-.* does not open with this master key"):
             await start_storage(wrong, {})
+    finally:
+        await auth.server.stop(0)
+
+
+async def test_scheduler_keeps_secret_env_only_sealed_and_refuses_a_wrong_master_key(
+    settings: AuthSettings, mesh_certs: Path, tmp_path: Path
+) -> None:
+    """A job waiting (over its tenant's quota) with a secret: the scheduler's files hold it only sealed, and a
+    scheduler given another master key refuses to start (it used to start and leave the job SCHEDULED for ever,
+    holding and billing its allocation, its launch failing on the secret it could not open)."""
+    secret = "s3cret-" + secrets.token_hex(16)
+    auth = await start_auth(replace(settings, certs_dir=str(mesh_certs)))
+    env = scheduler_env(tmp_path / "scheduler", auth.address, AIDC_CERTS_DIR=str(mesh_certs))
+    scheduler_settings = SchedulerSettings.from_env(env)
+    try:
+        scheduler = await start_scheduler(scheduler_settings, await scheduler_users(auth))
+        try:
+            await set_quota(scheduler.client("platform/admin"), "acme", 500)  # below the job's one core: it waits
+            submitted = await scheduler.submitter("acme/dev").submit_job(
+                runner_command(1), resources=resources(1000, GIB), secret_env={"API_TOKEN": secret}
+            )
+        finally:
+            await scheduler.stop()
+        stored = _files_of(scheduler_settings.scheduler_dir)
+        assert submitted.job.job_id.encode() in stored  # the job is there ...
+        assert not any(form in stored for form in _forms(secret.encode()))  # ... its secret only sealed
+
+        wrong = SchedulerSettings.from_env({**env, "AIDC_SCHEDULER_MASTER_KEY": _other_master_key()})
+        with pytest.raises(WrongMasterKey, match=f"job {submitted.job.job_id} does not open with this master key"):
+            await start_scheduler(wrong, {})
     finally:
         await auth.server.stop(0)
