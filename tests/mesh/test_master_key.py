@@ -26,6 +26,7 @@ from services.scheduler.config import SchedulerSettings
 from services.storage.config import StorageSettings
 from services.storage.core.crypto import LocalKeyring
 from services.storage.schema import keyring_keys
+from tests.at_rest import stored_bytes, stored_in_clear
 from tests.conftest import ADMIN_PASSWORD, start_auth
 from tests.scheduler.service_support import GIB, runner_command, scheduler_env, set_quota, start_scheduler
 from tests.scheduler.service_support import user_tokens as scheduler_users
@@ -57,21 +58,6 @@ def test_bad_configured_keys_fail_fast(value: str, message: str, tmp_path: Path)
 PASSWORD = "correct horse battery staple"
 
 
-def _files_of(directory: Path) -> bytes:
-    """Every byte the service keeps in ``directory`` (its database, with SQLite's write-ahead log)."""
-    return b"".join(p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "master.key")
-
-
-def _forms(secret: bytes) -> list[bytes]:
-    """The ways a secret could sit in a file: as it is, hex, base64 (both alphabets)."""
-    return [
-        secret,
-        secret.hex().encode(),
-        base64.b64encode(secret).rstrip(b"="),
-        base64.urlsafe_b64encode(secret).rstrip(b"="),
-    ]
-
-
 def _other_master_key() -> str:
     return base64.b64encode(secrets.token_bytes(32)).decode()
 
@@ -99,9 +85,8 @@ async def test_auth_keeps_only_argon2id_hashes_and_sealed_signing_keys(settings:
     assert all(h.startswith("$argon2id$") for h in password_hashes + key_hashes), password_hashes + key_hashes
     raw_keys = [KeyWrapper(settings.master_key()).unwrap(row.kid, row.private_key) for row in signing]
     private = [k.private_bytes_raw() for k in raw_keys]
-    stored = _files_of(settings.auth_dir)
-    for secret in [PASSWORD.encode(), ADMIN_PASSWORD.encode(), key.secret.encode(), *private]:
-        assert not any(form in stored for form in _forms(secret)), "a secret is stored in the clear"
+    held = [PASSWORD.encode(), ADMIN_PASSWORD.encode(), key.secret.encode(), *private]
+    assert not stored_in_clear(settings.auth_dir, held), "a secret is stored in the clear"
 
     # Another master key opens none of the sealed signing keys: auth refuses to start rather than sign with new ones.
     wrong = replace(settings, auth_master_key=_other_master_key())
@@ -136,8 +121,7 @@ async def test_storage_keeps_tenant_keys_only_sealed_and_refuses_a_wrong_master_
         master = storage_settings.master_key()
         material = [unseal(master, bytes(row.sealed), LocalKeyring._aad(row.tenant, row.key_id)) for row in sealed]
         assert all(len(key) == 32 for key in material)
-        stored = _files_of(storage_settings.storage_dir)
-        assert not any(form in stored for secret in material for form in _forms(secret))
+        assert not stored_in_clear(storage_settings.storage_dir, material)
 
         wrong = StorageSettings.from_env({**env, "AIDC_STORAGE_MASTER_KEY": _other_master_key()})
         with pytest.raises(WrongMasterKey, match="tenant key tk-.* does not open with this master key"):
@@ -165,9 +149,8 @@ async def test_scheduler_keeps_secret_env_only_sealed_and_refuses_a_wrong_master
             )
         finally:
             await scheduler.stop()
-        stored = _files_of(scheduler_settings.scheduler_dir)
-        assert submitted.job.job_id.encode() in stored  # the job is there ...
-        assert not any(form in stored for form in _forms(secret.encode()))  # ... its secret only sealed
+        assert submitted.job.job_id.encode() in stored_bytes(scheduler_settings.scheduler_dir)  # the job is there ...
+        assert not stored_in_clear(scheduler_settings.scheduler_dir, [secret.encode()])  # ... its secret only sealed
 
         wrong = SchedulerSettings.from_env({**env, "AIDC_SCHEDULER_MASTER_KEY": _other_master_key()})
         with pytest.raises(WrongMasterKey, match=f"job {submitted.job.job_id} does not open with this master key"):
