@@ -43,8 +43,8 @@ class JobDelegations:
     @staticmethod
     def check_master_key(master_key: bytes, held: tuple[str, bytes] | None) -> None:
         """Refuses (WrongMasterKey) a master key that does not open a delegation held (job id, sealed): started with
-        it, the service would fail every job it follows when the job publishes, and revoke none of them. Blocking:
-        called once, at start."""
+        it, the service could act for none of its jobs (fail them, unable to cancel their runs or revoke their
+        delegations). Blocking: called once, at start."""
         if held is None:
             return
         job_id, sealed = held

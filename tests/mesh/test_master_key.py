@@ -134,8 +134,8 @@ async def test_scheduler_keeps_secret_env_only_sealed_and_refuses_a_wrong_master
     settings: AuthSettings, mesh_certs: Path, tmp_path: Path
 ) -> None:
     """A job waiting (over its tenant's quota) with a secret: the scheduler's files hold it only sealed, and a
-    scheduler given another master key refuses to start (it used to start and leave the job SCHEDULED for ever,
-    holding and billing its allocation, its launch failing on the secret it could not open)."""
+    scheduler given another master key refuses to start, naming it (it used to start, and fail each such job at its
+    launch as "lost: internal error of the scheduler", saying nothing of the key)."""
     secret = "s3cret-" + secrets.token_hex(16)
     auth = await start_auth(replace(settings, certs_dir=str(mesh_certs)))
     env = scheduler_env(tmp_path / "scheduler", auth.address, AIDC_CERTS_DIR=str(mesh_certs))

@@ -231,8 +231,8 @@ async def test_a_jobs_delegation_is_kept_only_sealed_and_another_master_key_is_r
     storage: RunningStorage, training: RunningTraining, tiny_bert_dir: Path
 ) -> None:
     """A job waiting for quota holds its submitter's delegation: training's files hold it only sealed, and training
-    given another master key refuses to start, naming it (it used to start, and fail the job only when it came to
-    publish, never able to revoke its delegation)."""
+    given another master key refuses to start, naming it (it used to start, and fail every job it followed as "the
+    scheduler refused the job's run", unable to cancel their runs or revoke their delegations)."""
     await _setup(storage, training, tiny_bert_dir)
     await set_quota(training.scheduler.client("platform/admin"), "acme", 500)  # less than the job's one core
     job = await training.client().submit_fine_tune(keyword_spec(), tenant="acme")

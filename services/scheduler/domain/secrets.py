@@ -23,8 +23,8 @@ class SecretSealer:
 
     def check(self, jobs: Iterable[tuple[str, bytes]]) -> None:
         """Refuses (WrongMasterKey) a master key that does not open the secrets of the (job id, sealed) given: the
-        jobs still to run. Started with it, the scheduler could never launch them and would hold (and bill) their
-        allocations with nothing running. Terminal jobs' secrets are never opened again, so they are not asked."""
+        jobs still to run. Started with it, the scheduler would fail each of them at its launch as lost, saying
+        nothing of the key. Terminal jobs' secrets are never opened again, so they are not asked."""
         for job_id, sealed in jobs:
             if not sealed:
                 continue
