@@ -254,6 +254,7 @@ async def test_a_jobs_delegation_is_kept_only_sealed_and_another_master_key_is_r
     try:
         cancelled = await restarted.client().cancel_job(job.job_id, tenant="acme", reason="done")
         assert cancelled.state == pb.JOB_STATE_CANCELLING
+        assert _states(await _watch(restarted.client(), job.job_id))[-1] == pb.JOB_STATE_CANCELLED  # as its submitter
     finally:
         await restarted.stop()
 
