@@ -88,6 +88,7 @@ async def build_server(
             default_cpu_millicores=settings.training_default_cpu_millicores,
             default_memory_bytes=settings.training_default_memory_bytes,
             code_version=code_version(),
+            mesh_identity=settings.tls_dir() is not None,
         ),
         credentials=JobDelegations(auth, settings.master_key(), SERVICE),
         metrics=metrics,
