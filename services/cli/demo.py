@@ -1,10 +1,11 @@
 """`make demo`: a walk through what runs today, against the platform `aidc up` started.
 
-It logs in as the platform admin (the stored CLI login, or the first-start secret), creates a tenant and a
-developer, exchanges an API key, uploads a dataset, fine-tunes a model as a job of the scheduler (its path from the
-queue to the end), deploys it to Triton and classifies text through the gateway, shows what the developer may and
-may not do and what billing metered, checks every component's health, and prints the traces of requests as they
-crossed the mesh (the fine-tune's runner and Triton included).
+It connects as tenants do (the tenant path: TLS with the CA file, tokens), logs in as the platform admin (the stored
+CLI login, or the first-start secret), creates a tenant and a developer, exchanges an API key, uploads a dataset,
+fine-tunes a model as a job of the scheduler (its path from the queue to the end), deploys it to Triton and
+classifies text through the gateway, shows what the developer may and may not do and what billing metered, checks
+every component's health, and prints the traces of requests as they crossed the mesh (the fine-tune's runner and
+Triton included).
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ from services.cli.credentials import (
     replace_one_time_password,
     take_bootstrap_admin,
 )
-from services.cli.session import BearerToken, bearer_channel, cli_settings
+from services.cli.session import BearerToken, bearer_channel, cli_route, cli_settings
 from services.gen.aidc.common.v1 import common_pb2
 from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.gen.aidc.training.v1 import training_service_pb2 as training_pb
-from services.mesh.channels import create_channel
 from services.mesh.config import SERVICE_NAMES, MeshSettings
 from services.mesh.errors import AidcError, AlreadyExists, PermissionDenied
 from services.mesh.spanstore import SpanRecord, SpanStore, render_tree
@@ -62,8 +62,13 @@ def _step(text: str) -> None:
     console.print(f"\n[bold cyan]==>[/] [bold]{text}[/]")
 
 
+def at(settings: MeshSettings, service: str) -> str:
+    """Where the demo, a tenant's client like the CLI, calls ``service``: its tenant address."""
+    return cli_route().address(settings, service)
+
+
 def _token_client(settings: MeshSettings, token: str) -> AuthClient:
-    return AuthClient(bearer_channel(settings.auth_addr, settings, BearerToken(token)))
+    return AuthClient(bearer_channel(at(settings, "auth"), settings, BearerToken(token)))
 
 
 async def _admin_token(settings: MeshSettings, anon: AuthClient) -> str:
@@ -78,13 +83,13 @@ async def _admin_token(settings: MeshSettings, anon: AuthClient) -> str:
             f"first start: platform admin [bold]{bootstrap['tenant']}/{bootstrap['user']}[/]; its one-time password "
             f"was replaced at first use by [bold yellow]{password}[/] (shown once; the CLI is logged in with it)"
         )
-        store.save(Credentials.from_token_pair(settings.auth_addr, tokens, "user:platform/admin", "platform"))
-    return await store.access_token(settings.auth_addr, anon.refresh_token)
+        store.save(Credentials.from_token_pair(at(settings, "auth"), tokens, "user:platform/admin", "platform"))
+    return await store.access_token(at(settings, "auth"), anon.refresh_token)
 
 
 async def _health(settings: MeshSettings) -> None:
     for name in SERVICE_NAMES:
-        channel = create_channel(settings.address_of(name), settings)
+        channel = bearer_channel(at(settings, name), settings, BearerToken())
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -93,7 +98,7 @@ async def _health(settings: MeshSettings) -> None:
         finally:
             await channel.close(None)
         colour = "green" if status == "SERVING" else "red"
-        console.print(f"  {name:<10} {settings.address_of(name):<18} [{colour}]{status}[/]")
+        console.print(f"  {name:<10} {at(settings, name):<18} [{colour}]{status}[/]")
 
 
 def _print_trace(
@@ -116,7 +121,7 @@ async def run() -> None:
     settings = cli_settings()
     init_telemetry("aidc-cli", settings.data_dir)
     tracer = trace.get_tracer(__name__)
-    anon = AuthClient(create_channel(settings.auth_addr, settings))
+    anon = AuthClient(bearer_channel(at(settings, "auth"), settings, BearerToken()))
 
     _step("Every service of the mesh reports its health")
     await _health(settings)
@@ -149,7 +154,7 @@ async def run() -> None:
     console.print(f"  API key {key.api_key.key_id} authenticates as {who.subject}")
 
     _step("The developer uploads a text dataset: validated, personal data masked, encrypted with acme's key")
-    storage = StorageClient(bearer_channel(settings.storage_addr, settings, BearerToken(tokens.access_token)))
+    storage = StorageClient(bearer_channel(at(settings, "storage"), settings, BearerToken(tokens.access_token)))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["text", "label"])
@@ -180,7 +185,7 @@ async def run() -> None:
         "The developer fine-tunes MiniLM on it: a job of the scheduler (quota, budget, placement), a runner process, "
         "checkpoints, TorchScript export, parity check"
     )
-    training = TrainingClient(bearer_channel(settings.training_addr, settings, BearerToken(tokens.access_token)))
+    training = TrainingClient(bearer_channel(at(settings, "training"), settings, BearerToken(tokens.access_token)))
     spec = training_pb.FineTuneSpec(
         base_model="minilm-l6",
         dataset=training_pb.DatasetRef(name=dataset),
@@ -206,7 +211,7 @@ async def run() -> None:
         elif which == "metrics":
             values = ", ".join(f"{k} {v:.3f}" for k, v in sorted(job_event.metrics.values.items()))
             console.print(f"  epoch {job_event.metrics.epoch} step {job_event.metrics.step}: {values}")
-    scheduler = SchedulerClient(bearer_channel(settings.scheduler_addr, settings, BearerToken(tokens.access_token)))
+    scheduler = SchedulerClient(bearer_channel(at(settings, "scheduler"), settings, BearerToken(tokens.access_token)))
     run = await scheduler.get_job(job.scheduler_job_id)
     await scheduler.close()
     console.print(
@@ -225,7 +230,7 @@ async def run() -> None:
     await training.close()
 
     _step("Deploy it to Triton: written into the live repository, loaded, probed with a real inference, routed")
-    channel = bearer_channel(settings.serving_addr, settings, BearerToken(tokens.access_token))
+    channel = bearer_channel(at(settings, "serving"), settings, BearerToken(tokens.access_token))
     began = time.monotonic()
     deployment = await ServingClient(channel).deploy("sentiment", wait=True)
     console.print(
@@ -264,7 +269,7 @@ async def run() -> None:
         console.print(f"  {event.time.ToDatetime():%H:%M:%S}  {event.actor:<28} {event.action:<16} {event.target}")
 
     _step("Billing: what acme used (metered exactly once) and an enforced budget")
-    billing = BillingClient(bearer_channel(settings.billing_addr, settings, BearerToken(admin_token)))
+    billing = BillingClient(bearer_channel(at(settings, "billing"), settings, BearerToken(admin_token)))
     for _ in range(20):  # the scheduler meters the run's allocation up to its release; its outbox delivers at once
         usage = await billing.query_usage("cpu_core_seconds", tenant="acme")
         if usage.buckets:

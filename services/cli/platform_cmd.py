@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli.credentials import Credentials, replace_one_time_password
-from services.cli.session import open_session
+from services.cli.session import cli_settings, open_session
+from services.mesh.config import SERVICE_NAMES
 from services.mesh.errors import AidcError
 from services.platform.components import build_components
 from services.platform.probes import Health
@@ -88,6 +89,7 @@ def _print_ready(state: PlatformState, began: float, env: Mapping[str, str]) -> 
         f"({time.monotonic() - began:.1f}s for the whole command)"
     )
     _console.print(f"data in {state.data_dir}, logs in {Path(state.data_dir) / 'logs'}", highlight=False)
+    _print_tenant_path(env)
     admin = read_bootstrap_admin(Path(state.data_dir))
     if admin is not None:
         try:
@@ -103,6 +105,22 @@ def _print_ready(state: PlatformState, began: float, env: Mapping[str, str]) -> 
             _console.print(f"the CLI is logged in as {admin.tenant}/{admin.user} (`aidc logout` to end it)")
         else:
             _console.print("it works once: the first `aidc login` sets a new password")
+
+
+def _print_tenant_path(env: Mapping[str, str]) -> None:
+    """What a tenant's client needs: the tenant addresses, the CA file (no client certificate) and a token."""
+    settings = cli_settings(env)
+    addresses = {name: settings.tenant_address_of(name) for name in SERVICE_NAMES}
+    listed = ", ".join(f"{name} {address}" for name, address in addresses.items() if address)
+    if not listed:
+        return
+    tls_dir = settings.tls_dir()
+    trust = f"TLS trusting the CA file {tls_dir / 'ca.pem'}" if tls_dir else "plaintext (dev mode, loopback only)"
+    _console.print(
+        f"tenant endpoints (the CLI, SDKs in any language, Triton clients): {listed}; {trust}, no client "
+        "certificate, `authorization: Bearer <token>` on each call",
+        highlight=False,
+    )
 
 
 def up(

@@ -2,8 +2,10 @@
 
 A service declares, for every RPC it serves, one ``Rule``: public (no credentials), authenticated (any
 caller; the servicer narrows it down), or a (resource, action) pair checked in the request's tenant or in the
-platform scope. An RPC without a rule is refused. Decisions come from the auth service's CheckPermission
-(through a short-TTL cache), or from the local enforcer inside the auth service itself.
+platform scope. An RPC without a rule is refused. A rule marked ``mesh_only`` (what only services call: usage
+recording, revocation lists, job delegations, permission checks, programs for the scheduler to run) is refused on the
+tenant path whoever asks; this flag is the one place that decides which RPCs tenants can reach. Decisions come from
+the auth service's CheckPermission (through a short-TTL cache), or from the local enforcer inside auth itself.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from google.protobuf.descriptor import ServiceDescriptor
@@ -26,6 +28,7 @@ __all__ = [
     "authenticated",
     "tenant_rule",
     "platform_rule",
+    "mesh_only",
     "PermissionTable",
     "PermissionChecker",
     "SubjectDecisions",
@@ -50,6 +53,8 @@ class Rule:
     scope: Scope
     resource: str = ""
     action: str = ""
+    #: Only the mesh path serves it (mesh services call it); the tenant path refuses it, whatever the caller holds.
+    mesh_only: bool = False
 
 
 def public() -> Rule:
@@ -70,6 +75,11 @@ def tenant_rule(resource: str, action: str) -> Rule:
 def platform_rule(resource: str, action: str) -> Rule:
     """``action`` on ``resource`` in the platform scope (operators)."""
     return Rule(Scope.PLATFORM, resource, action)
+
+
+def mesh_only(rule: Rule) -> Rule:
+    """``rule``, served on the mesh path only: refused with PERMISSION_DENIED on the tenant path."""
+    return replace(rule, mesh_only=True)
 
 
 class PermissionTable:

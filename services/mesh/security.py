@@ -88,6 +88,7 @@ def secured_server(
     readiness: Callable[[], Awaitable[bool]] | None = None,
     on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
     address: str | None = None,
+    tenant_address: str | None = None,
     security: MeshSecurity | None = None,
 ) -> MeshServer:
     """A MeshServer for a service other than auth: callers verified with auth's keys, decisions from auth.
@@ -110,4 +111,5 @@ def secured_server(
         readiness=ready,
         on_stop=[*on_stop, security.close],
         address=address,
+        tenant_address=tenant_address,
     )

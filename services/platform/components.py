@@ -594,6 +594,7 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
 
     for service in SERVICE_NAMES:
         address = platform.mesh.address_of(service)
+        tenant = platform.mesh.tenant_address_of(service)
         port = p.metrics_port(service)
         exported = f"{platform.mesh.host}:{port}" if port else ""
         if platform.mesh.metrics_addr == "off":  # the operator switched metrics off altogether
@@ -606,8 +607,12 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
             log_file=logs / f"{service}.log",
             probe=ProbeSpec("grpc", address),
             address=address,
-            endpoints=(f"gRPC {address}", *((f"metrics {metrics_url(platform, port)}",) if port else ())),
-            listens=(address, *((exported,) if port else ())),
+            endpoints=(
+                f"mesh gRPC {address}",
+                *((f"tenant gRPC {tenant}",) if tenant else ()),
+                *((f"metrics {metrics_url(platform, port)}",) if port else ()),
+            ),
+            listens=(address, *((tenant,) if tenant else ()), *((exported,) if port else ())),
             start_stage=_SERVICE_STAGE,
             stop_stage=0,
             metrics_url=metrics_url(platform, port) if port else "",

@@ -39,7 +39,15 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from services.billing.client import BillingClient, UsageEmitter
 from services.mesh.authz import PermissionChecker, PermissionTable, Rule, authenticated, public
 from services.mesh.channels import create_channel
-from services.mesh.errors import AidcError, InvalidArgument, NotFound, PermissionDenied, QuotaExceeded, Unavailable
+from services.mesh.errors import (
+    AidcError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    Unavailable,
+    bounded_message,
+)
 from services.mesh.identity import PLATFORM_TENANT, require_principal
 from services.mesh.metrics import metrics_enabled
 from services.mesh.security import MeshSecurity
@@ -185,7 +193,7 @@ class InferenceGateway:
 
         self._triton_infer = method("ModelInfer")
         self._triton_stream = triton.stream_stream(f"/{INFERENCE_SERVICE}/ModelStreamInfer", None, None)
-        self._triton_metadata = method("ServerMetadata")
+        self._triton_metadata = method("ServerMetadata", spb.ServerMetadataRequest, spb.ServerMetadataResponse)
         self._triton_ready = method("ServerReady", spb.ServerReadyRequest, spb.ServerReadyResponse)
         self._triton_model_ready = method("ModelReady", spb.ModelReadyRequest, spb.ModelReadyResponse)
         self._triton_model_metadata = method("ModelMetadata", spb.ModelMetadataRequest, spb.ModelMetadataResponse)
@@ -233,7 +241,7 @@ class InferenceGateway:
             {
                 "ServerLive": unary(self.server_live, spb.ServerLiveRequest, spb.ServerLiveResponse),
                 "ServerReady": unary(self.server_ready, spb.ServerReadyRequest, spb.ServerReadyResponse),
-                "ServerMetadata": unary(self.server_metadata),
+                "ServerMetadata": unary(self.server_metadata, spb.ServerMetadataRequest, spb.ServerMetadataResponse),
                 "ModelReady": unary(self.model_ready, spb.ModelReadyRequest, spb.ModelReadyResponse),
                 "ModelMetadata": unary(self.model_metadata, spb.ModelMetadataRequest, spb.ModelMetadataResponse),
                 "ModelConfig": unary(self.model_config, spb.ModelConfigRequest, spb.ModelConfigResponse),
@@ -297,7 +305,8 @@ class InferenceGateway:
             log.info("Triton unavailable: %s", error.details())
             raise Unavailable("inference server unavailable; retry later")
         details = error.details() or ""
-        await context.abort(error.code(), details if route is None else _in_tenant_terms(details, route, name))
+        details = details if route is None else _in_tenant_terms(details, route, name)
+        await context.abort(error.code(), bounded_message(details))  # Triton's may quote the request at any length
 
     # -- inference ---------------------------------------------------------------------------------------
 
@@ -339,12 +348,15 @@ class InferenceGateway:
     async def server_ready(self, request: spb.ServerReadyRequest, context: ServicerContext[Any, Any]) -> Any:
         return spb.ServerReadyResponse(ready=await self.triton_ready())
 
-    async def server_metadata(self, request: bytes, context: ServicerContext[Any, Any]) -> bytes:
+    async def server_metadata(self, request: spb.ServerMetadataRequest, context: ServicerContext[Any, Any]) -> Any:
+        # A request of its own, not the caller's bytes: Triton answers INTERNAL to bytes it cannot parse (found by
+        # fuzzing), while the mesh refuses them with INVALID_ARGUMENT before this runs.
         try:
-            response: bytes = await self._triton_metadata(request, timeout=_timeout(context), metadata=self._access)
+            return await self._triton_metadata(
+                spb.ServerMetadataRequest(), timeout=_timeout(context), metadata=self._access
+            )
         except grpc.aio.AioRpcError as error:
             await self._fail(error, context, None, "")
-        return response
 
     async def model_ready(self, request: spb.ModelReadyRequest, context: ServicerContext[Any, Any]) -> Any:
         """Not deployed is ``ready: false``, as Triton answers for a model it does not know (clients poll it)."""

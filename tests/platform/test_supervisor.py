@@ -49,6 +49,7 @@ CLI = "import typer; from services.cli.platform_cmd import register; app = typer
 
 _PORT_VARIABLES = [
     *(f"AIDC_{name.upper()}_ADDR" for name in SERVICE_NAMES),
+    *(f"AIDC_{name.upper()}_TENANT_ADDR" for name in SERVICE_NAMES),
     "AIDC_COLLECTOR_ADDR",
     "AIDC_TRITON_GRPC_ADDR",
     "AIDC_S3_ENDPOINT",
@@ -132,8 +133,9 @@ class Platform:
         return f"{shown}\n--- supervisor.log:\n{log_tail(self.data_dir / 'logs' / 'supervisor.log', 40)}"
 
 
-@pytest.fixture
-def platform_env(tmp_path: Path) -> Iterator[Platform]:
+def platform_environment(tmp_path: Path) -> Platform:
+    """What `aidc up` needs to run a platform of its own under ``tmp_path``: every port free and explicit, cheap
+    password hashing; nothing inherited from the developer's AIDC_/OTEL_/AWS_ variables."""
     if not (RUNTIME / "bin" / "weed").exists() or not (RUNTIME / "pytriton").exists():
         pytest.fail(f"the runtime is not installed in {RUNTIME}: run `make install`")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIDC_", "OTEL_", "AWS_"))}
@@ -152,7 +154,12 @@ def platform_env(tmp_path: Path) -> Iterator[Platform]:
         AIDC_HEALTH_CHECK_INTERVAL_SECONDS="1",
         AIDC_HEALTH_CHECK_TIMEOUT_SECONDS="2",
     )
-    platform = Platform(env=env, cwd=tmp_path, data_dir=tmp_path / "data")
+    return Platform(env=env, cwd=tmp_path, data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+def platform_env(tmp_path: Path) -> Iterator[Platform]:
+    platform = platform_environment(tmp_path)
     yield platform
     # Whatever happened above, leave nothing running.
     platform.cli("down", timeout=120)

@@ -86,4 +86,12 @@ async def serve(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[str]:
         await running.stop()
 
 
-UNDER_TEST = ServiceUnderTest(SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve)
+#: What only mesh services call (refused on the tenant path to everyone).
+MESH_ONLY = frozenset({"SubmitJob"})
+
+#: What writes the pool's prices into billing's price book (billing is not running here).
+REACH_BILLING = frozenset({"CreatePool", "UpdatePool"})
+
+UNDER_TEST = ServiceUnderTest(
+    SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve, MESH_ONLY, reach_absent_services=REACH_BILLING
+)

@@ -22,7 +22,7 @@ from services.mesh.server import MeshServer
 from services.scheduler.client import TERMINAL_STATES, SchedulerClient, state_name
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.server import build_server
-from tests.conftest import RunningAuth, free_port
+from tests.conftest import RunningAuth, free_port, tenant_addresses
 
 RUNNER = Path(__file__).with_name("runner.py")
 PASSWORD = "correct horse battery"
@@ -49,6 +49,7 @@ def scheduler_env(data_dir: Path, auth_address: str, **extra: str) -> dict[str, 
         "AIDC_SCHEDULER_DEFAULT_GRACE_SECONDS": "5",
         "AIDC_SCHEDULER_POLL_SECONDS": "0.1",
         "AIDC_SCHEDULER_BUDGET_CACHE_SECONDS": "0.5",
+        **tenant_addresses(),
     }
     env.update(extra)
     return env

@@ -31,6 +31,7 @@ from tests.conftest import (
     service_env,
     start_service_process,
     stop_process,
+    tenant_addresses,
     wait_serving,
 )
 from tests.storage.seaweed import SeaweedFS
@@ -66,6 +67,7 @@ def storage_env(data_dir: Path, auth_address: str, s3: SeaweedFS, **extra: str) 
         "AIDC_STORAGE_ORPHAN_GRACE_SECONDS": "0",
         "AIDC_STORAGE_S3_TIMEOUT_SECONDS": "3",
         **s3.env(),
+        **tenant_addresses(),
     }
     env.update(extra)
     return env

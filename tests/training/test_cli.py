@@ -38,9 +38,9 @@ from tests.training.conftest import tiny_model_tar
 
 
 @pytest.fixture
-def mesh_processes(seaweed: SeaweedFS, mesh_certs: Path, tmp_path: Path) -> Iterator[tuple[StorageProcess, str]]:
+def mesh_processes(seaweed: SeaweedFS, mesh_certs: Path, tmp_path: Path) -> Iterator[tuple[StorageProcess, str, str]]:
     """Auth, storage, the scheduler and the training service, each its own process, on mutual TLS; the storage
-    process and the training service's address."""
+    process and the training service's mesh and tenant addresses."""
     certs = str(mesh_certs)
     quiet = {
         "AIDC_CERTS_DIR": certs,
@@ -75,7 +75,7 @@ def mesh_processes(seaweed: SeaweedFS, mesh_certs: Path, tmp_path: Path) -> Iter
         processes.append(training)
         wait_serving(scheduler_address, timeout=60, process=scheduler, certs=certs)
         wait_serving(address, timeout=60, process=training, certs=certs)
-        yield storage, address
+        yield storage, address, env["AIDC_TRAINING_TENANT_ADDR"]
     finally:
         for process in reversed(processes):
             stop_process(process)
@@ -111,18 +111,19 @@ async def _prepare(storage_process: StorageProcess, training_address: str, tiny_
 
 
 def test_train_and_model_commands(
-    mesh_processes: tuple[StorageProcess, str],
+    mesh_processes: tuple[StorageProcess, str, str],
     mesh_certs: Path,
     tiny_bert_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    storage_process, training_process = mesh_processes
-    asyncio.run(_prepare(storage_process, training_process, tiny_bert_dir))
+    storage_process, training_address, training_tenant_address = mesh_processes
+    asyncio.run(_prepare(storage_process, training_address, tiny_bert_dir))
     auth = storage_process.auth
+    # The CLI is a tenant's client: the tenant endpoints, trusting the mesh's CA (no client certificate).
     monkeypatch.setenv("AIDC_CERTS_DIR", str(mesh_certs))
-    monkeypatch.setenv("AIDC_AUTH_ADDR", auth.address)
-    monkeypatch.setenv("AIDC_STORAGE_ADDR", storage_process.address)
-    monkeypatch.setenv("AIDC_TRAINING_ADDR", training_process)
+    monkeypatch.setenv("AIDC_AUTH_TENANT_ADDR", auth.env["AIDC_AUTH_TENANT_ADDR"])
+    monkeypatch.setenv("AIDC_STORAGE_TENANT_ADDR", storage_process.env["AIDC_STORAGE_TENANT_ADDR"])
+    monkeypatch.setenv("AIDC_TRAINING_TENANT_ADDR", training_tenant_address)
     monkeypatch.setenv("AIDC_DATA_DIR", str(auth.data_dir))
     monkeypatch.setenv("AIDC_CREDENTIALS_FILE", str(auth.data_dir / "cli-credentials.json"))
     monkeypatch.setenv("COLUMNS", "200")

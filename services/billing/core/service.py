@@ -50,6 +50,7 @@ from services.billing.core.usage import MAX_BATCH, UsageValidator
 from services.billing.metrics import BillingMetrics
 from services.billing.store import BillingStore, Rollup, Transaction
 from services.mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.mesh.pages import parse_offset
 
 __all__ = ["BillingCore", "BillingPolicy"]
 
@@ -88,11 +89,11 @@ def _page(page_size: int, token: str) -> tuple[int, int]:
         return 0, limit
     try:
         kind, _, offset = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind != "o" or not offset.isdigit():
+        if kind != "o" or not offset:
             raise ValueError(token)
     except ValueError:
         raise InvalidArgument("page_token is not one this service issued") from None
-    return int(offset), limit
+    return parse_offset(offset), limit
 
 
 def _next_token(offset: int, limit: int, returned: int) -> str:

@@ -117,6 +117,9 @@ class JobOptions:
     #: How often the output of a running job is read.
     output_poll_seconds: float = 0.25
     code_version: str = ""
+    #: Whether this service has a mesh identity (a service certificate). Without one (plaintext dev mode) the
+    #: scheduler cannot tell training from a tenant and runs nothing for it: fine-tunes are refused up front.
+    mesh_identity: bool = True
 
 
 def resolve_compute(compute: ComputeSpec, options: JobOptions) -> ComputeSpec:
@@ -203,6 +206,12 @@ class TrainingCore:
         """Validates everything (base model, dataset, columns, hyperparameters, resources) and submits the job's run
         to the scheduler as the caller; InvalidArgument (or the scheduler's refusal) before any compute is spent,
         and then nothing is kept."""
+        if not self._options.mesh_identity:
+            raise FailedPrecondition(
+                "fine-tunes need the mesh's certificates: the scheduler runs programs only for mesh services, and in "
+                "plaintext dev mode (AIDC_CERTS_DIR=off) training has no service identity; start the platform with "
+                "certificates (aidc up makes them)"
+            )
         if not MODEL_NAME.match(output_model):
             raise InvalidArgument("output_model must be 1-128 lowercase letters, digits, '.', '_' or '-'")
         if not dataset.name:
@@ -495,16 +504,12 @@ class TrainingCore:
         previous_attempt, job.attempt = job.attempt, max(job.attempt, run.attempt)
         events: list[tuple[str, dict[str, Any]]] = []
         active = job.state not in TERMINAL_STATES
+        if seen[0] in ("", "queued") and run.state not in ("queued", "scheduled") and run.nodes:
+            # The admission happened between two looks (e.g. before the watch began): its placement is in the run.
+            admitted = {"state": "scheduled", "reason": f"admitted on {', '.join(sorted(set(run.nodes)))}"}
+            events.append(("scheduling", {**self._update(run), **admitted}))
         if (run.state, run.reason, run.queue_position, run.attempt) != seen:
-            update = {
-                "scheduler_job_id": run.job_id,
-                "state": run.state,
-                "reason": run.reason,
-                "queue_position": run.queue_position,
-                "attempt": run.attempt,
-                "nodes": list(run.nodes),
-            }
-            events.append(("scheduling", update))
+            events.append(("scheduling", self._update(run)))
         running = job.state in (JobState.RUNNING, JobState.EXPORTING)
         if run.state == "running" and (job.state is JobState.QUEUED or (running and job.attempt != previous_attempt)):
             job.started_at = job.started_at or now()
@@ -517,6 +522,18 @@ class TrainingCore:
             job.error = job.error or run.reason
             events.append(self._state_change(job, JobState.CANCELLING, run.reason))
         await self._record(job, events)
+
+    @staticmethod
+    def _update(run: ScheduledRun) -> dict[str, Any]:
+        """A scheduling event's data: the scheduler's view of the run."""
+        return {
+            "scheduler_job_id": run.job_id,
+            "state": run.state,
+            "reason": run.reason,
+            "queue_position": run.queue_position,
+            "attempt": run.attempt,
+            "nodes": list(run.nodes),
+        }
 
     async def _relay(self, job: JobRecord, *, final: bool) -> None:
         """What the runner printed since the last call into the job's history. The events and how far the output
