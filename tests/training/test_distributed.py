@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,3 +310,4 @@ def test_two_workers_reach_the_accuracy_of_one_with_the_same_steps_and_data(
     print(f"held-out accuracy: 1 worker {one['metrics']['accuracy']:.4f}, 2 workers {two['metrics']['accuracy']:.4f}")
     assert abs(one["metrics"]["accuracy"] - two["metrics"]["accuracy"]) <= 0.02
     assert two["export"]["parity"]["passed"]
+    assert not list(Path(tempfile.gettempdir()).glob("aidc-accuracy-rank-*"))  # no rank left its scratch space

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -195,13 +197,15 @@ def train_rank(config: dict[str, Any]) -> None:
     cancel = CancelToken()
     stop = threading.Event()
     threading.Thread(target=_watch_cancel, args=(channel, cancel, stop), daemon=True).start()
-    workdir = Path(config["workdir"]) / f"rank-{rank}"
+    # Scratch space of this rank on its node (TensorBoard's files before rank 0 stores them), removed at the end.
+    workdir = Path(tempfile.mkdtemp(prefix=f"aidc-{config['job']}-rank-{rank}-"))
     attributes: dict[str, str | int] = {"aidc.training.rank": rank, "aidc.training.world_size": config["world_size"]}
     try:
         with traced_run(config["trace_env"], f"runner: rank {rank}", attributes):
             _train(rank, spec, source, store, channel, cancel, workdir, float(config["progress_interval"]))
     finally:
         stop.set()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _train(
@@ -340,7 +344,7 @@ def run(args: Any, out: TextIO) -> int:
             "dataset": ray.put(args.dataset.read_bytes()),
             "dataset_name": args.dataset.name,
             "threads": max(1, int(cpus)),
-            "workdir": str(Path(os.environ.get("TMPDIR", "/tmp")) / f"aidc-{os.environ.get('AIDC_JOB_ID', 'run')}"),
+            "job": os.environ.get("AIDC_JOB_ID", "run"),
             "progress_interval": args.progress_interval,
             "world_size": placement.workers,
             # Where spans go and the driver's span as their parent: each rank's spans join the submission's trace.
