@@ -123,6 +123,11 @@ class AllocationMeter:
     def held(self) -> list[Allocation]:
         return list(self._open.values())
 
+    def metered_until_ns(self, job_id: str, attempt: int) -> int:
+        """How far the allocation of ``attempt`` has been metered (0: not yet, or not open)."""
+        allocation = self._open.get((job_id, attempt))
+        return allocation.metered_until_ns if allocation is not None else 0
+
     async def start(self) -> None:
         """Closes what a crash left unmetered (released allocations first), then ticks."""
         await self.tick()

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import math
 import os
 import time
 import uuid
@@ -88,6 +89,8 @@ class Meter(Protocol):
     """The allocation meter (services.scheduler.metering.AllocationMeter)."""
 
     def track(self, allocation: Allocation) -> None: ...
+
+    def metered_until_ns(self, job_id: str, attempt: int) -> int: ...
 
     async def release(self, allocation: Allocation) -> None: ...
 
@@ -536,7 +539,23 @@ class JobScheduler:
             return 0
 
     def _reserved(self, tenant: str) -> int:
-        return sum(j.estimated_cost_micros for j in self._jobs.values() if j.tenant == tenant and j.holding)
+        """What the tenant's jobs holding resources may still cost: each one's estimate less what of it the meter has
+        sent to billing already (billing's answer counts that as spent; counting it twice would keep a tenant with a
+        long job waiting for money it has). Between metering and billing's ingest (the outbox's delivery lag) the
+        part just metered is counted by neither."""
+        reserved = 0
+        for (job_id, attempt), allocation in self._allocations.items():
+            job = self._jobs.get(job_id)
+            if allocation.tenant != tenant or job is None or not job.holding:
+                continue
+            metered_ns = self._meter.metered_until_ns(job_id, attempt) - allocation.admitted_ns
+            pool = self.pools.get(job.pool)
+            run_seconds = job.max_run_seconds or (pool.max_run_seconds if pool is not None else 0)
+            metered = 0.0
+            if metered_ns > 0 and run_seconds > 0:  # the estimate is linear in the time held
+                metered = job.estimated_cost_micros * min(metered_ns / 1e9 / run_seconds, 1.0)
+            reserved += max(math.ceil(job.estimated_cost_micros - metered), 0)
+        return reserved
 
     def _gpu_type_of(self, job: JobRecord) -> str:
         if not job.per_worker.gpus:
