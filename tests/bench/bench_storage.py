@@ -14,7 +14,8 @@ the same run, rounds interleaved, medians:
 * the ciphers alone, one thread, in memory: the segment cipher the service uses and Tink's Python streams.
 
 Run with `make bench` (or `python -m tests.bench.bench_storage`); BENCH_STORAGE_ROUNDS sets the repetitions
-(default 3); AIDC_STORAGE_* variables of this shell reach both services.
+(default 3), BENCH_STORAGE_ONLY a comma-separated choice of sections (objects, range, text, small); AIDC_STORAGE_*
+variables of this shell reach both services.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -287,8 +288,9 @@ async def run(
     def note(what: str, seconds: float) -> None:
         times.setdefault(what, []).append(seconds)
 
+    sections = set(os.environ.get("BENCH_STORAGE_ONLY", "objects,range,text,small").split(","))
     try:
-        for _ in range(rounds):
+        for _ in range(rounds if "objects" in sections else 0):
             note("raw S3 put", await asyncio.to_thread(raw_put, raw, bucket, data, part_size))
             note("raw S3 get", await asyncio.to_thread(_timed, lambda: raw_get(raw, bucket)))
             up, down = await upload_and_download(floor_client, tenant, data, sha256)
@@ -297,28 +299,32 @@ async def run(
             up, down = await upload_and_download(client, tenant, data, sha256)
             note("service upload", up)
             note("service download", down)
-        for what, seconds in ciphers(data[: 64 * MiB]).items():
-            note(what, seconds)
+        if "objects" in sections:
+            for what, seconds in ciphers(data[: 64 * MiB]).items():
+                note(what, seconds)
         del data
 
-        big = _env("BENCH_STORAGE_RANGE_MIB", 1024) * MiB
-        full, tail = await ranged_read(client, tenant, big, rounds)
-        times["full download (big)"], times["last MiB (big)"] = full, tail
-        facts["big"] = big
+        if "range" in sections:
+            big = _env("BENCH_STORAGE_RANGE_MIB", 1024) * MiB
+            full, tail = await ranged_read(client, tenant, big, rounds)
+            times["full download (big)"], times["last MiB (big)"] = full, tail
+            facts["big"] = big
 
-        csv_path = tmp / "messages.csv"
-        rows = write_csv(csv_path, _env("BENCH_STORAGE_CSV_MIB", 256) * MiB)
-        facts["csv"] = (csv_path.stat().st_size, rows)
-        for validated, opaque in await text_validation(client, tenant, csv_path, rows, rounds):
-            note("csv validated", validated)
-            note("csv as artifact", opaque)
-        csv_path.unlink()
+        if "text" in sections:
+            csv_path = tmp / "messages.csv"
+            rows = write_csv(csv_path, _env("BENCH_STORAGE_CSV_MIB", 256) * MiB)
+            facts["csv"] = (csv_path.stat().st_size, rows)
+            for validated, opaque in await text_validation(client, tenant, csv_path, rows, rounds):
+                note("csv validated", validated)
+                note("csv as artifact", opaque)
+            csv_path.unlink()
 
-        count, concurrency = _env("BENCH_STORAGE_SMALL_COUNT", 256), _env("BENCH_STORAGE_SMALL_CONCURRENCY", 16)
-        facts["small"] = (count, concurrency)
-        sequential, parallel = await small_objects(client, tenant, count, concurrency)
-        times["small sequential"], times["small concurrent"] = [sequential], [parallel]
-        times["small raw concurrent"] = [await asyncio.to_thread(raw_small, raw, bucket, count, concurrency)]
+        if "small" in sections:
+            count, concurrency = _env("BENCH_STORAGE_SMALL_COUNT", 256), _env("BENCH_STORAGE_SMALL_CONCURRENCY", 16)
+            facts["small"] = (count, concurrency)
+            sequential, parallel = await small_objects(client, tenant, count, concurrency)
+            times["small sequential"], times["small concurrent"] = [sequential], [parallel]
+            times["small raw concurrent"] = [await asyncio.to_thread(raw_small, raw, bucket, count, concurrency)]
     finally:
         await client.close()
         await floor_client.close()
@@ -329,6 +335,36 @@ def report(times: dict[str, list[float]], facts: dict[str, object], part_size: i
     med = {what: statistics.median(seconds) for what, seconds in times.items()}
     size = int(facts["size"])  # type: ignore[call-overload]
 
+    def rate(what: str, nbytes: int = size) -> float:
+        return nbytes / MiB / med[what]
+
+    if "raw S3 put" in med:
+        _report_objects(med, size, facts, part_size, parallel)
+    if "last MiB (big)" in med:
+        big = int(facts["big"])  # type: ignore[call-overload]
+        print(
+            f"ranged read: last 1 MiB of a {big // MiB} MiB object {med['last MiB (big)'] * 1000:.0f} ms, full "
+            f"download {med['full download (big)']:.2f} s ({rate('full download (big)', big):.0f} MiB/s): "
+            f"{100 * med['last MiB (big)'] / med['full download (big)']:.2f} % of it"
+        )
+    if "csv validated" in med:
+        csv_bytes, rows_count = facts["csv"]  # type: ignore[misc]
+        print(
+            f"text validation: {csv_bytes / MiB:.0f} MiB CSV ({rows_count} rows) as a validated dataset "
+            f"{rate('csv validated', csv_bytes):.0f} MiB/s, as an artifact {rate('csv as artifact', csv_bytes):.0f} "
+            f"MiB/s: {med['csv as artifact'] / med['csv validated']:.2f}x"
+        )
+    if "small sequential" in med:
+        count, concurrency = facts["small"]  # type: ignore[misc]
+        print(
+            f"small objects: {count} x 64 KiB downloads, one after another {count / med['small sequential']:.0f}/s, "
+            f"{concurrency} at a time {count / med['small concurrent']:.0f}/s "
+            f"({med['small sequential'] / med['small concurrent']:.1f}x); raw S3 gets on {concurrency} threads "
+            f"{count / med['small raw concurrent']:.0f}/s"
+        )
+
+
+def _report_objects(med: dict[str, float], size: int, facts: dict[str, object], part_size: int, parallel: int) -> None:
     def rate(what: str, nbytes: int = size) -> float:
         return nbytes / MiB / med[what]
 
@@ -352,25 +388,6 @@ def report(times: dict[str, list[float]], facts: dict[str, object], part_size: i
         print(line)
     for what in ("segment cipher seal", "segment cipher open", "Tink stream seal", "Tink stream open"):
         print(f"{what + ' (1 thread)':34}{rate(what, 64 * MiB):8.0f}")
-    big = int(facts["big"])  # type: ignore[call-overload]
-    print(
-        f"ranged read: last 1 MiB of a {big // MiB} MiB object {med['last MiB (big)'] * 1000:.0f} ms, full download "
-        f"{med['full download (big)']:.2f} s ({rate('full download (big)', big):.0f} MiB/s): "
-        f"{100 * med['last MiB (big)'] / med['full download (big)']:.2f} % of it"
-    )
-    csv_bytes, rows_count = facts["csv"]  # type: ignore[misc]
-    print(
-        f"text validation: {csv_bytes / MiB:.0f} MiB CSV ({rows_count} rows) as a validated dataset "
-        f"{rate('csv validated', csv_bytes):.0f} MiB/s, as an artifact {rate('csv as artifact', csv_bytes):.0f} MiB/s: "
-        f"{med['csv as artifact'] / med['csv validated']:.2f}x"
-    )
-    count, concurrency = facts["small"]  # type: ignore[misc]
-    print(
-        f"small objects: {count} x 64 KiB downloads, one after another {count / med['small sequential']:.0f}/s, "
-        f"{concurrency} at a time {count / med['small concurrent']:.0f}/s "
-        f"({med['small sequential'] / med['small concurrent']:.1f}x); raw S3 gets on {concurrency} threads "
-        f"{count / med['small raw concurrent']:.0f}/s"
-    )
 
 
 def main() -> None:

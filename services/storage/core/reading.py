@@ -1,9 +1,11 @@
 """The blocking half of a download: reads from the object store only the stored segments a byte range covers, opens
 each (authenticated before any of its plaintext is returned) and cuts the range out of them.
 
-A whole-object read also checks that nothing follows the final segment and that the plaintext has the size and
-SHA-256 recorded at upload; its final piece is released only after that check, so a download that ends without
-an error delivered exactly the uploaded bytes.
+Every segment authenticates under the object's own key as the segment at its index, final or not, and the segment
+count comes from the stored size recorded with the version: a read that ends without an error released exactly
+the plaintext sealed at upload, whose SHA-256 the upload recorded (core.sealing hashes exactly what it seals). A
+whole-object read also checks that nothing follows the final segment; with ``check_sha256`` (the read-back of
+AIDC_STORAGE_VERIFY_UPLOADS) it hashes the plaintext again and releases the final piece only if it matches.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def read_plaintext(
     suite: CipherSuite,
     aad: bytes,
     wanted: ByteRange,
+    check_sha256: bool = False,
 ) -> Iterator[bytes]:
     """The plaintext of ``wanted`` (within the object), in pieces of at most one segment; raises DataLoss for
     anything stored that is missing, short, long, or does not authenticate, and the store's Unavailable."""
@@ -93,7 +96,7 @@ def read_plaintext(
         finally:
             head.close()
         source = _open(objects, record.s3_key, start, end - start)
-    digest = hashlib.sha256() if whole else None
+    digest = hashlib.sha256() if whole and check_sha256 else None
     try:
         if first == 0:
             header = _exactly(source, HEADER_BYTES)
@@ -109,11 +112,11 @@ def read_plaintext(
                 raise _corrupt() from None
             if digest is not None:
                 digest.update(plain)
-                if index == last:
-                    if source.read_exact(1):
-                        raise DataLoss("the stored object is longer than its recorded size")
-                    if digest.hexdigest() != record.sha256:
-                        raise DataLoss("the stored object does not match its recorded SHA-256")
+            if whole and index == last:
+                if source.read_exact(1):
+                    raise DataLoss("the stored object is longer than its recorded size")
+                if digest is not None and digest.hexdigest() != record.sha256:
+                    raise DataLoss("the stored object does not match its recorded SHA-256")
             offset = layout.plain_start(index)
             if wanted.start > offset or wanted.end < offset + len(plain):
                 plain = plain[max(wanted.start - offset, 0) : wanted.end - offset]

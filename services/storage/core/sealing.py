@@ -89,8 +89,6 @@ class SealingWriter:
     def _emit(self, data: bytes) -> None:
         if not data:
             return
-        self.sha.update(data)
-        self.size += len(data)
         view = memoryview(data)
         pending = self._pending
         while view:
@@ -107,6 +105,10 @@ class SealingWriter:
                 view = view[take:]
 
     def _seal(self, plaintext: bytes | bytearray | memoryview, last: bool) -> None:
+        # The recorded SHA-256 and size are of exactly what is sealed, in order: what an authenticated read of the
+        # stored object returns, so downloads need not hash again (see core.reading).
+        self.sha.update(plaintext)
+        self.size += len(plaintext)
         size = len(plaintext) + TAG_BYTES
         if self._fill + size > self._part_size:
             self._parts.submit(self._part)  # never touched again: the next part gets a new buffer
@@ -124,12 +126,12 @@ class SealingWriter:
             self._emit(self._text.finish())
         if spec.expected_size is not None and spec.expected_size != self.received:
             raise DataLoss(f"received {self.received} bytes, the header announced {spec.expected_size}")
+        self._seal(self._pending, last=True)  # into the last part, which is not sent before the checks below
+        self._pending = bytearray()
         if spec.expected_sha256:
             sent = (self._sent_sha or self.sha).hexdigest()
             if sent != spec.expected_sha256:
                 raise DataLoss(f"the content's SHA-256 is {sent}, the header announced {spec.expected_sha256}")
-        self._seal(self._pending, last=True)
-        self._pending = bytearray()
         return self._parts.finish(memoryview(self._part)[: self._fill])
 
     def text_summary(self) -> tuple[TextDatasetRecord | None, MaskingRecord | None]:

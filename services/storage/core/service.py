@@ -6,8 +6,9 @@ worker thread checks (and masks) text datasets, hashes and seals the previous on
 (core.sealing), and up to ``parallel_parts`` parts travel to the object store at once (core.parts); only when the
 whole object is in the store, its size checked and its data key wrapped does a single database transaction make
 the version visible. A download reads from the store only the segments its range covers, in a worker thread a
-few segments ahead of gRPC (core.reading, core.prefetch): each segment is authenticated before any of its
-plaintext is released, and a whole download also checks the recorded size and SHA-256 before its last piece.
+few segments ahead of gRPC (core.reading, core.prefetch): each segment is authenticated (bound to the object, its
+index and whether it is the last) before any of its plaintext is released, so a download that ends without an
+error released exactly the bytes whose size and SHA-256 the upload recorded.
 Memory is bounded per transfer by the part buffers in flight, whatever the object's size.
 """
 
@@ -388,7 +389,8 @@ class StorageCore:
 
     async def _verify(self, content: StoredContent, data_key: DataKey, aad: bytes) -> None:
         """Reads the stored object back whole: DataLoss unless it opens to the recorded size and SHA-256."""
-        async for _ in self._plaintext(content, data_key, aad, ByteRange(0, content.size_bytes), bytes):
+        whole = ByteRange(0, content.size_bytes)
+        async for _ in self._plaintext(content, data_key, aad, whole, bytes, check_sha256=True):
             pass
 
     def _plaintext(
@@ -398,12 +400,13 @@ class StorageCore:
         aad: bytes,
         wanted: ByteRange,
         frame: Callable[[bytes], _T],
+        check_sha256: bool = False,
     ) -> AsyncGenerator[tuple[int, _T], None]:
         """(size, frame(piece)) of each plaintext piece of ``wanted``, read, opened and framed in a worker thread."""
         key = data_key.stream_key()
 
         def produce() -> Iterator[tuple[int, _T]]:
-            for piece in read_plaintext(self._objects, content, key, self._suite, aad, wanted):
+            for piece in read_plaintext(self._objects, content, key, self._suite, aad, wanted, check_sha256):
                 yield len(piece), frame(piece)
 
         return prefetched(produce, self._executor, _READ_AHEAD)
