@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import pytest
 
@@ -127,3 +128,14 @@ def test_one_label_too_many_is_found_at_its_line() -> None:
     rows = [b"text,label\n"] + [f"t,label-{i}\n".encode() for i in range(MAX_LABELS + 5)]
     blocks, lines = _both(TextFormat.CSV, b"".join(rows), 1024 * 1024)
     assert blocks == lines == f"line {MAX_LABELS + 2}: more than {MAX_LABELS} distinct labels"
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["blocks", "lines"])
+def test_a_quoted_field_of_many_lines_is_refused_within_seconds(masked: bool) -> None:
+    """Regression: the line path added up its pending lines at every new line, so one record of half a million short
+    lines (a quote left open) took hours to refuse."""
+    content = b'id,text,label\n7,"' + b"y\n" * (MAX_RECORD_BYTES // 2 + 10) + b'",pos\n'
+    started = time.monotonic()
+    outcome = _run(TextSpec(TextFormat.CSV, mask=_LINES if masked else None), content, 64 * 1024)
+    assert outcome == f"line 2: record longer than {MAX_RECORD_BYTES} bytes"
+    assert time.monotonic() - started < 60

@@ -393,7 +393,7 @@ class StorageCore:
         async for _ in self._plaintext(content, data_key, aad, whole, bytes, check_sha256=True):
             pass
 
-    def _plaintext(
+    async def _plaintext(
         self,
         content: StoredContent,
         data_key: DataKey,
@@ -409,7 +409,15 @@ class StorageCore:
             for piece in read_plaintext(self._objects, content, key, self._suite, aad, wanted, check_sha256):
                 yield len(piece), frame(piece)
 
-        return prefetched(produce, self._executor, _READ_AHEAD)
+        layout = key.layout
+        if layout.segment_at(max(wanted.end - 1, wanted.start)) == layout.segment_at(wanted.start):
+            # One segment (a small object, or a short range): read in one go, no read-ahead thread to hand over.
+            for item in await self._io(lambda: list(produce())):
+                yield item
+            return
+        async with aclosing(prefetched(produce, self._executor, _READ_AHEAD)) as items:
+            async for item in items:
+                yield item
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
