@@ -8,9 +8,14 @@ RUNTIME := .runtime
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install proto proto-check lint format test test-fast up down status demo bench readme clean postgres-server
+.PHONY: install proto proto-check lint format test test-fast up down status demo bench readme apidocs clean postgres-server \
+	prometheus-server node
 
-install: $(STAMP) $(RUNTIME)/.installed
+# The Node.js client test's packages (tests/clients/node), from its committed lockfile.
+NODE_CLIENT := tests/clients/node
+NODE_STAMP := $(NODE_CLIENT)/node_modules/.installed
+
+install: $(STAMP) $(RUNTIME)/.installed $(NODE_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,12 +29,24 @@ $(RUNTIME)/.installed: deploy/local/install-runtime.sh deploy/local/runtime-requ
 	deploy/local/install-runtime.sh $(RUNTIME) $(BIN)/pip
 	touch $@
 
+# Node.js for the second-language client test: the machine's node when present, else Debian's nodejs and npm.
+node:
+	@if command -v node >/dev/null && command -v npm >/dev/null; then exit 0; fi; \
+	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm
+
+$(NODE_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json | node
+	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 proto: $(STAMP)
 	$(BIN)/python scripts/protogen.py
+	$(BIN)/python scripts/apidocs.py
 
 proto-check: $(STAMP)
 	$(BIN)/python scripts/protogen.py --check
 	$(BIN)/python scripts/readme.py --check
+	$(BIN)/python scripts/apidocs.py --check
 	npx --yes @bufbuild/buf@1.75.0 lint
 
 lint: $(STAMP)
@@ -42,8 +59,9 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix services tests scripts model_repository
 
 # Everything CI runs: generated code fresh, buf lint, ruff, mypy, then the whole suite (slow tests included).
-# Under CI=true the PostgreSQL server is installed first, because there the PostgreSQL tests must not skip.
-test: install $(if $(filter true,$(CI)),postgres-server) proto-check lint
+# Under CI=true the PostgreSQL server and Prometheus (promtool) are installed first, because there the PostgreSQL
+# tests and the alert rules' unit tests must not skip.
+test: install $(if $(filter true,$(CI)),postgres-server prometheus-server) proto-check lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The quick inner loop: no slow end-to-end tests.
@@ -61,6 +79,18 @@ postgres-server:
 		printf '#!/bin/sh\nexit 101\n' | $$sudo tee $$policy >/dev/null && $$sudo chmod 755 $$policy && added=1; \
 	fi; \
 	$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	status=$$?; if [ -n "$$added" ]; then $$sudo rm -f $$policy; fi; exit $$status
+
+# Debian's Prometheus (`prometheus` and `promtool`): promtool checks and unit-tests the alert rules
+# (tests/deploy/test_alerts.py), and `aidc up --monitoring` runs the server. Installed only when missing; the
+# package's own service is kept from starting, as for PostgreSQL.
+prometheus-server:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then exit 0; fi; \
+	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); policy=/usr/sbin/policy-rc.d; added=; \
+	if [ ! -d /run/systemd/system ] && [ ! -e $$policy ]; then \
+		printf '#!/bin/sh\nexit 101\n' | $$sudo tee $$policy >/dev/null && $$sudo chmod 755 $$policy && added=1; \
+	fi; \
+	$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
 	status=$$?; if [ -n "$$added" ]; then $$sudo rm -f $$policy; fi; exit $$status
 
 up: install
@@ -85,3 +115,7 @@ clean: down
 
 readme: $(STAMP)
 	$(BIN)/python scripts/readme.py
+
+# The API reference in docs/api, from the protos' comments and the services' permission tables.
+apidocs: $(STAMP)
+	$(BIN)/python scripts/apidocs.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,7 +23,9 @@ from services.auth.config import AuthSettings
 from services.auth.server import build_server
 from services.gen.aidc.auth.v1 import auth_service_pb2 as auth_pb
 from services.gen.aidc.auth.v1 import auth_service_pb2_grpc
-from services.mesh.channels import create_channel
+from services.mesh.certs import init_certificates
+from services.mesh.channels import client_credentials, create_channel
+from services.mesh.config import SERVICE_NAMES
 from services.mesh.errors import Unauthenticated
 from services.mesh.server import MeshServer
 
@@ -37,6 +40,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture(scope="session")
+def mesh_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One certificate directory for the session (a CA, every service's certificate, the CLI's): for tests whose
+    services talk mutual TLS, as the mesh does (e.g. a mesh service submitting a job for a user)."""
+    certs = tmp_path_factory.mktemp("mesh-certs")
+    init_certificates(certs)
+    return certs
+
+
+def tenant_addresses() -> dict[str, str]:
+    """Every service's tenant listener on a free port of its own (AIDC_<SVC>_TENANT_ADDR): a test's services never
+    bind the fixed default tenant ports, which another session's servers may hold (gRPC binds with SO_REUSEPORT and
+    would share their connections)."""
+    with contextlib.ExitStack() as held:  # every socket stays bound until all ports are chosen: no duplicates
+        sockets = [held.enter_context(socket.socket()) for _ in SERVICE_NAMES]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        ports = [int(sock.getsockname()[1]) for sock in sockets]
+    return {
+        f"AIDC_{name.upper()}_TENANT_ADDR": f"127.0.0.1:{port}" for name, port in zip(SERVICE_NAMES, ports, strict=True)
+    }
+
+
 @pytest.fixture
 def settings(tmp_path: Path, request: pytest.FixtureRequest) -> AuthSettings:
     """Auth settings on a fresh data dir with cheap password hashing (tests only); a test marked
@@ -48,6 +74,7 @@ def settings(tmp_path: Path, request: pytest.FixtureRequest) -> AuthSettings:
             "AIDC_AUTH_ADDR": f"127.0.0.1:{free_port()}",
             "AIDC_AUTH_ARGON2_TIME_COST": "1",
             "AIDC_AUTH_ARGON2_MEMORY_KIB": "1024",
+            **tenant_addresses(),
             **(marker.kwargs if marker is not None else {}),
         }
     )
@@ -111,10 +138,17 @@ async def start_auth(settings: AuthSettings, *, first_login: bool = True) -> Run
     return RunningAuth(server, settings, settings.auth_addr, password)
 
 
-def first_admin_login(address: str, data_dir: Path) -> str:
+def _blocking_channel(address: str, certs: str | Path | None) -> grpc.Channel:
+    """A blocking channel to a service process: plaintext, or with ``certs`` TLS presenting the CLI's certificate."""
+    if not certs:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, client_credentials(Path(certs), "cli"))
+
+
+def first_admin_login(address: str, data_dir: Path, certs: str | Path | None = None) -> str:
     """For an auth process: the first-start admin's first login sets ADMIN_PASSWORD; returns it."""
     password = json.loads((data_dir / "auth" / "bootstrap-admin.json").read_text())["password"]
-    with grpc.insecure_channel(address) as channel:
+    with _blocking_channel(address, certs) as channel:
         request = auth_pb.LoginRequest(tenant="platform", name="admin", password=password, new_password=ADMIN_PASSWORD)
         auth_service_pb2_grpc.AuthServiceStub(channel).Login(request, timeout=30)
     return ADMIN_PASSWORD
@@ -139,10 +173,15 @@ class AuthProcess:
     settings: AuthSettings
 
 
-def wait_serving(address: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Blocks until the gRPC health service at ``address`` reports SERVING."""
+def wait_serving(
+    address: str,
+    timeout: float = 30.0,
+    process: subprocess.Popen[bytes] | None = None,
+    certs: str | Path | None = None,
+) -> None:
+    """Blocks until the gRPC health service at ``address`` reports SERVING (over the mesh's TLS with ``certs``)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with _blocking_channel(address, certs) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
@@ -167,6 +206,7 @@ def service_env(data_dir: Path, **extra: str) -> dict[str, str]:
         AIDC_AUTH_ARGON2_TIME_COST="1",
         AIDC_AUTH_ARGON2_MEMORY_KIB="1024",
         PYTHONPATH=str(ROOT),
+        **tenant_addresses(),
     )
     env.update(extra)
     return env
@@ -196,15 +236,17 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def start_auth_process(tmp_path: Path) -> AuthProcess:
-    """The auth service as its own OS process, data under ``tmp_path``; the caller stops it (stop_process)."""
+def start_auth_process(tmp_path: Path, **extra: str) -> AuthProcess:
+    """The auth service as its own OS process, data under ``tmp_path``, with ``extra`` settings (e.g. the mesh's
+    AIDC_CERTS_DIR); its first-start admin logged in once. The caller stops it (stop_process)."""
     data_dir = tmp_path / "data"
     address = f"127.0.0.1:{free_port()}"
-    env = service_env(data_dir, AIDC_AUTH_ADDR=address)
+    env = service_env(data_dir, AIDC_AUTH_ADDR=address, **extra)
     process = start_service_process("auth", env, tmp_path / "auth.log")
     try:
-        wait_serving(address, process=process)
-        password = first_admin_login(address, data_dir)
+        certs = extra.get("AIDC_CERTS_DIR")
+        wait_serving(address, process=process, certs=certs)
+        password = first_admin_login(address, data_dir, certs)
     except BaseException:
         stop_process(process)
         raise

@@ -28,7 +28,8 @@ class ServiceUnderTest:
     ``expected[rpc]`` is who may call ``rpc`` on their own tenant (the platform admin acts on every tenant);
     RPCs in ``tenant_free`` decide the same whatever tenant the request names; ``build_request(rpc, tenant)``
     makes a well-formed request naming ``tenant``; ``serve(auth, tmp_path)`` runs the service (with auth
-    already running) and yields its address.
+    already running) and yields its address. The matrix calls the mesh path; ``mesh_only`` lists what the tenant
+    path refuses to everyone (tests/mesh/test_tenant_path.py calls each of them there).
     """
 
     full_name: str
@@ -37,3 +38,5 @@ class ServiceUnderTest:
     tenant_free: set[str]
     build_request: Callable[[str, str], Any]
     serve: Callable[[Any, Path], AbstractAsyncContextManager[str]]
+    #: RPCs only mesh services call: refused on the tenant path whoever asks (the rules' ``mesh_only``).
+    mesh_only: frozenset[str] = frozenset()

@@ -49,6 +49,15 @@ def test_every_rpc_has_a_permission_rule_and_an_expectation() -> None:
     assert served == expected == described, "add the new RPC to tests/<svc>/matrix.py and its permission table"
 
 
+def test_mesh_only_rpcs_are_the_decided_ones() -> None:
+    """Which RPCs tenants can never reach is decided by hand here, as the matrix decides who may call the rest."""
+    tables = _permission_tables()
+    declared = {
+        name: {m.rsplit("/", 1)[1] for m, rule in table.items() if rule.mesh_only} for name, table in tables.items()
+    }
+    assert declared == {name: set(s.mesh_only) for name, s in _under_test().items()}
+
+
 @pytest.fixture
 async def principals(auth: RunningAuth) -> dict[str, str]:
     """Tokens of one user per tenant role in acme, plus the platform admin; globex has the same users."""

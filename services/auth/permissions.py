@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.gen.aidc.auth.v1 import auth_service_pb2
-from services.mesh.authz import PermissionTable, authenticated, platform_rule, public, tenant_rule
+from services.mesh.authz import PermissionTable, authenticated, mesh_only, platform_rule, public, tenant_rule
 
 __all__ = ["PERMISSIONS"]
 
@@ -34,16 +34,19 @@ PERMISSIONS = PermissionTable.for_service(
         # credential; with mutual TLS a delegation also needs its delegate's certificate (checked in the core).
         "Logout": public(),
         "GetJwks": public(),
-        "GetRevocations": public(),
+        # Every service's token verifier reads it; tenants have no use for other accounts' revocations.
+        "GetRevocations": mesh_only(public()),
         # A job's submitter lets the service running the job act for it there (the job's tenant only).
-        "CreateDelegation": tenant_rule("jobs", "write"),
-        "ExchangeDelegation": public(),
-        "RevokeDelegation": public(),
+        # Mesh only: the training service asks, forwarding the submitter's token.
+        "CreateDelegation": mesh_only(tenant_rule("jobs", "write")),
+        "ExchangeDelegation": mesh_only(public()),
+        "RevokeDelegation": mesh_only(public()),
         "RotateSigningKey": platform_rule("signing-keys", "write"),
         "WhoAmI": authenticated(),
-        # Checking oneself is always allowed; checking others needs roles:read (checked in the core).
-        "CheckPermission": authenticated(),
-        "BatchCheckPermission": authenticated(),
+        # Checking oneself is always allowed; checking others needs roles:read (checked in the core). Services ask
+        # these for every request they authorize; tenants read their roles with WhoAmI.
+        "CheckPermission": mesh_only(authenticated()),
+        "BatchCheckPermission": mesh_only(authenticated()),
         # The binding's tenant is in binding.tenant, so the core checks roles:write there.
         "AssignRole": authenticated(),
         "RevokeRole": authenticated(),

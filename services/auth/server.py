@@ -11,12 +11,14 @@ from services.auth.core.policy import PolicyEngine
 from services.auth.core.service import AuthCore
 from services.auth.core.sessions import SessionCore
 from services.auth.core.tokens import KeyWrapper, SlowHasher
+from services.auth.metrics import AuthMetrics
 from services.auth.permissions import PERMISSIONS
 from services.auth.servicer import AuthServicer
 from services.auth.store import MIGRATIONS, AuthStore, CasbinAdapter
 from services.gen.aidc.auth.v1 import auth_service_pb2_grpc
 from services.mesh.db import open_database
 from services.mesh.identity import Principal, TokenVerifier
+from services.mesh.metrics import metrics_enabled
 from services.mesh.server import MeshServer, Registration
 
 __all__ = ["build_server", "LocalPermissionChecker", "LocalTokenVerifier"]
@@ -76,7 +78,8 @@ async def build_server(settings: AuthSettings, address: str | None = None) -> Me
         # With mutual TLS every mesh service has a certificate: a delegation is then usable only on its delegate's.
         delegates_need_certificates=settings.tls_dir() is not None and settings.client_auth == "require",
     )
-    core = AuthCore(store, PolicyEngine(CasbinAdapter(store)), sessions)
+    metrics = AuthMetrics(metrics_enabled(settings))
+    core = AuthCore(store, PolicyEngine(CasbinAdapter(store), metrics), sessions, metrics=metrics)
     core.bootstrap(settings.bootstrap_file)
     servicer = AuthServicer(core, sessions, settings.trusted_proxies())
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter
 
 from services.billing.outbox import DeadLetter, PendingEvent, UsageOutbox
 from services.gen.aidc.billing.v1 import billing_service_pb2 as pb
@@ -39,6 +40,7 @@ from services.mesh.config import MeshSettings
 from services.mesh.errors import AidcError, InvalidArgument
 from services.mesh.identity import as_service, current_principal
 from services.mesh.messages import timestamp
+from services.mesh.metrics import Figure, ScrapedFigures, child, metrics_enabled
 
 __all__ = ["BillingClient", "UsageEmitter", "EmitterStats", "usage_event", "money", "new_event_id"]
 
@@ -254,6 +256,37 @@ class EmitterStats:
     failures: int = 0
 
 
+_DELIVERY_STATUSES = {
+    pb.USAGE_EVENT_STATUS_ACCEPTED: "accepted",
+    pb.USAGE_EVENT_STATUS_DUPLICATE: "duplicate",
+    pb.USAGE_EVENT_STATUS_REJECTED: "rejected",
+}
+DELIVERED = Counter(
+    "aidc_usage_events_delivered",
+    "Usage events this service's outbox delivered to billing, by billing's answer (rejected ones are dead letters).",
+    ["source", "status"],
+)
+DELIVERY_FAILURES = Counter(
+    "aidc_usage_delivery_failures", "Failed attempts to deliver a batch of usage events to billing.", ["source"]
+)
+#: Read from the outbox file when scraped: how far behind billing is, and what it refused.
+BACKLOG = ScrapedFigures(
+    ("gauge", "aidc_usage_outbox_pending", "Usage events waiting in this service's outbox for billing.", ("source",)),
+    (
+        "gauge",
+        "aidc_usage_outbox_oldest_seconds",
+        "Age of the oldest usage event waiting in the outbox (0 when it is empty): billing's lag for this service.",
+        ("source",),
+    ),
+    (
+        "gauge",
+        "aidc_usage_outbox_dead_letters",
+        "Usage events billing rejected, kept in the outbox's dead-letter table for an operator.",
+        ("source",),
+    ),
+)
+
+
 class UsageEmitter:
     """Meters usage through a local durable outbox, delivered to billing in batches with retries."""
 
@@ -268,10 +301,16 @@ class UsageEmitter:
         initial_backoff_seconds: float = 0.2,
         max_backoff_seconds: float = 30.0,
         rpc_timeout_seconds: float = 10.0,
+        metrics: bool = True,
     ) -> None:
         if not 1 <= batch_size <= 1000:
             raise ValueError("batch_size must be between 1 and 1000 (RecordUsage's limit)")
         self.outbox = UsageOutbox(outbox_path)
+        self._delivered = {
+            status: child(metrics, DELIVERED, source, name) for status, name in _DELIVERY_STATUSES.items()
+        }
+        self._failures = child(metrics, DELIVERY_FAILURES, source)
+        self._detach_backlog = BACKLOG.attach(self.figures) if metrics else (lambda: None)
         self.client = client
         self.source = source
         self.stats = EmitterStats()
@@ -290,7 +329,24 @@ class UsageEmitter:
         """The emitter of a mesh service: outbox at <data_dir>/<service>/usage-outbox.db, calls as the service."""
         channel = create_channel(settings.billing_addr, settings, identity=service)
         path = settings.data_dir / service / "usage-outbox.db"
-        return cls(path, BillingClient(channel), source=service, **kwargs)  # type: ignore[arg-type]
+        return cls(
+            path,
+            BillingClient(channel),
+            source=service,
+            metrics=metrics_enabled(settings),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def figures(self) -> list[Figure]:
+        """What a scrape reports about this emitter's outbox: events waiting, the oldest one's age, dead letters."""
+        pending, oldest, dead = self.outbox.backlog()
+        age = max(time.time() - oldest, 0.0) if oldest is not None else 0.0
+        labels = (self.source,)
+        return [
+            ("aidc_usage_outbox_pending", labels, pending),
+            ("aidc_usage_outbox_oldest_seconds", labels, age),
+            ("aidc_usage_outbox_dead_letters", labels, dead),
+        ]
 
     # -- emitting ----------------------------------------------------------------------------------------
 
@@ -365,6 +421,7 @@ class UsageEmitter:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        self._detach_backlog()
         await self.client.close()
         self.outbox.close()
 
@@ -386,6 +443,7 @@ class UsageEmitter:
                 backoff = self._initial_backoff
             except AidcError as exc:
                 self.stats.failures += 1
+                self._failures.inc()
                 delay = backoff * (0.5 + random.random())  # jitter: emitters don't retry in lockstep
                 log.warning("usage delivery failed (%s: %s); retrying in %.1f s", exc.code.name, exc.message, delay)
                 await asyncio.sleep(delay)
@@ -407,6 +465,10 @@ class UsageEmitter:
         self.stats.accepted += sum(r.status == pb.USAGE_EVENT_STATUS_ACCEPTED for r in results)
         self.stats.duplicates += sum(r.status == pb.USAGE_EVENT_STATUS_DUPLICATE for r in results)
         self.stats.rejected += len(dead)
+        for result in results:
+            counter = self._delivered.get(result.status)
+            if counter is not None:
+                counter.inc()
 
 
 def new_event_id(at_ns: int | None = None) -> str:

@@ -102,6 +102,13 @@ class UsageOutbox:
         with self._lock:
             return int(self._conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
+    def backlog(self) -> tuple[int, float | None, int]:
+        """(events waiting, enqueue time of the oldest or None, dead letters): what the metrics report."""
+        with self._lock:
+            count, oldest = self._conn.execute("SELECT count(*), min(enqueued_at) FROM outbox").fetchone()
+            dead = self._conn.execute("SELECT count(*) FROM dead_letter").fetchone()[0]
+        return int(count), oldest, int(dead)
+
     def dead_letters(self) -> list[DeadLetter]:
         with self._lock:
             rows = self._conn.execute("SELECT seq, payload, reason FROM dead_letter ORDER BY seq").fetchall()

@@ -8,15 +8,15 @@ price book (GetPriceBook).
 from __future__ import annotations
 
 from services.gen.aidc.billing.v1 import billing_service_pb2
-from services.mesh.authz import PermissionTable, platform_rule, tenant_rule
+from services.mesh.authz import PermissionTable, mesh_only, platform_rule, tenant_rule
 
 __all__ = ["PERMISSIONS"]
 
 PERMISSIONS = PermissionTable.for_service(
     billing_service_pb2.DESCRIPTOR.services_by_name["BillingService"],
     {
-        # Mesh services (role "service") and platform admins; no tenant role may write its own usage.
-        "RecordUsage": tenant_rule("usage", "write"),
+        # Mesh services (role "service") and platform admins on the mesh path; no tenant role may write its own usage.
+        "RecordUsage": mesh_only(tenant_rule("usage", "write")),
         "QueryUsage": tenant_rule("usage", "read"),
         "GetUsageEvent": tenant_rule("usage", "read"),
         "SetPriceBook": platform_rule("pricebook", "write"),

@@ -8,11 +8,13 @@ import logging
 
 from services.billing.config import BillingSettings
 from services.billing.core.service import BillingCore, BillingPolicy
+from services.billing.metrics import BillingMetrics
 from services.billing.permissions import PERMISSIONS
 from services.billing.servicer import BillingServicer
 from services.billing.store import BillingStore
 from services.gen.aidc.billing.v1 import billing_service_pb2_grpc
 from services.mesh.db import open_database
+from services.mesh.metrics import metrics_enabled
 from services.mesh.security import mesh_security, secured_server
 from services.mesh.server import MeshServer, Registration
 
@@ -41,7 +43,7 @@ async def build_server(settings: BillingSettings, address: str | None = None) ->
         max_future_seconds=settings.billing_max_future_seconds,
         invoice_grace_seconds=settings.billing_invoice_grace_seconds,
     )
-    core = BillingCore(store, policy)
+    core = BillingCore(store, policy, metrics=BillingMetrics(metrics_enabled(settings)))
     await asyncio.to_thread(core.start)
     security = mesh_security(settings, SERVICE)
     servicer = BillingServicer(core, security.checker)

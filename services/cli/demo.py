@@ -1,9 +1,11 @@
 """`make demo`: a walk through what runs today, against the platform `aidc up` started.
 
-It logs in as the platform admin (the stored CLI login, or the first-start secret), creates a tenant and a
-developer, exchanges an API key, uploads a dataset, fine-tunes a model, deploys it to Triton and classifies text
-through the gateway, shows what the developer may and may not do and what billing metered, checks every
-component's health, and prints the traces of requests as they crossed the mesh (Triton included).
+It connects as tenants do (the tenant path: TLS with the CA file, tokens), logs in as the platform admin (the stored
+CLI login, or the first-start secret), creates a tenant and a developer, exchanges an API key, uploads a dataset,
+fine-tunes a model as a job of the scheduler (its path from the queue to the end), deploys it to Triton and
+classifies text through the gateway, shows what the developer may and may not do and what billing metered, checks
+every component's health, and prints the traces of requests as they crossed the mesh (the fine-tune's runner and
+Triton included).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from decimal import Decimal
 
 import grpc
@@ -31,15 +34,15 @@ from services.cli.credentials import (
     replace_one_time_password,
     take_bootstrap_admin,
 )
-from services.cli.session import BearerToken, bearer_channel, cli_settings
+from services.cli.session import BearerToken, bearer_channel, cli_route, cli_settings
 from services.gen.aidc.common.v1 import common_pb2
 from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.gen.aidc.training.v1 import training_service_pb2 as training_pb
-from services.mesh.channels import create_channel
 from services.mesh.config import SERVICE_NAMES, MeshSettings
 from services.mesh.errors import AidcError, AlreadyExists, PermissionDenied
-from services.mesh.spanstore import SpanStore, render_tree
+from services.mesh.spanstore import SpanRecord, SpanStore, render_tree
 from services.mesh.telemetry import init_telemetry, shutdown_telemetry
+from services.scheduler.client import SchedulerClient, state_name
 from services.serving.client import ServingClient, TextClassifierClient
 from services.storage.client import StorageClient
 from services.training.client import TrainingClient
@@ -59,8 +62,13 @@ def _step(text: str) -> None:
     console.print(f"\n[bold cyan]==>[/] [bold]{text}[/]")
 
 
+def at(settings: MeshSettings, service: str) -> str:
+    """Where the demo, a tenant's client like the CLI, calls ``service``: its tenant address."""
+    return cli_route().address(settings, service)
+
+
 def _token_client(settings: MeshSettings, token: str) -> AuthClient:
-    return AuthClient(bearer_channel(settings.auth_addr, settings, BearerToken(token)))
+    return AuthClient(bearer_channel(at(settings, "auth"), settings, BearerToken(token)))
 
 
 async def _admin_token(settings: MeshSettings, anon: AuthClient) -> str:
@@ -75,13 +83,13 @@ async def _admin_token(settings: MeshSettings, anon: AuthClient) -> str:
             f"first start: platform admin [bold]{bootstrap['tenant']}/{bootstrap['user']}[/]; its one-time password "
             f"was replaced at first use by [bold yellow]{password}[/] (shown once; the CLI is logged in with it)"
         )
-        store.save(Credentials.from_token_pair(settings.auth_addr, tokens, "user:platform/admin", "platform"))
-    return await store.access_token(settings.auth_addr, anon.refresh_token)
+        store.save(Credentials.from_token_pair(at(settings, "auth"), tokens, "user:platform/admin", "platform"))
+    return await store.access_token(at(settings, "auth"), anon.refresh_token)
 
 
 async def _health(settings: MeshSettings) -> None:
     for name in SERVICE_NAMES:
-        channel = create_channel(settings.address_of(name), settings)
+        channel = bearer_channel(at(settings, name), settings, BearerToken())
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -90,24 +98,30 @@ async def _health(settings: MeshSettings) -> None:
         finally:
             await channel.close(None)
         colour = "green" if status == "SERVING" else "red"
-        console.print(f"  {name:<10} {settings.address_of(name):<18} [{colour}]{status}[/]")
+        console.print(f"  {name:<10} {at(settings, name):<18} [{colour}]{status}[/]")
 
 
-def _print_trace(store: SpanStore, trace_id: str, services: set[str], at_least: int) -> None:
+def _print_trace(
+    store: SpanStore,
+    trace_id: str,
+    services: set[str],
+    at_least: int,
+    keep: Callable[[SpanRecord], bool] = lambda _: True,
+) -> None:
     spans = []
     for _ in range(50):  # services export their spans in 200 ms batches, Triton every 500 ms
         spans = store.spans(trace_id)
         if services <= {s.service for s in spans} and len(spans) >= at_least:
             break
         time.sleep(0.2)
-    console.print(render_tree(spans), markup=False, highlight=False)
+    console.print(render_tree([s for s in spans if keep(s)]), markup=False, highlight=False)
 
 
 async def run() -> None:
     settings = cli_settings()
     init_telemetry("aidc-cli", settings.data_dir)
     tracer = trace.get_tracer(__name__)
-    anon = AuthClient(create_channel(settings.auth_addr, settings))
+    anon = AuthClient(bearer_channel(at(settings, "auth"), settings, BearerToken()))
 
     _step("Every service of the mesh reports its health")
     await _health(settings)
@@ -140,7 +154,7 @@ async def run() -> None:
     console.print(f"  API key {key.api_key.key_id} authenticates as {who.subject}")
 
     _step("The developer uploads a text dataset: validated, personal data masked, encrypted with acme's key")
-    storage = StorageClient(bearer_channel(settings.storage_addr, settings, BearerToken(tokens.access_token)))
+    storage = StorageClient(bearer_channel(at(settings, "storage"), settings, BearerToken(tokens.access_token)))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["text", "label"])
@@ -167,25 +181,46 @@ async def run() -> None:
         console.print(f"  downloaded, masked: {row.decode()!r}")
     await storage.close()
 
-    _step("The developer fine-tunes MiniLM on it: a runner process, checkpoints, TorchScript export, parity check")
-    training = TrainingClient(bearer_channel(settings.training_addr, settings, BearerToken(tokens.access_token)))
+    _step(
+        "The developer fine-tunes MiniLM on it: a job of the scheduler (quota, budget, placement), a runner process, "
+        "checkpoints, TorchScript export, parity check"
+    )
+    training = TrainingClient(bearer_channel(at(settings, "training"), settings, BearerToken(tokens.access_token)))
     spec = training_pb.FineTuneSpec(
         base_model="minilm-l6",
         dataset=training_pb.DatasetRef(name=dataset),
         sequence_classification=training_pb.SequenceClassificationTask(text_column="text", label_column="label"),
         hyperparameters=training_pb.Hyperparameters(max_steps=20, batch_size=8, max_seq_length=64),
         output_model="sentiment",
+        compute=training_pb.ComputeRequest(cpu_millicores=2000, memory_bytes=2 * 2**30),
     )
     job = await training.submit_fine_tune(spec, tenant="acme")
-    console.print(f"  job {job.job_id} submitted (20 steps on 2 CPU cores take about a minute)")
+    console.print(
+        f"  job {job.job_id} submitted as scheduler job {job.scheduler_job_id} for 2 cores and 2 GiB "
+        "(20 steps take about a minute)"
+    )
     async for job_event in training.watch_job(job.job_id, tenant="acme"):
         which = job_event.WhichOneof("event")
         if which == "state_change":
             state = training_pb.JobState.Name(job_event.state_change.to_state).removeprefix("JOB_STATE_").lower()
             console.print(f"  {state} {job_event.state_change.message}")
+        elif which == "scheduling":
+            update = job_event.scheduling
+            where = f" on {', '.join(update.nodes)}" if update.nodes else ""
+            console.print(f"    scheduler: {state_name(update.state)}{where} ({update.reason})")
         elif which == "metrics":
             values = ", ".join(f"{k} {v:.3f}" for k, v in sorted(job_event.metrics.values.items()))
             console.print(f"  epoch {job_event.metrics.epoch} step {job_event.metrics.step}: {values}")
+    scheduler = SchedulerClient(bearer_channel(at(settings, "scheduler"), settings, BearerToken(tokens.access_token)))
+    run = await scheduler.get_job(job.scheduler_job_id)
+    await scheduler.close()
+    console.print(
+        f"  aidc jobs show {run.job_id}: {state_name(run.state)} on {', '.join(run.placement.nodes)} "
+        f"({run.placement.executor_ref}), attempt {run.attempt}, by {run.submitted_by} in {run.tenant}, "
+        f"ran {run.run_time.ToTimedelta().total_seconds():.1f} s, budget estimate "
+        f"{run.estimated_cost.micros / 1e6:.2f} {run.estimated_cost.currency}"
+    )
+    fine_tune_trace = job.trace_id
     version = await training.get_model_version("sentiment", tenant="acme")
     console.print(
         f"  registered sentiment v{version.version}: lineage {version.lineage.dataset.name} "
@@ -195,7 +230,7 @@ async def run() -> None:
     await training.close()
 
     _step("Deploy it to Triton: written into the live repository, loaded, probed with a real inference, routed")
-    channel = bearer_channel(settings.serving_addr, settings, BearerToken(tokens.access_token))
+    channel = bearer_channel(at(settings, "serving"), settings, BearerToken(tokens.access_token))
     began = time.monotonic()
     deployment = await ServingClient(channel).deploy("sentiment", wait=True)
     console.print(
@@ -234,8 +269,8 @@ async def run() -> None:
         console.print(f"  {event.time.ToDatetime():%H:%M:%S}  {event.actor:<28} {event.action:<16} {event.target}")
 
     _step("Billing: what acme used (metered exactly once) and an enforced budget")
-    billing = BillingClient(bearer_channel(settings.billing_addr, settings, BearerToken(admin_token)))
-    for _ in range(20):  # the training service's outbox delivers within a second or so
+    billing = BillingClient(bearer_channel(at(settings, "billing"), settings, BearerToken(admin_token)))
+    for _ in range(20):  # the scheduler meters the run's allocation up to its release; its outbox delivers at once
         usage = await billing.query_usage("cpu_core_seconds", tenant="acme")
         if usage.buckets:
             break
@@ -244,7 +279,14 @@ async def run() -> None:
         if (await billing.query_usage("inference_requests", tenant="acme")).buckets:
             break
         await asyncio.sleep(0.5)
-    for meter in ("cpu_core_seconds", "storage_gib_hours", "inference_requests", "inference_compute_ms"):
+    meters = (
+        "cpu_core_seconds",
+        "memory_gib_seconds",
+        "storage_gib_hours",
+        "inference_requests",
+        "inference_compute_ms",
+    )
+    for meter in meters:
         buckets = (await billing.query_usage(meter, tenant="acme")).buckets
         total = sum((Decimal(b.value) for b in buckets), Decimal(0))
         console.print(f"  {meter:<20} {total:>16f}  ({sum(b.event_count for b in buckets)} events)")
@@ -262,6 +304,17 @@ async def run() -> None:
     store = SpanStore(settings.data_dir / "traces")
     _step(f"The trace of the sign-in (aidc trace {trace_id})")
     _print_trace(store, trace_id, {"aidc-cli", "auth"}, 7)
+    _step(
+        f"The trace of the fine-tune: submission, the scheduler, the runner's phases (aidc trace {fine_tune_trace}; "
+        "auth and storage calls left out here)"
+    )
+    _print_trace(
+        store,
+        fine_tune_trace,
+        {"aidc-cli", "training", "scheduler", "training-runner"},
+        12,
+        keep=lambda span: "AuthService/" not in span.name and "StorageService/" not in span.name,
+    )
     _step(f"The trace of the classification: gateway, auth, Triton, billing (aidc trace {infer_trace_id})")
     _print_trace(store, infer_trace_id, {"aidc-cli", "serving", "auth", "triton", "billing"}, 8)
     for client in (anon, admin, dev, machine):

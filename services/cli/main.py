@@ -539,6 +539,7 @@ _SETTINGS_MODULES: tuple[str, ...] = (
     "services.collector.config",
     "services.mesh.telemetry",
     "services.cli.credentials",
+    "services.cli.session",
 )
 
 

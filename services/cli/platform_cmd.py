@@ -15,17 +15,18 @@ from rich.console import Console
 from rich.table import Table
 
 from services.cli.credentials import Credentials, replace_one_time_password
-from services.cli.session import open_session
+from services.cli.session import cli_settings, open_session
+from services.mesh.config import SERVICE_NAMES
 from services.mesh.errors import AidcError
 from services.platform.components import build_components
 from services.platform.probes import Health
 from services.platform.state import PlatformState
+from services.platform.status import ComponentStatus, platform_status
 from services.platform.supervisor import (
     AlreadyRunning,
     StartupError,
     Supervisor,
     load_platform,
-    platform_status,
     read_bootstrap_admin,
     start_detached,
     stop_platform,
@@ -55,7 +56,7 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
 
 
-def _env(data_dir: Path | None) -> Mapping[str, str]:
+def _env(data_dir: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     if data_dir is not None:
         env["AIDC_DATA_DIR"] = str(data_dir)
@@ -80,12 +81,15 @@ def _print_ready(state: PlatformState, began: float, env: Mapping[str, str]) -> 
     for c in state.components:
         for i, endpoint in enumerate(c.endpoints):
             table.add_row(c.name if i == 0 else "", endpoint, str(c.pid or "-") if i == 0 else "")
+    if state.metrics_url:
+        table.add_row("supervisor", f"metrics {state.metrics_url}", str(state.supervisor_pid))
     _console.print(table)
     _console.print(
         f"all {len(state.components)} components SERVING in {state.ready_seconds:.1f}s "
         f"({time.monotonic() - began:.1f}s for the whole command)"
     )
     _console.print(f"data in {state.data_dir}, logs in {Path(state.data_dir) / 'logs'}", highlight=False)
+    _print_tenant_path(env)
     admin = read_bootstrap_admin(Path(state.data_dir))
     if admin is not None:
         try:
@@ -103,6 +107,22 @@ def _print_ready(state: PlatformState, began: float, env: Mapping[str, str]) -> 
             _console.print("it works once: the first `aidc login` sets a new password")
 
 
+def _print_tenant_path(env: Mapping[str, str]) -> None:
+    """What a tenant's client needs: the tenant addresses, the CA file (no client certificate) and a token."""
+    settings = cli_settings(env)
+    addresses = {name: settings.tenant_address_of(name) for name in SERVICE_NAMES}
+    listed = ", ".join(f"{name} {address}" for name, address in addresses.items() if address)
+    if not listed:
+        return
+    tls_dir = settings.tls_dir()
+    trust = f"TLS trusting the CA file {tls_dir / 'ca.pem'}" if tls_dir else "plaintext (dev mode, loopback only)"
+    _console.print(
+        f"tenant endpoints (the CLI, SDKs in any language, Triton clients): {listed}; {trust}, no client "
+        "certificate, `authorization: Bearer <token>` on each call",
+        highlight=False,
+    )
+
+
 def up(
     detach: Annotated[
         bool,
@@ -113,10 +133,20 @@ def up(
         typer.Option("--timeout", min=1, help="Seconds to wait for SERVING (default AIDC_STARTUP_TIMEOUT_SECONDS)."),
     ] = None,
     data_dir: DataDirOption = None,
+    monitoring: Annotated[
+        bool,
+        typer.Option(
+            "--monitoring",
+            help="Also run a local Prometheus scraping every component, with the alert rules loaded "
+            "(Debian's prometheus package: `make prometheus-server`). Same as AIDC_MONITORING=true.",
+        ),
+    ] = False,
 ) -> None:
     """Start every service, Triton, the S3 server and the trace collector; supervise them until Ctrl-C."""
     began = time.monotonic()
     env = _env(data_dir)
+    if monitoring:
+        env["AIDC_MONITORING"] = "true"
     try:
         platform = load_platform(env)
     except ValueError as exc:
@@ -162,6 +192,30 @@ def down(data_dir: DataDirOption = None) -> None:
         raise typer.Exit(code=1)
 
 
+def _print_figures(components: list[ComponentStatus]) -> None:
+    """The second table: what each component's /metrics says (since it started)."""
+    measured = [c for c in components if c.figures is not None]
+    if not measured:
+        return
+    table = Table(title="since each component started, from its /metrics", title_justify="left")
+    for column in ("component", "RPCs", "errors", "p50", "in flight", "figures"):
+        table.add_column(column, justify="left" if column in ("component", "figures") else "right")
+    for c in measured:
+        f = c.figures
+        assert f is not None
+        if f.error:
+            table.add_row(c.name, "-", "-", "-", "-", f.error)
+            continue
+        p50 = "-" if f.p50_seconds is None else f"{f.p50_seconds * 1e3:.1f}ms"
+        table.add_row(c.name, f"{f.rpcs:.0f}", f"{f.server_errors:.0f}", p50, f"{f.in_flight:.0f}", f.detail)
+    _console.print(table)
+    _console.print(
+        "errors: RPCs that failed on the server's side (UNKNOWN, INTERNAL, UNAVAILABLE, DATA_LOSS, DEADLINE_EXCEEDED); "
+        "p50: median latency of unary RPCs.",
+        style="dim",
+    )
+
+
 def status(data_dir: DataDirOption = None) -> None:
     """Probe every component live; exit code 0 only if all are SERVING."""
     platform = load_platform(_env(data_dir), create_credentials=False)
@@ -177,7 +231,12 @@ def status(data_dir: DataDirOption = None) -> None:
         table.add_column(column, justify="right" if column in ("pid", "restarts") else "left")
     for c in result.components:
         style = _HEALTH_STYLE[c.health]
-        table.add_row(c.name, f"[{style}]{c.health.value}[/]", c.address, str(c.pid or "-"), str(c.restarts), c.detail)
+        restarts = f"{c.restarts} ({c.hung_restarts} hung)" if c.hung_restarts else str(c.restarts)
+        table.add_row(c.name, f"[{style}]{c.health.value}[/]", c.address, str(c.pid or "-"), restarts, c.detail)
     _console.print(table)
+    for c in result.components:
+        if c.last_restart:
+            _console.print(f"{c.name} last restarted: {c.last_restart}", highlight=False)
+    _print_figures(result.components)
     if not result.all_serving:
         raise typer.Exit(code=1)

@@ -13,8 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from services.cli.scheduler_cmd import parse_quantity
 from services.cli.session import open_session
+from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from services.gen.aidc.training.v1 import training_service_pb2 as pb
+from services.scheduler.client import duration, state_name
 from services.training.client import TrainingClient
 
 __all__ = ["register", "train_app", "model_app"]
@@ -71,6 +74,13 @@ def _describe_job(job: pb.Job) -> None:
         ("attempt", str(job.attempt)),
         ("created", f"{_when(job.create_time)} by {job.created_by}"),
     ]
+    if job.scheduler_job_id:
+        where = f"{job.scheduler_job_id} {state_name(job.scheduler_state)}"
+        if job.scheduler_state == scheduler_pb.JOB_STATE_QUEUED:
+            where += f", queue position {job.queue_position}"
+        rows.append(("scheduler", where + (f": {job.scheduler_reason}" if job.scheduler_reason else "")))
+    if job.preemptions:
+        rows.append(("preemptions", str(job.preemptions)))
     if job.HasField("progress"):
         rows.append(("progress", f"step {job.progress.step}/{job.progress.total_steps}"))
     for key, value in sorted(job.latest_metrics.values.items()):
@@ -110,6 +120,10 @@ async def _watch(client: TrainingClient, job_id: str, tenant: str) -> pb.Job:
             elif event.HasField("metrics"):
                 values = "  ".join(f"{k} {v:.4f}" for k, v in sorted(event.metrics.values.items()) if k != "examples")
                 progress.console.print(f"epoch {event.metrics.epoch}: {values}")
+            elif event.HasField("scheduling"):
+                s = event.scheduling
+                where = f" on {', '.join(s.nodes)}" if s.nodes else ""
+                progress.console.print(f"scheduler: {state_name(s.state)}{where}  {s.reason}")
     return await client.get_job(job_id, tenant=tenant)
 
 
@@ -129,6 +143,16 @@ def submit(
     seed: Annotated[int | None, typer.Option(min=0)] = None,
     lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters instead of every weight.")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="Int8 dynamic quantization of the export.")] = False,
+    cpu: Annotated[str, typer.Option(help="CPU for the run: cores (2, 0.5) or millicores (500m); default 1.")] = "",
+    memory: Annotated[str, typer.Option(help="Memory for the run (8Gi, 512Mi); default 2Gi.")] = "",
+    gpus: Annotated[int, typer.Option(min=0, help="GPUs for the run.")] = 0,
+    gpu_type: Annotated[str, typer.Option(help="GPU model, e.g. nvidia-a100-80gb; default any.")] = "",
+    pool: Annotated[str, typer.Option(help="Scheduler pool; default the default pool.")] = "",
+    priority: Annotated[int, typer.Option(min=0, help="Scheduling priority (0-500).")] = 0,
+    preemptible: Annotated[
+        bool, typer.Option("--preemptible", help="Let higher-priority work preempt it (it resumes).")
+    ] = False,
+    max_run: Annotated[float, typer.Option(min=0, help="Longest run in seconds; 0: the pool's limit.")] = 0,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Follow the job until it ends.")] = False,
     tenant: TenantOption = "",
 ) -> None:
@@ -149,6 +173,16 @@ def submit(
         method=pb.TRAINING_METHOD_LORA if lora else pb.TRAINING_METHOD_FULL,
         options=pb.TrainingOptions(export=pb.ExportOptions(int8_quantization=int8)),
         output_model=model,
+        compute=pb.ComputeRequest(
+            cpu_millicores=parse_quantity(cpu, "cpu") if cpu else 0,
+            memory_bytes=parse_quantity(memory, "memory") if memory else 0,
+            gpu_count=gpus,
+            gpu_type=gpu_type,
+            pool=pool,
+            priority=priority,
+            preemptible=preemptible,
+            max_run_duration=duration(max_run) if max_run else None,
+        ),
     )
 
     async def work(client: TrainingClient) -> pb.Job:

@@ -2,8 +2,10 @@
 
 A service declares, for every RPC it serves, one ``Rule``: public (no credentials), authenticated (any
 caller; the servicer narrows it down), or a (resource, action) pair checked in the request's tenant or in the
-platform scope. An RPC without a rule is refused. Decisions come from the auth service's CheckPermission
-(through a short-TTL cache), or from the local enforcer inside the auth service itself.
+platform scope. An RPC without a rule is refused. A rule marked ``mesh_only`` (what only services call: usage
+recording, revocation lists, job delegations, permission checks, programs for the scheduler to run) is refused on the
+tenant path whoever asks; this flag is the one place that decides which RPCs tenants can reach. Decisions come from
+the auth service's CheckPermission (through a short-TTL cache), or from the local enforcer inside auth itself.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from google.protobuf.descriptor import ServiceDescriptor
+from prometheus_client import Counter
 
 from services.mesh.identity import PLATFORM_TENANT, Principal, outside_binding
 
@@ -25,6 +28,7 @@ __all__ = [
     "authenticated",
     "tenant_rule",
     "platform_rule",
+    "mesh_only",
     "PermissionTable",
     "PermissionChecker",
     "SubjectDecisions",
@@ -49,6 +53,8 @@ class Rule:
     scope: Scope
     resource: str = ""
     action: str = ""
+    #: Only the mesh path serves it (mesh services call it); the tenant path refuses it, whatever the caller holds.
+    mesh_only: bool = False
 
 
 def public() -> Rule:
@@ -69,6 +75,11 @@ def tenant_rule(resource: str, action: str) -> Rule:
 def platform_rule(resource: str, action: str) -> Rule:
     """``action`` on ``resource`` in the platform scope (operators)."""
     return Rule(Scope.PLATFORM, resource, action)
+
+
+def mesh_only(rule: Rule) -> Rule:
+    """``rule``, served on the mesh path only: refused with PERMISSION_DENIED on the tenant path."""
+    return replace(rule, mesh_only=True)
 
 
 class PermissionTable:
@@ -120,6 +131,14 @@ class SubjectDecisions(Protocol):
     async def check(self, subject: str, tenant: str, resource: str, action: str) -> bool: ...
 
 
+#: Every service's decisions by where they came from: its cache, or a CheckPermission call to auth (hit rate).
+DECISIONS = Counter(
+    "aidc_authz_decisions",
+    "Authorization decisions of this service's permission checker, by source (cache or auth) and result.",
+    ["source", "result"],
+)
+
+
 class CachedPermissionChecker:
     """A principal's decisions: refused outright outside the tenant its token is bound to (job delegations), else
     the subject's decision from ``inner``, cached (allow and deny) for a few seconds.
@@ -134,12 +153,20 @@ class CachedPermissionChecker:
         ttl_seconds: float = 5.0,
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        metrics: bool = True,
     ) -> None:
         self._inner = inner
         self._ttl = ttl_seconds
         self._max = max_entries
         self._clock = clock
         self._decisions: dict[tuple[str, str, str, str], tuple[bool, float]] = {}
+        self._metrics = metrics
+        # (source, allowed) -> counter child, bound once.
+        self._counted = {
+            (source, allowed): DECISIONS.labels(source, "allowed" if allowed else "denied")
+            for source in ("cache", "auth")
+            for allowed in (True, False)
+        }
 
     async def check(self, principal: Principal, tenant: str, resource: str, action: str) -> bool:
         if outside_binding(principal, tenant):
@@ -148,8 +175,12 @@ class CachedPermissionChecker:
         hit = self._decisions.get(key)
         now = self._clock()
         if hit is not None and hit[1] > now:
+            if self._metrics:
+                self._counted["cache", hit[0]].inc()
             return hit[0]
         allowed = await self._inner.check(principal.subject, tenant, resource, action)
+        if self._metrics:
+            self._counted["auth", allowed].inc()
         if len(self._decisions) >= self._max:
             self._decisions.clear()
         self._decisions[key] = (allowed, now + self._ttl)

@@ -1,5 +1,6 @@
-"""Channels for calls between services (and from the CLI): TLS or mutual TLS when certificates are
-configured, plaintext only to loopback addresses; traced, with the caller's identity and deadline forwarded.
+"""Channels for calls between services (the mesh path: mutual TLS when certificates are configured) and from
+clients (the tenant path: TLS trusting a CA, no client certificate); plaintext only to loopback addresses; traced,
+with the caller's identity and deadline forwarded.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from services.mesh.interceptors import current_deadline
 
 __all__ = [
     "create_channel",
+    "tenant_channel",
     "channel_options",
     "client_credentials",
     "server_credentials",
@@ -182,6 +184,11 @@ class ForwardingInterceptor(CallDetailsInterceptor):
         return with_bearer(details, principal.token if principal is not None else "", timeout)
 
 
+def _client_interceptors(extra: Sequence[grpc.aio.ClientInterceptor]) -> list[Any]:
+    """Tracing, then the forwarded token and deadline, then the caller's own."""
+    return split_by_call_kind([*aio_client_interceptors(), ForwardingInterceptor(), *extra])
+
+
 def create_channel(
     target: str,
     settings: MeshSettings,
@@ -195,7 +202,7 @@ def create_channel(
     service name, or "cli" for the operator's tools; None for server-only TLS). Without certificates the
     channel is plaintext, which is allowed only to loopback addresses (dev mode).
     """
-    interceptors = split_by_call_kind([*aio_client_interceptors(), ForwardingInterceptor(), *extra_interceptors])
+    interceptors = _client_interceptors(extra_interceptors)
     options = channel_options(settings)
     tls_dir = settings.tls_dir()
     if tls_dir is not None:
@@ -204,3 +211,27 @@ def create_channel(
     if not _is_loopback(target):
         raise InvalidArgument(f"refusing a plaintext channel to non-loopback {target}: configure AIDC_CERTS_DIR")
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+def tenant_channel(
+    target: str,
+    settings: MeshSettings,
+    *,
+    ca_file: Path | None = None,
+    extra_interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+) -> grpc.aio.Channel:
+    """A channel on the tenant path, as a tenant's program holds one: no client certificate, TLS trusting
+    ``ca_file`` (default: the mesh's CA when the platform has certificates; else the system's CAs). Plaintext only
+    to a loopback address of a platform without certificates (dev mode)."""
+    interceptors = _client_interceptors(extra_interceptors)
+    options = channel_options(settings)
+    tls_dir = settings.tls_dir()
+    if ca_file is None and tls_dir is not None:
+        ca_file = tls_dir / "ca.pem"
+    if ca_file is not None:
+        credentials = grpc.ssl_channel_credentials(root_certificates=_read(ca_file))
+    elif _is_loopback(target):
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    else:
+        credentials = grpc.ssl_channel_credentials()
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)

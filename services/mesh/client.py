@@ -74,13 +74,16 @@ class ServiceClient:
         timeout: float | None = None,
         metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> AsyncIterator[Any]:
-        """Iterates a server-streaming RPC, raising typed errors."""
+        """Iterates a server-streaming RPC, raising typed errors; a caller that stops early cancels the call (the
+        server stops sending at once, rather than when this generator is collected)."""
         call = method(request, timeout=timeout, metadata=metadata)
         try:
             async for item in call:
                 yield item
         except grpc.RpcError as error:
             raise translate_rpc_error(error) from None
+        finally:
+            call.cancel()
 
     async def _client_stream(
         self,

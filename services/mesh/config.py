@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "SERVICE_NAMES",
+    "TENANT_LISTENER_OFF",
     "MeshSettings",
     "Setting",
     "setting",
@@ -58,6 +59,14 @@ def parse_address(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_TENANT_DOC = (
+    "Tenant endpoint of {service}: TLS with the service's certificate but no client certificate (plaintext when "
+    "the mesh is), a bearer token per call; no service identity and no mesh-only RPC there. 'off': none."
+)
+#: The value of a tenant address that turns the tenant listener off.
+TENANT_LISTENER_OFF = "off"
+
+
 @dataclass(frozen=True)
 class MeshSettings:
     """Settings every service shares: where the data lives, where every service listens, TLS, limits."""
@@ -72,6 +81,14 @@ class MeshSettings:
     scheduler_addr: str = setting("127.0.0.1:50054", "Address of the scheduler service.")
     billing_addr: str = setting("127.0.0.1:50055", "Address of the billing service.")
     serving_addr: str = setting("127.0.0.1:50056", "Address of the serving gateway (KServe v2 inference endpoint).")
+    auth_tenant_addr: str = setting("127.0.0.1:50041", _TENANT_DOC.format(service="the auth service"))
+    storage_tenant_addr: str = setting("127.0.0.1:50042", _TENANT_DOC.format(service="the storage service"))
+    training_tenant_addr: str = setting("127.0.0.1:50043", _TENANT_DOC.format(service="the training service"))
+    scheduler_tenant_addr: str = setting("127.0.0.1:50044", _TENANT_DOC.format(service="the scheduler service"))
+    billing_tenant_addr: str = setting("127.0.0.1:50045", _TENANT_DOC.format(service="the billing service"))
+    serving_tenant_addr: str = setting(
+        "127.0.0.1:50046", _TENANT_DOC.format(service="the serving gateway (KServe v2 inference included)")
+    )
     certs_dir: str = setting(
         "",
         "Directory with ca.pem and <service>.pem/<service>-key.pem (from `aidc certs init`). Empty: <data_dir>/certs "
@@ -101,6 +118,12 @@ class MeshSettings:
         "restart shorter than this is invisible to callers); past it, token-bearing calls fail UNAVAILABLE. The "
         "upper bound on a revocation's delay when auth is unreachable.",
     )
+    metrics_addr: str = setting(
+        "",
+        "host:port where this process serves its Prometheus metrics at /metrics (TLS and a client certificate of the "
+        "mesh's CA required when certificates are on); empty: recorded but not served; 'off': not recorded at all. "
+        "`aidc up` gives each component its own port (AIDC_<COMPONENT>_METRICS_PORT).",
+    )
     database_url: str = setting(
         "",
         "SQLAlchemy URL of the services' databases; '{service}' in it is replaced by the service name (give each "
@@ -114,6 +137,13 @@ class MeshSettings:
         if not isinstance(value, str):
             raise ValueError(f"unknown service: {service!r}")
         return value
+
+    def tenant_address_of(self, service: str) -> str | None:
+        """The configured tenant endpoint of a mesh service; None when it has none ('off')."""
+        value = getattr(self, f"{service}_tenant_addr", None)
+        if not isinstance(value, str):
+            raise ValueError(f"unknown service: {service!r}")
+        return None if value == TENANT_LISTENER_OFF else value
 
     def tls_dir(self) -> Path | None:
         """Where the mesh's certificates are, or None for plaintext (see ``certs_dir``)."""
@@ -133,7 +163,16 @@ class MeshSettings:
     def validate(self) -> None:
         """Fails fast on values that can't work; called by load_settings."""
         for name in SERVICE_NAMES:
-            parse_address(self.address_of(name))
+            for what, address in (("", self.address_of(name)), ("_TENANT", self.tenant_address_of(name))):
+                if address is not None:
+                    try:
+                        parse_address(address)
+                    except ValueError as exc:
+                        raise ValueError(f"AIDC_{name.upper()}{what}_ADDR: {exc}") from None
+            # Both listeners bind on AIDC_HOST, with SO_REUSEPORT: on one port they would silently share connections.
+            tenant = self.tenant_address_of(name)
+            if tenant is not None and parse_address(tenant)[1] == parse_address(self.address_of(name))[1]:
+                raise ValueError(f"AIDC_{name.upper()}_TENANT_ADDR has the port of AIDC_{name.upper()}_ADDR")
         if self.client_auth not in ("require", "none"):
             raise ValueError(f"AIDC_CLIENT_AUTH must be 'require' or 'none', not {self.client_auth!r}")
         if self.max_message_bytes <= 0:
@@ -142,6 +181,11 @@ class MeshSettings:
             raise ValueError("AIDC_REVOCATION_REFRESH_SECONDS must be positive")
         if self.revocation_max_stale_seconds < self.revocation_refresh_seconds:
             raise ValueError("AIDC_REVOCATION_MAX_STALE_SECONDS must be at least AIDC_REVOCATION_REFRESH_SECONDS")
+        if self.metrics_addr not in ("", "off"):
+            try:
+                parse_address(self.metrics_addr)
+            except ValueError as exc:
+                raise ValueError(f"AIDC_METRICS_ADDR must be host:port, empty or 'off': {exc}") from None
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"AIDC_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
 

@@ -48,10 +48,15 @@ __all__ = [
     "error_for_status",
     "STATUS_DETAILS_KEY",
     "INTERNAL_MESSAGE",
+    "MAX_MESSAGE_BYTES",
+    "bounded_message",
 ]
 
 #: What a caller sees for any error that is not a domain error.
 INTERNAL_MESSAGE = "internal error"
+#: Longest status message sent, in UTF-8 bytes (percent-encoded on the wire, it stays far below gRPC's 8 KiB soft
+#: limit on metadata).
+MAX_MESSAGE_BYTES = 1024
 #: The trailer that carries a serialized ``google.rpc.Status`` with typed details (gRPC's rich error model).
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -163,10 +168,20 @@ _BY_CODE: dict[grpc.StatusCode, type[AidcError]] = {
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and caller-safe message for an exception raised while serving an RPC."""
+    """The status code and caller-safe message for an exception raised while serving an RPC. Messages that quote a
+    caller's input are cut to MAX_MESSAGE_BYTES: a status message travels in a trailer, and one past gRPC's metadata
+    limit (16 KiB) reaches the caller as RESOURCE_EXHAUSTED instead of its status (found by fuzzing)."""
     if isinstance(error, AidcError) and type(error) is not AidcError:
-        return error.code, error.message
+        return error.code, bounded_message(error.message)
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def bounded_message(message: str) -> str:
+    """``message``, cut to at most MAX_MESSAGE_BYTES of UTF-8."""
+    encoded = message.encode("utf-8", "surrogatepass")
+    if len(encoded) <= MAX_MESSAGE_BYTES:
+        return message
+    return encoded[: MAX_MESSAGE_BYTES - 3].decode("utf-8", "ignore") + "..."
 
 
 def status_details(error: BaseException) -> bytes | None:

@@ -13,13 +13,21 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
+from google.protobuf.message import DecodeError
 from grpc.aio import ServicerContext
 from opentelemetry import trace
 
 from services.mesh.authz import PermissionChecker, PermissionTable, Scope, decide_scope_tenant
 from services.mesh.certs import SERVICE_URI_PREFIX
 from services.mesh.config import SERVICE_NAMES
-from services.mesh.errors import STATUS_DETAILS_KEY, PermissionDenied, Unauthenticated, status_details, status_for
+from services.mesh.errors import (
+    STATUS_DETAILS_KEY,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    status_details,
+    status_for,
+)
 from services.mesh.identity import (
     PLATFORM_TENANT,
     Principal,
@@ -66,14 +74,43 @@ def _behavior_of(handler: grpc.RpcMethodHandler) -> Behavior:
     )
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails, decorate: Decorator) -> Any:
+def _rewrap(
+    handler: grpc.RpcMethodHandler,
+    details: grpc.HandlerCallDetails,
+    decorate: Decorator,
+    deserializer: Callable[[Any], Any] | None,
+) -> Any:
     streams = (handler.request_streaming, handler.response_streaming)
     behavior = decorate(_behavior_of(handler), *streams, details)
     return _FACTORIES[streams](
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+class _Undecodable:
+    """Stands for request bytes that are not a message of the RPC's request type (grpc itself would answer UNKNOWN
+    with the parser's exception text): the error-mapping interceptor refuses it with INVALID_ARGUMENT."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            return _Undecodable(error)
+
+    return deserialize
+
+
+def _refuse_undecodable(message: Any, method: str) -> Any:
+    if isinstance(message, _Undecodable):
+        raise InvalidArgument(f"the request is not a valid message of {method.lstrip('/').replace('/', '.')}'s type")
+    return message
 
 
 def _around(
@@ -165,14 +202,23 @@ class _WrappingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         wrapped = cache.get(method)
         if wrapped is None or wrapped[0] is not handler:
-            wrapped = (handler, _rewrap(handler, handler_call_details, self.decorate))
+            deserializer = self.request_deserializer(handler.request_deserializer)
+            wrapped = (handler, _rewrap(handler, handler_call_details, self.decorate, deserializer))
             cache[method] = wrapped
         return wrapped[1]  # type: ignore[no-any-return]
+
+    def request_deserializer(self, deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+        """How request bytes become the message the behavior gets (unchanged by default)."""
+        return deserializer
 
 
 class ErrorMappingInterceptor(_WrappingInterceptor):
     """Turns exceptions into statuses: domain errors by the table in errors.py, anything else into INTERNAL
-    with a generic message (logged once, with the trace id, never sent to the caller)."""
+    with a generic message (logged once, with the trace id, never sent to the caller). Request bytes that do not
+    decode as the RPC's request type are INVALID_ARGUMENT (each message of a request stream too)."""
+
+    def request_deserializer(self, deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+        return None if deserializer is None else _tolerant(deserializer)
 
     def decorate(
         self,
@@ -192,11 +238,22 @@ class ErrorMappingInterceptor(_WrappingInterceptor):
             details = status_details(error)
             await context.abort(code, message, ((STATUS_DETAILS_KEY, details),) if details is not None else ())
 
+        def checked(request: Any) -> Any:
+            """The request, or for a request stream an iterator refusing undecodable messages as they come."""
+            if not request_streaming:
+                return _refuse_undecodable(request, method)
+
+            async def messages() -> AsyncIterator[Any]:
+                async for message in request:
+                    yield _refuse_undecodable(message, method)
+
+            return messages()
+
         if response_streaming:
 
             async def streaming(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
                 try:
-                    async for response in behavior(request, context):
+                    async for response in behavior(checked(request), context):
                         yield response
                 except (grpc.aio.AbortError, GeneratorExit):
                     raise
@@ -207,7 +264,7 @@ class ErrorMappingInterceptor(_WrappingInterceptor):
 
         async def unary(request: Any, context: ServicerContext) -> Any:
             try:
-                return await behavior(request, context)
+                return await behavior(checked(request), context)
             except grpc.aio.AbortError:
                 raise
             except Exception as error:  # noqa: BLE001
@@ -316,11 +373,16 @@ class AuthenticationInterceptor(_WrappingInterceptor):
 
     Public RPCs (per the permission table) need neither; every other RPC without credentials is
     UNAUTHENTICATED. RPCs missing from the table are left to the authorization interceptor to refuse.
+
+    On the tenant path (``tenant_path``: the listener tenants reach with a token and no client certificate) the
+    connection's certificate is never looked at, so no service identity can be had there, and RPCs whose rule is
+    ``mesh_only`` are refused with PERMISSION_DENIED before anything else.
     """
 
-    def __init__(self, table: PermissionTable, verifier: TokenVerifier) -> None:
+    def __init__(self, table: PermissionTable, verifier: TokenVerifier, *, tenant_path: bool = False) -> None:
         self._table = table
         self._verifier = verifier
+        self._tenant_path = tenant_path
 
     def decorate(
         self,
@@ -332,10 +394,18 @@ class AuthenticationInterceptor(_WrappingInterceptor):
         rule = self._table.rule(details.method)
         is_public = rule is not None and rule.scope is Scope.PUBLIC
         verifier = self._verifier
+        tenant_path = self._tenant_path
+        if tenant_path and rule is not None and rule.mesh_only:
+            refusal = f"{details.method} is for mesh services only: it is not served on the tenant endpoint"
+
+            async def refuse(_request: Any, _context: ServicerContext) -> None:
+                raise PermissionDenied(refusal)
+
+            return _around(behavior, request_streaming, response_streaming, refuse)
 
         async def before(_request: Any, context: ServicerContext) -> None:
             token = bearer_token(tuple(context.invocation_metadata() or ()))
-            service = _peer_service(context)
+            service = None if tenant_path else _peer_service(context)
             current_peer_service.set(service)
             principal: Principal | None = None
             if token is not None:

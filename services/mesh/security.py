@@ -73,7 +73,9 @@ def mesh_security(settings: MeshSettings, service: str) -> MeshSecurity:
             refresh_seconds=settings.revocation_refresh_seconds,
             max_stale_seconds=settings.revocation_max_stale_seconds,
         ),
-        checker=CachedPermissionChecker(auth, ttl_seconds=settings.decision_cache_seconds),
+        checker=CachedPermissionChecker(
+            auth, ttl_seconds=settings.decision_cache_seconds, metrics=settings.metrics_addr != "off"
+        ),
     )
 
 
@@ -86,6 +88,7 @@ def secured_server(
     readiness: Callable[[], Awaitable[bool]] | None = None,
     on_stop: Sequence[Callable[[], Awaitable[None]]] = (),
     address: str | None = None,
+    tenant_address: str | None = None,
     security: MeshSecurity | None = None,
 ) -> MeshServer:
     """A MeshServer for a service other than auth: callers verified with auth's keys, decisions from auth.
@@ -108,4 +111,5 @@ def secured_server(
         readiness=ready,
         on_stop=[*on_stop, security.close],
         address=address,
+        tenant_address=tenant_address,
     )

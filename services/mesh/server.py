@@ -30,6 +30,7 @@ from services.mesh.interceptors import (
     RequestLimitInterceptor,
 )
 from services.mesh.logs import configure_logging
+from services.mesh.metrics import MetricsEndpoint, MetricsInterceptor, metrics_enabled
 from services.mesh.telemetry import init_telemetry, shutdown_telemetry
 
 __all__ = ["Registration", "MeshServer", "serve", "run_service", "INFRASTRUCTURE_SERVICES"]
@@ -90,8 +91,11 @@ def _infrastructure_rules() -> PermissionTable:
 class MeshServer:
     """A service's gRPC server, built by its ``server.build_server`` and run by ``serve``.
 
-    Health reports NOT_SERVING until ``readiness()`` returns True, then SERVING; on stop it goes back to
-    NOT_SERVING before in-flight RPCs get ``grace`` seconds to finish.
+    Two listeners serve the same RPCs: the mesh path (``address``; mutual TLS when the mesh has certificates, where a
+    verified service certificate is a service identity) and, unless it is off, the tenant path (``tenant_address``;
+    TLS without client certificates, tokens only, no mesh-only RPC). Health reports NOT_SERVING until
+    ``readiness()`` returns True, then SERVING; on stop it goes back to NOT_SERVING before in-flight RPCs get
+    ``grace`` seconds to finish.
     """
 
     name: str
@@ -102,49 +106,93 @@ class MeshServer:
     checker: PermissionChecker
     readiness: Callable[[], Awaitable[bool]] | None = None
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
+    #: The mesh listener; None: the settings' address of this service.
     address: str | None = None
+    #: The tenant listener; None: the settings' tenant address of this service unless ``address`` is given (a test's
+    #: server on a port of its own then has no tenant listener unless it asks for one).
+    tenant_address: str | None = None
     readiness_interval_seconds: float = 0.2
     port: int = 0
-    _server: grpc.aio.Server | None = field(default=None, init=False, repr=False)
+    #: The tenant listener's bound port (0: none).
+    tenant_port: int = 0
+    _servers: list[grpc.aio.Server] = field(default_factory=list, init=False, repr=False)
     _health: AsyncHealthServicer | None = field(default=None, init=False, repr=False)
     _ready_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    #: The /metrics endpoint, when AIDC_METRICS_ADDR names one.
+    metrics: MetricsEndpoint | None = field(default=None, init=False, repr=False)
 
-    async def start(self) -> int:
-        """Binds and starts the server; returns the bound port. Readiness is polled in the background."""
-        table = self.permissions.merged(_infrastructure_rules())
+    def _server(self, table: PermissionTable, *, tenant_path: bool) -> grpc.aio.Server:
+        """One listener's server: the interceptor chain (the tenant path's authentication grants no service
+        identity and refuses mesh-only RPCs), the registrations, health and reflection."""
+        assert self._health is not None
+        # Outermost: each RPC's time and status code include every other interceptor's work and refusals.
+        measured = [MetricsInterceptor()] if metrics_enabled(self.settings) else []
         server = grpc.aio.server(
             interceptors=[
+                *measured,
                 aio_server_interceptor(filter_=_per_method(negate(_NOT_TRACED))),
                 ErrorMappingInterceptor(),
                 DeadlineInterceptor(),
                 RequestLimitInterceptor(),
-                AuthenticationInterceptor(table, self.verifier),
+                AuthenticationInterceptor(table, self.verifier, tenant_path=tenant_path),
                 AuthorizationInterceptor(table, self.checker),
             ],
             options=channel_options(self.settings),
         )
         for registration in self.registrations:
             registration.add_to_server(server)
-        self._health = AsyncHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [r.full_name for r in self.registrations]
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        return server
 
-        address = self.address or self.settings.address_of(self.name)
+    def _bind(self, server: grpc.aio.Server, address: str, *, tenant_path: bool, configured: bool) -> int:
+        """Adds the listener's port; a ``configured`` address (from the settings) binds on the settings' host."""
         host, port = parse_address(address)
-        bind = f"{self.settings.host if self.address is None else host}:{port}"
+        bind = f"{self.settings.host if configured else host}:{port}"
         tls_dir = self.settings.tls_dir()
-        if tls_dir is not None:
-            creds = server_credentials(tls_dir, self.name, self.settings.client_auth == "require")
-            self.port = server.add_secure_port(bind, creds)
+        if tls_dir is None:
+            bound = server.add_insecure_port(bind)
         else:
-            self.port = server.add_insecure_port(bind)
-        await server.start()
-        self._server = server
+            # The tenant path asks for no client certificate at all: tenants never hold mesh certificates.
+            require = not tenant_path and self.settings.client_auth == "require"
+            bound = server.add_secure_port(bind, server_credentials(tls_dir, self.name, require))
+        path = "tenant" if tenant_path else "mesh"
+        log.info("%s listening on %s:%d (%s path)", self.name, bind.rpartition(":")[0], bound, path)
+        return bound
+
+    async def start(self) -> int:
+        """Binds and starts the listeners; returns the mesh listener's port. Readiness is polled in the
+        background."""
+        table = self.permissions.merged(_infrastructure_rules())
+        self._health = AsyncHealthServicer()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        mesh = self._server(table, tenant_path=False)
+        address = self.address or self.settings.address_of(self.name)
+        self.port = self._bind(mesh, address, tenant_path=False, configured=self.address is None)
+        self._servers = [mesh]
+        tenant_address = self.tenant_address
+        if tenant_address is None and self.address is None:
+            tenant_address = self.settings.tenant_address_of(self.name)
+        if tenant_address is not None:
+            tenant = self._server(table, tenant_path=True)
+            configured = self.tenant_address is None
+            self.tenant_port = self._bind(tenant, tenant_address, tenant_path=True, configured=configured)
+            self._servers.append(tenant)
+        for server in self._servers:
+            await server.start()
+        self._start_metrics()
         self._ready_task = asyncio.create_task(self._become_ready(), name=f"{self.name}-readiness")
-        log.info("%s listening on %s:%d", self.name, bind.rpartition(":")[0], self.port)
         return self.port
+
+    def _start_metrics(self) -> None:
+        address = self.settings.metrics_addr
+        if address in ("", "off"):
+            return
+        self.metrics = MetricsEndpoint(
+            address, self.settings.tls_dir(), self.name, require_client_cert=self.settings.client_auth == "require"
+        )
+        self.metrics.start()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         assert self._health is not None
@@ -172,13 +220,17 @@ class MeshServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first (so balancers drain), then stop with a grace period, then the stop hooks."""
-        if self._server is None:
+        if not self._servers:
             return
         if self._ready_task is not None:
             self._ready_task.cancel()
         await self._health.enter_graceful_shutdown() if self._health else None
-        await self._server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
-        self._server = None
+        seconds = self.settings.shutdown_grace_seconds if grace is None else grace
+        await asyncio.gather(*(server.stop(seconds) for server in self._servers))
+        self._servers = []
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         for hook in self.on_stop:
             await hook()
         log.info("%s stopped", self.name)

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_STORE_SCHEDULE_DELAY_MS",
     "TELEMETRY_VARIABLES",
+    "export_environment",
     "init_telemetry",
     "shutdown_telemetry",
     "tracer",
@@ -194,6 +195,31 @@ def shutdown_telemetry() -> None:
     if previous is not None:
         previous.force_flush(_FLUSH_TIMEOUT_MS)
         previous.shutdown()
+
+
+def export_environment() -> tuple[dict[str, str], dict[str, str]]:
+    """The environment a child process needs for ``init_telemetry`` to export its spans where this process's go:
+    (variables, secret variables) -- OTLP headers may carry a backend's credentials. Both empty while this process
+    exports nothing (then neither does the child)."""
+    with _state_lock:
+        destination = _state.destination if _state is not None else None
+    if destination is None:
+        return {}, {}
+    env: dict[str, str] = {}
+    if destination.schedule_delay_ms is not None:
+        env["OTEL_BSP_SCHEDULE_DELAY"] = f"{destination.schedule_delay_ms:g}"
+    if destination.kind == "store":
+        # The child's own store file goes into the same traces directory (<data_dir>/traces).
+        env["AIDC_DATA_DIR"] = str(Path(destination.target).parent)
+        return env, {}
+    env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = destination.target
+    env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = destination.protocol
+    secret = {}
+    if destination.headers:
+        secret["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] = ",".join(
+            f"{quote(key, safe='')}={quote(value, safe='')}" for key, value in destination.headers
+        )
+    return env, secret
 
 
 def tracer(name: str) -> trace.Tracer:

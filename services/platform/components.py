@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import string
 import sys
 import tempfile
@@ -36,6 +37,10 @@ __all__ = [
     "settings_env",
     "triton_argv",
     "weed_argv",
+    "MONITORING_IDENTITIES",
+    "metrics_url",
+    "prometheus_argv",
+    "write_prometheus_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,6 +54,12 @@ _SERVICE_STAGE = 1
 TRITON_CLIENT_FILES = ("ca.pem", "client.pem", "client-key.pem")
 #: Unix socket paths longer than this don't fit in sockaddr_un (108 bytes with the terminator).
 _MAX_SOCKET_PATH = 100
+#: Certificates (of the mesh's CA, server and client use) of the platform's monitoring: the supervisor serves its
+#: metrics with one, Prometheus serves its UI and scrapes with the other. Neither name is a mesh service, so
+#: neither grants a service identity anywhere.
+MONITORING_IDENTITIES = ("supervisor", "prometheus")
+#: The alert rules the local Prometheus loads (deploy/k8s renders the same rules as a PrometheusRule).
+ALERT_RULES = Path("deploy") / "monitoring" / "aidc-alerts.yml"
 
 
 def _is_s3_url(repository: str) -> bool:
@@ -89,6 +100,8 @@ class ComponentSpec:
     start_stage: int
     #: Lower stops first: services, then Triton and the object store, then the collector (to get final spans).
     stop_stage: int
+    #: Where its Prometheus metrics are read ("" when it serves none).
+    metrics_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,11 @@ class Platform:
     @property
     def weed_bin(self) -> Path:
         return self.platform.runtime_dir / "bin" / "weed"
+
+    @property
+    def prometheus_dir(self) -> Path:
+        """The local Prometheus's configuration and time series (`aidc up --monitoring`)."""
+        return self.mesh.data_dir / "prometheus"
 
 
 def resolve_platform(mesh: MeshSettings, platform: PlatformSettings, credentials: S3Credentials) -> Platform:
@@ -233,6 +251,9 @@ def prepare_data_dir(platform: Platform) -> None:
         private_dir(directory)
     write_s3_identity_config(platform.s3_dir / "s3.json", platform.credentials)
     write_triton_tls(platform)
+    if platform.platform.monitoring:
+        private_dir(platform.prometheus_dir / "data")
+        write_prometheus_config(platform)
 
 
 def settings_env(settings: Any) -> dict[str, str]:
@@ -380,6 +401,79 @@ def _triton_env(platform: Platform, base: Mapping[str, str], env: Mapping[str, s
     return out
 
 
+def _scrape_host(host: str) -> str:
+    """Where a listener on ``host`` is reached locally (a wildcard bind is reached on loopback)."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+def metrics_url(platform: Platform, port: int) -> str:
+    """The /metrics URL of a listener of the platform on ``port`` (https when the mesh's certificates are on)."""
+    scheme = "http" if platform.mesh.tls_dir() is None else "https"
+    return f"{scheme}://{_scrape_host(platform.mesh.host)}:{port}/metrics"
+
+
+def _metrics_components(platform: Platform) -> list[tuple[str, int]]:
+    """(job, port) of everything that serves metrics: the supervisor and the mesh services started."""
+    p = platform.platform
+    chosen = [name for name in ("supervisor", *SERVICE_NAMES) if name == "supervisor" or name in p.platform_components]
+    return [(name, p.metrics_port(name)) for name in chosen if p.metrics_port(name)]
+
+
+def write_prometheus_config(platform: Platform) -> None:
+    """The local Prometheus's configuration: every metrics endpoint of the platform scraped (over mutual TLS with
+    the ``prometheus`` certificate when the mesh has certificates), the alert rules loaded; and, with certificates,
+    its web configuration (HTTPS, a client certificate of the mesh's CA required). JSON is YAML to Prometheus."""
+    tls_dir = platform.mesh.tls_dir()
+    directory = platform.prometheus_dir
+    tls: dict[str, object] = {}
+    if tls_dir is not None:
+        tls = {
+            "scheme": "https",
+            "tls_config": {
+                "ca_file": str(tls_dir / "ca.pem"),
+                "cert_file": str(tls_dir / "prometheus.pem"),
+                "key_file": str(tls_dir / "prometheus-key.pem"),
+            },
+        }
+    host = _scrape_host(platform.mesh.host)
+    jobs = [*_metrics_components(platform), ("prometheus", platform.platform.prometheus_port)]
+    interval = f"{platform.platform.prometheus_scrape_interval_seconds:g}s"
+    config = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(platform.project_root / ALERT_RULES)],
+        "scrape_configs": [
+            {"job_name": job, **tls, "static_configs": [{"targets": [f"{host}:{port}"]}]} for job, port in jobs
+        ],
+    }
+    write_private(directory / "prometheus.yml", (json.dumps(config, indent=2) + "\n").encode())
+    if tls_dir is not None:
+        web = {
+            "tls_server_config": {
+                "cert_file": str(tls_dir / "prometheus.pem"),
+                "key_file": str(tls_dir / "prometheus-key.pem"),
+                "client_auth_type": "RequireAndVerifyClientCert",
+                "client_ca_file": str(tls_dir / "ca.pem"),
+            }
+        }
+        write_private(directory / "web.yml", (json.dumps(web, indent=2) + "\n").encode())
+
+
+def prometheus_argv(platform: Platform) -> tuple[str, ...]:
+    """Prometheus on the platform's host and its port, everything under <data_dir>/prometheus."""
+    p = platform.platform
+    directory = platform.prometheus_dir
+    binary = shutil.which(p.prometheus_bin) or p.prometheus_bin
+    web = (f"--web.config.file={directory / 'web.yml'}",) if platform.mesh.tls_dir() is not None else ()
+    return (
+        binary,
+        f"--config.file={directory / 'prometheus.yml'}",
+        f"--storage.tsdb.path={directory / 'data'}",
+        f"--web.listen-address={platform.mesh.host}:{p.prometheus_port}",
+        *web,
+        "--storage.tsdb.retention.time=7d",
+    )
+
+
 def _child_env(platform: Platform, base: Mapping[str, str]) -> dict[str, str]:
     env = dict(base)
     env.update(settings_env(platform.mesh))
@@ -456,18 +550,48 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
 
     for service in SERVICE_NAMES:
         address = platform.mesh.address_of(service)
+        tenant = platform.mesh.tenant_address_of(service)
+        port = p.metrics_port(service)
+        exported = f"{platform.mesh.host}:{port}" if port else ""
+        if platform.mesh.metrics_addr == "off":  # the operator switched metrics off altogether
+            port, exported = 0, "off"
         specs[service] = ComponentSpec(
             name=service,
             argv=(python, "-m", f"services.{service}"),
-            env=env,
+            env={**env, "AIDC_METRICS_ADDR": exported},
             cwd=platform.project_root,
             log_file=logs / f"{service}.log",
             probe=ProbeSpec("grpc", address),
             address=address,
-            endpoints=(f"gRPC {address}",),
-            listens=(address,),
+            endpoints=(
+                f"mesh gRPC {address}",
+                *((f"tenant gRPC {tenant}",) if tenant else ()),
+                *((f"metrics {metrics_url(platform, port)}",) if port else ()),
+            ),
+            listens=(address, *((tenant,) if tenant else ()), *((exported,) if port else ())),
             start_stage=_SERVICE_STAGE,
             stop_stage=0,
+            metrics_url=metrics_url(platform, port) if port else "",
         )
 
-    return [specs[name] for name in specs if name in p.platform_components]
+    chosen = [specs[name] for name in specs if name in p.platform_components]
+    if p.monitoring:
+        web = f"{platform.mesh.host}:{p.prometheus_port}"
+        scheme = "http" if platform.mesh.tls_dir() is None else "https"
+        chosen.append(
+            ComponentSpec(
+                name="prometheus",
+                argv=prometheus_argv(platform),
+                env=env,
+                cwd=platform.prometheus_dir,
+                log_file=logs / "prometheus.log",
+                probe=ProbeSpec("http", f"{scheme}://{_scrape_host(platform.mesh.host)}:{p.prometheus_port}/-/ready"),
+                address=web,
+                endpoints=(f"Prometheus {scheme}://{web} (alert rules: {ALERT_RULES})",),
+                listens=(web,),
+                start_stage=_SERVICE_STAGE,
+                stop_stage=0,
+                metrics_url=f"{scheme}://{_scrape_host(platform.mesh.host)}:{p.prometheus_port}/metrics",
+            )
+        )
+    return chosen

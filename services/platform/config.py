@@ -54,6 +54,40 @@ class PlatformSettings:
     stop_grace_seconds: float = setting(15.0, "Seconds a component gets after SIGTERM before SIGKILL.")
     restart_backoff_seconds: float = setting(0.5, "First delay before restarting a crashed component (doubles).")
     restart_backoff_max_seconds: float = setting(30.0, "Longest delay between restarts of a crash-looping component.")
+    monitoring: bool = setting(
+        False,
+        "Also run a local Prometheus (Debian's `prometheus` package; `aidc up --monitoring`) scraping every component "
+        "over mutual TLS, with the alert rules of deploy/monitoring loaded.",
+    )
+    prometheus_bin: str = setting("prometheus", "The Prometheus server binary (a path, or a name looked up on PATH).")
+    prometheus_port: int = setting(
+        50159, "Port of the local Prometheus's web UI and API (HTTPS; a client certificate of the mesh's CA required)."
+    )
+    prometheus_scrape_interval_seconds: float = setting(
+        15.0, "How often the local Prometheus scrapes every component and evaluates the alert rules."
+    )
+    supervisor_metrics_port: int = setting(
+        50150, "Port of the supervisor's own metrics (components up, restarts and why); 0: none."
+    )
+    auth_metrics_port: int = setting(50151, "Port of the auth service's /metrics under `aidc up`; 0: none.")
+    storage_metrics_port: int = setting(50152, "Port of the storage service's /metrics under `aidc up`; 0: none.")
+    training_metrics_port: int = setting(50153, "Port of the training service's /metrics under `aidc up`; 0: none.")
+    scheduler_metrics_port: int = setting(50154, "Port of the scheduler service's /metrics under `aidc up`; 0: none.")
+    billing_metrics_port: int = setting(50155, "Port of the billing service's /metrics under `aidc up`; 0: none.")
+    serving_metrics_port: int = setting(
+        50156,
+        "Port of the serving service's /metrics under `aidc up`, Triton's figures included (read from Triton's "
+        "statistics over its mutual TLS, so Triton's own plain-HTTP metrics port can stay off); 0: none.",
+    )
+    health_check_interval_seconds: float = setting(
+        5.0, "How often the supervisor asks each running component whether it is healthy."
+    )
+    health_check_timeout_seconds: float = setting(3.0, "How long one health check waits for an answer.")
+    health_check_failures: int = setting(
+        3,
+        "Health checks in a row that get no answer (a hung or stopped process) after which the supervisor kills the "
+        "component and restarts it (with the crash backoff).",
+    )
     triton_trace_rate: int = setting(
         1,
         "Triton traces one request in this many (1: every request, so each inference trace holds Triton's spans). "
@@ -61,6 +95,10 @@ class PlatformSettings:
         "after 2.51): raise this to sample on busy servers; the supervisor restarts Triton and serving reloads its "
         "models if it does crash.",
     )
+
+    def metrics_port(self, component: str) -> int:
+        """The metrics port `aidc up` gives a mesh service or the supervisor (0: none)."""
+        return int(getattr(self, f"{component}_metrics_port", 0))
 
     def model_repository_path(self, data_dir: Path) -> Path:
         """Triton's live model repository: the configured one, or <data_dir>/model_repository."""
@@ -84,6 +122,15 @@ class PlatformSettings:
             )
         if bool(self.aws_access_key_id) != bool(self.aws_secret_access_key):
             raise ValueError("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither")
+        for name in ("prometheus_port", *(f"{c}_metrics_port" for c in ("supervisor", *SERVICE_NAMES))):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"AIDC_{name.upper()} must be a port number or 0, not {getattr(self, name)}")
+        if self.health_check_interval_seconds <= 0 or self.health_check_timeout_seconds <= 0:
+            raise ValueError(
+                "AIDC_HEALTH_CHECK_INTERVAL_SECONDS and AIDC_HEALTH_CHECK_TIMEOUT_SECONDS must be positive"
+            )
+        if self.health_check_failures < 1:
+            raise ValueError("AIDC_HEALTH_CHECK_FAILURES must be at least 1")
         if not 0 <= self.triton_metrics_port <= 65535:
             raise ValueError(f"AIDC_TRITON_METRICS_PORT must be a port number or 0, not {self.triton_metrics_port}")
         for name in (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import http.client
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -65,9 +66,18 @@ async def _probe_grpc(spec: ProbeSpec, settings: MeshSettings, timeout: float) -
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _get(url: str, timeout: float) -> ProbeResult:
+def _opener(url: str, tls_dir: Path | None) -> urllib.request.OpenerDirector:
+    """Plain HTTP, or HTTPS trusting the mesh's CA and presenting the operator's (cli) client certificate."""
+    if not url.startswith("https://") or tls_dir is None:
+        return _OPENER
+    context = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+    context.load_cert_chain(str(tls_dir / "cli.pem"), str(tls_dir / "cli-key.pem"))
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+
+
+def _get(url: str, timeout: float, tls_dir: Path | None = None) -> ProbeResult:
     try:
-        with _OPENER.open(url, timeout=timeout) as response:
+        with _opener(url, tls_dir).open(url, timeout=timeout) as response:
             status = response.status
     except urllib.error.HTTPError as exc:
         return ProbeResult(Health.NOT_SERVING, f"HTTP {exc.code}")
@@ -95,5 +105,5 @@ async def probe(spec: ProbeSpec, settings: MeshSettings, timeout: float = 2.0) -
     if spec.kind == "grpc":
         return await _probe_grpc(spec, settings, timeout)
     if spec.kind == "http":
-        return await asyncio.to_thread(_get, spec.target, timeout)
+        return await asyncio.to_thread(_get, spec.target, timeout, settings.tls_dir())
     return await _probe_tcp(spec.target, timeout)

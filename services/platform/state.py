@@ -42,6 +42,12 @@ class ComponentState:
     #: starting | running | restarting | stopped | failed
     status: str = "starting"
     last_exit: int | None = None
+    #: Where its Prometheus metrics are read ("" when it serves none).
+    metrics_url: str = ""
+    #: Restarts because it stopped answering health checks (hung), out of ``restarts``.
+    hung_restarts: int = 0
+    #: Why it was last restarted ("exit code 1", "hung: 3 health checks unanswered"), "" before any restart.
+    last_restart: str = ""
 
     @classmethod
     def from_spec(cls, spec: ComponentSpec) -> ComponentState:
@@ -51,6 +57,7 @@ class ComponentState:
             endpoints=list(spec.endpoints),
             probe=spec.probe,
             log_file=str(spec.log_file),
+            metrics_url=spec.metrics_url,
         )
 
     @property
@@ -72,6 +79,8 @@ class PlatformState:
     status: str = "starting"
     ready_seconds: float | None = None
     error: str = ""
+    #: The supervisor's own metrics (components up, restarts by reason); "" when it serves none.
+    metrics_url: str = ""
     components: list[ComponentState] = field(default_factory=list)
 
     @property

@@ -16,21 +16,23 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.mesh.certs import init_certificates
+from services.mesh.certs import init_certificates, issue_service_certificate
 from services.mesh.config import MeshSettings, load_settings
 from services.mesh.files import private_dir, use_private_umask
+from services.mesh.metrics import MetricsEndpoint
 from services.platform.components import (
+    MONITORING_IDENTITIES,
     ComponentSpec,
     Platform,
-    ProbeSpec,
     S3Credentials,
-    build_components,
     ensure_s3_credentials,
+    metrics_url,
     prepare_data_dir,
     resolve_platform,
     settings_env,
 )
 from services.platform.config import PlatformSettings
+from services.platform.metrics import SupervisorMetrics
 from services.platform.probes import Health, probe
 from services.platform.process import (
     ProcessId,
@@ -59,9 +61,6 @@ __all__ = [
     "start_detached",
     "stop_platform",
     "StopReport",
-    "ComponentStatus",
-    "PlatformStatus",
-    "platform_status",
     "BootstrapAdmin",
     "read_bootstrap_admin",
     "log_tail",
@@ -99,7 +98,11 @@ def load_platform(env: Mapping[str, str] | None = None, *, create_credentials: b
         credentials = ensure_s3_credentials(settings, mesh.data_dir.resolve())
         if mesh.certs_dir != "off":
             # Mutual TLS between services is the default: a local CA and a certificate per service.
-            init_certificates(Path(mesh.certs_dir) if mesh.certs_dir else mesh.data_dir.resolve() / "certs")
+            certs = Path(mesh.certs_dir) if mesh.certs_dir else mesh.data_dir.resolve() / "certs"
+            init_certificates(certs)
+            for name in MONITORING_IDENTITIES:  # the supervisor's metrics endpoint, the local Prometheus
+                if not (certs / f"{name}.pem").exists():
+                    issue_service_certificate(certs, name)
     else:
         credentials = S3Credentials(settings.aws_access_key_id, settings.aws_secret_access_key)
     return resolve_platform(mesh, settings, credentials)
@@ -160,6 +163,10 @@ class _Run:
     startup_crashes: int = 0
     consecutive_crashes: int = 0
     fatal: str = ""
+    #: Health checks in a row that got no answer while it was running.
+    unanswered: int = 0
+    #: Why the supervisor itself killed the current process ("" if it did not): the restart's reason.
+    killed_because: str = ""
 
 
 class Supervisor:
@@ -183,6 +190,9 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._stopping = False
         self._serving = False
+        self.metrics = SupervisorMetrics(list(self._runs))
+        self._endpoint: MetricsEndpoint | None = None
+        self._health_task: asyncio.Task[None] | None = None
         me = process_id(os.getpid())
         self._state = PlatformState(
             supervisor_pid=os.getpid(),
@@ -218,13 +228,17 @@ class Supervisor:
                     await asyncio.to_thread(self._reap_leftovers, previous)
                 prepare_data_dir(self._platform)
                 self._check_ports()
+                self._start_metrics()
                 await self._start()
+                self._health_task = asyncio.create_task(self._watch_health(), name="health-checks")
                 await self._stop.wait()
             except StartupError as exc:
                 failure = exc
             finally:
                 # Signal handlers stay on while stopping: a second Ctrl-C must not abandon half-stopped children.
                 await self._stop_all()
+                if self._endpoint is not None:
+                    self._endpoint.stop()
                 for sig in handled:
                     loop.remove_signal_handler(sig)
                 if failure is None:
@@ -251,8 +265,29 @@ class Supervisor:
                 )
                 terminate_session(component.session, self._settings.stop_grace_seconds)
 
+    def _metrics_address(self) -> str:
+        port = self._settings.supervisor_metrics_port
+        return f"{self._platform.mesh.host}:{port}" if port else ""
+
+    def _start_metrics(self) -> None:
+        address = self._metrics_address()
+        if not address:
+            return
+        mesh = self._platform.mesh
+        self._endpoint = MetricsEndpoint(
+            address,
+            mesh.tls_dir(),
+            "supervisor",
+            require_client_cert=mesh.client_auth == "require",
+            registry=self.metrics.registry,
+        )
+        self._endpoint.start()
+        self._state.metrics_url = metrics_url(self._platform, self._endpoint.port)
+
     def _check_ports(self) -> None:
         owners = {address: run.spec.name for run in self._runs.values() for address in run.spec.listens}
+        if self._metrics_address():
+            owners[self._metrics_address()] = "supervisor metrics"
         busy = busy_addresses(list(owners))
         if busy:
             taken = ", ".join(f"{address} ({owners[address]})" for address in busy)
@@ -302,6 +337,7 @@ class Supervisor:
                 if result.health is Health.SERVING:
                     run.ever_ready = True
                     run.state.status = "running"
+                    self.metrics.up.labels(run.spec.name).set(1)
                     del pending[run.spec.name]
                     logger.info("%s SERVING after %.1fs", run.spec.name, time.monotonic() - began)
                     self._write()
@@ -357,6 +393,8 @@ class Supervisor:
                 process = await self._spawn(run)
             except OSError as exc:
                 hint = " (run `make install`)" if spec.argv[0].startswith(str(self._settings.runtime_dir)) else ""
+                if spec.name == "prometheus":
+                    hint = " (`make prometheus-server` installs Debian's prometheus package)"
                 run.fatal = f"{spec.name}: cannot start {spec.argv[0]}: {exc.strerror or exc}{hint}"
                 run.state.status = "failed"
                 self._write()
@@ -370,6 +408,7 @@ class Supervisor:
             run.state.pid = None
             run.state.start_ticks = None
             run.state.last_exit = code
+            self.metrics.up.labels(spec.name).set(0)
             if self._stopping:
                 run.state.status = "stopped"
                 self._write()
@@ -377,6 +416,12 @@ class Supervisor:
             # What the crashed process left in its session (Triton's python stubs) goes before it restarts.
             await asyncio.to_thread(terminate_session, process.pid, _STRAGGLER_GRACE)
             run.state.restarts += 1
+            why = run.killed_because or f"exit code {code}"
+            if run.killed_because:
+                run.state.hung_restarts += 1
+            self.metrics.restarts.labels(spec.name, "hung" if run.killed_because else "exit").inc()
+            run.state.last_restart = why
+            run.killed_because, run.unanswered = "", 0
             if not run.ever_ready:
                 run.startup_crashes += 1
             run.consecutive_crashes = 1 if ran >= _STABLE_SECONDS else run.consecutive_crashes + 1
@@ -387,9 +432,9 @@ class Supervisor:
             run.state.status = "restarting"
             self._write()
             logger.warning(
-                "%s exited with code %s after %.1fs; restart #%d in %.1fs (log %s)",
+                "%s ended (%s) after %.1fs; restart #%d in %.1fs (log %s)",
                 spec.name,
-                code,
+                why,
                 ran,
                 run.state.restarts,
                 delay,
@@ -412,6 +457,7 @@ class Supervisor:
             result = await probe(run.spec.probe, self._platform.mesh, 1.0)
             if result.health is Health.SERVING and process.returncode is None:
                 run.state.status = "running"
+                self.metrics.up.labels(run.spec.name).set(1)
                 self._write()
                 logger.info(
                     "%s SERVING again %.1fs after restart #%d",
@@ -421,6 +467,51 @@ class Supervisor:
                 )
                 return
             await asyncio.sleep(0.5)
+
+    # -- health ---------------------------------------------------------------------------------------------
+
+    async def _watch_health(self) -> None:
+        """Asks every running component for its health every interval. One that gives no answer (a hung or
+        stopped process: SIGSTOP, a deadlock, an event loop blocked) that many times in a row is killed, and
+        restarted like a crash. NOT_SERVING is an answer: a component waiting for a dependency is left alone."""
+        settings = self._settings
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), settings.health_check_interval_seconds)
+            if self._stopping:
+                return
+            runs = [
+                run
+                for run in self._runs.values()
+                if run.state.status == "running" and run.process is not None and run.process.returncode is None
+            ]
+            results = await asyncio.gather(
+                *(probe(run.spec.probe, self._platform.mesh, settings.health_check_timeout_seconds) for run in runs)
+            )
+            for run, result in zip(runs, results, strict=True):
+                self._judge(run, result.health, result.detail)
+
+    def _judge(self, run: _Run, health: Health, detail: str) -> None:
+        process = run.process
+        if self._stopping or process is None or process.returncode is not None or run.state.status != "running":
+            return  # it ended or restarted while being asked
+        self.metrics.up.labels(run.spec.name).set(1 if health is Health.SERVING else 0)
+        if health is not Health.DOWN:
+            run.unanswered = 0
+            return
+        run.unanswered += 1
+        limit = self._settings.health_check_failures
+        if run.unanswered < limit:
+            logger.warning(
+                "%s did not answer its health check (%s), %d of %d", run.spec.name, detail, run.unanswered, limit
+            )
+            return
+        run.killed_because = f"hung: {limit} health checks unanswered ({detail})"
+        run.state.status = "restarting"
+        self._write()
+        logger.error("%s is hung (%s); killing it to restart it", run.spec.name, run.killed_because)
+        # SIGKILL: a stopped or hung process handles no SIGTERM. The restart goes through _supervise, as a crash.
+        signal_session(process.pid, signal.SIGKILL)
 
     # -- shutdown -----------------------------------------------------------------------------------------
 
@@ -434,7 +525,8 @@ class Supervisor:
             await asyncio.gather(*(self._stop_component(run) for run in runs))
         for watcher in list(self._watchers):
             watcher.cancel()
-        await asyncio.gather(*self._tasks.values(), *self._watchers, return_exceptions=True)
+        health = [self._health_task] if self._health_task is not None else []
+        await asyncio.gather(*self._tasks.values(), *self._watchers, *health, return_exceptions=True)
 
     async def _stop_component(self, run: _Run) -> None:
         grace = self._settings.stop_grace_seconds
@@ -575,59 +667,6 @@ def stop_platform(run_dir: Path, grace: float) -> StopReport:
     if not left:
         remove_run_files(run_dir)
     return StopReport(supervisor_pid=stopped_supervisor, stragglers=stragglers, left=left)
-
-
-@dataclass(frozen=True)
-class ComponentStatus:
-    """One component, probed live."""
-
-    name: str
-    health: Health
-    detail: str
-    address: str
-    pid: int | None
-    restarts: int
-    log_file: str
-
-
-@dataclass(frozen=True)
-class PlatformStatus:
-    """The live view `aidc status` prints."""
-
-    supervisor_pid: int | None
-    phase: str
-    error: str
-    components: list[ComponentStatus]
-
-    @property
-    def all_serving(self) -> bool:
-        return bool(self.components) and all(c.health is Health.SERVING for c in self.components)
-
-
-async def platform_status(platform: Platform) -> PlatformStatus:
-    """Probes every component of the running platform (or, with none running, of the configured one)."""
-    state = read_state(platform.run_dir)
-    supervisor_pid: int | None = None
-    phase, error = "not running", ""
-    targets: list[tuple[str, ProbeSpec, str, int | None, int, str]] = []
-    if state is not None:
-        if is_running(state.supervisor):
-            supervisor_pid, phase = state.supervisor_pid, state.status
-        elif state.status == "failed":
-            phase, error = "failed", state.error
-        for c in state.components:
-            ident = c.process
-            pid = c.pid if ident is not None and is_running(ident) else None
-            targets.append((c.name, c.probe, c.address, pid, c.restarts, c.log_file))
-    else:
-        for spec in build_components(platform):
-            targets.append((spec.name, spec.probe, spec.address, None, 0, str(spec.log_file)))
-    results = await asyncio.gather(*(probe(spec, platform.mesh, 2.0) for _, spec, *_ in targets))
-    components = [
-        ComponentStatus(name, result.health, result.detail, address, pid, restarts, log_file)
-        for (name, _, address, pid, restarts, log_file), result in zip(targets, results, strict=True)
-    ]
-    return PlatformStatus(supervisor_pid=supervisor_pid, phase=phase, error=error, components=components)
 
 
 @dataclass(frozen=True)

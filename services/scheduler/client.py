@@ -3,7 +3,7 @@ build its messages (resources, prices, durations) so callers need not know the w
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -13,8 +13,9 @@ from services.gen.aidc.common.v1 import common_pb2
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as pb
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2_grpc
 from services.mesh.client import ServiceClient
+from services.scheduler.executors.base import worker_output
 
-__all__ = ["SchedulerClient", "resources", "prices", "duration", "TERMINAL_STATES", "state_name"]
+__all__ = ["SchedulerClient", "resources", "prices", "duration", "TERMINAL_STATES", "state_name", "worker_output"]
 
 #: Job states after which nothing changes.
 TERMINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
@@ -137,7 +138,7 @@ class SchedulerClient(ServiceClient):
         job_ids: Sequence[str] = (),
         labels: Mapping[str, str] | None = None,
         include_current: bool = False,
-    ) -> AsyncIterator[pb.WatchJobsResponse]:
+    ) -> AsyncGenerator[pb.WatchJobsResponse, None]:
         """Job changes as they happen (no deadline: the stream never ends on its own)."""
         request = pb.WatchJobsRequest(
             tenant=tenant, job_ids=list(job_ids), labels=dict(labels or {}), include_current=include_current

@@ -8,14 +8,16 @@ Requests with an empty tenant from platform admins and mesh services act across 
 from __future__ import annotations
 
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2
-from services.mesh.authz import PermissionTable, platform_rule, tenant_rule
+from services.mesh.authz import PermissionTable, mesh_only, platform_rule, tenant_rule
 
 __all__ = ["PERMISSIONS"]
 
 PERMISSIONS = PermissionTable.for_service(
     scheduler_service_pb2.DESCRIPTOR.services_by_name["SchedulerService"],
     {
-        "SubmitJob": tenant_rule("jobs", "write"),
+        # A job is a program run on the platform's machines: mesh services (training) submit them; tenants submit
+        # fine-tunes through the training service.
+        "SubmitJob": mesh_only(tenant_rule("jobs", "write")),
         "GetJob": tenant_rule("jobs", "read"),
         "ListJobs": tenant_rule("jobs", "read"),
         "WatchJobs": tenant_rule("jobs", "read"),

@@ -11,6 +11,7 @@ from services.gen.aidc.scheduler.v1 import scheduler_service_pb2_grpc
 from services.mesh.channels import create_channel
 from services.mesh.config import master_key
 from services.mesh.db import open_database
+from services.mesh.metrics import metrics_enabled
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer, Registration
 from services.scheduler.config import SchedulerSettings
@@ -24,6 +25,7 @@ from services.scheduler.domain.secrets import SecretSealer
 from services.scheduler.executors import Executor, LocalExecutor
 from services.scheduler.machine import detect_machine
 from services.scheduler.metering import AllocationMeter
+from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.permissions import PERMISSIONS
 from services.scheduler.pricebook import PriceBookSync
 from services.scheduler.servicer import SchedulerServicer
@@ -110,6 +112,7 @@ async def build_server(
             budget_cache_seconds=settings.scheduler_budget_cache_seconds,
             currency=settings.scheduler_currency,
         ),
+        metrics=SchedulerMetrics(metrics_enabled(settings)),
     )
     inventory = Inventory(store, jobs, PriceBookSync(billing))
     servicer = SchedulerServicer(jobs, inventory, settings.scheduler_currency)

@@ -15,7 +15,7 @@ from services.gen.aidc.common.v1 import common_pb2
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as pb
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2_grpc
 from services.mesh.errors import InvalidArgument
-from services.mesh.identity import PLATFORM_TENANT, require_principal
+from services.mesh.identity import PLATFORM_TENANT, current_peer_service, require_principal
 from services.scheduler.core import NodeState, Prices, Resources
 from services.scheduler.domain.inventory import Inventory, NodeView, PoolView, QuotaView
 from services.scheduler.domain.jobs import JobScheduler, Watch
@@ -257,7 +257,12 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
             executor=_EXECUTOR_FROM.get(spec.kind, ""),
         )
         job, deduplicated = await self._jobs.submit(
-            job_request, caller.subject, privileged=caller.tenant == PLATFORM_TENANT
+            job_request,
+            caller.subject,
+            privileged=caller.tenant == PLATFORM_TENANT,
+            # A mesh service (its verified certificate on this connection), also when it forwards an end user's
+            # token: then the job is the user's, in their tenant, under their authorization, quota and budget.
+            via_service=current_peer_service.get(),
         )
         return pb.SubmitJobResponse(job=self._job_message(job), deduplicated=deduplicated)
 

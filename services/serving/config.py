@@ -57,6 +57,12 @@ class ServingSettings(MeshSettings):
     serving_alias_poll_seconds: float = setting(
         10.0, "Seconds between checks of the registry for moved aliases of deployments that follow one."
     )
+    serving_relay_triton_metrics: bool = setting(
+        True,
+        "Export Triton's per-model statistics (read over the gateway's channel) as nv_inference_* on the serving "
+        "service's /metrics; turn off where Prometheus scrapes Triton's own metrics port (a cluster), or the series "
+        "would be counted twice.",
+    )
     serving_rate_limit_per_second: float = setting(
         200.0, "Inference requests per second each tenant may send through the gateway (token bucket); 0: no limit."
     )

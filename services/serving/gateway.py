@@ -39,13 +39,23 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from services.billing.client import BillingClient, UsageEmitter
 from services.mesh.authz import PermissionChecker, PermissionTable, Rule, authenticated, public
 from services.mesh.channels import create_channel
-from services.mesh.errors import AidcError, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from services.mesh.errors import (
+    AidcError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    Unavailable,
+    bounded_message,
+)
 from services.mesh.identity import PLATFORM_TENANT, require_principal
+from services.mesh.metrics import metrics_enabled
 from services.mesh.security import MeshSecurity
 from services.mesh.server import Registration
 from services.serving.config import ServingSettings
 from services.serving.limits import BudgetGuard, TenantRateLimiter
 from services.serving.metering import InferenceMeter, TritonStatistics
+from services.serving.metrics import GatewayMetrics, TritonMetricsRelay
 from services.serving.routes import Route, Routes
 from services.serving.triton import TritonAccess
 from services.serving.wire import (
@@ -110,18 +120,20 @@ def build_gateway(
     billing = BillingClient(
         create_channel(settings.billing_addr, settings, identity="serving"), timeout_seconds=2.0, retries=0
     )
+    statistics = TritonStatistics(channel, access.metadata)
+    enabled = metrics_enabled(settings)
     return InferenceGateway(
         routes=routes,
         checker=security.checker,
         limiter=TenantRateLimiter(settings.serving_rate_limit_per_second, settings.serving_rate_limit_burst),
         budget=BudgetGuard(billing, settings.serving_budget_cache_seconds),
         meter=InferenceMeter(
-            UsageEmitter.for_service(settings, "serving"),
-            TritonStatistics(channel, access.metadata),
-            settings.serving_metering_interval_seconds,
+            UsageEmitter.for_service(settings, "serving"), statistics, settings.serving_metering_interval_seconds
         ),
         triton=channel,
         triton_metadata=access.metadata,
+        metrics=GatewayMetrics(enabled),
+        relay=TritonMetricsRelay(statistics, enabled=enabled, relay=settings.serving_relay_triton_metrics),
     )
 
 
@@ -161,7 +173,11 @@ class InferenceGateway:
         meter: InferenceMeter,
         triton: grpc.aio.Channel,
         triton_metadata: tuple[tuple[str, str], ...] = (),
+        metrics: GatewayMetrics | None = None,
+        relay: TritonMetricsRelay | None = None,
     ) -> None:
+        self._metrics = metrics or GatewayMetrics()
+        self._relay = relay
         self._routes = routes
         self._access = triton_metadata
         self._checker = checker
@@ -177,7 +193,7 @@ class InferenceGateway:
 
         self._triton_infer = method("ModelInfer")
         self._triton_stream = triton.stream_stream(f"/{INFERENCE_SERVICE}/ModelStreamInfer", None, None)
-        self._triton_metadata = method("ServerMetadata")
+        self._triton_metadata = method("ServerMetadata", spb.ServerMetadataRequest, spb.ServerMetadataResponse)
         self._triton_ready = method("ServerReady", spb.ServerReadyRequest, spb.ServerReadyResponse)
         self._triton_model_ready = method("ModelReady", spb.ModelReadyRequest, spb.ModelReadyResponse)
         self._triton_model_metadata = method("ModelMetadata", spb.ModelMetadataRequest, spb.ModelMetadataResponse)
@@ -186,12 +202,16 @@ class InferenceGateway:
     # -- life cycle -------------------------------------------------------------------------------------
 
     async def start(self, deliver_usage: bool = True) -> None:
-        """Starts metering (its loop, and the usage outbox's sender when ``deliver_usage``)."""
+        """Starts metering (its loop, and the usage outbox's sender when ``deliver_usage``) and Triton's metrics."""
         await self.meter.start(deliver=deliver_usage)
+        if self._relay is not None:
+            self._relay.start()
 
     async def close(self, flush_timeout: float = 5.0) -> None:
         """Meters what was served (trying ``flush_timeout`` seconds to deliver it; the rest stays in the outbox),
         then closes the billing and Triton connections."""
+        if self._relay is not None:
+            await self._relay.close()
         await self.meter.close(flush_timeout)
         await self._budget.close()
         await self._channel.close(None)
@@ -221,7 +241,7 @@ class InferenceGateway:
             {
                 "ServerLive": unary(self.server_live, spb.ServerLiveRequest, spb.ServerLiveResponse),
                 "ServerReady": unary(self.server_ready, spb.ServerReadyRequest, spb.ServerReadyResponse),
-                "ServerMetadata": unary(self.server_metadata),
+                "ServerMetadata": unary(self.server_metadata, spb.ServerMetadataRequest, spb.ServerMetadataResponse),
                 "ModelReady": unary(self.model_ready, spb.ModelReadyRequest, spb.ModelReadyResponse),
                 "ModelMetadata": unary(self.model_metadata, spb.ModelMetadataRequest, spb.ModelMetadataResponse),
                 "ModelConfig": unary(self.model_config, spb.ModelConfigRequest, spb.ModelConfigResponse),
@@ -261,8 +281,16 @@ class InferenceGateway:
     async def _admit(self, name: str, version: str) -> Route:
         """The route of an inference request that may go ahead: authorized, within rate and budget."""
         route = await self._route(name, version, "infer")
-        self._limiter.admit(route.tenant)
-        await self._budget.admit(route.tenant)
+        try:
+            self._limiter.admit(route.tenant)
+        except QuotaExceeded:
+            self._metrics.refused(route.tenant, "rate_limit")
+            raise
+        try:
+            await self._budget.admit(route.tenant)
+        except QuotaExceeded:
+            self._metrics.refused(route.tenant, "budget")
+            raise
         if not self.meter.has_baseline(route):
             await self.meter.take_baseline(route)
         return route
@@ -277,7 +305,8 @@ class InferenceGateway:
             log.info("Triton unavailable: %s", error.details())
             raise Unavailable("inference server unavailable; retry later")
         details = error.details() or ""
-        await context.abort(error.code(), details if route is None else _in_tenant_terms(details, route, name))
+        details = details if route is None else _in_tenant_terms(details, route, name)
+        await context.abort(error.code(), bounded_message(details))  # Triton's may quote the request at any length
 
     # -- inference ---------------------------------------------------------------------------------------
 
@@ -298,7 +327,9 @@ class InferenceGateway:
             )
         except grpc.aio.AioRpcError as error:
             await self._fail(error, context, route, header.model_name)
-        self.meter.record(route, started_ns, time.perf_counter_ns() - clock, span.get_span_context().trace_id)
+        took = time.perf_counter_ns() - clock
+        self.meter.record(route, started_ns, took, span.get_span_context().trace_id)
+        self._metrics.served(route, took)
         return rename_response(response, header.model_name)
 
     async def model_stream_infer(
@@ -317,12 +348,15 @@ class InferenceGateway:
     async def server_ready(self, request: spb.ServerReadyRequest, context: ServicerContext[Any, Any]) -> Any:
         return spb.ServerReadyResponse(ready=await self.triton_ready())
 
-    async def server_metadata(self, request: bytes, context: ServicerContext[Any, Any]) -> bytes:
+    async def server_metadata(self, request: spb.ServerMetadataRequest, context: ServicerContext[Any, Any]) -> Any:
+        # A request of its own, not the caller's bytes: Triton answers INTERNAL to bytes it cannot parse (found by
+        # fuzzing), while the mesh refuses them with INVALID_ARGUMENT before this runs.
         try:
-            response: bytes = await self._triton_metadata(request, timeout=_timeout(context), metadata=self._access)
+            return await self._triton_metadata(
+                spb.ServerMetadataRequest(), timeout=_timeout(context), metadata=self._access
+            )
         except grpc.aio.AioRpcError as error:
             await self._fail(error, context, None, "")
-        return response
 
     async def model_ready(self, request: spb.ModelReadyRequest, context: ServicerContext[Any, Any]) -> Any:
         """Not deployed is ``ready: false``, as Triton answers for a model it does not know (clients poll it)."""
@@ -450,7 +484,9 @@ class _InferStream:
         route, name, tenant_id, started_ns, clock = pending
         if error:
             return _stream_error(response, route, name, tenant_id)
-        self._gateway.meter.record(route, started_ns, time.perf_counter_ns() - clock, self._trace_id)
+        took = time.perf_counter_ns() - clock
+        self._gateway.meter.record(route, started_ns, took, self._trace_id)
+        self._gateway._metrics.served(route, took)
         return rewrite_stream_response(response, name, tenant_id)
 
 

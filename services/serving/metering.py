@@ -84,6 +84,13 @@ class TritonStatistics:
         self._metadata = metadata
         self._timeout = timeout_seconds
 
+    async def everything(self) -> spb.ModelStatisticsResponse:
+        """The statistics of every model Triton has loaded (for the metrics relay)."""
+        response: spb.ModelStatisticsResponse = await self._call(
+            spb.ModelStatisticsRequest(), timeout=self._timeout, metadata=self._metadata
+        )
+        return response
+
     async def read(self, model: str, version: str) -> ComputeReading:
         request = spb.ModelStatisticsRequest(name=model, version=version)
         response = await self._call(request, timeout=self._timeout, metadata=self._metadata)

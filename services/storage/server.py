@@ -8,6 +8,7 @@ from datetime import timedelta
 
 from services.billing.client import UsageEmitter
 from services.mesh.db import open_database
+from services.mesh.metrics import metrics_enabled
 from services.mesh.security import mesh_security
 from services.mesh.server import MeshServer, Registration
 from services.storage.config import StorageSettings
@@ -16,6 +17,7 @@ from services.storage.core.segments import AES_GCM_HKDF, CipherSuite
 from services.storage.core.service import StorageCore, TransferLimits
 from services.storage.core.usage import UsageSink
 from services.storage.metering import StorageMeter
+from services.storage.metrics import StorageMetrics
 from services.storage.objectstore import S3ObjectStore
 from services.storage.permissions import PERMISSIONS
 from services.storage.schema import MIGRATIONS
@@ -51,6 +53,9 @@ async def build_server(
         emitter = UsageEmitter.for_service(settings, SERVICE)
         meter = StorageMeter(store, emitter, interval_seconds=settings.storage_metering_interval_seconds)
         usage = meter
+    metrics = StorageMetrics(usage, metrics_enabled(settings))
+    metrics.watch(store)
+    usage = metrics
     # Billing takes usage only from a mesh service's certificate: without certificates (plaintext dev mode)
     # every delivery would fail, so usage is metered into the outbox and delivered once mTLS is configured.
     delivers_usage = settings.tls_dir() is not None
@@ -85,6 +90,7 @@ async def build_server(
         return True
 
     async def close() -> None:
+        metrics.close()
         await core.close()
         if meter is not None:
             await meter.close()

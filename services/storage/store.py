@@ -423,6 +423,13 @@ class StorageStore:
             rows = conn.execute(select(v.tenant, func.sum(v.stored_bytes)).group_by(v.tenant)).all()
         return {tenant: int(total) for tenant, total in rows if total}
 
+    def holdings_by_tenant(self) -> dict[str, tuple[int, int]]:
+        """(stored bytes, object versions) of every tenant that stores anything (for the metrics)."""
+        v = object_versions.c
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(v.tenant, func.sum(v.stored_bytes), func.count()).group_by(v.tenant)).all()
+        return {tenant: (int(total or 0), int(count)) for tenant, total, count in rows}
+
     # -- storage metering points -------------------------------------------------------------------------
 
     def metering_points(self, tenant: str | None = None) -> list[MeteringPoint]:

@@ -1,5 +1,5 @@
-"""Settings of the training service: where jobs run, how many at once, how often runners report progress, and the
-key that seals jobs' delegations at rest."""
+"""Settings of the training service: where jobs live, what a job asks of the scheduler by default, how runners
+report progress, and the key that seals jobs' delegations at rest."""
 
 from __future__ import annotations
 
@@ -14,12 +14,19 @@ __all__ = ["TrainingSettings"]
 
 @dataclass(frozen=True)
 class TrainingSettings(MeshSettings):
-    """MeshSettings plus the job directories, the local executor's concurrency and the runner's reporting."""
+    """MeshSettings plus the job directories, the default resources of a job and the runner's reporting."""
 
     training_jobs_dir: str = setting("", "Directory holding one directory per job; empty: <data_dir>/training/jobs.")
-    training_max_concurrent_jobs: int = setting(1, "Fine-tune runners the local executor runs at the same time.")
+    training_default_cpu_millicores: int = setting(
+        1000, "CPU a fine-tune asks the scheduler for when its spec names none, in millicores."
+    )
+    training_default_memory_bytes: int = setting(
+        2 * 2**30, "Memory a fine-tune asks the scheduler for when its spec names none, in bytes."
+    )
     training_progress_interval_seconds: float = setting(2.0, "Seconds between the progress events of a runner.")
-    training_runner_threads: int = setting(0, "torch threads of each runner (OMP_NUM_THREADS); 0: torch's default.")
+    training_runner_threads: int = setting(
+        0, "torch threads of each runner (OMP_NUM_THREADS); 0: one per whole CPU core the job was given."
+    )
     training_master_key: str = setting(
         "",
         "Base64 of 32 bytes sealing each job's delegation (how it acts for its submitter) at rest; empty: "
@@ -32,8 +39,8 @@ class TrainingSettings(MeshSettings):
 
     def validate(self) -> None:
         super().validate()
-        if self.training_max_concurrent_jobs < 1:
-            raise ValueError("AIDC_TRAINING_MAX_CONCURRENT_JOBS must be at least 1")
+        if self.training_default_cpu_millicores < 1 or self.training_default_memory_bytes < 1:
+            raise ValueError("AIDC_TRAINING_DEFAULT_CPU_MILLICORES and _MEMORY_BYTES must be positive")
         if self.training_progress_interval_seconds < 0:
             raise ValueError("AIDC_TRAINING_PROGRESS_INTERVAL_SECONDS must not be negative")
         if self.training_runner_threads < 0:

@@ -1,5 +1,5 @@
-"""Wiring of the training service: database, base-model catalog, storage client, executor, billing usage, core,
-servicer, and the mesh server."""
+"""Wiring of the training service: database, base-model catalog and registry, the storage, scheduler and auth
+clients, the core, servicer, and the mesh server."""
 
 from __future__ import annotations
 
@@ -9,20 +9,23 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from services.auth.client import AuthClient
-from services.billing.client import UsageEmitter
 from services.gen.aidc.training.v1 import training_service_pb2_grpc
 from services.mesh.channels import create_channel
 from services.mesh.db import open_database
+from services.mesh.metrics import metrics_enabled
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer, Registration
+from services.scheduler.client import SchedulerClient
 from services.storage.client import StorageClient
 from services.training.artifacts import StorageArtifacts
 from services.training.config import TrainingSettings
 from services.training.core.catalog import BaseModelCatalog, shipped_models
-from services.training.core.executor import Executor, LocalExecutor
+from services.training.core.registry import ModelRegistry
 from services.training.core.service import JobOptions, TrainingCore
 from services.training.delegations import JobDelegations
+from services.training.metrics import TrainingMetrics
 from services.training.permissions import PERMISSIONS
+from services.training.scheduling import SchedulerRuns
 from services.training.servicer import TrainingServicer
 from services.training.store import MIGRATIONS, TrainingStore
 
@@ -53,43 +56,50 @@ async def build_server(
     settings: TrainingSettings,
     address: str | None = None,
     *,
-    executor: Executor | None = None,
     extra_base_models: dict[str, Path] | None = None,
 ) -> MeshServer:
     db = open_database(settings.database_url_for(SERVICE))
     db.migrate(MIGRATIONS, SERVICE)
     storage = StorageClient(create_channel(settings.storage_addr, settings, identity=SERVICE))
     auth = AuthClient(create_channel(settings.auth_addr, settings, identity=SERVICE))
-    emitter = UsageEmitter.for_service(settings, SERVICE)
-    core = TrainingCore(
-        TrainingStore(db),
+    # Runs are submitted with this service's certificate (the scheduler runs processes only for mesh services)
+    # and the submitter's token (the run is theirs).
+    scheduler = SchedulerClient(create_channel(settings.scheduler_addr, settings, identity=SERVICE))
+    store = TrainingStore(db)
+    metrics = TrainingMetrics(metrics_enabled(settings))
+    metrics.watch(store)
+    artifacts = StorageArtifacts(storage)
+    registry = ModelRegistry(
+        store,
         BaseModelCatalog({**shipped_models(), **(extra_base_models or {})}),
-        StorageArtifacts(storage),
-        executor or LocalExecutor(),
+        artifacts,
+        settings.base_models_dir,
+    )
+    core = TrainingCore(
+        store,
+        registry,
+        artifacts,
+        SchedulerRuns(scheduler),
         JobOptions(
             jobs_dir=settings.jobs_dir,
-            base_models_dir=settings.base_models_dir,
-            max_concurrent_jobs=settings.training_max_concurrent_jobs,
             progress_interval_seconds=settings.training_progress_interval_seconds,
             runner_threads=settings.training_runner_threads,
+            default_cpu_millicores=settings.training_default_cpu_millicores,
+            default_memory_bytes=settings.training_default_memory_bytes,
             code_version=code_version(),
         ),
-        usage=emitter,
         credentials=JobDelegations(auth, settings.master_key(), SERVICE),
+        metrics=metrics,
     )
-    servicer = TrainingServicer(core)
-    # Billing takes usage only from a mesh service's certificate: without certificates (plaintext dev mode) the
-    # usage waits in the outbox until mTLS is configured.
-    delivers_usage = settings.tls_dir() is not None
+    servicer = TrainingServicer(core, registry)
 
     async def ready() -> bool:
-        if delivers_usage:
-            await emitter.start()
         return await core.start()
 
     async def close() -> None:
+        metrics.close()
         await core.close()
-        await emitter.close(flush_timeout=settings.shutdown_grace_seconds)
+        await scheduler.close()
         await storage.close()
         await auth.close()
         db.dispose()

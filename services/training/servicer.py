@@ -10,6 +10,7 @@ from grpc.aio import ServicerContext
 from opentelemetry import propagate
 
 from services.gen.aidc.common.v1 import common_pb2
+from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from services.gen.aidc.training.v1 import training_service_pb2 as pb
 from services.gen.aidc.training.v1 import training_service_pb2_grpc
 from services.mesh.errors import InvalidArgument
@@ -18,6 +19,7 @@ from services.mesh.messages import timestamp
 from services.training.core.model import (
     ArtifactEntry,
     BaseModelRecord,
+    ComputeSpec,
     DatasetVersion,
     JobEvent,
     JobRecord,
@@ -25,10 +27,11 @@ from services.training.core.model import (
     ModelRecord,
     ModelVersionRecord,
 )
+from services.training.core.registry import ModelRegistry
 from services.training.core.service import TrainingCore
 from services.training.runner.spec import FineTuneSpec
 
-__all__ = ["TrainingServicer", "spec_from_proto", "spec_to_proto"]
+__all__ = ["TrainingServicer", "compute_from_proto", "spec_from_proto", "spec_to_proto"]
 
 _STATES = {
     JobState.QUEUED: pb.JOB_STATE_QUEUED,
@@ -101,6 +104,43 @@ def spec_from_proto(spec: pb.FineTuneSpec) -> tuple[FineTuneSpec, DatasetVersion
         raise InvalidArgument(str(exc)) from None
     dataset = DatasetVersion(spec.dataset.name, spec.dataset.version)
     return runner, dataset, spec.output_model
+
+
+def compute_from_proto(compute: pb.ComputeRequest) -> ComputeSpec:
+    """What the job asks of the scheduler (defaults are the core's)."""
+    duration = compute.max_run_duration
+    return ComputeSpec(
+        cpu_millicores=compute.cpu_millicores,
+        memory_bytes=compute.memory_bytes,
+        gpu_count=compute.gpu_count,
+        gpu_type=compute.gpu_type,
+        pool=compute.pool,
+        priority=compute.priority,
+        preemptible=compute.preemptible,
+        max_run_seconds=duration.seconds + duration.nanos / 1e9,
+    )
+
+
+def _compute_to_proto(compute: ComputeSpec) -> pb.ComputeRequest:
+    out = pb.ComputeRequest(
+        cpu_millicores=compute.cpu_millicores,
+        memory_bytes=compute.memory_bytes,
+        gpu_count=compute.gpu_count,
+        gpu_type=compute.gpu_type,
+        priority=compute.priority,
+        pool=compute.pool,
+        preemptible=compute.preemptible,
+    )
+    if compute.max_run_seconds:
+        out.max_run_duration.FromNanoseconds(int(compute.max_run_seconds * 1e9))
+    return out
+
+
+def _scheduler_state(name: str) -> scheduler_pb.JobState.ValueType:
+    """A scheduler state's name ("queued", ...) as the scheduler's enum; unspecified for "" (not submitted yet)."""
+    if not name:
+        return scheduler_pb.JOB_STATE_UNSPECIFIED
+    return scheduler_pb.JobState.Value(f"JOB_STATE_{name.upper()}")
 
 
 def spec_to_proto(
@@ -212,7 +252,13 @@ def _job(job: JobRecord) -> pb.Job:
         start_time=timestamp(job.started_at),
         end_time=timestamp(job.ended_at),
         trace_id=job.trace_id,
+        scheduler_job_id=job.scheduler_job_id,
+        scheduler_state=_scheduler_state(job.scheduler_state),
+        scheduler_reason=job.scheduler_reason,
+        queue_position=max(job.queue_position, 0),
+        preemptions=job.preemptions,
     )
+    out.spec.compute.CopyFrom(_compute_to_proto(job.compute))
     if job.progress:
         out.progress.CopyFrom(_progress(job.progress, job.spec.runner))
     if job.metrics:
@@ -235,6 +281,17 @@ def _event(event: JobEvent, spec: dict[str, Any]) -> pb.JobEvent:
         out.progress.CopyFrom(_progress(data, spec))
     elif event.kind == "metrics":
         out.metrics.CopyFrom(_metrics(data))
+    elif event.kind == "scheduling":
+        out.scheduling.CopyFrom(
+            pb.SchedulingUpdate(
+                scheduler_job_id=data.get("scheduler_job_id", ""),
+                state=_scheduler_state(data.get("state", "")),
+                reason=data.get("reason", ""),
+                queue_position=max(int(data.get("queue_position", 0)), 0),
+                attempt=int(data.get("attempt", 0)),
+                nodes=list(data.get("nodes", [])),
+            )
+        )
     elif event.kind == "checkpoint":
         out.checkpoint.CopyFrom(
             pb.CheckpointSaved(
@@ -338,8 +395,9 @@ def _base_model(b: BaseModelRecord) -> pb.BaseModel:
 class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
     """Each RPC: unpack, call the core, pack."""
 
-    def __init__(self, core: TrainingCore) -> None:
+    def __init__(self, core: TrainingCore, registry: ModelRegistry) -> None:
         self._core = core
+        self._registry = registry
 
     async def SubmitFineTune(self, request: pb.SubmitFineTuneRequest, context: ServicerContext) -> Any:
         principal = require_principal()
@@ -347,7 +405,14 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
         job = await self._core.submit(
-            principal, tenant_or_own(request.tenant), runner, dataset, output_model, request.request_id, carrier
+            principal,
+            tenant_or_own(request.tenant),
+            runner,
+            dataset,
+            output_model,
+            request.request_id,
+            carrier,
+            compute_from_proto(request.spec.compute),
         )
         return pb.SubmitFineTuneResponse(job=_job(job))
 
@@ -377,13 +442,15 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         )
 
     async def ListModels(self, request: pb.ListModelsRequest, context: ServicerContext) -> Any:
-        page = await self._core.models(tenant_or_own(request.tenant), request.page.page_size, request.page.page_token)
+        page = await self._registry.models(
+            tenant_or_own(request.tenant), request.page.page_size, request.page.page_token
+        )
         return pb.ListModelsResponse(
             models=[_model(m) for m in page.items], page=common_pb2.PageResponse(next_page_token=page.next_token)
         )
 
     async def ListModelVersions(self, request: pb.ListModelVersionsRequest, context: ServicerContext) -> Any:
-        page = await self._core.model_versions(
+        page = await self._registry.model_versions(
             tenant_or_own(request.tenant), request.model, request.page.page_size, request.page.page_token
         )
         return pb.ListModelVersionsResponse(
@@ -391,17 +458,19 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         )
 
     async def GetModelVersion(self, request: pb.GetModelVersionRequest, context: ServicerContext) -> Any:
-        version = await self._core.model_version(
+        version = await self._registry.model_version(
             tenant_or_own(request.tenant), request.model, request.version, request.alias
         )
         return pb.GetModelVersionResponse(version=_version(version))
 
     async def SetAlias(self, request: pb.SetAliasRequest, context: ServicerContext) -> Any:
-        model = await self._core.set_alias(tenant_or_own(request.tenant), request.model, request.alias, request.version)
+        model = await self._registry.set_alias(
+            tenant_or_own(request.tenant), request.model, request.alias, request.version
+        )
         return pb.SetAliasResponse(model=_model(model))
 
     async def RegisterBaseModel(self, request: pb.RegisterBaseModelRequest, context: ServicerContext) -> Any:
-        record = await self._core.register_base_model(
+        record = await self._registry.register_base_model(
             tenant_or_own(request.tenant),
             request.name,
             request.artifact_name,
@@ -411,5 +480,5 @@ class TrainingServicer(training_service_pb2_grpc.TrainingServiceServicer):
         return pb.RegisterBaseModelResponse(base_model=_base_model(record))
 
     async def ListBaseModels(self, request: pb.ListBaseModelsRequest, context: ServicerContext) -> Any:
-        found = await self._core.base_models(tenant_or_own(request.tenant))
+        found = await self._registry.base_models(tenant_or_own(request.tenant))
         return pb.ListBaseModelsResponse(base_models=[_base_model(b) for b in found])

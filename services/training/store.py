@@ -4,7 +4,8 @@ event history and sealed delegations, tenants' base models, and the model regist
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +33,7 @@ from services.mesh.errors import AlreadyExists
 from services.training.core.model import (
     ArtifactEntry,
     BaseModelRecord,
+    ComputeSpec,
     DatasetVersion,
     JobEvent,
     JobRecord,
@@ -145,8 +147,12 @@ def _job_json(job: JobRecord) -> str:
     return json.dumps(data)
 
 
+_JOB_FIELDS = frozenset(f.name for f in fields(JobRecord))
+
+
 def _job(row: Row[Any]) -> JobRecord:
-    data = json.loads(row.record_json)
+    # Records of older versions may hold fields since dropped (cpu_seconds: training no longer meters compute).
+    data = {k: v for k, v in json.loads(row.record_json).items() if k in _JOB_FIELDS}
     spec = data.pop("spec")
     spec["dataset"] = DatasetVersion(**spec["dataset"])
     data["spec"] = JobSpec(**spec)
@@ -154,6 +160,7 @@ def _job(row: Row[Any]) -> JobRecord:
     data["created_at"] = _aware(datetime.fromisoformat(data["created_at"]))
     data["started_at"] = _time(data.get("started_at"))
     data["ended_at"] = _time(data.get("ended_at"))
+    data["compute"] = ComputeSpec(**data.get("compute", {}))
     return JobRecord(**data)
 
 
@@ -260,22 +267,56 @@ class TrainingStore:
         with self._engine.connect() as conn:
             return [_job(row) for row in conn.execute(query)]
 
+    def job_counts(self) -> dict[str, int]:
+        """Jobs by state (for the metrics)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
+        return {state: int(count) for state, count in rows}
+
     def jobs_in(self, states: frozenset[JobState]) -> list[JobRecord]:
         """Every job (of every tenant) in one of ``states``, oldest first."""
         query = select(jobs.c.record_json).where(jobs.c.state.in_([s.value for s in states]))
         with self._engine.connect() as conn:
             return [_job(row) for row in conn.execute(query.order_by(jobs.c.created_at))]
 
-    def append_event(self, job_id: str, time: datetime, kind: str, data: dict[str, Any]) -> JobEvent:
+    def append_events(
+        self, job_id: str, items: Sequence[tuple[datetime, str, dict[str, Any]]], job: JobRecord | None = None
+    ) -> list[JobEvent]:
+        """Appends events (time, kind, data) in order and, given ``job``, saves its record in the same transaction:
+        a state change and its event, or a batch of a runner's output and the offset it was read to, are stored
+        together or not at all."""
         with self._engine.begin() as conn:
             last = conn.execute(select(func.max(job_events.c.sequence)).where(job_events.c.job_id == job_id)).scalar()
-            sequence = int(last or 0) + 1
-            conn.execute(
-                insert(job_events).values(
-                    job_id=job_id, sequence=sequence, time=time, kind=kind, data_json=json.dumps(data, default=str)
+            appended = [
+                JobEvent(job_id, int(last or 0) + i, time, kind, data) for i, (time, kind, data) in enumerate(items, 1)
+            ]
+            if appended:
+                conn.execute(
+                    insert(job_events),
+                    [
+                        {
+                            "job_id": job_id,
+                            "sequence": e.sequence,
+                            "time": e.time,
+                            "kind": e.kind,
+                            "data_json": json.dumps(e.data, default=str),
+                        }
+                        for e in appended
+                    ],
                 )
-            )
-        return JobEvent(job_id, sequence, time, kind, data)
+            if job is not None:
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.job_id == job.job_id)
+                    .values(state=job.state.value, record_json=_job_json(job))
+                )
+        return appended
+
+    def delete_job(self, job_id: str) -> None:
+        """Removes a job, its history and its delegation (a submission the scheduler refused)."""
+        with self._engine.begin() as conn:
+            for table in (job_events, job_credentials, jobs):
+                conn.execute(delete(table).where(table.c.job_id == job_id))
 
     def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
         query = (
@@ -323,7 +364,8 @@ class TrainingStore:
     # -- registry ------------------------------------------------------------------------------------------
 
     def add_model_version(self, record: ModelVersionRecord) -> ModelVersionRecord:
-        """Creates the model if missing and stores ``record`` as its next version (record.version is ignored)."""
+        """Creates the model if missing and stores ``record`` as its next version (record.version is ignored); the
+        version the same job registered already, if there is one."""
         with self._engine.begin() as conn:
             exists = conn.execute(
                 select(models.c.name).where(models.c.tenant == record.tenant, models.c.name == record.model)
@@ -343,6 +385,17 @@ class TrainingStore:
                     .where(models.c.tenant == record.tenant, models.c.name == record.model)
                     .values(updated_at=record.created_at)
                 )
+            job_id = record.lineage.get("job_id")
+            if job_id:
+                # A job registers one version however often its publication is retried (a restart after the insert).
+                rows = conn.execute(
+                    select(model_versions).where(
+                        model_versions.c.tenant == record.tenant, model_versions.c.model == record.model
+                    )
+                ).all()
+                for row in rows:
+                    if json.loads(row.record_json)["lineage"].get("job_id") == job_id:
+                        return _version(row, ())
             last = conn.execute(
                 select(func.max(model_versions.c.version)).where(
                     model_versions.c.tenant == record.tenant, model_versions.c.model == record.model

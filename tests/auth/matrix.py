@@ -117,4 +117,16 @@ async def serve(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[str]:
     yield auth.address
 
 
-UNDER_TEST = ServiceUnderTest(SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve)
+#: What only mesh services call (refused on the tenant path to everyone).
+MESH_ONLY = frozenset(
+    {
+        "GetRevocations",
+        "CreateDelegation",
+        "ExchangeDelegation",
+        "RevokeDelegation",
+        "CheckPermission",
+        "BatchCheckPermission",
+    }
+)
+
+UNDER_TEST = ServiceUnderTest(SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve, MESH_ONLY)

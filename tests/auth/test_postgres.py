@@ -24,7 +24,7 @@ from services.gen.aidc.common.v1 import common_pb2
 from services.mesh import errors
 from services.mesh.db import open_database
 from tests.auth.test_persistence_and_input import BAD_INPUT, PASSWORD, _state
-from tests.conftest import RunningAuth, free_port, start_auth
+from tests.conftest import RunningAuth, free_port, start_auth, tenant_addresses
 from tests.postgres import postgres_cluster, postgres_url  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
@@ -97,6 +97,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AuthSett
         "AIDC_AUTH_ADDR": f"127.0.0.1:{free_port()}",
         "AIDC_AUTH_ARGON2_TIME_COST": "1",
         "AIDC_AUTH_ARGON2_MEMORY_KIB": "1024",
+        **tenant_addresses(),
     }
     if request.param == "postgresql":
         env["AIDC_DATABASE_URL"] = request.getfixturevalue("postgres_url")

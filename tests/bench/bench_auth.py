@@ -139,12 +139,13 @@ async def bench_cached_decision(report: list[tuple[str, float, float, str]]) -> 
 
 
 @asynccontextmanager
-async def _auth_service() -> AsyncIterator[tuple[AuthClient, tuple[tuple[str, str]]]]:
-    """The auth service as its own process, a client of it and the platform admin's bearer metadata."""
+async def auth_service(**extra_env: str) -> AsyncIterator[tuple[AuthClient, tuple[tuple[str, str]]]]:
+    """The auth service as its own process (with ``extra_env``), a client of it and the platform admin's bearer
+    metadata."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         address = f"127.0.0.1:{free_port()}"
-        env = service_env(data, AIDC_AUTH_ADDR=address, AIDC_LOG_LEVEL="WARNING")
+        env = service_env(data, AIDC_AUTH_ADDR=address, AIDC_LOG_LEVEL="WARNING", **extra_env)
         process = start_service_process("auth", env, data / "auth.log")
         try:
             wait_serving(address, process=process)
@@ -161,7 +162,7 @@ _SINGLE = pb.CheckPermissionRequest(check=pb.PermissionCheck(tenant="platform", 
 
 
 async def bench_check_permission_rpc(report: list[tuple[str, float, float, str]]) -> None:
-    async with _auth_service() as (client, metadata):
+    async with auth_service() as (client, metadata):
 
         async def check() -> object:
             return await client.stub.CheckPermission(_SINGLE, metadata=metadata)
@@ -197,7 +198,7 @@ async def bench_check_permission_rpc(report: list[tuple[str, float, float, str]]
 
 async def bench_batch_stall(report: list[tuple[str, float, float, str]]) -> None:
     """Single CheckPermission latency while 1,000-check batches run, against the same calls on an idle server."""
-    async with _auth_service() as (client, metadata):
+    async with auth_service() as (client, metadata):
 
         async def check() -> object:
             return await client.stub.CheckPermission(_SINGLE, metadata=metadata)

@@ -215,6 +215,31 @@ def _wait_answering(target: Target, process: subprocess.Popen[bytes], timeout: f
                 time.sleep(0.1)
 
 
+def start_auth(
+    work: Path, triton: TritonProcess, routes: str, processes: list[subprocess.Popen[bytes]], **extra: str
+) -> tuple[dict[str, str], str]:
+    """Starts auth (appended to ``processes``) with a bench tenant; returns the environment of the bench's processes
+    (dev mode: plaintext loopback, no billing process; no rate limit; gateway routes ``routes``; ``extra``) and the
+    tenant developer's token."""
+    data = work / "data"
+    auth_address = f"127.0.0.1:{free_port()}"
+    env = service_env(
+        data,
+        AIDC_AUTH_ADDR=auth_address,
+        AIDC_BILLING_ADDR=f"127.0.0.1:{free_port()}",
+        **triton.serving_env(),
+        AIDC_CERTS_DIR="off",
+        AIDC_LOG_LEVEL="WARNING",
+        AIDC_SERVING_RATE_LIMIT_PER_SECOND="1000000",
+        AIDC_SERVING_RATE_LIMIT_BURST="1000000",
+        BENCH_ROUTES=routes,
+        **extra,
+    )
+    processes.append(start_service_process("auth", env, work / "auth.log"))
+    wait_serving(auth_address, process=processes[-1])
+    return env, asyncio.run(_tenant_token(auth_address, data, env))
+
+
 def run(rounds: int, access: str = "tls") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -229,23 +254,14 @@ def run(rounds: int, access: str = "tls") -> None:
             with triton.client() as control:
                 control.load_model(TRITON_NAME, headers=triton.headers)
                 control.load_model(MINILM_NAME, headers=triton.headers)
-            data = work / "data"
-            auth_address, gateway_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-            env = service_env(
-                data,
-                AIDC_AUTH_ADDR=auth_address,
+            gateway_address = f"127.0.0.1:{free_port()}"
+            env, token = start_auth(
+                work,
+                triton,
+                f"bench/sample={TRITON_NAME}:1,bench/minilm={MINILM_NAME}:1",
+                processes,
                 AIDC_SERVING_ADDR=gateway_address,
-                AIDC_BILLING_ADDR=f"127.0.0.1:{free_port()}",
-                **triton.serving_env(),
-                AIDC_CERTS_DIR="off",
-                AIDC_LOG_LEVEL="WARNING",
-                AIDC_SERVING_RATE_LIMIT_PER_SECOND="1000000",
-                AIDC_SERVING_RATE_LIMIT_BURST="1000000",
-                BENCH_ROUTES=f"bench/sample={TRITON_NAME}:1,bench/minilm={MINILM_NAME}:1",
             )
-            processes.append(start_service_process("auth", env, work / "auth.log"))
-            wait_serving(auth_address, process=processes[-1])
-            token = asyncio.run(_tenant_token(auth_address, data, env))
             processes.append(_start_gateway(env, work / "gateway.log"))
             wait_serving(gateway_address, process=processes[-1])
             floor_address = f"127.0.0.1:{free_port()}"

@@ -22,7 +22,7 @@ from services.cli.session import BearerToken
 from services.mesh.channels import create_channel
 from services.mesh.db import open_database
 from services.mesh.server import MeshServer
-from tests.conftest import RunningAuth, free_port
+from tests.conftest import RunningAuth, free_port, tenant_addresses
 
 #: A fixed "now" for core tests: 2025-03-10 12:00 UTC (so February 2025 is the last complete month).
 NOW = from_datetime(datetime(2025, 3, 10, 12, 0, tzinfo=UTC))
@@ -65,6 +65,7 @@ def billing_settings(auth: RunningAuth, data_dir: Path, **extra: str) -> Billing
         "AIDC_BILLING_ADDR": f"127.0.0.1:{free_port()}",
         "AIDC_BILLING_INVOICE_GRACE_SECONDS": "0",
         "AIDC_BILLING_BUDGET_REFRESH_SECONDS": "0.2",
+        **tenant_addresses(),
         **extra,
     }
     return BillingSettings.from_env(env)

@@ -90,4 +90,7 @@ async def serve(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[str]:
         await running.server.stop(0)
 
 
-UNDER_TEST = ServiceUnderTest(SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve)
+#: What only mesh services call (refused on the tenant path to everyone).
+MESH_ONLY = frozenset({"RecordUsage"})
+
+UNDER_TEST = ServiceUnderTest(SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve, MESH_ONLY)

@@ -3,6 +3,7 @@ problem, and nothing recorded (every billing table is compared before and after,
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ from sqlalchemy import create_engine, select
 from services.billing.client import BillingClient, money, usage_event
 from services.billing.schema import metadata
 from services.gen.aidc.billing.v1 import billing_service_pb2 as pb
+from services.gen.aidc.common.v1 import common_pb2
 from services.mesh import errors
 from tests.billing.conftest import RunningBilling
 
@@ -154,6 +156,18 @@ BAD_INPUT: list[tuple[str, Callable[[BillingClient], Awaitable[Any]], str]] = [
         "start_time < end_time",
     ),
     ("bad page token", lambda c: c.list_invoices("acme", page_size=-1), "page_size"),
+    # Found by fuzzing (the same parsing as serving's and the scheduler's): an offset past SQL's integers.
+    (
+        "forged page token",
+        lambda c: c._unary(
+            c.stub.ListInvoices,
+            pb.ListInvoicesRequest(
+                tenant="acme",
+                page=common_pb2.PageRequest(page_token=base64.urlsafe_b64encode(b"o:9223372036854775808").decode()),
+            ),
+        ),
+        "page_token",
+    ),
 ]
 
 

@@ -79,7 +79,7 @@ def billing_cli(
     process = start_service_process("billing", env, tmp_path / "billing.log")
     try:
         wait_serving(address, process=process)
-        monkeypatch.setenv("AIDC_BILLING_ADDR", address)
+        monkeypatch.setenv("AIDC_BILLING_TENANT_ADDR", env["AIDC_BILLING_TENANT_ADDR"])
         cli.login_admin()
         yield BillingCli(cli, address)
     finally:

@@ -31,6 +31,8 @@ class AuthServer:
     """An auth service process and what a test needs to know about it."""
 
     address: str
+    #: Its tenant endpoint: where the CLI, a tenant's client, connects.
+    tenant_address: str
     data_dir: Path
     #: The first-start admin's password: set by a first login at start, unless started with first_login=False.
     admin_password: str
@@ -52,7 +54,7 @@ def start_auth_server(tmp_path: Path) -> Iterator[Callable[..., AuthServer]]:
         wait_serving(address, process=process)
         bootstrap = json.loads((data_dir / "auth" / "bootstrap-admin.json").read_text())["password"]
         password = first_admin_login(address, data_dir) if first_login else bootstrap
-        return AuthServer(address, data_dir, password, bootstrap)
+        return AuthServer(address, env["AIDC_AUTH_TENANT_ADDR"], data_dir, password, bootstrap)
 
     yield start
     for process in processes:
@@ -95,6 +97,7 @@ def cli_for(server: AuthServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
             monkeypatch.delenv(name)
     credentials_file = tmp_path / "cli-home" / "credentials.json"
     monkeypatch.setenv("AIDC_AUTH_ADDR", server.address)
+    monkeypatch.setenv("AIDC_AUTH_TENANT_ADDR", server.tenant_address)
     monkeypatch.setenv("AIDC_DATA_DIR", str(server.data_dir))
     monkeypatch.setenv("AIDC_CREDENTIALS_FILE", str(credentials_file))
     monkeypatch.setenv("COLUMNS", "200")  # wide enough that rich never folds ids in tables

@@ -37,7 +37,7 @@ def test_login_stores_private_credentials_then_whoami(cli: Cli) -> None:
     assert "logged in to" in result.stdout and "user:platform/admin" in result.stdout
     assert stat.S_IMODE(cli.credentials_file.stat().st_mode) == 0o600
     stored = _credentials(cli)
-    assert stored["auth_addr"] == cli.server.address
+    assert stored["auth_addr"] == cli.server.tenant_address  # the tenant path: no client certificate needed
     assert stored["access_token"] and stored["refresh_token"]
 
     whoami = cli.ok("whoami")
@@ -130,7 +130,7 @@ def test_bad_input_is_reported_with_its_code(cli: Cli) -> None:
 
 
 def test_unreachable_auth_service_is_unavailable(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AIDC_AUTH_ADDR", f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AIDC_AUTH_TENANT_ADDR", f"127.0.0.1:{free_port()}")
     result = cli("login", "--tenant", "platform", "--user", "admin", "--password-stdin", input="x" * 12)
     _assert_error(result, "UNAVAILABLE", "aidc up")
 

@@ -22,13 +22,16 @@ from types import ModuleType
 from typing import Any
 
 import grpc
+import jsonschema
 import pytest
 import yaml
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.cli.main import documented_settings
 from services.mesh.certs import init_certificates
 from services.mesh.config import SERVICE_NAMES, MeshSettings, load_settings, parse_address
+from services.mesh.peers import parse_proxies
 from services.platform.components import Platform, S3Credentials, triton_argv
 from services.platform.config import PlatformSettings
 from services.serving.triton import restricted_protocol_flags
@@ -165,6 +168,11 @@ def _config() -> dict[str, str]:
 KUSTOMIZATIONS = sorted(K8S.rglob("kustomization.yaml"))
 
 
+#: Every service's tenant endpoint port on a cluster (the Gateway's backends).
+TENANT_PORT = 8443
+GATEWAY_CRDS = ROOT / "tests" / "deploy" / "crds" / "gateway-api-v1.4.1"
+
+
 def _default_port(service: str) -> int:
     return parse_address(MeshSettings().address_of(service))[1]
 
@@ -220,12 +228,25 @@ def test_every_object_lands_in_the_aidc_namespace() -> None:
 def test_each_service_has_a_deployment_and_a_service_on_its_port(service: str) -> None:
     port = _default_port(service)
     container = _container(_all(), service)
-    assert [p["containerPort"] for p in container["ports"]] == [port]
+    _, metrics_port = parse_address(_config()["AIDC_METRICS_ADDR"])
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [
+        ("grpc", port),
+        ("tenant", TENANT_PORT),
+        ("metrics", metrics_port),
+    ]
+    # Prometheus scrapes it over mutual TLS, checking the certificate's name (the service's cluster name).
+    monitor = _named(_all(), "PodMonitor")[f"aidc-{service}"]["spec"]
+    assert monitor["selector"]["matchLabels"]["app.kubernetes.io/name"] == service
+    [endpoint] = monitor["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["scheme"]) == ("metrics", "https")
+    assert endpoint["tlsConfig"]["serverName"] == f"{service}.aidc.svc"
     assert {"name": "AIDC_SERVICE", "value": service} in container["env"]
     assert container["image"].split(":")[0] == "aidc"
     assert {"configMapRef": {"name": "aidc-config"}} in container["envFrom"]
-    assert [p["port"] for p in _named(_all(), "Service")[service]["spec"]["ports"]] == [port]
+    ports = {p["name"]: p["port"] for p in _named(_all(), "Service")[service]["spec"]["ports"]}
+    assert ports == {"grpc": port, "tenant": TENANT_PORT}
     assert _config()[f"AIDC_{service.upper()}_ADDR"] == f"{service}.aidc.svc:{port}"
+    assert _config()[f"AIDC_{service.upper()}_TENANT_ADDR"] == f"{service}.aidc.svc:{TENANT_PORT}"
 
 
 @pytest.mark.parametrize("service", SERVICE_NAMES)
@@ -327,6 +348,106 @@ def test_secret_references_have_templates_with_placeholders_only() -> None:
         assert set(templates[f"aidc-tls-{service}"]) == {"ca.pem", f"{service}.pem", f"{service}-key.pem"}
     # The CA's key signs identities: it must never be handed to a pod.
     assert not [key for values in templates.values() for key in values if key == "ca-key.pem"]
+
+
+# -- the tenant endpoint: one address through the Gateway API ------------------------------------------------------
+
+
+def _closed(schema: Any) -> Any:
+    """The schema with unknown fields refused wherever it lists properties: the API server would silently prune a
+    misspelt field, so a check must refuse it."""
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: _closed(value) for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema:
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            closed["additionalProperties"] = False
+    return closed
+
+
+def _crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> the served version's openAPIV3Schema (closed to unknown fields, metadata aside), from
+    the vendored upstream CRDs."""
+    schemas = {}
+    for path in sorted(GATEWAY_CRDS.glob("*.yaml")):
+        crd = _yaml_docs(path)[0]
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            if version["served"] and not version.get("deprecated"):
+                schema = _closed(version["schema"]["openAPIV3Schema"])
+                schema["properties"]["metadata"] = {"type": "object"}
+                schemas[f"{group}/{version['name']}", kind] = schema
+    return schemas
+
+
+def _gateway_objects() -> list[dict[str, Any]]:
+    return [doc for doc in _all() if doc["apiVersion"].startswith("gateway.networking.k8s.io/")]
+
+
+def test_gateway_api_objects_validate_against_the_upstream_crds() -> None:
+    """Gateway API v1.4.1's standard-channel CRDs (vendored in tests/deploy/crds): every object's fields and values
+    are what the API server would accept, checked offline (CEL rules aside)."""
+    schemas = _crd_schemas()
+    objects = _gateway_objects()
+    assert {doc["kind"] for doc in objects} == {"Gateway", "GRPCRoute", "BackendTLSPolicy"}
+    for doc in objects:
+        schema = schemas[doc["apiVersion"], doc["kind"]]
+        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=str)
+        assert not errors, f"{doc['kind']}/{doc['metadata']['name']}: {[e.message for e in errors]}"
+    # The check refuses what the API server would prune or reject: a misspelt field.
+    route = next(doc for doc in objects if doc["kind"] == "GRPCRoute")
+    misspelt = {**route, "spec": {**route["spec"], "parentRef": route["spec"]["parentRefs"]}}
+    assert list(jsonschema.Draft7Validator(schemas[route["apiVersion"], "GRPCRoute"]).iter_errors(misspelt))
+
+
+def test_the_gateway_routes_each_service_by_its_grpc_service_name_to_its_tenant_port() -> None:
+    objects = _gateway_objects()
+    gateway = _named(objects, "Gateway")["aidc"]
+    (listener,) = gateway["spec"]["listeners"]
+    assert (listener["protocol"], listener["tls"]["mode"]) == ("HTTPS", "Terminate")
+    (certificate,) = listener["tls"]["certificateRefs"]
+    templates = {doc["metadata"]["name"]: doc for doc in _yaml_docs(SECRETS)}
+    assert templates[certificate["name"]]["type"] == "kubernetes.io/tls"
+    routes = _named(objects, "GRPCRoute")
+    policies = _named(objects, "BackendTLSPolicy")
+    for service in SERVICE_NAMES:
+        names = {f"aidc.{service}.v1.{service.capitalize()}Service"} | (
+            {"inference.GRPCInferenceService"} if service == "serving" else set()
+        )
+        route = routes[service]["spec"]
+        assert route["parentRefs"] == [{"name": "aidc", "sectionName": listener["name"]}]
+        (rule,) = route["rules"]
+        assert {m["method"]["service"] for m in rule["matches"]} == names
+        assert {m["method"]["type"] for m in rule["matches"]} == {"Exact"}
+        for name in names:  # each is a service the platform serves
+            assert descriptor_pool.Default().FindServiceByName(name) is not None
+        assert rule["backendRefs"] == [{"name": service, "port": TENANT_PORT}]
+        # The hop from the Gateway is TLS too, checked against the mesh CA and the service's cluster name (the name
+        # deploy/README.md re-issues each certificate with); the Gateway presents no certificate.
+        policy = policies[f"{service}-tenant"]["spec"]
+        assert policy["targetRefs"] == [{"group": "", "kind": "Service", "name": service, "sectionName": "tenant"}]
+        assert policy["validation"]["hostname"] == f"{service}.aidc.svc"
+    covered = {
+        name
+        for route in routes.values()
+        for m in route["spec"]["rules"][0]["matches"]
+        for name in [m["method"]["service"]]
+    }
+    assert len(covered) == len(SERVICE_NAMES) + 1
+
+
+def test_only_the_gateway_reaches_the_tenant_ports_and_auth_trusts_only_it() -> None:
+    policy = _named(_all(), "NetworkPolicy")["tenant-endpoints"]["spec"]
+    assert policy["podSelector"] == {"matchLabels": {"app.kubernetes.io/component": "mesh"}}
+    mesh_rule, tenant_rule = policy["ingress"]
+    _, metrics_port = parse_address(_config()["AIDC_METRICS_ADDR"])
+    mutual_tls = {_default_port(s) for s in SERVICE_NAMES} | {metrics_port}  # each wants a mesh client certificate
+    assert "from" not in mesh_rule and {p["port"] for p in mesh_rule["ports"]} == mutual_tls
+    assert tenant_rule["ports"] == [{"port": TENANT_PORT}] and tenant_rule["from"][0]["namespaceSelector"]
+    proxies = parse_proxies(_config()["AIDC_AUTH_TRUSTED_PROXIES"])
+    assert proxies and all(network.is_private for network in proxies)
 
 
 # -- Triton -------------------------------------------------------------------------------------------------------

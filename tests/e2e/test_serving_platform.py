@@ -7,15 +7,19 @@ every file the run created private to the platform's user."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
+import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -30,6 +34,7 @@ from services.gen.aidc.serving.v1 import serving_service_pb2 as serving_pb
 from services.gen.aidc.training.v1 import training_service_pb2 as training_pb
 from services.mesh.channels import create_channel
 from services.mesh.config import MeshSettings, load_settings
+from services.mesh.metrics import Scrape, scrape
 from services.mesh.spanstore import SpanStore
 from services.serving.client import ServingClient
 from services.storage.client import StorageClient
@@ -63,14 +68,10 @@ class Mesh:
 
 
 def _triton_client(p: Platform) -> triton_grpc.InferenceServerClient:
-    """A stock tritonclient pointed at the gateway (not at Triton): TLS with the CLI's certificate."""
-    certs = p.data_dir / "certs"
+    """A stock tritonclient pointed at the gateway's tenant endpoint (not at Triton): TLS with the CA file only, as a
+    tenant holds it."""
     return triton_grpc.InferenceServerClient(
-        p.env["AIDC_SERVING_ADDR"],
-        ssl=True,
-        root_certificates=str(certs / "ca.pem"),
-        private_key=str(certs / "cli-key.pem"),
-        certificate_chain=str(certs / "cli.pem"),
+        p.env["AIDC_SERVING_TENANT_ADDR"], ssl=True, root_certificates=str(p.data_dir / "certs" / "ca.pem")
     )
 
 
@@ -115,6 +116,7 @@ async def _scenario(p: Platform, admin_password: str, work: Path) -> None:
             await admin.create_user(tenant, "dev", "correct horse battery", ["developer"])
         dev = (await anon.login("acme", "dev", "correct horse battery")).access_token
         other = (await anon.login("globex", "dev", "correct horse battery")).access_token
+        before = scrape_all(p)
 
         # A tiny BERT fine-tuned twice on keyword data: versions 1 and 2; alias production -> 1.
         files = StorageClient(mesh.channel("storage", dev))
@@ -191,6 +193,9 @@ async def _scenario(p: Platform, admin_password: str, work: Path) -> None:
 
         assert await _eventually(metered, 30, "inference usage in billing") >= 1
 
+        # Metrics: every component's /metrics moved with the flow, and the local Prometheus scrapes them all.
+        await check_metrics(p, before)
+
         # The alias moves to a new version: the deployment follows it without anyone calling Deploy.
         assert await _fine_tune(mesh, dev, seed=8) == 2
         await training.set_alias("keywords-clf", "production", 2, tenant="acme")
@@ -241,9 +246,99 @@ async def _scenario(p: Platform, admin_password: str, work: Path) -> None:
         await mesh.close()
 
 
+def scrape_all(p: Platform) -> dict[str, Scrape]:
+    """One scrape of every component that serves metrics (the supervisor's included), over mTLS as the operator."""
+    state = p.state()
+    urls = {c.name: c.metrics_url for c in state.components if c.metrics_url}
+    urls["supervisor"] = state.metrics_url
+    return {name: scrape(url, p.data_dir / "certs") for name, url in urls.items()}
+
+
+#: The gRPC service each mesh service serves its product RPCs on (the scheduler is not called in this flow).
+_PRODUCT = {
+    "auth": "aidc.auth.v1.AuthService",
+    "storage": "aidc.storage.v1.StorageService",
+    "training": "aidc.training.v1.TrainingService",
+    "billing": "aidc.billing.v1.BillingService",
+    "serving": "inference.GRPCInferenceService",
+    "scheduler": "grpc.health.v1.Health",
+}
+
+
+def _prometheus(p: Platform, path: str) -> dict[str, object]:
+    """The local Prometheus's HTTP API (HTTPS, the operator's client certificate)."""
+    certs = p.data_dir / "certs"
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    context.load_cert_chain(str(certs / "cli.pem"), str(certs / "cli-key.pem"))
+    url = f"https://127.0.0.1:{p.env['AIDC_PROMETHEUS_PORT']}{path}"
+    with urllib.request.urlopen(url, timeout=10, context=context) as response:
+        return cast(dict[str, object], json.loads(response.read()))
+
+
+async def check_metrics(p: Platform, before: dict[str, Scrape]) -> None:
+    """After the flow: RPC histograms and each service's own figures moved; Triton's statistics are relayed;
+    Prometheus scrapes every component and has the alert rules loaded; `aidc status` shows the figures."""
+
+    async def relayed() -> dict[str, Scrape] | None:
+        now = scrape_all(p)
+        return now if now["serving"].value("nv_inference_request_success", model="acme__keywords-clf") >= 1 else None
+
+    after = await _eventually(relayed, 30, "Triton's statistics relayed by serving")
+
+    def moved(component: str, name: str, **labels: str) -> float:
+        return after[component].value(name, **labels) - before[component].value(name, **labels)
+
+    for service, grpc_service in _PRODUCT.items():
+        assert moved(service, "grpc_server_handled_total", grpc_service=grpc_service, grpc_code="OK") > 0, service
+        assert moved(service, "grpc_server_handling_seconds_count", grpc_service=grpc_service) > 0, service
+        if service not in ("auth", "scheduler"):  # decisions are not cached here: every checked call asks auth
+            assert moved(service, "aidc_authz_decisions_total", source="auth") > 0, service
+    assert moved("auth", "aidc_auth_decisions_total", result="allowed") > 0
+    assert moved("auth", "aidc_auth_decisions_total", result="denied") > 0  # globex's developer was refused
+    assert moved("storage", "aidc_storage_transfer_bytes_total", tenant="acme", direction="upload") > 0
+    assert after["storage"].value("aidc_storage_stored_bytes", tenant="acme") > 0
+    assert after["storage"].value("aidc_storage_objects", tenant="acme") >= 2  # the dataset and the base model
+    assert moved("training", "aidc_training_jobs_finished_total", state="succeeded") >= 1
+    assert moved("training", "aidc_training_steps_total") > 0
+    assert moved("scheduler", "aidc_scheduler_cycle_seconds_count") > 0
+    assert moved("billing", "aidc_billing_usage_events_total", status="accepted") > 0
+    assert after["billing"].value("aidc_billing_usage_total", tenant="acme", meter="inference_requests") >= 1
+    assert after["billing"].value("aidc_billing_budget_exhausted", tenant="acme") == 0
+    assert moved("serving", "aidc_gateway_inferences_total", tenant="acme", model="keywords-clf") >= 2
+    assert moved("serving", "aidc_gateway_inference_seconds_count", tenant="acme", model="keywords-clf") >= 2
+    assert moved("serving", "aidc_usage_events_delivered_total", source="serving", status="accepted") > 0
+    assert after["serving"].value("aidc_serving_triton_up") == 1
+    assert after["serving"].value("nv_inference_compute_infer_duration_us", model="acme__keywords-clf") > 0
+    for component in [c.name for c in p.state().components]:
+        assert after["supervisor"].value("aidc_component_up", component=component) == 1, component
+
+    # Prometheus: every target up, the rules loaded and healthy.
+    jobs = {*_PRODUCT, "supervisor", "prometheus"}
+
+    async def all_up() -> set[str] | None:
+        result = cast(dict[str, Any], _prometheus(p, "/api/v1/query?query=up"))["data"]["result"]
+        up = {sample["metric"]["job"] for sample in result if sample["value"][1] == "1"}
+        return up if up == jobs else None
+
+    await _eventually(all_up, 60, f"Prometheus scraping {sorted(jobs)}")
+    groups = cast(dict[str, Any], _prometheus(p, "/api/v1/rules"))["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) == 14 and all(rule["health"] == "ok" for rule in rules), rules
+    rate = "/api/v1/query?query=" + urllib.parse.quote('sum(aidc_gateway_inferences_total{tenant="acme"})')
+    answer = cast(dict[str, Any], _prometheus(p, rate))["data"]["result"]
+    assert answer and float(answer[0]["value"][1]) >= 2, answer
+
+    status = _aidc(p, "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "since each component started, from its /metrics" in status.stdout
+    assert re.search(r"serving .*inferences \d+", status.stdout), status.stdout
+
+
 def test_serving_through_the_platform(platform_env: Platform, tmp_path: Path) -> None:  # noqa: F811
     p = platform_env
     p.env.update(
+        AIDC_MONITORING="true",
+        AIDC_PROMETHEUS_SCRAPE_INTERVAL_SECONDS="1",
         AIDC_SERVING_ALIAS_POLL_SECONDS="1",
         AIDC_SERVING_RECONCILE_INTERVAL_SECONDS="0.5",
         AIDC_SERVING_METERING_INTERVAL_SECONDS="0.5",

@@ -60,6 +60,8 @@ def _reply(text: str) -> Resp:
 
 async def _raise(request: Req, context: Any) -> Resp:
     kind = request.tenant
+    if kind.startswith("NotFound:"):  # a message quoting the caller's input, as services' messages do
+        raise errors.NotFound(f"no such thing: {kind}")
     if kind in ERRORS:
         raise ERRORS[kind](f"{kind} raised on purpose")
     if kind == "boom":

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from services.mesh.channels import create_channel
-from services.mesh.errors import INTERNAL_MESSAGE
+from services.mesh.errors import INTERNAL_MESSAGE, MAX_MESSAGE_BYTES
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer
 from tests.conftest import RunningAuth
@@ -83,6 +83,39 @@ async def test_errors_mid_stream_are_mapped(echo: tuple[MeshServer, EchoClient])
         async for _ in call:
             pass
     assert info.value.code() == grpc.StatusCode.INTERNAL and info.value.details() == INTERNAL_MESSAGE
+
+
+async def test_a_message_quoting_a_huge_input_keeps_its_status(echo: tuple[MeshServer, EchoClient]) -> None:
+    """Found by fuzzing: a status message quoting a 70,000-character name overflowed gRPC's metadata limit, and the
+    caller got RESOURCE_EXHAUSTED instead of NOT_FOUND. Messages are cut to MAX_MESSAGE_BYTES."""
+    _, client = echo
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.unary("Raise")(Req(tenant="NotFound:" + "x" * 70_000))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    details = info.value.details() or ""
+    assert details.startswith("no such thing: NotFound:xxx") and len(details.encode()) <= MAX_MESSAGE_BYTES
+
+
+@pytest.mark.parametrize("raw", [b"\x0a\x05ab", b"\xff\xff\xff", b"\x0a"])
+async def test_request_bytes_that_do_not_decode_are_invalid_argument(
+    echo: tuple[MeshServer, EchoClient], tokens: dict[str, str], raw: bytes
+) -> None:
+    """Truncated or garbage request bytes: grpc itself would answer UNKNOWN with the parser's exception text (found by
+    fuzzing); the runtime says INVALID_ARGUMENT, for a unary RPC and for any message of a request stream, before
+    anything else runs."""
+    server, _ = echo
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for method in ("Raise", "WhoAmI"):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.unary_unary(f"/test.v1.Echo/{method}")(raw, metadata=_auth(tokens["admin"]), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert "DecodeError" not in (info.value.details() or "")
+        valid = Req(tenant="acme").SerializeToString()
+        upload = channel.stream_unary("/test.v1.Echo/UploadDataset")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await upload(iter([valid, raw]), metadata=_auth(tokens["acme"]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert await upload(iter([valid, valid]), metadata=_auth(tokens["acme"]), timeout=10)
 
 
 async def test_protected_rpc_without_credentials_is_unauthenticated(

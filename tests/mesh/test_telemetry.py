@@ -26,7 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.mesh.spanstore import SpanRecord, SpanStore, spans_from_otlp_proto
-from services.mesh.telemetry import init_telemetry, shutdown_telemetry, tracer
+from services.mesh.telemetry import _destination, export_environment, init_telemetry, shutdown_telemetry, tracer
 from tests.collector.harness import REPO_ROOT, running_collector
 
 SERVICE = "telemetry-test"
@@ -260,3 +260,27 @@ def test_fresh_process_names_resource_and_file_and_shutdown_flushes(tmp_path: Pa
     span_file = tmp_path / "traces" / f"billing-{report['pid']}.jsonl"
     records = [SpanRecord.from_json(line) for line in span_file.read_text().splitlines()]
     assert [(r.name, r.service, r.trace_id) for r in records] == [("charge", "billing", report["trace_id"])]
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"OTEL_BSP_SCHEDULE_DELAY": "50"},
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20s3cret,x-tenant=a%2Cb",
+        },
+    ],
+)
+def test_a_child_given_the_export_environment_exports_where_this_process_does(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    assert export_environment() == ({}, {})  # nothing exported yet: a child exports nothing either
+    init_telemetry(SERVICE, tmp_path / "data", env=env)
+    plain, secret = export_environment()
+    assert not any(k.startswith("OTEL_EXPORTER_OTLP_TRACES_HEADERS") for k in plain)  # credentials stay secret
+    child = {**plain, **secret}
+    mine = _destination(SERVICE, tmp_path / "data", env)
+    assert _destination(SERVICE, Path(child.get("AIDC_DATA_DIR", "elsewhere")), child) == mine

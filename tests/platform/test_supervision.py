@@ -8,6 +8,7 @@ supervisor over the real platform.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -19,8 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from services.mesh.config import MeshSettings
-from services.platform.components import ComponentSpec, Platform, ProbeSpec, S3Credentials, resolve_platform
+from services.mesh.config import SERVICE_NAMES, MeshSettings
+from services.mesh.metrics import scrape
+from services.platform.components import (
+    ComponentSpec,
+    Platform,
+    ProbeSpec,
+    S3Credentials,
+    build_components,
+    resolve_platform,
+)
 from services.platform.config import PlatformSettings
 from services.platform.process import process_id, session_members, terminate_session
 from services.platform.state import ComponentState, PlatformState, read_state, state_path, write_state
@@ -36,7 +45,10 @@ def free_port() -> int:
 
 
 def make_platform(tmp_path: Path) -> Platform:
-    settings = PlatformSettings(stop_grace_seconds=2.0, restart_backoff_seconds=0.1, startup_timeout_seconds=20.0)
+    # No supervisor metrics endpoint: its default port may be taken by anything running beside the tests.
+    settings = PlatformSettings(
+        stop_grace_seconds=2.0, restart_backoff_seconds=0.1, startup_timeout_seconds=20.0, supervisor_metrics_port=0
+    )
     return resolve_platform(MeshSettings(data_dir=tmp_path / "data"), settings, S3Credentials("a", "b"))
 
 
@@ -235,3 +247,94 @@ def test_down_kills_what_a_dead_supervisor_left(tmp_path: Path) -> None:
     assert not state_path(run_dir).exists()
     # Idempotent: nothing left to do the second time.
     assert stop_platform(run_dir, grace=1.0).stragglers == {}
+
+
+def health_checked_platform(tmp_path: Path, failures: int, interval: float, supervisor_metrics_port: int) -> Platform:
+    """make_platform's, with health checks ``interval`` seconds apart, each waiting 0.5 s."""
+    settings = PlatformSettings(
+        stop_grace_seconds=2.0,
+        restart_backoff_seconds=0.1,
+        startup_timeout_seconds=20.0,
+        health_check_interval_seconds=interval,
+        health_check_timeout_seconds=0.5,
+        health_check_failures=failures,
+        supervisor_metrics_port=supervisor_metrics_port,
+    )
+    return resolve_platform(MeshSettings(data_dir=tmp_path / "data"), settings, S3Credentials("a", "b"))
+
+
+async def test_a_hung_component_is_killed_and_restarted(tmp_path: Path) -> None:
+    """SIGSTOP: the process lives on but answers nothing. The supervisor's health checks notice, kill it and
+    restart it with the crash backoff; the state and the supervisor's metrics say it hung."""
+    platform = health_checked_platform(tmp_path, failures=3, interval=0.2, supervisor_metrics_port=free_port())
+    supervisor = Supervisor(platform, [standin(platform, "web"), standin(platform, "steady")])
+    task = await run_until_serving(supervisor)
+    web = component(supervisor, "web")
+    scraped = await asyncio.to_thread(scrape, supervisor.state.metrics_url)
+    assert scraped.value("aidc_component_up", component="web") == 1
+    assert scraped.value("aidc_component_restarts_total", component="web", reason="hung") == 0
+    try:
+        first = web.pid
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)
+        began = time.monotonic()
+        await eventually(lambda: web.restarts == 1 and web.status == "running", timeout=20)
+        # 3 unanswered checks 0.2 s apart, each waiting 0.5 s: well under 10 s even on a loaded machine.
+        assert time.monotonic() - began < 10
+        assert web.pid not in (None, first) and process_id(first) is None
+        assert web.hung_restarts == 1 and web.last_restart.startswith("hung: 3 health checks unanswered")
+        assert web.last_exit == -signal.SIGKILL
+        steady = component(supervisor, "steady")
+        assert steady.restarts == 0  # a healthy neighbour is left alone
+        scraped = await asyncio.to_thread(scrape, supervisor.state.metrics_url)
+        assert scraped.value("aidc_component_restarts_total", component="web", reason="hung") == 1
+        assert scraped.value("aidc_component_restarts_total", component="web", reason="exit") == 0
+        assert scraped.value("aidc_component_up", component="web") == 1
+        stored = read_state(platform.run_dir)
+        assert stored is not None and next(c for c in stored.components if c.name == "web").hung_restarts == 1
+    finally:
+        supervisor.request_stop()
+        await asyncio.wait_for(task, 20)
+
+
+async def test_not_serving_is_an_answer_not_a_hang(tmp_path: Path) -> None:
+    """A component that answers "not ready" (HTTP 503 here, NOT_SERVING in gRPC) is waiting for something a
+    restart would not bring: it is never killed for it."""
+    platform = health_checked_platform(tmp_path, failures=2, interval=0.1, supervisor_metrics_port=0)
+    supervisor = Supervisor(platform, [standin(platform, "flaky", "--ready-for", "1")])
+    task = await run_until_serving(supervisor)
+    try:
+        flaky = component(supervisor, "flaky")
+        await eventually(lambda: supervisor.metrics.up.labels("flaky")._value.get() == 0)
+        await asyncio.sleep(1.0)  # ten more checks, each answered 503
+        assert flaky.restarts == 0 and flaky.status == "running"
+    finally:
+        supervisor.request_stop()
+        await asyncio.wait_for(task, 20)
+
+
+async def test_monitoring_without_prometheus_installed_is_a_clear_error(tmp_path: Path) -> None:
+    """`aidc up --monitoring` on a machine without Debian's prometheus: it says how to get it."""
+    settings = PlatformSettings(
+        stop_grace_seconds=2.0,
+        startup_timeout_seconds=20.0,
+        supervisor_metrics_port=0,
+        monitoring=True,
+        prometheus_bin=str(tmp_path / "nowhere" / "prometheus"),
+        platform_components=("collector",),
+        collector_addr=f"127.0.0.1:{free_port()}",
+        prometheus_port=free_port(),
+        **{f"{service}_metrics_port": 0 for service in SERVICE_NAMES},
+    )
+    platform = resolve_platform(
+        MeshSettings(data_dir=tmp_path / "data", certs_dir="off"), settings, S3Credentials("a", "b")
+    )
+    specs = [spec for spec in build_components(platform) if spec.name == "prometheus"]
+    assert len(specs) == 1 and specs[0].argv[0] == str(tmp_path / "nowhere" / "prometheus")
+    with pytest.raises(StartupError, match="prometheus: cannot start .*: No such file.*make prometheus-server"):
+        await Supervisor(platform, specs).run()
+    # Its configuration was written: every service's metrics port and the rules file (plain HTTP: no certificates).
+    config = json.loads((platform.prometheus_dir / "prometheus.yml").read_text())
+    assert config["rule_files"] == [str(platform.project_root / "deploy" / "monitoring" / "aidc-alerts.yml")]
+    assert [job["job_name"] for job in config["scrape_configs"]] == ["prometheus"]
+    assert "scheme" not in config["scrape_configs"][0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import stat
@@ -27,8 +28,13 @@ import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from services.gen.aidc.auth.v1 import auth_service_pb2 as auth_pb
+from services.gen.aidc.auth.v1 import auth_service_pb2_grpc
+from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
+from services.gen.aidc.storage.v1 import storage_service_pb2_grpc
 from services.mesh.certs import init_certificates
 from services.mesh.config import SERVICE_NAMES
+from services.mesh.metrics import scrape
 from services.platform.config import ALL_COMPONENTS
 from services.platform.process import ProcessId, is_running, process_id, session_members
 from services.platform.state import PlatformState, read_state
@@ -43,11 +49,14 @@ CLI = "import typer; from services.cli.platform_cmd import register; app = typer
 
 _PORT_VARIABLES = [
     *(f"AIDC_{name.upper()}_ADDR" for name in SERVICE_NAMES),
+    *(f"AIDC_{name.upper()}_TENANT_ADDR" for name in SERVICE_NAMES),
     "AIDC_COLLECTOR_ADDR",
     "AIDC_TRITON_GRPC_ADDR",
     "AIDC_S3_ENDPOINT",
 ]
 _PORT_NUMBERS = [
+    "AIDC_PROMETHEUS_PORT",
+    *(f"AIDC_{component.upper()}_METRICS_PORT" for component in ("supervisor", *SERVICE_NAMES)),
     *(
         f"AIDC_SEAWEEDFS_{listener}_PORT"
         for listener in (
@@ -124,8 +133,9 @@ class Platform:
         return f"{shown}\n--- supervisor.log:\n{log_tail(self.data_dir / 'logs' / 'supervisor.log', 40)}"
 
 
-@pytest.fixture
-def platform_env(tmp_path: Path) -> Iterator[Platform]:
+def platform_environment(tmp_path: Path) -> Platform:
+    """What `aidc up` needs to run a platform of its own under ``tmp_path``: every port free and explicit, cheap
+    password hashing; nothing inherited from the developer's AIDC_/OTEL_/AWS_ variables."""
     if not (RUNTIME / "bin" / "weed").exists() or not (RUNTIME / "pytriton").exists():
         pytest.fail(f"the runtime is not installed in {RUNTIME}: run `make install`")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIDC_", "OTEL_", "AWS_"))}
@@ -140,8 +150,16 @@ def platform_env(tmp_path: Path) -> Iterator[Platform]:
         # Cheap password hashing for the auth service (tests only).
         AIDC_AUTH_ARGON2_TIME_COST="1",
         AIDC_AUTH_ARGON2_MEMORY_KIB="1024",
+        # A hung component is noticed within seconds (3 unanswered checks a second apart, each waiting 2 s).
+        AIDC_HEALTH_CHECK_INTERVAL_SECONDS="1",
+        AIDC_HEALTH_CHECK_TIMEOUT_SECONDS="2",
     )
-    platform = Platform(env=env, cwd=tmp_path, data_dir=tmp_path / "data")
+    return Platform(env=env, cwd=tmp_path, data_dir=tmp_path / "data")
+
+
+@pytest.fixture
+def platform_env(tmp_path: Path) -> Iterator[Platform]:
+    platform = platform_environment(tmp_path)
     yield platform
     # Whatever happened above, leave nothing running.
     platform.cli("down", timeout=120)
@@ -229,6 +247,15 @@ def test_up_status_restart_down(platform_env: Platform) -> None:
         assert grpc_serving(p.address(f"AIDC_{service.upper()}_ADDR"), p.data_dir / "certs"), service
     with triton_client(p) as triton:
         assert triton.is_server_ready()
+    # Every service's /metrics (mutual TLS, the operator's certificate) counts the health checks it answered.
+    for c in state.components:
+        if c.name in SERVICE_NAMES:
+            port = p.env[f"AIDC_{c.name.upper()}_METRICS_PORT"]
+            assert c.metrics_url == f"https://127.0.0.1:{port}/metrics", c
+            assert f"metrics {c.metrics_url}" in c.endpoints
+            seen_metrics = scrape(c.metrics_url, p.data_dir / "certs")
+            assert seen_metrics.value("grpc_server_handled_total", grpc_service="grpc.health.v1.Health") >= 1, c.name
+    assert "since each component started, from its /metrics" in status.stdout
     assert http_status(f"http://{p.address('AIDC_COLLECTOR_ADDR')}/healthz") == 200
     # The object store has an identity configured, so anonymous requests are refused.
     assert http_status(f"http://{p.address('AIDC_S3_ENDPOINT')}/") == 403
@@ -260,6 +287,73 @@ def test_up_status_restart_down(platform_env: Platform) -> None:
     # Services whose readiness follows their dependencies may take a moment to see storage back.
     eventually(lambda: p.cli("status").returncode == 0, timeout=30, why=lambda: p.diagnostics(p.cli("status")))
 
+    # Auth hangs (SIGSTOP: alive, answering nothing). Its clients get an error within their deadline, never a hang:
+    # directly, and through storage, which must ask auth before it answers. The supervisor notices, kills and
+    # restarts it; then the same calls work again.
+    password = re.search(r"password:\s+(\S+)", up.stdout)
+    assert password is not None, up.stdout
+    certs = p.data_dir / "certs"
+    credentials = grpc.ssl_channel_credentials(
+        (certs / "ca.pem").read_bytes(), (certs / "cli-key.pem").read_bytes(), (certs / "cli.pem").read_bytes()
+    )
+    with (
+        grpc.secure_channel(p.address("AIDC_AUTH_ADDR"), credentials) as auth_channel,
+        grpc.secure_channel(p.address("AIDC_STORAGE_ADDR"), credentials) as storage_channel,
+    ):
+        auth = auth_service_pb2_grpc.AuthServiceStub(auth_channel)
+        storage_stub = storage_service_pb2_grpc.StorageServiceStub(storage_channel)
+        login = auth_pb.LoginRequest(tenant="platform", name="admin", password=password.group(1))
+        token = auth.Login(login, timeout=30).tokens.access_token
+        bearer = (("authorization", f"Bearer {token}"),)
+        hung = next(c for c in p.state().components if c.name == "auth")
+        assert hung.pid is not None
+        os.kill(hung.pid, signal.SIGSTOP)
+        try:
+            for call, deadline in (
+                (lambda timeout: auth.WhoAmI(auth_pb.WhoAmIRequest(), metadata=bearer, timeout=timeout), 3.0),
+                # Never asked before, so storage has no cached decision: it must ask the hung auth.
+                (
+                    lambda timeout: storage_stub.ListDatasets(
+                        storage_pb.ListDatasetsRequest(tenant="fresh"), metadata=bearer, timeout=timeout
+                    ),
+                    8.0,
+                ),
+            ):
+                began = time.monotonic()
+                with pytest.raises(grpc.RpcError) as failed:
+                    call(deadline)
+                took = time.monotonic() - began
+                assert failed.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+                assert took < deadline + 1.0, (failed.value, took)
+
+            def auth_back() -> bool:
+                now = next(c for c in p.state().components if c.name == "auth")
+                return now.hung_restarts == 1 and now.status == "running" and now.pid not in (None, hung.pid)
+
+            eventually(auth_back, timeout=90, why=p.diagnostics)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung.pid, signal.SIGCONT)  # if the test failed before the supervisor killed it
+        restarted_auth = next(c for c in p.state().components if c.name == "auth")
+        assert restarted_auth.last_restart.startswith("hung: 3 health checks unanswered"), restarted_auth
+        assert restarted_auth.process is not None
+        seen.append(restarted_auth.process)
+        eventually(lambda: _works(lambda: auth.WhoAmI(auth_pb.WhoAmIRequest(), metadata=bearer, timeout=5)), 30)
+        eventually(
+            lambda: _works(
+                lambda: storage_stub.ListDatasets(
+                    storage_pb.ListDatasetsRequest(tenant="fresh"), metadata=bearer, timeout=5
+                )
+            ),
+            30,
+        )
+    status = p.cli("status")
+    assert "auth last restarted: hung: 3 health checks unanswered" in status.stdout, p.diagnostics(status)
+    assert "1 hung" in status.stdout, status.stdout
+    supervisor_metrics = scrape(p.state().metrics_url, certs)
+    assert supervisor_metrics.value("aidc_component_restarts_total", component="auth", reason="hung") == 1
+    assert supervisor_metrics.value("aidc_component_restarts_total", component="storage", reason="exit") == 1
+
     down = p.cli("down")
     assert down.returncode == 0, p.diagnostics(down)
     assert "killed leftover" not in down.stdout, p.diagnostics(down)  # the supervisor stopped everything itself
@@ -270,6 +364,14 @@ def test_up_status_restart_down(platform_env: Platform) -> None:
     assert not (p.data_dir / "run" / "state.json").exists()
     assert p.cli("status").returncode == 1
     assert p.cli("down").returncode == 0  # idempotent
+
+
+def _works(call: Callable[[], object]) -> bool:
+    try:
+        call()
+    except grpc.RpcError:
+        return False
+    return True
 
 
 def test_down_after_the_supervisor_was_killed(platform_env: Platform) -> None:

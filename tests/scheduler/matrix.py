@@ -23,8 +23,11 @@ POOL_READERS = JOB_READERS
 
 # Tenants see and cancel only their own jobs; quotas are readable by every role of the tenant (billing-viewers
 # too: they explain spend), pools by those who run jobs or watch them; writing quotas and pools is for operators.
+# A job runs a program on the platform's machines: only platform admins submit one directly (the matrix calls with
+# tokens alone); tenants' jobs come through mesh services (the training service, with the tenant's token:
+# tests/scheduler/test_service_jobs.py).
 EXPECTED: dict[str, frozenset[str]] = {
-    "SubmitJob": JOB_WRITERS,
+    "SubmitJob": PLATFORM,
     "GetJob": JOB_READERS,
     "ListJobs": JOB_READERS,
     "WatchJobs": JOB_READERS,
@@ -83,4 +86,7 @@ async def serve(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[str]:
         await running.stop()
 
 
-UNDER_TEST = ServiceUnderTest(SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve)
+#: What only mesh services call (refused on the tenant path to everyone).
+MESH_ONLY = frozenset({"SubmitJob"})
+
+UNDER_TEST = ServiceUnderTest(SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve, MESH_ONLY)

@@ -49,7 +49,13 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN if args.ignore_term else _on_term)
     step = json.loads(checkpoint.read_text())["step"] if checkpoint.exists() else 0
-    event("start", step=step, traceparent=os.environ.get("TRACEPARENT", ""), secret=os.environ.get("API_TOKEN", ""))
+    event(
+        "start",
+        step=step,
+        traceparent=os.environ.get("TRACEPARENT", ""),
+        secret=os.environ.get("API_TOKEN", ""),
+        platform_variables=sorted(k for k in os.environ if k.startswith(("AIDC_", "AWS_", "PG", "OTEL_"))),
+    )
     print(f"worker {worker} starting at step {step}", flush=True)
     if args.fail_code:
         event("fail", code=args.fail_code)

@@ -22,7 +22,7 @@ from services.mesh.server import MeshServer
 from services.scheduler.client import TERMINAL_STATES, SchedulerClient, state_name
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.server import build_server
-from tests.conftest import RunningAuth, free_port
+from tests.conftest import RunningAuth, free_port, tenant_addresses
 
 RUNNER = Path(__file__).with_name("runner.py")
 PASSWORD = "correct horse battery"
@@ -49,6 +49,7 @@ def scheduler_env(data_dir: Path, auth_address: str, **extra: str) -> dict[str, 
         "AIDC_SCHEDULER_DEFAULT_GRACE_SECONDS": "5",
         "AIDC_SCHEDULER_POLL_SECONDS": "0.1",
         "AIDC_SCHEDULER_BUDGET_CACHE_SECONDS": "0.5",
+        **tenant_addresses(),
     }
     env.update(extra)
     return env
@@ -75,14 +76,22 @@ class RunningScheduler:
     tokens: dict[str, str]
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
 
-    def client(self, user: str = "acme/dev") -> SchedulerClient:
-        """A client carrying ``user``'s token ("<tenant>/<name>", or "platform/admin")."""
+    def client(self, user: str = "acme/dev", *, via: str | None = None) -> SchedulerClient:
+        """A client carrying ``user``'s token ("<tenant>/<name>", or "platform/admin"): on the tenant path (the CLI's
+        certificate), or ``via`` a mesh service (its certificate, as when that service calls for the user)."""
         bearer = BearerToken(self.tokens[user])
         channel = create_channel(
-            self.address, self.settings, extra_interceptors=[cast(grpc.aio.ClientInterceptor, bearer)]
+            self.address,
+            self.settings,
+            identity=via or "cli",
+            extra_interceptors=[cast(grpc.aio.ClientInterceptor, bearer)],
         )
         self._channels.append(channel)
         return SchedulerClient(channel)
+
+    def submitter(self, user: str = "acme/dev") -> SchedulerClient:
+        """``user``'s client through the training service, the way a tenant's jobs reach the scheduler."""
+        return self.client(user, via="training")
 
     async def stop(self) -> None:
         for channel in self._channels:

@@ -37,7 +37,7 @@ def scheduler_cli(
     try:
         wait_serving(env["AIDC_SCHEDULER_ADDR"], timeout=60, process=process)
         cli = cli_for(server, tmp_path, monkeypatch)
-        monkeypatch.setenv("AIDC_SCHEDULER_ADDR", env["AIDC_SCHEDULER_ADDR"])
+        monkeypatch.setenv("AIDC_SCHEDULER_TENANT_ADDR", env["AIDC_SCHEDULER_TENANT_ADDR"])
         yield cli, env["AIDC_SCHEDULER_ADDR"]
     finally:
         stop_process(process)

@@ -39,7 +39,12 @@ CPU = 1000
 @pytest.fixture
 async def scheduler(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[RunningScheduler]:
     tokens = await user_tokens(auth)
-    running = await start_scheduler(SchedulerSettings.from_env(scheduler_env(tmp_path / "data", auth.address)), tokens)
+    running = await start_scheduler(
+        SchedulerSettings.from_env(
+            scheduler_env(tmp_path / "data", auth.address, AIDC_CERTS_DIR=auth.settings.certs_dir)
+        ),
+        tokens,
+    )
     yield running
     await running.stop()
 
@@ -78,7 +83,7 @@ async def test_bad_submissions_are_refused_with_the_reason_and_queue_nothing(
     error: type[AidcError],
     message: str,
 ) -> None:
-    client = scheduler.client("acme/dev")
+    client = scheduler.submitter("acme/dev")
     with pytest.raises(error) as raised:
         await call(client)
     assert type(raised.value) is error and message in raised.value.message, raised.value.message
@@ -87,7 +92,7 @@ async def test_bad_submissions_are_refused_with_the_reason_and_queue_nothing(
 
 
 async def test_a_quota_below_what_the_tenant_holds_is_refused_and_changes_nothing(scheduler: RunningScheduler) -> None:
-    admin, client = scheduler.client("platform/admin"), scheduler.client("acme/dev")
+    admin, client = scheduler.client("platform/admin"), scheduler.submitter("acme/dev")
     await set_quota(admin, "acme", 3 * CPU)
     job = (await client.submit_job(runner_command(600, 0.1), resources=resources(2 * CPU, GIB))).job
     await wait_for(client, job.job_id, lambda j: len(runner_events(scheduler.settings, j.job_id)) == 1)
@@ -110,7 +115,7 @@ async def test_a_quota_below_what_the_tenant_holds_is_refused_and_changes_nothin
 
 
 async def test_bad_pool_and_node_changes_are_refused_and_change_nothing(scheduler: RunningScheduler) -> None:
-    admin, client = scheduler.client("platform/admin"), scheduler.client("acme/dev")
+    admin, client = scheduler.client("platform/admin"), scheduler.submitter("acme/dev")
     before = await admin.list_pools()
     cases: list[tuple[Awaitable[Any], type[AidcError], str]] = [
         (admin.create_pool(pb.Pool(name="Bad Name")), InvalidArgument, "pool name"),
@@ -149,7 +154,7 @@ async def test_bad_pool_and_node_changes_are_refused_and_change_nothing(schedule
 
 
 async def test_other_tenants_jobs_are_not_found(scheduler: RunningScheduler) -> None:
-    acme, globex = scheduler.client("acme/dev"), scheduler.client("globex/dev")
+    acme, globex = scheduler.submitter("acme/dev"), scheduler.submitter("globex/dev")
     job = (await acme.submit_job(runner_command(1, 0.01), resources=resources(CPU))).job
     for call in (globex.get_job(job.job_id), globex.cancel_job(job.job_id), globex.get_job(job.job_id, "acme")):
         with pytest.raises((NotFound, PermissionDenied)):

@@ -75,7 +75,7 @@ async def mesh(settings: AuthSettings, tmp_path: Path) -> AsyncIterator[Mesh]:
 
 async def test_a_job_over_budget_waits_with_billings_reason_and_runs_once_credit_is_granted(mesh: Mesh) -> None:
     await mesh.billing_client.set_budget("acme", None, prepaid=True)
-    client = mesh.scheduler.client("acme/dev")
+    client = mesh.scheduler.submitter("acme/dev")
     job = (await client.submit_job(runner_command(2, 0.05), resources=resources(CPU, GIB), max_run_seconds=3600)).job
     waiting = await wait_for(client, job.job_id, lambda j: "budget" in j.state_reason, what="waiting for budget")
     assert waiting.state == pb.JOB_STATE_QUEUED
@@ -91,7 +91,7 @@ async def test_a_job_over_budget_waits_with_billings_reason_and_runs_once_credit
 
 
 async def test_each_allocation_is_billed_for_the_time_it_was_held(mesh: Mesh) -> None:
-    client = mesh.scheduler.client("acme/dev")
+    client = mesh.scheduler.submitter("acme/dev")
     jobs = [
         (await client.submit_job(runner_command(25, 0.1), resources=resources(1500, 2 * GIB), workers=2)).job,
         (await client.submit_job(runner_command(15, 0.1), resources=resources(CPU, GIB))).job,

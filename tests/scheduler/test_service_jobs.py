@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as pb
+from services.mesh.errors import PermissionDenied
 from services.scheduler.client import resources
 from services.scheduler.config import SchedulerSettings
 from tests.conftest import RunningAuth
@@ -36,7 +37,12 @@ CPU = 1000  # millicores
 @pytest.fixture
 async def scheduler(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[RunningScheduler]:
     tokens = await user_tokens(auth)
-    running = await start_scheduler(SchedulerSettings.from_env(scheduler_env(tmp_path / "data", auth.address)), tokens)
+    running = await start_scheduler(
+        SchedulerSettings.from_env(
+            scheduler_env(tmp_path / "data", auth.address, AIDC_CERTS_DIR=auth.settings.certs_dir)
+        ),
+        tokens,
+    )
     yield running
     await running.stop()
 
@@ -44,7 +50,7 @@ async def scheduler(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[RunningS
 async def test_a_job_runs_in_its_own_session_with_its_env_secret_and_trace_and_output_in_files(
     scheduler: RunningScheduler,
 ) -> None:
-    client = scheduler.client("acme/dev")
+    client = scheduler.submitter("acme/dev")
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     submitted = await client.submit_job(
         runner_command(3, 0.05),
@@ -67,6 +73,15 @@ async def test_a_job_runs_in_its_own_session_with_its_env_secret_and_trace_and_o
 
     [start, end] = runner_events(scheduler.settings, job.job_id)
     assert start["secret"] == "s3cret-value-123" and start["traceparent"] == traceparent
+    # None of the scheduler's own settings or credentials (this process's AIDC_DATA_DIR, ...) reach the job: only
+    # what the executor gives every worker.
+    assert set(start["platform_variables"]) == {
+        "AIDC_JOB_ID",
+        "AIDC_JOB_ATTEMPT",
+        "AIDC_WORKER_INDEX",
+        "AIDC_WORKERS",
+        "AIDC_NODE",
+    }, start["platform_variables"]
     assert end["event"] == "done" and end["step"] == 3
     # Output went to files in the job's directory, not to a pipe.
     stdout = job_dir(scheduler.settings, job.job_id) / "attempt-1" / "worker-0.stdout"
@@ -77,7 +92,7 @@ async def test_a_job_runs_in_its_own_session_with_its_env_secret_and_trace_and_o
 
 
 async def test_a_job_runs_as_the_leader_of_its_own_process_group(scheduler: RunningScheduler) -> None:
-    client = scheduler.client("acme/dev")
+    client = scheduler.submitter("acme/dev")
     job = (await client.submit_job(runner_command(30, 0.1), resources=resources(CPU, GIB))).job
     running = await wait_state(client, job.job_id, [pb.JOB_STATE_RUNNING])
     pid = int(running.placement.executor_ref.removeprefix("pid "))
@@ -89,7 +104,7 @@ async def test_a_job_runs_as_the_leader_of_its_own_process_group(scheduler: Runn
 async def test_the_tenants_quota_is_respected_end_to_end(scheduler: RunningScheduler) -> None:
     admin = scheduler.client("platform/admin")
     await set_quota(admin, "acme", 2 * CPU)
-    client = scheduler.client("acme/dev")
+    client = scheduler.submitter("acme/dev")
     ids = [
         (await client.submit_job(runner_command(8, 0.1), resources=resources(CPU, GIB))).job.job_id for _ in range(4)
     ]
@@ -111,7 +126,7 @@ async def test_the_tenants_quota_is_respected_end_to_end(scheduler: RunningSched
 
 
 async def test_a_gang_is_placed_all_at_once_or_not_at_all(scheduler: RunningScheduler) -> None:
-    client = scheduler.client("acme/dev")
+    client = scheduler.submitter("acme/dev")
     blocker = (await client.submit_job(runner_command(600, 0.1), resources=resources(CPU, GIB))).job
     await wait_state(client, blocker.job_id, [pb.JOB_STATE_RUNNING])
     # Two workers of 2 cores each: 4 cores, but only 3 are free on the 4-core node.
@@ -133,7 +148,7 @@ async def test_a_gang_is_placed_all_at_once_or_not_at_all(scheduler: RunningSche
 async def test_cancel_a_queued_job_and_a_running_one(scheduler: RunningScheduler) -> None:
     admin = scheduler.client("platform/admin")
     await set_quota(admin, "acme", CPU)
-    client = scheduler.client("acme/dev")
+    client = scheduler.submitter("acme/dev")
     running = (await client.submit_job(runner_command(600, 0.1), resources=resources(CPU, GIB))).job
     queued = (await client.submit_job(runner_command(600, 0.1), resources=resources(CPU, GIB))).job
     await wait_for(client, running.job_id, lambda j: len(runner_events(scheduler.settings, j.job_id)) == 1)
@@ -153,7 +168,7 @@ async def test_cancel_a_queued_job_and_a_running_one(scheduler: RunningScheduler
 
 
 async def test_a_process_that_ignores_sigterm_is_killed_after_its_grace_period(scheduler: RunningScheduler) -> None:
-    client = scheduler.client("acme/dev")
+    client = scheduler.submitter("acme/dev")
     job = (
         await client.submit_job(
             runner_command(600, 0.1, "--ignore-term"), resources=resources(CPU, GIB), grace_seconds=1.0
@@ -169,7 +184,7 @@ async def test_a_process_that_ignores_sigterm_is_killed_after_its_grace_period(s
 
 
 async def test_a_failing_job_is_retried_then_fails_with_its_exit_code(scheduler: RunningScheduler) -> None:
-    client = scheduler.client("acme/dev")
+    client = scheduler.submitter("acme/dev")
     job = (
         await client.submit_job(runner_command(3, 0.05, "--fail-code", "3"), resources=resources(CPU), max_retries=1)
     ).job
@@ -179,7 +194,7 @@ async def test_a_failing_job_is_retried_then_fails_with_its_exit_code(scheduler:
 
 
 async def test_a_job_running_past_its_max_run_duration_is_stopped_and_fails(scheduler: RunningScheduler) -> None:
-    client = scheduler.client("acme/dev")
+    client = scheduler.submitter("acme/dev")
     job = (
         await client.submit_job(runner_command(600, 0.1), resources=resources(CPU), max_run_seconds=1, max_retries=2)
     ).job
@@ -188,8 +203,32 @@ async def test_a_job_running_past_its_max_run_duration_is_stopped_and_fails(sche
     assert done.run_time.ToNanoseconds() >= 10**9
 
 
+async def test_only_mesh_services_and_platform_admins_may_run_programs(scheduler: RunningScheduler) -> None:
+    """A job is a program run on the platform's machine: a tenant with jobs:write calling SubmitJob itself is refused
+    (its fine-tunes go through the training service); through a mesh service's certificate the tenant's token still
+    decides (authorization, privileged priorities), and a platform admin may."""
+    command, cpu = runner_command(1, 0.01), resources(CPU)
+    with pytest.raises(PermissionDenied, match="only platform admins and mesh services.*SubmitFineTune"):
+        await scheduler.client("acme/dev").submit_job(command, resources=cpu)
+    with pytest.raises(PermissionDenied, match="may not write jobs"):
+        await scheduler.client("acme/viewer", via="training").submit_job(command, resources=cpu)
+    with pytest.raises(PermissionDenied, match="priorities above 500"):
+        await scheduler.submitter("acme/dev").submit_job(command, resources=cpu, priority=900)
+    admin = scheduler.client("platform/admin")
+    assert (await admin.list_jobs())[0] == []  # the refused submissions queued nothing
+
+    via_training = (await scheduler.submitter("acme/dev").submit_job(command, resources=cpu)).job
+    assert (via_training.tenant, via_training.submitted_by) == ("acme", "user:acme/dev")
+    by_admin = (await admin.submit_job(command, tenant="acme", resources=cpu, priority=900)).job
+    assert (by_admin.tenant, by_admin.submitted_by, by_admin.priority) == ("acme", "user:platform/admin", 900)
+    # The tenant still sees and follows its jobs on its own path.
+    tenant = scheduler.client("acme/dev")
+    assert (await wait_terminal(tenant, via_training.job_id)).state == pb.JOB_STATE_SUCCEEDED
+    assert (await wait_terminal(tenant, by_admin.job_id)).state == pb.JOB_STATE_SUCCEEDED
+
+
 async def test_submit_is_idempotent_on_its_key_per_tenant(scheduler: RunningScheduler) -> None:
-    acme, globex = scheduler.client("acme/dev"), scheduler.client("globex/dev")
+    acme, globex = scheduler.submitter("acme/dev"), scheduler.submitter("globex/dev")
     first = await acme.submit_job(runner_command(1, 0.01), resources=resources(CPU), idempotency_key="k1")
     again = await acme.submit_job(runner_command(1, 0.01), resources=resources(CPU), idempotency_key="k1")
     other = await globex.submit_job(runner_command(1, 0.01), resources=resources(CPU), idempotency_key="k1")
@@ -206,7 +245,7 @@ async def test_borrowed_work_is_preempted_when_its_owner_reclaims_and_resumes_fr
     admin = scheduler.client("platform/admin")
     await set_quota(admin, "acme", 2 * CPU, cohort="lab")
     await set_quota(admin, "globex", 2 * CPU, cohort="lab")
-    globex, acme = scheduler.client("globex/dev"), scheduler.client("acme/dev")
+    globex, acme = scheduler.submitter("globex/dev"), scheduler.submitter("acme/dev")
     changes: list[pb.WatchJobsResponse] = []
 
     async def watch() -> None:

@@ -62,9 +62,11 @@ async def _wait_serving(address: str, settings: SchedulerSettings, process: subp
         await channel.close(None)
 
 
-def _client(address: str, settings: SchedulerSettings, token: str) -> SchedulerClient:
+def _client(address: str, settings: SchedulerSettings, token: str, via: str = "cli") -> SchedulerClient:
+    """A client with ``token``: on the tenant path, or ``via`` a mesh service's certificate (how a tenant's jobs are
+    submitted: through the training service)."""
     bearer = cast(grpc.aio.ClientInterceptor, BearerToken(token))
-    return SchedulerClient(create_channel(address, settings, extra_interceptors=[bearer]))
+    return SchedulerClient(create_channel(address, settings, identity=via, extra_interceptors=[bearer]))
 
 
 async def test_after_a_sigkill_every_job_ends_exactly_once_and_is_billed_as_held(
@@ -94,7 +96,7 @@ async def test_after_a_sigkill_every_job_ends_exactly_once_and_is_billed_as_held
     try:
         await _wait_serving(address, sched_settings, process)
         admin = _client(address, sched_settings, tokens["platform/admin"])
-        client = _client(address, sched_settings, tokens["acme/dev"])
+        client = _client(address, sched_settings, tokens["acme/dev"], via="training")
         await set_quota(admin, "acme", 3 * CPU)
         # Two jobs run (one ends while the scheduler is down, one outlives the downtime), two wait for quota.
         short = (await client.submit_job(runner_command(20, 0.1), resources=resources(CPU, GIB))).job

@@ -1,6 +1,6 @@
-"""Fixtures of the serving tests: real auth, storage (on a real SeaweedFS) and training services in-process, a real
-tritonserver process, and the serving service in-process; fine-tunes of a tiny BERT register the versions that get
-deployed."""
+"""Fixtures of the serving tests: real auth, storage (on a real SeaweedFS), scheduler and training services
+in-process on the mesh's mutual TLS, a real tritonserver process, and the serving service in-process; fine-tunes of
+a tiny BERT register the versions that get deployed."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from tests.training.conftest import (  # noqa: F401 - fixtures
     RunningTraining,
     keyword_spec,
     run_job,
+    scheduler,
+    settings,
     tiny_bert_dir,
     training,
     upload_keywords_and_tiny_bert,
@@ -43,11 +45,19 @@ def triton(tmp_path: Path) -> Iterator[TritonProcess]:
 
 
 def serving_settings(
-    data_dir: Path, auth_addr: str, storage_addr: str, training_addr: str, triton: TritonProcess
+    data_dir: Path,
+    auth_addr: str,
+    storage_addr: str,
+    training_addr: str,
+    triton: TritonProcess,
+    certs_dir: str = "",
 ) -> ServingSettings:
     return ServingSettings.from_env(
         {
             "AIDC_DATA_DIR": str(data_dir),
+            "AIDC_CERTS_DIR": certs_dir,
+            # Usage goes to no billing; a stop does not wait for it.
+            "AIDC_SHUTDOWN_GRACE_SECONDS": "0.5",
             "AIDC_AUTH_ADDR": auth_addr,
             "AIDC_STORAGE_ADDR": storage_addr,
             "AIDC_TRAINING_ADDR": training_addr,
@@ -89,11 +99,11 @@ class RunningServing:
         await self.server.stop(0)
 
 
-async def start_serving(settings: ServingSettings, user_tokens: dict[str, str]) -> RunningServing:
-    server = await build_server(settings, settings.serving_addr)
+async def start_serving(config: ServingSettings, user_tokens: dict[str, str]) -> RunningServing:
+    server = await build_server(config, config.serving_addr)
     await server.start()
     await server.wait_ready()
-    return RunningServing(server, settings, user_tokens)
+    return RunningServing(server, config, user_tokens)
 
 
 @pytest.fixture
@@ -104,10 +114,15 @@ async def serving(
     triton: TritonProcess,
     tmp_path: Path,
 ) -> AsyncIterator[RunningServing]:
-    settings = serving_settings(
-        tmp_path / "serving", auth.address, storage.address, training.settings.training_addr, triton
+    config = serving_settings(
+        tmp_path / "serving",
+        auth.address,
+        storage.address,
+        training.settings.training_addr,
+        triton,
+        auth.settings.certs_dir,
     )
-    running = await start_serving(settings, storage.tokens)
+    running = await start_serving(config, storage.tokens)
     yield running
     await running.stop()
 

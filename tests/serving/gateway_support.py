@@ -25,7 +25,7 @@ from services.serving.gateway import GATEWAY_PERMISSIONS, InferenceGateway, buil
 from services.serving.routes import Route, Routes, triton_model_name
 from tests.billing.conftest import RunningBilling, start_billing
 from tests.collector.harness import CollectorProcess, running_collector
-from tests.conftest import RunningAuth, free_port, start_auth
+from tests.conftest import RunningAuth, free_port, start_auth, tenant_addresses
 from tests.serving.triton import TritonProcess
 from tests.storage.conftest import user_tokens
 
@@ -110,6 +110,7 @@ class GatewayBench:
             "AIDC_SERVING_ADDR": f"127.0.0.1:{free_port()}",
             **self.triton.serving_env(),
             "AIDC_SERVING_METERING_INTERVAL_SECONDS": "0.5",
+            **tenant_addresses(),
             **overrides,
         }
         return ServingSettings.from_env(env)
@@ -185,6 +186,7 @@ async def gateway_bench(work_dir: Path) -> AsyncIterator[GatewayBench]:
                 "AIDC_AUTH_ARGON2_TIME_COST": "1",
                 "AIDC_AUTH_ARGON2_MEMORY_KIB": "1024",
                 "AIDC_CERTS_DIR": str(certs),
+                **tenant_addresses(),
             }
         )
         auth = await start_auth(auth_settings)

@@ -310,7 +310,12 @@ async def test_triton_restart_and_service_restart_reload_deployments(
     live.write_bytes(b"changed again")
     triton.start()
     settings = serving_settings(
-        serving.settings.data_dir, serving.settings.auth_addr, storage.address, training.settings.training_addr, triton
+        serving.settings.data_dir,
+        serving.settings.auth_addr,
+        storage.address,
+        training.settings.training_addr,
+        triton,
+        serving.settings.certs_dir,
     )
     restarted = await start_serving(settings, serving.tokens)
     try:

@@ -22,6 +22,7 @@ import pytest_asyncio
 import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
 from opentelemetry import propagate
+from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
 from services.billing.client import money
@@ -69,6 +70,11 @@ def add_one_input(values: list[float]) -> triton_grpc.InferInput:
     tensor = triton_grpc.InferInput("INPUT", [1, len(values)], "FP32")
     tensor.set_data_from_numpy(np.array([values], dtype=np.float32))
     return tensor
+
+
+def _sample(name: str, **labels: str) -> float:
+    """A metric of the gateways of this process (they run in-process here)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def status_of(error: InferenceServerException) -> str:
@@ -215,6 +221,13 @@ async def test_malformed_bytes_are_invalid_argument(bench: GatewayBench, gateway
                 await raw(junk, metadata=metadata)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert (refused.value.details() or "").startswith("malformed message")
+        # Found by fuzzing: ServerMetadata forwarded the caller's bytes, and Triton answers INTERNAL to bytes it
+        # cannot parse.
+        metadata_call = channel.unary_unary("/inference.GRPCInferenceService/ServerMetadata")
+        for junk in (b"\x00", b"\x0a\x05ab"):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await metadata_call(junk, metadata=metadata)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_tritons_control_endpoints_are_not_there(
@@ -291,6 +304,9 @@ async def test_a_stream_admits_each_request_on_its_own(
 
 async def test_a_tenant_over_its_rate_is_resource_exhausted(bench: GatewayBench) -> None:
     limited = await bench.start_gateway(AIDC_SERVING_RATE_LIMIT_PER_SECOND="1", AIDC_SERVING_RATE_LIMIT_BURST="2")
+    served = _sample("aidc_gateway_inferences_total", tenant="acme", model="addone")
+    timed = _sample("aidc_gateway_inference_seconds_count", tenant="acme", model="addone")
+    refusals = _sample("aidc_gateway_refusals_total", tenant="acme", reason="rate_limit")
     try:
         async with bench.client(limited.address) as client:
             headers = bench.headers("acme/dev")
@@ -300,6 +316,10 @@ async def test_a_tenant_over_its_rate_is_resource_exhausted(bench: GatewayBench)
                 await client.infer("addone", [add_one_input([1])], headers=headers)
             assert status_of(refused.value) == "RESOURCE_EXHAUSTED"
             assert "rate limit of 1 requests/s (burst 2)" in refused.value.message()
+        # The metrics: two served (counted and timed per tenant and model), one refused by the rate limit.
+        assert _sample("aidc_gateway_inferences_total", tenant="acme", model="addone") - served == 2
+        assert _sample("aidc_gateway_inference_seconds_count", tenant="acme", model="addone") - timed == 2
+        assert _sample("aidc_gateway_refusals_total", tenant="acme", reason="rate_limit") - refusals == 1
     finally:
         await limited.stop()
 
@@ -307,6 +327,7 @@ async def test_a_tenant_over_its_rate_is_resource_exhausted(bench: GatewayBench)
 async def test_a_tenant_without_budget_is_refused_until_billing_allows_it_again(bench: GatewayBench) -> None:
     guarded = await bench.start_gateway(AIDC_SERVING_BUDGET_CACHE_SECONDS="0.2")
     billing = bench.billing.client()
+    refusals = _sample("aidc_gateway_refusals_total", tenant="globex", reason="budget")
     try:
         await billing.set_budget("globex", None, prepaid=True)  # prepaid, and no credit yet
         async with bench.client(guarded.address) as client:
@@ -315,6 +336,7 @@ async def test_a_tenant_without_budget_is_refused_until_billing_allows_it_again(
                 await client.infer("addone", [add_one_input([1])], headers=headers)
             assert status_of(refused.value) == "RESOURCE_EXHAUSTED"
             assert "prepaid credit exhausted" in refused.value.message()
+            assert _sample("aidc_gateway_refusals_total", tenant="globex", reason="budget") - refusals == 1
 
             await billing.grant_credit("globex", f"test-{uuid.uuid4()}", money(5_000_000))
             deadline = time.monotonic() + 5

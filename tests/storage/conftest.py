@@ -31,6 +31,7 @@ from tests.conftest import (
     service_env,
     start_service_process,
     stop_process,
+    tenant_addresses,
     wait_serving,
 )
 from tests.storage.seaweed import SeaweedFS
@@ -66,6 +67,7 @@ def storage_env(data_dir: Path, auth_address: str, s3: SeaweedFS, **extra: str) 
         "AIDC_STORAGE_ORPHAN_GRACE_SECONDS": "0",
         "AIDC_STORAGE_S3_TIMEOUT_SECONDS": "3",
         **s3.env(),
+        **tenant_addresses(),
     }
     env.update(extra)
     return env
@@ -139,8 +141,14 @@ async def tokens(auth: RunningAuth) -> dict[str, str]:
 async def storage(
     auth: RunningAuth, tokens: dict[str, str], seaweed: SeaweedFS, tmp_path: Path
 ) -> AsyncIterator[RunningStorage]:
-    settings = StorageSettings.from_env(storage_env(tmp_path / "data", auth.address, seaweed))
-    running = await start_storage(settings, tokens)
+    # On the mesh's mutual TLS when auth is (tests of services that call storage as a mesh service). Then storage
+    # delivers its usage: to no billing (never to the default address, which a running platform may hold), and
+    # without waiting for it when stopped.
+    mesh = {"AIDC_CERTS_DIR": auth.settings.certs_dir}
+    if auth.settings.certs_dir:
+        mesh |= {"AIDC_BILLING_ADDR": f"127.0.0.1:{free_port()}", "AIDC_SHUTDOWN_GRACE_SECONDS": "0.5"}
+    env = storage_env(tmp_path / "data", auth.address, seaweed, **mesh)
+    running = await start_storage(StorageSettings.from_env(env), tokens)
     yield running
     await running.close()
     await running.server.stop(0)
@@ -167,7 +175,7 @@ def start_storage_process(
     process = start_service_process("storage", env, log, module)
     address = env["AIDC_STORAGE_ADDR"]
     try:
-        wait_serving(address, process=process)
+        wait_serving(address, process=process, certs=env.get("AIDC_CERTS_DIR"))
     except BaseException as exc:
         stop_process(process)
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""

@@ -266,6 +266,19 @@ OTHER_CALLS: list[tuple[str, Callable[[StorageClient], Awaitable[Any]], type[err
         errors.InvalidArgument,
         "confirm_tenant",
     ),
+    # Found by fuzzing: SQLite refuses a LIKE pattern over 50,000 bytes as "too complex", which was INTERNAL.
+    (
+        "list datasets with a prefix longer than any name",
+        lambda c: c.list_datasets("acme", name_prefix="x" * 70_000),
+        errors.InvalidArgument,
+        "name_prefix",
+    ),
+    (
+        "list objects with a prefix longer than any name",
+        lambda c: c.list_objects("acme", name_prefix="x" * 70_000),
+        errors.InvalidArgument,
+        "name_prefix",
+    ),
     (
         "list datasets with a bad token",
         lambda c: c._unary(

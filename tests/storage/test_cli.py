@@ -19,8 +19,8 @@ from tests.storage.conftest import PASSWORD, StorageProcess, process_client
 def dataset_cli(storage_process: StorageProcess, monkeypatch: pytest.MonkeyPatch) -> typer.Typer:
     """An app carrying the dataset commands (the lead wires them into services/cli/main.py)."""
     auth = storage_process.auth
-    monkeypatch.setenv("AIDC_AUTH_ADDR", auth.address)
-    monkeypatch.setenv("AIDC_STORAGE_ADDR", storage_process.address)
+    monkeypatch.setenv("AIDC_AUTH_TENANT_ADDR", auth.env["AIDC_AUTH_TENANT_ADDR"])
+    monkeypatch.setenv("AIDC_STORAGE_TENANT_ADDR", storage_process.env["AIDC_STORAGE_TENANT_ADDR"])
     monkeypatch.setenv("AIDC_DATA_DIR", str(auth.data_dir))
     monkeypatch.setenv("AIDC_CREDENTIALS_FILE", str(auth.data_dir / "cli-credentials.json"))
     monkeypatch.setenv("COLUMNS", "200")

@@ -68,12 +68,14 @@ def build_request(rpc: str, tenant: str) -> Any:
 
 @asynccontextmanager
 async def serve(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[str]:
-    """Starts the training service (in this process) next to the running auth; storage's address has no server."""
+    """Starts the training service (in this process) next to the running auth; storage's and the scheduler's
+    addresses have no server."""
     settings = TrainingSettings.from_env(
         {
             "AIDC_DATA_DIR": str(tmp_path / "training-data"),
             "AIDC_AUTH_ADDR": auth.address,
             "AIDC_STORAGE_ADDR": f"127.0.0.1:{free_port()}",
+            "AIDC_SCHEDULER_ADDR": f"127.0.0.1:{free_port()}",
             "AIDC_TRAINING_ADDR": f"127.0.0.1:{free_port()}",
         }
     )

@@ -1,9 +1,10 @@
-"""``aidc train ...`` and ``aidc model ...`` against real auth, storage and training processes (the CLI runs
-in-process, as a user would)."""
+"""``aidc train ...`` and ``aidc model ...`` against real auth, storage, scheduler and training processes on the
+mesh's mutual TLS (the CLI runs in-process, as a user would, with the CLI's certificate)."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -22,30 +23,62 @@ from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.mesh.channels import create_channel
 from services.training.client import TrainingClient
 from services.training.runner.tiny import keyword_dataset, to_csv
-from tests.conftest import free_port, service_env, start_service_process, stop_process, wait_serving
-from tests.storage.conftest import PASSWORD, StorageProcess, process_client
+from tests.conftest import (
+    free_port,
+    service_env,
+    start_auth_process,
+    start_service_process,
+    stop_process,
+    wait_serving,
+)
+from tests.scheduler.service_support import scheduler_env
+from tests.storage.conftest import PASSWORD, StorageProcess, process_client, start_storage_process
+from tests.storage.seaweed import SeaweedFS
 from tests.training.conftest import tiny_model_tar
 
 
 @pytest.fixture
-def training_process(storage_process: StorageProcess, tmp_path: Path) -> Iterator[str]:
-    """The training service as its own process next to the auth and storage processes; its address."""
-    auth = storage_process.auth
-    address = f"127.0.0.1:{free_port()}"
-    env = service_env(
-        auth.data_dir,
-        AIDC_AUTH_ADDR=auth.address,
-        AIDC_STORAGE_ADDR=storage_process.address,
-        AIDC_TRAINING_ADDR=address,
-        AIDC_TRAINING_PROGRESS_INTERVAL_SECONDS="0.2",
-        AIDC_TRAINING_RUNNER_THREADS="1",
-    )
-    process = start_service_process("training", env, tmp_path / "training.log")
+def mesh_processes(seaweed: SeaweedFS, mesh_certs: Path, tmp_path: Path) -> Iterator[tuple[StorageProcess, str, str]]:
+    """Auth, storage, the scheduler and the training service, each its own process, on mutual TLS; the storage
+    process and the training service's mesh and tenant addresses."""
+    certs = str(mesh_certs)
+    quiet = {
+        "AIDC_CERTS_DIR": certs,
+        "AIDC_BILLING_ADDR": f"127.0.0.1:{free_port()}",
+        "AIDC_SHUTDOWN_GRACE_SECONDS": "1",
+    }
+    auth = start_auth_process(tmp_path, AIDC_CERTS_DIR=certs)
+    processes = [auth.process]
     try:
-        wait_serving(address, process=process)
-        yield address
+        storage = start_storage_process(auth, seaweed, tmp_path, **quiet)
+        processes.append(storage.process)
+        scheduler_address = f"127.0.0.1:{free_port()}"
+        data = auth.data_dir
+        scheduler = start_service_process(
+            "scheduler",
+            service_env(data, **scheduler_env(data, auth.address, **quiet, AIDC_SCHEDULER_ADDR=scheduler_address)),
+            tmp_path / "scheduler.log",
+        )
+        processes.append(scheduler)
+        address = f"127.0.0.1:{free_port()}"
+        env = service_env(
+            data,
+            **quiet,
+            AIDC_AUTH_ADDR=auth.address,
+            AIDC_STORAGE_ADDR=storage.address,
+            AIDC_SCHEDULER_ADDR=scheduler_address,
+            AIDC_TRAINING_ADDR=address,
+            AIDC_TRAINING_PROGRESS_INTERVAL_SECONDS="0.2",
+            AIDC_TRAINING_RUNNER_THREADS="1",
+        )
+        training = start_service_process("training", env, tmp_path / "training.log")
+        processes.append(training)
+        wait_serving(scheduler_address, timeout=60, process=scheduler, certs=certs)
+        wait_serving(address, timeout=60, process=training, certs=certs)
+        yield storage, address, env["AIDC_TRAINING_TENANT_ADDR"]
     finally:
-        stop_process(process)
+        for process in reversed(processes):
+            stop_process(process)
 
 
 async def _prepare(storage_process: StorageProcess, training_address: str, tiny_bert_dir: Path) -> None:
@@ -78,16 +111,19 @@ async def _prepare(storage_process: StorageProcess, training_address: str, tiny_
 
 
 def test_train_and_model_commands(
-    storage_process: StorageProcess,
-    training_process: str,
+    mesh_processes: tuple[StorageProcess, str, str],
+    mesh_certs: Path,
     tiny_bert_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    asyncio.run(_prepare(storage_process, training_process, tiny_bert_dir))
+    storage_process, training_address, training_tenant_address = mesh_processes
+    asyncio.run(_prepare(storage_process, training_address, tiny_bert_dir))
     auth = storage_process.auth
-    monkeypatch.setenv("AIDC_AUTH_ADDR", auth.address)
-    monkeypatch.setenv("AIDC_STORAGE_ADDR", storage_process.address)
-    monkeypatch.setenv("AIDC_TRAINING_ADDR", training_process)
+    # The CLI is a tenant's client: the tenant endpoints, trusting the mesh's CA (no client certificate).
+    monkeypatch.setenv("AIDC_CERTS_DIR", str(mesh_certs))
+    monkeypatch.setenv("AIDC_AUTH_TENANT_ADDR", auth.env["AIDC_AUTH_TENANT_ADDR"])
+    monkeypatch.setenv("AIDC_STORAGE_TENANT_ADDR", storage_process.env["AIDC_STORAGE_TENANT_ADDR"])
+    monkeypatch.setenv("AIDC_TRAINING_TENANT_ADDR", training_tenant_address)
     monkeypatch.setenv("AIDC_DATA_DIR", str(auth.data_dir))
     monkeypatch.setenv("AIDC_CREDENTIALS_FILE", str(auth.data_dir / "cli-credentials.json"))
     monkeypatch.setenv("COLUMNS", "200")
@@ -103,8 +139,11 @@ def test_train_and_model_commands(
         return result.output
 
     common = ["-b", "tiny-bert", "--max-seq-length", "32", "--batch-size", "8", "--learning-rate", "0.003"]
-    out = ok("train", "submit", "keywords", "-m", "kw", *common, "--epochs", "2", "--watch")
+    out = ok("train", "submit", "keywords", "-m", "kw", *common, "--epochs", "2", "--cpu", "1500m", "--watch")
     assert "succeeded" in out and "accuracy" in out
+    # The run's path through the scheduler, and its place there.
+    assert "scheduler: queued" in out and "scheduler: running on local" in out, out
+    assert re.search(r"scheduler\s+j-[0-9a-f]+ succeeded: exit code 0", out), out
     assert "kw" in ok("model", "list")
     shown = ok("model", "show", "kw")
     assert "kw v1" in shown and "keywords v1" in shown and "parity" in shown and "passed" in shown

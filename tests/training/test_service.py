@@ -1,38 +1,38 @@
 """The training service through its real gRPC server, with real auth, a real storage service on a real SeaweedFS
-and real runner processes: fine-tune a tiny BERT end to end, reject bad specs before launching anything, keep
-tenants apart, cancel, and resume a job after the service restarts."""
+and the real scheduler running real runner processes: fine-tune a tiny BERT end to end through the scheduler, reject
+bad specs and refused runs before anything runs, keep tenants apart, cancel from either side, follow a preemption,
+and survive a restart of the training service while the scheduler runs the job."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jwt
 import pytest
 
-from services.billing.outbox import UsageOutbox
-from services.gen.aidc.billing.v1 import billing_service_pb2 as billing_pb
+from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.gen.aidc.training.v1 import training_service_pb2 as pb
 from services.mesh.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from services.mesh.files import sha256_file
 from services.mesh.identity import TOKEN_LEEWAY_SECONDS
+from services.scheduler.client import resources
 from services.storage.client import StorageClient
 from services.training.client import TrainingClient
-from services.training.core.executor import LocalHandle
-from services.training.core.service import RUN_DIR
+from services.training.core.service import JOB_LABEL, RUN_DIR
 from tests.conftest import RunningAuth
+from tests.scheduler.service_support import GIB, RunningScheduler, runner_command, set_quota, wait_terminal
 from tests.storage import conftest as storage_conftest
 from tests.storage.conftest import RunningStorage
 from tests.training.conftest import (
-    CountingExecutor,
     RunningTraining,
     keyword_spec,
     start_training,
     training_settings,
     upload_keywords_and_tiny_bert,
+    wait_for_job,
 )
 
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
@@ -50,30 +50,60 @@ async def _watch(client: TrainingClient, job_id: str, after: int = 0) -> list[pb
     return [event async for event in client.watch_job(job_id, tenant="acme", after_sequence=after, include_logs=True)]
 
 
+def _states(events: list[pb.JobEvent]) -> list[int]:
+    return [e.state_change.to_state for e in events if e.HasField("state_change")]
+
+
+async def _progress_reaches(client: TrainingClient, job_id: str, step: int) -> int:
+    async for event in client.watch_job(job_id, tenant="acme"):
+        if event.HasField("progress") and event.progress.step >= step:
+            return event.progress.step
+    raise AssertionError(f"job {job_id} ended before step {step}")
+
+
 async def test_fine_tune_end_to_end(storage: RunningStorage, training: RunningTraining, tiny_bert_dir: Path) -> None:
     files = await _setup(storage, training, tiny_bert_dir)
     client = training.client()
-    # A short deadline on the submit call: the job outlives it and must not inherit it (its storage calls would
-    # fail DEADLINE_EXCEEDED when it publishes).
-    job = await client.submit_fine_tune(keyword_spec(), tenant="acme", request_id="first", timeout=2.0)
-    assert job.state == pb.JOB_STATE_QUEUED and job.spec.dataset.version == 1
+    # A short deadline on the submit call: the job outlives it and must not inherit it (its scheduler and storage
+    # calls would fail DEADLINE_EXCEEDED).
+    job = await client.submit_fine_tune(keyword_spec(), tenant="acme", request_id="first", timeout=5.0)
+    assert job.state == pb.JOB_STATE_QUEUED and job.spec.dataset.version == 1 and job.scheduler_job_id
     again = await client.submit_fine_tune(keyword_spec(), tenant="acme", request_id="first")
     assert again.job_id == job.job_id  # idempotent on request_id
 
     events = await _watch(client, job.job_id)
-    states = [e.state_change.to_state for e in events if e.HasField("state_change")]
+    states = _states(events)
     assert states[0] == pb.JOB_STATE_QUEUED and states[-1] == pb.JOB_STATE_SUCCEEDED, states
     assert pb.JOB_STATE_RUNNING in states and pb.JOB_STATE_EXPORTING in states
     assert any(e.HasField("progress") and e.progress.step > 0 for e in events)
     assert [e.metrics.epoch for e in events if e.HasField("metrics")] == [0, 1, 2]  # one evaluation per epoch
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    # The scheduler's path of the run is in the history: queued, admitted on the node, running, succeeded.
+    path = [scheduler_pb.JobState.Name(e.scheduling.state) for e in events if e.HasField("scheduling")]
+    assert path[0] == "JOB_STATE_QUEUED" and path[-1] == "JOB_STATE_SUCCEEDED", path
+    assert {"JOB_STATE_SCHEDULED", "JOB_STATE_RUNNING"} <= set(path), path
+    assert path.index("JOB_STATE_SCHEDULED") < path.index("JOB_STATE_RUNNING"), path  # even when admitted unseen
+    assert all(e.scheduling.scheduler_job_id == job.scheduler_job_id for e in events if e.HasField("scheduling"))
     # Replaying from a sequence gives exactly the rest.
     assert [e.sequence for e in await _watch(client, job.job_id, after=3)] == [e.sequence for e in events[3:]]
 
     done = await client.get_job(job.job_id, tenant="acme")
     assert done.state == pb.JOB_STATE_SUCCEEDED and done.attempt == 1
+    assert done.scheduler_state == scheduler_pb.JOB_STATE_SUCCEEDED and done.preemptions == 0
     assert (done.model, done.model_version) == ("keywords-clf", 1)
     assert done.progress.step == done.progress.total_steps > 0
+    # The defaults it asked the scheduler for.
+    assert (done.spec.compute.cpu_millicores, done.spec.compute.memory_bytes) == (1000, 2 * GIB)
+
+    # The scheduler ran it as the submitter's job, in the submitter's tenant, in the job's directory.
+    [run] = await training.scheduled(job.job_id)
+    assert run.job_id == job.scheduler_job_id and run.state == scheduler_pb.JOB_STATE_SUCCEEDED
+    assert (run.tenant, run.submitted_by, run.labels[JOB_LABEL]) == ("acme", "user:acme/dev", job.job_id)
+    assert (run.resources.cpu_millicores, run.resources.memory_bytes, run.attempt) == (1000, 2 * GIB, 1)
+    assert run.executor.working_dir == str(training.settings.jobs_dir / job.job_id)
+    assert run.executor.command[1:3] == ["-m", "services.training.runner"]
+    # Tenants do not see each other's runs in the scheduler either.
+    assert (await training.scheduler.client("globex/dev").list_jobs())[0] == []
 
     version = await client.get_model_version("keywords-clf", tenant="acme")
     dataset = await files.stat("acme", "keywords")
@@ -96,17 +126,9 @@ async def test_fine_tune_end_to_end(storage: RunningStorage, training: RunningTr
     export = training.settings.jobs_dir / job.job_id / RUN_DIR / "export"
     for role, name in (("model", "model.pt"), ("model_config", "model_config.json"), ("labels", "labels.json")):
         assert roles[role].sha256 == sha256_file(export / name), role
-
-    # The run's CPU time waits in the service's usage outbox for billing (delivered once mTLS is set up).
-    outbox = UsageOutbox(training.settings.data_dir / "training" / "usage-outbox.db")
-    try:
-        usage = [billing_pb.UsageEvent.FromString(e.payload) for e in outbox.peek(100)]
-    finally:
-        outbox.close()
-    assert [(u.id, u.meter, u.tenant, u.attributes["job"]) for u in usage] == [
-        (f"training-job-{job.job_id}-attempt-1", "cpu_core_seconds", "acme", job.job_id)
-    ]
-    assert float(usage[0].quantity) > 0
+    # Training meters nothing itself any more: the scheduler meters the run's allocation (tests/training/
+    # test_through_the_mesh.py follows it into billing).
+    assert not (training.settings.data_dir / "training" / "usage-outbox.db").exists()
 
     model = await client.set_alias("keywords-clf", "production", 1, tenant="acme")
     assert dict(model.aliases) == {"production": 1}
@@ -126,89 +148,169 @@ async def test_fine_tune_end_to_end(storage: RunningStorage, training: RunningTr
     assert "tiny-bert" not in {b.name for b in await other.list_base_models(tenant="globex")}
 
 
+def _bad(spec: pb.FineTuneSpec, change: dict[str, object]) -> pb.FineTuneSpec:
+    ((key, value),) = change.items()
+    if key == "dataset":
+        spec.dataset.name = str(value)
+    elif key == "base_model":
+        spec.base_model = str(value)
+    elif key == "label_column":
+        spec.sequence_classification.label_column = str(value)
+    elif key in ("learning_rate", "max_seq_length"):
+        setattr(spec.hyperparameters, key, value)
+    else:
+        setattr(spec.compute, key, value)
+    return spec
+
+
 @pytest.mark.parametrize(
-    ("spec_change", "message"),
+    ("change", "error", "message"),
     [
-        ({"dataset": "nope"}, "unknown dataset"),
-        ({"base_model": "no-such-model"}, "unknown base model"),
-        ({"label_column": "category"}, "category"),
-        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
-        ({"learning_rate": -1.0}, "learning_rate must be > 0"),
-        ({"max_seq_length": 128}, "above the base model's maximum of 64"),
+        ({"dataset": "nope"}, InvalidArgument, "unknown dataset"),
+        ({"base_model": "no-such-model"}, InvalidArgument, "unknown base model"),
+        ({"label_column": "category"}, InvalidArgument, "category"),
+        ({"learning_rate": 0.0}, InvalidArgument, "learning_rate must be > 0"),
+        ({"learning_rate": -1.0}, InvalidArgument, "learning_rate must be > 0"),
+        ({"max_seq_length": 128}, InvalidArgument, "above the base model's maximum of 64"),
+        ({"cpu_millicores": -5}, InvalidArgument, "must not be negative"),
+        # Refused by the scheduler itself: the submission is undone.
+        ({"pool": "no-such-pool"}, InvalidArgument, "unknown pool"),
+        ({"cpu_millicores": 64_000}, InvalidArgument, "no node"),
+        ({"priority": 900}, PermissionDenied, "priorities above 500"),
     ],
 )
-async def test_bad_specs_are_rejected_before_anything_runs(
+async def test_bad_specs_and_refused_runs_are_rejected_before_anything_runs(
     storage: RunningStorage,
     training: RunningTraining,
     tiny_bert_dir: Path,
-    spec_change: dict[str, object],
+    change: dict[str, object],
+    error: type[Exception],
     message: str,
 ) -> None:
     await _setup(storage, training, tiny_bert_dir)
-    spec = keyword_spec()
-    if "dataset" in spec_change:
-        spec.dataset.name = str(spec_change["dataset"])
-    elif "base_model" in spec_change:
-        spec.base_model = str(spec_change["base_model"])
-    elif "label_column" in spec_change:
-        spec.sequence_classification.label_column = str(spec_change["label_column"])
-    elif "learning_rate" in spec_change:
-        spec.hyperparameters.learning_rate = float(spec_change["learning_rate"])  # type: ignore[arg-type]
-    else:
-        spec.hyperparameters.max_seq_length = int(spec_change["max_seq_length"])  # type: ignore[call-overload]
-    with pytest.raises(InvalidArgument, match=message):
-        await training.client().submit_fine_tune(spec, tenant="acme")
-    assert training.executor.launched == []
+    with pytest.raises(error, match=message):
+        await training.client().submit_fine_tune(_bad(keyword_spec(), change), tenant="acme")
+    assert await training.scheduled() == []
     assert (await training.client().list_jobs(tenant="acme"))[0] == []
     assert not any(training.settings.jobs_dir.iterdir()) if training.settings.jobs_dir.exists() else True
 
 
-@pytest.mark.slow
-async def test_cancel_and_resume_after_restart(
+async def test_a_job_waits_queued_with_the_schedulers_reason_and_cancels_from_training(
     storage: RunningStorage, training: RunningTraining, tiny_bert_dir: Path
 ) -> None:
     await _setup(storage, training, tiny_bert_dir)
     client = training.client()
+    admin = training.scheduler.client("platform/admin")
+    await set_quota(admin, "acme", 500)  # less than the job's one core
+    job = await client.submit_fine_tune(keyword_spec(), tenant="acme")
+    waiting = await wait_for_job(client, job.job_id, lambda j: "quota" in j.scheduler_reason, what="its reason")
+    assert waiting.state == pb.JOB_STATE_QUEUED and waiting.scheduler_state == scheduler_pb.JOB_STATE_QUEUED
+    assert waiting.queue_position == 0
 
-    # Cancel: the runner stops (checkpointing first) and the job ends CANCELLED.
-    cancelled = await client.submit_fine_tune(keyword_spec(epochs=30), tenant="acme")
-    async for event in client.watch_job(cancelled.job_id, tenant="acme"):
-        if event.HasField("progress") and event.progress.step >= 2:
-            break
-    await client.cancel_job(cancelled.job_id, tenant="acme", reason="changed my mind")
-    events = await _watch(client, cancelled.job_id)
-    assert events[-1].state_change.to_state == pb.JOB_STATE_CANCELLED
-    job = await client.get_job(cancelled.job_id, tenant="acme")
-    assert job.state == pb.JOB_STATE_CANCELLED and "changed my mind" in job.error
+    cancelled = await client.cancel_job(job.job_id, tenant="acme", reason="changed my mind")
+    assert cancelled.state == pb.JOB_STATE_CANCELLING
+    events = await _watch(client, job.job_id)
+    assert _states(events)[-1] == pb.JOB_STATE_CANCELLED
+    waited = [e.scheduling for e in events if e.HasField("scheduling") and "quota" in e.scheduling.reason]
+    assert waited and waited[0].state == scheduler_pb.JOB_STATE_QUEUED  # WatchJob showed why it waited
+    final = await client.get_job(job.job_id, tenant="acme")
+    assert final.state == pb.JOB_STATE_CANCELLED and "changed my mind" in final.error and final.attempt == 1
+    [run] = await training.scheduled(job.job_id)
+    assert run.state == scheduler_pb.JOB_STATE_CANCELLED and "changed my mind" in run.state_reason
+    assert not (training.settings.jobs_dir / job.job_id / job.scheduler_job_id / "attempt-1").exists()  # never ran
 
-    # Restart: a running job is relaunched in its directory and resumes from the checkpoint its runner wrote when
-    # the service stopped it.
+
+@pytest.mark.slow
+async def test_cancel_from_either_side_reaches_the_runner(
+    storage: RunningStorage, training: RunningTraining, tiny_bert_dir: Path
+) -> None:
+    await _setup(storage, training, tiny_bert_dir)
+    client = training.client()
+    for side in ("training", "scheduler"):
+        job = await client.submit_fine_tune(keyword_spec(epochs=30), tenant="acme")
+        await _progress_reaches(client, job.job_id, 2)
+        if side == "training":
+            await client.cancel_job(job.job_id, tenant="acme", reason="from training")
+        else:  # `aidc jobs cancel` on the tenant's own path
+            await training.scheduler.client("acme/dev").cancel_job(job.scheduler_job_id, reason="from scheduler")
+        events = await _watch(client, job.job_id)
+        assert _states(events)[-2:] == [pb.JOB_STATE_CANCELLING, pb.JOB_STATE_CANCELLED], _states(events)
+        final = await client.get_job(job.job_id, tenant="acme")
+        assert final.state == pb.JOB_STATE_CANCELLED and f"from {side}" in final.error, final.error
+        # The runner got SIGTERM, checkpointed and said so before it exited 130.
+        logs = [e.log.message for e in events if e.HasField("log")]
+        assert "runner: cancelled" in logs and any("cancelled at step" in m for m in logs), logs
+        [run] = await training.scheduled(job.job_id)
+        assert run.state == scheduler_pb.JOB_STATE_CANCELLED and run.exit_code == 130
+
+
+@pytest.mark.slow
+async def test_a_preempted_fine_tune_resumes_from_its_checkpoint_and_registers_one_version(
+    storage: RunningStorage, training: RunningTraining, tiny_bert_dir: Path
+) -> None:
+    await _setup(storage, training, tiny_bert_dir)
+    client = training.client()
+    spec = keyword_spec(epochs=4)
+    spec.compute.cpu_millicores, spec.compute.preemptible = 3000, True
+    job = await client.submit_fine_tune(spec, tenant="acme")
+    before = await _progress_reaches(client, job.job_id, 5)
+    # Higher-priority work of the tenant needs the node (4 cores): the fine-tune gets SIGTERM, checkpoints and is
+    # requeued.
+    admin = training.scheduler.client("platform/admin")
+    urgent = (
+        await admin.submit_job(runner_command(10, 0.1), tenant="acme", resources=resources(2000, GIB), priority=100)
+    ).job
+    assert (await wait_terminal(admin, urgent.job_id, timeout=120)).state == scheduler_pb.JOB_STATE_SUCCEEDED
+
+    events = await _watch(client, job.job_id)
+    final = await client.get_job(job.job_id, tenant="acme")
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    assert (final.attempt, final.preemptions) == (2, 1)
+    # The preemption shows: preempted in the scheduler, back to QUEUED, RUNNING again in attempt 2.
+    scheduling = [e.scheduling for e in events if e.HasField("scheduling")]
+    preempted = next(s for s in scheduling if s.state == scheduler_pb.JOB_STATE_PREEMPTED)
+    assert urgent.job_id in preempted.reason, preempted
+    states = _states(events)
+    assert states[:4] == [pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING, pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING]
+    second = next(i for i, e in enumerate(events) if "attempt 2" in e.state_change.message)
+    # It resumed from the checkpoint written on SIGTERM: the step counter continues, no step is trained twice.
+    checkpoint = max(e.checkpoint.step for e in events[:second] if e.HasField("checkpoint"))
+    resumed = [e.progress.step for e in events[second:] if e.HasField("progress")]
+    assert checkpoint >= before and min(resumed) > checkpoint, (before, checkpoint, resumed)
+    versions = await client.list_model_versions("keywords-clf", tenant="acme")
+    assert [(v.version, v.lineage.job_id) for v in versions] == [(1, job.job_id)]
+    [run] = await training.scheduled(job.job_id)
+    assert (run.state, run.attempt, run.preemptions) == (scheduler_pb.JOB_STATE_SUCCEEDED, 2, 1)
+
+
+@pytest.mark.slow
+async def test_a_training_restart_while_the_scheduler_runs_the_job_ends_it_exactly_once(
+    storage: RunningStorage, training: RunningTraining, tiny_bert_dir: Path
+) -> None:
+    await _setup(storage, training, tiny_bert_dir)
+    client = training.client()
     job = await client.submit_fine_tune(keyword_spec(epochs=4), tenant="acme")
-    before = 0
-    async for event in client.watch_job(job.job_id, tenant="acme"):
-        if event.HasField("progress") and event.progress.step >= 5:
-            before = event.progress.step
-            break
+    before = await _progress_reaches(client, job.job_id, 5)
+    seen = await _watch(client, job.job_id)  # everything relayed so far ... (the job is still running)
     await training.stop()
-    assert (await _job_state(training, job.job_id)) == "running"
-    restarted = await start_training(training.settings, training.tokens)
+    restarted = await start_training(training.settings, training.tokens, training.scheduler)
     try:
         client = restarted.client()
         events = await _watch(client, job.job_id)
-        assert restarted.executor.launched == [job.job_id]
         final = await client.get_job(job.job_id, tenant="acme")
-        assert final.attempt == 2
-        relaunch = max(
-            i
-            for i, e in enumerate(events)
-            if e.state_change.to_state == pb.JOB_STATE_RUNNING and "attempt 2" in e.state_change.message
-        )
-        resumed = [e.progress.step for e in events[relaunch:] if e.HasField("progress")]
-        assert resumed and min(resumed) > before, (before, resumed)  # the step counter continues
-        assert any(e.HasField("metrics") for e in events[relaunch:])
+        assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+        # The run went on in the scheduler while the service was down: never relaunched.
+        [run] = await restarted.scheduled(job.job_id)
+        assert (run.attempt, run.state, final.attempt) == (1, scheduler_pb.JOB_STATE_SUCCEEDED, 1)
+        assert _states(events).count(pb.JOB_STATE_RUNNING) == 1
+        # The history continued where it stopped: no event twice, none lost (every step's progress in order).
+        assert [e.sequence for e in events[: len(seen)]] == [e.sequence for e in seen]
+        steps = [e.progress.step for e in events if e.HasField("progress")]
+        assert steps == sorted(set(steps)) and before in steps, steps
+        assert [e.metrics.epoch for e in events if e.HasField("metrics")] == [0, 1, 2, 3]
+        assert _states(events).count(pb.JOB_STATE_SUCCEEDED) == 1
         # The restarted service has no token of the submitter: the job acts for it through the delegation stored
         # (sealed) with the job, and publishes exactly one version.
-        assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
         versions = await client.list_model_versions("keywords-clf", tenant="acme")
         assert [(v.version, v.lineage.job_id) for v in versions] == [(1, job.job_id)]
         assert (final.model, final.model_version) == ("keywords-clf", 1)
@@ -216,70 +318,54 @@ async def test_cancel_and_resume_after_restart(
         await restarted.stop()
 
 
-class HeldExecutor(CountingExecutor):
-    """The real local executor, starting runners only at ``start_at`` (wall clock): a job that waits in a queue."""
-
-    def __init__(self, start_at: float) -> None:
-        super().__init__()
-        self.start_at = start_at
-
-    async def submit(self, job_id: str, argv: Sequence[str], env: Mapping[str, str], workdir: Path) -> LocalHandle:
-        await asyncio.sleep(max(0.0, self.start_at - time.time()))
-        return await super().submit(job_id, argv, env, workdir)
-
-
 @pytest.mark.slow
 @pytest.mark.auth_env(AIDC_AUTH_ACCESS_TOKEN_TTL_SECONDS="25")
 async def test_a_job_outliving_the_submitters_token_publishes_for_the_submitter(
-    auth: RunningAuth, storage: RunningStorage, tiny_bert_dir: Path, tmp_path: Path
+    auth: RunningAuth, storage: RunningStorage, scheduler: RunningScheduler, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
     token = storage.tokens["acme/dev"]
     expires = jwt.decode(token, options={"verify_signature": False})["exp"]
-    # The runner starts only once the submitter's token is refused everywhere (its expiry plus the verifiers' leeway).
-    settings = training_settings(tmp_path / "training", auth.address, storage.address)
-    training = await start_training(settings, storage.tokens, HeldExecutor(expires + TOKEN_LEEWAY_SECONDS + 1))
+    settings = training_settings(tmp_path / "training", auth, storage.address, scheduler.address)
+    training = await start_training(settings, storage.tokens, scheduler)
+    admin = scheduler.client("platform/admin")
     try:
         await _setup(storage, training, tiny_bert_dir)
+        await set_quota(admin, "acme", 0)  # it waits in the queue ...
         job = await training.client().submit_fine_tune(keyword_spec(epochs=2), tenant="acme")
-        await _watch(training.client(), job.job_id)  # a stream opened while the token was good runs to the end
-        assert time.time() > expires + TOKEN_LEEWAY_SECONDS
+        waiting = await wait_for_job(training.client(), job.job_id, lambda j: "quota" in j.scheduler_reason, what="why")
+        assert waiting.state == pb.JOB_STATE_QUEUED
+        # ... until the submitter's token is refused everywhere (its expiry plus the verifiers' leeway).
+        await asyncio.sleep(max(0.0, expires + TOKEN_LEEWAY_SECONDS + 1 - time.time()))
         with pytest.raises(Unauthenticated):
             await storage.client("acme/dev").stat("acme", "keywords")  # the submitter's token is long dead
+        for user, (tenant, name, password) in {
+            "acme/dev": ("acme", "dev", storage_conftest.PASSWORD),
+            "platform/admin": ("platform", "admin", auth.admin_password),
+        }.items():
+            storage.tokens[user] = (await auth.client().login(tenant, name, password)).access_token
+        await set_quota(scheduler.client("platform/admin"), "acme", 4000)
 
-        fresh = (await auth.client().login("acme", "dev", storage_conftest.PASSWORD)).access_token
-        storage.tokens["acme/dev"] = training.tokens["acme/dev"] = fresh
         client = training.client()
-        final = await client.get_job(job.job_id, tenant="acme")
+        final = await wait_for_job(client, job.job_id, lambda j: j.state in TERMINAL, what="to its end")
         assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
         versions = await client.list_model_versions("keywords-clf", tenant="acme")
         assert [(v.version, v.lineage.job_id) for v in versions] == [(1, job.job_id)]
-        # Published for the submitter (not as the training service), and the delegation ended with the job.
+        # Followed and published for the submitter (not as the training service), and the delegation ended with
+        # the job.
         files = storage.client("acme/dev")
         for artifact in versions[0].artifacts:
             stat = await files.stat(
                 "acme", artifact.name, kind=storage_pb.OBJECT_KIND_ARTIFACT, version=artifact.version
             )
             assert stat.created_by == "user:acme/dev"
-        admin = auth.client((await auth.client().login("platform", "admin", auth.admin_password)).access_token)
-        events = [(e.action, e.target) for e in await admin.list_audit_events("acme", 200)]
+        [run] = await training.scheduled(job.job_id)
+        assert run.submitted_by == "user:acme/dev"
+        admin_auth = auth.client((await auth.client().login("platform", "admin", auth.admin_password)).access_token)
+        events = [(e.action, e.target) for e in await admin_auth.list_audit_events("acme", 200)]
         delegations = [t for a, t in events if a == "delegation.create"]
         assert len(delegations) == 1 and ("delegation.revoke", delegations[0]) in events
     finally:
         await training.stop()
-
-
-async def _job_state(training: RunningTraining, job_id: str) -> str:
-    """The job's state as stored (read straight from the service's database)."""
-    from services.mesh.db import open_database
-    from services.training.store import TrainingStore
-
-    db = open_database(training.settings.database_url_for("training"))
-    try:
-        job = TrainingStore(db).job(job_id)
-        assert job is not None
-        return job.state.value
-    finally:
-        db.dispose()
 
 
 async def test_base_model_registration_errors(

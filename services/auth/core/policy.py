@@ -14,6 +14,7 @@ from typing import Any
 import casbin
 from casbin.model.model_fast import FastModel
 
+from services.auth.metrics import AuthMetrics
 from services.mesh.identity import PLATFORM_TENANT
 
 __all__ = [
@@ -150,7 +151,8 @@ class PolicyEngine:
     Not thread-safe, like Casbin's FastEnforcer itself: use it from the event loop only.
     """
 
-    def __init__(self, adapter: Any) -> None:
+    def __init__(self, adapter: Any, metrics: AuthMetrics | None = None) -> None:
+        self._metrics = metrics or AuthMetrics()
         model = FastModel([1, 2])
         model.load_model_from_text(CASBIN_MODEL)
         self._enforcer = casbin.FastEnforcer(model, adapter, cache_key_order=[1, 2])
@@ -170,7 +172,10 @@ class PolicyEngine:
         """The decision: allowed in the tenant, or through a platform-domain role for every tenant."""
         key = (subject, tenant, resource, action)
         decision = self._decisions.get(key)
-        if decision is None:
+        if decision is not None:
+            self._metrics.memo_hit.inc()
+        else:
+            self._metrics.memo_miss.inc()
             decision = self.enforce(subject, tenant, resource, action)
             if len(self._decisions) >= 100_000:
                 self._decisions.clear()

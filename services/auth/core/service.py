@@ -38,6 +38,7 @@ from services.auth.core.records import (
 )
 from services.auth.core.sessions import SessionCore
 from services.auth.core.tokens import new_api_key_secret
+from services.auth.metrics import AuthMetrics
 from services.auth.store import AuditRecord, AuthStore, PolicyLine
 from services.mesh.config import SERVICE_NAMES
 from services.mesh.errors import (
@@ -111,9 +112,11 @@ class AuthCore:
         sessions: SessionCore,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        metrics: AuthMetrics | None = None,
     ) -> None:
         self._store = store
         self._policy = policy
+        self._metrics = metrics or AuthMetrics()
         self.sessions = sessions
         self._hasher = sessions.hasher
         self._clock = clock
@@ -212,10 +215,13 @@ class AuthCore:
         if not tenant or not resource or not action:
             raise InvalidArgument("tenant, resource and action are required")
         if subject == caller.subject:
-            return self.allowed_for(caller, tenant, resource, action)
-        if caller.kind != "service":
-            self._require(caller, tenant, "roles", "read")
-        return self.allowed(subject, tenant, resource, action)
+            decision = self.allowed_for(caller, tenant, resource, action)
+        else:
+            if caller.kind != "service":
+                self._require(caller, tenant, "roles", "read")
+            decision = self.allowed(subject, tenant, resource, action)
+        (self._metrics.allowed if decision else self._metrics.denied).inc()
+        return decision
 
     async def check_all(self, caller: Principal, checks: Sequence[tuple[str, str, str, str]]) -> list[bool]:
         """BatchCheckPermission: ``check`` for each (subject, tenant, resource, action), in order.

@@ -47,8 +47,10 @@ from services.billing.core.pricebook import CURRENCY, default_price_book, valida
 from services.billing.core.pricing import Cell, MonthPricer, PriceResolver
 from services.billing.core.quantities import format_micros, format_nanos, round_half_even
 from services.billing.core.usage import MAX_BATCH, UsageValidator
+from services.billing.metrics import BillingMetrics
 from services.billing.store import BillingStore, Rollup, Transaction
 from services.mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.mesh.pages import parse_offset
 
 __all__ = ["BillingCore", "BillingPolicy"]
 
@@ -87,11 +89,11 @@ def _page(page_size: int, token: str) -> tuple[int, int]:
         return 0, limit
     try:
         kind, _, offset = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind != "o" or not offset.isdigit():
+        if kind != "o" or not offset:
             raise ValueError(token)
     except ValueError:
         raise InvalidArgument("page_token is not one this service issued") from None
-    return int(offset), limit
+    return parse_offset(offset), limit
 
 
 def _next_token(offset: int, limit: int, returned: int) -> str:
@@ -109,7 +111,9 @@ class BillingCore:
         policy: BillingPolicy = BillingPolicy(),
         *,
         clock: Callable[[], int] = time.time_ns,
+        metrics: BillingMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or BillingMetrics()
         if not CURRENCY.fullmatch(policy.currency):
             raise ValueError(f"platform currency {policy.currency!r} is not an ISO 4217 code")
         self._store = store
@@ -159,12 +163,16 @@ class BillingCore:
         valid = [entry for entry in entries if entry is not None]
         outcomes = iter(self._ingest(valid, now) if valid else [])
         results = []
+        counted = self._metrics.events
         for index, (event, entry) in enumerate(zip(events, entries, strict=True)):
             if entry is None:
                 results.append(EventResult(event.source, event.id, EventStatus.REJECTED, problems[index]))
             else:
                 status, reason = next(outcomes)
                 results.append(EventResult(entry.source, entry.id, status, reason))
+                if status is EventStatus.ACCEPTED:
+                    self._metrics.usage(entry.tenant, entry.meter, entry.quantity_nanos / 1e9)
+            counted[results[-1].status.value].inc()
         return results
 
     def _ingest(self, entries: Sequence[LedgerEntry], now: int) -> list[tuple[EventStatus, str]]:
@@ -371,6 +379,7 @@ class BillingCore:
             plan = self._plan_at(tx, tenant, period)
         view = BudgetView(tenant, self.currency, period, month_to_date, credit, budget, plan, now)
         self._raise_alerts(view)
+        self._metrics.budget(tenant, not decide(view, 0).allowed, month_to_date)
         return view
 
     def _raise_alerts(self, view: BudgetView) -> None:
@@ -394,6 +403,7 @@ class BillingCore:
             with self._store.transaction() as tx:
                 for alert in fresh:
                     if tx.add_alert(alert):
+                        self._metrics.alert(alert.kind.value)
                         log.warning("budget alert %s: %s month to date", alert.alert_id, format_micros(spent))
 
     def _alert(self, view: BudgetView, kind: AlertKind, percent: int, alert_id: str) -> BudgetAlert:

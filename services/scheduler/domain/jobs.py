@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from services.mesh.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from services.mesh.pages import parse_offset
 from services.scheduler.core import Job, Scheduler
 from services.scheduler.domain.budget import BudgetGate, BudgetSource
 from services.scheduler.domain.model import (
@@ -37,6 +38,7 @@ from services.scheduler.domain.requests import PRIVILEGED_PRIORITY, JobRequest
 from services.scheduler.domain.secrets import SecretSealer
 from services.scheduler.domain.writer import BatchWriter
 from services.scheduler.executors import EXIT_LOST, Executor, ExitStatus, LaunchRequest, Run
+from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.store import SchedulerStore
 
 __all__ = ["JobScheduler", "JobOptions", "Meter", "Page", "Watch"]
@@ -119,7 +121,9 @@ class JobScheduler:
         options: JobOptions,
         *,
         clock: Callable[[], int] = _now,
+        metrics: SchedulerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or SchedulerMetrics()
         self._store = store
         self.policy = policy
         self._executors = dict(executors)
@@ -191,9 +195,20 @@ class JobScheduler:
 
     # -- submission and cancellation ---------------------------------------------------------------------------
 
-    async def submit(self, request: JobRequest, submitted_by: str, *, privileged: bool) -> tuple[JobRecord, bool]:
-        """Queues a job (durably) and triggers a cycle; (job, deduplicated)."""
+    async def submit(
+        self, request: JobRequest, submitted_by: str, *, privileged: bool, via_service: str | None = None
+    ) -> tuple[JobRecord, bool]:
+        """Queues a job (durably) and triggers a cycle; (job, deduplicated). ``privileged``: a platform admin or a
+        mesh service acting as itself; ``via_service``: the mesh service the request came through (it may forward
+        an end user's token)."""
         self._require_started()
+        if not privileged and via_service is None:
+            # A job is a program run on the platform's machines (the local executor runs it as the scheduler's own
+            # user): only the platform's services and its admins choose what runs.
+            raise PermissionDenied(
+                "SubmitJob runs a program on the platform's machines: only platform admins and mesh services may "
+                "call it; tenants submit fine-tunes through the training service (SubmitFineTune)"
+            )
         if request.idempotency_key:
             existing = await self._by_key(request.tenant, request.idempotency_key)
             if existing is not None:
@@ -311,11 +326,9 @@ class JobScheduler:
         page_token: str,
     ) -> Page:
         """Newest first; tenant "" lists every tenant's."""
-        if page_token and not page_token.isdigit():
-            raise InvalidArgument("invalid page token")
         if page_size < 0:
             raise InvalidArgument("page_size must not be negative")
-        offset, limit = int(page_token or 0), min(page_size or 50, 1000)
+        offset, limit = parse_offset(page_token), min(page_size or 50, 1000)
         await self.writer.flush()
         if labels:
             everything = await asyncio.to_thread(self._store.jobs, tenant, states, pool, 0, 1_000_000)
@@ -417,6 +430,7 @@ class JobScheduler:
         """One scheduling cycle: budget answers, the policy's decisions stored in one batch, then executed."""
         queued_tenants = {j.tenant for j in self._queued.values()}
         await self._budget.prefetch(queued_tenants, self._head_estimate)
+        began = time.perf_counter()
         result = self.policy.cycle(self._budget.check)
         self.cycles += 1
         now = self._clock()
@@ -446,6 +460,7 @@ class JobScheduler:
             self.writer.insert_allocation(allocation)
             self.writer.save_job(job)
             admitted.append((job, previous))
+            self._metrics.admitted(job.pool)
         for preemption in result.preempted:
             job = self._jobs[preemption.job_id]
             if job.stop is not StopKind.NONE:
@@ -455,12 +470,15 @@ class JobScheduler:
             job.state, job.state_reason = JobState.PREEMPTED, f"preempting: {preemption.reason}"
             job.kill_at_ns = now + int(job.grace_seconds * 1e9)
             self.writer.save_job(job)
+            self._metrics.preempted(job.pool)
         for job_id, reason in result.reasons.items():
             waiting = self._jobs.get(job_id)
             if waiting is not None and waiting.state is JobState.QUEUED and reason != waiting.state_reason:
                 waiting.state_reason = reason
                 self.writer.save_job(waiting)
         await self.writer.flush()
+        self._metrics.cycle_seconds.observe(time.perf_counter() - began)
+        self._metrics.pools(self.policy, self.pools)
         for job, previous in admitted:
             self._meter.track(self._allocations[(job.job_id, job.attempt)])
             self._publish(job, previous)
@@ -670,6 +688,7 @@ class JobScheduler:
     async def _finish(self, job: JobRecord, state: JobState, reason: str, end_ns: int = 0) -> None:
         previous = job.state
         job.state, job.state_reason = state, reason
+        self._metrics.finished(job.pool, state.value)
         job.end_ns = end_ns or self._clock()
         job.kill_at_ns = 0
         await self.writer.save_job(job)

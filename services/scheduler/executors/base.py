@@ -8,7 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["Executor", "ExitStatus", "LaunchRequest", "Run", "WorkerRef", "EXIT_LOST"]
+__all__ = [
+    "Executor",
+    "ExitStatus",
+    "LaunchRequest",
+    "Run",
+    "WorkerRef",
+    "EXIT_LOST",
+    "attempt_dir",
+    "files_dir",
+    "worker_output",
+]
 
 #: Exit code recorded for a worker that vanished without leaving its exit status (killed with its launcher, or
 #: its machine restarted): the job is treated as failed by the platform, not by itself, and retried.
@@ -24,11 +34,35 @@ class LaunchRequest:
     argv: tuple[str, ...]
     #: The full environment of every worker (secrets included: it lives in memory only, never in the database).
     env: Mapping[str, str]
-    #: Where the scheduler keeps the job's files (logs, exit status); the worker's cwd unless ``cwd`` is set.
+    #: Where the scheduler keeps the job's files (output, exit status) unless ``cwd`` is set.
     job_dir: Path
     #: Node of each worker (len = the number of workers).
     nodes: tuple[str, ...]
+    #: The job's working directory (ExecutorSpec.working_dir). Its submitter owns it, so the attempts' files go under
+    #: it too: that is where the submitter reads the job's output (the training service relays a runner's events).
     cwd: Path | None = None
+
+    @property
+    def files_dir(self) -> Path:
+        """The directory holding the attempts' files (see ``files_dir``)."""
+        return files_dir(self.job_dir, self.cwd, self.job_id)
+
+
+def files_dir(job_dir: Path, working_dir: Path | None, job_id: str) -> Path:
+    """Where a job's attempts keep their files: ``<working_dir>/<job id>`` when the job names a working directory
+    (the job id keeps two jobs sharing one apart), else the scheduler's own ``job_dir``."""
+    return working_dir / job_id if working_dir is not None else job_dir
+
+
+def attempt_dir(files: Path, attempt: int) -> Path:
+    """Where one attempt's files are: worker-<i>.stdout/.stderr (output), .pid (launcher), .exit (exit status)."""
+    return files / f"attempt-{attempt}"
+
+
+def worker_output(working_dir: Path, job_id: str, attempt: int, worker: int = 0) -> Path:
+    """The stdout file of one worker of an attempt of a job that runs in ``working_dir`` (what its submitter
+    follows)."""
+    return attempt_dir(files_dir(working_dir, working_dir, job_id), attempt) / f"worker-{worker}.stdout"
 
 
 @dataclass(frozen=True)

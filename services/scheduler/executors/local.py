@@ -15,18 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.scheduler.executors.base import EXIT_LOST, ExitStatus, LaunchRequest, WorkerRef
+from services.scheduler.executors.base import EXIT_LOST, ExitStatus, LaunchRequest, WorkerRef, attempt_dir
 
 __all__ = ["LocalExecutor", "LocalRun", "attempt_dir", "process_start_ticks"]
 
 log = logging.getLogger(__name__)
 
 _LAUNCHER = Path(__file__).with_name("launcher.py")
-
-
-def attempt_dir(job_dir: Path, attempt: int) -> Path:
-    """Where one attempt's files are: worker-<i>.stdout/.stderr (output), .pid (launcher), .exit (exit status)."""
-    return job_dir / f"attempt-{attempt}"
 
 
 def process_start_ticks(pid: int) -> str | None:
@@ -176,7 +171,7 @@ class LocalExecutor:
         self._python = python
 
     async def launch(self, request: LaunchRequest) -> LocalRun:
-        directory = attempt_dir(request.job_dir, request.attempt)
+        directory = attempt_dir(request.files_dir, request.attempt)
         directory.mkdir(parents=True, exist_ok=True)
         cwd = request.cwd or request.job_dir
         workers: list[_Worker] = []
@@ -220,7 +215,7 @@ class LocalExecutor:
         return LocalRun(workers, self._poll)
 
     async def adopt(self, request: LaunchRequest, workers: Sequence[WorkerRef]) -> LocalRun | None:
-        directory = attempt_dir(request.job_dir, request.attempt)
+        directory = attempt_dir(request.files_dir, request.attempt)
         found = list(workers)
         if not found:
             # Started but not yet recorded when the scheduler stopped: the launchers' own pid files tell.

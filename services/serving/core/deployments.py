@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from services.mesh.errors import AidcError, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from services.mesh.identity import as_service
 from services.mesh.interceptors import current_deadline
+from services.mesh.pages import parse_offset
 from services.serving.core.model import SERVING_STATES, DeploymentRecord, DeploymentState
 from services.serving.pins import verify_export
 from services.serving.registry import ResolvedVersion
@@ -254,10 +255,7 @@ class DeploymentsCore:
     async def list(self, tenant: str, page_size: int = 0, page_token: str = "") -> Page:
         if page_size < 0:
             raise InvalidArgument("page_size must not be negative")
-        try:
-            offset = int(page_token or "0")
-        except ValueError:
-            raise InvalidArgument("page_token is not one this service issued") from None
+        offset = parse_offset(page_token)
         limit = min(page_size or _DEFAULT_PAGE, 1000)
         items = await asyncio.to_thread(self._store.page, tenant, offset, limit + 1)
         next_token = str(offset + limit) if len(items) > limit else ""

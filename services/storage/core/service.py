@@ -49,7 +49,7 @@ from services.storage.core.model import (
     TextDatasetRecord,
     VersionRecord,
 )
-from services.storage.core.names import ObjectKind, object_key, validate_object_name, validate_tenant
+from services.storage.core.names import MAX_NAME_BYTES, ObjectKind, object_key, validate_object_name, validate_tenant
 from services.storage.core.parts import PartUploader
 from services.storage.core.pii import MaskingMode
 from services.storage.core.prefetch import prefetched
@@ -104,6 +104,13 @@ class Download:
 class Page:
     size: int = _DEFAULT_PAGE
     token: str = ""
+
+
+def _check_prefix(prefix: str) -> None:
+    """A name prefix no name can have is refused before it reaches the database (whose LIKE patterns are bounded:
+    SQLite fails a 50,000-byte one as "too complex")."""
+    if len(prefix.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise InvalidArgument(f"name_prefix is longer than {MAX_NAME_BYTES} bytes (the longest name)")
 
 
 def _page_size(size: int) -> int:
@@ -233,6 +240,7 @@ class StorageCore:
     async def list_datasets(
         self, principal: Principal, tenant: str, prefix: str, page: Page
     ) -> tuple[list[DatasetRecord], str]:
+        _check_prefix(prefix)
         size = _page_size(page.size)
         after = str(_decode_token(page.token)) if page.token else ""
         found = await self._db(self._store.datasets, tenant, prefix, after, size + 1)
@@ -521,8 +529,7 @@ class StorageCore:
         readable = [k for k in kinds if await self._allowed(principal, tenant, _resource(k), "read")]
         if not readable:
             raise PermissionDenied(f"{principal.subject} may not read objects in tenant {tenant!r}")
-        if len(prefix) > 512:
-            raise InvalidArgument("name_prefix is longer than 512 bytes")
+        _check_prefix(prefix)
         size = _page_size(page.size)
         after = None
         if page.token:

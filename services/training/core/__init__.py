@@ -1,1 +1,2 @@
-"""The training service's domain: jobs and their lifecycle, the executor, base models and the model registry."""
+"""The training service's domain: jobs and their runs in the scheduler (submission, following, the runner's output),
+base models and the model registry."""

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 __all__ = [
+    "ComputeSpec",
     "JobState",
     "TERMINAL_STATES",
     "ACTIVE_STATES",
@@ -33,7 +34,7 @@ class JobState(enum.Enum):
 
 
 TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-#: States in which a runner should be (re)launched when the service starts.
+#: States of a job the service follows in the scheduler (again after a restart).
 ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.EXPORTING, JobState.CANCELLING})
 
 
@@ -59,6 +60,21 @@ class JobSpec:
     runner: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ComputeSpec:
+    """What a job's run asks of the scheduler: resources per worker, pool, priority, whether it may be preempted, and
+    its longest run (0: the pool's limit). Defaults are resolved at submission."""
+
+    cpu_millicores: int = 0
+    memory_bytes: int = 0
+    gpu_count: int = 0
+    gpu_type: str = ""
+    pool: str = ""
+    priority: int = 0
+    preemptible: bool = False
+    max_run_seconds: float = 0.0
+
+
 @dataclass
 class JobRecord:
     tenant: str
@@ -82,8 +98,17 @@ class JobRecord:
     base_model_path: str = ""
     base_model_sha256: str = ""
     cancel_requested: bool = False
-    #: CPU seconds of every finished attempt, as reported to billing (one usage event per attempt).
-    cpu_seconds: float = 0.0
+    compute: ComputeSpec = field(default_factory=ComputeSpec)
+    #: The scheduler's job running it ("" until it was submitted there), as last seen: its state ("queued",
+    #: "running", ...), why it is in it, its queue position while queued (-1 otherwise) and its preemptions.
+    scheduler_job_id: str = ""
+    scheduler_state: str = ""
+    scheduler_reason: str = ""
+    queue_position: int = -1
+    preemptions: int = 0
+    #: How much of the runner's output is relayed into the history: the attempt and the byte offset in its stdout.
+    output_attempt: int = 0
+    output_offset: int = 0
 
     @property
     def trace_id(self) -> str:

@@ -1,77 +1,87 @@
-"""TrainingCore: fine-tune jobs (validate, queue, launch the runner, relay its events, publish its result), base
-models and the model registry. Pure Python: storage, the executor, billing and the jobs' credentials come in through
-Protocols."""
+"""TrainingCore: fine-tune jobs. A job is validated (base model, dataset, hyperparameters) before any compute is
+spent, then run as a job of the scheduler in the submitter's tenant (quota, fair share, budget, prices and
+preemption apply), followed there (its placement and state) and in the runner's output (its progress, evaluations
+and checkpoints, relayed into the job's history exactly once), and its export is published as a model version.
+Pure Python: storage, the scheduler and the jobs' credentials come in through Protocols."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import re
+import math
 import shutil
 import sys
 import tarfile
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from decimal import Decimal
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import services
-from services.mesh.errors import AidcError, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from services.mesh.files import private_dir, private_tar_member
+from services.mesh.errors import (
+    AidcError,
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    Unauthenticated,
+    Unavailable,
+)
+from services.mesh.files import private_dir
 from services.mesh.identity import Principal, current_principal
 from services.mesh.interceptors import current_deadline
-from services.training.core.catalog import BaseModelCatalog, describe_model_dir
-from services.training.core.executor import ExecutionHandle, Executor, runner_environment
+from services.mesh.telemetry import export_environment
 from services.training.core.model import (
     ACTIVE_STATES,
     TERMINAL_STATES,
-    ArtifactEntry,
-    BaseModelRecord,
+    ComputeSpec,
     DatasetVersion,
     JobEvent,
     JobRecord,
     JobSpec,
     JobState,
-    ModelRecord,
     ModelVersionRecord,
 )
+from services.training.core.registry import MODEL_NAME, ArtifactGateway, ModelRegistry, Page, now, page_bounds
+from services.training.core.relay import read_new_lines, translate
+from services.training.core.scheduling import ComputeScheduler, RunRequest, ScheduledRun
+from services.training.metrics import TrainingMetrics
 from services.training.runner.data import LocalFileSource
 from services.training.runner.preflight import InvalidJob, prepare
 from services.training.runner.spec import FineTuneSpec
 from services.training.store import TrainingStore
 
-__all__ = ["ArtifactGateway", "JobCredentials", "JobOptions", "Page", "TrainingCore", "UsageSink", "RUN_DIR"]
+__all__ = ["JobCredentials", "JobOptions", "TrainingCore", "RUN_DIR", "JOB_LABEL"]
 
 log = logging.getLogger(__name__)
 
 #: The runner's --job-dir inside a job's directory (its artifact store: only what the runner writes).
 RUN_DIR = "run"
+#: Label of the scheduler's job naming the training job it runs.
+JOB_LABEL = "aidc.training/job"
 _RESULT = "result.json"
-_EXIT_OK, _EXIT_INVALID, _EXIT_PARITY, _EXIT_CANCELLED = 0, 2, 3, 130
-_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-_ALIAS = re.compile(r"^[a-z0-9-]{1,40}$")
+_EXIT_INVALID, _EXIT_PARITY, _EXIT_CANCELLED = 2, 3, 130
 _REPO_ROOT = Path(services.__file__).resolve().parent.parent
-
-
-class ArtifactGateway(Protocol):
-    """What the core needs from the storage service, acting for the tenant (the caller's identity when there is
-    one, else the service's own)."""
-
-    async def fetch_dataset(self, tenant: str, name: str, version: int, target: Path) -> tuple[DatasetVersion, str]:
-        """Downloads a dataset version into ``target``; the resolved version and its format ("csv"/"jsonl")."""
-        ...
-
-    async def fetch_artifact(self, tenant: str, name: str, version: int, target: Path) -> ArtifactEntry:
-        """Downloads an artifact version into ``target``."""
-        ...
-
-    async def put_artifact(self, tenant: str, name: str, source: Path, role: str) -> ArtifactEntry:
-        """Uploads ``source`` as a new version of artifact ``name``."""
-        ...
+_GIB = 2**30
+#: Refusals of the scheduler that no retry changes (anything else, e.g. UNAVAILABLE, is retried).
+_REFUSALS = (
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    PermissionDenied,
+    Unauthenticated,
+    FailedPrecondition,
+    QuotaExceeded,
+)
+_RETRY_SECONDS = (0.5, 10.0)
+_T = TypeVar("_T")
 
 
 class JobCredentials(Protocol):
@@ -92,85 +102,62 @@ class JobCredentials(Protocol):
         ...
 
 
-class UsageSink(Protocol):
-    """Where usage goes (billing's UsageEmitter)."""
-
-    def emit(
-        self,
-        meter: str,
-        quantity: str | int | Decimal,
-        *,
-        tenant: str,
-        id: str,
-        time_ns: int | None = None,
-        attributes: Mapping[str, str] | None = None,
-    ) -> None: ...
-
-
 @dataclass(frozen=True)
 class JobOptions:
     """How the core runs jobs."""
 
     jobs_dir: Path
-    base_models_dir: Path
-    max_concurrent_jobs: int = 1
     progress_interval_seconds: float = 2.0
+    #: torch threads of a runner; 0: one per whole core the job requests.
     runner_threads: int = 0
+    #: Resources of a job that asks for none.
+    default_cpu_millicores: int = 1000
+    default_memory_bytes: int = 2 * _GIB
+    #: How often the output of a running job is read.
+    output_poll_seconds: float = 0.25
     code_version: str = ""
 
 
-@dataclass(frozen=True)
-class Page:
-    items: list[Any]
-    next_token: str
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _offset(token: str) -> int:
-    if not token:
-        return 0
-    if not token.isdigit():
-        raise InvalidArgument("invalid page token")
-    return int(token)
-
-
-def _limit(page_size: int) -> int:
-    if page_size < 0:
-        raise InvalidArgument("page_size must not be negative")
-    return min(page_size or 100, 1000)
+def resolve_compute(compute: ComputeSpec, options: JobOptions) -> ComputeSpec:
+    """The request with the service's defaults filled in; InvalidArgument for what no scheduler could take."""
+    if min(compute.cpu_millicores, compute.memory_bytes, compute.gpu_count, compute.max_run_seconds) < 0:
+        raise InvalidArgument("compute: quantities must not be negative")
+    if compute.max_run_seconds and compute.max_run_seconds < 1:
+        raise InvalidArgument("compute.max_run_duration must be at least one second")
+    return replace(
+        compute,
+        cpu_millicores=compute.cpu_millicores or options.default_cpu_millicores,
+        memory_bytes=compute.memory_bytes or options.default_memory_bytes,
+    )
 
 
 class TrainingCore:
-    """Jobs, their runners, base models and the registry."""
+    """Jobs: submission, their runs in the scheduler, their history, cancellation and publication."""
 
     def __init__(
         self,
         store: TrainingStore,
-        catalog: BaseModelCatalog,
+        registry: ModelRegistry,
         artifacts: ArtifactGateway,
-        executor: Executor,
+        scheduler: ComputeScheduler,
         options: JobOptions,
-        usage: UsageSink | None = None,
         *,
         credentials: JobCredentials,
+        metrics: TrainingMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or TrainingMetrics()
         self._store = store
-        self._credentials = credentials
-        self._catalog = catalog
+        self._registry = registry
         self._artifacts = artifacts
-        self._executor = executor
+        self._scheduler = scheduler
         self._options = options
-        self._usage = usage
-        self._slots = asyncio.Semaphore(options.max_concurrent_jobs)
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._handles: dict[str, ExecutionHandle] = {}
+        self._credentials = credentials
+        self._followers: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._relaying: dict[str, asyncio.Lock] = {}
+        self._writing: dict[str, asyncio.Lock] = {}
         self._live: dict[str, JobRecord] = {}
         self._changed: dict[str, asyncio.Condition] = {}
-        self._save_lock = asyncio.Lock()
-        self._stopping = False
 
     async def _db(self, fn: Any, *args: Any) -> Any:
         return await self._store.db.run(fn, *args)
@@ -178,26 +165,23 @@ class TrainingCore:
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def start(self) -> bool:
-        """Relaunches the jobs a previous instance left active (runners resume from their checkpoints; each acts for
-        its submitter through its stored delegation), and revokes delegations of ended jobs that were not yet."""
+        """Follows again the jobs a previous instance left active (their runs went on in the scheduler; each job
+        acts for its submitter through its stored delegation), and revokes delegations of ended jobs that were
+        not yet."""
         for job in await self._db(self._store.jobs_in, ACTIVE_STATES):
-            if job.job_id not in self._tasks:
-                log.info("job %s: resuming after a restart (was %s)", job.job_id, job.state.value)
-                self._launch(job)
+            if job.job_id not in self._followers:
+                log.info("job %s: following it again after a restart (%s)", job.job_id, job.state.value)
+                self._follow(job)
         for job_id in await self._db(self._store.ended_jobs_with_credentials, TERMINAL_STATES):
             await self._end_credentials(job_id)
         return True
 
     async def close(self) -> None:
-        """Stops every runner (they checkpoint); their jobs stay active and resume when the service restarts."""
-        self._stopping = True
-        for handle in list(self._handles.values()):
-            handle.terminate()
-        tasks = list(self._tasks.values())
-        if tasks:
-            await asyncio.wait(tasks, timeout=60)
+        """Stops following jobs. Their runs go on in the scheduler; the next start follows them again."""
+        tasks = list(self._followers.values())
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- jobs ------------------------------------------------------------------------------------------------
 
@@ -210,18 +194,21 @@ class TrainingCore:
         output_model: str,
         request_id: str = "",
         trace_carrier: Mapping[str, str] | None = None,
+        compute: ComputeSpec | None = None,
     ) -> JobRecord:
-        """Validates everything (base model, dataset, columns, hyperparameters) and queues the job; InvalidArgument
-        before any compute is spent."""
-        if not _MODEL_NAME.match(output_model):
+        """Validates everything (base model, dataset, columns, hyperparameters, resources) and submits the job's run
+        to the scheduler as the caller; InvalidArgument (or the scheduler's refusal) before any compute is spent,
+        and then nothing is kept."""
+        if not MODEL_NAME.match(output_model):
             raise InvalidArgument("output_model must be 1-128 lowercase letters, digits, '.', '_' or '-'")
         if not dataset.name:
             raise InvalidArgument("dataset.name is required")
+        resources = resolve_compute(compute or ComputeSpec(), self._options)
         if request_id:
             for job in await self._db(self._store.jobs, tenant):
                 if job.request_id == request_id:
-                    return job
-        base = await self.base_model(tenant, spec.base_model)
+                    return self._live.get(job.job_id, job)
+        base = await self._registry.base_model(tenant, spec.base_model)
         job_id = uuid.uuid4().hex
         job_dir = private_dir(self._options.jobs_dir / job_id)
         try:
@@ -251,11 +238,12 @@ class TrainingCore:
             spec=JobSpec(spec.base_model, resolved, output_model, spec.to_dict()),
             state=JobState.QUEUED,
             created_by=principal.subject,
-            created_at=_now(),
+            created_at=now(),
             request_id=request_id,
             trace_carrier=dict(trace_carrier or {}),
             base_model_path=base.path,
             base_model_sha256=base.sha256,
+            compute=resources,
         )
         try:
             stored = await self._db(self._store.create_job, job, credential)
@@ -267,9 +255,30 @@ class TrainingCore:
             shutil.rmtree(job_dir, ignore_errors=True)
             await self._end_credentials(job_id, credential)
             return stored  # type: ignore[no-any-return]
-        await self._event(job, "state", {"from": "", "to": JobState.QUEUED.value, "message": "queued"})
-        self._launch(job)
+        queued = {"from": "", "to": JobState.QUEUED.value, "message": "accepted; submitting it to the scheduler"}
+        await self._record(job, [("state", queued)])
+        try:
+            # As the caller (the submitter's own token): the scheduler's job is theirs, in their tenant, and their
+            # quota, budget and rights apply.
+            await self._track(job, await self._scheduler.submit(self._run_request(job)))
+        except _REFUSALS:
+            await self._discard(job)
+            raise
+        except AidcError as exc:
+            # The scheduler may or may not have queued it: the job's follower submits again (idempotent on the id).
+            log.warning("job %s: submitting it to the scheduler failed (%s); retrying", job_id, exc)
+        self._follow(job)
         return job
+
+    async def _discard(self, job: JobRecord) -> None:
+        """Undoes a submission the scheduler refused: nothing of it is kept."""
+        await self._db(self._store.delete_job, job.job_id)
+        shutil.rmtree(self._options.jobs_dir / job.job_id, ignore_errors=True)
+        with contextlib.suppress(AidcError):
+            credential = await self._db(self._store.job_credential, job.job_id)
+            if credential is not None:
+                await self._credentials.end(job.job_id, credential)
+        self._changed.pop(job.job_id, None)
 
     async def job(self, tenant: str, job_id: str) -> JobRecord:
         live = self._live.get(job_id)
@@ -279,26 +288,30 @@ class TrainingCore:
         return job  # type: ignore[no-any-return]
 
     async def jobs(self, tenant: str, states: frozenset[JobState], page_size: int, page_token: str) -> Page:
-        offset, limit = _offset(page_token), _limit(page_size)
+        offset, limit = page_bounds(page_size, page_token)
         found: list[JobRecord] = await self._db(self._store.jobs, tenant, states, offset, limit + 1)
         found = [self._live.get(j.job_id, j) for j in found]
         return Page(found[:limit], str(offset + limit) if len(found) > limit else "")
 
     async def cancel(self, tenant: str, job_id: str, reason: str = "") -> JobRecord:
-        """Cancels a job: a queued one at once, a running one by stopping its runner. Terminal jobs: a no-op."""
+        """Cancels a job: its run is cancelled in the scheduler as the caller (a queued run is dropped, a running one
+        gets SIGTERM, checkpoints and stops); the job ends CANCELLED once the scheduler says so. Terminal jobs: a
+        no-op."""
         job = await self.job(tenant, job_id)
         if job.state in TERMINAL_STATES or job.cancel_requested:
             return job
         job.cancel_requested = True
         message = f"cancelled: {reason}" if reason else "cancelled by request"
         job.error = message
-        handle = self._handles.get(job_id)
-        if handle is not None:
-            await self._set_state(job, JobState.CANCELLING, message)
-            handle.terminate()
-        else:
-            # Not launched yet: the job's task sees the flag when it gets a slot and never starts the runner.
-            await self._finish(job, JobState.CANCELLED, message)
+        await self._set_state(job, JobState.CANCELLING, message)
+        if job.scheduler_job_id:
+            try:
+                await self._track(job, await self._scheduler.cancel(job.tenant, job.scheduler_job_id, message))
+            except (Unavailable, DeadlineExceeded) as exc:
+                log.warning("job %s: cancelling its run failed (%s); its follower retries", job_id, exc)
+        wake = self._wake.get(job_id)
+        if wake is not None:
+            wake.set()
         return job
 
     async def watch(self, tenant: str, job_id: str, after: int, include_logs: bool) -> AsyncIterator[JobEvent]:
@@ -326,45 +339,12 @@ class TrainingCore:
                 except TimeoutError:
                     pass
 
-    # -- running ---------------------------------------------------------------------------------------------
+    # -- the run in the scheduler ------------------------------------------------------------------------------
 
-    def _launch(self, job: JobRecord) -> None:
-        self._live[job.job_id] = job
-        task = asyncio.create_task(self._run(job), name=f"training-job-{job.job_id}")
-        self._tasks[job.job_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(job.job_id, None))
-
-    async def _run(self, job: JobRecord) -> None:
-        # The job outlives the SubmitFineTune call that launched it: it must not inherit that call's caller (whose
-        # token expires) nor its deadline (every storage call would fail DEADLINE_EXCEEDED). What it does in storage
-        # it does for its submitter, through its delegation (_publish).
-        current_principal.set(None)
-        current_deadline.set(None)
-        try:
-            async with self._slots:
-                if job.state in TERMINAL_STATES or self._stopping:
-                    return
-                if job.cancel_requested or job.state is JobState.CANCELLING:
-                    await self._finish(job, JobState.CANCELLED, "cancelled before the runner started")
-                    return
-                code, cpu = await self._run_runner(job)
-            await self._conclude(job, code, cpu)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("job %s failed in the service", job.job_id)
-            await self._finish(job, JobState.FAILED, f"internal error: {type(exc).__name__}")
-        finally:
-            if job.state in TERMINAL_STATES or not self._stopping:
-                self._live.pop(job.job_id, None)
-
-    async def _run_runner(self, job: JobRecord) -> tuple[int, float]:
+    def _run_request(self, job: JobRecord) -> RunRequest:
         job_dir = self._options.jobs_dir / job.job_id
         data_path = next(job_dir.glob("dataset.*"))
-        job.attempt += 1
-        job.started_at = job.started_at or _now()
-        await self._set_state(job, JobState.RUNNING, f"runner started (attempt {job.attempt})")
-        argv = [
+        argv = (
             sys.executable,
             "-m",
             "services.training.runner",
@@ -376,56 +356,207 @@ class TrainingCore:
             str(data_path),
             "--progress-interval",
             str(self._options.progress_interval_seconds),
-        ]
-        env = {"PYTHONPATH": str(_REPO_ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        env.update({k.upper(): v for k, v in job.trace_carrier.items()})
-        if self._options.runner_threads:
-            env["OMP_NUM_THREADS"] = str(self._options.runner_threads)
-        handle = await self._executor.submit(job.job_id, argv, runner_environment(env), job_dir)
-        self._handles[job.job_id] = handle
+        )
+        threads = self._options.runner_threads or max(1, math.floor(job.compute.cpu_millicores / 1000))
+        env = {
+            "PYTHONPATH": str(_REPO_ROOT),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "OMP_NUM_THREADS": str(threads),
+        }
+        # The scheduler gives its processes none of its own settings: the runner's spans go where ours go because
+        # we say where.
+        exporter, exporter_secrets = export_environment()
+        return RunRequest(
+            tenant=job.tenant,
+            name=f"finetune-{job.job_id}",
+            argv=argv,
+            env={**env, **exporter},
+            secret_env=exporter_secrets,
+            working_dir=job_dir,
+            compute=job.compute,
+            labels={JOB_LABEL: job.job_id},
+            idempotency_key=job.job_id,
+            trace_carrier=job.trace_carrier,
+        )
+
+    def _follow(self, job: JobRecord) -> None:
+        self._live[job.job_id] = job
+        self._wake[job.job_id] = asyncio.Event()
+        self._relaying[job.job_id] = asyncio.Lock()
+        task = asyncio.create_task(self._follow_to_end(job), name=f"training-job-{job.job_id}")
+        self._followers[job.job_id] = task
+
+        def forget(_: asyncio.Task[None]) -> None:
+            self._followers.pop(job.job_id, None)
+            if job.state in TERMINAL_STATES:
+                for table in (self._live, self._wake, self._relaying, self._writing):
+                    table.pop(job.job_id, None)
+
+        task.add_done_callback(forget)
+
+    async def _follow_to_end(self, job: JobRecord) -> None:
+        # The job outlives the SubmitFineTune call that started it: it must not inherit that call's caller (whose
+        # token expires) nor its deadline. What it does in the scheduler and in storage it does for its submitter,
+        # through its delegation.
+        current_principal.set(None)
+        current_deadline.set(None)
+        pause = _RETRY_SECONDS[0]
+        while job.state not in TERMINAL_STATES:
+            try:
+                if await self._follow_once(job):
+                    pause = _RETRY_SECONDS[0]
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except _REFUSALS as exc:
+                if job.cancel_requested:
+                    await self._finish(job, JobState.CANCELLED, job.error or "cancelled")
+                else:
+                    await self._finish(job, JobState.FAILED, f"the scheduler refused the job's run: {exc.message}")
+                return
+            except AidcError as exc:
+                log.warning("job %s: following it failed (%s); again in %.1f s", job.job_id, exc, pause)
+            except Exception as exc:
+                log.exception("job %s failed in the service", job.job_id)
+                await self._finish(job, JobState.FAILED, f"internal error: {type(exc).__name__}")
+                return
+            wake = self._wake[job.job_id]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), pause)
+            wake.clear()
+            pause = min(pause * 2, _RETRY_SECONDS[1])
+
+    async def _as_submitter(self, job: JobRecord, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call`` made as the job's submitter (a current token of its delegation)."""
+        token = current_principal.set(await self._submitter(job))
         try:
-            if job.cancel_requested:
-                handle.terminate()
-            async for line in handle.lines():
-                await self._relay(job, line)
-            code = await handle.wait()
+            return await call()
         finally:
-            self._handles.pop(job.job_id, None)
-        return code, handle.cpu_seconds()
+            current_principal.reset(token)
 
-    async def _relay(self, job: JobRecord, line: str) -> None:
-        """One stdout line of the runner -> the job's record and history."""
+    async def _follow_once(self, job: JobRecord) -> bool:
+        """Submits the run if it is not yet, follows it until it ends and concludes the job; or returns False when
+        the scheduler's stream ended before the run did (followed again after a pause)."""
+        if not job.scheduler_job_id:
+            # Even a job cancelled meanwhile: the first submission may have reached the scheduler (then this returns
+            # that run, which is cancelled next).
+            await self._track(
+                job, await self._as_submitter(job, lambda: self._scheduler.submit(self._run_request(job)))
+            )
+        if job.cancel_requested and job.scheduler_state not in ("cancelling", "cancelled"):
+            reason = job.error or "cancelled by request"
+            await self._track(
+                job,
+                await self._as_submitter(job, lambda: self._scheduler.cancel(job.tenant, job.scheduler_job_id, reason)),
+            )
+        tail = asyncio.create_task(self._tail(job), name=f"training-output-{job.job_id}")
         try:
-            record = json.loads(line)
-            kind = record.pop("event")
-            record.pop("time", None)
-        except (ValueError, KeyError, AttributeError):
-            await self._event(job, "log", {"level": "info", "message": line[:2000]})
-            return
-        if kind == "progress":
-            job.progress = record
-            await self._save(job)
-            await self._event(job, "progress", record)
-        elif kind == "eval":
-            job.metrics = record
-            await self._save(job)
-            await self._event(job, "metrics", record)
-        elif kind == "checkpoint":
-            await self._event(job, "checkpoint", record)
-        elif kind == "log":
-            await self._event(job, "log", {"level": record.get("level", "info"), "message": record.get("message", "")})
-        elif kind == "state":
-            state = record.get("state", "")
-            if state == "exporting" and job.state is JobState.RUNNING:
-                await self._set_state(job, JobState.EXPORTING, "training finished; exporting")
-            elif state == "failed":
-                job.error = str(record.get("message", "")) or "the runner failed"
-                await self._save(job)
-            await self._event(job, "log", {"level": "info", "message": f"runner: {state}"})
+            current_principal.set(await self._submitter(job))
+            # The scheduler ends the stream once the run ended (read to its end: the call and its span end with it).
+            async with contextlib.aclosing(self._scheduler.watch(job.tenant, job.scheduler_job_id)) as changes:
+                async for run in changes:
+                    await self._track(job, run)
+            run = await self._as_submitter(job, lambda: self._scheduler.run(job.tenant, job.scheduler_job_id))
+            await self._track(job, run)
+        finally:
+            current_principal.set(None)
+            tail.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await tail
+        if not run.terminal:
+            return False
+        await self._relay(job, final=True)
+        await self._conclude(job, run)
+        return True
 
-    async def _conclude(self, job: JobRecord, code: int, cpu_seconds: float) -> None:
-        self._report_usage(job, cpu_seconds)
-        if code == _EXIT_OK:
+    async def _tail(self, job: JobRecord) -> None:
+        while True:
+            await self._relay(job, final=False)
+            await asyncio.sleep(self._options.output_poll_seconds)
+
+    async def _track(self, job: JobRecord, run: ScheduledRun) -> None:
+        """The scheduler's view of the run into the job: its placement and state, and the training states that
+        follow from them (QUEUED -> RUNNING; back to QUEUED when requeued; CANCELLING)."""
+        seen = (job.scheduler_state, job.scheduler_reason, job.queue_position, job.attempt)
+        job.scheduler_job_id = run.job_id
+        job.scheduler_state, job.scheduler_reason = run.state, run.reason
+        job.queue_position, job.preemptions = run.queue_position, run.preemptions
+        previous_attempt, job.attempt = job.attempt, max(job.attempt, run.attempt)
+        events: list[tuple[str, dict[str, Any]]] = []
+        active = job.state not in TERMINAL_STATES
+        if seen[0] in ("", "queued") and run.state not in ("queued", "scheduled") and run.nodes:
+            # The admission happened between two looks (e.g. before the watch began): its placement is in the run.
+            admitted = {"state": "scheduled", "reason": f"admitted on {', '.join(sorted(set(run.nodes)))}"}
+            events.append(("scheduling", {**self._update(run), **admitted}))
+        if (run.state, run.reason, run.queue_position, run.attempt) != seen:
+            events.append(("scheduling", self._update(run)))
+        running = job.state in (JobState.RUNNING, JobState.EXPORTING)
+        if run.state == "running" and (job.state is JobState.QUEUED or (running and job.attempt != previous_attempt)):
+            job.started_at = job.started_at or now()
+            message = f"runner started (attempt {run.attempt}) on {', '.join(run.nodes)}"
+            events.append(self._state_change(job, JobState.RUNNING, message))
+        elif run.state == "queued" and running:
+            events.append(self._state_change(job, JobState.QUEUED, run.reason))
+        elif run.state == "cancelling" and active and job.state is not JobState.CANCELLING:
+            job.cancel_requested = True
+            job.error = job.error or run.reason
+            events.append(self._state_change(job, JobState.CANCELLING, run.reason))
+        await self._record(job, events)
+
+    @staticmethod
+    def _update(run: ScheduledRun) -> dict[str, Any]:
+        """A scheduling event's data: the scheduler's view of the run."""
+        return {
+            "scheduler_job_id": run.job_id,
+            "state": run.state,
+            "reason": run.reason,
+            "queue_position": run.queue_position,
+            "attempt": run.attempt,
+            "nodes": list(run.nodes),
+        }
+
+    async def _relay(self, job: JobRecord, *, final: bool) -> None:
+        """What the runner printed since the last call into the job's history. The events and how far the output
+        was read are stored together, so a restarted service goes on where this one stopped, without repeats."""
+        if not job.scheduler_job_id or not job.attempt:
+            return
+        async with self._relaying[job.job_id]:
+            job.output_attempt = job.output_attempt or 1
+            while True:
+                path = self._scheduler.output_file(
+                    self._options.jobs_dir / job.job_id, job.scheduler_job_id, job.output_attempt
+                )
+                # An attempt the scheduler has moved on from has exited: all it printed is there.
+                ended = final or job.attempt > job.output_attempt
+                lines, offset = await asyncio.to_thread(read_new_lines, path, job.output_offset, to_end=ended)
+                if offset != job.output_offset:
+                    # No other write of the record may come between the new offset and the events read up to it.
+                    async with self._writing.setdefault(job.job_id, asyncio.Lock()):
+                        job.output_offset = offset
+                        await self._write(job, [self._relayed(job, line) for line in lines])
+                    continue
+                if job.attempt <= job.output_attempt:
+                    return
+                job.output_attempt, job.output_offset = job.output_attempt + 1, 0
+
+    def _relayed(self, job: JobRecord, line: str) -> tuple[str, dict[str, Any]]:
+        """One output line: its event, and what it changes in the record."""
+        item = translate(line)
+        if item.progress is not None:
+            self._metrics.progress(job.progress, item.progress)
+            job.progress = item.progress
+        if item.metrics is not None:
+            job.metrics = item.metrics
+        if item.error is not None:
+            job.error = item.error
+        if item.phase == "exporting" and job.state is JobState.RUNNING:
+            return self._state_change(job, JobState.EXPORTING, "training finished; exporting")
+        return item.kind, item.data
+
+    async def _conclude(self, job: JobRecord, run: ScheduledRun) -> None:
+        """The run ended in the scheduler: publish the export, or end the job as the run did."""
+        if run.state == "succeeded":
             if job.state is not JobState.EXPORTING:
                 await self._set_state(job, JobState.EXPORTING, "publishing the export")
             try:
@@ -437,31 +568,20 @@ class TrainingCore:
                 return
             job.model, job.model_version = version.model, version.version
             await self._finish(job, JobState.SUCCEEDED, f"registered {version.model} version {version.version}")
-        elif code == _EXIT_CANCELLED and job.cancel_requested:
-            await self._finish(job, JobState.CANCELLED, job.error or "cancelled")
-        elif code == _EXIT_CANCELLED and self._stopping:
-            await self._event(job, "log", {"level": "info", "message": "service stopping: the runner checkpointed"})
-        elif code == _EXIT_INVALID:
+        elif run.state == "cancelled":
+            await self._finish(job, JobState.CANCELLED, job.error or run.reason or "cancelled")
+        elif run.exit_code == _EXIT_INVALID:
             await self._finish(job, JobState.FAILED, f"invalid job: {job.error}")
-        elif code == _EXIT_PARITY:
+        elif run.exit_code == _EXIT_PARITY:
             await self._finish(job, JobState.FAILED, f"parity check failed: {job.error}")
+        elif run.exit_code == _EXIT_CANCELLED:  # stopped by the scheduler, e.g. past its max run duration
+            await self._finish(job, JobState.FAILED, run.reason)
         else:
-            await self._finish(job, JobState.FAILED, job.error or f"the runner exited with code {code}")
-
-    def _report_usage(self, job: JobRecord, cpu_seconds: float) -> None:
-        if self._usage is None or cpu_seconds <= 0:
-            return
-        job.cpu_seconds += cpu_seconds
-        self._usage.emit(
-            "cpu_core_seconds",
-            Decimal(str(round(cpu_seconds, 3))),
-            tenant=job.tenant,
-            id=f"training-job-{job.job_id}-attempt-{job.attempt}",
-            attributes={"job": job.job_id},
-        )
+            await self._finish(job, JobState.FAILED, job.error or f"the runner failed: {run.reason}")
 
     async def _publish(self, job: JobRecord) -> ModelVersionRecord:
-        """Uploads the export, tokenizer and TensorBoard events as the tenant's artifacts; registers the version."""
+        """Uploads the export, tokenizer and TensorBoard events as the tenant's artifacts; registers the version
+        (once: publishing again after a restart returns the version registered already)."""
         run_dir = self._options.jobs_dir / job.job_id / RUN_DIR
         result = json.loads((run_dir / _RESULT).read_text())
         prefix = f"training/{job.job_id}"
@@ -510,7 +630,7 @@ class TrainingCore:
             parity=export.get("parity") or {},
             int8_quantized=bool(export.get("quantization")) and export.get("quantization") != "none",
             artifacts=tuple(artifacts),
-            created_at=_now(),
+            created_at=now(),
         )
         return await self._db(self._store.add_model_version, record)  # type: ignore[no-any-return]
 
@@ -539,149 +659,40 @@ class TrainingCore:
 
     # -- job state and history -------------------------------------------------------------------------------
 
-    async def _save(self, job: JobRecord) -> None:
-        async with self._save_lock:
-            await self._db(self._store.save_job, job)
+    @staticmethod
+    def _state_change(job: JobRecord, state: JobState, message: str) -> tuple[str, dict[str, Any]]:
+        """Moves the record to ``state``; the event that says so (stored with the record by _record)."""
+        change = {"from": job.state.value, "to": state.value, "message": message}
+        job.state = state
+        return "state", change
 
-    async def _event(self, job: JobRecord, kind: str, data: dict[str, Any]) -> None:
-        await self._db(self._store.append_event, job.job_id, _now(), kind, data)
+    async def _record(self, job: JobRecord, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Stores the record with ``events`` appended to its history, in one transaction (a job that reads as
+        terminal has its terminal event stored: WatchJob relies on it), and wakes its watchers."""
+        async with self._writing.setdefault(job.job_id, asyncio.Lock()):
+            await self._write(job, events)
+
+    async def _write(self, job: JobRecord, events: list[tuple[str, dict[str, Any]]]) -> None:
+        at: datetime = now()
+        await self._db(self._store.append_events, job.job_id, [(at, kind, data) for kind, data in events], job)
         condition = self._changed.get(job.job_id)
-        if condition is not None:
+        if condition is not None and events:
             async with condition:
                 condition.notify_all()
 
     async def _set_state(self, job: JobRecord, state: JobState, message: str) -> None:
-        # The event first: once a job reads as terminal, its terminal event is in the history (WatchJob relies on it).
-        previous = job.state
-        await self._event(job, "state", {"from": previous.value, "to": state.value, "message": message})
-        job.state = state
-        await self._save(job)
+        await self._record(job, [self._state_change(job, state, message)])
 
     async def _finish(self, job: JobRecord, state: JobState, message: str) -> None:
         if job.state in TERMINAL_STATES:
             return
-        job.ended_at = _now()
+        job.ended_at = now()
+        job.queue_position = -1
         if state is not JobState.SUCCEEDED:
             job.error = message
         await self._set_state(job, state, message)
         self._changed.pop(job.job_id, None)
         await self._end_credentials(job.job_id)
-
-    # -- base models -----------------------------------------------------------------------------------------
-
-    async def base_model(self, tenant: str, name: str) -> BaseModelRecord:
-        """A base model by name: a built-in, else one of the tenant's; InvalidArgument when there is none."""
-        if self._catalog.path(name) is not None:
-            info = await asyncio.to_thread(self._catalog.describe, name)
-            return BaseModelRecord(
-                tenant="",
-                name=name,
-                path=str(self._catalog.path(name)),
-                architecture=info.architecture,
-                max_seq_length=info.max_seq_length,
-                parameter_count=info.parameter_count,
-                sha256=info.sha256,
-                description="built in",
-                created_at=self._catalog.created_at(name),
-            )
-        record = await self._db(self._store.base_model, tenant, name) if name else None
-        if record is None:
-            raise InvalidArgument(f"unknown base model {name!r}; see ListBaseModels")
-        return record  # type: ignore[no-any-return]
-
-    async def base_models(self, tenant: str) -> list[BaseModelRecord]:
-        builtins = [await self.base_model(tenant, name) for name in self._catalog.names()]
-        return builtins + list(await self._db(self._store.base_models, tenant))
-
-    async def register_base_model(
-        self, tenant: str, name: str, artifact_name: str, artifact_version: int, description: str
-    ) -> BaseModelRecord:
-        """Downloads the artifact (a tar of a Hugging Face model directory), unpacks and validates it."""
-        if not _MODEL_NAME.match(name):
-            raise InvalidArgument("name must be 1-128 lowercase letters, digits, '.', '_' or '-'")
-        if self._catalog.path(name) is not None:
-            raise InvalidArgument(f"{name!r} is a built-in base model")
-        if await self._db(self._store.base_model, tenant, name) is not None:
-            raise AlreadyExists(f"base model {name!r} already exists")
-        if not artifact_name:
-            raise InvalidArgument("artifact_name is required")
-        target = self._options.base_models_dir / tenant / name
-        staging = private_dir(target.with_name(f".{name}.{uuid.uuid4().hex}"))
-        try:
-            artifact = await self._artifacts.fetch_artifact(
-                tenant, artifact_name, artifact_version, staging / "artifact.tar"
-            )
-            model_dir = staging / "model"
-            try:
-                await asyncio.to_thread(_untar, staging / "artifact.tar", model_dir)
-                info = await asyncio.to_thread(describe_model_dir, model_dir)
-            except (ValueError, tarfile.TarError, OSError) as exc:
-                raise InvalidArgument(f"artifact {artifact_name!r} is not a usable base model: {exc}") from None
-            (staging / "artifact.tar").unlink()
-            shutil.rmtree(target, ignore_errors=True)
-            model_dir.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        record = BaseModelRecord(
-            tenant=tenant,
-            name=name,
-            path=str(target),
-            architecture=info.architecture,
-            max_seq_length=info.max_seq_length,
-            parameter_count=info.parameter_count,
-            sha256=artifact.sha256,
-            description=description,
-            created_at=_now(),
-            artifact=replace(artifact, role="hf_model"),
-        )
-        await self._db(self._store.add_base_model, record)
-        return record
-
-    # -- registry --------------------------------------------------------------------------------------------
-
-    async def models(self, tenant: str, page_size: int, page_token: str) -> Page:
-        offset, limit = _offset(page_token), _limit(page_size)
-        found = await self._db(self._store.models, tenant, offset, limit + 1)
-        return Page(found[:limit], str(offset + limit) if len(found) > limit else "")
-
-    async def _model(self, tenant: str, name: str) -> ModelRecord:
-        model = await self._db(self._store.model, tenant, name)
-        if model is None:
-            raise NotFound(f"model {name!r} not found")
-        return model  # type: ignore[no-any-return]
-
-    async def model_versions(self, tenant: str, model: str, page_size: int, page_token: str) -> Page:
-        await self._model(tenant, model)
-        offset, limit = _offset(page_token), _limit(page_size)
-        found = await self._db(self._store.model_versions, tenant, model, offset, limit + 1)
-        return Page(found[:limit], str(offset + limit) if len(found) > limit else "")
-
-    async def model_version(self, tenant: str, model: str, version: int, alias: str) -> ModelVersionRecord:
-        """By number, by alias, or (neither) the latest."""
-        if version and alias:
-            raise InvalidArgument("give version or alias, not both")
-        if version < 0:
-            raise InvalidArgument("version must not be negative")
-        found = await self._model(tenant, model)
-        if alias:
-            if alias not in found.aliases:
-                raise NotFound(f"model {model!r} has no alias {alias!r}")
-            version = found.aliases[alias]
-        record = await self._db(self._store.model_version, tenant, model, version)
-        if record is None:
-            raise NotFound(f"model {model!r} has no version {version}")
-        return record  # type: ignore[no-any-return]
-
-    async def set_alias(self, tenant: str, model: str, alias: str, version: int) -> ModelRecord:
-        if not _ALIAS.match(alias):
-            raise InvalidArgument("alias must be 1-40 lowercase letters, digits or '-'")
-        if version < 0:
-            raise InvalidArgument("version must not be negative")
-        await self._model(tenant, model)
-        if version and await self._db(self._store.model_version, tenant, model, version) is None:
-            raise FailedPrecondition(f"model {model!r} has no version {version}")
-        await self._db(self._store.set_alias, tenant, model, alias, version)
-        return await self._model(tenant, model)
 
 
 def _tar(directory: Path, archive: Path) -> None:
@@ -689,17 +700,3 @@ def _tar(directory: Path, archive: Path) -> None:
         for path in sorted(directory.rglob("*")):
             if path.is_file():
                 tar.add(path, arcname=str(path.relative_to(directory)))
-
-
-def _untar(archive: Path, target: Path) -> None:
-    """Unpacks a (gzip) tar safely: members stay inside ``target`` and are private; a single top-level directory is
-    unwrapped."""
-    private_dir(target)
-    with tarfile.open(archive, "r:*") as tar:
-        tar.extractall(target, filter=private_tar_member)
-    entries = list(target.iterdir())
-    if len(entries) == 1 and entries[0].is_dir() and not (target / "config.json").exists():
-        inner = entries[0]
-        for child in inner.iterdir():
-            child.rename(target / child.name)
-        inner.rmdir()

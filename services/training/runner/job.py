@@ -17,6 +17,7 @@ from services.training.runner.export import EXPORT_PREFIX, ExportResult, ParityE
 from services.training.runner.preflight import InvalidJob, PreparedJob, prepare
 from services.training.runner.spec import FineTuneSpec
 from services.training.runner.store import ArtifactStore
+from services.training.runner.tracing import phase
 from services.training.runner.train import Trainer, TrainOutcome
 
 __all__ = ["RESULT_FILE", "RESULT_SCHEMA_VERSION", "InvalidJob", "run_job"]
@@ -41,7 +42,9 @@ def run_job(
     """
     started = time.time()
     sink.emit(StateChanged("preparing"))
-    job = prepare(spec, source)
+    with phase("load data") as span:
+        job = prepare(spec, source)
+        span.set_attribute("aidc.training.examples", len(job.dataset.examples))
     finished = _finished_result(store, job)
     if finished is not None:
         sink.emit(LogLine("info", "the job already finished; keeping its result"))
@@ -62,7 +65,8 @@ def run_job(
 
     sink.emit(StateChanged("exporting", {"int8": spec.int8_export}))
     try:
-        exported = export_model(outcome.model, outcome.tokenizer, job.labels, spec, outcome.encoded_eval, store)
+        with phase("export", int8=spec.int8_export):
+            exported = export_model(outcome.model, outcome.tokenizer, job.labels, spec, outcome.encoded_eval, store)
     except ParityError as exc:
         result = _result(job, outcome, None, store, started, status="parity_failed")
         result["export"] = {"parity": exc.report.__dict__}

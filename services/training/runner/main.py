@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from services.training.runner.job import RESULT_FILE, run_job
 from services.training.runner.preflight import InvalidJob
 from services.training.runner.spec import FineTuneSpec
 from services.training.runner.store import LocalArtifactStore
+from services.training.runner.tracing import traced_run
 
 __all__ = ["EXIT_CANCELLED", "EXIT_FAILED", "EXIT_INVALID", "EXIT_OK", "EXIT_PARITY", "build_parser", "main"]
 
@@ -65,9 +67,16 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
         except ValueError as exc:
             raise InvalidJob(str(exc)) from exc
         store = LocalArtifactStore(args.job_dir)
-        run_job(
-            spec, LocalFileSource(args.dataset), store, sink, cancel, args.job_dir / WORK_DIR, args.progress_interval
-        )
+        with traced_run(os.environ):
+            run_job(
+                spec,
+                LocalFileSource(args.dataset),
+                store,
+                sink,
+                cancel,
+                args.job_dir / WORK_DIR,
+                args.progress_interval,
+            )
         return EXIT_OK
     except InvalidJob as exc:
         sink.emit(StateChanged("failed", {"reason": "invalid_argument", "message": str(exc)}))

@@ -33,6 +33,7 @@ from services.training.runner.events import (
 from services.training.runner.metrics import classification_report
 from services.training.runner.preflight import PreparedJob
 from services.training.runner.store import ArtifactStore
+from services.training.runner.tracing import phase
 
 __all__ = [
     "BEST_WEIGHTS",
@@ -304,8 +305,9 @@ class Trainer:
     def train(self) -> TrainOutcome:
         from torch.utils.tensorboard import SummaryWriter
 
-        self._build()
-        resumed_from = self._resume()
+        with phase("load model", method=self.spec.method):
+            self._build()
+            resumed_from = self._resume()
         if self._dp is not None:
             self._dp.attach()
         self.sink.emit(
@@ -340,38 +342,43 @@ class Trainer:
         state, spec = self.state, self.spec
         window_examples, window_start, window_losses = 0, time.perf_counter(), []
         while not self._done():
-            batches = self._plan(state.epoch)
-            while state.batch_in_epoch < len(batches) and not self._done():
-                started = time.perf_counter()
-                if self.cancel.cancelled:
-                    self._cancel()
-                indices = batches[state.batch_in_epoch]
-                loss = self._train_step(collate(self.train_data, indices, self.pad_id))
-                state.step += 1
-                state.batch_in_epoch += 1
-                state.examples_seen += len(indices)
-                window_examples += len(indices)
-                if not math.isnan(loss):
-                    window_losses.append(loss)
-                now = time.perf_counter()
-                if now - window_start >= self.progress_interval or self._done() or state.step == 1:
-                    rate = window_examples / max(now - window_start, 1e-9)
-                    mean_loss = sum(window_losses) / len(window_losses) if window_losses else None
-                    lr = self.scheduler.get_last_lr()[0]
-                    self.sink.emit(Progress(state.step, self.total_steps, state.epoch, rate, mean_loss, lr))
-                    if mean_loss is not None:
-                        writer.add_scalar("train/loss", mean_loss, state.step)
-                    writer.add_scalar("train/learning_rate", lr, state.step)
-                    writer.add_scalar("train/examples_per_second", rate, state.step)
-                    window_examples, window_start, window_losses = 0, time.perf_counter(), []
-                # Throughput counts everything a step costs here (batching, events, TensorBoard); evaluations and
-                # checkpoints are their own phases.
-                state.train_seconds += time.perf_counter() - started
-                if spec.checkpoint_every_steps and state.step % spec.checkpoint_every_steps == 0 and not self._done():
-                    self._save_checkpoint()
-            if state.batch_in_epoch >= len(batches):
-                self._end_epoch(writer)
-                window_start = time.perf_counter()
+            with phase("epoch", epoch=state.epoch, from_step=state.step):
+                batches = self._plan(state.epoch)
+                while state.batch_in_epoch < len(batches) and not self._done():
+                    started = time.perf_counter()
+                    if self.cancel.cancelled:
+                        self._cancel()
+                    indices = batches[state.batch_in_epoch]
+                    loss = self._train_step(collate(self.train_data, indices, self.pad_id))
+                    state.step += 1
+                    state.batch_in_epoch += 1
+                    state.examples_seen += len(indices)
+                    window_examples += len(indices)
+                    if not math.isnan(loss):
+                        window_losses.append(loss)
+                    now = time.perf_counter()
+                    if now - window_start >= self.progress_interval or self._done() or state.step == 1:
+                        rate = window_examples / max(now - window_start, 1e-9)
+                        mean_loss = sum(window_losses) / len(window_losses) if window_losses else None
+                        lr = self.scheduler.get_last_lr()[0]
+                        self.sink.emit(Progress(state.step, self.total_steps, state.epoch, rate, mean_loss, lr))
+                        if mean_loss is not None:
+                            writer.add_scalar("train/loss", mean_loss, state.step)
+                        writer.add_scalar("train/learning_rate", lr, state.step)
+                        writer.add_scalar("train/examples_per_second", rate, state.step)
+                        window_examples, window_start, window_losses = 0, time.perf_counter(), []
+                    # Throughput counts everything a step costs here (batching, events, TensorBoard); evaluations and
+                    # checkpoints are their own phases.
+                    state.train_seconds += time.perf_counter() - started
+                    if (
+                        spec.checkpoint_every_steps
+                        and state.step % spec.checkpoint_every_steps == 0
+                        and not self._done()
+                    ):
+                        self._save_checkpoint()
+                if state.batch_in_epoch >= len(batches):
+                    self._end_epoch(writer)
+                    window_start = time.perf_counter()
         # A run that ended mid-epoch (max_steps) still gets its held-out evaluation and a final checkpoint, so a
         # restart during export does not train again.
         if not state.history or state.history[-1]["step"] != state.step:
@@ -406,9 +413,11 @@ class Trainer:
 
     def _evaluate_into_history(self, writer: Any, epoch: int) -> dict[str, Any]:
         state = self.state
-        metrics = evaluate(
-            self.model, self.eval_data, self.job.labels, self.pad_id, max(self.spec.batch_size, 32), self._autocast
-        )
+        with phase("evaluate", epoch=epoch, step=state.step, examples=len(self.eval_data)) as span:
+            metrics = evaluate(
+                self.model, self.eval_data, self.job.labels, self.pad_id, max(self.spec.batch_size, 32), self._autocast
+            )
+            span.set_attribute("aidc.training.accuracy", float(metrics["accuracy"]))
         self.model.train()
         if self._dp is not None:
             metrics["epsilon"] = self._dp.epsilon()

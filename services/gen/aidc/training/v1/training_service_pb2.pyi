@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from services.gen.aidc.common.v1 import common_pb2 as _common_pb2
+from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as _scheduler_service_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -511,7 +512,9 @@ Global___TrainingOptions: _TypeAlias = TrainingOptions  # noqa: Y015
 
 @_typing.final
 class ComputeRequest(_message.Message):
-    """Compute asked of the scheduler for the run."""
+    """Compute asked of the scheduler for the run (per worker; one worker today). Every fine-tune runs as a job of the
+    scheduler, in the submitter's tenant: its quota, fair share, budget and prices apply.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -520,14 +523,30 @@ class ComputeRequest(_message.Message):
     GPU_COUNT_FIELD_NUMBER: _builtins.int
     GPU_TYPE_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    PREEMPTIBLE_FIELD_NUMBER: _builtins.int
+    MAX_RUN_DURATION_FIELD_NUMBER: _builtins.int
     cpu_millicores: _builtins.int
-    """Thousandths of a CPU core; default 1000 * available cores of a node, capped by the pool."""
+    """Thousandths of a CPU core; 0 means the training service's default (AIDC_TRAINING_DEFAULT_CPU_MILLICORES, one
+    core). The runner uses as many torch threads as whole cores requested.
+    """
     memory_bytes: _builtins.int
+    """0 means the training service's default (AIDC_TRAINING_DEFAULT_MEMORY_BYTES, 2 GiB)."""
     gpu_count: _builtins.int
     gpu_type: _builtins.str
     """e.g. "nvidia-a100-80gb"; empty means any."""
     priority: _builtins.int
-    """Scheduling priority; see aidc.scheduler.v1.SubmitJobRequest.priority."""
+    """Scheduling priority, 0 to 500 for tenants; see aidc.scheduler.v1.SubmitJobRequest.priority."""
+    pool: _builtins.str
+    """Scheduler pool; empty means the default pool."""
+    preemptible: _builtins.bool
+    """Whether higher-priority work may preempt the run (it checkpoints, waits queued, and resumes). Default false."""
+    @_builtins.property
+    def max_run_duration(self) -> _duration_pb2.Duration:
+        """The run is stopped and the job failed after running this long; unset means the pool's limit. Also what the
+        scheduler's budget check estimates the cost with.
+        """
+
     def __init__(
         self,
         *,
@@ -536,10 +555,13 @@ class ComputeRequest(_message.Message):
         gpu_count: _builtins.int = ...,
         gpu_type: _builtins.str = ...,
         priority: _builtins.int = ...,
+        pool: _builtins.str = ...,
+        preemptible: _builtins.bool = ...,
+        max_run_duration: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_run_duration", b"max_run_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_millicores", b"cpu_millicores", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "memory_bytes", b"memory_bytes", "priority", b"priority"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_millicores", b"cpu_millicores", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "max_run_duration", b"max_run_duration", "memory_bytes", b"memory_bytes", "pool", b"pool", "preemptible", b"preemptible", "priority", b"priority"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -854,6 +876,49 @@ class LogLine(_message.Message):
 Global___LogLine: _TypeAlias = LogLine  # noqa: Y015
 
 @_typing.final
+class SchedulingUpdate(_message.Message):
+    """The scheduler's view of the job changed: queued (with its reason and queue position), admitted and placed,
+    running, preempted, cancelling, or ended.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULER_JOB_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    scheduler_job_id: _builtins.str
+    state: _scheduler_service_pb2.JobState.ValueType
+    reason: _builtins.str
+    queue_position: _builtins.int
+    """While queued: position in the pool's queue (0 = next)."""
+    attempt: _builtins.int
+    """The scheduler's attempt (from 1; it increases when the run is requeued, e.g. after a preemption)."""
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Nodes the run is placed on, once admitted."""
+
+    def __init__(
+        self,
+        *,
+        scheduler_job_id: _builtins.str = ...,
+        state: _scheduler_service_pb2.JobState.ValueType = ...,
+        reason: _builtins.str = ...,
+        queue_position: _builtins.int = ...,
+        attempt: _builtins.int = ...,
+        nodes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "nodes", b"nodes", "queue_position", b"queue_position", "reason", b"reason", "scheduler_job_id", b"scheduler_job_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulingUpdate: _TypeAlias = SchedulingUpdate  # noqa: Y015
+
+@_typing.final
 class CheckpointSaved(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -893,6 +958,7 @@ class JobEvent(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     LOG_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
+    SCHEDULING_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     sequence: _builtins.int
     """Increasing per job, from 1; lets watchers resume without gaps or repeats."""
@@ -908,6 +974,8 @@ class JobEvent(_message.Message):
     def log(self) -> Global___LogLine: ...
     @_builtins.property
     def checkpoint(self) -> Global___CheckpointSaved: ...
+    @_builtins.property
+    def scheduling(self) -> Global___SchedulingUpdate: ...
     def __init__(
         self,
         *,
@@ -919,12 +987,13 @@ class JobEvent(_message.Message):
         metrics: Global___Metrics | None = ...,
         log: Global___LogLine | None = ...,
         checkpoint: Global___CheckpointSaved | None = ...,
+        scheduling: Global___SchedulingUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "event", b"event", "log", b"log", "metrics", b"metrics", "progress", b"progress", "state_change", b"state_change", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "event", b"event", "log", b"log", "metrics", b"metrics", "progress", b"progress", "scheduling", b"scheduling", "state_change", b"state_change", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "event", b"event", "job_id", b"job_id", "log", b"log", "metrics", b"metrics", "progress", b"progress", "sequence", b"sequence", "state_change", b"state_change", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "event", b"event", "job_id", b"job_id", "log", b"log", "metrics", b"metrics", "progress", b"progress", "scheduling", b"scheduling", "sequence", b"sequence", "state_change", b"state_change", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["state_change", "progress", "metrics", "log", "checkpoint"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["state_change", "progress", "metrics", "log", "checkpoint", "scheduling"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -952,6 +1021,10 @@ class Job(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
+    SCHEDULER_STATE_FIELD_NUMBER: _builtins.int
+    SCHEDULER_REASON_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    PREEMPTIONS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     job_id: _builtins.str
     state: Global___JobState.ValueType
@@ -968,6 +1041,14 @@ class Job(_message.Message):
     """Subject that submitted the job."""
     trace_id: _builtins.str
     """W3C trace id of the submitting request (the run joins that trace)."""
+    scheduler_state: _scheduler_service_pb2.JobState.ValueType
+    """The job's state in the scheduler (placement and resources); unspecified until it was submitted there."""
+    scheduler_reason: _builtins.str
+    """Why the scheduler holds the job in its state, e.g. "waiting for quota: cpu 2000/2000m in use" while QUEUED."""
+    queue_position: _builtins.int
+    """Position in the pool's queue while the scheduler has the job queued (0 = next)."""
+    preemptions: _builtins.int
+    """Times the scheduler preempted the run (each time it resumed from its checkpoint)."""
     @_builtins.property
     def spec(self) -> Global___FineTuneSpec:
         """The spec with every default resolved (dataset version number, hyperparameters)."""
@@ -1005,10 +1086,14 @@ class Job(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         trace_id: _builtins.str = ...,
+        scheduler_state: _scheduler_service_pb2.JobState.ValueType = ...,
+        scheduler_reason: _builtins.str = ...,
+        queue_position: _builtins.int = ...,
+        preemptions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "latest_metrics", b"latest_metrics", "progress", b"progress", "spec", b"spec", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "created_by", b"created_by", "end_time", b"end_time", "error", b"error", "job_id", b"job_id", "latest_metrics", b"latest_metrics", "model", b"model", "model_version", b"model_version", "progress", b"progress", "scheduler_job_id", b"scheduler_job_id", "spec", b"spec", "start_time", b"start_time", "state", b"state", "tenant", b"tenant", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "created_by", b"created_by", "end_time", b"end_time", "error", b"error", "job_id", b"job_id", "latest_metrics", b"latest_metrics", "model", b"model", "model_version", b"model_version", "preemptions", b"preemptions", "progress", b"progress", "queue_position", b"queue_position", "scheduler_job_id", b"scheduler_job_id", "scheduler_reason", b"scheduler_reason", "scheduler_state", b"scheduler_state", "spec", b"spec", "start_time", b"start_time", "state", b"state", "tenant", b"tenant", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
