@@ -13,10 +13,13 @@ import pytest
 from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
 from services.mesh import errors
 from services.mesh.db import open_database
+from services.storage.config import StorageSettings
 from services.storage.core.crypto import DataKey, LocalKeyring, content_aad, data_key_context
 from services.storage.core.names import ObjectKind
 from services.storage.store import StorageStore
-from tests.storage.conftest import RunningStorage
+from tests.conftest import RunningAuth
+from tests.storage.conftest import RunningStorage, start_storage, storage_env
+from tests.storage.seaweed import SeaweedFS
 
 MiB = 1024 * 1024
 
@@ -174,3 +177,22 @@ async def test_many_small_downloads_run_beside_a_stalled_stream(storage: Running
     got = await asyncio.wait_for(asyncio.gather(*(fetch(name) for name in small)), timeout=120)
     assert got == list(small.values())
     assert first + b"".join([chunk async for chunk in chunks]) == big
+
+
+async def test_uploads_read_back_before_they_become_visible(
+    auth: RunningAuth, tokens: dict[str, str], seaweed: SeaweedFS, tmp_path: Path
+) -> None:
+    """With AIDC_STORAGE_VERIFY_UPLOADS every upload is read back, opened and hashed again before its version is
+    committed; multi-part objects included."""
+    env = storage_env(tmp_path / "data", auth.address, seaweed, AIDC_STORAGE_VERIFY_UPLOADS="true")
+    storage = await start_storage(StorageSettings.from_env(env), tokens)
+    try:
+        client = storage.client("acme/dev")
+        for size in (0, 5, 20 * MiB + 3):
+            content = os.urandom(size)
+            info = await client.upload("acme", f"checked/{size}", content, kind=pb.OBJECT_KIND_ARTIFACT)
+            assert info.sha256 == hashlib.sha256(content).hexdigest()
+            assert await client.download_bytes("acme", f"checked/{size}", kind=pb.OBJECT_KIND_ARTIFACT) == content
+    finally:
+        await storage.close()
+        await storage.server.stop(0)
