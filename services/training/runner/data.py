@@ -37,6 +37,10 @@ __all__ = [
 ]
 
 
+#: Bytes the parser reads from a source at a time.
+_READ_BYTES = 1 << 20
+
+
 class DatasetSource(Protocol):
     """Where a dataset's bytes come from: a local file here, the storage service's download stream later."""
 
@@ -99,34 +103,60 @@ class LoadedDataset:
 
 
 def load_dataset(source: DatasetSource, text_column: str, label_column: str) -> LoadedDataset:
-    """Read the whole source (hashing it as it streams) and parse it; ValueError for unusable data."""
-    digest = hashlib.sha256()
-    buffer = io.BytesIO()
-    for chunk in source.chunks():
-        digest.update(chunk)
-        buffer.write(chunk)
-    data = buffer.getvalue()
-    fmt = _detect_format(source.name, data)
-    examples, skipped = parse_examples(data, fmt, text_column, label_column)
+    """Parse the source as it streams (hashing it on the way: neither its bytes nor its text are ever held whole,
+    only the examples); ValueError for unusable data."""
+    raw = _HashingReader(source.chunks())
+    buffered = io.BufferedReader(raw, buffer_size=_READ_BYTES)
+    fmt = _detect_format(source.name, buffered.peek(_READ_BYTES))
+    # Real exports carry the odd invalid byte (the tweets corpus does): keep the row, replace the byte.
+    text = io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="replace", newline="")
+    examples, skipped = parse_examples(text, fmt, text_column, label_column)
     if not examples:
         raise ValueError(f"dataset {source.name} is empty: no rows with both text and a label")
-    return LoadedDataset(source.name, fmt, digest.hexdigest(), len(data), tuple(examples), skipped)
+    return LoadedDataset(source.name, fmt, raw.digest.hexdigest(), raw.size, tuple(examples), skipped)
 
 
-def _detect_format(name: str, data: bytes) -> str:
+class _HashingReader(io.RawIOBase):
+    """A source's chunks as a readable stream, hashed and counted as they are read."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._pending = memoryview(b"")
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self.digest.update(chunk)
+            self.size += len(chunk)
+            self._pending = memoryview(chunk)
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+
+def _detect_format(name: str, head: bytes) -> str:
     lowered = name.lower()
     if lowered.endswith((".jsonl", ".ndjson", ".json")):
         return "jsonl"
     if lowered.endswith((".csv", ".tsv")):
         return "csv"
-    return "jsonl" if data.lstrip()[:1] == b"{" else "csv"
+    return "jsonl" if head.lstrip()[:1] == b"{" else "csv"
 
 
-def parse_examples(data: bytes, fmt: str, text_column: str, label_column: str) -> tuple[list[TextExample], int]:
-    """Examples and the number of rows skipped for a blank text or label; missing columns raise ValueError."""
-    # Real exports carry the odd invalid byte (the tweets corpus does): keep the row, replace the byte.
-    text = data.decode("utf-8-sig", errors="replace")
-    rows = _csv_rows(text) if fmt == "csv" else _jsonl_rows(text)
+def parse_examples(
+    lines: Iterable[str], fmt: str, text_column: str, label_column: str
+) -> tuple[list[TextExample], int]:
+    """Examples of the text's lines (as a text file with newline="" yields them) and the number of rows skipped
+    for a blank text or label; missing columns raise ValueError."""
+    rows = _csv_rows(lines) if fmt == "csv" else _jsonl_rows(lines)
     examples: list[TextExample] = []
     skipped = 0
     checked_columns = False
@@ -151,16 +181,16 @@ def parse_examples(data: bytes, fmt: str, text_column: str, label_column: str) -
     return examples, skipped
 
 
-def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+def _csv_rows(lines: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(lines)
     if reader.fieldnames is None:
         return
     for row in reader:
         yield reader.line_num, {k: v for k, v in row.items() if k is not None}
 
 
-def _jsonl_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+def _jsonl_rows(lines: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
