@@ -17,8 +17,9 @@ import transformers
 from services.training.runner import FineTuneSpec, InvalidJob, LocalArtifactStore
 from services.training.runner.data import BytesSource, TextExample, load_dataset, resolve_labels, split_examples
 from services.training.runner.metrics import classification_report
+from services.training.runner.preflight import check, prepare
 from services.training.runner.tiny import keyword_dataset, to_csv, to_jsonl
-from tests.training.runner.conftest import TinyJob
+from tests.training.runner.conftest import ROWS, TinyJob
 
 
 @pytest.fixture
@@ -66,6 +67,46 @@ def test_bad_spec_is_refused_before_any_compute(
     assert message in str(caught.value)
     assert time.perf_counter() - started < 2.0
     assert not (tiny.tmp / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("overrides", "data", "message"), [c[1:] for c in BAD_SPECS], ids=[c[0] for c in BAD_SPECS])
+def test_the_services_check_refuses_what_the_runner_refuses(
+    tiny: TinyJob, no_model_loading: None, overrides: dict[str, Any], data: bytes | None, message: str
+) -> None:
+    """The service checks a job without loading its examples (check); it must refuse exactly what the runner's
+    prepare refuses, with the same message."""
+    spec = tiny.spec(**overrides)
+    source = BytesSource("data.csv", data if data is not None else to_csv(ROWS))
+    with pytest.raises(InvalidJob) as by_runner:
+        prepare(spec, source)
+    with pytest.raises(InvalidJob) as by_service:
+        check(spec, source)
+    assert message in str(by_service.value) and str(by_service.value) == str(by_runner.value)
+
+
+def test_the_services_check_agrees_with_the_runner_and_keeps_no_examples(tiny: TinyJob) -> None:
+    """On a valid job check and prepare agree (hash, size, labels, rows kept and skipped); check's memory stays
+    bounded while the examples of the same dataset take many times more."""
+    spec = tiny.spec(labels=["bad", "good"])
+    prepared = prepare(spec, _GeneratedSource(2 * 1024 * 1024))
+    checked = check(spec, _GeneratedSource(2 * 1024 * 1024))
+    loaded = prepared.dataset
+    assert (checked.dataset.sha256, checked.dataset.size_bytes) == (loaded.sha256, loaded.size_bytes)
+    assert checked.labels == prepared.labels == ("bad", "good")
+    assert checked.dataset.examples == len(loaded.examples) == len(prepared.train_examples + prepared.eval_examples)
+    assert checked.dataset.rows_skipped == loaded.rows_skipped == 0
+    source = _GeneratedSource(8 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        checked = check(spec, source)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert checked.dataset.examples == source.rows and checked.dataset.label_counts == {
+        "good": source.rows // 2,
+        "bad": source.rows // 2,
+    }
+    assert peak < checked.dataset.size_bytes / 4, (peak, checked.dataset.size_bytes)
 
 
 def test_validate_lists_every_problem() -> None:
@@ -180,8 +221,8 @@ def test_split_is_seeded_stratified_and_disjoint() -> None:
         "negative": 20,
         "neutral": 20,
     }
-    assert resolve_labels(examples, ()) == ("negative", "neutral", "positive")
-    assert resolve_labels(examples, ("positive", "neutral", "negative", "extra")) == (
+    assert resolve_labels((e.label for e in examples), ()) == ("negative", "neutral", "positive")
+    assert resolve_labels((e.label for e in examples), ("positive", "neutral", "negative", "extra")) == (
         "positive",
         "neutral",
         "negative",
