@@ -212,10 +212,13 @@ def service_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_service_process(service: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start_service_process(
+    service: str, env: dict[str, str], log: Path, module: str | None = None
+) -> subprocess.Popen[bytes]:
+    """``python -m services.<service>`` (or ``module``, a variant of it) with ``env``, output to ``log``."""
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", f"services.{service}"],
+            [sys.executable, "-m", module or f"services.{service}"],
             env=env,
             cwd=ROOT,
             stdout=out,

@@ -166,10 +166,13 @@ class StorageProcess:
     log: Path
 
 
-def start_storage_process(auth: AuthProcess, s3: SeaweedFS, tmp_path: Path, **extra: str) -> StorageProcess:
+def start_storage_process(
+    auth: AuthProcess, s3: SeaweedFS, tmp_path: Path, module: str | None = None, **extra: str
+) -> StorageProcess:
+    """The storage service as its own process (``module``: a variant of ``services.storage``, for benchmarks)."""
     env = service_env(auth.data_dir, **storage_env(auth.data_dir, auth.address, s3, **extra))
-    log = tmp_path / "storage.log"
-    process = start_service_process("storage", env, log)
+    log = tmp_path / f"{(module or 'storage').rsplit('.', 1)[-1]}.log"
+    process = start_service_process("storage", env, log, module)
     address = env["AIDC_STORAGE_ADDR"]
     try:
         wait_serving(address, process=process, certs=env.get("AIDC_CERTS_DIR"))

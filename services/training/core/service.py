@@ -54,7 +54,7 @@ from services.training.core.relay import read_new_lines, translate
 from services.training.core.scheduling import ComputeScheduler, RunRequest, ScheduledRun
 from services.training.metrics import TrainingMetrics
 from services.training.runner.data import LocalFileSource
-from services.training.runner.preflight import InvalidJob, prepare
+from services.training.runner.preflight import InvalidJob, check
 from services.training.runner.spec import FineTuneSpec
 from services.training.store import TrainingStore
 
@@ -231,7 +231,7 @@ class TrainingCore:
             (job_dir / "dataset.tmp").rename(data_path)
             runner_spec = replace(spec, base_model=base.path)
             try:
-                prepared = await asyncio.to_thread(prepare, runner_spec, LocalFileSource(data_path))
+                checked = await asyncio.to_thread(check, runner_spec, LocalFileSource(data_path))
             except InvalidJob as exc:
                 raise InvalidArgument(str(exc)) from None
             (job_dir / "spec.json").write_text(json.dumps(runner_spec.to_dict(), indent=2))
@@ -240,7 +240,7 @@ class TrainingCore:
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
-        resolved = replace(resolved, sha256=prepared.dataset.sha256, rows=len(prepared.dataset.examples))
+        resolved = replace(resolved, sha256=checked.dataset.sha256, rows=checked.dataset.examples)
         job = JobRecord(
             tenant=tenant,
             job_id=job_id,
