@@ -71,6 +71,7 @@ CSV_DAMAGE = {
     "byte-order mark": lambda rows: [b"\xef\xbb\xbf" + rows[0], *rows[1:]],
     "blank and white-space lines": lambda rows: [rows[0], b"\n", b"   \n", *rows[1:], b"\n"],
     "no final newline": lambda rows: [*rows[:-1], rows[-1].rstrip(b"\r\n")],
+    "white space as the last line, no newline": lambda rows: [*rows, b" \t"],
     "a field too many": lambda rows: [*rows[:900], b"1,a,b,c\n", *rows[900:]],
     "empty text": lambda rows: [*rows[:1500], b"7,  ,pos\n", *rows[1500:]],
     "empty label": lambda rows: [*rows[:2200], b"7,fine, \n", *rows[2200:]],
@@ -95,6 +96,8 @@ def test_csv_blocks_decide_as_lines(damage: str, chunk: int) -> None:
         content = content[:0]  # byte by byte only for the short cases (the line path is slow)
     blocks, lines = _both(TextFormat.CSV, content, chunk)
     assert blocks == lines
+    if not isinstance(blocks, str):  # unmasked content is stored exactly as it came (but for a byte-order mark)
+        assert blocks[0] == content.removeprefix(b"\xef\xbb\xbf")
     if damage == "good":
         assert not isinstance(blocks, str) and blocks[0] == content and blocks[1].row_count == 3000
 

@@ -134,10 +134,12 @@ class TextDatasetProcessor:
         if self._masker is None:
             self._check_carry(final=True)
             out = self._unchanged(b"")
-        if self._partial:
+        if self._partial:  # a last line without a newline, checked line by line
             line = bytes(self._partial)
             self._partial.clear()
-            out = self._physical_line(line)
+            last = self._physical_line(line)
+            if self._masker is not None:  # unmasked, it was stored as it came: storing it again would add it twice
+                out = last
         if self._pending:
             raise InvalidArgument(f"line {self._record_start}: a quoted field is never closed")
         if self._spec.format is TextFormat.CSV and self._columns is None:
