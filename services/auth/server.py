@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Mapping
 from datetime import timedelta
 
@@ -24,6 +27,8 @@ from services.mesh.server import MeshServer, Registration
 __all__ = ["build_server", "LocalPermissionChecker", "LocalTokenVerifier"]
 
 SERVICE = "auth"
+
+log = logging.getLogger(__name__)
 
 
 class LocalPermissionChecker:
@@ -54,6 +59,16 @@ class LocalTokenVerifier(TokenVerifier):
         return self._sessions.ensure_active(await super().verify(token))
 
 
+async def _sync_forever(core: AuthCore, interval: float) -> None:
+    """Reloads what other replicas changed, every ``interval`` seconds (every replica runs this, not a leader)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await core.sync()
+        except Exception:  # noqa: BLE001 - the next round retries; one failure must not stop the loop
+            log.exception("reloading what other replicas changed failed")
+
+
 async def build_server(settings: AuthSettings, address: str | None = None) -> MeshServer:
     db = open_database(settings.database_url_for(SERVICE))
     db.migrate(MIGRATIONS, SERVICE)
@@ -80,10 +95,16 @@ async def build_server(settings: AuthSettings, address: str | None = None) -> Me
     )
     metrics = AuthMetrics(metrics_enabled(settings))
     core = AuthCore(store, PolicyEngine(CasbinAdapter(store), metrics), sessions, metrics=metrics)
-    core.bootstrap(settings.bootstrap_file)
+    # Replicas starting at once on an empty database: one after the other, so exactly one creates the admin.
+    with db.exclusive("auth-bootstrap"):
+        core.bootstrap(settings.bootstrap_file)
     servicer = AuthServicer(core, sessions, settings.trusted_proxies())
+    syncing = asyncio.create_task(_sync_forever(core, settings.auth_sync_seconds), name="auth-sync")
 
     async def close() -> None:
+        syncing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await syncing
         db.dispose()
 
     return MeshServer(

@@ -21,7 +21,9 @@ LEASE = 0.9
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    url = f"sqlite:///{tmp_path / 'leases.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    url = (
+        f"sqlite:///{tmp_path / 'leases.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    )
     database = open_database(url)
     yield database
     database.dispose()
@@ -107,7 +109,9 @@ async def test_a_leader_that_cannot_renew_stops_before_its_lease_expires(
     assert last_a <= stopped < first_b
 
 
-async def test_the_lease_row_is_one_per_service(db: Database, pair: tuple[LeaderElection, LeaderElection, Ticks]) -> None:
+async def test_the_lease_row_is_one_per_service(
+    db: Database, pair: tuple[LeaderElection, LeaderElection, Ticks]
+) -> None:
     other = LeaderElection(db, "other-svc", lease_seconds=LEASE, holder="c", metrics=False)
     await other.start()
     try:

@@ -102,8 +102,17 @@ class SessionCore:
             self._add_signing_key()
         else:
             self._keys = [self._row_to_key(r) for r in rows]
+        self.reload_revocations()
+
+    def reload_keys(self) -> None:
+        """Takes the signing keys as stored (another replica rotated them)."""
+        self._keys = [self._row_to_key(r) for r in self._store.signing_keys()]
+
+    def reload_revocations(self) -> None:
+        """Takes the revocations still in force as stored (another replica added some)."""
         since = self._clock() - self.token_window
-        self._revoked = {c: t.timestamp() for c, t in self._store.revocations_since(since).items()}
+        for credential, issued_before in self._store.revocations_since(since).items():
+            self._revoked[credential] = max(self._revoked.get(credential, 0.0), issued_before.timestamp())
 
     # -- signing keys --------------------------------------------------------------------------------
     def _row_to_key(self, row: Any) -> SigningKey:
