@@ -31,8 +31,9 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy import BigInteger, Column, Float, MetaData, String, Table, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from services.mesh.config import MeshSettings
 from services.mesh.db import Database
-from services.mesh.metrics import child
+from services.mesh.metrics import child, metrics_enabled
 
 __all__ = ["LeaderElection", "Lease", "leases_table"]
 
@@ -113,6 +114,11 @@ class LeaderElection:
         self._changed = asyncio.Condition()
         self.is_leader = False
         self.lease: Lease | None = None
+
+    @classmethod
+    def for_service(cls, db: Database, settings: MeshSettings, service: str) -> LeaderElection:
+        """The election among ``service``'s replicas, on its database, with the mesh's lease lifetime."""
+        return cls(db, service, lease_seconds=settings.leader_lease_seconds, metrics=metrics_enabled(settings))
 
     # -- registration and lifecycle ----------------------------------------------------------------------------
 

@@ -191,7 +191,11 @@ def storage_process(auth_process: AuthProcess, seaweed: SeaweedFS, tmp_path: Pat
 
 async def process_client(running: StorageProcess, tenant: str, user: str) -> tuple[StorageClient, str]:
     """A client of the storage process as ``user`` (a developer of ``tenant``, created if missing)."""
-    auth = running.auth
+    return await developer_client(running.auth, running.address, tenant, user)
+
+
+async def developer_client(auth: AuthProcess, address: str, tenant: str, user: str) -> tuple[StorageClient, str]:
+    """A client of the storage service at ``address`` as ``user`` (a developer of ``tenant``, created if missing)."""
     channel = create_channel(auth.address, auth.settings)
     try:
         client = AuthClient(channel)
@@ -207,7 +211,7 @@ async def process_client(running: StorageProcess, tenant: str, user: str) -> tup
         token = (await client.login(tenant, user, PASSWORD)).access_token
     finally:
         await channel.close(None)
-    channel = create_channel(running.address, running.settings, extra_interceptors=[_bearer(token)])
+    channel = create_channel(address, auth.settings, extra_interceptors=[_bearer(token)])
     return StorageClient(channel), tenant
 
 
