@@ -10,7 +10,8 @@ and another replica takes over at its next try.
 
 Failover bounds, with ``lease_seconds`` L (AIDC_LEADER_LEASE_SECONDS): after a clean stop, at most L/3; after the
 leader's process or machine died, at most L + L/3 (the lease outlives its last renewal by at most L, then the next
-try takes it). Each term carries a number that grows with every new holder (a fencing token for logs).
+try takes it); a leader restarted at its own address leads again at once. Each term carries a number that grows
+with every new holder (a fencing token for logs).
 
 Works the same on SQLite (replicas on one machine sharing the file) and on PostgreSQL.
 """
@@ -117,8 +118,15 @@ class LeaderElection:
 
     @classmethod
     def for_service(cls, db: Database, settings: MeshSettings, service: str) -> LeaderElection:
-        """The election among ``service``'s replicas, on its database, with the mesh's lease lifetime."""
-        return cls(db, service, lease_seconds=settings.leader_lease_seconds, metrics=metrics_enabled(settings))
+        """The election among ``service``'s replicas, on its database, with the mesh's lease lifetime, advertising
+        where this replica serves."""
+        return cls(
+            db,
+            service,
+            lease_seconds=settings.leader_lease_seconds,
+            address=settings.advertise_addr or settings.address_of(service),
+            metrics=metrics_enabled(settings),
+        )
 
     # -- registration and lifecycle ----------------------------------------------------------------------------
 
@@ -247,7 +255,11 @@ class LeaderElection:
 
     def _acquire(self) -> Lease:
         """Renews our lease or takes an expired one (one conditional UPDATE: of two replicas trying at once, one
-        wins); inserts the row on first use. Returns the lease as it now is."""
+        wins); inserts the row on first use. Returns the lease as it now is.
+
+        A lease held at this replica's own address is taken at once: its holder was this replica's previous process
+        (restarted by its supervisor, or a container restarted in its pod), which is gone, since two processes don't
+        serve one address. So a lone replica's restart after a crash doesn't wait for its old lease to expire."""
         params = {"name": self.name, "holder": self.holder, "address": self._address, "ttl": self.lease_seconds}
         with self._db.engine.begin() as conn:
             taken = conn.execute(
@@ -255,7 +267,8 @@ class LeaderElection:
                     "UPDATE leader_leases SET holder = :holder, address = :address, "
                     "term = CASE WHEN holder = :holder THEN term ELSE term + 1 END, "
                     f"expires_at = {self._now} + :ttl "
-                    f"WHERE name = :name AND (holder = :holder OR expires_at < {self._now})"
+                    f"WHERE name = :name AND (holder = :holder OR expires_at < {self._now} "
+                    "OR (address = :address AND address <> ''))"
                 ),
                 params,
             ).rowcount
