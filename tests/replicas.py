@@ -13,16 +13,39 @@ import secrets
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from tests.conftest import free_port, service_env, start_service_process, stop_process, wait_serving
+from services.auth.client import AuthClient
+from services.mesh.channels import create_channel
+from services.mesh.errors import AlreadyExists
+from services.mesh.metrics import scrape
+from tests.conftest import (
+    AuthProcess,
+    _with_token,
+    free_port,
+    service_env,
+    start_service_process,
+    stop_process,
+    wait_serving,
+)
 
-__all__ = ["Replica", "start_replicas", "stop_replicas", "kill", "leader_of", "master_keys", "scrape_leader_gauge"]
+__all__ = [
+    "Replica",
+    "start_replicas",
+    "stop_replicas",
+    "kill",
+    "leader_of",
+    "master_keys",
+    "scrape_leader_gauge",
+    "admin_token",
+    "user_token",
+]
+
+PASSWORD = "correct horse battery"
 
 
 @dataclass
@@ -35,6 +58,8 @@ class Replica:
     data_dir: Path
     log: Path
     metrics_address: str
+    #: The mesh's certificates (None: plaintext).
+    certs: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -67,7 +92,8 @@ def start_replicas(
         replica_env = service_env(directory / "data", **extra)
         log = directory / f"{service}.log"
         process = start_service_process(service, replica_env, log)
-        replicas.append(Replica(service, process, address, directory / "data", log, metrics))
+        certs = Path(env["AIDC_CERTS_DIR"]) if env.get("AIDC_CERTS_DIR") else None
+        replicas.append(Replica(service, process, address, directory / "data", log, metrics, certs))
     try:
         for replica in replicas:
             wait_serving(replica.address, timeout, replica.process, env.get("AIDC_CERTS_DIR"))
@@ -108,9 +134,33 @@ def leader_of(database_url: str, replicas: Iterable[Replica], service: str) -> R
 
 
 def scrape_leader_gauge(replica: Replica, loop: str) -> float:
-    """The replica's ``aidc_leader{loop=...}`` from its /metrics (plaintext: these tests run without certificates)."""
-    with urllib.request.urlopen(f"http://{replica.metrics_address}/metrics", timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(f'aidc_leader{{loop="{loop}"}}'):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no aidc_leader gauge for loop {loop!r} on {replica.service} pid {replica.pid}")
+    """The replica's ``aidc_leader{loop=...}`` from its /metrics (over the mesh's TLS when it has certificates)."""
+    scheme = "https" if replica.certs else "http"
+    found = scrape(f"{scheme}://{replica.metrics_address}/metrics", replica.certs).series("aidc_leader")
+    values = [value for labels, value in found if labels.get("loop") == loop]
+    assert values, f"no aidc_leader gauge for loop {loop!r} on {replica.service} pid {replica.pid}"
+    return values[0]
+
+
+async def admin_token(auth: AuthProcess) -> str:
+    """A platform admin's token from the auth process (over its TLS with the CLI's certificate, when it has one)."""
+    client = AuthClient(create_channel(auth.address, auth.settings))
+    try:
+        return (await client.login("platform", "admin", auth.admin_password)).access_token
+    finally:
+        await client.close()
+
+
+async def user_token(auth: AuthProcess, tenant: str, name: str, role: str = "developer") -> str:
+    """The token of ``name`` in ``tenant`` with ``role`` (tenant and user created if missing)."""
+    admin = AuthClient(create_channel(auth.address, auth.settings))
+    admin.stub = _with_token(admin.stub, await admin_token(auth))  # type: ignore[assignment]
+    try:
+        for create in (lambda: admin.create_tenant(tenant), lambda: admin.create_user(tenant, name, PASSWORD, [role])):
+            try:
+                await create()
+            except AlreadyExists:
+                pass
+        return (await admin.login(tenant, name, PASSWORD)).access_token
+    finally:
+        await admin.close()

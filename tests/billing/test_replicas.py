@@ -14,7 +14,6 @@ import grpc
 import pytest
 from sqlalchemy import create_engine, text
 
-from services.auth.client import AuthClient
 from services.billing.client import BillingClient, money, usage_event
 from services.cli.session import BearerToken
 from services.gen.aidc.billing.v1 import billing_service_pb2 as pb
@@ -22,7 +21,7 @@ from services.mesh.channels import create_channel
 from services.mesh.config import MeshSettings, load_settings
 from tests.conftest import AuthProcess, start_auth_process, stop_process
 from tests.postgres import postgres_cluster, postgres_url  # noqa: F401 - fixtures
-from tests.replicas import Replica, master_keys, start_replicas, stop_replicas
+from tests.replicas import Replica, admin_token, master_keys, start_replicas, stop_replicas
 
 pytestmark = pytest.mark.slow
 
@@ -106,8 +105,8 @@ async def test_a_budget_set_through_one_replica_is_enforced_by_the_other(
     replicas: tuple[list[Replica], str], mesh_certs: Path, mesh: AuthProcess
 ) -> None:
     (a, b), _ = replicas
-    admin_token = await _admin_token(mesh)
-    admin_a = _client(a, mesh_certs, "cli", admin_token)
+    token = await admin_token(mesh)
+    admin_a = _client(a, mesh_certs, "cli", token)
     asking_b = _client(b, mesh_certs, "scheduler")
     try:
         estimate = money(2_000_000)
@@ -123,11 +122,3 @@ async def test_a_budget_set_through_one_replica_is_enforced_by_the_other(
     finally:
         await admin_a.close()
         await asking_b.close()
-
-
-async def _admin_token(auth: AuthProcess) -> str:
-    client = AuthClient(create_channel(auth.address, auth.settings, identity="cli"))
-    try:
-        return (await client.login("platform", "admin", auth.admin_password)).access_token
-    finally:
-        await client.close()
