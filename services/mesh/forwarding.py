@@ -40,20 +40,22 @@ def _message_types(method: str) -> tuple[Any, Any]:
 
 
 class LeaderForwarding(_WrappingInterceptor):
-    """The innermost server interceptor of a service whose ``services`` (full gRPC service names) only its leader
-    serves: on a follower their RPCs go to the leader (see the module docstring)."""
+    """The innermost server interceptor of a service whose ``leader_only`` RPCs (full gRPC service names, every RPC
+    of the service, or "<service>/<method>") only its leader serves: on a follower they go to the leader (see the
+    module docstring)."""
 
     def __init__(
-        self, election: LeaderElection, settings: MeshSettings, service: str, services: Collection[str]
+        self, election: LeaderElection, settings: MeshSettings, service: str, leader_only: Collection[str]
     ) -> None:
         self._election = election
         self._settings = settings
         self._service = service
-        self._services = frozenset(services)
+        self._leader_only = frozenset(leader_only)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _forwards(self, method: str) -> bool:
-        return method.lstrip("/").split("/", 1)[0] in self._services
+        name = method.lstrip("/")
+        return name in self._leader_only or name.split("/", 1)[0] in self._leader_only
 
     def _leader_channel(self, context: ServicerContext) -> grpc.aio.Channel:
         if any(key == FORWARDED_PEER for key, _ in context.invocation_metadata() or ()):
