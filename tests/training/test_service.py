@@ -82,6 +82,7 @@ async def test_fine_tune_end_to_end(storage: RunningStorage, training: RunningTr
     path = [scheduler_pb.JobState.Name(e.scheduling.state) for e in events if e.HasField("scheduling")]
     assert path[0] == "JOB_STATE_QUEUED" and path[-1] == "JOB_STATE_SUCCEEDED", path
     assert {"JOB_STATE_SCHEDULED", "JOB_STATE_RUNNING"} <= set(path), path
+    assert path.index("JOB_STATE_SCHEDULED") < path.index("JOB_STATE_RUNNING"), path  # even when admitted unseen
     assert all(e.scheduling.scheduler_job_id == job.scheduler_job_id for e in events if e.HasField("scheduling"))
     # Replaying from a sequence gives exactly the rest.
     assert [e.sequence for e in await _watch(client, job.job_id, after=3)] == [e.sequence for e in events[3:]]

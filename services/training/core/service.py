@@ -501,16 +501,12 @@ class TrainingCore:
         previous_attempt, job.attempt = job.attempt, max(job.attempt, run.attempt)
         events: list[tuple[str, dict[str, Any]]] = []
         active = job.state not in TERMINAL_STATES
+        if seen[0] in ("", "queued") and run.state not in ("queued", "scheduled") and run.nodes:
+            # The admission happened between two looks (e.g. before the watch began): its placement is in the run.
+            admitted = {"state": "scheduled", "reason": f"admitted on {', '.join(sorted(set(run.nodes)))}"}
+            events.append(("scheduling", {**self._update(run), **admitted}))
         if (run.state, run.reason, run.queue_position, run.attempt) != seen:
-            update = {
-                "scheduler_job_id": run.job_id,
-                "state": run.state,
-                "reason": run.reason,
-                "queue_position": run.queue_position,
-                "attempt": run.attempt,
-                "nodes": list(run.nodes),
-            }
-            events.append(("scheduling", update))
+            events.append(("scheduling", self._update(run)))
         running = job.state in (JobState.RUNNING, JobState.EXPORTING)
         if run.state == "running" and (job.state is JobState.QUEUED or (running and job.attempt != previous_attempt)):
             job.started_at = job.started_at or now()
@@ -523,6 +519,18 @@ class TrainingCore:
             job.error = job.error or run.reason
             events.append(self._state_change(job, JobState.CANCELLING, run.reason))
         await self._record(job, events)
+
+    @staticmethod
+    def _update(run: ScheduledRun) -> dict[str, Any]:
+        """A scheduling event's data: the scheduler's view of the run."""
+        return {
+            "scheduler_job_id": run.job_id,
+            "state": run.state,
+            "reason": run.reason,
+            "queue_position": run.queue_position,
+            "attempt": run.attempt,
+            "nodes": list(run.nodes),
+        }
 
     async def _relay(self, job: JobRecord, *, final: bool) -> None:
         """What the runner printed since the last call into the job's history. The events and how far the output
