@@ -19,7 +19,7 @@ from services.mesh.server import MeshServer
 from services.serving.client import ServingClient, TextClassifierClient
 from services.serving.config import ServingSettings
 from services.serving.server import build_server
-from tests.conftest import RunningAuth, free_port
+from tests.conftest import RunningAuth, database_env, free_port
 from tests.serving.triton import TritonProcess
 from tests.storage.conftest import RunningStorage, seaweed, storage, tokens  # noqa: F401 - fixtures
 from tests.training.conftest import (  # noqa: F401 - fixtures
@@ -51,6 +51,7 @@ def serving_settings(
     training_addr: str,
     triton: TritonProcess,
     certs_dir: str = "",
+    database_url: str = "",
 ) -> ServingSettings:
     return ServingSettings.from_env(
         {
@@ -67,6 +68,7 @@ def serving_settings(
             "AIDC_MODEL_REPOSITORY": str(triton.repository),
             "AIDC_SERVING_RECONCILE_INTERVAL_SECONDS": "0.3",
             "AIDC_SERVING_ROLLOUT_TIMEOUT_SECONDS": "120",
+            **database_env(database_url),
         }
     )
 
@@ -113,6 +115,7 @@ async def serving(
     training: RunningTraining,  # noqa: F811
     triton: TritonProcess,
     tmp_path: Path,
+    service_database: str,
 ) -> AsyncIterator[RunningServing]:
     config = serving_settings(
         tmp_path / "serving",
@@ -121,6 +124,7 @@ async def serving(
         training.settings.training_addr,
         triton,
         auth.settings.certs_dir,
+        service_database,
     )
     running = await start_serving(config, storage.tokens)
     yield running

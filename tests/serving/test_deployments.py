@@ -316,6 +316,7 @@ async def test_triton_restart_and_service_restart_reload_deployments(
         training.settings.training_addr,
         triton,
         serving.settings.certs_dir,
+        serving.settings.database_url,
     )
     restarted = await start_serving(settings, serving.tokens)
     try:

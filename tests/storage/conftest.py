@@ -27,6 +27,7 @@ from services.storage.server import build_server
 from tests.conftest import (
     AuthProcess,
     RunningAuth,
+    database_env,
     free_port,
     service_env,
     start_service_process,
@@ -139,7 +140,7 @@ async def tokens(auth: RunningAuth) -> dict[str, str]:
 
 @pytest.fixture
 async def storage(
-    auth: RunningAuth, tokens: dict[str, str], seaweed: SeaweedFS, tmp_path: Path
+    auth: RunningAuth, tokens: dict[str, str], seaweed: SeaweedFS, tmp_path: Path, service_database: str
 ) -> AsyncIterator[RunningStorage]:
     # On the mesh's mutual TLS when auth is (tests of services that call storage as a mesh service). Then storage
     # delivers its usage: to no billing (never to the default address, which a running platform may hold), and
@@ -147,7 +148,7 @@ async def storage(
     mesh = {"AIDC_CERTS_DIR": auth.settings.certs_dir}
     if auth.settings.certs_dir:
         mesh |= {"AIDC_BILLING_ADDR": f"127.0.0.1:{free_port()}", "AIDC_SHUTDOWN_GRACE_SECONDS": "0.5"}
-    env = storage_env(tmp_path / "data", auth.address, seaweed, **mesh)
+    env = storage_env(tmp_path / "data", auth.address, seaweed, **mesh, **database_env(service_database))
     running = await start_storage(StorageSettings.from_env(env), tokens)
     yield running
     await running.close()
