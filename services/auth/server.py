@@ -54,8 +54,16 @@ class LocalTokenVerifier(TokenVerifier):
         # Both come from this process: refetched inline (never stale), not in the background as other services do.
         super().__init__(jwks, revocations, refresh_seconds=refresh_seconds, max_stale_seconds=refresh_seconds)
         self._sessions = sessions
+        self._keys_generation = -1
 
     async def verify(self, token: str) -> Principal:
+        if self._keys_generation != self._sessions.keys_generation:
+            # The keys changed here or were reloaded from another replica: take them now, so a token signed with a
+            # new key verifies at once (the base class would refuse an unknown kid until its next refetch).
+            async with self._lock:
+                generation = self._sessions.keys_generation
+                await self._refresh()
+                self._keys_generation = generation
         return self._sessions.ensure_active(await super().verify(token))
 
 
