@@ -135,6 +135,11 @@ async def test_the_follower_forwards_and_takes_over_when_the_leader_is_killed(
         await admin.close()
         await submitter.close()
 
+    # The leader has metered the running job (the failover must go on from what it metered, not from nothing).
+    started = time.monotonic()
+    while not any(e.attributes["job"] == long.job_id for e in _usage([leader]).values()):
+        assert time.monotonic() - started < 60, "the leader never metered the running job"
+        await asyncio.sleep(0.1)
     kill(leader)
     killed = time.monotonic()
     while leader_of(url, replicas, "scheduler") is not follower:

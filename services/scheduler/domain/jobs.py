@@ -56,6 +56,8 @@ class Meter(Protocol):
 
     def track(self, allocation: Allocation) -> None: ...
 
+    def latest(self, allocation: Allocation) -> Allocation: ...
+
     async def release(self, allocation: Allocation) -> None: ...
 
 
@@ -635,6 +637,11 @@ class JobScheduler:
         released = now
         if status.ended_ns:
             released = max(min(status.ended_ns, now), job.admitted_ns)
+        if allocation is not None:
+            # Held at least as long as it was metered: a window a tick metered as complete (the exit not noticed
+            # yet, and the resources not reassignable meanwhile) is not metered again with other content.
+            allocation = self._meter.latest(allocation)
+            released = max(released, allocation.metered_until_ns)
         if job.running_since_ns:
             job.run_ns += max(released - job.running_since_ns, 0)
         self.policy.release(job.job_id)
