@@ -33,7 +33,7 @@ from tests.training.conftest import (  # noqa: F401 - fixtures
     upload_keywords_and_tiny_bert,
 )
 
-__all__ = ["RunningServing", "start_serving", "serving_settings", "fine_tune"]
+__all__ = ["RunningServing", "start_serving", "serving_settings", "serving_env", "fine_tune"]
 
 
 @pytest.fixture
@@ -54,23 +54,36 @@ def serving_settings(
     database_url: str = "",
 ) -> ServingSettings:
     return ServingSettings.from_env(
-        {
-            "AIDC_DATA_DIR": str(data_dir),
-            "AIDC_CERTS_DIR": certs_dir,
-            # Usage goes to no billing; a stop does not wait for it.
-            "AIDC_SHUTDOWN_GRACE_SECONDS": "0.5",
-            "AIDC_AUTH_ADDR": auth_addr,
-            "AIDC_STORAGE_ADDR": storage_addr,
-            "AIDC_TRAINING_ADDR": training_addr,
-            "AIDC_BILLING_ADDR": f"127.0.0.1:{free_port()}",
-            "AIDC_SERVING_ADDR": f"127.0.0.1:{free_port()}",
-            **triton.serving_env(),
-            "AIDC_MODEL_REPOSITORY": str(triton.repository),
-            "AIDC_SERVING_RECONCILE_INTERVAL_SECONDS": "0.3",
-            "AIDC_SERVING_ROLLOUT_TIMEOUT_SECONDS": "120",
-            **database_env(database_url),
-        }
+        serving_env(data_dir, auth_addr, storage_addr, training_addr, triton, certs_dir, database_url)
     )
+
+
+def serving_env(
+    data_dir: Path,
+    auth_addr: str,
+    storage_addr: str,
+    training_addr: str,
+    triton: TritonProcess,
+    certs_dir: str = "",
+    database_url: str = "",
+) -> dict[str, str]:
+    """The settings of a serving service in front of ``triton`` (its own port, usage to no billing)."""
+    return {
+        "AIDC_DATA_DIR": str(data_dir),
+        "AIDC_CERTS_DIR": certs_dir,
+        # Usage goes to no billing; a stop does not wait for it.
+        "AIDC_SHUTDOWN_GRACE_SECONDS": "0.5",
+        "AIDC_AUTH_ADDR": auth_addr,
+        "AIDC_STORAGE_ADDR": storage_addr,
+        "AIDC_TRAINING_ADDR": training_addr,
+        "AIDC_BILLING_ADDR": f"127.0.0.1:{free_port()}",
+        "AIDC_SERVING_ADDR": f"127.0.0.1:{free_port()}",
+        **triton.serving_env(),
+        "AIDC_MODEL_REPOSITORY": str(triton.repository),
+        "AIDC_SERVING_RECONCILE_INTERVAL_SECONDS": "0.3",
+        "AIDC_SERVING_ROLLOUT_TIMEOUT_SECONDS": "120",
+        **database_env(database_url),
+    }
 
 
 @dataclass

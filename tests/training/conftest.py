@@ -109,19 +109,24 @@ class RunningTraining:
 def training_settings(
     data_dir: Path, auth: RunningAuth, storage_address: str, scheduler_address: str, **extra: str
 ) -> TrainingSettings:
-    return TrainingSettings.from_env(
-        {
-            "AIDC_DATA_DIR": str(data_dir),
-            "AIDC_CERTS_DIR": auth.settings.certs_dir,
-            "AIDC_AUTH_ADDR": auth.address,
-            "AIDC_STORAGE_ADDR": storage_address,
-            "AIDC_SCHEDULER_ADDR": scheduler_address,
-            "AIDC_TRAINING_ADDR": f"127.0.0.1:{free_port()}",
-            "AIDC_TRAINING_PROGRESS_INTERVAL_SECONDS": "0.2",
-            "AIDC_TRAINING_RUNNER_THREADS": "1",
-            **extra,
-        }
-    )
+    return TrainingSettings.from_env(training_env(data_dir, auth, storage_address, scheduler_address, **extra))
+
+
+def training_env(
+    data_dir: Path, auth: RunningAuth, storage_address: str, scheduler_address: str, **extra: str
+) -> dict[str, str]:
+    """The settings of a training service on its own port, next to ``auth``, storage and the scheduler."""
+    return {
+        "AIDC_DATA_DIR": str(data_dir),
+        "AIDC_CERTS_DIR": auth.settings.certs_dir,
+        "AIDC_AUTH_ADDR": auth.address,
+        "AIDC_STORAGE_ADDR": storage_address,
+        "AIDC_SCHEDULER_ADDR": scheduler_address,
+        "AIDC_TRAINING_ADDR": f"127.0.0.1:{free_port()}",
+        "AIDC_TRAINING_PROGRESS_INTERVAL_SECONDS": "0.2",
+        "AIDC_TRAINING_RUNNER_THREADS": "1",
+        **extra,
+    }
 
 
 async def start_training(
