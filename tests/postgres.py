@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -36,6 +36,7 @@ __all__ = [
     "postgres_cluster",
     "postgres_url",
     "postgres_services_url",
+    "services_on_postgres",
     "assert_migrated_on_postgres",
 ]
 
@@ -207,21 +208,30 @@ def postgres_services_url(postgres_cluster: PostgresCluster) -> Iterator[str]:
         postgres_cluster.drop_database(f"{prefix}_{service}")
 
 
-def assert_migrated_on_postgres(url: str, component: str, migrations: Sequence[Migration]) -> None:
-    """The database at ``url`` is PostgreSQL and has every one of ``component``'s migrations recorded."""
+@pytest.fixture(name="service_database")
+def services_on_postgres(postgres_services_url: str) -> str:
+    """tests/conftest.py's ``service_database`` overridden: every service a suite's fixtures start runs on
+    PostgreSQL, a database each. A suite's PostgreSQL variant (tests/<svc>/test_postgres.py) imports this."""
+    return postgres_services_url
+
+
+def assert_migrated_on_postgres(url_template: str, migrations: Mapping[str, Sequence[Migration]]) -> None:
+    """Each service's database (``url_template`` with '{service}' replaced by its name) is PostgreSQL and has every
+    one of the service's migrations recorded."""
     from sqlalchemy import create_engine, text
 
-    assert url.startswith("postgresql+psycopg://"), url
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                text("SELECT version, description FROM schema_migrations WHERE component = :c ORDER BY version"),
-                {"c": component},
-            ).all()
-    finally:
-        engine.dispose()
-    assert [tuple(row) for row in rows] == [(m.version, m.description) for m in migrations]
+    assert url_template.startswith("postgresql+psycopg://"), url_template
+    for service, expected in migrations.items():
+        engine = create_engine(url_template.replace("{service}", service))
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    text("SELECT version, description FROM schema_migrations WHERE component = :c ORDER BY version"),
+                    {"c": service},
+                ).all()
+        finally:
+            engine.dispose()
+        assert [tuple(row) for row in rows] == [(m.version, m.description) for m in expected], service
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ environment, as the cluster's Secrets give them). ``leader_of`` reads the lease 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import secrets
@@ -38,6 +39,7 @@ __all__ = [
     "start_replicas",
     "stop_replicas",
     "kill",
+    "kill_leader",
     "leader_of",
     "master_keys",
     "scrape_leader_gauge",
@@ -114,6 +116,23 @@ def kill(replica: Replica) -> None:
     """SIGKILL: the process dies without releasing anything (a crashed pod or machine)."""
     os.kill(replica.pid, signal.SIGKILL)
     replica.process.wait(10)
+
+
+async def kill_leader(
+    database_url: str, replicas: list[Replica], service: str, leader: Replica, lease_seconds: float
+) -> Replica:
+    """SIGKILLs ``leader`` and waits until another replica holds ``service``'s lease; that replica. The failover
+    must take at most 4/3 of the lease (services/mesh/leader.py's bound after a death), plus 1 s for this machine."""
+    kill(leader)
+    killed = time.monotonic()
+    while (new := leader_of(database_url, replicas, service)) in (None, leader):
+        assert time.monotonic() - killed < lease_seconds * 4 / 3 + 10, f"no other {service} replica took over"
+        await asyncio.sleep(0.05)
+    assert new is not None
+    failover = time.monotonic() - killed
+    print(f"\n{service} leader failover after SIGKILL: {failover:.2f} s (lease {lease_seconds:g} s)")
+    assert failover <= lease_seconds * 4 / 3 + 1.0
+    return new
 
 
 def leader_of(database_url: str, replicas: Iterable[Replica], service: str) -> Replica | None:

@@ -8,7 +8,12 @@ from __future__ import annotations
 import pytest
 
 from services.scheduler.store import MIGRATIONS as SCHEDULER_MIGRATIONS
-from tests.postgres import assert_migrated_on_postgres, postgres_cluster, postgres_services_url  # noqa: F401
+from tests.postgres import (  # noqa: F401 - fixtures
+    assert_migrated_on_postgres,
+    postgres_cluster,
+    postgres_services_url,
+    services_on_postgres,
+)
 from tests.scheduler.service_support import RunningScheduler
 from tests.scheduler.test_service_bad_input import (  # noqa: F401 - run here on PostgreSQL
     test_bad_pool_and_node_changes_are_refused_and_change_nothing,
@@ -24,16 +29,9 @@ from tests.scheduler.test_service_jobs import (  # noqa: F401 - run here on Post
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def service_database(request: pytest.FixtureRequest) -> str:
-    """Every service these tests start is on PostgreSQL (this module's override of tests/conftest.py's)."""
-    return str(request.getfixturevalue("postgres_services_url"))
-
-
 async def test_the_scheduler_runs_on_postgresql_with_its_migrations_recorded(
     scheduler: RunningScheduler,
     postgres_services_url: str,  # noqa: F811 - the fixture imported above
 ) -> None:
-    url = scheduler.settings.database_url_for("scheduler")
-    assert url == postgres_services_url.replace("{service}", "scheduler")
-    assert_migrated_on_postgres(url, "scheduler", SCHEDULER_MIGRATIONS)
+    assert scheduler.settings.database_url == postgres_services_url
+    assert_migrated_on_postgres(postgres_services_url, {"scheduler": SCHEDULER_MIGRATIONS})

@@ -33,7 +33,7 @@ from tests.training.conftest import (  # noqa: F401 - fixtures
     upload_keywords_and_tiny_bert,
 )
 
-__all__ = ["RunningServing", "start_serving", "serving_settings", "serving_env", "fine_tune"]
+__all__ = ["RunningServing", "start_serving", "serving_env", "fine_tune"]
 
 
 @pytest.fixture
@@ -42,20 +42,6 @@ def triton(tmp_path: Path) -> Iterator[TritonProcess]:
     process.start()
     yield process
     process.stop()
-
-
-def serving_settings(
-    data_dir: Path,
-    auth_addr: str,
-    storage_addr: str,
-    training_addr: str,
-    triton: TritonProcess,
-    certs_dir: str = "",
-    database_url: str = "",
-) -> ServingSettings:
-    return ServingSettings.from_env(
-        serving_env(data_dir, auth_addr, storage_addr, training_addr, triton, certs_dir, database_url)
-    )
 
 
 def serving_env(
@@ -130,14 +116,16 @@ async def serving(
     tmp_path: Path,
     service_database: str,
 ) -> AsyncIterator[RunningServing]:
-    config = serving_settings(
-        tmp_path / "serving",
-        auth.address,
-        storage.address,
-        training.settings.training_addr,
-        triton,
-        auth.settings.certs_dir,
-        service_database,
+    config = ServingSettings.from_env(
+        serving_env(
+            tmp_path / "serving",
+            auth.address,
+            storage.address,
+            training.settings.training_addr,
+            triton,
+            auth.settings.certs_dir,
+            service_database,
+        )
     )
     running = await start_serving(config, storage.tokens)
     yield running

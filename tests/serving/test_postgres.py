@@ -8,7 +8,12 @@ from __future__ import annotations
 import pytest
 
 from services.serving.store import MIGRATIONS as SERVING_MIGRATIONS
-from tests.postgres import assert_migrated_on_postgres, postgres_cluster, postgres_services_url  # noqa: F401
+from tests.postgres import (  # noqa: F401 - fixtures
+    assert_migrated_on_postgres,
+    postgres_cluster,
+    postgres_services_url,
+    services_on_postgres,
+)
 from tests.serving.conftest import RunningServing
 from tests.serving.test_deployments import (  # noqa: F401 - run here on PostgreSQL
     test_bad_deploy_requests_change_nothing,
@@ -19,16 +24,9 @@ from tests.serving.test_deployments import (  # noqa: F401 - run here on Postgre
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def service_database(request: pytest.FixtureRequest) -> str:
-    """Every service these tests start is on PostgreSQL (this module's override of tests/conftest.py's)."""
-    return str(request.getfixturevalue("postgres_services_url"))
-
-
 async def test_serving_runs_on_postgresql_with_its_migrations_recorded(
     serving: RunningServing,
     postgres_services_url: str,  # noqa: F811 - the fixture imported above
 ) -> None:
-    url = serving.settings.database_url_for("serving")
-    assert url == postgres_services_url.replace("{service}", "serving")
-    assert_migrated_on_postgres(url, "serving", SERVING_MIGRATIONS)
+    assert serving.settings.database_url == postgres_services_url
+    assert_migrated_on_postgres(postgres_services_url, {"serving": SERVING_MIGRATIONS})

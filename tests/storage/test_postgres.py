@@ -11,7 +11,12 @@ import pytest
 from services.auth.store import MIGRATIONS as AUTH_MIGRATIONS
 from services.storage.schema import MIGRATIONS as STORAGE_MIGRATIONS
 from tests.conftest import RunningAuth
-from tests.postgres import assert_migrated_on_postgres, postgres_cluster, postgres_services_url  # noqa: F401
+from tests.postgres import (  # noqa: F401 - fixtures
+    assert_migrated_on_postgres,
+    postgres_cluster,
+    postgres_services_url,
+    services_on_postgres,
+)
 from tests.storage.conftest import RunningStorage
 from tests.storage.test_bad_input import OTHER_CALLS, UPLOADS, refuse_request, refuse_upload
 from tests.storage.test_roundtrip import (  # noqa: F401 - run here on PostgreSQL
@@ -26,12 +31,6 @@ from tests.storage.test_security import (  # noqa: F401 - run here on PostgreSQL
 from tests.storage.test_text_datasets import test_csv_dataset_is_validated_and_described  # noqa: F401
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def service_database(request: pytest.FixtureRequest) -> str:
-    """Every service these tests start is on PostgreSQL (this module's override of tests/conftest.py's)."""
-    return str(request.getfixturevalue("postgres_services_url"))
 
 
 async def test_every_bad_upload_is_refused_and_writes_nothing(storage: RunningStorage) -> None:
@@ -62,10 +61,5 @@ async def test_auth_and_storage_run_on_postgresql_with_their_migrations_recorded
     storage: RunningStorage,
     postgres_services_url: str,  # noqa: F811 - the fixture imported above
 ) -> None:
-    for service, settings, migrations in (
-        ("auth", auth.settings, AUTH_MIGRATIONS),
-        ("storage", storage.settings, STORAGE_MIGRATIONS),
-    ):
-        url = settings.database_url_for(service)
-        assert url == postgres_services_url.replace("{service}", service)
-        assert_migrated_on_postgres(url, service, migrations)
+    assert auth.settings.database_url == storage.settings.database_url == postgres_services_url
+    assert_migrated_on_postgres(postgres_services_url, {"auth": AUTH_MIGRATIONS, "storage": STORAGE_MIGRATIONS})

@@ -12,7 +12,12 @@ from services.auth.store import MIGRATIONS as AUTH_MIGRATIONS
 from services.scheduler.store import MIGRATIONS as SCHEDULER_MIGRATIONS
 from services.storage.schema import MIGRATIONS as STORAGE_MIGRATIONS
 from services.training.store import MIGRATIONS as TRAINING_MIGRATIONS
-from tests.postgres import assert_migrated_on_postgres, postgres_cluster, postgres_services_url  # noqa: F401
+from tests.postgres import (  # noqa: F401 - fixtures
+    assert_migrated_on_postgres,
+    postgres_cluster,
+    postgres_services_url,
+    services_on_postgres,
+)
 from tests.training.conftest import RunningTraining
 from tests.training.test_service import (  # noqa: F401 - run here on PostgreSQL
     test_a_job_waits_queued_with_the_schedulers_reason_and_cancels_from_training,
@@ -24,23 +29,15 @@ from tests.training.test_service import (  # noqa: F401 - run here on PostgreSQL
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def service_database(request: pytest.FixtureRequest) -> str:
-    """Every service these tests start is on PostgreSQL (this module's override of tests/conftest.py's)."""
-    return str(request.getfixturevalue("postgres_services_url"))
-
-
 async def test_the_services_run_on_postgresql_with_their_migrations_recorded(
     training: RunningTraining,
     postgres_services_url: str,  # noqa: F811 - the fixture imported above
 ) -> None:
-    for service, migrations in (
-        ("auth", AUTH_MIGRATIONS),
-        ("storage", STORAGE_MIGRATIONS),
-        ("scheduler", SCHEDULER_MIGRATIONS),
-        ("training", TRAINING_MIGRATIONS),
-    ):
-        url = postgres_services_url.replace("{service}", service)
-        assert_migrated_on_postgres(url, service, migrations)
-    assert training.settings.database_url_for("training") == postgres_services_url.replace("{service}", "training")
-    assert training.scheduler.settings.database_url_for("scheduler").startswith("postgresql+psycopg://")
+    assert training.settings.database_url == training.scheduler.settings.database_url == postgres_services_url
+    migrations = {
+        "auth": AUTH_MIGRATIONS,
+        "storage": STORAGE_MIGRATIONS,
+        "scheduler": SCHEDULER_MIGRATIONS,
+        "training": TRAINING_MIGRATIONS,
+    }
+    assert_migrated_on_postgres(postgres_services_url, migrations)
