@@ -40,3 +40,6 @@ class ServiceUnderTest:
     serve: Callable[[Any, Path], AbstractAsyncContextManager[str]]
     #: RPCs only mesh services call: refused on the tenant path whoever asks (the rules' ``mesh_only``).
     mesh_only: frozenset[str] = frozenset()
+    #: RPCs that call another service which ``serve`` deliberately does not run: an allowed caller gets UNAVAILABLE
+    #: for the refused connection to it (proof the call passed this service's authorization), never anything else.
+    reach_absent_services: frozenset[str] = frozenset()

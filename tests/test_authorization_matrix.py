@@ -14,10 +14,23 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.mesh.authz import PermissionTable
+from services.mesh.authz import PermissionTable, Scope
 from services.mesh.config import SERVICE_NAMES
 from tests.conftest import RunningAuth
 from tests.matrix_support import PASSWORD, ROLES, USERS, ServiceUnderTest
+
+#: Answers that mean an allowed call was not served: refused, unauthenticated, or failed where a refusal could hide.
+NOT_SERVED = frozenset(
+    {
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
 
 
 def _permission_tables() -> dict[str, PermissionTable]:
@@ -56,6 +69,23 @@ def test_mesh_only_rpcs_are_the_decided_ones() -> None:
         name: {m.rsplit("/", 1)[1] for m, rule in table.items() if rule.mesh_only} for name, table in tables.items()
     }
     assert declared == {name: set(s.mesh_only) for name, s in _under_test().items()}
+
+
+def _served(service: str, rpc: str, code: grpc.StatusCode, message: str) -> bool:
+    """Whether an allowed call was served: OK, or the domain's answer to the matrix's request (e.g. NOT_FOUND for a
+    dataset no one uploaded), never a refusal or a failure that could hide one. Two answers are the domain's only
+    where they cannot come from the mesh: UNAUTHENTICATED from a public RPC (it checks no bearer token, so it refused
+    the credential the request carries, as the matrix's made-up ones must be), and UNAVAILABLE for a connection refused
+    by a service the matrix does not run."""
+    if code not in NOT_SERVED:
+        return True
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        under_test = _under_test()[service]
+        rule = _permission_tables()[service].rule(f"/{under_test.full_name}/{rpc}")
+        return rule is not None and rule.scope == Scope.PUBLIC
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return rpc in _under_test()[service].reach_absent_services and "Connection refused" in message
+    return False
 
 
 @pytest.fixture
@@ -105,11 +135,13 @@ async def test_authorization_matrix(
                             pass
                     else:
                         await result
-                    denied = False
+                    code, message = grpc.StatusCode.OK, ""
                 except grpc.aio.AioRpcError as error:
-                    denied = error.code() == grpc.StatusCode.PERMISSION_DENIED
+                    code, message = error.code(), error.details() or ""
                 own = tenant == "acme" or role == "platform-admin" or rpc in under_test.tenant_free
-                expect_allowed = own and role in allowed_roles
-                if denied == expect_allowed:
-                    mismatches.append(f"{rpc} as {role} on {tenant}: {'denied' if denied else 'allowed'}")
+                if own and role in allowed_roles:
+                    if not _served(service, rpc, code, message):
+                        mismatches.append(f"{rpc} as {role} on {tenant}: {code.name} {message!r}, expected served")
+                elif code != grpc.StatusCode.PERMISSION_DENIED:
+                    mismatches.append(f"{rpc} as {role} on {tenant}: {code.name} {message!r}, expected denied")
     assert not mismatches, "\n".join(mismatches)

@@ -8,10 +8,15 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["seal", "unseal", "InvalidTag"]
+__all__ = ["seal", "unseal", "InvalidTag", "WrongMasterKey"]
 
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
+
+
+class WrongMasterKey(RuntimeError):
+    """What a service sealed does not open with the master key it was given: it must not start (it would refuse or
+    lose what the key protects, e.g. sign with new keys and strand every issued token)."""
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:

@@ -96,6 +96,7 @@ async def build_server(
     billing = BillingClient(create_channel(settings.billing_addr, settings, identity=SERVICE))
     emitter = UsageEmitter.for_service(settings, SERVICE)
     sealer = SecretSealer(master_key(settings.scheduler_master_key, settings.scheduler_dir / "master.key"))
+    sealer.check((job.job_id, job.sealed_secrets) for job in store.active_jobs())
 
     async def save_allocation(allocation: Allocation) -> None:
         await jobs.writer.save_allocation(allocation)

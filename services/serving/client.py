@@ -79,6 +79,8 @@ class Classification:
     label: str
     #: Class name -> softmax probability.
     probabilities: dict[str, float]
+    #: The model version that answered (Triton's answer names it).
+    model_version: str = ""
 
 
 class TextClassifierClient(ServiceClient):
@@ -121,7 +123,6 @@ class TextClassifierClient(ServiceClient):
             exp = np.exp(row - row.max())
             probs = exp / exp.sum()
             keys = names if len(names) == len(row) else [str(i) for i in range(len(row))]
-            results.append(
-                Classification(text, label.decode(), {k: float(p) for k, p in zip(keys, probs, strict=True)})
-            )
+            probabilities = {k: float(p) for k, p in zip(keys, probs, strict=True)}
+            results.append(Classification(text, label.decode(), probabilities, response.model_version))
         return results

@@ -57,10 +57,12 @@ async def build_server(
     # Billing takes usage only from a mesh service's certificate: without certificates (plaintext dev mode)
     # every delivery would fail, so usage is metered into the outbox and delivered once mTLS is configured.
     delivers_usage = settings.tls_dir() is not None
+    keyring = LocalKeyring(settings.master_key(), store, db.run)
+    keyring.check_master_key()
     core = StorageCore(
         store,
         S3ObjectStore(settings),
-        LocalKeyring(settings.master_key(), store, db.run),
+        keyring,
         security.checker,
         limits=TransferLimits(
             pipe_bytes=settings.storage_pipe_bytes,

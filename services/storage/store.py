@@ -736,6 +736,12 @@ class StorageStore:
         with self._engine.begin() as conn:
             conn.execute(delete(keyring_keys).where(keyring_keys.c.key_id == key_id))
 
+    def any_sealed_key(self) -> SealedKey | None:
+        """One sealed tenant key (the oldest), to check the master key against at start."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(keyring_keys).order_by(keyring_keys.c.created_at).limit(1)).first()
+        return None if row is None else SealedKey(row.key_id, row.tenant, bytes(row.sealed), _aware(row.created_at))
+
     def sealed_key_ids(self, key_ids: Sequence[str]) -> list[str]:
         with self._engine.connect() as conn:
             return list(

@@ -12,7 +12,7 @@ import jwt
 from services.auth.client import AuthClient
 from services.mesh.errors import FailedPrecondition
 from services.mesh.identity import Principal, as_service, principal_of
-from services.mesh.sealing import InvalidTag, seal, unseal
+from services.mesh.sealing import InvalidTag, WrongMasterKey, seal, unseal
 
 __all__ = ["JobDelegations"]
 
@@ -39,6 +39,22 @@ class JobDelegations:
         """A delegation from the caller of the RPC being served (whose token the channel forwards)."""
         created = await self._auth.create_delegation(tenant, job_id, self._service)
         return seal(self._key, created.secret.encode(), job_id.encode())
+
+    @staticmethod
+    def check_master_key(master_key: bytes, held: tuple[str, bytes] | None) -> None:
+        """Refuses (WrongMasterKey) a master key that does not open a delegation held (job id, sealed): started with
+        it, the service could act for none of its jobs (fail them, unable to cancel their runs or revoke their
+        delegations). Blocking: called once, at start."""
+        if held is None:
+            return
+        job_id, sealed = held
+        try:
+            unseal(master_key, sealed, job_id.encode())
+        except InvalidTag:
+            raise WrongMasterKey(
+                f"the delegation of job {job_id} does not open with this master key: AIDC_TRAINING_MASTER_KEY (or "
+                "<data_dir>/training/master.key) is not the key the training database was sealed with"
+            ) from None
 
     def _secret(self, job_id: str, sealed: bytes) -> str:
         try:

@@ -65,13 +65,14 @@ async def build_server(
 ) -> MeshServer:
     db = open_database(settings.database_url_for(SERVICE))
     db.migrate(MIGRATIONS, SERVICE)
+    store = TrainingStore(db)
+    JobDelegations.check_master_key(settings.master_key(), store.any_job_credential())
     election = LeaderElection.for_service(db, settings, SERVICE)
     storage = StorageClient(create_channel(settings.storage_addr, settings, identity=SERVICE))
     auth = AuthClient(create_channel(settings.auth_addr, settings, identity=SERVICE))
     # Runs are submitted with this service's certificate (the scheduler runs processes only for mesh services)
     # and the submitter's token (the run is theirs).
     scheduler = SchedulerClient(create_channel(settings.scheduler_addr, settings, identity=SERVICE))
-    store = TrainingStore(db)
     metrics = TrainingMetrics(metrics_enabled(settings))
     metrics.watch(store)
     artifacts = StorageArtifacts(storage)
@@ -93,6 +94,7 @@ async def build_server(
             default_cpu_millicores=settings.training_default_cpu_millicores,
             default_memory_bytes=settings.training_default_memory_bytes,
             code_version=code_version(),
+            mesh_identity=settings.tls_dir() is not None,
         ),
         credentials=JobDelegations(auth, settings.master_key(), SERVICE),
         metrics=metrics,

@@ -230,6 +230,12 @@ class TrainingStore:
                 select(job_credentials.c.sealed).where(job_credentials.c.job_id == job_id)
             ).scalar()
 
+    def any_job_credential(self) -> tuple[str, bytes] | None:
+        """One job's id and sealed delegation, if any job holds one (what tells whether the master key is right)."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(job_credentials.c.job_id, job_credentials.c.sealed).limit(1)).first()
+            return (row.job_id, bytes(row.sealed)) if row is not None else None
+
     def drop_job_credential(self, job_id: str) -> None:
         with self._engine.begin() as conn:
             conn.execute(delete(job_credentials).where(job_credentials.c.job_id == job_id))

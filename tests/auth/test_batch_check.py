@@ -5,7 +5,10 @@ them between slices), and the first check in a tenant with many role bindings do
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import gc
+import os
+import pstats
 import statistics
 import time
 
@@ -69,11 +72,14 @@ async def test_a_maximal_batch_does_not_stall_concurrent_single_checks(auth: Run
     await admin.close()
 
 
-async def test_the_first_check_in_a_tenant_with_many_bindings_is_fast(settings: AuthSettings) -> None:
+async def test_the_first_check_in_a_tenant_with_many_bindings_costs_work_linear_in_them(settings: AuthSettings) -> None:
     """Casbin builds a tenant's role graph at its first check after a start. pycasbin's default equality matcher made
     that O(n^2) in the tenant's bindings, on auth's event loop: ~6 s for 3,000 here, every RPC of the mesh waiting.
-    5,000 developers of one tenant (written straight to auth's database, as years of CreateUser would), auth
-    restarted: its first check there answers well within a second."""
+    3,000 developers of one tenant (written straight to auth's database, as years of CreateUser would), auth
+    restarted: its first check there runs a few Casbin calls per binding (about 6; the O(n^2) graph ran ~4.5 n^2,
+    40 million), counted by the profiler rather than timed, so a loaded machine cannot fail it or pass it. Its speed
+    is measured in tests/bench/bench_auth.py."""
+    bindings = 3000
     running = await start_auth(settings)
     token = (await running.client().login("platform", "admin", running.admin_password)).access_token
     admin = running.client(token)
@@ -82,18 +88,25 @@ async def test_the_first_check_in_a_tenant_with_many_bindings_is_fast(settings: 
     await running.server.stop(0)
     engine = create_engine(settings.database_url_for("auth"))
     with engine.begin() as conn:
-        rows = [{"ptype": "g", "v0": f"user:big/u{i}", "v1": "developer", "v2": "big", "v3": ""} for i in range(5000)]
+        rows = [
+            {"ptype": "g", "v0": f"user:big/u{i}", "v1": "developer", "v2": "big", "v3": ""} for i in range(bindings)
+        ]
         conn.execute(insert(casbin_rules), rows)
     engine.dispose()
     running = await start_auth(settings)
     try:
         token = (await running.client().login("platform", "admin", running.admin_password)).access_token
         admin = running.client(token)
-        check = pb.PermissionCheck(subject="user:big/u4321", tenant="big", resource="datasets", action="write")
-        started = time.perf_counter()
-        assert (await admin.stub.CheckPermission(pb.CheckPermissionRequest(check=check))).allowed
-        first = time.perf_counter() - started
-        assert first < 1.0, f"the first check in a tenant of 5,000 bindings took {first:.2f} s"
+        check = pb.PermissionCheck(subject="user:big/u2345", tenant="big", resource="datasets", action="write")
+        profile = cProfile.Profile()  # auth serves on this very thread and event loop: its Casbin calls are seen
+        profile.enable()
+        try:
+            assert (await admin.stub.CheckPermission(pb.CheckPermissionRequest(check=check))).allowed
+        finally:
+            profile.disable()
+        calls = pstats.Stats(profile).stats.items()  # type: ignore[attr-defined]
+        casbin = sum(primitive for (path, _, _), (primitive, *_) in calls if f"{os.sep}casbin{os.sep}" in path)
+        assert 0 < casbin < 20 * bindings, f"the first check made {casbin} Casbin calls for {bindings} bindings"
         await admin.close()
     finally:
         await running.server.stop(0)

@@ -98,6 +98,15 @@ def _workload(
     return events
 
 
+def check_budget_seconds(core: BillingCore, calls: int = 10_000) -> float:
+    """Mean time of one budget check (answered from memory, never the database: tests/billing/test_budgets.py)."""
+    core.set_budget("acme", 10_000_000, "USD", enforce=True)
+    started = time.perf_counter()
+    for _ in range(calls):
+        core.check_budget("acme", 1_000_000, "USD")
+    return (time.perf_counter() - started) / calls
+
+
 def _batches(events: Sequence[UsageEvent]) -> list[Sequence[UsageEvent]]:
     return [events[i : i + BATCH] for i in range(0, len(events), BATCH)]
 
@@ -317,6 +326,7 @@ def main() -> None:
         baseline, baseline_total = invoice_baseline(month, Path(tmp), period)
         assert invoice.total_micros == baseline_total, (invoice.total_micros, baseline_total)
         assert sum(line.event_count for line in invoice.lines) == INVOICE_EVENTS
+        budget_check = check_budget_seconds(core)
         core._store.db.dispose()
         del month
 
@@ -327,6 +337,8 @@ def main() -> None:
         print(f"{name:<66} {ours_rate:>10,.0f} ev/s {base_rate:>10,.0f} ev/s {ours_rate / base_rate:>7.2f}x  {label}")
     name = f"invoice over {INVOICE_EVENTS:,} events (goal < 10 s), totals equal"
     print(f"{name:<66} {ours:>12.3f} s {baseline:>12.3f} s {baseline / ours:>7.1f}x  plain GROUP BY over raw rows")
+    name = f"CheckBudget in the core, a month of {INVOICE_EVENTS:,} events held (goal < 1 ms)"
+    print(f"{name:<66} {budget_check * 1e6:>11.1f} us")
 
 
 if __name__ == "__main__":

@@ -99,10 +99,9 @@ def test_check_budget_answers_from_memory(core: BillingCore, monkeypatch: pytest
 
     monkeypatch.setattr(core._store, "snapshot", no_database)
     monkeypatch.setattr(core._store, "transaction", no_database)
-    started = time.perf_counter()
+    # From memory, so it answers in microseconds: timed by tests/bench/bench_billing.py (goal < 1 ms), not here.
     for _ in range(1000):
-        core.check_budget("acme", 1_000_000, "USD")
-    assert (time.perf_counter() - started) / 1000 < 0.001
+        assert core.check_budget("acme", 1_000_000, "USD").allowed
 
 
 async def test_the_service_raises_alerts_in_the_background(billing: RunningBilling) -> None:

@@ -177,6 +177,7 @@ def run_node_client(running: RunningPlatform, work: Path, tiny_bert: Path, trace
         "model": MODEL,
         "texts": TEXTS,
         "expectUsage": running.tls,
+        "fineTunes": running.tls,
         "traceId": trace_id,
     }
     (work / "config.json").write_text(json.dumps(config))

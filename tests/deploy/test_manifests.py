@@ -626,13 +626,16 @@ def test_each_replica_advertises_its_own_pod_address_to_the_others(service: str)
     assert advertised["value"] == f"$(POD_IP):{_default_port(service)}"
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed")
+# kubectl with its built-in kustomize v3.7+ (the overlay uses `components`): the machines this project runs on ship
+# kubectl 1.32 (kustomize v5.5). Debian's kubernetes-client is 1.20 (kustomize v2.0.3, "unknown field components"), too
+# old to stand in. Under CI=true a missing kubectl fails this test (tests/conftest.py) rather than skipping it.
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize v3.7 or later) is not installed")
 def test_kustomize_builds_the_gpu_overlay_as_the_static_checks_assume() -> None:
     """The real kustomize: generated ConfigMaps are referenced by their hashed names, patches land, images move
     to the registry, every namespaced object is in aidc."""
-    built = subprocess.run(
-        ["kubectl", "kustomize", str(GPU)], capture_output=True, text=True, timeout=120, check=True
-    ).stdout
+    run = subprocess.run(["kubectl", "kustomize", str(GPU)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"kubectl kustomize failed (a kustomize older than v3.7?): {run.stderr}"
+    built = run.stdout
     docs = [doc for doc in yaml.safe_load_all(built) if doc is not None]
     assert {doc["metadata"].get("namespace") for doc in docs if doc["kind"] != "Namespace"} == {"aidc"}
     config = next(name for name in _named(docs, "ConfigMap") if name.startswith("aidc-config-"))

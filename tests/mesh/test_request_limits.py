@@ -1,11 +1,12 @@
-"""Request size limits: every repeated field and map of every request of every service is bounded (256 items, or
-the field's ``(aidc.common.v1.max_items)`` option), and a request over a bound is refused with INVALID_ARGUMENT naming
-the field before any servicer sees it — through a real grpc.aio server for unary and client-streaming RPCs, and for
-every bounded field of every service's contract."""
+"""Request size limits: every message is bounded in bytes (AIDC_MAX_MESSAGE_BYTES); every repeated field and map of
+every request of every service is bounded (256 items, or the field's ``(aidc.common.v1.max_items)`` option), and a
+request over a bound is refused with INVALID_ARGUMENT naming the field before any servicer sees it — through a real
+grpc.aio server for unary and client-streaming RPCs, and for every bounded field of every service's contract."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -21,11 +22,12 @@ from services.gen.aidc.scheduler.v1 import scheduler_service_pb2
 from services.gen.aidc.serving.v1 import serving_service_pb2
 from services.gen.aidc.storage.v1 import storage_service_pb2
 from services.gen.aidc.training.v1 import training_service_pb2
+from services.mesh.channels import create_channel
 from services.mesh.errors import InvalidArgument
 from services.mesh.limits import DEFAULT_MAX_ITEMS, RequestLimits
 from services.mesh.security import secured_server
 from tests.conftest import RunningAuth
-from tests.mesh.echo import PERMISSIONS, Batch, EchoClient, registration
+from tests.mesh.echo import PERMISSIONS, Batch, EchoClient, Req, registration
 
 _CONTRACTS = (
     auth_service_pb2,
@@ -207,3 +209,32 @@ async def test_auth_refuses_oversized_requests_and_changes_nothing(auth: Running
     allowed = await stub.BatchCheckPermission(auth_service_pb2.BatchCheckPermissionRequest(checks=checks[:1000]))
     assert list(allowed.allowed) == [True] * 1000
     await admin.close()
+
+
+async def test_messages_over_aidc_max_message_bytes_are_refused_and_the_default_admits_64_mib(
+    auth: RunningAuth,
+) -> None:
+    """AIDC_MAX_MESSAGE_BYTES bounds what a service receives and what its mesh channels send: above it gRPC refuses
+    with RESOURCE_EXHAUSTED before any servicer runs. The default (64 MiB) admits what gRPC's own 4 MiB would not."""
+    limit = 64 * 1024
+    small = replace(auth.settings, max_message_bytes=limit)
+    for settings, admitted, refused in ((small, limit - 1024, limit + 1024), (auth.settings, 5 * 2**20, None)):
+        server = secured_server("echo", settings, [registration()], PERMISSIONS, address="127.0.0.1:0")
+        port = await server.start()
+        await server.wait_ready()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:  # no limit of its own
+                call = EchoClient(channel).unary("Raise")
+                assert (await call(Req(tenant="x" * admitted), timeout=30)).tenant.name == "ok"
+                if refused is not None:
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await call(Req(tenant="x" * refused), timeout=30)
+                    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert "larger than max" in (caught.value.details() or "")
+            if refused is not None:  # a mesh channel with the same setting does not even send it
+                async with create_channel(f"127.0.0.1:{port}", settings) as channel:
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await EchoClient(channel).unary("Raise")(Req(tenant="x" * refused), timeout=30)
+                    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            await server.stop(0)

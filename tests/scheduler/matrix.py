@@ -89,4 +89,9 @@ async def serve(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[str]:
 #: What only mesh services call (refused on the tenant path to everyone).
 MESH_ONLY = frozenset({"SubmitJob"})
 
-UNDER_TEST = ServiceUnderTest(SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve, MESH_ONLY)
+#: What writes the pool's prices into billing's price book (billing is not running here).
+REACH_BILLING = frozenset({"CreatePool", "UpdatePool"})
+
+UNDER_TEST = ServiceUnderTest(
+    SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve, MESH_ONLY, reach_absent_services=REACH_BILLING
+)

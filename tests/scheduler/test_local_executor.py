@@ -18,10 +18,21 @@ def _request(tmp_path: Path, command: list[str], nodes: tuple[str, ...] = ("n1",
     return LaunchRequest("j-1", 1, tuple(command), {"PATH": os.environ["PATH"]}, tmp_path / "job", nodes)
 
 
+async def _started(request: LaunchRequest) -> None:
+    """Until the runner wrote its start event, i.e. its SIGTERM handling is set (a fixed sleep could end before a
+    loaded machine even started Python, and a SIGTERM then meets the default handler)."""
+    events = request.job_dir / "events-0.jsonl"
+    for _ in range(600):
+        if events.exists() and '"start"' in events.read_text():
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"the runner never started: no start event in {events}")
+
+
 async def test_a_fresh_executor_adopts_a_running_worker_and_learns_its_exit_code(tmp_path: Path) -> None:
     request = _request(tmp_path, runner_command(600, 0.05))
     run = await LocalExecutor().launch(request)
-    await asyncio.sleep(0.5)
+    await _started(request)
     adopted = await LocalExecutor(poll_seconds=0.05).adopt(request, run.workers)
     assert adopted is not None and not adopted.done()
     await adopted.stop(5)
@@ -33,7 +44,7 @@ async def test_a_fresh_executor_adopts_a_running_worker_and_learns_its_exit_code
 async def test_adoption_finds_launched_workers_without_refs_and_refuses_a_reused_pid(tmp_path: Path) -> None:
     request = _request(tmp_path, runner_command(600, 0.05))
     run = await LocalExecutor().launch(request)
-    await asyncio.sleep(0.5)
+    await _started(request)
     # Started but not recorded (the scheduler died in between): the launcher's pid file tells.
     found = await LocalExecutor().adopt(request, ())
     assert found is not None and [w.handle for w in found.workers] == [w.handle for w in run.workers]
@@ -69,8 +80,9 @@ async def test_one_failing_worker_stops_the_rest_of_its_gang(tmp_path: Path) -> 
 
 
 async def test_a_worker_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
-    run = await LocalExecutor().launch(_request(tmp_path, runner_command(600, 0.05, "--ignore-term")))
-    await asyncio.sleep(0.5)
+    request = _request(tmp_path, runner_command(600, 0.05, "--ignore-term"))
+    run = await LocalExecutor().launch(request)
+    await _started(request)
     started = asyncio.get_running_loop().time()
     await run.stop(0.5)
     status = await asyncio.wait_for(run.wait(), 30)

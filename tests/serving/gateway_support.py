@@ -42,9 +42,13 @@ instance_group [ {{ kind: KIND_CPU, count: 1 }} ]
 parameters {{ key: "delay_ms" value: {{ string_value: "{delay_ms}" }} }}
 """
 
-#: FP32 "add one", optionally sleeping ``delay_ms`` per execution (to outlast a deadline).
+#: FP32 "add one", optionally sleeping ``delay_ms`` per execution (to outlast a deadline). A slow model works as a model
+#: honouring cancellation does: requests Triton marks cancelled (their caller gave up or its deadline passed) get a
+#: CANCELLED error instead of compute; and it logs each request to ``<model dir>/executions`` ("running" as it starts,
+#: "cancelled" when skipped), so a test can see Triton busy and what reached Triton.
 ADD_ONE_MODEL = """
 import json
+import os
 import time
 
 import triton_python_backend_utils as pb_utils
@@ -54,12 +58,21 @@ class TritonPythonModel:
     def initialize(self, args):
         parameters = json.loads(args["model_config"]).get("parameters", {})
         self.delay = int(parameters.get("delay_ms", {}).get("string_value", "0")) / 1000
+        self.executions = os.path.join(args["model_repository"], "executions")
 
     def execute(self, requests):
+        cancelled = [self.delay > 0 and request.is_cancelled() for request in requests]
         if self.delay:
-            time.sleep(self.delay)
+            with open(self.executions, "a") as executions:
+                executions.writelines("cancelled\\n" if c else "running\\n" for c in cancelled)
+            if not all(cancelled):
+                time.sleep(self.delay)
         responses = []
-        for request in requests:
+        for request, skipped in zip(requests, cancelled):
+            if skipped:
+                error = pb_utils.TritonError("the caller gave up", pb_utils.TritonError.CANCELLED)
+                responses.append(pb_utils.InferenceResponse(error=error))
+                continue
             data = pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", data + 1)]))
         return responses

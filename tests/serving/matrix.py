@@ -1,9 +1,9 @@
 """The serving service's rows of the authorization matrix (see tests/test_authorization_matrix.py).
 
 ServingService only; the inference gateway decides per model in its own code and is covered by
-tests/serving/test_gateway.py. Training, storage and Triton are deliberately not running: Deploy of a model the
-registry can't resolve answers UNAVAILABLE, which the matrix counts as "allowed" (only PERMISSION_DENIED is a
-denial), so the rows test the serving service's own decisions.
+tests/serving/test_gateway.py. Training, storage and Triton are deliberately not running: an allowed Deploy reaches
+the registry and answers UNAVAILABLE for the refused connection (``reach_absent_services``), so the rows test the
+serving service's own decisions.
 """
 
 from __future__ import annotations
@@ -70,4 +70,6 @@ async def serve(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[str]:
         await server.stop(0)
 
 
-UNDER_TEST = ServiceUnderTest(SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve)
+UNDER_TEST = ServiceUnderTest(
+    SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve, reach_absent_services=frozenset({"Deploy"})
+)

@@ -92,30 +92,46 @@ async def _swap_in_storage(storage: RunningStorage, training: RunningTraining, v
 
 
 class Traffic:
-    """Sends classify requests back to back until stopped, counting successes and failures."""
+    """Sends classify requests back to back until stopped, recording the version that answered each one in order
+    (or the error); a failure of the loop itself is raised when the block ends."""
 
     def __init__(self, classifier: TextClassifierClient) -> None:
         self._classifier = classifier
-        self.ok = 0
+        self.answers: list[str] = []
         self.failures: list[str] = []
-        self.versions: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
             try:
-                await self._classifier.classify("keywords-clf", ["the weather is great today"])
-                self.ok += 1
+                [answer] = await self._classifier.classify("keywords-clf", ["the weather is great today"])
+                self.answers.append(answer.model_version)
             except AidcError as error:
                 self.failures.append(str(error))
 
-    def __enter__(self) -> Traffic:
+    def versions(self) -> list[str]:
+        """The answering versions in order, each run of one version collapsed: ["1", "2"] for a clean switch."""
+        return [v for i, v in enumerate(self.answers) if i == 0 or self.answers[i - 1] != v]
+
+    async def __aenter__(self) -> Traffic:
         self._task = asyncio.create_task(self._run())
         return self
 
-    def __exit__(self, *_: object) -> None:
+    async def __aexit__(self, *_: object) -> None:
         assert self._task is not None
+        if self._task.done():
+            self._task.result()  # the loop died: its exception is the test's
         self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def _answered(traffic: Traffic, count: int, timeout: float = 120.0) -> None:
+    """Waits until the traffic has had ``count`` answers (or a failure)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(traffic.answers) < count and not traffic.failures:
+        assert asyncio.get_running_loop().time() < deadline, f"{len(traffic.answers)} answers in {timeout}s"
+        await asyncio.sleep(0.05)
 
 
 async def test_deploy_infer_switch_undeploy(
@@ -140,13 +156,14 @@ async def test_deploy_infer_switch_undeploy(
     again = await client.deploy("keywords-clf", version=1, wait=True)
     assert again.update_time == first.update_time
 
-    # Switch to version 2 while a client sends requests back to back: none fails.
-    with Traffic(serving.classifier()) as traffic:
-        await asyncio.sleep(0.5)
+    # Switch to version 2 while a client sends requests back to back: none fails, version 1 answers until version 2
+    # does, and then only version 2.
+    async with Traffic(serving.classifier()) as traffic:
+        await _answered(traffic, 5)
         second = await client.deploy("keywords-clf", version=2, wait=True)
-        await asyncio.sleep(0.5)
+        await _answered(traffic, len(traffic.answers) + 5)
     assert (second.state, second.version) == (pb.DEPLOYMENT_STATE_READY, 2)
-    assert traffic.failures == [] and traffic.ok > 5, (traffic.ok, traffic.failures[:3])
+    assert traffic.failures == [] and traffic.versions() == ["1", "2"], (traffic.versions(), traffic.failures[:3])
     assert sorted(p.name for p in (repository / "acme__keywords-clf").iterdir() if p.is_dir()) == ["2"]
     assert await _accuracy(classifier) >= 0.5
 
@@ -172,11 +189,12 @@ async def test_a_failed_rollout_keeps_the_previous_version(
     # Version 2's export matches its pins but its model.pt is no TorchScript: Triton fails to load it.
     await _stage(serving, training, 2, serving.settings.serving_dir / "exports" / "acme__keywords-clf" / "1", "model")
 
-    with Traffic(serving.classifier()) as traffic:
+    async with Traffic(serving.classifier()) as traffic:
+        await _answered(traffic, 1)
         with pytest.raises(FailedPrecondition, match="version 2"):
             await client.deploy("keywords-clf", version=2, wait=True)
-        await asyncio.sleep(0.3)
-    assert traffic.failures == [] and traffic.ok > 0
+        await _answered(traffic, len(traffic.answers) + 3)
+    assert traffic.failures == [] and traffic.versions() == ["1"], (traffic.versions(), traffic.failures[:3])
     after = await client.get_deployment("keywords-clf")
     assert (after.state, after.version, after.target_version) == (pb.DEPLOYMENT_STATE_READY, 1, 0)
     assert "rollout of version 2 failed" in after.last_error and after.HasField("last_error_time")

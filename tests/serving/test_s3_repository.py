@@ -311,28 +311,31 @@ def test_libtorch_layout_keeps_empty_version_directories(
     assert _objects(mirror) == {}
 
 
-def test_a_failed_sync_is_retried_before_versions_answers(
-    seaweed: SeaweedFS, tmp_path: Path, sample: ExportBundle, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The outage is a sync that raises (a fake: stopping the session's SeaweedFS would disturb other tests)."""
-    mirror = _mirror(seaweed, _url(seaweed, _bucket()))
+def test_a_failed_sync_is_retried_before_versions_answers(tmp_path: Path, sample: ExportBundle) -> None:
+    """The outage is real: a private SeaweedFS (not the session's, which other tests share) is stopped while a
+    version is written, and started again on the same directory and ports."""
+    s3 = SeaweedFS(tmp_path / "s3")
+    s3.start()
+    try:
+        _retried_after_an_outage(s3, tmp_path, sample)
+    finally:
+        s3.stop()
+
+
+def _retried_after_an_outage(s3: SeaweedFS, tmp_path: Path, sample: ExportBundle) -> None:
+    mirror = _mirror(s3, _url(s3, _bucket()))
     live = LiveRepository(tmp_path / "staging", mirror=mirror)
-    real_sync = mirror.sync
-
-    def store_down(local_root: Path, triton_name: str) -> None:
-        raise Unavailable("object store at test is unreachable")
-
-    monkeypatch.setattr(mirror, "sync", store_down)
-    with pytest.raises(Unavailable):
+    s3.stop()
+    with pytest.raises(Unavailable, match="object store at 127.0.0.1:"):
         live.write_version(SERVED, 1, sample)
     assert (live.root / SERVED / "1").is_dir()  # written locally, not in S3
-    monkeypatch.setattr(mirror, "sync", real_sync)
+    s3.start()
     assert not mirror.client.bucket_exists(mirror.url.bucket)
     assert live.versions(SERVED) == [1]
     assert set(_objects(mirror, f"{SERVED}/")) == {f"{SERVED}/{k}" for k in _local_files(live.root / SERVED)}
 
     # A new process over the same staging directory mirrors what it finds before answering for it.
-    restarted = LiveRepository(live.root, mirror=_mirror(seaweed, str(mirror.url)))
+    restarted = LiveRepository(live.root, mirror=_mirror(s3, str(mirror.url)))
     mirror.client.remove_object(mirror.url.bucket, mirror.url.key(f"{SERVED}/1/model.pt"))
     assert restarted.versions(SERVED) == [1]
     assert f"{SERVED}/1/model.pt" in _objects(mirror)

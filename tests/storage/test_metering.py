@@ -414,6 +414,22 @@ def _metering_state(settings: StorageSettings, tenant: str) -> tuple[int, int]:
         store.db.dispose()
 
 
+async def _metered_past(settings: StorageSettings, tenant: str, ns: int, timeout: float = 120.0) -> None:
+    """Waits until the running service's meter has billed ``tenant`` up to ``ns`` (read from its database): the
+    ticks are counted as they happen, however slowly a loaded machine runs them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        store = StorageStore(open_database(settings.database_url_for("storage")))
+        try:
+            until = max((p.metered_until_ns for p in store.metering_points(tenant)), default=0)
+        finally:
+            store.db.dispose()
+        if until >= ns:
+            return
+        assert time.monotonic() < deadline, f"{tenant} metered until {until}, not {ns}, after {timeout}s"
+        await asyncio.sleep(0.1)
+
+
 def _gib_hours(size: int, ns: int) -> Decimal:
     return to_9_decimals(exact_gib_hours([(size, ns)]))
 
@@ -443,7 +459,9 @@ async def test_billing_receives_storage_gib_hours_continuously_across_a_restart(
         before = time.time_ns()
         await client.upload("acme", "ckpt/weights.bin", b"\x5a" * (4 * 2**20), kind=pb.OBJECT_KIND_ARTIFACT)
         after = time.time_ns()
-        await asyncio.sleep(3.3)
+        # Five ticks of 1 s at least: long enough that the moment between the commit and the call's return (the 3%
+        # below) stays small even when a loaded machine answers slowly.
+        await _metered_past(storage_settings, "acme", after + 5 * SECOND)
         await storage.close()
         await storage.server.stop(0)  # flushes the usage outbox to billing
 
@@ -459,8 +477,9 @@ async def test_billing_receives_storage_gib_hours_continuously_across_a_restart(
 
         # A restart bills the time storage was down and goes on: continuous, with no span twice.
         await asyncio.sleep(0.5)
+        restarted = time.time_ns()
         storage = await start_storage(storage_settings, tokens)
-        await asyncio.sleep(2.3)
+        await _metered_past(storage_settings, "acme", restarted + 2 * SECOND)  # the downtime, then two ticks
         await storage.close()
         await storage.server.stop(0)
         later_until, later_size = _metering_state(storage_settings, "acme")

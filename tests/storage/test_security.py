@@ -94,14 +94,18 @@ async def test_swapped_stored_objects_are_detected(storage: RunningStorage) -> N
     """Ciphertext moved to another version's key does not open: content and keys are bound to their identity."""
     client = storage.client("acme/dev")
     await client.create_dataset("acme", "swap")
-    first = await client.upload("acme", "swap", b"version one " * 1000)
-    await client.upload("acme", "swap", b"version two " * 1000)
+    content_one, content_two = b"version one " * 1000, b"version two " * 1000
+    first = await client.upload("acme", "swap", content_one)
+    await client.upload("acme", "swap", content_two)
     keys = storage.raw_keys()
     info = [await client.stat("acme", "swap", version=v) for v in (1, 2)]
     assert first.version == 1 and len(keys) == 2
     one, two = sorted(keys, key=lambda k: 0 if k == _key_of(storage, info[0]) else 1)
     _put_raw(storage, two, _raw(storage, one))
-    await _received_before_error(storage, "swap")
+    # Version 2 now holds version 1's ciphertext: it fails before releasing a byte, of version 1's plaintext above all
+    # (both contents are one repeated word, so any byte released would be the wrong version's).
+    assert await _received_before_error(storage, "swap") == b""
+    assert await client.download_bytes("acme", "swap", version=1) == content_one
 
 
 def _key_of(storage: RunningStorage, info: pb.ObjectInfo) -> str:

@@ -1,7 +1,8 @@
 """The training service's rows of the authorization matrix (see tests/test_authorization_matrix.py).
 
-Storage is deliberately not running: RPCs that need it answer UNAVAILABLE or NOT_FOUND, which the matrix counts as
-"allowed" (only PERMISSION_DENIED is a denial), so the rows test the training service's own decisions.
+Storage and the scheduler are deliberately not running: allowed calls of the RPCs that reach storage answer UNAVAILABLE
+for the refused connection (``reach_absent_services``), the others NOT_FOUND or OK, so the rows test the training
+service's own decisions.
 """
 
 from __future__ import annotations
@@ -88,4 +89,9 @@ async def serve(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[str]:
         await server.stop(0)
 
 
-UNDER_TEST = ServiceUnderTest(SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve)
+#: What reaches storage (the dataset, the base model's artifact), which the matrix does not run.
+REACH_STORAGE = frozenset({"SubmitFineTune", "RegisterBaseModel"})
+
+UNDER_TEST = ServiceUnderTest(
+    SERVICE, DESCRIPTOR, EXPECTED, TENANT_FREE, build_request, serve, reach_absent_services=REACH_STORAGE
+)

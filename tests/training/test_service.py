@@ -6,7 +6,10 @@ and survive a restart of the training service while the scheduler runs the job."
 from __future__ import annotations
 
 import asyncio
+import base64
+import secrets
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import jwt
@@ -15,13 +18,17 @@ import pytest
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.gen.aidc.training.v1 import training_service_pb2 as pb
+from services.mesh.db import open_database
 from services.mesh.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from services.mesh.files import sha256_file
 from services.mesh.identity import TOKEN_LEEWAY_SECONDS
+from services.mesh.sealing import WrongMasterKey, unseal
 from services.scheduler.client import resources
 from services.storage.client import StorageClient
 from services.training.client import TrainingClient
 from services.training.core.service import JOB_LABEL, RUN_DIR
+from services.training.store import TrainingStore
+from tests.at_rest import stored_in_clear
 from tests.conftest import RunningAuth
 from tests.scheduler.service_support import GIB, RunningScheduler, runner_command, set_quota, wait_terminal
 from tests.storage import conftest as storage_conftest
@@ -218,6 +225,38 @@ async def test_a_job_waits_queued_with_the_schedulers_reason_and_cancels_from_tr
     [run] = await training.scheduled(job.job_id)
     assert run.state == scheduler_pb.JOB_STATE_CANCELLED and "changed my mind" in run.state_reason
     assert not (training.settings.jobs_dir / job.job_id / job.scheduler_job_id / "attempt-1").exists()  # never ran
+
+
+async def test_a_jobs_delegation_is_kept_only_sealed_and_another_master_key_is_refused(
+    storage: RunningStorage, training: RunningTraining, tiny_bert_dir: Path
+) -> None:
+    """A job waiting for quota holds its submitter's delegation: training's files hold it only sealed, and training
+    given another master key refuses to start, naming it (it used to start, and fail every job it followed as "the
+    scheduler refused the job's run", unable to cancel their runs or revoke their delegations)."""
+    await _setup(storage, training, tiny_bert_dir)
+    await set_quota(training.scheduler.client("platform/admin"), "acme", 500)  # less than the job's one core
+    job = await training.client().submit_fine_tune(keyword_spec(), tenant="acme")
+    await training.stop()
+    db = open_database(training.settings.database_url_for("training"))
+    try:
+        sealed = TrainingStore(db).job_credential(job.job_id)
+    finally:
+        db.dispose()
+    assert sealed is not None
+    delegation = unseal(training.settings.master_key(), sealed, job.job_id.encode())  # dg_<id>.<secret>
+    assert delegation.startswith(b"dg_")
+    assert not stored_in_clear(training.settings.training_dir, [delegation.split(b".", 1)[1]])
+
+    wrong = replace(training.settings, training_master_key=base64.b64encode(secrets.token_bytes(32)).decode())
+    with pytest.raises(WrongMasterKey, match=f"job {job.job_id} does not open with this master key"):
+        await start_training(wrong, training.tokens, training.scheduler)
+    restarted = await start_training(training.settings, training.tokens, training.scheduler)  # the right key does
+    try:
+        cancelled = await restarted.client().cancel_job(job.job_id, tenant="acme", reason="done")
+        assert cancelled.state == pb.JOB_STATE_CANCELLING
+        assert _states(await _watch(restarted.client(), job.job_id))[-1] == pb.JOB_STATE_CANCELLED  # as its submitter
+    finally:
+        await restarted.stop()
 
 
 @pytest.mark.slow

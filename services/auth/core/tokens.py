@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.mesh.identity import TOKEN_AUDIENCE, TOKEN_ISSUER
-from services.mesh.sealing import seal, unseal
+from services.mesh.sealing import InvalidTag, WrongMasterKey, seal, unseal
 
 __all__ = [
     "SigningKey",
@@ -72,7 +72,13 @@ class KeyWrapper:
         return seal(self._master, raw, kid.encode())
 
     def unwrap(self, kid: str, blob: bytes) -> Ed25519PrivateKey:
-        return Ed25519PrivateKey.from_private_bytes(unseal(self._master, blob, kid.encode()))
+        try:
+            return Ed25519PrivateKey.from_private_bytes(unseal(self._master, blob, kid.encode()))
+        except InvalidTag:
+            raise WrongMasterKey(
+                f"signing key {kid} does not open with this master key: AIDC_AUTH_MASTER_KEY (or "
+                "<data_dir>/auth/master.key) is not the key the auth database was sealed with"
+            ) from None
 
 
 def _b64url(data: bytes) -> str:

@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidTag
 from tink import secret_key_access, streaming_aead
 
 from services.mesh.errors import DataLoss, FailedPrecondition
-from services.mesh.sealing import seal, unseal
+from services.mesh.sealing import WrongMasterKey, seal, unseal
 
 __all__ = [
     "KeyManager",
@@ -117,6 +117,8 @@ class KeyringStore(Protocol):
 
     def delete_sealed_key(self, key_id: str) -> None: ...
 
+    def any_sealed_key(self) -> SealedKey | None: ...
+
 
 class LocalKeyring:
     """The default KeyManager: 256-bit tenant keys (AES-256-GCM) sealed under the master key in the database.
@@ -137,6 +139,20 @@ class LocalKeyring:
         self._store = store
         self._run = run  # runs blocking store calls off the event loop (Database.run)
         self._cache: dict[str, bytes] = {}
+
+    def check_master_key(self) -> None:
+        """Refuses (WrongMasterKey) a master key that does not open the tenant keys already sealed: a service started
+        with it would answer every download DATA_LOSS. Blocking: called once, at start."""
+        sealed = self._store.any_sealed_key()
+        if sealed is None:
+            return
+        try:
+            unseal(self._master, sealed.sealed, self._aad(sealed.tenant, sealed.key_id))
+        except InvalidTag:
+            raise WrongMasterKey(
+                f"tenant key {sealed.key_id} does not open with this master key: AIDC_STORAGE_MASTER_KEY (or "
+                "<data_dir>/storage/master.key) is not the key the storage database was sealed with"
+            ) from None
 
     @staticmethod
     def _aad(tenant: str, key_id: str) -> bytes:

@@ -118,6 +118,9 @@ class JobOptions:
     #: How often the output of a running job is read.
     output_poll_seconds: float = 0.25
     code_version: str = ""
+    #: Whether this service has a mesh identity (a service certificate). Without one (plaintext dev mode) the
+    #: scheduler cannot tell training from a tenant and runs nothing for it: fine-tunes are refused up front.
+    mesh_identity: bool = True
 
 
 def resolve_compute(compute: ComputeSpec, options: JobOptions) -> ComputeSpec:
@@ -214,6 +217,12 @@ class TrainingCore:
         """Validates everything (base model, dataset, columns, hyperparameters, resources) and submits the job's run
         to the scheduler as the caller; InvalidArgument (or the scheduler's refusal) before any compute is spent,
         and then nothing is kept."""
+        if not self._options.mesh_identity:
+            raise FailedPrecondition(
+                "fine-tunes need the mesh's certificates: the scheduler runs programs only for mesh services, and in "
+                "plaintext dev mode (AIDC_CERTS_DIR=off) training has no service identity; start the platform with "
+                "certificates (aidc up makes them)"
+            )
         if not MODEL_NAME.match(output_model):
             raise InvalidArgument("output_model must be 1-128 lowercase letters, digits, '.', '_' or '-'")
         if not dataset.name:

@@ -210,54 +210,60 @@ await unary(
   { tenant, name: config.baseModel.name, artifact_name: config.baseModel.artifact },
   token,
 );
-const submitted = await unary(
-  clients.training,
-  "SubmitFineTune",
-  {
-    tenant,
-    spec: {
-      base_model: config.baseModel.name,
-      dataset: { name: config.dataset.name },
-      sequence_classification: {},
-      hyperparameters: config.hyperparameters,
-      output_model: config.model,
-    },
+const fineTune = {
+  tenant,
+  spec: {
+    base_model: config.baseModel.name,
+    dataset: { name: config.dataset.name },
+    sequence_classification: {},
+    hyperparameters: config.hyperparameters,
+    output_model: config.model,
   },
-  token,
-);
-const jobId = submitted.job.job_id;
-const states = [];
-const TERMINAL = ["JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"];
-await serverStream(clients.training, "WatchJob", { tenant, job_id: jobId }, token, (m) => {
-  if (m.event.event === "state_change") states.push(m.event.state_change.to_state);
-  return !TERMINAL.includes(states.at(-1));
-});
-const job = (await unary(clients.training, "GetJob", { tenant, job_id: jobId }, token)).job;
-assert.equal(job.state, "JOB_STATE_SUCCEEDED", `fine-tune ended ${job.state}: ${job.error}`);
-seen.jobStates = states;
-seen.modelVersion = Number(job.model_version);
+};
+if (config.fineTunes) {
+  const submitted = await unary(clients.training, "SubmitFineTune", fineTune, token);
+  const jobId = submitted.job.job_id;
+  const states = [];
+  const TERMINAL = ["JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"];
+  await serverStream(clients.training, "WatchJob", { tenant, job_id: jobId }, token, (m) => {
+    if (m.event.event === "state_change") states.push(m.event.state_change.to_state);
+    return !TERMINAL.includes(states.at(-1));
+  });
+  const job = (await unary(clients.training, "GetJob", { tenant, job_id: jobId }, token)).job;
+  assert.equal(job.state, "JOB_STATE_SUCCEEDED", `fine-tune ended ${job.state}: ${job.error}`);
+  seen.jobStates = states;
+  seen.modelVersion = Number(job.model_version);
+
+  // Deployed into Triton; raw text classified through the gateway (Triton's own KServe v2 API).
+  const deployed = await unary(clients.serving, "Deploy", { tenant, model: config.model, wait: true }, token);
+  assert.equal(deployed.deployment.state, "DEPLOYMENT_STATE_READY", deployed.deployment.last_error);
+  const ready = await unary(clients.inference, "ModelReady", { name: config.model }, token);
+  assert.equal(ready.ready, true);
+  const answer = await unary(
+    clients.inference,
+    "ModelInfer",
+    {
+      model_name: config.model,
+      inputs: [{ name: "TEXT", datatype: "BYTES", shape: [config.texts.length, 1] }],
+      outputs: [{ name: "LABEL" }],
+      raw_input_contents: [bytesTensor(config.texts)],
+    },
+    token,
+  );
+  assert.equal(answer.model_name, config.model);
+  seen.labels = readBytesTensor(answer.raw_output_contents[answer.outputs.findIndex((o) => o.name === "LABEL")]);
+  assert.equal(seen.labels.length, config.texts.length);
+} else {
+  // Plaintext dev mode: training has no service identity to ask the scheduler with, so it refuses up front.
+  seen.refusals.fineTuneWithoutMesh = await refusedWith(
+    [status.FAILED_PRECONDITION],
+    unary(clients.training, "SubmitFineTune", fineTune, token),
+    "a fine-tune in plaintext dev mode",
+  );
+}
+
 const pools = await unary(clients.scheduler, "ListPools", { tenant }, token);
 seen.pools = pools.pools.map((p) => p.name);
-
-// Deployed into Triton; raw text classified through the gateway (Triton's own KServe v2 API).
-const deployed = await unary(clients.serving, "Deploy", { tenant, model: config.model, wait: true }, token);
-assert.equal(deployed.deployment.state, "DEPLOYMENT_STATE_READY", deployed.deployment.last_error);
-const ready = await unary(clients.inference, "ModelReady", { name: config.model }, token);
-assert.equal(ready.ready, true);
-const answer = await unary(
-  clients.inference,
-  "ModelInfer",
-  {
-    model_name: config.model,
-    inputs: [{ name: "TEXT", datatype: "BYTES", shape: [config.texts.length, 1] }],
-    outputs: [{ name: "LABEL" }],
-    raw_input_contents: [bytesTensor(config.texts)],
-  },
-  token,
-);
-assert.equal(answer.model_name, config.model);
-seen.labels = readBytesTensor(answer.raw_output_contents[answer.outputs.findIndex((o) => o.name === "LABEL")]);
-assert.equal(seen.labels.length, config.texts.length);
 
 // What it cost: the gateway meters every request to billing. (In plaintext dev mode services have no identity to
 // deliver usage with, so it waits in their outboxes: there the query must answer, and nothing more.)
@@ -304,7 +310,7 @@ seen.refusals.otherTenantsModel = await refusedWith(
 );
 seen.refusals.otherTenantsModelVersion = await refusedWith(
   [status.PERMISSION_DENIED, status.NOT_FOUND],
-  unary(clients.training, "GetModelVersion", { tenant, model: config.model, version: seen.modelVersion }, otherToken),
+  unary(clients.training, "GetModelVersion", { tenant, model: config.model, version: seen.modelVersion ?? 1 }, otherToken),
   "another tenant's model version",
 );
 seen.refusals.recordUsage = await refusedWith(

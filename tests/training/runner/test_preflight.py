@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +55,11 @@ BAD_SPECS: list[tuple[str, dict[str, Any], bytes | None, str]] = [
 def test_bad_spec_is_refused_before_any_compute(
     tiny: TinyJob, no_model_loading: None, overrides: dict[str, Any], data: bytes | None, message: str
 ) -> None:
-    started = time.perf_counter()
+    # Before any compute: no model or tokenizer is loaded (no_model_loading), nothing is checkpointed.
     with pytest.raises(ValueError) as caught:
         tiny.run(tiny.spec(**overrides), "bad", data=data)
     assert isinstance(caught.value, InvalidJob)
     assert message in str(caught.value)
-    assert time.perf_counter() - started < 2.0
     assert not (tiny.tmp / "bad" / "checkpoints").exists()
 
 
