@@ -123,10 +123,12 @@ class AllocationMeter:
     def held(self) -> list[Allocation]:
         return list(self._open.values())
 
-    def metered_until_ns(self, job_id: str, attempt: int) -> int:
-        """How far the allocation of ``attempt`` has been metered (0: not yet, or not open)."""
-        allocation = self._open.get((job_id, attempt))
-        return allocation.metered_until_ns if allocation is not None else 0
+    def latest(self, allocation: Allocation) -> Allocation:
+        """``allocation`` metered as far as this meter has metered it (the caller's copy may be older)."""
+        tracked = self._open.get((allocation.job_id, allocation.attempt))
+        if tracked is None or tracked.metered_until_ns <= allocation.metered_until_ns:
+            return allocation
+        return replace(allocation, metered_until_ns=tracked.metered_until_ns)
 
     async def start(self) -> None:
         """Closes what a crash left unmetered (released allocations first), then ticks."""
@@ -157,8 +159,10 @@ class AllocationMeter:
                 await self._meter(key, allocation, allocation.released_ns or complete)
 
     async def release(self, allocation: Allocation) -> None:
-        """``allocation`` with its release time stored: meters it to the end and forgets it."""
+        """``allocation`` with its release time stored (not before ``latest(allocation)``'s metered time): meters it
+        to the end, from where this meter got (the caller's copy may be older), and forgets it."""
         async with self._lock:
+            allocation = self.latest(allocation)
             await self._meter((allocation.job_id, allocation.attempt), allocation, allocation.released_ns)
 
     async def _meter(self, key: tuple[str, int], allocation: Allocation, until_ns: int) -> None:

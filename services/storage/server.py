@@ -8,6 +8,7 @@ from datetime import timedelta
 
 from services.billing.client import UsageEmitter
 from services.mesh.db import open_database
+from services.mesh.leader import LeaderElection
 from services.mesh.metrics import metrics_enabled
 from services.mesh.security import mesh_security
 from services.mesh.server import MeshServer, Registration
@@ -46,12 +47,15 @@ async def build_server(
     db = open_database(settings.database_url_for(SERVICE))
     db.migrate(MIGRATIONS, SERVICE)
     store = StorageStore(db)
+    election = LeaderElection.for_service(db, settings, SERVICE)
     security = mesh_security(settings, SERVICE)
     emitter: UsageEmitter | None = None
     meter: StorageMeter | None = None
     if usage is None:
         emitter = UsageEmitter.for_service(settings, SERVICE)
         meter = StorageMeter(store, emitter, interval_seconds=settings.storage_metering_interval_seconds)
+        # The periodic ticks run on one replica: the leader (see services/mesh/leader.py).
+        election.lead("storage-metering", meter.run)
         usage = meter
     metrics = StorageMetrics(usage, metrics_enabled(settings))
     metrics.watch(store)
@@ -82,8 +86,7 @@ async def build_server(
     async def ready() -> bool:
         if not (await security.auth_reachable() and await core.start()):
             return False
-        if meter is not None:
-            await meter.start()
+        await election.start()
         if emitter is not None:
             if delivers_usage:
                 await emitter.start()
@@ -94,8 +97,7 @@ async def build_server(
     async def close() -> None:
         metrics.close()
         await core.close()
-        if meter is not None:
-            await meter.close()
+        await election.close()
         if emitter is not None:
             await emitter.close(flush_timeout=settings.shutdown_grace_seconds)
         db.dispose()

@@ -90,7 +90,7 @@ class Meter(Protocol):
 
     def track(self, allocation: Allocation) -> None: ...
 
-    def metered_until_ns(self, job_id: str, attempt: int) -> int: ...
+    def latest(self, allocation: Allocation) -> Allocation: ...
 
     async def release(self, allocation: Allocation) -> None: ...
 
@@ -544,11 +544,11 @@ class JobScheduler:
         long job waiting for money it has). Between metering and billing's ingest (the outbox's delivery lag) the
         part just metered is counted by neither."""
         reserved = 0
-        for (job_id, attempt), allocation in self._allocations.items():
-            job = self._jobs.get(job_id)
+        for allocation in self._allocations.values():
+            job = self._jobs.get(allocation.job_id)
             if allocation.tenant != tenant or job is None or not job.holding:
                 continue
-            metered_ns = self._meter.metered_until_ns(job_id, attempt) - allocation.admitted_ns
+            metered_ns = self._meter.latest(allocation).metered_until_ns - allocation.admitted_ns
             pool = self.pools.get(job.pool)
             run_seconds = job.max_run_seconds or (pool.max_run_seconds if pool is not None else 0)
             metered = 0.0
@@ -686,6 +686,11 @@ class JobScheduler:
         released = now
         if status.ended_ns:
             released = max(min(status.ended_ns, now), job.admitted_ns)
+        if allocation is not None:
+            # Held at least as long as it was metered: a window a tick metered as complete (the exit not noticed
+            # yet, and the resources not reassignable meanwhile) is not metered again with other content.
+            allocation = self._meter.latest(allocation)
+            released = max(released, allocation.metered_until_ns)
         if job.running_since_ns:
             job.run_ns += max(released - job.running_since_ns, 0)
         self.policy.release(job.job_id)
