@@ -64,7 +64,21 @@ def tenant_addresses() -> dict[str, str]:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, request: pytest.FixtureRequest) -> AuthSettings:
+def service_database() -> str:
+    """AIDC_DATABASE_URL of the services a test starts through the suites' fixtures (auth, storage, scheduler,
+    training, serving): "" puts each on its SQLite file. A test module overriding this fixture runs them on another
+    database: the PostgreSQL variants of the suites (tests/<svc>/test_postgres.py, with tests/postgres.py's
+    ``postgres_services_url``) run chosen tests of the suite again that way."""
+    return ""
+
+
+def database_env(url: str) -> dict[str, str]:
+    """The AIDC_DATABASE_URL setting for ``url`` (none for "")."""
+    return {"AIDC_DATABASE_URL": url} if url else {}
+
+
+@pytest.fixture
+def settings(tmp_path: Path, request: pytest.FixtureRequest, service_database: str) -> AuthSettings:
     """Auth settings on a fresh data dir with cheap password hashing (tests only); a test marked
     ``@pytest.mark.auth_env(AIDC_X="...")`` adds variables (e.g. a short access-token lifetime)."""
     marker = request.node.get_closest_marker("auth_env")
@@ -75,6 +89,7 @@ def settings(tmp_path: Path, request: pytest.FixtureRequest) -> AuthSettings:
             "AIDC_AUTH_ARGON2_TIME_COST": "1",
             "AIDC_AUTH_ARGON2_MEMORY_KIB": "1024",
             **tenant_addresses(),
+            **database_env(service_database),
             **(marker.kwargs if marker is not None else {}),
         }
     )
@@ -212,10 +227,13 @@ def service_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_service_process(service: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start_service_process(
+    service: str, env: dict[str, str], log: Path, module: str | None = None
+) -> subprocess.Popen[bytes]:
+    """``python -m services.<service>`` (or ``module``, a variant of it) with ``env``, output to ``log``."""
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", f"services.{service}"],
+            [sys.executable, "-m", module or f"services.{service}"],
             env=env,
             cwd=ROOT,
             stdout=out,

@@ -21,15 +21,24 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
+from services.mesh.db import Migration
 from tests.conftest import free_port
 
-__all__ = ["PostgresCluster", "find_bin_dir", "postgres_cluster", "postgres_url"]
+__all__ = [
+    "PostgresCluster",
+    "find_bin_dir",
+    "postgres_cluster",
+    "postgres_url",
+    "postgres_services_url",
+    "services_on_postgres",
+    "assert_migrated_on_postgres",
+]
 
 _OS_USER = "postgres"  # root may not run the server; Debian's package creates this user
 _PREFIX = "aidc-pg-"
@@ -77,7 +86,10 @@ class PostgresCluster:
                 pass
             except (ValueError, OSError):
                 continue
-            cls(bin_dir, owner_file.parent).stop()
+            try:
+                cls(bin_dir, owner_file.parent).stop()
+            except RuntimeError:
+                pass  # its server is gone too (a stale postmaster.pid): stop() removed the files all the same
 
     def start(self) -> None:
         (self.dir / "owner.pid").write_text(str(os.getpid()))
@@ -180,6 +192,46 @@ def postgres_url(postgres_cluster: PostgresCluster) -> Iterator[str]:
     url = postgres_cluster.create_database(name)
     yield url
     postgres_cluster.drop_database(name)
+
+
+@pytest.fixture
+def postgres_services_url(postgres_cluster: PostgresCluster) -> Iterator[str]:
+    """An AIDC_DATABASE_URL giving every mesh service a fresh database of its own on the session's cluster (the URL
+    names them with '{service}', as a cluster's configuration does)."""
+    from services.mesh.config import SERVICE_NAMES
+
+    prefix = f"test_{uuid.uuid4().hex[:12]}"
+    for service in SERVICE_NAMES:
+        postgres_cluster.create_database(f"{prefix}_{service}")
+    yield postgres_cluster.url(f"{prefix}_{{service}}")
+    for service in SERVICE_NAMES:
+        postgres_cluster.drop_database(f"{prefix}_{service}")
+
+
+@pytest.fixture(name="service_database")
+def services_on_postgres(postgres_services_url: str) -> str:
+    """tests/conftest.py's ``service_database`` overridden: every service a suite's fixtures start runs on
+    PostgreSQL, a database each. A suite's PostgreSQL variant (tests/<svc>/test_postgres.py) imports this."""
+    return postgres_services_url
+
+
+def assert_migrated_on_postgres(url_template: str, migrations: Mapping[str, Sequence[Migration]]) -> None:
+    """Each service's database (``url_template`` with '{service}' replaced by its name) is PostgreSQL and has every
+    one of the service's migrations recorded."""
+    from sqlalchemy import create_engine, text
+
+    assert url_template.startswith("postgresql+psycopg://"), url_template
+    for service, expected in migrations.items():
+        engine = create_engine(url_template.replace("{service}", service))
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    text("SELECT version, description FROM schema_migrations WHERE component = :c ORDER BY version"),
+                    {"c": service},
+                ).all()
+        finally:
+            engine.dispose()
+        assert [tuple(row) for row in rows] == [(m.version, m.description) for m in expected], service
 
 
 def main() -> None:

@@ -36,9 +36,17 @@ class AuthSettings(MeshSettings):
         "when the job ends).",
     )
     auth_login_rate_per_second: float = setting(
-        2.0, "Password and API-key checks each client address may make per second, on average (token bucket)."
+        2.0,
+        "Password and API-key checks each client address may make per second, on average (token bucket). Counted "
+        "per replica: with N auth replicas an address spreading its calls gets up to N times this (and the failure "
+        "limits below likewise); divide by N to keep the total.",
     )
     auth_login_burst: int = setting(20, "Password and API-key checks a client address may make at once.")
+    auth_sync_seconds: float = setting(
+        1.0,
+        "How often each auth replica reloads what other replicas changed in the shared database (roles and policy, "
+        "signing keys, revocations): a change made through one replica applies in the others within this.",
+    )
     auth_login_account_free_failures: int = setting(
         5,
         "Failed checks of one account (a user, an API key) before each further failure blocks it, for "
@@ -74,6 +82,8 @@ class AuthSettings(MeshSettings):
         )
         if min(lifetimes) <= 0:
             raise ValueError("token, login and delegation lifetimes must be positive")
+        if self.auth_sync_seconds <= 0:
+            raise ValueError("AIDC_AUTH_SYNC_SECONDS must be positive")
         if self.auth_login_rate_per_second < 0 or self.auth_login_burst < 1:
             raise ValueError("AIDC_AUTH_LOGIN_RATE_PER_SECOND must be >= 0 and AIDC_AUTH_LOGIN_BURST >= 1")
         if min(self.auth_login_account_free_failures, self.auth_login_source_free_failures) < 1:

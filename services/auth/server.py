@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Mapping
 from datetime import timedelta
 
@@ -24,6 +27,8 @@ from services.mesh.server import MeshServer, Registration
 __all__ = ["build_server", "LocalPermissionChecker", "LocalTokenVerifier"]
 
 SERVICE = "auth"
+
+log = logging.getLogger(__name__)
 
 
 class LocalPermissionChecker:
@@ -49,9 +54,27 @@ class LocalTokenVerifier(TokenVerifier):
         # Both come from this process: refetched inline (never stale), not in the background as other services do.
         super().__init__(jwks, revocations, refresh_seconds=refresh_seconds, max_stale_seconds=refresh_seconds)
         self._sessions = sessions
+        self._keys_generation = -1
 
     async def verify(self, token: str) -> Principal:
+        if self._keys_generation != self._sessions.keys_generation:
+            # The keys changed here or were reloaded from another replica: take them now, so a token signed with a
+            # new key verifies at once (the base class would refuse an unknown kid until its next refetch).
+            async with self._lock:
+                generation = self._sessions.keys_generation
+                await self._refresh()
+                self._keys_generation = generation
         return self._sessions.ensure_active(await super().verify(token))
+
+
+async def _sync_forever(core: AuthCore, interval: float) -> None:
+    """Reloads what other replicas changed, every ``interval`` seconds (every replica runs this, not a leader)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await core.sync()
+        except Exception:  # noqa: BLE001 - the next round retries; one failure must not stop the loop
+            log.exception("reloading what other replicas changed failed")
 
 
 async def build_server(settings: AuthSettings, address: str | None = None) -> MeshServer:
@@ -80,10 +103,16 @@ async def build_server(settings: AuthSettings, address: str | None = None) -> Me
     )
     metrics = AuthMetrics(metrics_enabled(settings))
     core = AuthCore(store, PolicyEngine(CasbinAdapter(store), metrics), sessions, metrics=metrics)
-    core.bootstrap(settings.bootstrap_file)
+    # Replicas starting at once on an empty database: one after the other, so exactly one creates the admin.
+    with db.exclusive("auth-bootstrap"):
+        core.bootstrap(settings.bootstrap_file)
     servicer = AuthServicer(core, sessions, settings.trusted_proxies())
+    syncing = asyncio.create_task(_sync_forever(core, settings.auth_sync_seconds), name="auth-sync")
 
     async def close() -> None:
+        syncing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await syncing
         db.dispose()
 
     return MeshServer(

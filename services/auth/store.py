@@ -1,10 +1,13 @@
 """Persistence of the auth service: tenants, principals, API keys, refresh tokens, job delegations, revocations,
 signing keys, the Casbin policy and the audit log, in one SQLAlchemy database. Each change and its audit event
-commit together."""
+commit together, and so does a step of the change counter its kind of state keeps (``auth_changes``): the policy,
+the signing keys, the revocations. Replicas sharing the database poll the counters and reload what another replica
+changed (``changed_elsewhere``)."""
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -12,6 +15,7 @@ from typing import Any
 
 import casbin.persist
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -43,6 +47,7 @@ __all__ = [
     "PolicyLine",
     "MIGRATIONS",
     "CasbinAdapter",
+    "CHANGE_KINDS",
 ]
 
 metadata = MetaData()
@@ -142,6 +147,15 @@ casbin_rules = Table(
     Index("ix_casbin_rules_line", "ptype", "v0", "v1", "v2", "v3", unique=True),
 )
 
+#: Kinds of state each replica holds in memory, each with a counter stepped in every transaction that changes it.
+CHANGE_KINDS = ("policy", "keys", "revocations")
+auth_changes = Table(
+    "auth_changes",
+    metadata,
+    Column("kind", String(32), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+)
+
 audit_events = Table(
     "audit_events",
     metadata,
@@ -174,10 +188,20 @@ def _add_missing(conn: Connection) -> None:
                 conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
 
 
+def _add_change_counters(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[auth_changes])
+    conn.execute(insert(auth_changes), [{"kind": kind, "version": 0} for kind in CHANGE_KINDS])
+
+
 MIGRATIONS = [
     Migration(1, "auth: initial schema", lambda conn: metadata.create_all(conn)),
     Migration(
         2, "auth: disabled principals, expiring passwords, login lifetime, revocations, delegations", _add_missing
+    ),
+    Migration(
+        3,
+        "auth: change counters (replicas reload the policy, keys and revocations others changed)",
+        _add_change_counters,
     ),
 ]
 
@@ -226,6 +250,50 @@ class AuthStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        # The counter of each kind up to which this process's memory holds every change (see changed_elsewhere).
+        self._seen: dict[str, int] = {}
+        self._seen_lock = threading.Lock()
+
+    # -- change counters ----------------------------------------------------------------------------
+    def _versions(self) -> dict[str, int]:
+        with self.db.engine.connect() as conn:
+            return {row.kind: int(row.version) for row in conn.execute(select(auth_changes))}
+
+    def mark_loaded(self) -> None:
+        """Records that memory now holds everything (called before loading it all at start)."""
+        versions = self._versions()
+        with self._seen_lock:
+            self._seen = versions
+
+    def changed_elsewhere(self) -> set[str]:
+        """The kinds another process changed since this one last looked; they count as seen from now on, so the
+        caller reloads them (the counters are read before the caller reloads: a change landing in between is
+        reloaded again next time, never missed)."""
+        versions = self._versions()
+        with self._seen_lock:
+            changed = {kind for kind, version in versions.items() if version > self._seen.get(kind, 0)}
+            for kind in changed:
+                self._seen[kind] = versions[kind]
+        return changed
+
+    @staticmethod
+    def _step(conn: Connection, kind: str) -> int:
+        return int(
+            conn.execute(
+                update(auth_changes)
+                .where(auth_changes.c.kind == kind)
+                .values(version=auth_changes.c.version + 1)
+                .returning(auth_changes.c.version)
+            ).scalar_one()
+        )
+
+    def _stepped(self, steps: dict[str, int]) -> None:
+        """After a commit: a counter this process stepped from the version it had seen is still seen (this process
+        applies its own change to its memory); one that others stepped meanwhile is left for changed_elsewhere."""
+        with self._seen_lock:
+            for kind, version in steps.items():
+                if self._seen.get(kind) == version - 1:
+                    self._seen[kind] = version
 
     # -- transactions -------------------------------------------------------------------------------
     def _write(
@@ -235,16 +303,23 @@ class AuthStore:
         policy_add: Iterable[PolicyLine] = (),
         policy_remove: Iterable[PolicyLine] = (),
     ) -> None:
-        """Runs statements, policy changes and the audit insert in one transaction."""
+        """Runs statements, policy changes, counter steps and the audit insert in one transaction."""
+        policy_add, policy_remove = list(policy_add), list(policy_remove)
+        steps: dict[str, int] = {}
         try:
             with self.db.engine.begin() as conn:
                 for statement in statements:
                     conn.execute(statement)
                 self._policy_changes(conn, policy_add, policy_remove)
+                if policy_add or policy_remove:
+                    steps["policy"] = self._step(conn, "policy")
+                if any(getattr(statement, "table", None) is revocations for statement in statements):
+                    steps["revocations"] = self._step(conn, "revocations")
                 if audit is not None:
                     self._insert_audit(conn, audit)
         except IntegrityError as exc:
             raise AlreadyExists("it already exists") from exc
+        self._stepped(steps)
 
     @staticmethod
     def _policy_changes(conn: Connection, add: Iterable[PolicyLine], remove: Iterable[PolicyLine]) -> None:
@@ -550,6 +625,8 @@ class AuthStore:
             )
             if audit is not None:
                 self._insert_audit(conn, audit)
+            version = self._step(conn, "keys")
+        self._stepped({"keys": version})
 
     def signing_keys(self) -> list[Row[Any]]:
         with self.db.engine.connect() as conn:

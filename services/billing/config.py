@@ -24,7 +24,9 @@ class BillingSettings(MeshSettings):
         3600, "Seconds after a month ends before its invoice may be finalized (late usage still counts until then)."
     )
     billing_budget_refresh_seconds: float = setting(
-        2.0, "How often budget views of tenants with new usage are recomputed (and their alerts raised)."
+        2.0,
+        "How often budget views of tenants with new usage are recomputed (and their alerts raised); also how soon a "
+        "replica's budget answers reflect usage, budgets, credit and prices changed through another replica.",
     )
 
     @classmethod

@@ -36,6 +36,7 @@ __all__ = [
     "budget_alerts",
     "invoices",
     "invoice_lines",
+    "view_marks",
     "MIGRATIONS",
 ]
 
@@ -205,6 +206,17 @@ invoice_lines = Table(
 )
 
 
+#: When a tenant's budget view last changed (its usage, budget, credit, plan; budgets.ALL_TENANTS: a price book),
+#: written in the transaction that changed it: every replica reads it to refresh the views it holds
+#: (BillingCore.refresh_budgets).
+view_marks = Table(
+    "billing_view_marks",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("changed_time", BigInteger, nullable=False),
+)
+
+
 def _platform_budget_bounds(conn: Connection) -> None:
     """Adds the platform's bounds to budgets. Nobody recorded who set an existing budget, so its limit and enforcement
     become the platform's: tenants may still lower them, and raising them takes the platform, as for new ones."""
@@ -219,4 +231,9 @@ def _platform_budget_bounds(conn: Connection) -> None:
 MIGRATIONS = [
     Migration(1, "billing: ledger, rollups, price books, budgets, credit, alerts, invoices", metadata.create_all),
     Migration(2, "billing: budgets keep the limit and enforcement the platform set", _platform_budget_bounds),
+    Migration(
+        3,
+        "billing: marks of changed budget views, for replicas",
+        lambda conn: metadata.create_all(conn, tables=[view_marks]),
+    ),
 ]

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 async def _refresh_budgets(core: BillingCore, interval: float) -> None:
-    """Keeps the budget read model fresh and raises budget alerts, every ``interval`` seconds."""
+    """Keeps the budget read model fresh and raises budget alerts, every ``interval`` seconds. Every replica runs it
+    (each holds its own read model; alerts are recorded once, under the store's write lock)."""
     while True:
         await asyncio.sleep(interval)
         try:
@@ -44,7 +45,12 @@ async def build_server(settings: BillingSettings, address: str | None = None) ->
         invoice_grace_seconds=settings.billing_invoice_grace_seconds,
     )
     core = BillingCore(store, policy, metrics=BillingMetrics(metrics_enabled(settings)))
-    await asyncio.to_thread(core.start)
+
+    def start() -> None:
+        with db.exclusive("billing-start"):  # replicas starting at once seed the default price book once
+            core.start()
+
+    await asyncio.to_thread(start)
     security = mesh_security(settings, SERVICE)
     servicer = BillingServicer(core, security.checker)
     refresher = asyncio.create_task(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -29,6 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from services.billing.core.budgets import ALL_TENANTS
 from services.billing.core.model import (
     AlertKind,
     Budget,
@@ -64,6 +66,7 @@ from services.billing.schema import (
     usage_dimensions,
     usage_events,
     usage_rollups,
+    view_marks,
 )
 from services.mesh.db import Database
 
@@ -298,7 +301,23 @@ class Transaction:
             outcomes.append((EventStatus.ACCEPTED, ""))
         if accepted:
             self._append(accepted, now_ns)
+            self.mark_views({entry.tenant for entry in accepted})
         return outcomes
+
+    def mark_views(self, tenants: Iterable[str]) -> None:
+        """Notes, in this transaction, that these tenants' budget views changed (ALL_TENANTS: every view), so every
+        replica refreshes the views it holds (``views_changed_since``)."""
+        rows = [(tenant, time.time_ns()) for tenant in sorted(set(tenants))]
+        if rows:
+            self.conn.exec_driver_sql(
+                f"INSERT INTO {view_marks.name} (tenant, changed_time) VALUES ({self._marks(2)}) "
+                "ON CONFLICT (tenant) DO UPDATE SET changed_time = excluded.changed_time",
+                rows,
+            )
+
+    def views_changed_since(self, since_ns: int) -> set[str]:
+        query = select(view_marks.c.tenant).where(view_marks.c.changed_time > since_ns)
+        return set(self.conn.execute(query).scalars())
 
     def _marks(self, count: int) -> str:
         """``count`` positional placeholders of the driver ("?" for sqlite3, "%s" for psycopg)."""
@@ -478,6 +497,7 @@ class Transaction:
 
     def add_price_book(self, book: PriceBook) -> PriceBook:
         """Stores ``book`` as the next version of its book; returns it with that version."""
+        self.mark_views([ALL_TENANTS])
         latest = self.conn.execute(
             select(func.max(price_books.c.version)).where(price_books.c.book == book.tenant)
         ).scalar_one()
@@ -499,6 +519,7 @@ class Transaction:
         return [TenantPlan(row.tenant, row.plan, row.start_time) for row in self.conn.execute(query)]
 
     def set_tenant_plan(self, plan: TenantPlan) -> None:
+        self.mark_views([plan.tenant])
         table = tenant_plans
         self.conn.execute(delete(table).where(table.c.tenant == plan.tenant, table.c.start_time == plan.start_ns))
         self.conn.execute(insert(table).values(tenant=plan.tenant, start_time=plan.start_ns, plan=plan.plan))
@@ -522,6 +543,7 @@ class Transaction:
         )
 
     def put_budget(self, budget: Budget) -> None:
+        self.mark_views([budget.tenant])
         self.conn.execute(delete(budgets).where(budgets.c.tenant == budget.tenant))
         self.conn.execute(
             insert(budgets).values(
@@ -538,6 +560,7 @@ class Transaction:
         )
 
     def delete_budget(self, tenant: str) -> None:
+        self.mark_views([tenant])
         self.conn.execute(delete(budgets).where(budgets.c.tenant == tenant))
 
     def grants(self, tenant: str) -> list[CreditGrant]:
@@ -570,6 +593,7 @@ class Transaction:
         ]
 
     def add_grant(self, grant: CreditGrant) -> None:
+        self.mark_views([grant.tenant])
         self.conn.execute(
             insert(credit_grants).values(
                 tenant=grant.tenant,
@@ -735,6 +759,7 @@ class Transaction:
             )
 
     def apply_credit(self, invoice_id: str, tenant: str, grant_id: str, amount_micros: int, now_ns: int) -> None:
+        self.mark_views([tenant])
         self.conn.execute(
             insert(credit_applications).values(
                 invoice_id=invoice_id, tenant=tenant, grant_id=grant_id, amount_micros=amount_micros, time=now_ns

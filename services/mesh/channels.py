@@ -195,17 +195,22 @@ def create_channel(
     *,
     identity: str | None = "cli",
     extra_interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    server_name: str | None = None,
 ) -> grpc.aio.Channel:
     """A channel to another service.
 
     With certificates (``settings.tls_dir()``): TLS trusting the mesh CA, presenting ``identity``'s certificate (a
-    service name, or "cli" for the operator's tools; None for server-only TLS). Without certificates the
-    channel is plaintext, which is allowed only to loopback addresses (dev mode).
+    service name, or "cli" for the operator's tools; None for server-only TLS), and expecting the server's
+    certificate to name ``server_name`` (default: the target's host; a replica's pod address is in no certificate,
+    so calls to one name its service, "aidc-<service>"). Without certificates the channel is plaintext, which is
+    allowed only to loopback addresses (dev mode).
     """
     interceptors = _client_interceptors(extra_interceptors)
     options = channel_options(settings)
     tls_dir = settings.tls_dir()
     if tls_dir is not None:
+        if server_name:
+            options = [*options, ("grpc.ssl_target_name_override", server_name)]
         credentials = client_credentials(tls_dir, identity)
         return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
     if not _is_loopback(target):

@@ -124,6 +124,17 @@ class MeshSettings:
         "mesh's CA required when certificates are on); empty: recorded but not served; 'off': not recorded at all. "
         "`aidc up` gives each component its own port (AIDC_<COMPONENT>_METRICS_PORT).",
     )
+    leader_lease_seconds: float = setting(
+        6.0,
+        "Lifetime of the lease that makes one replica of a service its leader (the one running the background loops "
+        "that must run once). Another replica takes over at most a third of it after the leader stopped cleanly, at "
+        "most 4/3 of it after the leader died.",
+    )
+    advertise_addr: str = setting(
+        "",
+        "host:port at which the other replicas of this service reach this one (they forward to their leader the RPCs "
+        "only it serves); empty: the service's own address (AIDC_<SERVICE>_ADDR). On Kubernetes: the pod's IP.",
+    )
     database_url: str = setting(
         "",
         "SQLAlchemy URL of the services' databases; '{service}' in it is replaced by the service name (give each "
@@ -181,6 +192,13 @@ class MeshSettings:
             raise ValueError("AIDC_REVOCATION_REFRESH_SECONDS must be positive")
         if self.revocation_max_stale_seconds < self.revocation_refresh_seconds:
             raise ValueError("AIDC_REVOCATION_MAX_STALE_SECONDS must be at least AIDC_REVOCATION_REFRESH_SECONDS")
+        if self.advertise_addr:
+            try:
+                parse_address(self.advertise_addr)
+            except ValueError as exc:
+                raise ValueError(f"AIDC_ADVERTISE_ADDR: {exc}") from None
+        if self.leader_lease_seconds <= 0:
+            raise ValueError("AIDC_LEADER_LEASE_SECONDS must be positive")
         if self.metrics_addr not in ("", "off"):
             try:
                 parse_address(self.metrics_addr)

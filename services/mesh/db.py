@@ -4,8 +4,11 @@ on a cluster) with ordered, recorded schema migrations, so no service is written
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +25,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection, make_url
 
@@ -62,12 +66,44 @@ class Database:
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
 
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """Holds a lock named ``name`` across every process using this database, for start-up work that replicas
+        starting at once must do one after the other (migrations, first-start bootstrap): a PostgreSQL advisory lock
+        (released with its connection, so a crashed holder never blocks the others), or for a SQLite file a lock on
+        a file beside it (the processes sharing a SQLite file share a machine)."""
+        if self.is_sqlite:
+            database = self.engine.url.database
+            if not database or database == ":memory:":
+                yield
+                return
+            with open(f"{database}.{name}.lock", "a+b") as lock_file:
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(lock_file, fcntl.LOCK_UN)
+            return
+        key = int.from_bytes(hashlib.sha256(f"aidc:{name}".encode()).digest()[:8], "big", signed=True)
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                conn.commit()
+
     def migrate(self, migrations: Sequence[Migration], component: str) -> int:
         """Applies ``component``'s migrations not yet applied, each in its own transaction; returns the schema
-        version."""
+        version. Replicas starting at once migrate one after the other (the later ones find nothing to do)."""
         versions = [m.version for m in migrations]
         if versions != list(range(1, len(migrations) + 1)):
             raise ValueError(f"migration versions must be 1..N in order, got {versions}")
+        with self.exclusive("migrations"):
+            return self._migrate(migrations, component)
+
+    def _migrate(self, migrations: Sequence[Migration], component: str) -> int:
         _meta.create_all(self.engine, tables=[_migrations_table])
         with self.engine.connect() as conn:
             applied = set(

@@ -46,6 +46,7 @@ __all__ = [
     "AuthorizationInterceptor",
     "current_deadline",
     "current_method",
+    "FORWARDED_PEER",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ log = logging.getLogger(__name__)
 current_deadline: ContextVar[float | None] = ContextVar("aidc_current_deadline", default=None)
 #: Full name of the RPC being served.
 current_method: ContextVar[str] = ContextVar("aidc_current_method", default="")
+#: Metadata a replica forwarding a call to its leader sends: the service the original caller's certificate named, or
+#: "-" (services/mesh/forwarding.py). Trusted only from a certificate of the receiving service itself.
+FORWARDED_PEER = "x-aidc-forwarded-peer"
 
 Behavior = Callable[..., Any]
 # A decorator receives the behavior, whether the request is a stream, whether the response is a stream,
@@ -379,10 +383,13 @@ class AuthenticationInterceptor(_WrappingInterceptor):
     ``mesh_only`` are refused with PERMISSION_DENIED before anything else.
     """
 
-    def __init__(self, table: PermissionTable, verifier: TokenVerifier, *, tenant_path: bool = False) -> None:
+    def __init__(
+        self, table: PermissionTable, verifier: TokenVerifier, *, tenant_path: bool = False, service: str = ""
+    ) -> None:
         self._table = table
         self._verifier = verifier
         self._tenant_path = tenant_path
+        self._service = service
 
     def decorate(
         self,
@@ -403,9 +410,17 @@ class AuthenticationInterceptor(_WrappingInterceptor):
 
             return _around(behavior, request_streaming, response_streaming, refuse)
 
+        own_service = self._service
+
         async def before(_request: Any, context: ServicerContext) -> None:
-            token = bearer_token(tuple(context.invocation_metadata() or ()))
+            metadata = tuple(context.invocation_metadata() or ())
+            token = bearer_token(metadata)
             service = None if tenant_path else _peer_service(context)
+            if service is not None and service == own_service:
+                # A replica of this service forwarding a call to its leader: the caller is the one it names.
+                forwarded = next((str(value) for key, value in metadata if key == FORWARDED_PEER), None)
+                if forwarded is not None:
+                    service = forwarded if forwarded in SERVICE_NAMES else None
             current_peer_service.set(service)
             principal: Principal | None = None
             if token is not None:

@@ -90,6 +90,7 @@ def secured_server(
     address: str | None = None,
     tenant_address: str | None = None,
     security: MeshSecurity | None = None,
+    forwarding: grpc.aio.ServerInterceptor | None = None,
 ) -> MeshServer:
     """A MeshServer for a service other than auth: callers verified with auth's keys, decisions from auth.
 
@@ -112,4 +113,5 @@ def secured_server(
         on_stop=[*on_stop, security.close],
         address=address,
         tenant_address=tenant_address,
+        forwarding=forwarding,
     )

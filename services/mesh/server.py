@@ -106,6 +106,8 @@ class MeshServer:
     checker: PermissionChecker
     readiness: Callable[[], Awaitable[bool]] | None = None
     on_stop: Sequence[Callable[[], Awaitable[None]]] = ()
+    #: The innermost interceptor of a service with RPCs only its leader serves (services/mesh/forwarding.py).
+    forwarding: grpc.aio.ServerInterceptor | None = None
     #: The mesh listener; None: the settings' address of this service.
     address: str | None = None
     #: The tenant listener; None: the settings' tenant address of this service unless ``address`` is given (a test's
@@ -120,6 +122,7 @@ class MeshServer:
     _ready_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     #: The /metrics endpoint, when AIDC_METRICS_ADDR names one.
     metrics: MetricsEndpoint | None = field(default=None, init=False, repr=False)
+    _stop_requested: asyncio.Event | None = field(default=None, init=False, repr=False)
 
     def _server(self, table: PermissionTable, *, tenant_path: bool) -> grpc.aio.Server:
         """One listener's server: the interceptor chain (the tenant path's authentication grants no service
@@ -134,8 +137,9 @@ class MeshServer:
                 ErrorMappingInterceptor(),
                 DeadlineInterceptor(),
                 RequestLimitInterceptor(),
-                AuthenticationInterceptor(table, self.verifier, tenant_path=tenant_path),
+                AuthenticationInterceptor(table, self.verifier, tenant_path=tenant_path, service=self.name),
                 AuthorizationInterceptor(table, self.checker),
+                *([self.forwarding] if self.forwarding is not None else []),
             ],
             options=channel_options(self.settings),
         )
@@ -236,15 +240,24 @@ class MeshServer:
         log.info("%s stopped", self.name)
 
     async def run_until_signal(self) -> None:
-        """Starts, then serves until SIGTERM or SIGINT."""
+        """Starts, then serves until SIGTERM or SIGINT (or ``request_stop``)."""
         await self.start()
-        stop = asyncio.Event()
+        stop = self._stop_requested = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("%s received a stop signal", self.name)
         await self.stop()
+
+    def request_stop(self, reason: str) -> None:
+        """Stops the server as SIGTERM would (the process then exits and its supervisor starts it again): for state
+        that cannot go on, e.g. a scheduler that lost its lease while it ran jobs."""
+        log.warning("%s stops: %s", self.name, reason)
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+        else:  # started without run_until_signal (in a test's process)
+            asyncio.get_running_loop().create_task(self.stop())
 
 
 def serve(build: Callable[[], Awaitable[MeshServer]]) -> None:

@@ -123,6 +123,13 @@ class AllocationMeter:
     def held(self) -> list[Allocation]:
         return list(self._open.values())
 
+    def latest(self, allocation: Allocation) -> Allocation:
+        """``allocation`` metered as far as this meter has metered it (the caller's copy may be older)."""
+        tracked = self._open.get((allocation.job_id, allocation.attempt))
+        if tracked is None or tracked.metered_until_ns <= allocation.metered_until_ns:
+            return allocation
+        return replace(allocation, metered_until_ns=tracked.metered_until_ns)
+
     async def start(self) -> None:
         """Closes what a crash left unmetered (released allocations first), then ticks."""
         await self.tick()
@@ -152,20 +159,11 @@ class AllocationMeter:
                 await self._meter(key, allocation, allocation.released_ns or complete)
 
     async def release(self, allocation: Allocation) -> None:
-        """``allocation`` with its release time stored: meters it to the end and forgets it."""
+        """``allocation`` with its release time stored (not before ``latest(allocation)``'s metered time): meters it
+        to the end, from where this meter got (the caller's copy may be older), and forgets it."""
         async with self._lock:
-            key = (allocation.job_id, allocation.attempt)
-            tracked = self._open.get(key)
-            if tracked is not None and tracked.metered_until_ns > allocation.metered_until_ns:
-                allocation = replace(allocation, metered_until_ns=tracked.metered_until_ns)
-            if allocation.metered_until_ns > allocation.released_ns:
-                # Its work ended (e.g. the process's recorded exit) in a window already metered while the scheduler
-                # still held the allocation (it learns of an end a poll later; a Ray driver that lost a worker waits
-                # for Ray's word on the node): billed is billed, so it was held until then. Re-metering that window
-                # up to the earlier end would re-emit its events with other quantities, which billing rejects.
-                allocation = replace(allocation, released_ns=allocation.metered_until_ns)
-                await self._save(allocation)
-            await self._meter(key, allocation, allocation.released_ns)
+            allocation = self.latest(allocation)
+            await self._meter((allocation.job_id, allocation.attempt), allocation, allocation.released_ns)
 
     async def _meter(self, key: tuple[str, int], allocation: Allocation, until_ns: int) -> None:
         start = max(allocation.metered_until_ns, allocation.admitted_ns)

@@ -3,6 +3,7 @@ book), the domain (jobs, inventory), this machine as the default pool, the servi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 
@@ -11,6 +12,8 @@ from services.gen.aidc.scheduler.v1 import scheduler_service_pb2_grpc
 from services.mesh.channels import create_channel
 from services.mesh.config import master_key
 from services.mesh.db import open_database
+from services.mesh.forwarding import LeaderForwarding
+from services.mesh.leader import LeaderElection
 from services.mesh.metrics import metrics_enabled
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer, Registration
@@ -96,6 +99,7 @@ async def build_server(
     db = open_database(settings.database_url_for(SERVICE))
     db.migrate(MIGRATIONS, SERVICE)
     store = SchedulerStore(db)
+    election = LeaderElection.for_service(db, settings, SERVICE)
     billing = BillingClient(create_channel(settings.billing_addr, settings, identity=SERVICE))
     emitter = UsageEmitter.for_service(settings, SERVICE)
     sealer = SecretSealer(master_key(settings.scheduler_master_key, settings.scheduler_dir / "master.key"))
@@ -152,32 +156,53 @@ async def build_server(
     # Billing takes usage only from a mesh service's certificate: without certificates (plaintext dev mode) the
     # usage waits in the outbox until mTLS is configured.
     delivers_usage = settings.tls_dir() is not None
-    started = False
+    closing = False
+    leading = asyncio.Event()
+
+    async def lead() -> None:
+        """The scheduler proper, on the leader only: the queue, the cycle, launching, adopting what a previous
+        leader on this machine left running, metering. A follower forwards every RPC here."""
+        pools = await inventory.load()
+        await register_local_machine(inventory, settings)
+        if ray_nodes is not None:
+            await ray_nodes.start()  # before the jobs: a node that left meanwhile requeues what it ran
+        await jobs.start(list(inventory.pools.values()) or pools)
+        await meter.start()
+        leading.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if not closing:
+                # Leading ended without a stop (the lease could not be renewed): another replica may lead now, so
+                # this one must launch nothing more. Its state can't be picked up again: the process restarts as a
+                # follower, as Kubernetes controllers do.
+                server.request_stop("this replica lost the scheduler lease")
+
+    election.lead("scheduler", lead)
+    forwarding = LeaderForwarding(election, settings, SERVICE, ["aidc.scheduler.v1.SchedulerService"])
 
     async def ready() -> bool:
-        nonlocal started
-        if not started:
-            pools = await inventory.load()
-            await register_local_machine(inventory, settings)
-            if ray_nodes is not None:
-                await ray_nodes.start()  # before the jobs: a node that left meanwhile requeues what it ran
-            await jobs.start(list(inventory.pools.values()) or pools)
-            await meter.start()
-            if delivers_usage:
-                await emitter.start()
-            started = True
-        return True
+        await election.start()
+        if delivers_usage:
+            await emitter.start()
+        # The leader serves once its queue is loaded; a follower at once (it forwards).
+        return leading.is_set() or not election.is_leader
 
     async def close() -> None:
+        nonlocal closing
+        closing = True
+        # The runs are let go before the lease is: the next leader adopts them only once this one stopped watching.
         if ray_nodes is not None:
             await ray_nodes.close()
         await jobs.close()
         await meter.close()
+        await election.close()
+        await forwarding.close()
         await emitter.close(flush_timeout=settings.shutdown_grace_seconds)
         await billing.close()
         db.dispose()
 
-    return secured_server(
+    server = secured_server(
         SERVICE,
         settings,
         registrations=[
@@ -190,4 +215,6 @@ async def build_server(
         readiness=ready,
         on_stop=[close],
         address=address,
+        forwarding=forwarding,
     )
+    return server

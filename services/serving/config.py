@@ -57,6 +57,11 @@ class ServingSettings(MeshSettings):
     serving_alias_poll_seconds: float = setting(
         10.0, "Seconds between checks of the registry for moved aliases of deployments that follow one."
     )
+    serving_route_refresh_seconds: float = setting(
+        1.0,
+        "Seconds between each replica's reads of the deployments' routes: a rollout or undeploy (run by the leader) "
+        "reaches every replica's gateway within this; a replaced version is unloaded only after it.",
+    )
     serving_relay_triton_metrics: bool = setting(
         True,
         "Export Triton's per-model statistics (read over the gateway's channel) as nv_inference_* on the serving "
@@ -86,6 +91,7 @@ class ServingSettings(MeshSettings):
             "serving_rollout_timeout_seconds",
             "serving_reconcile_interval_seconds",
             "serving_alias_poll_seconds",
+            "serving_route_refresh_seconds",
             "serving_metering_interval_seconds",
         ):
             if getattr(self, name) <= 0:

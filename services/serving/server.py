@@ -6,6 +6,8 @@ from __future__ import annotations
 from services.gen.aidc.serving.v1 import serving_service_pb2_grpc
 from services.mesh.channels import create_channel
 from services.mesh.db import open_database
+from services.mesh.forwarding import LeaderForwarding
+from services.mesh.leader import LeaderElection
 from services.mesh.security import mesh_security, secured_server
 from services.mesh.server import MeshServer, Registration
 from services.serving.config import ServingSettings
@@ -25,11 +27,13 @@ from services.training.client import TrainingClient
 __all__ = ["build_server", "SERVICE"]
 
 SERVICE = "serving"
+_LEADER_ONLY = ("aidc.serving.v1.ServingService/Deploy", "aidc.serving.v1.ServingService/Undeploy")
 
 
 async def build_server(settings: ServingSettings, address: str | None = None) -> MeshServer:
     db = open_database(settings.database_url_for(SERVICE))
     db.migrate(MIGRATIONS, SERVICE)
+    election = LeaderElection.for_service(db, settings, SERVICE)
     security = mesh_security(settings, SERVICE)
     routes = Routes()
     source = RegistrySource(
@@ -54,8 +58,12 @@ async def build_server(settings: ServingSettings, address: str | None = None) ->
             rollout_timeout_seconds=settings.serving_rollout_timeout_seconds,
             reconcile_interval_seconds=settings.serving_reconcile_interval_seconds,
             alias_poll_seconds=settings.serving_alias_poll_seconds,
+            route_refresh_seconds=settings.serving_route_refresh_seconds,
         ),
     )
+    # Rollouts, undeploys, reconciling and alias following run on the leader; Deploy and Undeploy go to it.
+    election.lead("serving-deployments", core.lead)
+    forwarding = LeaderForwarding(election, settings, SERVICE, _LEADER_ONLY)
     gateway = build_gateway(settings, routes, security, access)
     servicer = ServingServicer(core)
     # Billing takes usage only from a mesh service's certificate: without certificates (plaintext dev mode) the
@@ -66,9 +74,14 @@ async def build_server(settings: ServingSettings, address: str | None = None) ->
         # Not Triton's readiness: deployments can be listed and changed while Triton is down, and the gateway
         # answers UNAVAILABLE for inference until it is back (ServerReady tells clients which).
         await gateway.start(deliver_usage=delivers_usage)
-        return await core.start()
+        if not await core.start():
+            return False
+        await election.start()
+        return True
 
     async def close() -> None:
+        await election.close()
+        await forwarding.close()
         await core.close()
         await gateway.close(flush_timeout=settings.shutdown_grace_seconds)
         await triton.close()
@@ -90,4 +103,5 @@ async def build_server(settings: ServingSettings, address: str | None = None) ->
         on_stop=[close],
         address=address,
         security=security,
+        forwarding=forwarding,
     )

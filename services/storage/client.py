@@ -20,6 +20,7 @@ from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
 from services.gen.aidc.storage.v1 import storage_service_pb2_grpc
 from services.mesh.client import ServiceClient, translate_rpc_error
 from services.mesh.errors import DataLoss
+from services.storage.wire import deserialize_download
 
 __all__ = ["StorageClient", "UploadSource", "CHUNK_BYTES"]
 
@@ -63,6 +64,12 @@ class StorageClient(ServiceClient):
     def __init__(self, channel: grpc.aio.Channel, **kwargs: float) -> None:
         super().__init__(channel, **kwargs)  # type: ignore[arg-type]
         self.stub = storage_service_pb2_grpc.StorageServiceStub(channel)
+        # Download's chunks are taken out of their messages without protobuf parsing them (services.storage.wire).
+        self._download = channel.unary_stream(
+            "/aidc.storage.v1.StorageService/Download",
+            request_serializer=pb.DownloadRequest.SerializeToString,
+            response_deserializer=deserialize_download,
+        )
 
     # -- datasets ----------------------------------------------------------------------------------------
 
@@ -140,7 +147,7 @@ class StorageClient(ServiceClient):
     ) -> tuple[pb.ObjectInfo, AsyncIterator[bytes]]:
         """The object's metadata and an iterator of its plaintext chunks (the requested range)."""
         request = pb.DownloadRequest(tenant=tenant, kind=kind, name=name, version=version, offset=offset, length=length)
-        call = self.stub.Download(request, timeout=timeout)
+        call = self._download(request, timeout=timeout)
         try:
             first = await call.read()
         except grpc.RpcError as error:
@@ -152,7 +159,7 @@ class StorageClient(ServiceClient):
         async def chunks() -> AsyncIterator[bytes]:
             try:
                 async for message in call:
-                    yield message.chunk
+                    yield message if isinstance(message, bytes) else message.chunk
             except grpc.RpcError as error:
                 raise translate_rpc_error(error) from None
             finally:

@@ -44,13 +44,12 @@ class StorageSettings(MeshSettings):
         "", "Base64 of 32 bytes encrypting tenant keys at rest; empty: <data_dir>/storage/master.key (0600)."
     )
     storage_part_size_bytes: int = setting(
-        8 * 1024 * 1024, "Multipart part size of uploads to the object store (at least 5 MiB)."
+        8 * 1024 * 1024,
+        "Multipart part size of uploads to the object store (at least 5 MiB; rounded up to whole 1 MiB segments).",
     )
-    storage_parallel_parts: int = setting(2, "Parts of one upload sent to the object store at the same time.")
-    storage_pipe_bytes: int = setting(
-        4 * 1024 * 1024, "Encrypted bytes buffered between the encryptor and the S3 uploader of one transfer."
+    storage_parallel_parts: int = setting(
+        3, "Parts of one upload sent to the object store at the same time (each holds a part in memory)."
     )
-    storage_chunk_bytes: int = setting(1024 * 1024, "Size of the plaintext chunks Download sends.")
     storage_max_object_bytes: int = setting(1024**4, "Largest object accepted by Upload (plaintext bytes).")
     storage_max_concurrent_transfers: int = setting(
         16, "Uploads and downloads in progress at once; more wait (memory is bounded per transfer)."
@@ -88,15 +87,13 @@ class StorageSettings(MeshSettings):
             raise ValueError(f"AIDC_STORAGE_PART_SIZE_BYTES must be at least {MIN_PART_SIZE}")
         for name in (
             "storage_parallel_parts",
-            "storage_pipe_bytes",
-            "storage_chunk_bytes",
             "storage_max_object_bytes",
             "storage_max_concurrent_transfers",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"AIDC_{name.upper()} must be positive")
-        if self.storage_chunk_bytes > self.max_message_bytes // 2:
-            raise ValueError("AIDC_STORAGE_CHUNK_BYTES must be at most half of AIDC_MAX_MESSAGE_BYTES")
+        if self.max_message_bytes < 2 * 1024 * 1024:
+            raise ValueError("AIDC_MAX_MESSAGE_BYTES must be at least 2 MiB (Download sends 1 MiB segments)")
         if self.storage_metering_interval_seconds <= 0:
             raise ValueError("AIDC_STORAGE_METERING_INTERVAL_SECONDS must be positive")
         if self.storage_s3_timeout_seconds <= 0 or self.storage_orphan_grace_seconds < 0:

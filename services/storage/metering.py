@@ -191,6 +191,12 @@ class StorageMeter:
         await self.tick()
         self._task = asyncio.create_task(self._run_ticks(), name="storage-metering")
 
+    async def run(self) -> None:
+        """What ``start`` does, as one coroutine that ticks until cancelled: the loop the leader of the storage
+        replicas runs (uploads and deletes through any replica still close their tenant's span at once)."""
+        await self.tick()
+        await self._run_ticks()
+
     async def close(self) -> None:
         """Stops ticking; the points stay persisted and the next start resumes from them."""
         if self._task is not None:

@@ -2,20 +2,30 @@
 
 Every failure to reach the store, or a 5xx from it, becomes ``Unavailable`` with a message naming the endpoint;
 the urllib3 pool reconnects on its own, so calls succeed again as soon as the store is back.
+
+Large objects go up as multipart uploads whose parts the caller sends in parallel. Part bodies travel as
+``UNSIGNED-PAYLOAD`` (a presigned part URL), as the SDK already sends them over TLS: a SigV4 payload hash would
+cost a SHA-256 pass over every byte (the largest CPU cost of a plain-HTTP put) and adds nothing to what is
+stored here, which is AEAD ciphertext whose every segment is authenticated at every read; the stored size is
+checked after the upload.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Protocol, cast
+from datetime import timedelta
+from typing import Any, Protocol
 
 import certifi
 import urllib3
 from minio import Minio
+from minio.datatypes import Part
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
+from minio.helpers import genheaders
 from minio.sse import SseS3
 from urllib3.util import Retry, Timeout
 
@@ -28,10 +38,13 @@ log = logging.getLogger(__name__)
 
 _MISSING_CODES = ("NoSuchKey", "NoSuchObject", "NoSuchVersion")
 _CREDENTIAL_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+_ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
+#: Lifetime of a presigned part URL: it is used at once.
+_PART_URL_SECONDS = 900
 
 
 class StoredObjectMissing(Exception):
-    """The object store has no object under a key the metadata names."""
+    """The object store has no object under a key the metadata names, or fewer bytes than a read asked for."""
 
 
 class ReadableObject(io.RawIOBase):
@@ -47,15 +60,30 @@ class ReadableObject(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
+    def _read(self, size: int) -> bytes:
         try:
-            data = self._response.read(len(buffer))
+            return self._response.read(size)  # type: ignore[no-any-return]
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             self.error = Unavailable(f"object store at {self._describe} failed mid-transfer: {type(exc).__name__}")
             raise self.error from None
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._read(len(buffer))
         n = len(data)
         buffer[:n] = data
         return n
+
+    def read_exact(self, size: int) -> bytes:
+        """``size`` bytes, or fewer only at the end of the object."""
+        data = self._read(size)
+        if len(data) == size or not data:
+            return data
+        pieces = [data]
+        got = len(data)
+        while got < size and (more := self._read(size - got)):
+            pieces.append(more)
+            got += len(more)
+        return b"".join(pieces)
 
     def close(self) -> None:
         if not self.closed:
@@ -72,11 +100,19 @@ class ObjectStore(Protocol):
 
     def ensure_bucket(self) -> None: ...
 
-    def put_stream(self, key: str, data: io.RawIOBase | BinaryIO, content_type: str) -> None: ...
+    def put(self, key: str, data: bytes | bytearray | memoryview, content_type: str) -> None: ...
+
+    def start_multipart(self, key: str, content_type: str) -> str: ...
+
+    def put_part(self, key: str, upload_id: str, number: int, data: bytes | bytearray | memoryview) -> str: ...
+
+    def complete_multipart(self, key: str, upload_id: str, etags: Sequence[str]) -> None: ...
+
+    def abort_multipart(self, key: str, upload_id: str) -> None: ...
 
     def size_of(self, key: str) -> int: ...
 
-    def open(self, key: str) -> ReadableObject: ...
+    def open(self, key: str, offset: int = 0, length: int = 0) -> ReadableObject: ...
 
     def remove(self, key: str) -> None: ...
 
@@ -91,11 +127,9 @@ class S3ObjectStore:
     def __init__(self, settings: StorageSettings) -> None:
         self._endpoint = settings.s3_endpoint
         self._bucket = settings.storage_bucket
-        self._part_size = settings.storage_part_size_bytes
-        self._parallel = settings.storage_parallel_parts
         self._sse = SseS3() if settings.storage_s3_sse == "s3" else None
         timeout = settings.storage_s3_timeout_seconds
-        http = urllib3.PoolManager(
+        self._http = http = urllib3.PoolManager(
             timeout=Timeout(connect=timeout, read=max(timeout, 30.0)),
             maxsize=max(10, settings.storage_max_concurrent_transfers * settings.storage_parallel_parts),
             cert_reqs="CERT_REQUIRED" if settings.storage_s3_secure else "CERT_NONE",
@@ -126,7 +160,7 @@ class S3ObjectStore:
         try:
             yield
         except S3Error as exc:
-            if exc.code in _MISSING_CODES:
+            if exc.code in _MISSING_CODES or exc.code == "InvalidRange":
                 raise StoredObjectMissing(what) from None
             if exc.code in _CREDENTIAL_CODES:
                 raise Unavailable(
@@ -152,30 +186,64 @@ class S3ObjectStore:
                         raise
                 log.info("created bucket %s", self._bucket)
 
-    def put_stream(self, key: str, data: io.RawIOBase | BinaryIO, content_type: str) -> None:
-        """Uploads a stream of unknown length in parts (multipart beyond one part); a read error from ``data``
-        aborts the multipart upload and propagates as it is."""
+    def put(self, key: str, data: bytes | bytearray | memoryview, content_type: str) -> None:
+        """Stores a small object in one request."""
         with self._errors("store an object"):
             self._client.put_object(
+                self._bucket, key, io.BytesIO(data), len(data), content_type=content_type, sse=self._sse
+            )
+
+    def start_multipart(self, key: str, content_type: str) -> str:
+        """Starts a multipart upload of ``key``; its id."""
+        headers = genheaders(None, self._sse, None, None, False)
+        headers["Content-Type"] = content_type
+        with self._errors("start an upload"):
+            return self._client._create_multipart_upload(self._bucket, key, headers)
+
+    def put_part(self, key: str, upload_id: str, number: int, data: bytes | bytearray | memoryview) -> str:
+        """Stores part ``number`` (from 1) of a multipart upload; its ETag."""
+        with self._errors("store a part"):
+            url = self._client.get_presigned_url(
+                "PUT",
                 self._bucket,
                 key,
-                cast(BinaryIO, data),
-                length=-1,
-                part_size=self._part_size,
-                num_parallel_uploads=self._parallel,
-                content_type=content_type,
-                sse=self._sse,
+                expires=timedelta(seconds=_PART_URL_SECONDS),
+                extra_query_params={"uploadId": upload_id, "partNumber": str(number)},
             )
+            # urllib3 sends any buffer (it takes a memoryview's nbytes as the length): no copy of the part.
+            body: Any = data
+            response = self._http.request("PUT", url, body=body, headers={"Content-Length": str(len(data))})
+            if response.status != 200:
+                found = _ERROR_CODE.search(response.data or b"")
+                code = found.group(1).decode(errors="replace") if found else f"HTTP {response.status}"
+                if code in _CREDENTIAL_CODES:
+                    raise Unavailable(
+                        f"object store at {self._endpoint} refused the storage service's credentials ({code})"
+                    )
+                raise Unavailable(f"object store at {self._endpoint} failed to store a part: {code}")
+            return str(response.headers.get("ETag", "")).strip('"')
+
+    def complete_multipart(self, key: str, upload_id: str, etags: Sequence[str]) -> None:
+        """Completes a multipart upload of the parts 1..n with these ETags: the object appears whole."""
+        parts = [Part(number, etag) for number, etag in enumerate(etags, start=1)]
+        with self._errors("complete an upload"):
+            self._client._complete_multipart_upload(self._bucket, key, upload_id, parts)
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Aborts a multipart upload; its stored parts are dropped."""
+        with self._errors("abort an upload"):
+            self._client._abort_multipart_upload(self._bucket, key, upload_id)
 
     def size_of(self, key: str) -> int:
         with self._errors("stat an object"):
             size = self._client.stat_object(self._bucket, key).size
         return int(size or 0)
 
-    def open(self, key: str) -> ReadableObject:
-        """The stored bytes of ``key``, streamed (StoredObjectMissing if there are none)."""
+    def open(self, key: str, offset: int = 0, length: int = 0) -> ReadableObject:
+        """The stored bytes of ``key`` from ``offset`` (``length`` of them, 0: to the end), streamed;
+        StoredObjectMissing if there are none there."""
         with self._errors("read an object"):
-            response = self._client.get_object(self._bucket, key)
+            response = self._client.get_object(self._bucket, key, offset=offset, length=length)
         return ReadableObject(response, self._endpoint)
 
     def remove(self, key: str) -> None:

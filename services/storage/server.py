@@ -7,13 +7,14 @@ import logging
 from datetime import timedelta
 
 from services.billing.client import UsageEmitter
-from services.gen.aidc.storage.v1 import storage_service_pb2_grpc
 from services.mesh.db import open_database
+from services.mesh.leader import LeaderElection
 from services.mesh.metrics import metrics_enabled
 from services.mesh.security import mesh_security
 from services.mesh.server import MeshServer, Registration
 from services.storage.config import StorageSettings
 from services.storage.core.crypto import LocalKeyring
+from services.storage.core.segments import AES_GCM_HKDF, CipherSuite
 from services.storage.core.service import StorageCore, TransferLimits
 from services.storage.core.usage import UsageSink
 from services.storage.metering import StorageMeter
@@ -23,6 +24,7 @@ from services.storage.permissions import PERMISSIONS
 from services.storage.schema import MIGRATIONS
 from services.storage.servicer import StorageServicer
 from services.storage.store import StorageStore
+from services.storage.wire import add_storage_service
 
 __all__ = ["build_server", "SERVICE"]
 
@@ -32,20 +34,28 @@ log = logging.getLogger(__name__)
 
 
 async def build_server(
-    settings: StorageSettings, address: str | None = None, *, usage: UsageSink | None = None
+    settings: StorageSettings,
+    address: str | None = None,
+    *,
+    usage: UsageSink | None = None,
+    cipher_suite: CipherSuite = AES_GCM_HKDF,
 ) -> MeshServer:
     """The storage server. Usage events (uploads, deletes, downloads) go to ``usage``; by default a StorageMeter
     reporting each tenant's storage_gib_hours to billing through the service's usage outbox
-    (<data_dir>/storage/usage-outbox.db). Downloads are not metered: billing has no egress meter."""
+    (<data_dir>/storage/usage-outbox.db). Downloads are not metered: billing has no egress meter. The content
+    cipher is a parameter only for the storage benchmark's transport floor (tests/bench/bench_storage.py)."""
     db = open_database(settings.database_url_for(SERVICE))
     db.migrate(MIGRATIONS, SERVICE)
     store = StorageStore(db)
+    election = LeaderElection.for_service(db, settings, SERVICE)
     security = mesh_security(settings, SERVICE)
     emitter: UsageEmitter | None = None
     meter: StorageMeter | None = None
     if usage is None:
         emitter = UsageEmitter.for_service(settings, SERVICE)
         meter = StorageMeter(store, emitter, interval_seconds=settings.storage_metering_interval_seconds)
+        # The periodic ticks run on one replica: the leader (see services/mesh/leader.py).
+        election.lead("storage-metering", meter.run)
         usage = meter
     metrics = StorageMetrics(usage, metrics_enabled(settings))
     metrics.watch(store)
@@ -61,22 +71,22 @@ async def build_server(
         keyring,
         security.checker,
         limits=TransferLimits(
-            pipe_bytes=settings.storage_pipe_bytes,
-            chunk_bytes=settings.storage_chunk_bytes,
+            part_bytes=settings.storage_part_size_bytes,
+            parallel_parts=settings.storage_parallel_parts,
             max_object_bytes=settings.storage_max_object_bytes,
             max_concurrent_transfers=settings.storage_max_concurrent_transfers,
             verify_uploads=settings.storage_verify_uploads,
             orphan_grace=timedelta(seconds=settings.storage_orphan_grace_seconds),
         ),
         usage=usage,
+        cipher_suite=cipher_suite,
     )
     servicer = StorageServicer(core)
 
     async def ready() -> bool:
         if not (await security.auth_reachable() and await core.start()):
             return False
-        if meter is not None:
-            await meter.start()
+        await election.start()
         if emitter is not None:
             if delivers_usage:
                 await emitter.start()
@@ -87,8 +97,7 @@ async def build_server(
     async def close() -> None:
         metrics.close()
         await core.close()
-        if meter is not None:
-            await meter.close()
+        await election.close()
         if emitter is not None:
             await emitter.close(flush_timeout=settings.shutdown_grace_seconds)
         db.dispose()
@@ -99,7 +108,7 @@ async def build_server(
         registrations=[
             Registration(
                 "aidc.storage.v1.StorageService",
-                lambda server: storage_service_pb2_grpc.add_StorageServiceServicer_to_server(servicer, server),
+                lambda server: add_storage_service(servicer, server),
             ),
         ],
         permissions=PERMISSIONS,

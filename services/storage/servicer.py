@@ -18,6 +18,7 @@ from services.storage.core.names import ObjectKind
 from services.storage.core.pii import MaskingMode, MaskingSpec, PiiKind, masking_spec
 from services.storage.core.service import DEFAULT_CONTENT_TYPE, Page, StorageCore, UploadSpec
 from services.storage.core.textdata import TextFormat, TextSpec
+from services.storage.wire import encode_chunk
 
 __all__ = ["StorageServicer"]
 
@@ -197,10 +198,11 @@ class StorageServicer(storage_service_pb2_grpc.StorageServiceServicer):
             request.version,
             request.offset,
             request.length,
+            frame=encode_chunk,
         )
         yield pb.DownloadResponse(object=_object(download.version))
         async for chunk in download.chunks:
-            yield pb.DownloadResponse(chunk=chunk)
+            yield chunk  # encoded DownloadResponses (services.storage.wire)
 
     async def Stat(self, request: pb.StatRequest, context: ServicerContext) -> Any:
         principal = require_principal()

@@ -12,6 +12,8 @@ from services.auth.client import AuthClient
 from services.gen.aidc.training.v1 import training_service_pb2_grpc
 from services.mesh.channels import create_channel
 from services.mesh.db import open_database
+from services.mesh.forwarding import LeaderForwarding
+from services.mesh.leader import LeaderElection
 from services.mesh.metrics import metrics_enabled
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer, Registration
@@ -32,6 +34,9 @@ from services.training.store import MIGRATIONS, TrainingStore
 __all__ = ["build_server", "code_version", "SERVICE"]
 
 SERVICE = "training"
+_LEADER_ONLY = tuple(
+    f"aidc.training.v1.TrainingService/{method}" for method in ("SubmitFineTune", "CancelJob", "RegisterBaseModel")
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,7 @@ async def build_server(
     db.migrate(MIGRATIONS, SERVICE)
     store = TrainingStore(db)
     JobDelegations.check_master_key(settings.master_key(), store.any_job_credential())
+    election = LeaderElection.for_service(db, settings, SERVICE)
     storage = StorageClient(create_channel(settings.storage_addr, settings, identity=SERVICE))
     auth = AuthClient(create_channel(settings.auth_addr, settings, identity=SERVICE))
     # Runs are submitted with this service's certificate (the scheduler runs processes only for mesh services)
@@ -94,12 +100,18 @@ async def build_server(
         metrics=metrics,
     )
     servicer = TrainingServicer(core, registry)
+    # Jobs are followed (output relayed, models published) by the leader; what starts one goes to it.
+    election.lead("training-jobs", core.lead)
+    forwarding = LeaderForwarding(election, settings, SERVICE, _LEADER_ONLY)
 
     async def ready() -> bool:
-        return await core.start()
+        await election.start()
+        return True
 
     async def close() -> None:
         metrics.close()
+        await election.close()
+        await forwarding.close()
         await core.close()
         await scheduler.close()
         await storage.close()
@@ -119,4 +131,5 @@ async def build_server(
         readiness=ready,
         on_stop=[close],
         address=address,
+        forwarding=forwarding,
     )

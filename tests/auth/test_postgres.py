@@ -119,7 +119,7 @@ async def test_schema_is_migrated_in_the_configured_database(backend: AuthSettin
             tables = set(inspect(conn).get_table_names())
     finally:
         engine.dispose()
-    assert versions == [1, 2]
+    assert versions == [1, 2, 3]
     assert {
         "tenants",
         "principals",
@@ -301,7 +301,7 @@ async def test_restart_on_the_same_database_keeps_everything(backend: AuthSettin
     engine = create_engine(backend.database_url_for("auth"))
     try:
         with engine.connect() as conn:
-            assert list(conn.execute(text("SELECT version FROM schema_migrations")).scalars()) == [1, 2]
+            assert list(conn.execute(text("SELECT version FROM schema_migrations")).scalars()) == [1, 2, 3]
             assert conn.execute(text("SELECT count(*) FROM signing_keys")).scalar_one() == 2
     finally:
         engine.dispose()

@@ -125,6 +125,17 @@ async def test_refresh_rotation_and_reuse_detection(auth: RunningAuth) -> None:
         await anon.refresh_token("rt_nonsense.value")
 
 
+async def test_tokens_of_a_just_rotated_key_verify_at_once_in_auth(auth: RunningAuth) -> None:
+    """Auth verifies with its own keys: a token signed with a key rotated a moment ago is accepted by auth at once,
+    however recently its verifier last loaded the keys (it refused the unknown kid for up to 2 s before)."""
+    admin_token = await _setup(auth)
+    for _ in range(2):  # the first round's new kid makes auth's verifier load its keys just before the second's
+        kid = await auth.client(admin_token).rotate_signing_key()
+        token = (await auth.client().login("acme", "alice", PASSWORD)).access_token
+        assert jwt.get_unverified_header(token)["kid"] == kid
+        assert await _whoami(auth, token) == "user:acme/alice"
+
+
 async def test_signing_key_rotation_keeps_old_tokens_valid_everywhere(auth: RunningAuth) -> None:
     admin_token = await _setup(auth)
     echo = secured_server("echo", auth.settings, [registration()], PERMISSIONS, address="127.0.0.1:0")

@@ -552,6 +552,8 @@ def test_gpu_overlay_gives_triton_and_training_one_gpu_each() -> None:
     for patch in _kustomization(GPU)["patches"]:
         for doc in _yaml_docs(GPU / patch["path"]):
             target = _named(_base_docs(), doc["kind"])[doc["metadata"]["name"]]
+            if "containers" not in doc["spec"].get("template", {}).get("spec", {}):
+                continue  # a patch of no container (training-replicas.yaml)
             names = {c["name"] for c in target["spec"]["template"]["spec"]["containers"]}
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 assert container["name"] in names
@@ -560,6 +562,68 @@ def test_gpu_overlay_gives_triton_and_training_one_gpu_each() -> None:
     assert patched == {"triton", "training"}
     for _, pod in _pod_specs(_base_docs()):
         assert not any("nvidia.com/gpu" in str(c["resources"]) for c in pod["containers"])
+
+
+def _pod_labels(deployment: str) -> dict[str, str]:
+    return dict(_named(_base_docs(), "Deployment")[deployment]["spec"]["template"]["metadata"]["labels"])
+
+
+def test_gpu_overlay_runs_two_replicas_of_each_service_and_a_disruption_budget_each() -> None:
+    """Two pods of every mesh service, of which a voluntary disruption (a drain) may take only one at a time."""
+    counts = {r["name"]: r["count"] for r in _kustomization(GPU)["replicas"]}
+    assert counts == dict.fromkeys(SERVICE_NAMES, 2)
+    budgets = _named(_all(), "PodDisruptionBudget")
+    assert budgets.keys() == set(SERVICE_NAMES)
+    for service, budget in budgets.items():
+        assert budget["apiVersion"] == "policy/v1"
+        assert budget["spec"] == {"minAvailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": service}}}
+        assert budget["spec"]["selector"]["matchLabels"].items() <= _pod_labels(service).items()
+        # No other workload's pods match (the budget would count them).
+        others = [name for name in _named(_all(), "Deployment") if name != service]
+        assert not any(budget["spec"]["selector"]["matchLabels"].items() <= _pod_labels(o).items() for o in others)
+
+
+def test_only_the_serving_gateway_autoscales_on_cpu_from_two_pods() -> None:
+    """CPU until the Prometheus adapter serves request rates; Triton stays one pod, whose models serving loads."""
+    autoscalers = _named(_all(), "HorizontalPodAutoscaler")
+    assert autoscalers.keys() == {"serving"}
+    spec = autoscalers["serving"]["spec"]
+    assert autoscalers["serving"]["apiVersion"] == "autoscaling/v2"
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "serving"}
+    counts = {r["name"]: r["count"] for r in _kustomization(GPU)["replicas"]}
+    assert spec["minReplicas"] == counts["serving"] == 2 < spec["maxReplicas"]
+    assert spec["minReplicas"] > _named(_all(), "PodDisruptionBudget")["serving"]["spec"]["minAvailable"]
+    [metric] = spec["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    assert 0 < metric["resource"]["target"]["averageUtilization"] <= 100
+    # Utilization is of the CPU request: without one the autoscaler has nothing to divide by.
+    assert _container(_all(), "serving")["resources"]["requests"]["cpu"]
+    assert not any(r["name"] == "triton" for r in _kustomization(GPU)["replicas"])
+
+
+def test_training_replicas_share_their_job_volume_across_nodes() -> None:
+    patches = _yaml_docs(GPU / "training-replicas.yaml")
+    claim = next(d for d in patches if d["kind"] == "PersistentVolumeClaim")
+    base_claim = _named(_base_docs(), "PersistentVolumeClaim")[claim["metadata"]["name"]]
+    pod = _named(_base_docs(), "Deployment")["training"]["spec"]["template"]["spec"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": base_claim["metadata"]["name"]}} in pod["volumes"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    deployment = next(d for d in patches if d["kind"] == "Deployment")
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+
+
+@pytest.mark.parametrize("service", SERVICE_NAMES)
+def test_each_replica_advertises_its_own_pod_address_to_the_others(service: str) -> None:
+    """Followers forward to their leader at the address it advertises: the Service's would reach any replica."""
+    env = _container(_all(), service)["env"]
+    names = [var["name"] for var in env]
+    pod_ip = env[names.index("POD_IP")]
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    advertised = env[names.index("AIDC_ADVERTISE_ADDR")]
+    # $(POD_IP) expands only when POD_IP is defined earlier in the list.
+    assert names.index("POD_IP") < names.index("AIDC_ADVERTISE_ADDR")
+    assert advertised["value"] == f"$(POD_IP):{_default_port(service)}"
 
 
 # kubectl with its built-in kustomize v3.7+ (the overlay uses `components`): the machines this project runs on ship
@@ -585,6 +649,12 @@ def test_kustomize_builds_the_gpu_overlay_as_the_static_checks_assume() -> None:
     assert triton["args"] == _container(_yaml_docs(GPU / "triton-gpu.yaml"), "triton")["args"]
     assert triton["resources"]["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": 1}
     assert _container(docs, "training")["resources"]["limits"]["nvidia.com/gpu"] == 1
+    deployments = _named(docs, "Deployment")
+    assert {name: deployments[name]["spec"]["replicas"] for name in SERVICE_NAMES} == dict.fromkeys(SERVICE_NAMES, 2)
+    assert deployments["training"]["spec"]["strategy"] == {"type": "RollingUpdate"}
+    assert _named(docs, "PersistentVolumeClaim")["training-data"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert _named(docs, "PodDisruptionBudget").keys() == set(SERVICE_NAMES)
+    assert _named(docs, "HorizontalPodAutoscaler").keys() == {"serving"}
 
 
 # -- the image ----------------------------------------------------------------------------------------------------

@@ -4,24 +4,16 @@ jobs, allocation against capacity, admissions, preemptions and ended jobs per po
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 from prometheus_client import REGISTRY
 
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as pb
 from services.scheduler.client import resources
-from services.scheduler.config import SchedulerSettings
-from tests.conftest import RunningAuth
 from tests.scheduler.service_support import (
     GIB,
     RunningScheduler,
     runner_command,
-    scheduler_env,
     set_quota,
-    start_scheduler,
-    user_tokens,
     wait_state,
     wait_terminal,
 )
@@ -38,19 +30,6 @@ async def eventually(check: object, timeout: float = 30.0) -> None:
     while not check():  # type: ignore[operator]
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-async def scheduler(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[RunningScheduler]:
-    tokens = await user_tokens(auth)
-    running = await start_scheduler(
-        SchedulerSettings.from_env(
-            scheduler_env(tmp_path / "data", auth.address, AIDC_CERTS_DIR=auth.settings.certs_dir)
-        ),
-        tokens,
-    )
-    yield running
-    await running.stop()
 
 
 async def test_queue_admissions_allocation_preemptions_and_ended_jobs(scheduler: RunningScheduler) -> None:

@@ -3,8 +3,7 @@ through the real server, and changes nothing: no job queued, no pool, node or qu
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -19,34 +18,16 @@ from services.mesh.errors import (
     PermissionDenied,
 )
 from services.scheduler.client import SchedulerClient, prices, resources
-from services.scheduler.config import SchedulerSettings
-from tests.conftest import RunningAuth
 from tests.scheduler.service_support import (
     GIB,
     RunningScheduler,
     runner_command,
     runner_events,
-    scheduler_env,
     set_quota,
-    start_scheduler,
-    user_tokens,
     wait_for,
 )
 
 CPU = 1000
-
-
-@pytest.fixture
-async def scheduler(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[RunningScheduler]:
-    tokens = await user_tokens(auth)
-    running = await start_scheduler(
-        SchedulerSettings.from_env(
-            scheduler_env(tmp_path / "data", auth.address, AIDC_CERTS_DIR=auth.settings.certs_dir)
-        ),
-        tokens,
-    )
-    yield running
-    await running.stop()
 
 
 def _submit(**overrides: Any) -> Callable[[SchedulerClient], Awaitable[Any]]:

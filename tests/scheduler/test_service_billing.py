@@ -90,6 +90,29 @@ async def test_a_job_over_budget_waits_with_billings_reason_and_runs_once_credit
     assert done.estimated_cost.micros == 45_000
 
 
+async def test_what_a_running_job_has_been_metered_is_not_reserved_again(mesh: Mesh) -> None:
+    """Budget-aware admission reserves a running job's estimate less what of it has been metered to billing (which
+    counts that as spent): with credit a little short of two jobs' estimates, a second job starts beside the first
+    once the first has run a few seconds. Reserving the whole estimate again, it waited for the first to end."""
+    await mesh.billing_client.set_budget("acme", None, prepaid=True)
+    client = mesh.scheduler.submitter("acme/dev")
+    # 1 core and 1 GiB for 40 s: estimated at 500 micros (12.5 a second) at the default pool's prices.
+    estimate = 500
+    await mesh.billing_client.grant_credit("acme", "g-1", money(2 * estimate - 50))
+    first = (await client.submit_job(runner_command(350, 0.1), resources=resources(CPU, GIB), max_run_seconds=40)).job
+    await wait_for(client, first.job_id, lambda j: j.state == pb.JOB_STATE_RUNNING, what="the first job running")
+    assert (await client.get_job(first.job_id)).estimated_cost.micros == estimate
+    second = (await client.submit_job(runner_command(2, 0.05), resources=resources(CPU, GIB), max_run_seconds=40)).job
+    admitted = await wait_for(
+        client, second.job_id, lambda j: j.state != pb.JOB_STATE_QUEUED, what="the second job admitted", timeout=25
+    )
+    assert admitted.state != pb.JOB_STATE_FAILED, admitted.state_reason
+    assert (await client.get_job(first.job_id)).state == pb.JOB_STATE_RUNNING, "the first job had ended"
+    await client.cancel_job(first.job_id)
+    for job in (first, second):
+        await wait_terminal(client, job.job_id)
+
+
 async def test_each_allocation_is_billed_for_the_time_it_was_held(mesh: Mesh) -> None:
     client = mesh.scheduler.submitter("acme/dev")
     jobs = [

@@ -6,45 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2 as pb
 from services.mesh.errors import PermissionDenied
 from services.scheduler.client import resources
-from services.scheduler.config import SchedulerSettings
-from tests.conftest import RunningAuth
 from tests.scheduler.service_support import (
     GIB,
     RunningScheduler,
     job_dir,
     runner_command,
     runner_events,
-    scheduler_env,
     set_quota,
-    start_scheduler,
-    user_tokens,
     wait_for,
     wait_state,
     wait_terminal,
 )
 
 CPU = 1000  # millicores
-
-
-@pytest.fixture
-async def scheduler(auth: RunningAuth, tmp_path: Path) -> AsyncIterator[RunningScheduler]:
-    tokens = await user_tokens(auth)
-    running = await start_scheduler(
-        SchedulerSettings.from_env(
-            scheduler_env(tmp_path / "data", auth.address, AIDC_CERTS_DIR=auth.settings.certs_dir)
-        ),
-        tokens,
-    )
-    yield running
-    await running.stop()
 
 
 async def test_a_job_runs_in_its_own_session_with_its_env_secret_and_trace_and_output_in_files(

@@ -19,7 +19,7 @@ from services.mesh.server import MeshServer
 from services.serving.client import ServingClient, TextClassifierClient
 from services.serving.config import ServingSettings
 from services.serving.server import build_server
-from tests.conftest import RunningAuth, free_port
+from tests.conftest import RunningAuth, database_env, free_port
 from tests.serving.triton import TritonProcess
 from tests.storage.conftest import RunningStorage, seaweed, storage, tokens  # noqa: F401 - fixtures
 from tests.training.conftest import (  # noqa: F401 - fixtures
@@ -33,7 +33,7 @@ from tests.training.conftest import (  # noqa: F401 - fixtures
     upload_keywords_and_tiny_bert,
 )
 
-__all__ = ["RunningServing", "start_serving", "serving_settings", "fine_tune"]
+__all__ = ["RunningServing", "start_serving", "serving_env", "fine_tune"]
 
 
 @pytest.fixture
@@ -44,31 +44,32 @@ def triton(tmp_path: Path) -> Iterator[TritonProcess]:
     process.stop()
 
 
-def serving_settings(
+def serving_env(
     data_dir: Path,
     auth_addr: str,
     storage_addr: str,
     training_addr: str,
     triton: TritonProcess,
     certs_dir: str = "",
-) -> ServingSettings:
-    return ServingSettings.from_env(
-        {
-            "AIDC_DATA_DIR": str(data_dir),
-            "AIDC_CERTS_DIR": certs_dir,
-            # Usage goes to no billing; a stop does not wait for it.
-            "AIDC_SHUTDOWN_GRACE_SECONDS": "0.5",
-            "AIDC_AUTH_ADDR": auth_addr,
-            "AIDC_STORAGE_ADDR": storage_addr,
-            "AIDC_TRAINING_ADDR": training_addr,
-            "AIDC_BILLING_ADDR": f"127.0.0.1:{free_port()}",
-            "AIDC_SERVING_ADDR": f"127.0.0.1:{free_port()}",
-            **triton.serving_env(),
-            "AIDC_MODEL_REPOSITORY": str(triton.repository),
-            "AIDC_SERVING_RECONCILE_INTERVAL_SECONDS": "0.3",
-            "AIDC_SERVING_ROLLOUT_TIMEOUT_SECONDS": "120",
-        }
-    )
+    database_url: str = "",
+) -> dict[str, str]:
+    """The settings of a serving service in front of ``triton`` (its own port, usage to no billing)."""
+    return {
+        "AIDC_DATA_DIR": str(data_dir),
+        "AIDC_CERTS_DIR": certs_dir,
+        # Usage goes to no billing; a stop does not wait for it.
+        "AIDC_SHUTDOWN_GRACE_SECONDS": "0.5",
+        "AIDC_AUTH_ADDR": auth_addr,
+        "AIDC_STORAGE_ADDR": storage_addr,
+        "AIDC_TRAINING_ADDR": training_addr,
+        "AIDC_BILLING_ADDR": f"127.0.0.1:{free_port()}",
+        "AIDC_SERVING_ADDR": f"127.0.0.1:{free_port()}",
+        **triton.serving_env(),
+        "AIDC_MODEL_REPOSITORY": str(triton.repository),
+        "AIDC_SERVING_RECONCILE_INTERVAL_SECONDS": "0.3",
+        "AIDC_SERVING_ROLLOUT_TIMEOUT_SECONDS": "120",
+        **database_env(database_url),
+    }
 
 
 @dataclass
@@ -113,14 +114,18 @@ async def serving(
     training: RunningTraining,  # noqa: F811
     triton: TritonProcess,
     tmp_path: Path,
+    service_database: str,
 ) -> AsyncIterator[RunningServing]:
-    config = serving_settings(
-        tmp_path / "serving",
-        auth.address,
-        storage.address,
-        training.settings.training_addr,
-        triton,
-        auth.settings.certs_dir,
+    config = ServingSettings.from_env(
+        serving_env(
+            tmp_path / "serving",
+            auth.address,
+            storage.address,
+            training.settings.training_addr,
+            triton,
+            auth.settings.certs_dir,
+            service_database,
+        )
     )
     running = await start_serving(config, storage.tokens)
     yield running

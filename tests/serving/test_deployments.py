@@ -20,11 +20,12 @@ from services.gen.aidc.serving.v1 import serving_service_pb2 as pb
 from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.mesh.errors import AidcError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from services.serving.client import TextClassifierClient
+from services.serving.config import ServingSettings
 from services.serving.pins import seal_export
 from services.serving.registry import EXPORT_ROLES
 from services.storage.schema import object_counters
 from services.training.runner.tiny import keyword_dataset
-from tests.serving.conftest import RunningServing, fine_tune, serving_settings, start_serving
+from tests.serving.conftest import RunningServing, fine_tune, serving_env, start_serving
 from tests.serving.sample_support import SAMPLE_DIR
 from tests.serving.triton import TritonProcess
 from tests.storage.conftest import RunningStorage, storage_database
@@ -327,13 +328,16 @@ async def test_triton_restart_and_service_restart_reload_deployments(
     triton.stop()
     live.write_bytes(b"changed again")
     triton.start()
-    settings = serving_settings(
-        serving.settings.data_dir,
-        serving.settings.auth_addr,
-        storage.address,
-        training.settings.training_addr,
-        triton,
-        serving.settings.certs_dir,
+    settings = ServingSettings.from_env(
+        serving_env(
+            serving.settings.data_dir,
+            serving.settings.auth_addr,
+            storage.address,
+            training.settings.training_addr,
+            triton,
+            serving.settings.certs_dir,
+            serving.settings.database_url,
+        )
     )
     restarted = await start_serving(settings, serving.tokens)
     try:

@@ -27,6 +27,7 @@ from services.storage.server import build_server
 from tests.conftest import (
     AuthProcess,
     RunningAuth,
+    database_env,
     free_port,
     service_env,
     start_service_process,
@@ -139,7 +140,7 @@ async def tokens(auth: RunningAuth) -> dict[str, str]:
 
 @pytest.fixture
 async def storage(
-    auth: RunningAuth, tokens: dict[str, str], seaweed: SeaweedFS, tmp_path: Path
+    auth: RunningAuth, tokens: dict[str, str], seaweed: SeaweedFS, tmp_path: Path, service_database: str
 ) -> AsyncIterator[RunningStorage]:
     # On the mesh's mutual TLS when auth is (tests of services that call storage as a mesh service). Then storage
     # delivers its usage: to no billing (never to the default address, which a running platform may hold), and
@@ -147,7 +148,7 @@ async def storage(
     mesh = {"AIDC_CERTS_DIR": auth.settings.certs_dir}
     if auth.settings.certs_dir:
         mesh |= {"AIDC_BILLING_ADDR": f"127.0.0.1:{free_port()}", "AIDC_SHUTDOWN_GRACE_SECONDS": "0.5"}
-    env = storage_env(tmp_path / "data", auth.address, seaweed, **mesh)
+    env = storage_env(tmp_path / "data", auth.address, seaweed, **mesh, **database_env(service_database))
     running = await start_storage(StorageSettings.from_env(env), tokens)
     yield running
     await running.close()
@@ -166,10 +167,13 @@ class StorageProcess:
     log: Path
 
 
-def start_storage_process(auth: AuthProcess, s3: SeaweedFS, tmp_path: Path, **extra: str) -> StorageProcess:
+def start_storage_process(
+    auth: AuthProcess, s3: SeaweedFS, tmp_path: Path, module: str | None = None, **extra: str
+) -> StorageProcess:
+    """The storage service as its own process (``module``: a variant of ``services.storage``, for benchmarks)."""
     env = service_env(auth.data_dir, **storage_env(auth.data_dir, auth.address, s3, **extra))
-    log = tmp_path / "storage.log"
-    process = start_service_process("storage", env, log)
+    log = tmp_path / f"{(module or 'storage').rsplit('.', 1)[-1]}.log"
+    process = start_service_process("storage", env, log, module)
     address = env["AIDC_STORAGE_ADDR"]
     try:
         wait_serving(address, process=process, certs=env.get("AIDC_CERTS_DIR"))
@@ -191,7 +195,11 @@ def storage_process(auth_process: AuthProcess, seaweed: SeaweedFS, tmp_path: Pat
 
 async def process_client(running: StorageProcess, tenant: str, user: str) -> tuple[StorageClient, str]:
     """A client of the storage process as ``user`` (a developer of ``tenant``, created if missing)."""
-    auth = running.auth
+    return await developer_client(running.auth, running.address, tenant, user)
+
+
+async def developer_client(auth: AuthProcess, address: str, tenant: str, user: str) -> tuple[StorageClient, str]:
+    """A client of the storage service at ``address`` as ``user`` (a developer of ``tenant``, created if missing)."""
     channel = create_channel(auth.address, auth.settings)
     try:
         client = AuthClient(channel)
@@ -207,7 +215,7 @@ async def process_client(running: StorageProcess, tenant: str, user: str) -> tup
         token = (await client.login(tenant, user, PASSWORD)).access_token
     finally:
         await channel.close(None)
-    channel = create_channel(running.address, running.settings, extra_interceptors=[_bearer(token)])
+    channel = create_channel(address, auth.settings, extra_interceptors=[_bearer(token)])
     return StorageClient(channel), tenant
 
 

@@ -188,6 +188,17 @@ async def test_bad_uploads_are_refused_and_write_nothing(
 ) -> None:
     client = storage.client("acme/dev")
     await client.create_dataset("acme", "ok")
+    await refuse_upload(storage, client, messages, error, message)
+
+
+async def refuse_upload(
+    storage: RunningStorage,
+    client: StorageClient,
+    messages: list[pb.UploadRequest],
+    error: type[errors.AidcError],
+    message: str,
+) -> None:
+    """The upload of ``messages`` gets ``error`` with ``message`` in it and stores nothing."""
     with pytest.raises(error) as info:
         await _raw_upload(client, messages)
     assert type(info.value) is error and message in info.value.message, info.value.message
@@ -301,6 +312,17 @@ async def test_bad_requests_get_clear_statuses_and_change_nothing(
     client = storage.client("acme/tadmin")
     await client.create_dataset("acme", "ok")
     await client.upload("acme", "ok", b"0123456789")
+    await refuse_request(storage, client, call, error, message)
+
+
+async def refuse_request(
+    storage: RunningStorage,
+    client: StorageClient,
+    call: Callable[[StorageClient], Awaitable[Any]],
+    error: type[errors.AidcError],
+    message: str,
+) -> None:
+    """``call`` gets ``error`` with ``message`` in it and changes nothing (dataset "ok" holds b"0123456789")."""
     before = (await client.list_all("acme", all_versions=True), storage.raw_keys())
     with pytest.raises(error) as info:
         await call(client)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -11,7 +12,14 @@ import pytest
 
 from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
 from services.mesh import errors
-from tests.storage.conftest import RunningStorage
+from services.mesh.db import open_database
+from services.storage.config import StorageSettings
+from services.storage.core.crypto import DataKey, LocalKeyring, content_aad, data_key_context
+from services.storage.core.names import ObjectKind
+from services.storage.store import StorageStore
+from tests.conftest import RunningAuth
+from tests.storage.conftest import RunningStorage, start_storage, storage_env
+from tests.storage.seaweed import SeaweedFS
 
 MiB = 1024 * 1024
 
@@ -104,3 +112,87 @@ async def test_download_to_a_file_is_atomic(storage: RunningStorage, tmp_path: P
     with pytest.raises(errors.DataLoss):
         await client.download_to("acme", "file", tmp_path / "bad.bin")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin", "source.bin"]
+
+
+class _Keep(io.BytesIO):
+    def close(self) -> None:  # Tink closes its destination
+        pass
+
+
+async def test_objects_sealed_by_tinks_own_stream_read_whole_and_in_ranges(storage: RunningStorage) -> None:
+    """Objects stored before segments were sealed one by one were written by Tink's Python stream: the same format,
+    so they read as they are, whole and in ranges; and Tink's stream opens what the service stores now."""
+    client = storage.client("acme/dev")
+    content = os.urandom(3 * MiB + 77)
+    info = await client.upload("acme", "legacy/model.bin", content, kind=pb.OBJECT_KIND_ARTIFACT)
+    db = open_database(storage.settings.database_url_for("storage"))
+    try:
+        store = StorageStore(db)
+        record = store.version("acme", ObjectKind.ARTIFACT, "legacy/model.bin", info.version)
+        assert record is not None
+        keyring = LocalKeyring(storage.settings.master_key(), store, db.run)
+        context = data_key_context("acme", "artifacts", record.name, record.version, record.object_id, record.s3_key)
+        data_key = DataKey.parse(await keyring.unwrap("acme", record.key_id, record.wrapped_key, context))
+    finally:
+        db.dispose()
+    aad = content_aad("acme", "artifacts", record.name, record.object_id)
+    objects = storage.objects
+    response = objects.client.get_object(objects.bucket, record.s3_key)
+    try:
+        stored = response.read()
+    finally:
+        response.close()
+        response.release_conn()
+    assert data_key.decrypting_stream(io.BytesIO(stored), aad).read() == content
+
+    by_tink = _Keep()
+    with data_key.encrypting_stream(by_tink, aad) as stream:
+        stream.write(content)
+    sealed = by_tink.getvalue()
+    assert len(sealed) == len(stored) == record.stored_bytes and sealed != stored  # same layout, another salt
+    objects.client.put_object(objects.bucket, record.s3_key, io.BytesIO(sealed), len(sealed))
+    assert await client.download_bytes("acme", "legacy/model.bin", kind=pb.OBJECT_KIND_ARTIFACT) == content
+    for offset, length in [(0, 10), (MiB - 60, 100), (2 * MiB + 5, 0), (3 * MiB + 70, 0)]:
+        got = await client.download_bytes(
+            "acme", "legacy/model.bin", kind=pb.OBJECT_KIND_ARTIFACT, offset=offset, length=length
+        )
+        assert got == content[offset : offset + length if length else None], (offset, length)
+
+
+async def test_many_small_downloads_run_beside_a_stalled_stream(storage: RunningStorage) -> None:
+    """Downloads share one channel and the service's transfer threads: a large download whose reader stopped
+    reading holds back none of forty small ones started meanwhile."""
+    client = storage.client("acme/dev")
+    big = os.urandom(8 * MiB)
+    await client.upload("acme", "big", big, kind=pb.OBJECT_KIND_ARTIFACT)
+    small = {f"ckpt/{i:02d}": os.urandom(1000 + i) for i in range(40)}
+    for name, data in small.items():
+        await client.upload("acme", name, data, kind=pb.OBJECT_KIND_ARTIFACT)
+    _, chunks = await client.open_download("acme", "big", kind=pb.OBJECT_KIND_ARTIFACT)
+    first = await anext(chunks)  # the big download is under way, and stays unread meanwhile
+
+    async def fetch(name: str) -> bytes:
+        return await client.download_bytes("acme", name, kind=pb.OBJECT_KIND_ARTIFACT)
+
+    got = await asyncio.wait_for(asyncio.gather(*(fetch(name) for name in small)), timeout=120)
+    assert got == list(small.values())
+    assert first + b"".join([chunk async for chunk in chunks]) == big
+
+
+async def test_uploads_read_back_before_they_become_visible(
+    auth: RunningAuth, tokens: dict[str, str], seaweed: SeaweedFS, tmp_path: Path
+) -> None:
+    """With AIDC_STORAGE_VERIFY_UPLOADS every upload is read back, opened and hashed again before its version is
+    committed; multi-part objects included."""
+    env = storage_env(tmp_path / "data", auth.address, seaweed, AIDC_STORAGE_VERIFY_UPLOADS="true")
+    storage = await start_storage(StorageSettings.from_env(env), tokens)
+    try:
+        client = storage.client("acme/dev")
+        for size in (0, 5, 20 * MiB + 3):
+            content = os.urandom(size)
+            info = await client.upload("acme", f"checked/{size}", content, kind=pb.OBJECT_KIND_ARTIFACT)
+            assert info.sha256 == hashlib.sha256(content).hexdigest()
+            assert await client.download_bytes("acme", f"checked/{size}", kind=pb.OBJECT_KIND_ARTIFACT) == content
+    finally:
+        await storage.close()
+        await storage.server.stop(0)

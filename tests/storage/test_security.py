@@ -31,11 +31,14 @@ def _put_raw(storage: RunningStorage, key: str, data: bytes) -> None:
     storage.objects.client.put_object(storage.objects.bucket, key, io.BytesIO(data), len(data))
 
 
-async def _received_before_error(storage: RunningStorage, name: str, kind: int = pb.OBJECT_KIND_DATASET) -> bytes:
-    """The plaintext a download released before it failed (it must fail)."""
+async def _received_before_error(
+    storage: RunningStorage, name: str, kind: int = pb.OBJECT_KIND_DATASET, offset: int = 0, length: int = 0
+) -> bytes:
+    """The plaintext a download (of a range) released before it failed (it must fail)."""
     received = bytearray()
+    client = storage.client("acme/dev")
     with pytest.raises(errors.DataLoss):
-        async for chunk in storage.client("acme/dev").download("acme", name, kind=kind):  # type: ignore[arg-type]
+        async for chunk in client.download("acme", name, kind=kind, offset=offset, length=length):  # type: ignore[arg-type]
             received += chunk
     return bytes(received)
 
@@ -88,6 +91,89 @@ async def test_a_truncated_stored_object_is_data_loss(storage: RunningStorage, k
 
     received = await _received_before_error(storage, "cut")
     assert received == content[: len(received)] and len(received) < len(content)
+
+
+#: Ranges of a 4 MiB + 500 B object (segments 0-4): inside segment 1, the last MiB (segments 3-4), the head.
+RANGES = {"segment 1": (MiB + 100, 1000), "last MiB": (3 * MiB + 500, 0), "head": (0, 100)}
+_CONTENT = 4 * MiB + 500
+
+
+@pytest.mark.parametrize(
+    ("where", "fails"),
+    [
+        ("header", {"segment 1", "last MiB", "head"}),  # it salts every segment's key
+        ("segment 1", {"segment 1"}),
+        ("final segment", {"last MiB"}),
+    ],
+)
+async def test_a_ranged_read_of_a_tampered_object_fails_exactly_where_it_covers_the_damage(
+    storage: RunningStorage, where: str, fails: set[str]
+) -> None:
+    """A range reads and authenticates only the segments it covers: damage elsewhere does not touch it, damage in it
+    is DATA_LOSS with nothing but authentic plaintext released before."""
+    client = storage.client("acme/dev")
+    content = os.urandom(_CONTENT)
+    await client.upload("acme", "ckpt", content, kind=ARTIFACT)
+    (key,) = storage.raw_keys()
+    stored = bytearray(_raw(storage, key))
+    stored[{"header": 10, "segment 1": MiB + 4321, "final segment": len(stored) - 1}[where]] ^= 0x01
+    _put_raw(storage, key, bytes(stored))
+
+    for name, (offset, length) in RANGES.items():
+        wanted = content[offset : offset + length if length else None]
+        if name in fails:
+            received = await _received_before_error(storage, "ckpt", ARTIFACT, offset, length)
+            assert received == wanted[: len(received)] and len(received) < len(wanted), name
+        else:
+            got = await client.download_bytes("acme", "ckpt", kind=ARTIFACT, offset=offset, length=length)
+            assert got == wanted, name
+
+
+@pytest.mark.parametrize(
+    ("cut", "fails"),
+    [
+        ("final segment dropped", {"last MiB"}),  # what is left ends in a segment not flagged final
+        ("inside the final segment", {"last MiB"}),
+        ("inside segment 1", {"segment 1", "last MiB"}),
+        ("header only", {"segment 1", "last MiB", "head"}),
+    ],
+)
+async def test_a_ranged_read_of_a_truncated_object_fails_where_bytes_are_missing(
+    storage: RunningStorage, cut: str, fails: set[str]
+) -> None:
+    client = storage.client("acme/dev")
+    content = os.urandom(_CONTENT)
+    await client.upload("acme", "ckpt", content, kind=ARTIFACT)
+    (key,) = storage.raw_keys()
+    stored = _raw(storage, key)
+    length = {
+        "final segment dropped": 4 * MiB,
+        "inside the final segment": len(stored) - 1,
+        "inside segment 1": MiB + 100,
+        "header only": 40,
+    }[cut]
+    _put_raw(storage, key, stored[:length])
+
+    for name, (offset, size) in RANGES.items():
+        wanted = content[offset : offset + size if size else None]
+        if name in fails:
+            received = await _received_before_error(storage, "ckpt", ARTIFACT, offset, size)
+            assert received == wanted[: len(received)] and len(received) < len(wanted), name
+        else:
+            assert await client.download_bytes("acme", "ckpt", kind=ARTIFACT, offset=offset, length=size) == wanted
+    await _received_before_error(storage, "ckpt", ARTIFACT)  # and the whole object never reads
+
+
+async def test_bytes_appended_to_a_stored_object_fail_a_whole_download(storage: RunningStorage) -> None:
+    client = storage.client("acme/dev")
+    content = os.urandom(2 * MiB)
+    await client.upload("acme", "ckpt", content, kind=ARTIFACT)
+    (key,) = storage.raw_keys()
+    _put_raw(storage, key, _raw(storage, key) + b"appended")
+    received = await _received_before_error(storage, "ckpt", ARTIFACT)
+    assert received == content[: len(received)] and len(received) < len(content)
+    # A range reads only its recorded segments, which are intact.
+    assert await client.download_bytes("acme", "ckpt", kind=ARTIFACT, offset=MiB, length=10) == content[MiB : MiB + 10]
 
 
 async def test_swapped_stored_objects_are_detected(storage: RunningStorage) -> None:

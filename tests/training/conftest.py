@@ -30,7 +30,7 @@ from services.training.config import TrainingSettings
 from services.training.core.service import JOB_LABEL
 from services.training.runner.tiny import build_tiny_bert, keyword_dataset, to_csv
 from services.training.server import build_server
-from tests.conftest import RunningAuth, free_port
+from tests.conftest import RunningAuth, database_env, free_port
 from tests.scheduler.service_support import RunningScheduler, scheduler_env, start_scheduler
 from tests.storage.conftest import RunningStorage, seaweed, storage, storage_process, tokens  # noqa: F401 - fixtures
 
@@ -60,6 +60,7 @@ async def scheduler(
     auth: RunningAuth,
     tokens: dict[str, str],  # noqa: F811 - the fixture imported above
     tmp_path: Path,
+    service_database: str,
 ) -> AsyncIterator[RunningScheduler]:
     """The scheduler (a 4-core, 8 GiB local node). Billing is not running: budgets are not checked, and the usage
     the scheduler meters waits in its outbox (not for long at shutdown: tests/training/test_billing.py has billing)."""
@@ -68,6 +69,7 @@ async def scheduler(
         auth.address,
         AIDC_CERTS_DIR=auth.settings.certs_dir,
         AIDC_SHUTDOWN_GRACE_SECONDS="0.5",
+        **database_env(service_database),
     )
     running = await start_scheduler(SchedulerSettings.from_env(env), tokens)
     yield running
@@ -107,19 +109,24 @@ class RunningTraining:
 def training_settings(
     data_dir: Path, auth: RunningAuth, storage_address: str, scheduler_address: str, **extra: str
 ) -> TrainingSettings:
-    return TrainingSettings.from_env(
-        {
-            "AIDC_DATA_DIR": str(data_dir),
-            "AIDC_CERTS_DIR": auth.settings.certs_dir,
-            "AIDC_AUTH_ADDR": auth.address,
-            "AIDC_STORAGE_ADDR": storage_address,
-            "AIDC_SCHEDULER_ADDR": scheduler_address,
-            "AIDC_TRAINING_ADDR": f"127.0.0.1:{free_port()}",
-            "AIDC_TRAINING_PROGRESS_INTERVAL_SECONDS": "0.2",
-            "AIDC_TRAINING_RUNNER_THREADS": "1",
-            **extra,
-        }
-    )
+    return TrainingSettings.from_env(training_env(data_dir, auth, storage_address, scheduler_address, **extra))
+
+
+def training_env(
+    data_dir: Path, auth: RunningAuth, storage_address: str, scheduler_address: str, **extra: str
+) -> dict[str, str]:
+    """The settings of a training service on its own port, next to ``auth``, storage and the scheduler."""
+    return {
+        "AIDC_DATA_DIR": str(data_dir),
+        "AIDC_CERTS_DIR": auth.settings.certs_dir,
+        "AIDC_AUTH_ADDR": auth.address,
+        "AIDC_STORAGE_ADDR": storage_address,
+        "AIDC_SCHEDULER_ADDR": scheduler_address,
+        "AIDC_TRAINING_ADDR": f"127.0.0.1:{free_port()}",
+        "AIDC_TRAINING_PROGRESS_INTERVAL_SECONDS": "0.2",
+        "AIDC_TRAINING_RUNNER_THREADS": "1",
+        **extra,
+    }
 
 
 async def start_training(
@@ -137,8 +144,11 @@ async def training(
     storage: RunningStorage,  # noqa: F811 - the fixture imported above
     scheduler: RunningScheduler,
     tmp_path: Path,
+    service_database: str,
 ) -> AsyncIterator[RunningTraining]:
-    settings = training_settings(tmp_path / "training", auth, storage.address, scheduler.address)
+    settings = training_settings(
+        tmp_path / "training", auth, storage.address, scheduler.address, **database_env(service_database)
+    )
     running = await start_training(settings, storage.tokens, scheduler)
     yield running
     await running.stop()

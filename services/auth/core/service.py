@@ -129,6 +129,7 @@ class AuthCore:
         admin whose one-time password is written to ``bootstrap_file`` (0600). That password is expired from the
         start: it logs in once, in a login that sets a new password. Returns True on first start."""
         now = self._clock()
+        self._store.mark_loaded()  # before loading: whatever changes from here on is reloaded by sync()
         self._policy.reload()
         first_start = self._store.get_tenant(PLATFORM_TENANT) is None
         if first_start:
@@ -182,6 +183,20 @@ class AuthCore:
             bootstrap_file.write_text(json.dumps({"tenant": PLATFORM_TENANT, "user": "admin", "password": password}))
             log.warning("first start: platform admin created; its one-time password is in %s", bootstrap_file)
         return first_start
+
+    async def sync(self) -> set[str]:
+        """Reloads the state other replicas changed (policy, signing keys, revocations); returns what it reloaded.
+        Called every AIDC_AUTH_SYNC_SECONDS: a change made through one replica applies in the others within that."""
+        changed = await asyncio.to_thread(self._store.changed_elsewhere)
+        if "policy" in changed:
+            self._policy.reload()
+        if "keys" in changed:
+            self.sessions.reload_keys()
+        if "revocations" in changed:
+            self.sessions.reload_revocations()
+        if changed:
+            log.info("reloaded what another replica changed: %s", ", ".join(sorted(changed)))
+        return changed
 
     # -- permissions ---------------------------------------------------------------------------------
     def allowed(self, subject: str, tenant: str, resource: str, action: str) -> bool:

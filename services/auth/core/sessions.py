@@ -87,6 +87,8 @@ class SessionCore:
         self._clock = clock
         self._audit = Auditor(clock)
         self._keys: list[SigningKey] = []
+        #: Grows whenever the signing keys change (rotated here, or reloaded after another replica rotated them).
+        self.keys_generation = 0
         # credential or subject -> tokens issued before this time (epoch seconds) are refused
         self._revoked: dict[str, float] = {}
 
@@ -101,9 +103,22 @@ class SessionCore:
         if not rows:
             self._add_signing_key()
         else:
-            self._keys = [self._row_to_key(r) for r in rows]
+            self._set_keys(rows)
+        self.reload_revocations()
+
+    def reload_keys(self) -> None:
+        """Takes the signing keys as stored (another replica rotated them)."""
+        self._set_keys(self._store.signing_keys())
+
+    def _set_keys(self, rows: Any) -> None:
+        self._keys = [self._row_to_key(r) for r in rows]
+        self.keys_generation += 1
+
+    def reload_revocations(self) -> None:
+        """Takes the revocations still in force as stored (another replica added some)."""
         since = self._clock() - self.token_window
-        self._revoked = {c: t.timestamp() for c, t in self._store.revocations_since(since).items()}
+        for credential, issued_before in self._store.revocations_since(since).items():
+            self._revoked[credential] = max(self._revoked.get(credential, 0.0), issued_before.timestamp())
 
     # -- signing keys --------------------------------------------------------------------------------
     def _row_to_key(self, row: Any) -> SigningKey:
@@ -121,7 +136,7 @@ class SessionCore:
         self._store.insert_signing_key(
             key.kid, self._wrapper.wrap(key.kid, key.private_key), json.dumps(key.public_jwk), now, None
         )
-        self._keys = [self._row_to_key(r) for r in self._store.signing_keys()]
+        self._set_keys(self._store.signing_keys())
         return key
 
     def _active_key(self) -> SigningKey:

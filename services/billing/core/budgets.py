@@ -12,7 +12,10 @@ from services.billing.core.model import Budget, BudgetCheck
 from services.billing.core.quantities import format_micros
 from services.mesh.errors import PermissionDenied
 
-__all__ = ["BudgetView", "BudgetReadModel", "decide", "check_tenant_change"]
+__all__ = ["BudgetView", "BudgetReadModel", "decide", "check_tenant_change", "ALL_TENANTS"]
+
+#: A change of every tenant's view (a price book), as other replicas learn of it.
+ALL_TENANTS = "*"
 
 
 def check_tenant_change(current: Budget | None, limit_micros: int | None, enforce: bool, prepaid: bool | None) -> None:
@@ -131,6 +134,12 @@ class BudgetReadModel:
         their alerts, whether or not anyone asked about their budget)."""
         with self._lock:
             self._dirty.update(tenants)
+
+    def mark_held_dirty(self, tenants: Iterable[str] | None = None) -> None:
+        """Of the views held, marks those of ``tenants`` (None: all) stale: another replica changed them."""
+        with self._lock:
+            held = self._views.keys() if tenants is None else self._views.keys() & set(tenants)
+            self._dirty.update(held)
 
     def invalidate(self, tenant: str | None = None) -> None:
         """Forgets one tenant's view (or every view): the next read recomputes it."""

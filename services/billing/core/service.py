@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
-from services.billing.core.budgets import BudgetReadModel, BudgetView, check_tenant_change, decide
+from services.billing.core.budgets import ALL_TENANTS, BudgetReadModel, BudgetView, check_tenant_change, decide
 from services.billing.core.invoices import CreditUse, assemble_invoice, invoice_csv, invoice_id_for, line_key
 from services.billing.core.meters import METERS, REFERENCE_ATTRIBUTES
 from services.billing.core.model import (
@@ -60,6 +60,9 @@ _TENANT = re.compile(r"[a-z][a-z0-9-]{1,38}[a-z0-9]")
 _GRANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
 _ATTRIBUTE_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: How far back each refresh reads other replicas' marks again: longer than a commit takes to become visible after
+#: its mark's time was taken, plus the clock difference between replicas.
+_MARK_LOOKBACK_NS = 10 * 10**9
 _DEFAULT_PAGE, _MAX_PAGE = 50, 1000
 
 
@@ -121,6 +124,7 @@ class BillingCore:
         self._clock = clock
         self._validator = UsageValidator(policy.max_future_seconds * 10**9)
         self.budgets = BudgetReadModel(self._compute_view, lambda: month_start(self._clock()))
+        self._marks_read_ns = time.time_ns()
 
     @property
     def currency(self) -> str:
@@ -541,7 +545,14 @@ class BillingCore:
         return Page(items, _next_token(offset, limit, len(items)))
 
     def refresh_budgets(self) -> list[str]:
-        """Recomputes stale budget views (and raises their alerts); the server calls this periodically."""
+        """Recomputes stale budget views (and raises their alerts); the server calls this periodically. Views other
+        replicas changed (the marks their transactions left) count as stale too."""
+        # Marks carry the writing replica's wall clock (not the core's clock, which tests set): read them by it too.
+        now = time.time_ns()
+        with self._store.snapshot() as tx:
+            changed = tx.views_changed_since(self._marks_read_ns - _MARK_LOOKBACK_NS)
+        self._marks_read_ns = now
+        self.budgets.mark_held_dirty(None if ALL_TENANTS in changed else changed)
         return self.budgets.refresh_dirty()
 
     # -- invoices ----------------------------------------------------------------------------------------

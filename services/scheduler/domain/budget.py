@@ -116,4 +116,4 @@ class BudgetGate:
         if allowed:
             self._spent[tenant] = self._spent.get(tenant, 0) + cost_micros
             return True, ""
-        return False, f"waiting for budget: {reason}"
+        return False, reason  # the policy core says "waiting for budget: ..."

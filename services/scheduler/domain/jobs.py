@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import math
 import os
 import time
 import uuid
@@ -88,6 +89,8 @@ class Meter(Protocol):
     """The allocation meter (services.scheduler.metering.AllocationMeter)."""
 
     def track(self, allocation: Allocation) -> None: ...
+
+    def latest(self, allocation: Allocation) -> Allocation: ...
 
     async def release(self, allocation: Allocation) -> None: ...
 
@@ -542,7 +545,23 @@ class JobScheduler:
             return 0
 
     def _reserved(self, tenant: str) -> int:
-        return sum(j.estimated_cost_micros for j in self._jobs.values() if j.tenant == tenant and j.holding)
+        """What the tenant's jobs holding resources may still cost: each one's estimate less what of it the meter has
+        sent to billing already (billing's answer counts that as spent; counting it twice would keep a tenant with a
+        long job waiting for money it has). Between metering and billing's ingest (the outbox's delivery lag) the
+        part just metered is counted by neither."""
+        reserved = 0
+        for allocation in self._allocations.values():
+            job = self._jobs.get(allocation.job_id)
+            if allocation.tenant != tenant or job is None or not job.holding:
+                continue
+            metered_ns = self._meter.latest(allocation).metered_until_ns - allocation.admitted_ns
+            pool = self.pools.get(job.pool)
+            run_seconds = job.max_run_seconds or (pool.max_run_seconds if pool is not None else 0)
+            metered = 0.0
+            if metered_ns > 0 and run_seconds > 0:  # the estimate is linear in the time held
+                metered = job.estimated_cost_micros * min(metered_ns / 1e9 / run_seconds, 1.0)
+            reserved += max(math.ceil(job.estimated_cost_micros - metered), 0)
+        return reserved
 
     def _gpu_type_of(self, job: JobRecord) -> str:
         if not job.per_worker.gpus:
@@ -675,6 +694,11 @@ class JobScheduler:
         released = now
         if status.ended_ns:
             released = max(min(status.ended_ns, now), job.admitted_ns)
+        if allocation is not None:
+            # Held at least as long as it was metered: a window a tick metered as complete (the exit not noticed
+            # yet, and the resources not reassignable meanwhile) is not metered again with other content.
+            allocation = self._meter.latest(allocation)
+            released = max(released, allocation.metered_until_ns)
         if job.running_since_ns:
             job.run_ns += max(released - job.running_since_ns, 0)
         self.policy.release(job.job_id)

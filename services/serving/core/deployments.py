@@ -13,6 +13,11 @@ A rollout (first deploy, version switch, alias move, shape change) runs as a tas
 If anything before the switch fails, the previous version keeps serving and the failure is kept in ``last_error``;
 with no previous version the deployment ends FAILED. A reconcile loop reloads deployments Triton has lost (a Triton
 restart forgets explicitly loaded models) and follows moved aliases.
+
+With replicas: rollouts, undeploys, the reconcile loop and alias following run on the leader (``lead``; the other
+replicas forward Deploy and Undeploy to it), while every replica serves inference and keeps its gateway's routes in
+step with the store (``follow_routes``, every ``route_refresh_seconds``). So the leader retires a replaced version
+only after that long, when every replica routes to the new one.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class RolloutOptions:
     rollout_timeout_seconds: float = 300.0
     reconcile_interval_seconds: float = 2.0
     alias_poll_seconds: float = 10.0
+    route_refresh_seconds: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -142,22 +148,30 @@ class DeploymentsCore:
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def start(self) -> bool:
-        """Routes every serving deployment, resumes interrupted rollouts and undeploys, starts the reconcile loop.
-
-        Doesn't wait for Triton: the loop loads deployments whenever Triton is (or comes back) up.
-        """
+        """Routes every serving deployment and keeps following the store's routes (every replica)."""
         if self._started:
             return True
-        for record in await asyncio.to_thread(self._store.all):
-            if record.state in SERVING_STATES and record.version:
-                self._route(record, record.version)
-            if record.state is DeploymentState.UNLOADING:
-                self._spawn(record, self._finish_undeploy(record))
-            elif record.state is DeploymentState.UPDATING or record.state is DeploymentState.LOADING:
-                self._spawn(record, self._rollout(record, record.target_version))
-        self._background = asyncio.create_task(self._reconcile_forever(), name="serving-reconcile")
+        await self.follow_routes()
+        self._background = asyncio.create_task(self._follow_routes_forever(), name="serving-routes")
         self._started = True
         return True
+
+    async def lead(self) -> None:
+        """The leader's work, until cancelled: resumes interrupted rollouts and undeploys, then reconciles and follows
+        aliases. Doesn't wait for Triton: the loop loads deployments whenever Triton is (or comes back) up. When
+        leading ends, this replica's rollouts are cancelled too; the next leader resumes them."""
+        try:
+            for record in await asyncio.to_thread(self._store.all):
+                if (record.tenant, record.model) in self._rollouts:
+                    continue
+                if record.state is DeploymentState.UNLOADING:
+                    self._spawn(record, self._finish_undeploy(record))
+                elif record.state is DeploymentState.UPDATING or record.state is DeploymentState.LOADING:
+                    self._spawn(record, self._rollout(record, record.target_version))
+            await self._reconcile_forever()
+        finally:
+            for task in list(self._rollouts.values()):
+                task.cancel()
 
     async def close(self) -> None:
         tasks = [t for t in [self._background, *self._rollouts.values()] if t is not None]
@@ -347,6 +361,8 @@ class DeploymentsCore:
         await asyncio.to_thread(self._store.save, ready)
         log.info("%s now serves version %d (was %d)", name, version, previous)
         if previous and previous != version:
+            # Other replicas switch their routes within route_refresh_seconds of the save: retire after that.
+            await asyncio.sleep(self._options.route_refresh_seconds + 0.5)
             await self._retire(ready, previous, bundle)
         return ready
 
@@ -399,6 +415,31 @@ class DeploymentsCore:
         return record
 
     # -- reconciling -----------------------------------------------------------------------------------------
+
+    async def follow_routes(self) -> None:
+        """Routes as the store has them (a rollout or undeploy the leader completed switches this replica's gateway
+        too); deployments this replica is rolling out itself route as their rollout decides."""
+        serving = {
+            (r.tenant, r.model): r
+            for r in await asyncio.to_thread(self._store.all)
+            if r.state in SERVING_STATES and r.version
+        }
+        for key, record in serving.items():
+            route = self._routes.get(*key)
+            if key not in self._rollouts and (route is None or route.version != str(record.version)):
+                self._route(record, record.version)
+        for route in self._routes.all():
+            key = (route.tenant, route.model)
+            if key not in serving and key not in self._rollouts:
+                self._routes.remove(*key)
+
+    async def _follow_routes_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._options.route_refresh_seconds)
+            try:
+                await self.follow_routes()
+            except Exception:  # noqa: BLE001 - the loop must survive anything and try again
+                log.exception("following the stored routes failed")
 
     async def _reconcile_forever(self) -> None:
         loop = asyncio.get_running_loop()

@@ -19,16 +19,19 @@ from __future__ import annotations
 import io
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, Protocol
 
 import tink
 from cryptography.exceptions import InvalidTag
+from google.protobuf.message import DecodeError
 from tink import secret_key_access, streaming_aead
+from tink.proto import aes_gcm_hkdf_streaming_pb2, common_pb2, tink_pb2
 
 from services.mesh.errors import DataLoss, FailedPrecondition
 from services.mesh.sealing import WrongMasterKey, seal, unseal
+from services.storage.core.segments import SegmentLayout
 
 __all__ = [
     "KeyManager",
@@ -37,6 +40,7 @@ __all__ = [
     "KeyringStore",
     "SealedKey",
     "DataKey",
+    "StreamKey",
     "content_aad",
     "data_key_context",
     "pseudonym_key_context",
@@ -46,6 +50,7 @@ __all__ = [
 streaming_aead.register()
 
 _TEMPLATE = streaming_aead.streaming_aead_key_templates.AES256_GCM_HKDF_1MB
+_STREAMING_KEY_TYPE = "type.googleapis.com/google.crypto.tink.AesGcmHkdfStreamingKey"
 TinkError = tink.TinkError
 
 
@@ -197,33 +202,78 @@ class LocalKeyring:
         await self._run(self._store.delete_sealed_key, key_id)
 
 
-class DataKey:
-    """One object's data key: a Tink streaming-AEAD keyset of one AES256_GCM_HKDF_1MB key."""
+@dataclass(frozen=True)
+class StreamKey:
+    """What a data key is to the segment cipher (services.storage.core.segments): the key and the layout."""
 
-    def __init__(self, handle: tink.KeysetHandle) -> None:
-        self._handle = handle
-        self._primitive = handle.primitive(streaming_aead.StreamingAead)
+    key: bytes = field(repr=False)
+    layout: SegmentLayout
+
+
+class DataKey:
+    """One object's data key: a Tink streaming-AEAD keyset of one AES256_GCM_HKDF_1MB key.
+
+    Content is sealed and opened segment by segment from the key itself (``stream_key``); Tink's own stream
+    objects, which read and write the same format, remain available (``encrypting_stream``/``decrypting_stream``).
+    """
+
+    def __init__(self, serialized: bytes) -> None:
+        self._serialized = serialized
+        self._stream_key = self._parse_stream_key(serialized)
 
     @classmethod
     def generate(cls) -> DataKey:
-        return cls(tink.new_keyset_handle(_TEMPLATE))
+        return cls(tink.proto_keyset_format.serialize(tink.new_keyset_handle(_TEMPLATE), secret_key_access.TOKEN))
 
     @classmethod
     def parse(cls, serialized: bytes) -> DataKey:
-        try:
-            return cls(tink.proto_keyset_format.parse(serialized, secret_key_access.TOKEN))
-        except tink.TinkError:
-            raise DataLoss("the object's data key is malformed") from None
+        """A data key from its serialized keyset; DataLoss if it is not one this service wrote."""
+        return cls(serialized)
 
     def serialize(self) -> bytes:
         """The keyset's bytes, to be wrapped by the tenant key and never stored as they are."""
-        return tink.proto_keyset_format.serialize(self._handle, secret_key_access.TOKEN)
+        return self._serialized
+
+    def stream_key(self) -> StreamKey:
+        """The keyset's one AES-GCM-HKDF streaming key and its segment layout (see core.segments)."""
+        return self._stream_key
+
+    @staticmethod
+    def _parse_stream_key(serialized: bytes) -> StreamKey:
+        try:
+            keyset = tink_pb2.Keyset.FromString(serialized)
+            entry = keyset.key[0] if len(keyset.key) == 1 else None
+            if (
+                entry is None
+                or entry.key_data.type_url != _STREAMING_KEY_TYPE
+                or entry.status != tink_pb2.ENABLED
+                or entry.output_prefix_type != tink_pb2.RAW
+                or entry.key_id != keyset.primary_key_id
+            ):
+                raise DataLoss("the object's data key is not one enabled AES-GCM-HKDF streaming key")
+            key = aes_gcm_hkdf_streaming_pb2.AesGcmHkdfStreamingKey.FromString(entry.key_data.value)
+        except DecodeError:
+            raise DataLoss("the object's data key is malformed") from None
+        params = key.params
+        if params.hkdf_hash_type != common_pb2.SHA256 or params.derived_key_size != 32 or len(key.key_value) != 32:
+            raise DataLoss("the object's data key has parameters this service does not read")
+        try:
+            return StreamKey(key.key_value, SegmentLayout(params.ciphertext_segment_size))
+        except ValueError:
+            raise DataLoss("the object's data key has parameters this service does not read") from None
+
+    def _primitive(self) -> streaming_aead.StreamingAead:
+        try:
+            handle = tink.proto_keyset_format.parse(self._serialized, secret_key_access.TOKEN)
+        except tink.TinkError:
+            raise DataLoss("the object's data key is malformed") from None
+        return handle.primitive(streaming_aead.StreamingAead)
 
     def encrypting_stream(self, destination: io.RawIOBase | BinaryIO, aad: bytes) -> BinaryIO:
-        """Writes ciphertext of what is written to it into ``destination``; close() finishes the stream."""
-        return self._primitive.new_encrypting_stream(destination, aad)
+        """Tink's stream: writes ciphertext of what is written to it into ``destination``; close() finishes it."""
+        return self._primitive().new_encrypting_stream(destination, aad)
 
     def decrypting_stream(self, source: io.RawIOBase | BinaryIO, aad: bytes) -> BinaryIO:
-        """Reads plaintext of ``source``; every segment is authenticated before any of it is returned, and a
-        missing end (truncation) fails the last read."""
-        return self._primitive.new_decrypting_stream(source, aad)
+        """Tink's stream: reads plaintext of ``source``, every segment authenticated before any of it is returned;
+        a missing end (truncation) fails the last read."""
+        return self._primitive().new_decrypting_stream(source, aad)

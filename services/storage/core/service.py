@@ -1,11 +1,15 @@
 """The storage service's domain: datasets and artifacts of tenants, sealed before they reach the object store,
 streamed in bounded memory both ways, versioned, checked, re-keyed and crypto-shredded.
 
-An upload streams through ``plaintext -> (text checks, masking) -> SHA-256 -> Tink encrypting stream ->
-bounded pipe -> S3 multipart upload`` (the last step in its own thread); only when the whole object is in the
-store, its size checked and its data key wrapped does a single database transaction make the version visible.
-A download streams ``S3 -> Tink decrypting stream -> SHA-256 -> caller``: each 1 MiB segment is authenticated
-before any of its plaintext is released, and the whole-object SHA-256 is checked at the end.
+The stages of a transfer overlap: an upload receives the next blocks from the network on the event loop while a
+worker thread checks (and masks) text datasets, hashes and seals the previous ones into whole parts
+(core.sealing), and up to ``parallel_parts`` parts travel to the object store at once (core.parts); only when the
+whole object is in the store, its size checked and its data key wrapped does a single database transaction make
+the version visible. A download reads from the store only the segments its range covers, in a worker thread a
+few segments ahead of gRPC (core.reading, core.prefetch): each segment is authenticated (bound to the object, its
+index and whether it is the last) before any of its plaintext is released, so a download that ends without an
+error released exactly the bytes whose size and SHA-256 the upload recorded.
+Memory is bounded per transfer by the part buffers in flight, whatever the object's size.
 """
 
 from __future__ import annotations
@@ -13,17 +17,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import json
 import logging
 import re
-import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 from services.mesh.authz import PermissionChecker
 from services.mesh.errors import (
@@ -37,7 +40,7 @@ from services.mesh.errors import (
     Unavailable,
 )
 from services.mesh.identity import Principal
-from services.storage.core.crypto import DataKey, KeyDestroyed, KeyManager, TinkError, content_aad, data_key_context
+from services.storage.core.crypto import DataKey, KeyDestroyed, KeyManager, content_aad, data_key_context
 from services.storage.core.model import (
     DatasetRecord,
     KeyState,
@@ -47,12 +50,15 @@ from services.storage.core.model import (
     VersionRecord,
 )
 from services.storage.core.names import MAX_NAME_BYTES, ObjectKind, object_key, validate_object_name, validate_tenant
+from services.storage.core.parts import PartUploader
 from services.storage.core.pii import MaskingMode
-from services.storage.core.pipe import BoundedPipe, PipeAborted, PipeReader
+from services.storage.core.prefetch import prefetched
+from services.storage.core.reading import ByteRange, StoredContent, read_plaintext
 from services.storage.core.sealing import DEFAULT_CONTENT_TYPE, SealingWriter, UploadSpec
+from services.storage.core.segments import AES_GCM_HKDF, CipherSuite
 from services.storage.core.tenantkeys import TenantKeys
 from services.storage.core.usage import NoUsageSink, StorageUsage, UsageKind, UsageSink
-from services.storage.objectstore import ObjectStore, ReadableObject, StoredObjectMissing
+from services.storage.objectstore import ObjectStore
 from services.storage.store import DatasetGone, KeyUnusable, StorageStore, UploadGone, VersionTaken
 
 __all__ = ["StorageCore", "TransferLimits", "UploadSpec", "Download", "Page", "DEFAULT_CONTENT_TYPE"]
@@ -67,8 +73,10 @@ _MAX_METADATA_ENTRIES = 32
 _MAX_METADATA_BYTES = 256
 _MAX_DESCRIPTION = 1000
 _DEFAULT_PAGE, _MAX_PAGE = 50, 1000
-#: Plaintext handed to the encryptor at a time (chunks from the wire are coalesced up to this).
+#: Plaintext handed to the sealing thread at a time (chunks from the wire are gathered up to this).
 _WRITE_BLOCK = 1024 * 1024
+#: Decrypted segments a download reads ahead of what gRPC has taken.
+_READ_AHEAD = 4
 _COMMIT_ATTEMPTS = 8
 
 
@@ -76,8 +84,8 @@ _COMMIT_ATTEMPTS = 8
 class TransferLimits:
     """Sizes that bound each transfer's memory, and how many transfers run at once."""
 
-    pipe_bytes: int = 4 * 1024 * 1024
-    chunk_bytes: int = 1024 * 1024
+    part_bytes: int = 8 * 1024 * 1024
+    parallel_parts: int = 3
     max_object_bytes: int = 1024**4
     max_concurrent_transfers: int = 16
     verify_uploads: bool = False
@@ -139,6 +147,7 @@ class StorageCore:
         limits: TransferLimits | None = None,
         usage: UsageSink | None = None,
         instance_id: str | None = None,
+        cipher_suite: CipherSuite = AES_GCM_HKDF,
     ) -> None:
         self._store = store
         self._objects = objects
@@ -148,9 +157,15 @@ class StorageCore:
         self._usage = usage or NoUsageSink()
         self.instance_id = instance_id or uuid.uuid4().hex
         self._transfers = asyncio.Semaphore(self._limits.max_concurrent_transfers)
-        # Transfer work blocks on pipes and sockets: its own threads, so it never starves database calls.
+        self._suite = cipher_suite
+        # Transfer work blocks on sockets: its own threads, so it never starves database calls; parts have theirs,
+        # so a writer waiting for room among its parts never holds a thread a part needs.
         self._executor = ThreadPoolExecutor(
-            max_workers=2 * self._limits.max_concurrent_transfers + 4, thread_name_prefix="storage-transfer"
+            max_workers=self._limits.max_concurrent_transfers + 4, thread_name_prefix="storage-transfer"
+        )
+        self._part_executor = ThreadPoolExecutor(
+            max_workers=self._limits.max_concurrent_transfers * self._limits.parallel_parts,
+            thread_name_prefix="storage-part",
         )
         self._tenant_keys = TenantKeys(store, keys)
         self._background: set[asyncio.Task[None]] = set()
@@ -171,6 +186,7 @@ class StorageCore:
         for task in list(self._background):
             await asyncio.wait([task], timeout=5)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._part_executor.shutdown(wait=False, cancel_futures=True)
 
     async def _io(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -276,67 +292,51 @@ class StorageCore:
             PendingUpload(object_id, spec.tenant, s3_key, self.instance_id, datetime.now(UTC)),
         )
         data_key = DataKey.generate()
-        pipe = BoundedPipe(self._limits.pipe_bytes)
-        loop = asyncio.get_running_loop()
-        stored: asyncio.Future[None] = loop.create_future()
-        reader = PipeReader(pipe)
-
-        def put() -> None:
-            try:
-                self._objects.put_stream(s3_key, reader, spec.content_type)
-            except BaseException as exc:  # noqa: BLE001 - handed to the event loop below
-                pipe.abort(exc)
-                loop.call_soon_threadsafe(_settle, stored, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, stored, None)
-
-        threading.Thread(target=put, name=f"s3-put-{object_id[:8]}", daemon=True).start()
+        stream_key = data_key.stream_key()
         aad = content_aad(spec.tenant, spec.kind.value, spec.name, object_id)
-        writer: SealingWriter | None = None
-        sealing: asyncio.Future[None] | None = None
+        limits = self._limits
+        parts = PartUploader(self._objects, s3_key, spec.content_type, self._part_executor, limits.parallel_parts)
+        loop = asyncio.get_running_loop()
+        sealing: asyncio.Future[Any] | None = None
         try:
-            writer = await self._io(
-                SealingWriter, spec, data_key, aad, pipe, self._limits.max_object_bytes, pseudonymizer
+            writer = SealingWriter(
+                spec,
+                self._suite.new(stream_key.key, aad),
+                stream_key.layout,
+                parts,
+                limits.part_bytes,
+                limits.max_object_bytes,
+                pseudonymizer,
             )
-            # One block is sealed in a worker thread while the next one arrives from the network.
-            block = bytearray()
+            # The next chunks arrive from the network while the writer seals the previous block.
+            block: list[bytes] = []
+            gathered = 0
             async for chunk in chunks:
-                block += chunk
-                if len(block) >= _WRITE_BLOCK:
+                block.append(chunk)
+                gathered += len(chunk)
+                if gathered >= _WRITE_BLOCK:
                     if sealing is not None:
                         await sealing
-                    sealing = loop.run_in_executor(self._executor, writer.write, bytes(block))
-                    block.clear()
+                    sealing = loop.run_in_executor(self._executor, writer.write, block)
+                    block, gathered = [], 0
             if sealing is not None:
                 await sealing
-            if block:
-                await self._io(writer.write, bytes(block))
-            await self._io(writer.finish)
-            await stored
-            stored_bytes = await self._io(self._objects.size_of, s3_key)
-            if stored_bytes != writer.destination.bytes_written:
-                raise DataLoss(
-                    f"the object store holds {stored_bytes} bytes of the upload, {writer.destination.bytes_written} "
-                    "were sent"
-                )
-            if self._limits.verify_uploads:
-                await self._verify(s3_key, data_key, aad, writer.sha.hexdigest(), writer.size)
+            sealing = loop.run_in_executor(self._executor, writer.write, block)
+            await sealing
+            sealing = loop.run_in_executor(self._executor, writer.finish)
+            stored_bytes = await sealing
+            sealing = None
+            in_store = await self._io(self._objects.size_of, s3_key)
+            if in_store != stored_bytes:
+                raise DataLoss(f"the object store holds {in_store} bytes of the upload, {stored_bytes} were sent")
+            content = StoredContent(s3_key, stored_bytes, writer.size, writer.sha.hexdigest())
+            if limits.verify_uploads:
+                await self._verify(content, data_key, aad)
             text, masking = writer.text_summary()
-            record = await self._commit(
-                principal, spec, object_id, s3_key, data_key, writer, stored_bytes, text, masking
-            )
-        except BaseException as exc:
-            pipe.abort(exc if isinstance(exc, Exception) else Aborted("upload cancelled"))
-            if sealing is not None:  # its failure (the aborted pipe) is a consequence, not news
-                sealing.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self._spawn(self._discard(object_id, s3_key, stored))
-            if isinstance(exc, PipeAborted):
-                # The S3 side failed first: its error is the one worth reporting.
-                await asyncio.wait([stored], timeout=30)
-                if stored.done() and stored.exception() is not None:
-                    raise _as_domain_error(stored.exception()) from None
-            if isinstance(exc, TinkError):
-                raise InvalidArgument(f"cannot encrypt the upload: {exc}") from None
+            record = await self._commit(principal, spec, object_id, data_key, content, text, masking)
+        except BaseException:
+            parts.stop()
+            self._spawn(self._discard(object_id, s3_key, parts, sealing))
             raise
         await self._report(spec.tenant, UsageKind.STORED, record.stored_bytes, record.object_id)
         log.info(
@@ -349,10 +349,8 @@ class StorageCore:
         principal: Principal,
         spec: UploadSpec,
         object_id: str,
-        s3_key: str,
         data_key: DataKey,
-        writer: SealingWriter,
-        stored_bytes: int,
+        content: StoredContent,
         text: TextDatasetRecord | None,
         masking: MaskingRecord | None,
     ) -> VersionRecord:
@@ -362,17 +360,17 @@ class StorageCore:
         for _ in range(_COMMIT_ATTEMPTS):
             key_id = await self._active_key(spec.tenant)
             version = await self._db(self._store.next_version, spec.tenant, spec.kind, spec.name)
-            context = data_key_context(spec.tenant, spec.kind.value, spec.name, version, object_id, s3_key)
+            context = data_key_context(spec.tenant, spec.kind.value, spec.name, version, object_id, content.s3_key)
             record = VersionRecord(
                 object_id=object_id,
                 tenant=spec.tenant,
                 kind=spec.kind,
                 name=spec.name,
                 version=version,
-                s3_key=s3_key,
-                size_bytes=writer.size,
-                stored_bytes=stored_bytes,
-                sha256=writer.sha.hexdigest(),
+                s3_key=content.s3_key,
+                size_bytes=content.size_bytes,
+                stored_bytes=content.stored_bytes,
+                sha256=content.sha256,
                 content_type=spec.content_type,
                 created_at=datetime.now(UTC),
                 created_by=principal.subject,
@@ -397,32 +395,54 @@ class StorageCore:
     async def _active_key(self, tenant: str) -> str:
         return await self._tenant_keys.active(tenant)
 
-    async def _verify(self, s3_key: str, data_key: DataKey, aad: bytes, sha256: str, size: int) -> None:
-        source = await self._open_stored(s3_key)
-        digest = hashlib.sha256()
-        total = 0
-        try:
-            plain = await self._io(data_key.decrypting_stream, source, aad)
-            while block := await self._read(plain, source):
-                digest.update(block)
-                total += len(block)
-        finally:
-            await self._io(source.close)
-        if total != size or digest.hexdigest() != sha256:
-            raise DataLoss("the object store returned different bytes than were uploaded")
+    async def _verify(self, content: StoredContent, data_key: DataKey, aad: bytes) -> None:
+        """Reads the stored object back whole: DataLoss unless it opens to the recorded size and SHA-256."""
+        whole = ByteRange(0, content.size_bytes)
+        async for _ in self._plaintext(content, data_key, aad, whole, bytes, check_sha256=True):
+            pass
+
+    async def _plaintext(
+        self,
+        content: StoredContent,
+        data_key: DataKey,
+        aad: bytes,
+        wanted: ByteRange,
+        frame: Callable[[bytes], _T],
+        check_sha256: bool = False,
+    ) -> AsyncGenerator[tuple[int, _T], None]:
+        """(size, frame(piece)) of each plaintext piece of ``wanted``, read, opened and framed in a worker thread."""
+        key = data_key.stream_key()
+
+        def produce() -> Iterator[tuple[int, _T]]:
+            for piece in read_plaintext(self._objects, content, key, self._suite, aad, wanted, check_sha256):
+                yield len(piece), frame(piece)
+
+        layout = key.layout
+        if layout.segment_at(max(wanted.end - 1, wanted.start)) == layout.segment_at(wanted.start):
+            # One segment (a small object, or a short range): read in one go, no read-ahead thread to hand over.
+            for item in await self._io(lambda: list(produce())):
+                yield item
+            return
+        async with aclosing(prefetched(produce, self._executor, _READ_AHEAD)) as items:
+            async for item in items:
+                yield item
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _discard(self, object_id: str, s3_key: str, stored: asyncio.Future[None]) -> None:
-        """After a failed upload: wait for the S3 thread to abort its multipart upload, remove whatever was
+    async def _discard(
+        self, object_id: str, s3_key: str, parts: PartUploader, sealing: asyncio.Future[Any] | None
+    ) -> None:
+        """After a failed upload: wait for the writer to stop, abort the multipart upload, remove whatever was
         stored, forget the pending record. Whatever fails here is left to the orphan clean-up."""
         try:
-            await asyncio.wait([stored], timeout=60)
-            if stored.done():
-                stored.exception()  # retrieved: the failure was reported by the upload itself
+            if sealing is not None:
+                await asyncio.wait([sealing], timeout=60)
+                if sealing.done() and not sealing.cancelled():
+                    sealing.exception()  # retrieved: the failure was reported by the upload itself
+            await self._io(parts.abort)
             await self._io(self._objects.remove, s3_key)
             await self._db(self._store.remove_pending, object_id)
         except Exception as exc:  # noqa: BLE001 - best effort; the orphan sweep retries
@@ -445,9 +465,19 @@ class StorageCore:
         return record
 
     async def download(
-        self, principal: Principal, tenant: str, kind: ObjectKind, name: str, version: int, offset: int, length: int
+        self,
+        principal: Principal,
+        tenant: str,
+        kind: ObjectKind,
+        name: str,
+        version: int,
+        offset: int,
+        length: int,
+        frame: Callable[[bytes], bytes] = bytes,
     ) -> Download:
-        """Opens one version for reading; the chunks hold bytes [offset, offset+length) (to the end for 0)."""
+        """Opens one version for reading; the chunks hold bytes [offset, offset+length) (to the end for 0), each
+        passed through ``frame`` in the reading thread (the servicer encodes its messages there, off the event
+        loop)."""
         validate_object_name(name, kind)
         await self._authorize(principal, tenant, kind, "read")
         if offset < 0 or length < 0:
@@ -457,7 +487,7 @@ class StorageCore:
             raise InvalidArgument(f"offset {offset} is past the end of the object ({record.size_bytes} bytes)")
         data_key = await self._open_data_key(record)
         end = record.size_bytes if length == 0 else min(record.size_bytes, offset + length)
-        return Download(record, self._stream(record, data_key, offset, end, principal))
+        return Download(record, self._stream(record, data_key, ByteRange(offset, end), frame))
 
     async def _open_data_key(self, record: VersionRecord) -> DataKey:
         if record.key_state is KeyState.DESTROYED:
@@ -471,73 +501,17 @@ class StorageCore:
             raise _shredded(record) from None
         return DataKey.parse(plain)
 
-    async def _open_stored(self, s3_key: str) -> ReadableObject:
-        try:
-            return await self._io(self._objects.open, s3_key)
-        except StoredObjectMissing:
-            raise DataLoss("the object's stored bytes are missing from the object store") from None
-
-    async def _read(self, plain: BinaryIO, source: ReadableObject) -> bytes:
-        return await self._decrypted(self._io(plain.read, self._limits.chunk_bytes), source)
-
-    @staticmethod
-    async def _decrypted(read: Any, source: ReadableObject) -> bytes:
-        """The result of a read of the decrypting stream; failures become DataLoss (or the store's error)."""
-        try:
-            return await read  # type: ignore[no-any-return]
-        except (TinkError, OSError, ValueError) as exc:
-            if source.error is not None:
-                raise source.error from None
-            log.warning("stored object failed authentication: %s", exc)
-            raise DataLoss("the stored object is corrupt or was tampered with (authentication failed)") from None
-
     async def _stream(
-        self, record: VersionRecord, data_key: DataKey, offset: int, end: int, principal: Principal
+        self, record: VersionRecord, data_key: DataKey, wanted: ByteRange, frame: Callable[[bytes], bytes]
     ) -> AsyncIterator[bytes]:
-        full = offset == 0 and end == record.size_bytes
         sent = 0
-        loop = asyncio.get_running_loop()
+        aad = content_aad(record.tenant, record.kind.value, record.name, record.object_id)
+        content = StoredContent(record.s3_key, record.stored_bytes, record.size_bytes, record.sha256)
         async with self._transfers:
-            source = await self._open_stored(record.s3_key)
-            reading: asyncio.Future[bytes] | None = None
-            try:
-                aad = content_aad(record.tenant, record.kind.value, record.name, record.object_id)
-                plain = await self._io(data_key.decrypting_stream, source, aad)
-                digest = hashlib.sha256()
-                size = self._limits.chunk_bytes
-
-                def read_block() -> bytes:
-                    block = plain.read(size)
-                    if full:
-                        digest.update(block)
-                    return block
-
-                # The next block is read and decrypted in a worker thread while this one goes out.
-                reading = loop.run_in_executor(self._executor, read_block)
-                position = 0
-                while position < end or full:
-                    block = await self._decrypted(reading, source)
-                    reading = None
-                    if not block:
-                        break
-                    start, stop = position, position + len(block)
-                    position = stop
-                    if stop < end or full:
-                        reading = loop.run_in_executor(self._executor, read_block)
-                    if stop > offset and start < end:
-                        piece = block[max(offset - start, 0) : min(end, stop) - start]
-                        sent += len(piece)
-                        yield piece
-                if full and (position != record.size_bytes or digest.hexdigest() != record.sha256):
-                    raise DataLoss("the stored object does not match its recorded size and SHA-256")
-                if position < end:
-                    raise DataLoss("the stored object is shorter than its recorded size")
-            finally:
-                if reading is not None:
-                    await asyncio.wait([reading])  # never close the source under a running read
-                    if not reading.cancelled():
-                        reading.exception()
-                await self._io(source.close)
+            async with aclosing(self._plaintext(content, data_key, aad, wanted, frame)) as pieces:
+                async for size, piece in pieces:
+                    sent += size
+                    yield piece
         await self._report(record.tenant, UsageKind.DOWNLOADED, sent, record.object_id)
 
     # -- listing -----------------------------------------------------------------------------------------
@@ -612,28 +586,14 @@ class StorageCore:
 
     async def _report(self, tenant: str, kind: UsageKind, size: int, object_id: str) -> None:
         try:
-            total = await self._db(self._store.stored_bytes, tenant)
+            # A download leaves the volume as it is: no query of it on the read path.
+            total = None if kind is UsageKind.DOWNLOADED else await self._db(self._store.stored_bytes, tenant)
             event = StorageUsage(
                 f"{object_id}:{kind.value}:{uuid.uuid4().hex[:8]}", tenant, kind, size, total, datetime.now(UTC)
             )
             await self._usage.record(event)
         except Exception:  # noqa: BLE001 - usage reporting never fails a storage call
             log.warning("could not report usage", exc_info=True)
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
-def _as_domain_error(error: BaseException | None) -> BaseException:
-    if isinstance(error, AidcError):
-        return error
-    return Unavailable(f"storing the object failed: {type(error).__name__}")
 
 
 def _shredded(record: VersionRecord) -> FailedPrecondition:

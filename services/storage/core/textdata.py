@@ -3,8 +3,12 @@ and label columns are present, every row has a non-empty text and label; the row
 recorded. Optionally personal data in the text column is masked or pseudonymized (services.storage.core.pii), and
 the masked spans are counted.
 
-The content is processed record by record, so memory stays bounded by the longest record, whatever the size
-of the dataset.
+Unmasked content is stored exactly as it arrives and checked in blocks of whole records (at most
+MAX_RECORD_BYTES each, so no record in one can be too long): one UTF-8 decode and one run of the C ``csv`` reader
+(or ``json.loads`` per line) per block, and the checks as C-level passes over its rows; a block with anything
+irregular is checked again line by line, which finds the exact line and message. Masked content goes line by line
+(the masker rewrites single records). Either way memory stays bounded by a block or the longest record, whatever
+the size of the dataset.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import csv
 import enum
 import io
 import json
+from collections import Counter
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from services.mesh.errors import InvalidArgument
 from services.storage.core.pii import MaskingSpec, PiiKind, PiiMasker, Pseudonymizer
@@ -32,6 +39,8 @@ MAX_RECORD_BYTES = 1024 * 1024
 #: Most distinct labels a dataset may have.
 MAX_LABELS = 10_000
 _MAX_LABEL_CHARS = 256
+_BOM = b"\xef\xbb\xbf"
+_SEARCH_STEP = 64 * 1024
 
 
 class TextFormat(enum.Enum):
@@ -75,11 +84,31 @@ class TextDatasetProcessor:
         self._record_start = 1
         self._columns: tuple[int, int] | None = None
         self._width = 0
-        self._started = False
+        self._carry = bytearray()  # unmasked content not checked yet: from a record's start
+        self._searched = 0  # the carry's size when a record's end was last looked for
+        self._pending_bytes = 0
+        self._head: bytearray | None = bytearray()  # the first bytes, until a byte-order mark can be told
 
     # -- streaming ---------------------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> bytes:
+        if self._masker is not None:
+            return self._feed_lines(data)
+        self._carry += data
+        self._check_carry(final=False)
+        return self._unchanged(data)
+
+    def _unchanged(self, data: bytes) -> bytes:
+        """What to store of unmasked input: all of it, but for a leading byte-order mark."""
+        if self._head is None:
+            return data
+        self._head += data
+        if len(self._head) < len(_BOM) and data:
+            return b""
+        head, self._head = bytes(self._head), None
+        return head.removeprefix(_BOM)
+
+    def _feed_lines(self, data: bytes) -> bytes:
         out = bytearray()
         start = 0
         while True:
@@ -102,10 +131,15 @@ class TextDatasetProcessor:
         """Validates the end of the content (InvalidArgument when it is not a dataset) and returns the last bytes
         to store (a final line without a newline); ``summary`` is then complete."""
         out = b""
-        if self._partial:
+        if self._masker is None:
+            self._check_carry(final=True)
+            out = self._unchanged(b"")
+        if self._partial:  # a last line without a newline, checked line by line
             line = bytes(self._partial)
             self._partial.clear()
-            out = self._physical_line(line)
+            last = self._physical_line(line)
+            if self._masker is not None:  # unmasked, it was stored as it came: storing it again would add it twice
+                out = last
         if self._pending:
             raise InvalidArgument(f"line {self._record_start}: a quoted field is never closed")
         if self._spec.format is TextFormat.CSV and self._columns is None:
@@ -114,23 +148,136 @@ class TextDatasetProcessor:
             raise InvalidArgument("the dataset has no data rows")
         return out
 
+    # -- blocks of unmasked records ------------------------------------------------------------------------
+
+    def _check_carry(self, final: bool) -> None:
+        carry = self._carry
+        # Looking for the end of the last record costs a pass over the carry: only after it grew by a good step.
+        if not final and len(carry) < self._searched + _SEARCH_STEP:
+            return
+        while carry:
+            self._searched = len(carry)
+            cut = self._records_end(carry)
+            if not cut:
+                if len(carry) > MAX_RECORD_BYTES or final:
+                    # A record too long (the line path says which and raises), or the last one, without newline.
+                    self._check_block(bytes(carry))
+                    carry.clear()
+                return
+            self._check_block(bytes(carry[:cut]))
+            del carry[:cut]
+        self._searched = len(carry)
+
+    def _records_end(self, carry: bytearray) -> int:
+        """The end of the last whole record within the first MAX_RECORD_BYTES of ``carry`` (0: none)."""
+        limit = MAX_RECORD_BYTES + (1 if self._spec.format is TextFormat.JSONL else 0)
+        end = carry.rfind(b"\n", 0, limit)
+        if end < 0 or self._spec.format is TextFormat.JSONL or carry.count(b'"', 0, end) % 2 == 0:
+            return end + 1
+        # That newline is inside a quoted field. A newline ends a record where an even number of quotes precede it:
+        # between the (2j)th and (2j+1)th quote. Walk back over such stretches, last first (quote by quote, so a
+        # long quoted field of many lines costs one step).
+        high = carry.rfind(b'"', 0, end)  # an odd number of quotes before `end`: this one opens the field
+        while high >= 0:
+            low = carry.rfind(b'"', 0, high)
+            newline = carry.rfind(b"\n", low + 1, high)
+            if newline >= 0:
+                return newline + 1
+            if low < 0:
+                return 0
+            high = carry.rfind(b'"', 0, low)
+        return 0
+
+    def _check_block(self, block: bytes) -> None:
+        """Checks whole records (the last one may lack its newline at the end of the content) in one go, or line
+        by line where anything is irregular."""
+        lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+        if len(block) <= MAX_RECORD_BYTES + 1:
+            raw = block[len(_BOM) :] if self._line == 0 and block.startswith(_BOM) else block
+            try:
+                text = raw.decode("utf-8")
+                checked = self._csv_block(text) if self._spec.format is TextFormat.CSV else self._jsonl_block(text)
+            except (UnicodeDecodeError, csv.Error, ValueError, LookupError, RecursionError, TypeError):
+                checked = False
+            if checked:
+                self._line += lines
+                return
+        self._feed_lines(block)
+
+    def _csv_block(self, text: str) -> bool:
+        rows = list(filter(None, csv.reader(io.StringIO(text), strict=True)))  # blank lines give no row
+        columns, width = self._columns, self._width
+        if columns is None and rows:
+            if len(rows[0]) == 1 and not rows[0][0].strip():
+                return False  # a line of white space before the header: the line path skips it
+            columns, width = self._header(rows[0])
+            rows = rows[1:]
+        if not rows:
+            self._columns, self._width = columns, width
+            return True
+        if set(map(len, rows)) != {width} or columns is None:
+            return False
+        text_index, label_index = columns
+        if not all(map(str.strip, map(itemgetter(text_index), rows))):
+            return False
+        if not self._count(rows, map(itemgetter(label_index), rows)):
+            return False
+        self._columns, self._width = columns, width
+        return True
+
+    def _jsonl_block(self, text: str) -> bool:
+        records = list(map(json.loads, filter(str.strip, text.split("\n"))))
+        if not records:
+            return True
+        if set(map(type, records)) != {dict}:
+            return False
+        pairs = list(map(itemgetter(self._spec.text_column, self._spec.label_column), records))
+        values, labels = zip(*pairs, strict=True)
+        if set(map(type, values)) != {str} or not set(map(type, labels)) <= {str, int}:
+            return False
+        if not all(map(str.strip, values)):
+            return False
+        return self._count(records, map(str, labels))
+
+    def _count(self, rows: Sized, labels: Iterable[str]) -> bool:
+        """Adds a block's rows and labels to the summary, unless a label is empty, too long, or one too many."""
+        counted: Counter[str] = Counter(map(str.strip, labels))
+        known = self.summary.labels
+        fresh = [label for label in counted if label not in known]
+        if "" in counted or len(known) + len(fresh) > MAX_LABELS or any(len(f) > _MAX_LABEL_CHARS for f in fresh):
+            return False
+        self.summary.row_count += len(rows)
+        for label, n in counted.items():
+            known[label] = known.get(label, 0) + n
+        return True
+
+    def _header(self, fields: list[str]) -> tuple[tuple[int, int], int]:
+        names = [name.strip() for name in fields]
+        missing = [c for c in (self._spec.text_column, self._spec.label_column) if c not in names]
+        if missing:
+            raise InvalidArgument(f"the CSV header has no column {', '.join(map(repr, missing))} (has {names})")
+        return (names.index(self._spec.text_column), names.index(self._spec.label_column)), len(names)
+
+    # -- line by line ------------------------------------------------------------------------------------
+
     def _physical_line(self, line: bytes) -> bytes:
         self._line += 1
-        if self._line == 1 and line.startswith(b"\xef\xbb\xbf"):
-            line = line[3:]
+        if self._line == 1 and line.startswith(_BOM):
+            line = line[len(_BOM) :]
         if self._spec.format is TextFormat.JSONL:
             return self._jsonl(line)
         if not self._pending:
             self._record_start = self._line
         self._pending.append(line)
         self._pending_quotes += line.count(b'"')
-        if sum(len(p) for p in self._pending) > MAX_RECORD_BYTES:
+        self._pending_bytes += len(line)
+        if self._pending_bytes > MAX_RECORD_BYTES:
             raise InvalidArgument(f"line {self._record_start}: record longer than {MAX_RECORD_BYTES} bytes")
         if self._pending_quotes % 2:
             return b""  # inside a quoted field: the record goes on on the next line
         record = b"".join(self._pending)
         self._pending.clear()
-        self._pending_quotes = 0
+        self._pending_quotes = self._pending_bytes = 0
         return self._csv(record)
 
     # -- records -----------------------------------------------------------------------------------------
@@ -151,12 +298,7 @@ class TextDatasetProcessor:
         except (csv.Error, StopIteration) as exc:
             raise InvalidArgument(f"line {line}: malformed CSV ({exc})") from None
         if self._columns is None:
-            names = [name.strip() for name in fields]
-            missing = [c for c in (self._spec.text_column, self._spec.label_column) if c not in names]
-            if missing:
-                raise InvalidArgument(f"the CSV header has no column {', '.join(map(repr, missing))} (has {names})")
-            self._columns = (names.index(self._spec.text_column), names.index(self._spec.label_column))
-            self._width = len(names)
+            self._columns, self._width = self._header(fields)
             return raw
         if len(fields) != self._width:
             raise InvalidArgument(f"line {line}: {len(fields)} fields, the header has {self._width}")

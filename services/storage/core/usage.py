@@ -29,7 +29,7 @@ class StorageUsage:
     tenant: str
     kind: UsageKind
     bytes: int
-    total_stored_bytes: int
+    total_stored_bytes: int | None  # None for downloads: they do not change it, and it is not looked up for them
     at: datetime
 
 

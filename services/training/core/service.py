@@ -54,7 +54,7 @@ from services.training.core.relay import read_new_lines, translate
 from services.training.core.scheduling import ComputeScheduler, RunRequest, ScheduledRun
 from services.training.metrics import TrainingMetrics
 from services.training.runner.data import LocalFileSource
-from services.training.runner.preflight import InvalidJob, prepare
+from services.training.runner.preflight import InvalidJob, check
 from services.training.runner.spec import FineTuneSpec
 from services.training.store import TrainingStore
 
@@ -82,6 +82,8 @@ _REFUSALS = (
 )
 _RETRY_SECONDS = (0.5, 10.0)
 _MAX_WORKERS = 64
+#: How often the leader looks for active jobs nobody follows.
+_ORPHAN_SCAN_SECONDS = 5.0
 _T = TypeVar("_T")
 
 
@@ -165,26 +167,39 @@ class TrainingCore:
         self._writing: dict[str, asyncio.Lock] = {}
         self._live: dict[str, JobRecord] = {}
         self._changed: dict[str, asyncio.Condition] = {}
+        self._leading = False
 
     async def _db(self, fn: Any, *args: Any) -> Any:
         return await self._store.db.run(fn, *args)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
-    async def start(self) -> bool:
-        """Follows again the jobs a previous instance left active (their runs went on in the scheduler; each job
-        acts for its submitter through its stored delegation), and revokes delegations of ended jobs that were
-        not yet."""
-        for job in await self._db(self._store.jobs_in, ACTIVE_STATES):
-            if job.job_id not in self._followers:
-                log.info("job %s: following it again after a restart (%s)", job.job_id, job.state.value)
-                self._follow(job)
-        for job_id in await self._db(self._store.ended_jobs_with_credentials, TERMINAL_STATES):
-            await self._end_credentials(job_id)
-        return True
+    async def lead(self) -> None:
+        """The leader's work, until cancelled (one replica follows each job: it relays the runner's output and
+        publishes the model once). Follows again the jobs a previous leader or instance left active (their runs went
+        on in the scheduler; each job acts for its submitter through its stored delegation; relaying goes on where it
+        stopped), revokes delegations of ended jobs that were not yet, and looks for active jobs nobody follows every
+        few seconds (one whose submission raced a change of leader). SubmitFineTune, CancelJob and
+        RegisterBaseModel are forwarded to the leader, so the jobs it submits it follows at once."""
+        self._leading = True
+        try:
+            for job_id in await self._db(self._store.ended_jobs_with_credentials, TERMINAL_STATES):
+                await self._end_credentials(job_id)
+            while True:
+                # A job followed here while the database was read may have ended meanwhile, its row read before
+                # its end was written: only jobs nobody here followed during the read are taken.
+                followed = set(self._followers)
+                for job in await self._db(self._store.jobs_in, ACTIVE_STATES):
+                    if job.job_id not in self._followers and job.job_id not in followed:
+                        log.info("job %s: following it (%s)", job.job_id, job.state.value)
+                        self._follow(job)
+                await asyncio.sleep(_ORPHAN_SCAN_SECONDS)
+        finally:
+            self._leading = False
+            await self.close()
 
     async def close(self) -> None:
-        """Stops following jobs. Their runs go on in the scheduler; the next start follows them again."""
+        """Stops following jobs. Their runs go on in the scheduler; the next leader follows them again."""
         tasks = list(self._followers.values())
         for task in tasks:
             task.cancel()
@@ -239,7 +254,7 @@ class TrainingCore:
             (job_dir / "dataset.tmp").rename(data_path)
             runner_spec = replace(spec, base_model=base.path)
             try:
-                prepared = await asyncio.to_thread(prepare, runner_spec, LocalFileSource(data_path))
+                checked = await asyncio.to_thread(check, runner_spec, LocalFileSource(data_path))
             except InvalidJob as exc:
                 raise InvalidArgument(str(exc)) from None
             (job_dir / "spec.json").write_text(json.dumps(runner_spec.to_dict(), indent=2))
@@ -248,7 +263,7 @@ class TrainingCore:
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
-        resolved = replace(resolved, sha256=prepared.dataset.sha256, rows=len(prepared.dataset.examples))
+        resolved = replace(resolved, sha256=checked.dataset.sha256, rows=checked.dataset.examples)
         job = JobRecord(
             tenant=tenant,
             job_id=job_id,
@@ -284,7 +299,8 @@ class TrainingCore:
         except AidcError as exc:
             # The scheduler may or may not have queued it: the job's follower submits again (idempotent on the id).
             log.warning("job %s: submitting it to the scheduler failed (%s); retrying", job_id, exc)
-        self._follow(job)
+        if self._leading:  # else (leadership moved meanwhile) the new leader's scan finds it
+            self._follow(job)
         return job
 
     async def _discard(self, job: JobRecord) -> None:

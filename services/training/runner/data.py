@@ -9,7 +9,7 @@ import hashlib
 import io
 import json
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +22,12 @@ __all__ = [
     "Batch",
     "BytesSource",
     "DatasetSource",
+    "DatasetSummary",
     "EncodedExamples",
     "LoadedDataset",
     "LocalFileSource",
     "TextExample",
+    "check_split",
     "collate",
     "encode",
     "epoch_batches",
@@ -34,7 +36,12 @@ __all__ = [
     "poisson_batches",
     "resolve_labels",
     "split_examples",
+    "summarize_dataset",
 ]
+
+
+#: Bytes the parser reads from a source at a time.
+_READ_BYTES = 1 << 20
 
 
 class DatasetSource(Protocol):
@@ -99,36 +106,109 @@ class LoadedDataset:
 
 
 def load_dataset(source: DatasetSource, text_column: str, label_column: str) -> LoadedDataset:
-    """Read the whole source (hashing it as it streams) and parse it; ValueError for unusable data."""
-    digest = hashlib.sha256()
-    buffer = io.BytesIO()
-    for chunk in source.chunks():
-        digest.update(chunk)
-        buffer.write(chunk)
-    data = buffer.getvalue()
-    fmt = _detect_format(source.name, data)
-    examples, skipped = parse_examples(data, fmt, text_column, label_column)
+    """Parse the source as it streams (hashing it on the way: neither its bytes nor its text are ever held whole,
+    only the examples); ValueError for unusable data."""
+    raw, fmt, lines = _open(source)
+    examples, skipped = parse_examples(lines, fmt, text_column, label_column)
     if not examples:
         raise ValueError(f"dataset {source.name} is empty: no rows with both text and a label")
-    return LoadedDataset(source.name, fmt, digest.hexdigest(), len(data), tuple(examples), skipped)
+    return LoadedDataset(source.name, fmt, raw.digest.hexdigest(), raw.size, tuple(examples), skipped)
 
 
-def _detect_format(name: str, data: bytes) -> str:
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What checking a job needs of its dataset, without its examples: the lineage and the count of each label."""
+
+    name: str
+    format: str
+    sha256: str
+    size_bytes: int
+    label_counts: dict[str, int]
+    rows_skipped: int
+
+    @property
+    def examples(self) -> int:
+        return sum(self.label_counts.values())
+
+
+def summarize_dataset(source: DatasetSource, text_column: str, label_column: str) -> DatasetSummary:
+    """load_dataset's checks and lineage in memory bounded whatever the dataset's size (the examples are counted,
+    not kept); the same ValueErrors."""
+    raw, fmt, lines = _open(source)
+    counts: Counter[str] = Counter()
+    skipped = 0
+    for example in _examples(lines, fmt, text_column, label_column):
+        if example is None:
+            skipped += 1
+        else:
+            counts[example.label] += 1
+    if not counts:
+        raise ValueError(f"dataset {source.name} is empty: no rows with both text and a label")
+    return DatasetSummary(source.name, fmt, raw.digest.hexdigest(), raw.size, dict(counts), skipped)
+
+
+def _open(source: DatasetSource) -> tuple[_HashingReader, str, io.TextIOWrapper]:
+    """The source as text lines (newline=""), its format, and the reader that hashes and counts its bytes."""
+    raw = _HashingReader(source.chunks())
+    buffered = io.BufferedReader(raw, buffer_size=_READ_BYTES)
+    fmt = _detect_format(source.name, buffered.peek(_READ_BYTES))
+    # Real exports carry the odd invalid byte (the tweets corpus does): keep the row, replace the byte.
+    return raw, fmt, io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="replace", newline="")
+
+
+class _HashingReader(io.RawIOBase):
+    """A source's chunks as a readable stream, hashed and counted as they are read."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._pending = memoryview(b"")
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self.digest.update(chunk)
+            self.size += len(chunk)
+            self._pending = memoryview(chunk)
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+
+def _detect_format(name: str, head: bytes) -> str:
     lowered = name.lower()
     if lowered.endswith((".jsonl", ".ndjson", ".json")):
         return "jsonl"
     if lowered.endswith((".csv", ".tsv")):
         return "csv"
-    return "jsonl" if data.lstrip()[:1] == b"{" else "csv"
+    return "jsonl" if head.lstrip()[:1] == b"{" else "csv"
 
 
-def parse_examples(data: bytes, fmt: str, text_column: str, label_column: str) -> tuple[list[TextExample], int]:
-    """Examples and the number of rows skipped for a blank text or label; missing columns raise ValueError."""
-    # Real exports carry the odd invalid byte (the tweets corpus does): keep the row, replace the byte.
-    text = data.decode("utf-8-sig", errors="replace")
-    rows = _csv_rows(text) if fmt == "csv" else _jsonl_rows(text)
+def parse_examples(
+    lines: Iterable[str], fmt: str, text_column: str, label_column: str
+) -> tuple[list[TextExample], int]:
+    """Examples of the text's lines (as a text file with newline="" yields them) and the number of rows skipped
+    for a blank text or label; missing columns raise ValueError."""
     examples: list[TextExample] = []
     skipped = 0
+    for example in _examples(lines, fmt, text_column, label_column):
+        if example is None:
+            skipped += 1
+        else:
+            examples.append(example)
+    return examples, skipped
+
+
+def _examples(lines: Iterable[str], fmt: str, text_column: str, label_column: str) -> Iterator[TextExample | None]:
+    """Each row's example, None for a row skipped for a blank text or label."""
+    rows = _csv_rows(lines) if fmt == "csv" else _jsonl_rows(lines)
     checked_columns = False
     for line, row in rows:
         if not checked_columns:
@@ -144,23 +224,19 @@ def parse_examples(data: bytes, fmt: str, text_column: str, label_column: str) -
         if not isinstance(value, str):
             raise ValueError(f"dataset line {line}: {text_column!r} must be text (got {value!r})")
         label_text = "" if label is None else str(label).strip()
-        if not value.strip() or not label_text:
-            skipped += 1
-            continue
-        examples.append(TextExample(value, label_text))
-    return examples, skipped
+        yield TextExample(value, label_text) if value.strip() and label_text else None
 
 
-def _csv_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+def _csv_rows(lines: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(lines)
     if reader.fieldnames is None:
         return
     for row in reader:
         yield reader.line_num, {k: v for k, v in row.items() if k is not None}
 
 
-def _jsonl_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+def _jsonl_rows(lines: Iterable[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -172,9 +248,10 @@ def _jsonl_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield number, row
 
 
-def resolve_labels(examples: Sequence[TextExample], declared: Sequence[str]) -> tuple[str, ...]:
-    """The class list: the declared one (every dataset label must be in it) or the dataset's, sorted."""
-    present = sorted({e.label for e in examples})
+def resolve_labels(labels: Iterable[str], declared: Sequence[str]) -> tuple[str, ...]:
+    """The class list: the declared one (every label of the dataset's examples must be in it) or the dataset's,
+    sorted."""
+    present = sorted(set(labels))
     if declared:
         unknown = [label for label in present if label not in declared]
         if unknown:
@@ -197,18 +274,27 @@ def split_examples(
     for label in sorted(by_label):
         ids = by_label[label]
         rng.shuffle(ids)
-        count = round(len(ids) * eval_fraction)
-        if count == 0 and len(ids) >= 2:
-            count = 1
-        eval_ids.update(ids[:count])
+        eval_ids.update(ids[: _held_out(len(ids), eval_fraction)])
     train = [e for i, e in enumerate(examples) if i not in eval_ids]
     held_out = [e for i, e in enumerate(examples) if i in eval_ids]
-    if not train or not held_out:
-        raise ValueError(
-            f"dataset of {len(examples)} example(s) is too small to split into train and eval "
-            f"at eval_fraction {eval_fraction}"
-        )
+    check_split({label: len(ids) for label, ids in by_label.items()}, eval_fraction)
     return train, held_out
+
+
+def check_split(label_counts: dict[str, int], eval_fraction: float) -> None:
+    """ValueError unless split_examples of examples with these label counts leaves both parts non-empty."""
+    held_out = sum(_held_out(count, eval_fraction) for count in label_counts.values())
+    total = sum(label_counts.values())
+    if not 0 < held_out < total:
+        raise ValueError(
+            f"dataset of {total} example(s) is too small to split into train and eval at eval_fraction {eval_fraction}"
+        )
+
+
+def _held_out(count: int, eval_fraction: float) -> int:
+    """How many of a label's ``count`` examples the split holds out."""
+    held = round(count * eval_fraction)
+    return 1 if held == 0 and count >= 2 else held
 
 
 @dataclass(frozen=True)

@@ -4,20 +4,25 @@ the dataset's columns and labels, the split. Imports neither torch nor transform
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.training.runner.data import (
     DatasetSource,
+    DatasetSummary,
     LoadedDataset,
     TextExample,
+    check_split,
     load_dataset,
     resolve_labels,
     split_examples,
+    summarize_dataset,
 )
 from services.training.runner.spec import FineTuneSpec
 
-__all__ = ["InvalidJob", "PreparedJob", "base_model_max_length", "prepare"]
+__all__ = ["CheckedJob", "InvalidJob", "PreparedJob", "base_model_max_length", "check", "prepare"]
 
 
 class InvalidJob(ValueError):
@@ -40,6 +45,16 @@ class PreparedJob:
     def fingerprint(self) -> str:
         """Identifies the job (spec + data): checkpoints of another job are never resumed."""
         return f"{self.spec.fingerprint()}:{self.dataset.sha256}"
+
+
+@dataclass(frozen=True)
+class CheckedJob:
+    """A job that passed prepare's checks, as the service keeps it: the dataset summarized, not loaded."""
+
+    spec: FineTuneSpec
+    model_max_length: int
+    dataset: DatasetSummary
+    labels: tuple[str, ...]
 
 
 def base_model_max_length(model_dir: Path) -> int:
@@ -67,21 +82,41 @@ def base_model_max_length(model_dir: Path) -> int:
 
 def prepare(spec: FineTuneSpec, source: DatasetSource) -> PreparedJob:
     """Every check that can reject a job before compute is spent; InvalidJob (a ValueError) names what is wrong."""
+    with _refusals():
+        model_dir, max_length = _check_spec(spec)
+        dataset = load_dataset(source, spec.text_column, spec.label_column)
+        labels = resolve_labels((e.label for e in dataset.examples), spec.labels)
+        train, held_out = split_examples(dataset.examples, spec.eval_fraction, spec.seed)
+    return PreparedJob(spec, model_dir, max_length, dataset, labels, tuple(train), tuple(held_out))
+
+
+def check(spec: FineTuneSpec, source: DatasetSource) -> CheckedJob:
+    """prepare's checks with the same refusals, in memory bounded whatever the dataset's size (the service checks
+    jobs this way; the runner prepares them)."""
+    with _refusals():
+        _, max_length = _check_spec(spec)
+        dataset = summarize_dataset(source, spec.text_column, spec.label_column)
+        labels = resolve_labels(dataset.label_counts, spec.labels)
+        check_split(dataset.label_counts, spec.eval_fraction)
+    return CheckedJob(spec, max_length, dataset, labels)
+
+
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """Any ValueError inside becomes InvalidJob (the service answers INVALID_ARGUMENT)."""
     try:
-        return _prepare(spec, source)
+        yield
     except InvalidJob:
         raise
     except ValueError as exc:
         raise InvalidJob(str(exc)) from exc
 
 
-def _prepare(spec: FineTuneSpec, source: DatasetSource) -> PreparedJob:
+def _check_spec(spec: FineTuneSpec) -> tuple[Path, int]:
+    """The base model's directory and longest input, once the spec is valid against them."""
     model_dir = Path(spec.base_model)
     if not spec.base_model.strip():
         raise ValueError("invalid fine-tune spec: base_model must name a model directory")
     max_length = base_model_max_length(model_dir)
     spec.validate(max_length)
-    dataset = load_dataset(source, spec.text_column, spec.label_column)
-    labels = resolve_labels(dataset.examples, spec.labels)
-    train, held_out = split_examples(dataset.examples, spec.eval_fraction, spec.seed)
-    return PreparedJob(spec, model_dir, max_length, dataset, labels, tuple(train), tuple(held_out))
+    return model_dir, max_length

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +14,11 @@ import pytest
 import transformers
 
 from services.training.runner import FineTuneSpec, InvalidJob, LocalArtifactStore
-from services.training.runner.data import BytesSource, load_dataset, resolve_labels, split_examples
+from services.training.runner.data import BytesSource, TextExample, load_dataset, resolve_labels, split_examples
 from services.training.runner.metrics import classification_report
+from services.training.runner.preflight import check, prepare
 from services.training.runner.tiny import keyword_dataset, to_csv, to_jsonl
-from tests.training.runner.conftest import TinyJob
+from tests.training.runner.conftest import ROWS, TinyJob
 
 
 @pytest.fixture
@@ -61,6 +65,46 @@ def test_bad_spec_is_refused_before_any_compute(
     assert isinstance(caught.value, InvalidJob)
     assert message in str(caught.value)
     assert not (tiny.tmp / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("overrides", "data", "message"), [c[1:] for c in BAD_SPECS], ids=[c[0] for c in BAD_SPECS])
+def test_the_services_check_refuses_what_the_runner_refuses(
+    tiny: TinyJob, no_model_loading: None, overrides: dict[str, Any], data: bytes | None, message: str
+) -> None:
+    """The service checks a job without loading its examples (check); it must refuse exactly what the runner's
+    prepare refuses, with the same message."""
+    spec = tiny.spec(**overrides)
+    source = BytesSource("data.csv", data if data is not None else to_csv(ROWS))
+    with pytest.raises(InvalidJob) as by_runner:
+        prepare(spec, source)
+    with pytest.raises(InvalidJob) as by_service:
+        check(spec, source)
+    assert message in str(by_service.value) and str(by_service.value) == str(by_runner.value)
+
+
+def test_the_services_check_agrees_with_the_runner_and_keeps_no_examples(tiny: TinyJob) -> None:
+    """On a valid job check and prepare agree (hash, size, labels, rows kept and skipped); check's memory stays
+    bounded while the examples of the same dataset take many times more."""
+    spec = tiny.spec(labels=["bad", "good"])
+    prepared = prepare(spec, _GeneratedSource(2 * 1024 * 1024))
+    checked = check(spec, _GeneratedSource(2 * 1024 * 1024))
+    loaded = prepared.dataset
+    assert (checked.dataset.sha256, checked.dataset.size_bytes) == (loaded.sha256, loaded.size_bytes)
+    assert checked.labels == prepared.labels == ("bad", "good")
+    assert checked.dataset.examples == len(loaded.examples) == len(prepared.train_examples + prepared.eval_examples)
+    assert checked.dataset.rows_skipped == loaded.rows_skipped == 0
+    source = _GeneratedSource(8 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        checked = check(spec, source)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert checked.dataset.examples == source.rows and checked.dataset.label_counts == {
+        "good": source.rows // 2,
+        "bad": source.rows // 2,
+    }
+    assert peak < checked.dataset.size_bytes / 4, (peak, checked.dataset.size_bytes)
 
 
 def test_validate_lists_every_problem() -> None:
@@ -112,8 +156,6 @@ def test_csv_and_jsonl_read_the_same_examples_and_hash_the_bytes() -> None:
     assert [(e.text, e.label) for e in from_csv.examples] == rows
     assert from_jsonl.examples == from_csv.examples
     assert (from_csv.format, from_jsonl.format) == ("csv", "jsonl")
-    import hashlib
-
     assert from_csv.sha256 == hashlib.sha256(to_csv(rows)).hexdigest()
 
 
@@ -121,6 +163,49 @@ def test_invalid_utf8_is_replaced_not_fatal() -> None:
     data = b"text,label\nnice car \xe9\xff,positive\nbad,negative\n"
     loaded = load_dataset(BytesSource("d.csv", data), "text", "label")
     assert loaded.examples[0].text.startswith("nice car ") and loaded.examples[0].label == "positive"
+
+
+class _GeneratedSource:
+    """A CSV dataset made as it is read, in 64 KiB chunks (never whole in memory), hashed as it goes."""
+
+    name = "generated.csv"
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.digest = hashlib.sha256()
+        self.rows = 0
+
+    def chunks(self) -> Iterator[bytes]:
+        yield b"\xef\xbb\xbfid,text,label\r\n"  # with a byte order mark and CRLF, as spreadsheets write it
+        self.digest.update(b"\xef\xbb\xbfid,text,label\r\n")
+        sent = 0
+        while sent < self.size:
+            block = "".join(
+                f'{self.rows + i},"review {self.rows + i}: the car, quite ""fast"" ",{("good", "bad")[i % 2]}\r\n'
+                for i in range(500)
+            ).encode()
+            self.rows += 500
+            self.digest.update(block)
+            sent += len(block)
+            for start in range(0, len(block), 64 * 1024):
+                yield block[start : start + 64 * 1024]
+
+
+def test_a_dataset_is_parsed_as_it_streams_and_never_held_whole() -> None:
+    """load_dataset keeps the examples and nothing of the file: the most it ever held beyond what it returns is a
+    small part of the file's size (it used to hold the bytes, a copy of them and their decoded text at once)."""
+    source = _GeneratedSource(8 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        loaded = load_dataset(source, "text", "label")
+        retained, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(loaded.examples) == source.rows and loaded.rows_skipped == 0
+    assert loaded.examples[7] == TextExample('review 7: the car, quite "fast" ', "bad")
+    assert (loaded.sha256, loaded.format) == (source.digest.hexdigest(), "csv")
+    assert loaded.size_bytes > source.size
+    assert peak - retained < loaded.size_bytes / 2, (peak - retained, loaded.size_bytes)
 
 
 def test_split_is_seeded_stratified_and_disjoint() -> None:
@@ -134,8 +219,8 @@ def test_split_is_seeded_stratified_and_disjoint() -> None:
         "negative": 20,
         "neutral": 20,
     }
-    assert resolve_labels(examples, ()) == ("negative", "neutral", "positive")
-    assert resolve_labels(examples, ("positive", "neutral", "negative", "extra")) == (
+    assert resolve_labels((e.label for e in examples), ()) == ("negative", "neutral", "positive")
+    assert resolve_labels((e.label for e in examples), ("positive", "neutral", "negative", "extra")) == (
         "positive",
         "neutral",
         "negative",

@@ -741,8 +741,8 @@ class DownloadRequest(_message.Message):
     """First byte of the range to return."""
     length: _builtins.int
     """Number of bytes to return from offset; 0 means to the end. A range past the end is clipped; an offset past the
-    end -> INVALID_ARGUMENT. The whole-object SHA-256 is verified only for full downloads; ranges are still
-    authenticated segment by segment.
+    end -> INVALID_ARGUMENT. Only the stored segments the range covers are read, each authenticated (bound to the
+    object, its position and whether it is the last) before any of its plaintext is sent.
     """
     def __init__(
         self,

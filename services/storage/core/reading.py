@@ -1,0 +1,126 @@
+"""The blocking half of a download: reads from the object store only the stored segments a byte range covers, opens
+each (authenticated before any of its plaintext is returned) and cuts the range out of them.
+
+Every segment authenticates under the object's own key as the segment at its index, final or not, and the segment
+count comes from the stored size recorded with the version: a read that ends without an error released exactly
+the plaintext sealed at upload, whose SHA-256 the upload recorded (core.sealing hashes exactly what it seals). A
+whole-object read also checks that nothing follows the final segment; with ``check_sha256`` (the read-back of
+AIDC_STORAGE_VERIFY_UPLOADS) it hashes the plaintext again and releases the final piece only if it matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from services.mesh.errors import DataLoss
+from services.storage.core.crypto import StreamKey
+from services.storage.core.segments import HEADER_BYTES, CipherSuite, SegmentCorrupt
+from services.storage.objectstore import ObjectStore, ReadableObject, StoredObjectMissing
+
+__all__ = ["ByteRange", "StoredContent", "read_plaintext"]
+
+
+@dataclass(frozen=True)
+class StoredContent:
+    """Where an object's ciphertext is and what it must open to (recorded at upload)."""
+
+    s3_key: str
+    stored_bytes: int
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """Plaintext bytes [start, end) of an object."""
+
+    start: int
+    end: int
+
+
+def _short() -> DataLoss:
+    return DataLoss("the stored object is shorter than its recorded size")
+
+
+def _corrupt() -> DataLoss:
+    return DataLoss("the stored object is corrupt or was tampered with (authentication failed)")
+
+
+def _open(objects: ObjectStore, key: str, offset: int = 0, length: int = 0) -> ReadableObject:
+    try:
+        return objects.open(key, offset, length)
+    except StoredObjectMissing:
+        raise DataLoss("the object's stored bytes are missing from the object store or shorter than recorded") from None
+
+
+def _exactly(source: ReadableObject, size: int) -> bytes:
+    data = source.read_exact(size)
+    if len(data) != size:
+        raise _short()
+    return data
+
+
+def read_plaintext(
+    objects: ObjectStore,
+    record: StoredContent,
+    key: StreamKey,
+    suite: CipherSuite,
+    aad: bytes,
+    wanted: ByteRange,
+    check_sha256: bool = False,
+) -> Iterator[bytes]:
+    """The plaintext of ``wanted`` (within the object), in pieces of at most one segment; raises DataLoss for
+    anything stored that is missing, short, long, or does not authenticate, and the store's Unavailable."""
+    layout = key.layout
+    stored = record.stored_bytes
+    try:
+        count = layout.segments(stored)
+        consistent = layout.plaintext_size(stored) == record.size_bytes
+    except ValueError:
+        consistent = False
+    if not consistent:
+        raise DataLoss("the version's recorded sizes do not fit its encrypted layout")
+    whole = wanted.start == 0 and wanted.end == record.size_bytes
+    first = layout.segment_at(wanted.start)
+    last = count - 1 if whole else layout.segment_at(wanted.end - 1)
+    start, end = layout.stored_span(first, last, stored)
+    if first == 0:
+        # The header and the segments in one request (for a whole object: to its very end, to see what follows).
+        source = _open(objects, record.s3_key, 0, 0 if whole else end)
+    else:
+        head = _open(objects, record.s3_key, 0, HEADER_BYTES)
+        try:
+            header = _exactly(head, HEADER_BYTES)
+        finally:
+            head.close()
+        source = _open(objects, record.s3_key, start, end - start)
+    digest = hashlib.sha256() if whole and check_sha256 else None
+    try:
+        if first == 0:
+            header = _exactly(source, HEADER_BYTES)
+        try:
+            cipher = suite.from_header(key.key, aad, header)
+        except SegmentCorrupt:
+            raise _corrupt() from None
+        for index in range(first, last + 1):
+            span_start, span_end = layout.stored_span(index, index, stored)
+            try:
+                plain = cipher.open(index, _exactly(source, span_end - span_start), index == count - 1)
+            except SegmentCorrupt:
+                raise _corrupt() from None
+            if digest is not None:
+                digest.update(plain)
+            if whole and index == last:
+                if source.read_exact(1):
+                    raise DataLoss("the stored object is longer than its recorded size")
+                if digest is not None and digest.hexdigest() != record.sha256:
+                    raise DataLoss("the stored object does not match its recorded SHA-256")
+            offset = layout.plain_start(index)
+            if wanted.start > offset or wanted.end < offset + len(plain):
+                plain = plain[max(wanted.start - offset, 0) : wanted.end - offset]
+            if plain:
+                yield plain
+    finally:
+        source.close()
