@@ -36,6 +36,14 @@ RULES = MONITORING / "aidc-alerts.yml"
 RULE_TESTS = MONITORING / "aidc-alerts.test.yml"
 PROMETHEUS_RULE = ROOT / "deploy" / "k8s" / "base" / "prometheus-rules.yaml"
 DASHBOARD = MONITORING / "grafana" / "aidc-dashboard.json"
+ADAPTER_RULES = MONITORING / "prometheus-adapter-rules.yaml"
+AUTOSCALERS = ROOT / "deploy" / "k8s" / "overlays" / "gpu" / "autoscalers.yaml"
+#: What the Prometheus adapter puts in its query templates, and values that keep them valid PromQL.
+ADAPTER_TEMPLATE = {
+    "<<.Series>>": "{series}",
+    "<<.LabelMatchers>>": 'namespace="aidc",pod="serving-0"',
+    "<<.GroupBy>>": "pod",
+}
 #: Series Prometheus makes itself, not the services.
 PROMETHEUS_OWN = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 #: Grafana's variables as the dashboard's queries use them, and a value that keeps the query valid PromQL.
@@ -193,3 +201,35 @@ def test_dashboard_covers_every_area_of_the_platform() -> None:
     assert rows == ["Overview", "RPCs of $service", "Tenants' usage", "Jobs", "Inference"]
     ids = [panel["id"] for panel in board["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_the_prometheus_adapter_serves_the_autoscalers_custom_metrics(tmp_path: Path) -> None:
+    """Every custom metric the autoscalers ask for is one an adapter rule names, from series the services export,
+    each pod's own (namespace and pod labels, as the PodMonitors attach them), by a query promtool parses."""
+    adapter = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
+    served: dict[str, str] = {}
+    available = exported()
+    for rule in adapter:
+        series = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\}", rule["seriesQuery"])
+        assert series is not None, rule["seriesQuery"]
+        assert series.group(1) in available, f"{series.group(1)} is exported by no service"
+        assert {"namespace", "pod"} <= set(rule["resources"]["overrides"])
+        assert re.fullmatch(rule["name"]["matches"], series.group(1))
+        query = rule["metricsQuery"]
+        for placeholder, value in ADAPTER_TEMPLATE.items():
+            query = query.replace(placeholder, value.format(series=series.group(1)))
+        assert "<<" not in query, query
+        assert metric_names(query) <= available, query
+        served[rule["name"]["as"]] = query
+    asked = {
+        metric["pods"]["metric"]["name"]
+        for doc in yaml.safe_load_all(AUTOSCALERS.read_text())
+        for metric in doc["spec"]["metrics"]
+        if metric["type"] == "Pods"
+    }
+    assert asked and asked <= served.keys(), f"autoscalers ask for {asked}, the adapter serves {set(served)}"
+    as_rules = {"groups": [{"name": "adapter", "rules": [{"record": n, "expr": q} for n, q in served.items()]}]}
+    path = tmp_path / "adapter-queries.yml"
+    path.write_text(yaml.safe_dump(as_rules))
+    result = run_promtool("check", "rules", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

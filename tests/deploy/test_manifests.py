@@ -583,8 +583,9 @@ def test_gpu_overlay_runs_two_replicas_of_each_service_and_a_disruption_budget_e
         assert not any(budget["spec"]["selector"]["matchLabels"].items() <= _pod_labels(o).items() for o in others)
 
 
-def test_only_the_serving_gateway_autoscales_on_cpu_from_two_pods() -> None:
-    """CPU until the Prometheus adapter serves request rates; Triton stays one pod, whose models serving loads."""
+def test_only_the_serving_gateway_autoscales_on_request_rate_and_cpu_from_two_pods() -> None:
+    """On its request rate (a custom metric of the Prometheus adapter's rules, tests/deploy/test_alerts.py) and CPU;
+    Triton stays one pod, whose models serving loads."""
     autoscalers = _named(_all(), "HorizontalPodAutoscaler")
     assert autoscalers.keys() == {"serving"}
     spec = autoscalers["serving"]["spec"]
@@ -593,7 +594,9 @@ def test_only_the_serving_gateway_autoscales_on_cpu_from_two_pods() -> None:
     counts = {r["name"]: r["count"] for r in _kustomization(GPU)["replicas"]}
     assert spec["minReplicas"] == counts["serving"] == 2 < spec["maxReplicas"]
     assert spec["minReplicas"] > _named(_all(), "PodDisruptionBudget")["serving"]["spec"]["minAvailable"]
-    [metric] = spec["metrics"]
+    rate, metric = spec["metrics"]
+    assert rate["type"] == "Pods" and rate["pods"]["metric"]["name"] == "aidc_gateway_inferences_per_second"
+    assert rate["pods"]["target"]["type"] == "AverageValue" and float(rate["pods"]["target"]["averageValue"]) > 0
     assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
     assert metric["resource"]["target"]["type"] == "Utilization"
     assert 0 < metric["resource"]["target"]["averageUtilization"] <= 100
