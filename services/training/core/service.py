@@ -352,8 +352,11 @@ class TrainingCore:
         await self.job(tenant, job_id)
         condition = self._changed.setdefault(job_id, asyncio.Condition())
         while True:
-            # Read before the events: a job that reads as terminal already has its terminal event stored.
-            terminal = (await self.job(tenant, job_id)).state in TERMINAL_STATES
+            # Read before the events: a job that reads as terminal already has its terminal event stored. The stored
+            # record, not the live one, which turns terminal before the write of its terminal event (read from the
+            # live one, a watch could end at CANCELLING, one event short).
+            stored = await self._db(self._store.job, job_id)
+            terminal = stored is not None and stored.state in TERMINAL_STATES
             events: list[JobEvent] = await self._db(self._store.events, job_id, after)
             for event in events:
                 after = event.sequence
