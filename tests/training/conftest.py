@@ -69,6 +69,9 @@ async def scheduler(
         auth.address,
         AIDC_CERTS_DIR=auth.settings.certs_dir,
         AIDC_SHUTDOWN_GRACE_SECONDS="0.5",
+        # A cancelled or preempted runner checkpoints before it exits 130: under load that can outlast the 5 s the
+        # scheduler's own tests give, and a SIGKILL (137) would fail the tests that check it checkpointed.
+        AIDC_SCHEDULER_DEFAULT_GRACE_SECONDS="30",
         **database_env(service_database),
     )
     running = await start_scheduler(SchedulerSettings.from_env(env), tokens)
