@@ -34,10 +34,19 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_PASSWORD = "the platform admin's own passphrase"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now and never handed out before in this process: the kernel may give the same free port to two
+    binds in a row, and two settings of one service on one port (e.g. its mesh and tenant listeners) are refused."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @pytest.fixture(scope="session")
