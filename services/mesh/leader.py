@@ -59,6 +59,8 @@ LEADING = Gauge(
     ["loop"],
 )
 CHANGES = Counter("aidc_leader_changes_total", "Times this replica became or stopped being its service's leader.")
+#: How long a demoted leader waits for its cancelled loops to stop.
+_STOP_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -229,10 +231,15 @@ class LeaderElection:
         self._running.clear()
         for _, task in tasks:
             task.cancel()
-        for loop, task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            child(self._metrics, LEADING, loop).set(0)
+        if tasks:
+            # Bounded: a loop that does not stop when cancelled is a bug to report, not a reason to hang a close.
+            _, pending = await asyncio.wait([task for _, task in tasks], timeout=_STOP_SECONDS)
+            for loop, task in tasks:
+                if task in pending:
+                    log.error(
+                        "%s: leader loop %s did not stop within %g s of its cancel", self.name, loop, _STOP_SECONDS
+                    )
+                child(self._metrics, LEADING, loop).set(0)
         async with self._changed:
             self._changed.notify_all()
 

@@ -500,8 +500,9 @@ class TrainingCore:
         finally:
             current_principal.set(None)
             tail.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await tail
+            # gather, not suppress(CancelledError): a cancel of this task arriving while it waits for the tail must
+            # not be swallowed (the follower went on following, and a leader closing waited for it forever).
+            await asyncio.gather(tail, return_exceptions=True)
         if not run.terminal:
             return False
         await self._relay(job, final=True)
