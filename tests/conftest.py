@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -62,13 +61,8 @@ def tenant_addresses() -> dict[str, str]:
     """Every service's tenant listener on a free port of its own (AIDC_<SVC>_TENANT_ADDR): a test's services never
     bind the fixed default tenant ports, which another session's servers may hold (gRPC binds with SO_REUSEPORT and
     would share their connections)."""
-    with contextlib.ExitStack() as held:  # every socket stays bound until all ports are chosen: no duplicates
-        sockets = [held.enter_context(socket.socket()) for _ in SERVICE_NAMES]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        ports = [int(sock.getsockname()[1]) for sock in sockets]
-    return {
-        f"AIDC_{name.upper()}_TENANT_ADDR": f"127.0.0.1:{port}" for name, port in zip(SERVICE_NAMES, ports, strict=True)
+    return {  # free_port: never a port handed out before in this process (a mesh listener's, say)
+        f"AIDC_{name.upper()}_TENANT_ADDR": f"127.0.0.1:{free_port()}" for name in SERVICE_NAMES
     }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
-from services.mesh.errors import Unavailable
+from services.mesh.errors import AidcError, Unavailable
 from services.storage.client import StorageClient
 from tests.conftest import AuthProcess, auth_process, stop_process  # noqa: F401 - fixture
 from tests.storage.conftest import process_client, seaweed, start_storage_process  # noqa: F401 - fixture
@@ -25,12 +25,14 @@ CHUNK = b"\x5a" * (256 * 1024)
 
 
 async def _refused(client: StorageClient, tenant: str, timeout: float = 60.0) -> None:
-    """Waits until the service refuses new calls: it has received the signal and is draining."""
+    """Waits until the service refuses new calls: it has received the signal and is draining. Refused with any status
+    (UNAVAILABLE mostly; a draining server on a loaded machine may answer otherwise): an exception here would end the
+    upload's request stream, and grpc would cancel the upload itself."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         try:
             await client.list_all(tenant)
-        except Unavailable:
+        except AidcError:
             return
         assert asyncio.get_running_loop().time() < deadline, f"new calls still served after {timeout}s"
         await asyncio.sleep(0.05)
