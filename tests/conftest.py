@@ -34,16 +34,21 @@ ADMIN_PASSWORD = "the platform admin's own passphrase"
 
 
 _HANDED_OUT: set[int] = set()
+#: The platform's default ports (mesh 5005x, tenant 5004x, metrics 5015x, Ray 50160, ...): a test's settings leave
+#: most services at their defaults, so a random port equal to one of them (the kernel hands out ports up to 60999)
+#: put a tenant listener on its own service's default mesh port, refused at start.
+_DEFAULTS = range(50000, 50300)
 
 
 def free_port() -> int:
-    """A port free now and never handed out before in this process: the kernel may give the same free port to two
-    binds in a row, and two settings of one service on one port (e.g. its mesh and tenant listeners) are refused."""
+    """A port free now, never handed out before in this process, and none of the platform's defaults: the kernel may
+    give the same free port to two binds in a row, and two settings of one service on one port (e.g. its mesh and
+    tenant listeners) are refused."""
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
+        if port not in _HANDED_OUT and port not in _DEFAULTS:
             _HANDED_OUT.add(port)
             return port
 
