@@ -1,8 +1,10 @@
 """The Ray executor on a real Ray cluster of three nodes (a head and two workers, separate raylet processes on
 127.0.0.1): the pool's nodes are Ray's; jobs are placed by resources on the node that fits and run there; a gang is
 all or nothing (a 3-worker job on 2 READY nodes of 1 CPU waits queued with its reason and never starts on Ray);
-cancel stops every worker through Ray; a node killed mid-job requeues the job, which resumes from its checkpoint
-on the remaining nodes and succeeds once, each attempt metered for the time it held its allocation."""
+cancel stops every worker through Ray; a higher-priority job preempts a running gang, every worker of which stops
+(SIGTERM, checkpoint) and resumes from its checkpoint once the preemptor is done; a node killed mid-job requeues
+the job, which resumes from its checkpoint on the remaining nodes and succeeds once, each attempt metered for the
+time it held its allocation."""
 
 from __future__ import annotations
 
@@ -65,13 +67,23 @@ def _ray_pool(pools: list[pb.Pool]) -> pb.Pool:
     return next(p for p in pools if p.name == POOL)
 
 
-async def _submit(running: RunningScheduler, command: list[str], *, workers: int = 1, memory: int = GIB) -> pb.Job:
+async def _submit(
+    running: RunningScheduler,
+    command: list[str],
+    *,
+    workers: int = 1,
+    memory: int = GIB,
+    priority: int = 0,
+    preemptible: bool = False,
+) -> pb.Job:
     response = await running.submitter().submit_job(
         command,
         pool=POOL,
         resources=pb.Resources(cpu_millicores=1000, memory_bytes=memory),
         workers=workers,
         grace_seconds=10,
+        priority=priority,
+        preemptible=preemptible,
     )
     return response.job
 
@@ -166,6 +178,46 @@ async def test_a_gang_the_ready_nodes_cannot_hold_waits_and_never_starts(schedul
     done = await wait_terminal(scheduler.submitter(), job.job_id, timeout=180)
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.state_reason
     assert len(set(done.placement.nodes)) == 3
+
+
+async def test_a_higher_priority_job_preempts_a_gang_on_ray_whose_every_worker_checkpoints_and_resumes(
+    scheduler: RunningScheduler,
+) -> None:
+    client = scheduler.submitter()
+    # A preemptible gang on all three nodes; it checkpoints when it gets SIGTERM.
+    gang = await _submit(scheduler, runner_command(40, 0.1), workers=3, preemptible=True)
+    workers = (0, 1, 2)
+    await wait_for(
+        client,
+        gang.job_id,
+        lambda _: all(runner_events(scheduler.settings, gang.job_id, w) for w in workers),
+        timeout=120,
+        what="running on all three workers",
+    )
+    urgent = await _submit(scheduler, runner_command(3, 0.05), priority=100)
+    preempted = await wait_for(client, gang.job_id, lambda j: j.preemptions == 1, timeout=60, what="preempted")
+    assert preempted.attempt == 2, preempted
+    checkpointed = []
+    for worker in workers:
+        events = [(e["event"], e["attempt"]) for e in runner_events(scheduler.settings, gang.job_id, worker)]
+        assert events[-1] == ("checkpoint", 1), events  # SIGTERM reached every worker on its node; each checkpointed
+        checkpointed.append(runner_events(scheduler.settings, gang.job_id, worker)[-1]["step"])
+    assert all(step > 0 for step in checkpointed)
+    assert (await wait_terminal(client, urgent.job_id, timeout=120)).state == pb.JOB_STATE_SUCCEEDED
+
+    done = await wait_terminal(client, gang.job_id, timeout=240)
+    assert done.state == pb.JOB_STATE_SUCCEEDED and done.attempt == 2, done.state_reason
+    for worker, step in zip(workers, checkpointed, strict=True):
+        events = runner_events(scheduler.settings, gang.job_id, worker)
+        assert [(e["event"], e["attempt"]) for e in events] == [
+            ("start", 1),
+            ("checkpoint", 1),
+            ("start", 2),
+            ("done", 2),
+        ], events
+        assert events[2]["step"] == step  # resumed from its own checkpoint, not from the start
+    await asyncio.to_thread(_wait_cpus, 3.0)
+    assert not _placement_groups()
 
 
 @pytest.mark.slow
