@@ -32,6 +32,8 @@ class LocalRayCluster:
     cluster: Any
     #: Scheduler node name -> the cluster_utils node handle (the head included).
     nodes: dict[str, Any]
+    #: Scheduler node name -> what the node was started with.
+    specs: dict[str, NodeSpec]
 
     @property
     def address(self) -> str:
@@ -46,11 +48,13 @@ class LocalRayCluster:
         node = self.cluster.add_node(**_args(spec))
         self.cluster.wait_for_nodes(timeout=120)
         self.nodes[node_name_of(node.node_id)] = node
+        self.specs[node_name_of(node.node_id)] = spec
         return node_name_of(node.node_id)
 
     def kill(self, name: str) -> None:
         """Kills a worker node's raylet and everything on it (a node lost)."""
         self.cluster.remove_node(self.nodes.pop(name), allow_graceful=False)
+        del self.specs[name]
 
 
 def _args(spec: NodeSpec) -> dict[str, Any]:
@@ -74,7 +78,7 @@ def ray_cluster(specs: Sequence[NodeSpec]) -> Iterator[LocalRayCluster]:
             handles.append(cluster.add_node(**_args(spec)))
         cluster.wait_for_nodes(timeout=120)
         nodes = {node_name_of(h.node_id): h for h in handles}
-        yield LocalRayCluster(cluster, nodes)
+        yield LocalRayCluster(cluster, nodes, {node_name_of(h.node_id): s for h, s in zip(handles, specs, strict=True)})
     finally:
         cluster.shutdown()
 

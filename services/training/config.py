@@ -3,6 +3,7 @@ report progress, and the key that seals jobs' delegations at rest."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,11 @@ class TrainingSettings(MeshSettings):
     training_default_memory_bytes: int = setting(
         2 * 2**30, "Memory a fine-tune asks the scheduler for when its spec names none, in bytes."
     )
+    training_default_pool: str = setting(
+        "",
+        "Scheduler pool a fine-tune runs in when its spec names none; empty: the scheduler's default pool (this "
+        "machine). A cluster names its Ray pool, where the compute is.",
+    )
     training_progress_interval_seconds: float = setting(2.0, "Seconds between the progress events of a runner.")
     training_runner_threads: int = setting(
         0, "torch threads of each runner (OMP_NUM_THREADS); 0: one per whole CPU core the job was given."
@@ -41,6 +47,8 @@ class TrainingSettings(MeshSettings):
         super().validate()
         if self.training_default_cpu_millicores < 1 or self.training_default_memory_bytes < 1:
             raise ValueError("AIDC_TRAINING_DEFAULT_CPU_MILLICORES and _MEMORY_BYTES must be positive")
+        if self.training_default_pool and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", self.training_default_pool):
+            raise ValueError("AIDC_TRAINING_DEFAULT_POOL must be lowercase letters, digits and '-'")
         if self.training_progress_interval_seconds < 0:
             raise ValueError("AIDC_TRAINING_PROGRESS_INTERVAL_SECONDS must not be negative")
         if self.training_runner_threads < 0:

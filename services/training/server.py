@@ -93,6 +93,7 @@ async def build_server(
             runner_threads=settings.training_runner_threads,
             default_cpu_millicores=settings.training_default_cpu_millicores,
             default_memory_bytes=settings.training_default_memory_bytes,
+            default_pool=settings.training_default_pool,
             code_version=code_version(),
             mesh_identity=settings.tls_dir() is not None,
         ),

@@ -1,10 +1,10 @@
-"""The Ray executor on a real Ray cluster of three nodes (a head and two workers, separate raylet processes on
-127.0.0.1): the pool's nodes are Ray's; jobs are placed by resources on the node that fits and run there; a gang is
-all or nothing (a 3-worker job on 2 READY nodes of 1 CPU waits queued with its reason and never starts on Ray);
-cancel stops every worker through Ray; a higher-priority job preempts a running gang, every worker of which stops
-(SIGTERM, checkpoint) and resumes from its checkpoint once the preemptor is done; a node killed mid-job requeues
-the job, which resumes from its checkpoint on the remaining nodes and succeeds once, each attempt metered for the
-time it held its allocation."""
+"""The Ray executor on a real Ray cluster (a head and two workers of 1 CPU, and a node offering no CPU; separate
+raylet processes on 127.0.0.1): the pool's nodes are Ray's that offer compute; jobs are placed by resources on the
+node that fits and run there; a gang is all or nothing (a 3-worker job on 2 READY nodes of 1 CPU waits queued with
+its reason and never starts on Ray); cancel stops every worker through Ray; a higher-priority job preempts a
+running gang, every worker of which stops (SIGTERM, checkpoint) and resumes from its checkpoint once the preemptor
+is done; a node killed mid-job requeues the job, which resumes from its checkpoint on the remaining nodes and
+succeeds once, each attempt metered for the time it held its allocation."""
 
 from __future__ import annotations
 
@@ -39,8 +39,10 @@ POOL = "ray"
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalRayCluster]:
-    # head: 1 CPU, 2 GiB; two workers of 1 CPU, one with 6 GiB (the only node a 4 GiB worker fits on).
-    with ray_cluster([NodeSpec(1, 2 * GIB), NodeSpec(1, 6 * GIB), NodeSpec(1, 2 * GIB)]) as running:
+    # head: 1 CPU, 2 GiB; two workers of 1 CPU, one with 6 GiB (the only node a 4 GiB worker fits on); and a node
+    # offering no CPU, as the scheduler's own pod joins a KubeRay cluster only to run drivers: not a pool node.
+    specs = [NodeSpec(1, 2 * GIB), NodeSpec(1, 6 * GIB), NodeSpec(1, 2 * GIB), NodeSpec(0, GIB)]
+    with ray_cluster(specs) as running:
         yield running
 
 
@@ -106,7 +108,9 @@ async def test_the_pool_is_the_clusters_and_a_job_runs_on_the_node_that_fits(
     pools = await scheduler.client("platform/admin").list_pools()
     pool = _ray_pool(pools)
     assert pool.executor == pb.EXECUTOR_KIND_RAY
-    assert sorted(n.name for n in pool.nodes) == sorted(cluster.nodes)
+    offering = sorted(name for name, spec in cluster.specs.items() if spec.cpus)
+    assert len(offering) == 3 and len(cluster.nodes) == 4
+    assert sorted(n.name for n in pool.nodes) == offering
     assert pool.capacity.cpu_millicores == 3000
     assert pool.capacity.memory_bytes == 10 * GIB
     big = next(n.name for n in pool.nodes if n.capacity.memory_bytes == 6 * GIB)

@@ -26,7 +26,9 @@ from services.mesh.sealing import WrongMasterKey, unseal
 from services.scheduler.client import resources
 from services.storage.client import StorageClient
 from services.training.client import TrainingClient
-from services.training.core.service import JOB_LABEL, RUN_DIR
+from services.training.config import TrainingSettings
+from services.training.core.model import ComputeSpec
+from services.training.core.service import JOB_LABEL, RUN_DIR, JobOptions, resolve_compute
 from services.training.store import TrainingStore
 from tests.at_rest import stored_in_clear
 from tests.conftest import RunningAuth
@@ -427,3 +429,14 @@ async def test_base_model_registration_errors(
         await client.get_model_version("nothing", tenant="acme")
     with pytest.raises(NotFound):
         await client.set_alias("nothing", "production", 1, tenant="acme")
+
+
+def test_a_fine_tune_naming_no_pool_runs_in_the_services_default_pool() -> None:
+    """A cluster sends fine-tunes to its Ray pool (AIDC_TRAINING_DEFAULT_POOL); a spec's own pool wins."""
+    options = JobOptions(jobs_dir=Path("jobs"), default_pool="ray")
+    assert resolve_compute(ComputeSpec(), options).pool == "ray"
+    assert resolve_compute(ComputeSpec(pool="default"), options).pool == "default"
+    assert resolve_compute(ComputeSpec(), JobOptions(jobs_dir=Path("jobs"))).pool == ""
+    assert TrainingSettings.from_env({"AIDC_TRAINING_DEFAULT_POOL": "ray"}).training_default_pool == "ray"
+    with pytest.raises(ValueError, match="AIDC_TRAINING_DEFAULT_POOL"):
+        TrainingSettings.from_env({"AIDC_TRAINING_DEFAULT_POOL": "Ray Pool"}).validate()

@@ -98,7 +98,9 @@ class ClusterNodes:
             known = self._inventory.nodes.get(name)
             try:
                 if known is None:
-                    if node.alive and not capacity.is_zero():
+                    # A node offering no CPU and no GPU is no place for work: a Ray head started with --num-cpus=0,
+                    # or a pod that joins only to run drivers (the scheduler's own on a cluster).
+                    if node.alive and (capacity.cpu_millicores or capacity.gpus):
                         labels = {"aidc.io/cluster-node": node.address}
                         await self._inventory.add_node(
                             NodeChange(name, pool=self.pool, capacity=capacity, labels=labels), sync=False

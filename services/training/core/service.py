@@ -116,6 +116,8 @@ class JobOptions:
     #: Resources of a job that asks for none.
     default_cpu_millicores: int = 1000
     default_memory_bytes: int = 2 * _GIB
+    #: Pool of a job that names none; empty: the scheduler's default.
+    default_pool: str = ""
     #: How often the output of a running job is read.
     output_poll_seconds: float = 0.25
     code_version: str = ""
@@ -136,6 +138,7 @@ def resolve_compute(compute: ComputeSpec, options: JobOptions) -> ComputeSpec:
         compute,
         cpu_millicores=compute.cpu_millicores or options.default_cpu_millicores,
         memory_bytes=compute.memory_bytes or options.default_memory_bytes,
+        pool=compute.pool or options.default_pool,
         workers=compute.workers or 1,
     )
 
