@@ -9,6 +9,7 @@ not applied. The image's health check runs for real against a gRPC server requir
 from __future__ import annotations
 
 import functools
+import gzip
 import importlib
 import importlib.util
 import re
@@ -115,9 +116,15 @@ def _named(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
 
 
 def _pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every pod template: the workloads' and each group of a RayCluster (its head and worker groups)."""
     for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
         if doc["kind"] in WORKLOADS:
-            yield f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]["spec"]
+            yield name, doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "RayCluster":
+            yield f"{name}/head", doc["spec"]["headGroupSpec"]["template"]["spec"]
+            for group in doc["spec"]["workerGroupSpecs"]:
+                yield f"{name}/{group['groupName']}", group["template"]["spec"]
 
 
 def _containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
@@ -171,6 +178,8 @@ KUSTOMIZATIONS = sorted(K8S.rglob("kustomization.yaml"))
 #: Every service's tenant endpoint port on a cluster (the Gateway's backends).
 TENANT_PORT = 8443
 GATEWAY_CRDS = ROOT / "tests" / "deploy" / "crds" / "gateway-api-v1.4.1"
+#: KubeRay v1.7.0's RayCluster CRD (ray-operator/config/crd/bases; gzipped: 0.9 MB of schema).
+KUBERAY_CRDS = ROOT / "tests" / "deploy" / "crds" / "kuberay-v1.7.0"
 
 
 def _default_port(service: str) -> int:
@@ -367,12 +376,14 @@ def _closed(schema: Any) -> Any:
     return closed
 
 
+@functools.cache
 def _crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> the served version's openAPIV3Schema (closed to unknown fields, metadata aside), from
-    the vendored upstream CRDs."""
+    the vendored upstream CRDs (Gateway API's, KubeRay's)."""
     schemas = {}
-    for path in sorted(GATEWAY_CRDS.glob("*.yaml")):
-        crd = _yaml_docs(path)[0]
+    for path in sorted([*GATEWAY_CRDS.glob("*.yaml"), *KUBERAY_CRDS.glob("*.yaml.gz")]):
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+        crd = next(doc for doc in yaml.load_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if doc)
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for version in crd["spec"]["versions"]:
             if version["served"] and not version.get("deprecated"):
@@ -400,6 +411,79 @@ def test_gateway_api_objects_validate_against_the_upstream_crds() -> None:
     route = next(doc for doc in objects if doc["kind"] == "GRPCRoute")
     misspelt = {**route, "spec": {**route["spec"], "parentRef": route["spec"]["parentRefs"]}}
     assert list(jsonschema.Draft7Validator(schemas[route["apiVersion"], "GRPCRoute"]).iter_errors(misspelt))
+
+
+def _ray_cluster(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    [cluster] = [doc for doc in docs if doc["kind"] == "RayCluster"]
+    return cluster
+
+
+def _ray_gpu_patch() -> dict[str, Any]:
+    """The gpu overlay's JSON patch of the RayCluster: the GPU worker group it adds."""
+    [entry] = [e for e in _kustomization(GPU)["patches"] if e.get("target", {}).get("kind") == "RayCluster"]
+    assert entry["target"]["name"] == _ray_cluster(_base_docs())["metadata"]["name"]
+    [op] = _yaml_docs(GPU / entry["path"])[0]
+    assert op["op"] == "add" and op["path"] == "/spec/workerGroupSpecs/-"
+    return dict(op["value"])
+
+
+def test_the_ray_cluster_validates_against_kuberays_crd() -> None:
+    """The base's RayCluster, and with the gpu overlay's worker group added, as the API server would take them."""
+    cluster = _ray_cluster(_base_docs())
+    schema = _crd_schemas()[cluster["apiVersion"], "RayCluster"]
+    with_gpu = {
+        **cluster,
+        "spec": {**cluster["spec"], "workerGroupSpecs": [*cluster["spec"]["workerGroupSpecs"], _ray_gpu_patch()]},
+    }
+    for doc in (cluster, with_gpu):
+        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=str)
+        assert not errors, [e.message for e in errors]
+    misspelt = {**cluster, "spec": {**cluster["spec"], "workerGroupSpec": cluster["spec"]["workerGroupSpecs"]}}
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(misspelt))
+
+
+def test_the_scheduler_runs_its_ray_pool_on_the_ray_cluster_from_a_driver_only_node() -> None:
+    """aidc.env points the scheduler at the RayCluster's head service; fine-tunes go to that pool; the scheduler pod
+    joins Ray offering nothing (so its drivers connect through a local raylet, and it is no pool node); the head
+    offers nothing either; the image's Ray is the cluster's; job directories are one volume at one path everywhere."""
+    docs = _base_docs()
+    cluster = _ray_cluster(docs)
+    host, port = parse_address(_config()["AIDC_SCHEDULER_RAY_ADDRESS"])
+    assert (host, port) == (f"{cluster['metadata']['name']}-head-svc.aidc.svc", 6379)
+    config = _config()
+    assert (
+        config["AIDC_TRAINING_DEFAULT_POOL"] == load_settings(_settings_class("scheduler"), config).scheduler_ray_pool
+    )
+    assert config["AIDC_SCHEDULER_REGISTER_LOCAL_NODE"] == "false"  # nothing runs inside the scheduler's pod
+    ray_pin = _requirement(_pyproject()["project"]["optional-dependencies"]["ray"], "ray")
+    assert ray_pin.endswith(f"=={cluster['spec']['rayVersion']}")
+    assert '".[ray]"' in (DOCKER / "Dockerfile").read_text(encoding="utf-8"), "the image must be able to be a Ray node"
+    head = cluster["spec"]["headGroupSpec"]["rayStartParams"]
+    assert head["num-cpus"] == "0" and head["num-gpus"] == "0"
+
+    scheduler = _named(docs, "Deployment")["scheduler"]["spec"]["template"]["spec"]
+    [sidecar] = scheduler["initContainers"]
+    assert sidecar["restartPolicy"] == "Always"  # a native sidecar: up before the scheduler, restarted if it dies
+    command = " ".join(sidecar["command"])
+    assert "ray start" in command and "--num-cpus=0" in command and "--num-gpus=0" in command and "--block" in command
+    assert "$AIDC_SCHEDULER_RAY_ADDRESS" in command and sidecar["envFrom"] == [
+        {"configMapRef": {"name": "aidc-config"}}
+    ]
+    main = next(c for c in scheduler["containers"] if c["name"] == "scheduler")
+    mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+    assert {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}.items() >= {"tmp": "/tmp"}.items()
+    assert mounts["tmp"] == "/tmp"  # Ray's session directory (the raylet's socket) is shared
+
+    training = _named(docs, "Deployment")["training"]["spec"]["template"]["spec"]
+    pods = {"training": training, "scheduler": scheduler}
+    pods |= {f"ray/{g['groupName']}": g["template"]["spec"] for g in cluster["spec"]["workerGroupSpecs"]}
+    pods["ray/gpu"] = _ray_gpu_patch()["template"]["spec"]
+    for name, pod in pods.items():
+        [claim] = [
+            v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "training-data"
+        ]
+        paths = {m["mountPath"] for c in _containers(pod) for m in c.get("volumeMounts", []) if m["name"] == claim}
+        assert paths == {config["AIDC_DATA_DIR"]}, name
 
 
 def test_the_gateway_routes_each_service_by_its_grpc_service_name_to_its_tenant_port() -> None:
@@ -546,10 +630,13 @@ def test_only_serving_reaches_triton_with_the_access_secret() -> None:
     assert set(admitted) == set(ports.values())
 
 
-def test_gpu_overlay_gives_triton_and_training_one_gpu_each() -> None:
-    """The base runs on any cluster (CPU); the overlay's patches add a GPU to containers that exist in the base."""
+def test_gpu_overlay_gives_triton_a_gpu_and_the_ray_cluster_gpu_workers() -> None:
+    """The base runs on any cluster (CPU); the overlay's patches add a GPU to containers that exist in the base, and
+    a group of GPU workers to the Ray cluster, like its CPU workers but for the GPU (where fine-tunes train)."""
     patched = set()
     for patch in _kustomization(GPU)["patches"]:
+        if "target" in patch:
+            continue  # the RayCluster's JSON patch, below
         for doc in _yaml_docs(GPU / patch["path"]):
             target = _named(_base_docs(), doc["kind"])[doc["metadata"]["name"]]
             if "containers" not in doc["spec"].get("template", {}).get("spec", {}):
@@ -559,9 +646,17 @@ def test_gpu_overlay_gives_triton_and_training_one_gpu_each() -> None:
                 assert container["name"] in names
                 if container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") == 1:
                     patched.add(container["name"])
-    assert patched == {"triton", "training"}
+    assert patched == {"triton"}
     for _, pod in _pod_specs(_base_docs()):
         assert not any("nvidia.com/gpu" in str(c["resources"]) for c in pod["containers"])
+    gpu = _ray_gpu_patch()
+    [container] = gpu["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    [cpu] = _ray_cluster(_base_docs())["spec"]["workerGroupSpecs"]
+    [cpu_container] = cpu["template"]["spec"]["containers"]
+    same = ("image", "readinessProbe", "livenessProbe", "securityContext", "volumeMounts")
+    assert {k: container[k] for k in same} == {k: cpu_container[k] for k in same}
+    assert gpu["template"]["spec"]["securityContext"] == cpu["template"]["spec"]["securityContext"]
 
 
 def _pod_labels(deployment: str) -> dict[str, str]:
@@ -651,7 +746,14 @@ def test_kustomize_builds_the_gpu_overlay_as_the_static_checks_assume() -> None:
     triton = _container(docs, "triton")
     assert triton["args"] == _container(_yaml_docs(GPU / "triton-gpu.yaml"), "triton")["args"]
     assert triton["resources"]["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": 1}
-    assert _container(docs, "training")["resources"]["limits"]["nvidia.com/gpu"] == 1
+    ray = _ray_cluster(docs)
+    groups = {g["groupName"]: g["template"]["spec"]["containers"][0] for g in ray["spec"]["workerGroupSpecs"]}
+    assert groups.keys() == {"cpu", "gpu"} and groups["gpu"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for container in [*groups.values(), ray["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]]:
+        assert container["image"] == f"{image['newName']}:{image['newTag']}"
+    assert "nvidia.com/gpu" not in _container(docs, "training")["resources"]["limits"]
+    [sidecar] = _named(docs, "Deployment")["scheduler"]["spec"]["template"]["spec"]["initContainers"]
+    assert sidecar["envFrom"] == [{"configMapRef": {"name": config}}]
     deployments = _named(docs, "Deployment")
     assert {name: deployments[name]["spec"]["replicas"] for name in SERVICE_NAMES} == dict.fromkeys(SERVICE_NAMES, 2)
     assert deployments["training"]["spec"]["strategy"] == {"type": "RollingUpdate"}
