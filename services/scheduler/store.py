@@ -255,6 +255,7 @@ def _quota_json(quota: QuotaRecord) -> str:
             "max_running_jobs": quota.max_running_jobs,
             "max_queued_jobs": quota.max_queued_jobs,
             "update_ns": quota.update_ns,
+            "automatic": quota.automatic,
         }
     )
 

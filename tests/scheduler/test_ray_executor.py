@@ -229,8 +229,17 @@ async def test_a_node_killed_mid_job_requeues_it_and_it_resumes_from_its_checkpo
     scheduler: RunningScheduler, cluster: LocalRayCluster
 ) -> None:
     """Last in this module: it kills a node of the module's cluster (after adding one, so that three remain)."""
+    [before] = await scheduler.submitter().get_quota(pool=POOL)
     cluster.add(NodeSpec(1, 2 * GIB))  # in this thread: Ray sets a signal handler (a few seconds, nothing runs)
     client = scheduler.submitter()
+    # The pool's default quota (the whole cluster) grows with it: a cluster's workers join one by one.
+    for _ in range(100):
+        [grown] = await client.get_quota(pool=POOL)
+        if grown.quota.nominal.cpu_millicores == before.quota.nominal.cpu_millicores + 1000:
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError(f"the default quota stayed {grown.quota.nominal} after a node joined")
     job = await _submit(scheduler, runner_command(60, 0.1, "--checkpoint-every", "5"), workers=2)
     directory = job_dir(scheduler.settings, job.job_id)
 

@@ -125,13 +125,24 @@ class ClusterNodes:
         await self._default_quota()
 
     async def _default_quota(self) -> None:
-        # Out of the box every tenant may use the whole cluster as first seen, as with this machine's pool; operators
-        # narrow or widen it with `aidc quota set` (then it is theirs and stays as they set it).
-        if (DEFAULT_TENANT, self.pool) in self._inventory.quotas:
+        # Out of the box every tenant may use the whole cluster, as with this machine's pool, at the largest it has
+        # been READY: a cluster's workers join one by one (KubeRay starts them beside the head), and a node lost for
+        # a while must not shrink what tenants may hold. Operators narrow or widen it with `aidc quota set` (then it
+        # is theirs and stays as they set it).
+        current = self._inventory.quotas.get((DEFAULT_TENANT, self.pool))
+        if current is not None and not current.automatic:
             return
         capacity = Resources()
         for node in self._inventory.nodes.values():
             if node.pool == self.pool and node.state is NodeState.READY:
                 capacity = capacity + replace(node.capacity, gpu_type="")
+        if current is not None:
+            capacity = Resources.of(
+                [max(a, b) for a, b in zip(capacity.as_tuple(), current.nominal.as_tuple(), strict=True)]
+            )
+            if capacity == current.nominal:
+                return
         if not capacity.is_zero():
-            await self._inventory.set_quota(QuotaRecord(DEFAULT_TENANT, self.pool, capacity, None, None))
+            await self._inventory.set_quota(
+                QuotaRecord(DEFAULT_TENANT, self.pool, capacity, None, None, automatic=True)
+            )

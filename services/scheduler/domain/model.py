@@ -145,6 +145,8 @@ class QuotaRecord:
     max_running_jobs: int = 0
     max_queued_jobs: int = 0
     update_ns: int = 0
+    #: Set by the scheduler itself (a cluster pool's default, following the cluster as it grows), not by an operator.
+    automatic: bool = False
 
 
 @dataclass(frozen=True)
