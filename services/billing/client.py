@@ -34,7 +34,7 @@ from services.billing.outbox import DeadLetter, PendingEvent, UsageOutbox
 from services.gen.aidc.billing.v1 import billing_service_pb2 as pb
 from services.gen.aidc.billing.v1 import billing_service_pb2_grpc
 from services.gen.aidc.common.v1 import common_pb2
-from services.mesh.channels import create_channel
+from services.mesh.channels import service_channel
 from services.mesh.client import ServiceClient
 from services.mesh.config import MeshSettings
 from services.mesh.errors import AidcError, InvalidArgument
@@ -327,7 +327,7 @@ class UsageEmitter:
     @classmethod
     def for_service(cls, settings: MeshSettings, service: str, **kwargs: float) -> UsageEmitter:
         """The emitter of a mesh service: outbox at <data_dir>/<service>/usage-outbox.db, calls as the service."""
-        channel = create_channel(settings.billing_addr, settings, identity=service)
+        channel = service_channel("billing", settings, identity=service)
         path = settings.data_dir / service / "usage-outbox.db"
         return cls(
             path,

@@ -23,6 +23,7 @@ from services.mesh.interceptors import current_deadline
 
 __all__ = [
     "create_channel",
+    "service_channel",
     "tenant_channel",
     "channel_options",
     "client_credentials",
@@ -216,6 +217,25 @@ def create_channel(
     if not _is_loopback(target):
         raise InvalidArgument(f"refusing a plaintext channel to non-loopback {target}: configure AIDC_CERTS_DIR")
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+def service_channel(
+    service: str,
+    settings: MeshSettings,
+    *,
+    identity: str,
+    extra_interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+) -> grpc.aio.Channel:
+    """A channel from one mesh service (``identity``) to another, ``service``, at its configured address, which
+    accepts only that service's certificate ("aidc-<service>"): every service certificate also names localhost and
+    127.0.0.1, so checking the address alone would let any service (or its stolen key) stand in for another."""
+    return create_channel(
+        settings.address_of(service),
+        settings,
+        identity=identity,
+        extra_interceptors=extra_interceptors,
+        server_name=f"aidc-{service}",
+    )
 
 
 def tenant_channel(

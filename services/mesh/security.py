@@ -15,7 +15,7 @@ import grpc
 from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
 from services.gen.aidc.auth.v1 import auth_service_pb2_grpc
 from services.mesh.authz import CachedPermissionChecker, PermissionTable
-from services.mesh.channels import create_channel
+from services.mesh.channels import service_channel
 from services.mesh.client import ServiceClient
 from services.mesh.config import MeshSettings
 from services.mesh.identity import TokenVerifier
@@ -64,7 +64,7 @@ class MeshSecurity:
 
 def mesh_security(settings: MeshSettings, service: str) -> MeshSecurity:
     """Security for service ``service`` (its certificate identity on mTLS channels)."""
-    auth = AuthDecisions(create_channel(settings.auth_addr, settings, identity=service))
+    auth = AuthDecisions(service_channel("auth", settings, identity=service))
     return MeshSecurity(
         auth=auth,
         verifier=TokenVerifier(

@@ -35,7 +35,9 @@ __all__ = [
     "write_triton_tls",
     "build_components",
     "ray_address",
+    "ray_auth_environment",
     "ray_head_argv",
+    "ray_ports",
     "ray_temp_dir",
     "settings_env",
     "triton_argv",
@@ -257,6 +259,8 @@ def prepare_data_dir(platform: Platform) -> None:
     if platform.platform.monitoring:
         private_dir(platform.prometheus_dir / "data")
         write_prometheus_config(platform)
+    if platform.platform.ray:
+        _prepare_ray(platform)
 
 
 def settings_env(settings: Any) -> dict[str, str]:
@@ -482,9 +486,34 @@ def prometheus_argv(platform: Platform) -> tuple[str, ...]:
     )
 
 
+#: The local Ray head's listeners beside its GCS (AIDC_RAY_PORT), at fixed offsets from it, so that they are known
+#: before it starts (checked free like every component's) and never land on another component's port, as Ray's
+#: random picks may. Its worker processes take ports from _RAY_WORKER_PORTS (offsets, inclusive).
+_RAY_PORT_OFFSETS = {
+    "--node-manager-port": 1,
+    "--object-manager-port": 2,
+    "--runtime-env-agent-port": 3,
+    "--dashboard-agent-grpc-port": 4,
+    "--dashboard-agent-listen-port": 5,
+    "--metrics-export-port": 6,
+    "--ray-client-server-port": 7,
+}
+#: Ray's autoscaler monitor serves its metrics on a fixed port (44217) unless told otherwise, by this variable.
+_RAY_MONITOR_PORT = ("AUTOSCALER_METRIC_PORT", 8)
+_RAY_WORKER_PORTS = (10, 39)
+#: Session directories of earlier runs kept in the Ray temp directory (each holds that run's Ray logs).
+_RAY_SESSIONS_KEPT = 3
+
+
+def ray_ports(platform: Platform) -> tuple[int, int]:
+    """The first and last port of the local Ray head's block (its GCS, its other listeners and its workers')."""
+    first = platform.platform.ray_port
+    return first, first + _RAY_WORKER_PORTS[1]
+
+
 def ray_head_argv(platform: Platform) -> tuple[str, ...]:
     """A Ray head in the foreground (`ray start --block`: it exits, and the supervisor restarts it, if any of its
-    processes dies), on the platform's host, without a dashboard."""
+    processes dies), on the platform's host, every port in its block, without a dashboard."""
     p = platform.platform
     binary = Path(sys.executable).with_name("ray")
     cpus = (f"--num-cpus={p.ray_cpus}",) if p.ray_cpus else ()
@@ -494,6 +523,9 @@ def ray_head_argv(platform: Platform) -> tuple[str, ...]:
         "--head",
         "--block",
         f"--port={p.ray_port}",
+        *(f"{flag}={p.ray_port + offset}" for flag, offset in _RAY_PORT_OFFSETS.items()),
+        f"--min-worker-port={p.ray_port + _RAY_WORKER_PORTS[0]}",
+        f"--max-worker-port={p.ray_port + _RAY_WORKER_PORTS[1]}",
         f"--node-ip-address={platform.mesh.host}",
         "--include-dashboard=false",
         "--disable-usage-stats",
@@ -502,10 +534,31 @@ def ray_head_argv(platform: Platform) -> tuple[str, ...]:
     )
 
 
+def ray_auth_environment(platform: Platform) -> dict[str, str]:
+    """Ray's token authentication for the local head: every Ray process, and every client that joins it (the
+    scheduler, its drivers), presents the token in this private file; a local user without it cannot use the
+    cluster (which would run code as the platform)."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(platform.data_dir / "ray" / "auth_token")}
+
+
+def _prepare_ray(platform: Platform) -> None:
+    """The head's token (made once, 0600) and its private temp directory, pruned of all but the latest sessions."""
+    token = Path(ray_auth_environment(platform)["RAY_AUTH_TOKEN_PATH"])
+    private_dir(token.parent)
+    if not token.exists():
+        write_private(token, secrets.token_hex(32).encode())
+    private_dir(ray_temp_dir(platform).parent)
+    temp = ray_temp_dir(platform)
+    temp.mkdir(exist_ok=True)
+    sessions = sorted((d for d in temp.glob("session_2*") if d.is_dir() and not d.is_symlink()), key=lambda d: d.name)
+    for old in sessions[:-_RAY_SESSIONS_KEPT]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def ray_temp_dir(platform: Platform) -> Path:
     """Ray's session files: a short path of this data directory's own (Ray puts its unix sockets some 60 characters
-    deeper, and a socket path holds at most 107 bytes)."""
-    return _short_path(platform.data_dir.resolve(), "ray")
+    deeper, and a socket path holds at most 107 bytes), in a private directory (Ray opens its own to everyone)."""
+    return _short_path(platform.data_dir.resolve(), "ray") / "r"
 
 
 def ray_address(platform: Platform) -> str:
@@ -599,10 +652,13 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
         exported = f"{platform.mesh.host}:{port}" if port else ""
         if platform.mesh.metrics_addr == "off":  # the operator switched metrics off altogether
             port, exported = 0, "off"
+        own = {"AIDC_METRICS_ADDR": exported}
+        if service == "scheduler" and p.ray and env["AIDC_SCHEDULER_RAY_ADDRESS"] == ray_address(platform):
+            own |= ray_auth_environment(platform)  # it joins the local head, which wants the token
         specs[service] = ComponentSpec(
             name=service,
             argv=(python, "-m", f"services.{service}"),
-            env={**env, "AIDC_METRICS_ADDR": exported},
+            env={**env, **own},
             cwd=platform.project_root,
             log_file=logs / f"{service}.log",
             probe=ProbeSpec("grpc", address),
@@ -626,13 +682,27 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
             ComponentSpec(
                 name="ray",
                 argv=ray_head_argv(platform),
-                env=env,
+                env={
+                    **env,
+                    **ray_auth_environment(platform),
+                    _RAY_MONITOR_PORT[0]: str(p.ray_port + _RAY_MONITOR_PORT[1]),
+                },
                 cwd=platform.run_dir,
                 log_file=logs / "ray.log",
                 probe=ProbeSpec("tcp", address),
                 address=address,
-                endpoints=(f"Ray GCS {address} (the scheduler's pool {env.get('AIDC_SCHEDULER_RAY_POOL', 'ray')})",),
-                listens=(address,),
+                endpoints=(
+                    f"Ray GCS {address} (the scheduler's pool {env.get('AIDC_SCHEDULER_RAY_POOL', 'ray')}; token "
+                    f"authentication, the token in {ray_auth_environment(platform)['RAY_AUTH_TOKEN_PATH']}; ports "
+                    "{}-{})".format(*ray_ports(platform)),
+                ),
+                listens=(
+                    address,
+                    *(
+                        f"{platform.mesh.host}:{p.ray_port + offset}"
+                        for offset in (*_RAY_PORT_OFFSETS.values(), _RAY_MONITOR_PORT[1])
+                    ),
+                ),
                 start_stage=_RUNTIME_STAGE,
                 stop_stage=1,
             ),

@@ -71,7 +71,11 @@ class PlatformSettings:
         "Also run a local Ray head (`aidc up --ray`; the aidc[ray] extra, which `make install` installs) and give the "
         "scheduler a Ray pool backed by it. Off: nothing of Ray starts or is imported.",
     )
-    ray_port: int = setting(50160, "Port of the local Ray head's GCS (the address the scheduler and drivers join).")
+    ray_port: int = setting(
+        50160,
+        "Port of the local Ray head's GCS (the address the scheduler and drivers join); its other listeners and its "
+        "workers take the 39 ports after it.",
+    )
     ray_cpus: int = setting(
         0, "CPUs the local Ray head offers; 0: Ray's count of this machine's (the default pool offers them too)."
     )
@@ -158,6 +162,8 @@ class PlatformSettings:
                 raise ValueError(f"AIDC_{name.upper()} must be a port number, not {getattr(self, name)}")
         if self.startup_timeout_seconds <= 0 or self.stop_grace_seconds <= 0:
             raise ValueError("AIDC_STARTUP_TIMEOUT_SECONDS and AIDC_STOP_GRACE_SECONDS must be positive")
+        if self.ray_port + 39 > 65535:
+            raise ValueError(f"AIDC_RAY_PORT leaves no room for the Ray head's 39 ports after it: {self.ray_port}")
         if self.ray_cpus < 0:
             raise ValueError(f"AIDC_RAY_CPUS must be 0 (Ray's count) or more, not {self.ray_cpus}")
         if self.triton_trace_rate < 1:

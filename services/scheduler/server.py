@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from services.billing.client import BillingClient, UsageEmitter, money
 from services.gen.aidc.scheduler.v1 import scheduler_service_pb2_grpc
-from services.mesh.channels import create_channel
+from services.mesh.channels import service_channel
 from services.mesh.config import master_key
 from services.mesh.db import open_database
 from services.mesh.forwarding import LeaderForwarding
@@ -100,7 +100,7 @@ async def build_server(
     db.migrate(MIGRATIONS, SERVICE)
     store = SchedulerStore(db)
     election = LeaderElection.for_service(db, settings, SERVICE)
-    billing = BillingClient(create_channel(settings.billing_addr, settings, identity=SERVICE))
+    billing = BillingClient(service_channel("billing", settings, identity=SERVICE))
     emitter = UsageEmitter.for_service(settings, SERVICE)
     sealer = SecretSealer(master_key(settings.scheduler_master_key, settings.scheduler_dir / "master.key"))
     sealer.check((job.job_id, job.sealed_secrets) for job in store.active_jobs())

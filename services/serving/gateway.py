@@ -38,7 +38,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from services.billing.client import BillingClient, UsageEmitter
 from services.mesh.authz import PermissionChecker, PermissionTable, Rule, authenticated, public
-from services.mesh.channels import create_channel
+from services.mesh.channels import service_channel
 from services.mesh.errors import (
     AidcError,
     InvalidArgument,
@@ -117,9 +117,7 @@ def build_gateway(
     access = access or settings.triton_access()
     channel = triton_channel(access, settings.max_message_bytes)
     # One attempt with a short timeout: a slow billing must not hold a tenant's first request for long.
-    billing = BillingClient(
-        create_channel(settings.billing_addr, settings, identity="serving"), timeout_seconds=2.0, retries=0
-    )
+    billing = BillingClient(service_channel("billing", settings, identity="serving"), timeout_seconds=2.0, retries=0)
     statistics = TritonStatistics(channel, access.metadata)
     enabled = metrics_enabled(settings)
     return InferenceGateway(

@@ -4,7 +4,7 @@ Triton control, the deployments core and servicer, the inference gateway, and th
 from __future__ import annotations
 
 from services.gen.aidc.serving.v1 import serving_service_pb2_grpc
-from services.mesh.channels import create_channel
+from services.mesh.channels import service_channel
 from services.mesh.db import open_database
 from services.mesh.forwarding import LeaderForwarding
 from services.mesh.leader import LeaderElection
@@ -37,8 +37,8 @@ async def build_server(settings: ServingSettings, address: str | None = None) ->
     security = mesh_security(settings, SERVICE)
     routes = Routes()
     source = RegistrySource(
-        TrainingClient(create_channel(settings.training_addr, settings, identity=SERVICE)),
-        StorageClient(create_channel(settings.storage_addr, settings, identity=SERVICE)),
+        TrainingClient(service_channel("training", settings, identity=SERVICE)),
+        StorageClient(service_channel("storage", settings, identity=SERVICE)),
     )
     access = settings.triton_access()
     triton = TritonControl(access, settings.serving_rollout_timeout_seconds)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.auth.client import AuthClient
 from services.gen.aidc.training.v1 import training_service_pb2_grpc
-from services.mesh.channels import create_channel
+from services.mesh.channels import service_channel
 from services.mesh.db import open_database
 from services.mesh.forwarding import LeaderForwarding
 from services.mesh.leader import LeaderElection
@@ -68,11 +68,11 @@ async def build_server(
     store = TrainingStore(db)
     JobDelegations.check_master_key(settings.master_key(), store.any_job_credential())
     election = LeaderElection.for_service(db, settings, SERVICE)
-    storage = StorageClient(create_channel(settings.storage_addr, settings, identity=SERVICE))
-    auth = AuthClient(create_channel(settings.auth_addr, settings, identity=SERVICE))
+    storage = StorageClient(service_channel("storage", settings, identity=SERVICE))
+    auth = AuthClient(service_channel("auth", settings, identity=SERVICE))
     # Runs are submitted with this service's certificate (the scheduler runs processes only for mesh services)
     # and the submitter's token (the run is theirs).
-    scheduler = SchedulerClient(create_channel(settings.scheduler_addr, settings, identity=SERVICE))
+    scheduler = SchedulerClient(service_channel("scheduler", settings, identity=SERVICE))
     metrics = TrainingMetrics(metrics_enabled(settings))
     metrics.watch(store)
     artifacts = StorageArtifacts(storage)

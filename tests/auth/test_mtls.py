@@ -21,8 +21,8 @@ from services.auth.client import AuthClient
 from services.auth.config import AuthSettings
 from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
 from services.mesh.certs import CLIENT_URI_PREFIX, init_certificates, issue_service_certificate
-from services.mesh.channels import create_channel
-from services.mesh.errors import InvalidArgument, Unauthenticated, Unavailable
+from services.mesh.channels import create_channel, service_channel
+from services.mesh.errors import AidcError, InvalidArgument, Unauthenticated, Unavailable
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer
 from tests.conftest import start_auth
@@ -219,3 +219,40 @@ def test_init_replaces_a_certificate_directory_from_before_identities_were_separ
     names = cli.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [n.value for n in names] == [f"{CLIENT_URI_PREFIX}cli"]
     assert init_certificates(certs) == []  # now current: kept
+
+
+async def test_a_service_accepts_only_the_certificate_of_the_service_it_calls(mtls_settings: AuthSettings) -> None:
+    """Every service certificate names localhost and 127.0.0.1, so checking the address alone would let one service
+    (or a stolen key of it) stand in for another. A service's channel to auth accepts auth's certificate only: with
+    billing's certificate behind auth's address the handshake fails, and the call never reaches it."""
+    certs = Path(mtls_settings.certs_dir)
+    impostor = grpc.aio.server()
+    credentials = grpc.ssl_server_credentials(
+        [((certs / "billing-key.pem").read_bytes(), (certs / "billing.pem").read_bytes())],
+        root_certificates=(certs / "ca.pem").read_bytes(),
+        require_client_auth=True,
+    )
+    port = impostor.add_secure_port("127.0.0.1:0", credentials)
+    await impostor.start()
+    running = await start_auth(mtls_settings)
+    try:
+        at_impostor = replace(mtls_settings, auth_addr=f"127.0.0.1:{port}")
+        client = AuthClient(service_channel("auth", at_impostor, identity="storage"), retries=0)
+        with pytest.raises(Unavailable):
+            await client.get_jwks()
+        await client.close()
+        # The same impostor, reached by address only (what every mesh client did): the handshake succeeds.
+        unpinned = AuthClient(create_channel(f"127.0.0.1:{port}", mtls_settings, identity="storage"), retries=0)
+        with pytest.raises(AidcError) as raised:
+            await unpinned.get_jwks()
+        assert not isinstance(raised.value, Unavailable), raised.value  # it spoke to the impostor (UNIMPLEMENTED)
+        await unpinned.close()
+        # The real auth, at its address: accepted.
+        genuine = AuthClient(
+            service_channel("auth", replace(mtls_settings, auth_addr=running.address), identity="storage")
+        )
+        assert await genuine.get_jwks()
+        await genuine.close()
+    finally:
+        await running.server.stop(0)
+        await impostor.stop(0)

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 
 from services.auth.client import AuthClient
 from services.mesh.channels import create_channel
-from services.mesh.config import MeshSettings
+from services.mesh.config import MeshSettings, load_settings
 from tests.conftest import ADMIN_PASSWORD, _with_token
 from tests.postgres import postgres_cluster, postgres_url  # noqa: F401 - fixtures
 from tests.replicas import Replica, master_keys, start_replicas, stop_replicas
@@ -41,7 +41,7 @@ def replicas(database_url: str, tmp_path: Path) -> Iterator[list[Replica]]:
 
 
 def _client(replica: Replica, token: str = "") -> AuthClient:
-    client = AuthClient(create_channel(replica.address, MeshSettings()))
+    client = AuthClient(create_channel(replica.address, load_settings(MeshSettings)))  # the hermetic environment
     if token:
         client.stub = _with_token(client.stub, token)  # type: ignore[assignment]
     return client

@@ -17,7 +17,7 @@ from services.billing.core.service import BillingCore
 from services.billing.metrics import BillingMetrics
 from services.billing.store import BillingStore
 from services.mesh.channels import create_channel
-from services.mesh.config import MeshSettings
+from services.mesh.config import MeshSettings, load_settings
 from services.mesh.db import open_database
 from services.mesh.metrics import Scrape
 from tests.billing.conftest import NOW, Clock, RunningBilling
@@ -72,7 +72,8 @@ def test_metrics_off_record_nothing(tmp_path: Path) -> None:
 
 async def test_outbox_backlog_lag_deliveries_and_dead_letters(billing: RunningBilling, tmp_path: Path) -> None:
     # Billing unreachable: events wait, and the oldest one's age grows.
-    nowhere = BillingClient(create_channel(f"127.0.0.1:{free_port()}", MeshSettings()), timeout_seconds=0.5)
+    channel = create_channel(f"127.0.0.1:{free_port()}", load_settings(MeshSettings))
+    nowhere = BillingClient(channel, timeout_seconds=0.5)
 
     def reported(source: str) -> int:
         return sum(

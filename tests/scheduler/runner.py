@@ -20,6 +20,14 @@ from pathlib import Path
 _stop = False
 
 
+def _save(checkpoint: Path, step: int) -> None:
+    # Atomically, as a real runner saves (LocalArtifactStore.put): a worker killed with its node mid-write must
+    # leave the previous checkpoint, not an empty file the next attempt cannot read.
+    partial = checkpoint.with_suffix(".partial")
+    partial.write_text(json.dumps({"step": step}))
+    os.replace(partial, checkpoint)
+
+
 def _on_term(*_: object) -> None:
     global _stop
     _stop = True
@@ -64,14 +72,14 @@ def main() -> int:
         return args.fail_code
     while step < args.steps:
         if _stop:
-            checkpoint.write_text(json.dumps({"step": step}))
+            _save(checkpoint, step)
             event("checkpoint", step=step)
             return 143
         time.sleep(args.step_seconds)
         step += 1
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            checkpoint.write_text(json.dumps({"step": step}))
-    checkpoint.write_text(json.dumps({"step": step}))
+            _save(checkpoint, step)
+    _save(checkpoint, step)
     event("done", step=step)
     return 0
 

@@ -139,8 +139,9 @@ def _now() -> int:
 
 
 def _process_environment() -> dict[str, str]:
-    """What every job's processes inherit: the scheduler's environment minus its own settings and credentials."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("AIDC_", "AWS_", "PG", "OTEL_"))}
+    """What every job's processes inherit: the scheduler's environment minus its own settings and credentials (a
+    Ray cluster's token among them: its drivers get it from the Ray executor)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AIDC_", "AWS_", "PG", "OTEL_", "RAY_AUTH_"))}
 
 
 class JobScheduler:

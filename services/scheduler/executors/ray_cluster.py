@@ -13,7 +13,7 @@ from typing import Any
 
 from services.scheduler.executors.ray_placement import node_name_of
 
-__all__ = ["RayCluster", "RayNode", "driver_environment", "loopback_address"]
+__all__ = ["RAY_AUTH_VARIABLES", "RayCluster", "RayNode", "driver_environment", "loopback_address"]
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,15 @@ def loopback_address(address: str) -> bool:
         return False
 
 
+#: Ray's token authentication (RAY_AUTH_MODE=token and the token or its file): given to the scheduler for a cluster
+#: that requires it (`aidc up --ray`'s does), passed on to its drivers only, never to other jobs' processes.
+RAY_AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
 def driver_environment(address: str) -> dict[str, str]:
     """What a driver process needs to connect to the cluster at ``address``."""
     env = {"RAY_ADDRESS": address, "RAY_DEDUP_LOGS": "0"}
+    env.update({name: os.environ[name] for name in RAY_AUTH_VARIABLES if name in os.environ})
     if loopback_address(address):
         env[_LOOPBACK_FLAG] = "0"
     return env
