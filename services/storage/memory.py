@@ -9,7 +9,7 @@ return to the system when freed; two arenas bound the fragmentation. Setting tha
 threshold at its default 128 KiB, so a freed segment buffer at the top of a heap went back to the system and the
 next one faulted its pages in again (~225 page faults per MiB downloaded, a fifth of the process's CPU time): up
 to 16 MiB free at the top of each heap stay. Resident memory tracks the live transfer
-buffers (a 1 GiB upload grew it by ~55 MiB, a download by ~21 MiB: tests/storage/test_large_object.py).
+buffers (a 1 GiB upload grew it by 59-69 MiB, a download by 35-37 MiB: tests/storage/test_large_object.py).
 """
 
 from __future__ import annotations

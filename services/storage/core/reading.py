@@ -101,7 +101,8 @@ def read_plaintext(
         source = _open(objects, record.s3_key, start, end - start)
     digest = hashlib.sha256() if whole and check_sha256 else None
     group = max(1, min(piece_segments, last - first + 1))
-    plain = memoryview(bytearray(group * layout.plain))
+    covered = end - start - TAG_BYTES * (last - first + 1)  # plaintext of the segments read (a small object's few)
+    plain = memoryview(bytearray(min(group * layout.plain, covered)))
     try:
         if first == 0:
             header = _exactly(source, HEADER_BYTES)
