@@ -5,8 +5,11 @@ is freed (up to 32 MiB) and gives each thread its own arena, so freed transfer b
 resident set, scattered across arenas. A fixed threshold of 4 MiB keeps the 1 MiB segment buffers on the heap,
 where they are reused (an mmap'd buffer costs a page fault per 4 KiB every time it is allocated: with a 256 KiB
 threshold a download ran at less than half the speed), while part buffers and anything larger go to mmap and
-return to the system when freed; two arenas bound the fragmentation. Resident memory tracks the live transfer
-buffers (a 1 GiB upload grew it by ~55 MiB, a download by ~21 MiB: tests/storage/test_large_object.py).
+return to the system when freed; two arenas bound the fragmentation. Setting that threshold also pins glibc's trim
+threshold at its default 128 KiB, so a freed segment buffer at the top of a heap went back to the system and the
+next one faulted its pages in again (~225 page faults per MiB downloaded, a fifth of the process's CPU time): up
+to 16 MiB free at the top of each heap stay. Resident memory tracks the live transfer
+buffers (a 1 GiB upload grew it by 59-69 MiB, a download by 35-37 MiB: tests/storage/test_large_object.py).
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ __all__ = ["tune_allocator"]
 
 log = logging.getLogger(__name__)
 
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
-def tune_allocator(mmap_threshold: int = 4 * 1024 * 1024, arenas: int = 2) -> bool:
+def tune_allocator(
+    mmap_threshold: int = 4 * 1024 * 1024, arenas: int = 2, trim_threshold: int = 16 * 1024 * 1024
+) -> bool:
     """Applies the settings above when the C library is glibc; False (and no change) elsewhere."""
     name = ctypes.util.find_library("c")
     if not name:
@@ -33,7 +39,14 @@ def tune_allocator(mmap_threshold: int = 4 * 1024 * 1024, arenas: int = 2) -> bo
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_ARENA_MAX, arenas))
+    ok = all(
+        mallopt(option, value)
+        for option, value in (
+            (_M_MMAP_THRESHOLD, mmap_threshold),
+            (_M_TRIM_THRESHOLD, trim_threshold),
+            (_M_ARENA_MAX, arenas),
+        )
+    )
     if not ok:
         log.info("could not tune the memory allocator")
     return ok

@@ -27,7 +27,7 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def encode_chunk(data: bytes) -> bytes:
+def encode_chunk(data: bytes | memoryview) -> bytes:
     """The encoded DownloadResponse whose chunk is ``data``."""
     return b"".join((bytes((_CHUNK_TAG,)), _varint(len(data)), data))
 

@@ -245,7 +245,7 @@ def ciphers(data: bytes) -> dict[str, float]:
 
     def open_segments() -> None:
         for index, segment in enumerate(segments):
-            cipher.open(index, segment, index == len(segments) - 1)
+            cipher.open_into(index, segment, index == len(segments) - 1, memoryview(out)[: len(segment) - TAG_BYTES])
 
     sealed = _Keep()
 

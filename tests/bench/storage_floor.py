@@ -28,8 +28,8 @@ class _Copy:
         out[:n] = plaintext
         out[n:] = _NO_TAG
 
-    def open(self, index: int, segment: memoryview | bytes, last: bool) -> bytes:
-        return bytes(memoryview(segment)[:-TAG_BYTES])
+    def open_into(self, index: int, segment: memoryview | bytes, last: bool, out: memoryview) -> None:
+        out[:] = memoryview(segment)[:-TAG_BYTES]
 
 
 class PlaintextSuite:

@@ -130,8 +130,9 @@ class SegmentCipher(Protocol):
         """Writes segment ``index`` (ciphertext and tag, ``len(plaintext) + TAG_BYTES`` bytes) into ``out``."""
         ...
 
-    def open(self, index: int, segment: memoryview | bytes, last: bool) -> bytes:
-        """The plaintext of segment ``index``; SegmentCorrupt unless it authenticates as that segment."""
+    def open_into(self, index: int, segment: memoryview | bytes, last: bool, out: memoryview) -> None:
+        """Writes the plaintext of segment ``index`` (``len(segment) - TAG_BYTES`` bytes) into ``out``;
+        SegmentCorrupt unless it authenticates as that segment (``out`` then holds no plaintext of it)."""
         ...
 
 
@@ -164,9 +165,10 @@ class _AesGcmHkdf:
     def seal_into(self, index: int, plaintext: memoryview | bytes, last: bool, out: memoryview) -> None:
         self._aead.encrypt_into(self._nonce(index, last), plaintext, None, out)
 
-    def open(self, index: int, segment: memoryview | bytes, last: bool) -> bytes:
+    def open_into(self, index: int, segment: memoryview | bytes, last: bool, out: memoryview) -> None:
         try:
-            return self._aead.decrypt(self._nonce(index, last), segment, None)
+            # On a failed tag pyca/cryptography zeroes ``out``: no unauthenticated plaintext stays in it.
+            self._aead.decrypt_into(self._nonce(index, last), segment, None, out)
         except InvalidTag:
             raise SegmentCorrupt(f"segment {index} failed authentication") from None
 
