@@ -48,6 +48,8 @@ INFRASTRUCTURE_SERVICES = (
 
 _NOT_TRACED = any_of(health_check(), service_prefix("grpc.reflection"))
 _MAX_CACHED_METHODS = 1024
+#: How long one stop hook (closing a client, a leader's loops, an outbox's last flush) may take.
+_STOP_HOOK_SECONDS = 60.0
 
 
 def _per_method(condition: Callable[[grpc.HandlerCallDetails], bool]) -> Callable[[grpc.HandlerCallDetails], bool]:
@@ -236,7 +238,7 @@ class MeshServer:
             self.metrics.stop()
             self.metrics = None
         for hook in self.on_stop:
-            await hook()
+            await _bounded(hook, self.name)
         log.info("%s stopped", self.name)
 
     async def run_until_signal(self) -> None:
@@ -258,6 +260,24 @@ class MeshServer:
             self._stop_requested.set()
         else:  # started without run_until_signal (in a test's process)
             asyncio.get_running_loop().create_task(self.stop())
+
+
+async def _bounded(hook: Callable[[], Awaitable[None]], name: str) -> None:
+    """Runs one stop hook for at most _STOP_HOOK_SECONDS: a hook that hangs (a peer that never answers, a task that
+    swallows its cancellation) is abandoned, cancelled and named in the log, so the service still stops."""
+    task = asyncio.ensure_future(hook())
+    done, _ = await asyncio.wait({task}, timeout=_STOP_HOOK_SECONDS)
+    if not done:
+        task.cancel()
+        log.error("%s: stop step %s did not finish in %.0f s; abandoned", name, _hook_name(hook), _STOP_HOOK_SECONDS)
+        return
+    task.result()  # its own error, as before
+
+
+def _hook_name(hook: Callable[..., object]) -> str:
+    owner = getattr(hook, "__self__", None)
+    qualname = getattr(hook, "__qualname__", repr(hook))
+    return f"{type(owner).__name__}.{hook.__name__}" if owner is not None else qualname
 
 
 def serve(build: Callable[[], Awaitable[MeshServer]]) -> None:

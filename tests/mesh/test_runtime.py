@@ -3,6 +3,7 @@ authentication, authorization by permission table, deadline and identity forward
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -229,3 +230,32 @@ def test_trace_filter_is_decided_once_per_method_and_bounded() -> None:
     assert decide(Details("/aidc.x.v1.X/B")) is True  # type: ignore[arg-type]
     assert decide(Details("/aidc.x.v1.X/B")) is True  # type: ignore[arg-type]
     assert calls.count("/aidc.x.v1.X/B") == 2  # over the bound: decided each time, never cached
+
+
+async def test_a_stop_step_that_hangs_is_abandoned_and_named_and_the_next_still_runs(
+    auth: RunningAuth, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop hook that never returns (a peer that never answers; here one that even swallows its cancellation, as a
+    follower loop once did) no longer hangs the service's stop: it is cancelled after the bound, named in the log,
+    and the hooks after it run."""
+    monkeypatch.setattr("services.mesh.server._STOP_HOOK_SECONDS", 0.5)
+    ran: list[str] = []
+
+    async def stuck() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            ran.append("cancelled")
+            await asyncio.sleep(3600)  # swallows it, and goes on waiting
+
+    async def after() -> None:
+        ran.append("after")
+
+    server = secured_server(
+        "echo", auth.settings, [registration()], PERMISSIONS, address="127.0.0.1:0", on_stop=[stuck, after]
+    )
+    await server.start()
+    with caplog.at_level(logging.ERROR, logger="services.mesh.server"):
+        await asyncio.wait_for(server.stop(0), 30)
+    assert "after" in ran
+    assert "stop step" in caplog.text and "stuck" in caplog.text and "abandoned" in caplog.text
