@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -277,11 +278,13 @@ def test_two_workers_reach_the_accuracy_of_one_with_the_same_steps_and_data(
     (tmp_path / "spec.json").write_text(json.dumps(spec.to_dict()))
     (tmp_path / "tweets.csv").write_bytes(data)
     placement = Placement(bundle(1000, GIB, 0), tuple(node_id_of(n) for n in sorted(cluster.nodes)))
+    job = f"accuracy-{secrets.token_hex(4)}"
     env = {
         **os.environ,
         **driver_env(cluster.address),
         PLACEMENT_ENV: placement.to_json(),
-        "AIDC_JOB_ID": "accuracy",
+        # Its own job id: the ranks' scratch directories are named by it in the shared temp directory.
+        "AIDC_JOB_ID": job,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
@@ -310,4 +313,4 @@ def test_two_workers_reach_the_accuracy_of_one_with_the_same_steps_and_data(
     print(f"held-out accuracy: 1 worker {one['metrics']['accuracy']:.4f}, 2 workers {two['metrics']['accuracy']:.4f}")
     assert abs(one["metrics"]["accuracy"] - two["metrics"]["accuracy"]) <= 0.02
     assert two["export"]["parity"]["passed"]
-    assert not list(Path(tempfile.gettempdir()).glob("aidc-accuracy-rank-*"))  # no rank left its scratch space
+    assert not list(Path(tempfile.gettempdir()).glob(f"aidc-{job}-rank-*"))  # no rank left its scratch space
