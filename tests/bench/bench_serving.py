@@ -232,6 +232,8 @@ def start_auth(
         AIDC_LOG_LEVEL="WARNING",
         AIDC_SERVING_RATE_LIMIT_PER_SECOND="1000000",
         AIDC_SERVING_RATE_LIMIT_BURST="1000000",
+        # One token for the whole bench: many rounds on a loaded machine outlast the default 15 minutes.
+        AIDC_AUTH_ACCESS_TOKEN_TTL_SECONDS="86400",
         BENCH_ROUTES=routes,
         **extra,
     )
