@@ -170,18 +170,23 @@ async def test_a_client_certificate_named_like_a_service_gets_no_service_identit
         await running.server.stop(0)
 
 
-async def test_a_client_certificate_cannot_serve(mtls_settings: AuthSettings) -> None:
-    """The CLI's certificate (client authentication only, no host names) behind a server: mesh clients refuse the
-    handshake; and a mesh server will not even start with it."""
-    certs = Path(mtls_settings.certs_dir)
-    rogue = grpc.aio.server()
+async def _bare_server(certs: Path, name: str) -> tuple[grpc.aio.Server, int]:
+    """A gRPC server with no service at all, serving mutual TLS with certificate ``name`` of the mesh's CA."""
+    server = grpc.aio.server()
     credentials = grpc.ssl_server_credentials(
-        [((certs / "cli-key.pem").read_bytes(), (certs / "cli.pem").read_bytes())],
+        [((certs / f"{name}-key.pem").read_bytes(), (certs / f"{name}.pem").read_bytes())],
         root_certificates=(certs / "ca.pem").read_bytes(),
         require_client_auth=True,
     )
-    port = rogue.add_secure_port("127.0.0.1:0", credentials)
-    await rogue.start()
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    return server, port
+
+
+async def test_a_client_certificate_cannot_serve(mtls_settings: AuthSettings) -> None:
+    """The CLI's certificate (client authentication only, no host names) behind a server: mesh clients refuse the
+    handshake; and a mesh server will not even start with it."""
+    rogue, port = await _bare_server(Path(mtls_settings.certs_dir), "cli")
     try:
         for target in (f"127.0.0.1:{port}", f"localhost:{port}"):
             client = AuthClient(create_channel(target, mtls_settings, identity="storage"), retries=0)
@@ -225,15 +230,7 @@ async def test_a_service_accepts_only_the_certificate_of_the_service_it_calls(mt
     """Every service certificate names localhost and 127.0.0.1, so checking the address alone would let one service
     (or a stolen key of it) stand in for another. A service's channel to auth accepts auth's certificate only: with
     billing's certificate behind auth's address the handshake fails, and the call never reaches it."""
-    certs = Path(mtls_settings.certs_dir)
-    impostor = grpc.aio.server()
-    credentials = grpc.ssl_server_credentials(
-        [((certs / "billing-key.pem").read_bytes(), (certs / "billing.pem").read_bytes())],
-        root_certificates=(certs / "ca.pem").read_bytes(),
-        require_client_auth=True,
-    )
-    port = impostor.add_secure_port("127.0.0.1:0", credentials)
-    await impostor.start()
+    impostor, port = await _bare_server(Path(mtls_settings.certs_dir), "billing")
     running = await start_auth(mtls_settings)
     try:
         at_impostor = replace(mtls_settings, auth_addr=f"127.0.0.1:{port}")
