@@ -351,6 +351,10 @@ def triton_argv(platform: Platform) -> tuple[str, ...]:
         f"--backend-directory={platform.triton_dir / 'backends'}",
         "--model-control-mode=explicit",
         "--disable-auto-complete-config",
+        # Ready means the server takes requests. Triton's default (strict) is ready only while every model is: one
+        # tenant's model that fails to load, or is loading, would make Triton, serving's ServerReady and the
+        # supervisor's health say "not ready" for every tenant.
+        "--strict-readiness=false",
         f"--grpc-address={grpc_host}",
         f"--grpc-port={grpc_port}",
         "--grpc-use-ssl=true",

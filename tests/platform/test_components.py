@@ -55,6 +55,7 @@ def test_triton_argv_follows_settings(tmp_path: Path) -> None:
     assert flag(argv, "--backend-directory") == str(tmp_path / "rt" / "pytriton" / "tritonserver" / "backends")
     assert flag(argv, "--model-control-mode") == "explicit"
     assert "--disable-auto-complete-config" in argv
+    assert "--strict-readiness=false" in argv  # one tenant's model loading or broken leaves Triton ready
     assert (flag(argv, "--grpc-address"), flag(argv, "--grpc-port")) == ("127.0.0.1", "41001")
     # Only the platform reaches Triton: mutual TLS with Triton's own CA on gRPC, no HTTP endpoint (it has no TLS).
     tls = tmp_path / "data" / "triton" / "tls"
