@@ -46,26 +46,26 @@ def _spec(model_dir: Path) -> FineTuneSpec:
 def runner_throughput(model_dir: Path, data: bytes, work: Path) -> float:
     """Examples/s of the runner's training loop (progress events, cancellation checks, TensorBoard and per-batch
     collation included; the epoch-end evaluation and checkpoint are not training and are excluded)."""
-    job = prepare(_spec(model_dir), BytesSource("data.csv", data))
-    out = Trainer(job, LocalArtifactStore(work), CollectingSink(), CancelToken(), work / ".work").train()
+    with prepare(_spec(model_dir), BytesSource("data.csv", data), work / ".work" / "data") as job:
+        out = Trainer(job, LocalArtifactStore(work), CollectingSink(), CancelToken(), work / ".work").train()
     return out.examples_seen / out.train_seconds
 
 
 def plain_throughput(model_dir: Path, data: bytes) -> float:
     """The textbook loop: pre-tokenized, pre-padded batches, AdamW, linear warm-up, clipping, nothing else."""
     spec = _spec(model_dir)
-    job = prepare(spec, BytesSource("data.csv", data))
+    with tempfile.TemporaryDirectory() as scratch, prepare(spec, BytesSource("data.csv", data), Path(scratch)) as job:
+        label2id = {label: i for i, label in enumerate(job.labels)}
+        texts = [job.dataset.text(i) for i in job.train]
+        labels = torch.tensor([label2id[job.dataset.label(i)] for i in job.train])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    label2id = {label: i for i, label in enumerate(job.labels)}
-    texts = [e.text for e in job.train_examples]
-    labels = torch.tensor([label2id[e.label] for e in job.train_examples])
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(job.labels))
     model.train()
     batches = []
     for indices in epoch_batches(len(texts), BATCH, 0, 0):
         enc = tokenizer([texts[i] for i in indices], truncation=True, max_length=SEQ, padding=True, return_tensors="pt")
-        batches.append((enc["input_ids"], enc["attention_mask"], labels[indices]))
+        batches.append((enc["input_ids"], enc["attention_mask"], labels[list(indices)]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(0.1 * len(batches)), len(batches))
     started = time.perf_counter()

@@ -1,4 +1,6 @@
-"""Text classification data: read CSV/JSONL from a DatasetSource, split it by seed, tokenize and batch it.
+"""Text classification data: read CSV/JSONL from a DatasetSource as it streams, split it by seed, tokenize and batch
+it. A dataset is never held in memory: its texts and then its token ids go to files in the job's scratch directory;
+memory holds an offset and a label per example.
 
 Importing this module does not import torch (the service validates jobs with it); batching does."""
 
@@ -8,8 +10,10 @@ import csv
 import hashlib
 import io
 import json
+import mmap
 import random
-from collections import Counter, defaultdict
+from array import array
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +28,17 @@ __all__ = [
     "DatasetSource",
     "DatasetSummary",
     "EncodedExamples",
-    "LoadedDataset",
     "LocalFileSource",
+    "StagedDataset",
     "TextExample",
     "check_split",
     "collate",
     "encode",
     "epoch_batches",
-    "load_dataset",
-    "parse_examples",
     "poisson_batches",
     "resolve_labels",
-    "split_examples",
+    "split",
+    "stage_dataset",
     "summarize_dataset",
 ]
 
@@ -93,26 +96,68 @@ class TextExample:
     label: str
 
 
-@dataclass(frozen=True)
-class LoadedDataset:
-    """Parsed examples plus the lineage of the bytes they came from."""
+class StagedDataset:
+    """A dataset parsed as it streamed in: its lineage, and its examples on disk. The texts are one UTF-8 file;
+    memory holds a byte offset and a label per example, so a dataset larger than the runner's memory is trained on."""
 
-    name: str
-    format: str
-    sha256: str
-    size_bytes: int
-    examples: tuple[TextExample, ...]
-    rows_skipped: int
+    def __init__(
+        self,
+        summary: DatasetSummary,
+        label_names: tuple[str, ...],
+        labels: array[int],
+        offsets: array[int],
+        texts_file: Path,
+    ) -> None:
+        self.summary = summary  # the lineage
+        self.label_names = label_names  # in order of first appearance
+        self._labels = labels  # index into label_names, per example
+        self._offsets = offsets  # where each example's text starts in texts_file, and where the last one ends
+        self.texts_file = texts_file
+        self._texts = _mapped(texts_file)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def label(self, index: int) -> str:
+        return self.label_names[self._labels[index]]
+
+    def text(self, index: int) -> str:
+        return bytes(self._texts[self._offsets[index] : self._offsets[index + 1]]).decode("utf-8")
+
+    def text_size(self, index: int) -> int:
+        """The text's size in bytes (UTF-8)."""
+        return self._offsets[index + 1] - self._offsets[index]
 
 
-def load_dataset(source: DatasetSource, text_column: str, label_column: str) -> LoadedDataset:
-    """Parse the source as it streams (hashing it on the way: neither its bytes nor its text are ever held whole,
-    only the examples); ValueError for unusable data."""
+def stage_dataset(source: DatasetSource, text_column: str, label_column: str, directory: Path) -> StagedDataset:
+    """Parse the source as it streams (hashing it on the way), writing the examples' texts to ``directory``; neither
+    the source's bytes nor its texts are ever held whole. ValueError for unusable data, as summarize_dataset."""
     raw, fmt, lines = _open(source)
-    examples, skipped = parse_examples(lines, fmt, text_column, label_column)
-    if not examples:
+    directory.mkdir(parents=True, exist_ok=True)
+    texts_file = directory / "texts"
+    names: dict[str, int] = {}
+    counts: Counter[str] = Counter()
+    labels, offsets, skipped = array("i"), array("q", [0]), 0
+    with texts_file.open("wb", buffering=_READ_BYTES) as out:
+        for example in _examples(lines, fmt, text_column, label_column):
+            if example is None:
+                skipped += 1
+                continue
+            labels.append(names.setdefault(example.label, len(names)))
+            counts[example.label] += 1
+            offsets.append(offsets[-1] + out.write(example.text.encode("utf-8")))
+    if not labels:
         raise ValueError(f"dataset {source.name} is empty: no rows with both text and a label")
-    return LoadedDataset(source.name, fmt, raw.digest.hexdigest(), raw.size, tuple(examples), skipped)
+    summary = DatasetSummary(source.name, fmt, raw.digest.hexdigest(), raw.size, dict(counts), skipped)
+    return StagedDataset(summary, tuple(names), labels, offsets, texts_file)
+
+
+def _mapped(path: Path) -> memoryview:
+    """The file's bytes, mapped read-only (pages come from the page cache as they are read, not from the heap)."""
+    with path.open("rb") as f:
+        if f.seek(0, io.SEEK_END) == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
 
 @dataclass(frozen=True)
@@ -191,21 +236,6 @@ def _detect_format(name: str, head: bytes) -> str:
     return "jsonl" if head.lstrip()[:1] == b"{" else "csv"
 
 
-def parse_examples(
-    lines: Iterable[str], fmt: str, text_column: str, label_column: str
-) -> tuple[list[TextExample], int]:
-    """Examples of the text's lines (as a text file with newline="" yields them) and the number of rows skipped
-    for a blank text or label; missing columns raise ValueError."""
-    examples: list[TextExample] = []
-    skipped = 0
-    for example in _examples(lines, fmt, text_column, label_column):
-        if example is None:
-            skipped += 1
-        else:
-            examples.append(example)
-    return examples, skipped
-
-
 def _examples(lines: Iterable[str], fmt: str, text_column: str, label_column: str) -> Iterator[TextExample | None]:
     """Each row's example, None for a row skipped for a blank text or label."""
     rows = _csv_rows(lines) if fmt == "csv" else _jsonl_rows(lines)
@@ -262,23 +292,23 @@ def resolve_labels(labels: Iterable[str], declared: Sequence[str]) -> tuple[str,
     return tuple(present)
 
 
-def split_examples(
-    examples: Sequence[TextExample], eval_fraction: float, seed: int
-) -> tuple[list[TextExample], list[TextExample]]:
-    """A stratified, seed-determined train/eval split (each label keeps its share in both parts)."""
-    by_label: dict[str, list[int]] = defaultdict(list)
-    for index, example in enumerate(examples):
-        by_label[example.label].append(index)
+def split(dataset: StagedDataset, eval_fraction: float, seed: int) -> tuple[array[int], array[int]]:
+    """A stratified, seed-determined train/eval split (each label keeps its share in both parts): the indices of
+    the train examples and of the held-out ones, each in the dataset's order."""
+    by_label: dict[str, array[int]] = {}
+    for index in range(len(dataset)):
+        by_label.setdefault(dataset.label(index), array("q")).append(index)
+    check_split({label: len(ids) for label, ids in by_label.items()}, eval_fraction)
     rng = random.Random(f"split:{seed}")
-    eval_ids: set[int] = set()
+    held_out = bytearray(len(dataset))
     for label in sorted(by_label):
         ids = by_label[label]
         rng.shuffle(ids)
-        eval_ids.update(ids[: _held_out(len(ids), eval_fraction)])
-    train = [e for i, e in enumerate(examples) if i not in eval_ids]
-    held_out = [e for i, e in enumerate(examples) if i in eval_ids]
-    check_split({label: len(ids) for label, ids in by_label.items()}, eval_fraction)
-    return train, held_out
+        for index in ids[: _held_out(len(ids), eval_fraction)]:
+            held_out[index] = 1
+    del by_label
+    train = array("q", (i for i, held in enumerate(held_out) if not held))
+    return train, array("q", (i for i, held in enumerate(held_out) if held))
 
 
 def check_split(label_counts: dict[str, int], eval_fraction: float) -> None:
@@ -297,25 +327,58 @@ def _held_out(count: int, eval_fraction: float) -> int:
     return 1 if held == 0 and count >= 2 else held
 
 
-@dataclass(frozen=True)
-class EncodedExamples:
-    """Token ids (truncated, unpadded) and class indices."""
+#: Examples tokenized at a time, at most; and at most this many bytes of text (the tokenizer's output for a batch,
+#: before truncation, takes tens of bytes per byte of text).
+_ENCODE_BATCH = 1024
+_ENCODE_BYTES = 256 * 1024
 
-    input_ids: list[list[int]]
-    labels: list[int]
+
+class EncodedExamples:
+    """Token ids (truncated, unpadded) and class indices. The ids are a file of int32s, mapped read-only; memory
+    holds an offset and a label per example."""
+
+    def __init__(self, ids_file: Path, offsets: array[int], labels: array[int]) -> None:
+        self.ids_file = ids_file
+        self._ids = _mapped(ids_file).cast("i")
+        self._offsets = offsets
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def input_ids(self, index: int) -> list[int]:
+        return self._ids[self._offsets[index] : self._offsets[index + 1]].tolist()
+
+    def length(self, index: int) -> int:
+        return self._offsets[index + 1] - self._offsets[index]
+
 
 def encode(
-    tokenizer: Any, examples: Sequence[TextExample], label2id: dict[str, int], max_length: int
+    tokenizer: Any,
+    dataset: StagedDataset,
+    indices: Sequence[int],
+    label2id: dict[str, int],
+    max_length: int,
+    ids_file: Path,
 ) -> EncodedExamples:
-    """Tokenize with the model's tokenizer; padding happens per batch in collate."""
-    if not examples:
-        return EncodedExamples([], [])
-    ids = tokenizer([e.text for e in examples], truncation=True, max_length=max_length, padding=False)["input_ids"]
-    return EncodedExamples([list(x) for x in ids], [label2id[e.label] for e in examples])
+    """Tokenize the chosen examples with the model's tokenizer, a batch at a time, into ``ids_file``; padding
+    happens per batch in collate."""
+    offsets, labels = array("q", [0]), array("i")
+    with ids_file.open("wb", buffering=_READ_BYTES) as out:
+        start = 0
+        while start < len(indices):
+            end, size = start, 0
+            while end < len(indices) and end - start < _ENCODE_BATCH and (size < _ENCODE_BYTES or end == start):
+                size += dataset.text_size(indices[end])
+                end += 1
+            chunk = indices[start:end]
+            encoded = tokenizer([dataset.text(i) for i in chunk], truncation=True, max_length=max_length, padding=False)
+            for ids in encoded["input_ids"]:
+                array("i", ids).tofile(out)
+                offsets.append(offsets[-1] + len(ids))
+            labels.extend(label2id[dataset.label(i)] for i in chunk)
+            start = end
+    return EncodedExamples(ids_file, offsets, labels)
 
 
 @dataclass(frozen=True)
@@ -333,7 +396,7 @@ def collate(data: EncodedExamples, indices: Sequence[int], pad_id: int, pad_to: 
     """Pad the chosen examples to the longest of them (or to pad_to)."""
     import torch
 
-    seqs = [data.input_ids[i] for i in indices]
+    seqs = [data.input_ids(i) for i in indices]
     length = pad_to if pad_to is not None else max((len(s) for s in seqs), default=1)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
@@ -344,20 +407,20 @@ def collate(data: EncodedExamples, indices: Sequence[int], pad_id: int, pad_to: 
     return Batch(ids, mask, labels)
 
 
-def epoch_batches(count: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(count: int, batch_size: int, seed: int, epoch: int) -> list[Sequence[int]]:
     """The shuffled batches of one epoch, a function of (seed, epoch) only, so a resumed run sees the same ones."""
-    order = list(range(count))
+    order = array("q", range(count))
     random.Random(f"epoch:{seed}:{epoch}").shuffle(order)
     return [order[i : i + batch_size] for i in range(0, count, batch_size)]
 
 
-def poisson_batches(count: int, sample_rate: float, steps: int, seed: int, epoch: int) -> list[list[int]]:
+def poisson_batches(count: int, sample_rate: float, steps: int, seed: int, epoch: int) -> list[Sequence[int]]:
     """Poisson-sampled batches (each example in each batch with probability sample_rate), as DP-SGD's
     accounting assumes; also a function of (seed, epoch) only. Batches may be empty."""
     import torch
 
     generator = torch.Generator().manual_seed(_hash_seed(seed, epoch))
-    out = []
+    out: list[Sequence[int]] = []
     for _ in range(steps):
         mask = torch.rand(count, generator=generator) < sample_rate
         out.append(mask.nonzero().flatten().tolist())

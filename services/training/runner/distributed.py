@@ -34,7 +34,7 @@ from services.scheduler.executors.ray_placement import EXIT_WORKER_LOST, Placeme
 from services.training.runner.data import BytesSource, LocalFileSource
 from services.training.runner.events import Cancelled, CancelToken, JsonLinesSink, RunnerEvent, StateChanged
 from services.training.runner.main import EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_PARITY, build_parser
-from services.training.runner.preflight import InvalidJob, prepare
+from services.training.runner.preflight import InvalidJob, check, prepare
 from services.training.runner.spec import FineTuneSpec
 from services.training.runner.store import LocalArtifactStore
 from services.training.runner.tracing import EXPORTER_VARIABLES, carrier, traced_run
@@ -220,7 +220,7 @@ def _train(
 ) -> None:
     import ray
 
-    from services.training.runner.job import run_job
+    from services.training.runner.job import DATA_DIR, run_job
     from services.training.runner.train import Trainer
 
     try:
@@ -230,7 +230,8 @@ def _train(
             ray.get(channel.finish.remote("succeeded", ""))
         else:
             # The same training in lockstep; rank 0 alone exports (run_job) and writes.
-            Trainer(prepare(spec, source), store, _Discard(), cancel, workdir).train()
+            with prepare(spec, source, workdir / DATA_DIR) as job:
+                Trainer(job, store, _Discard(), cancel, workdir).train()
     except Cancelled as exc:
         if rank == 0:
             ray.get(channel.finish.remote("cancelled", exc.args[0] if exc.args else ""))
@@ -318,8 +319,8 @@ def run(args: Any, out: TextIO) -> int:
     if spec.privacy is not None:
         raise InvalidJob("differential privacy trains on one worker (workers: 1)")
     store = LocalArtifactStore(args.job_dir)
-    prepared = prepare(spec, LocalFileSource(args.dataset))
-    finished = finished_result(store, prepared)
+    # The job's checks, and its fingerprint, without staging the dataset here: each rank stages its own.
+    finished = finished_result(store, check(spec, LocalFileSource(args.dataset)).fingerprint)
     if finished is not None:
         sink.emit(StateChanged("succeeded", {"result": "result.json"}))
         return EXIT_OK

@@ -6,6 +6,7 @@ import hashlib
 import json
 import platform
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ from services.training.runner.store import ArtifactStore
 from services.training.runner.tracing import phase
 from services.training.runner.train import Trainer, TrainOutcome
 
-__all__ = ["RESULT_FILE", "RESULT_SCHEMA_VERSION", "InvalidJob", "finished_result", "run_job"]
+__all__ = ["DATA_DIR", "RESULT_FILE", "RESULT_SCHEMA_VERSION", "InvalidJob", "finished_result", "run_job"]
 
 RESULT_FILE = "result.json"
 RESULT_SCHEMA_VERSION = 1
+#: Where, in a job's work directory, its dataset is staged (texts, token ids) while it runs.
+DATA_DIR = "data"
 
 
 def run_job(
@@ -42,10 +45,24 @@ def run_job(
     """
     started = time.time()
     sink.emit(StateChanged("preparing"))
-    with phase("load data") as span:
-        job = prepare(spec, source)
-        span.set_attribute("aidc.training.examples", len(job.dataset.examples))
-    finished = finished_result(store, job)
+    with ExitStack() as staged:
+        with phase("load data") as span:
+            job = staged.enter_context(prepare(spec, source, workdir / DATA_DIR))
+            span.set_attribute("aidc.training.examples", len(job.dataset))
+        return _run(job, store, sink, cancel, workdir, progress_interval, started)
+
+
+def _run(
+    job: PreparedJob,
+    store: ArtifactStore,
+    sink: ProgressSink,
+    cancel: CancelToken,
+    workdir: Path,
+    progress_interval: float,
+    started: float,
+) -> dict[str, Any]:
+    spec = job.spec
+    finished = finished_result(store, job.fingerprint)
     if finished is not None:
         sink.emit(LogLine("info", "the job already finished; keeping its result"))
         sink.emit(StateChanged("succeeded", {"result": RESULT_FILE}))
@@ -53,7 +70,6 @@ def run_job(
     if cancel.cancelled:
         raise Cancelled(None)
 
-    workdir.mkdir(parents=True, exist_ok=True)
     try:
         outcome = Trainer(job, store, sink, cancel, workdir, progress_interval).train()
     except ValueError as exc:
@@ -79,11 +95,12 @@ def run_job(
     return result
 
 
-def finished_result(store: ArtifactStore, job: PreparedJob) -> dict[str, Any] | None:
+def finished_result(store: ArtifactStore, fingerprint: str) -> dict[str, Any] | None:
+    """The result of the job of this fingerprint, if it already succeeded."""
     if not store.exists(RESULT_FILE):
         return None
     result: dict[str, Any] = json.loads(store.get(RESULT_FILE))
-    if result.get("status") == "succeeded" and result.get("fingerprint") == job.fingerprint:
+    if result.get("status") == "succeeded" and result.get("fingerprint") == fingerprint:
         return result
     return None
 
@@ -115,14 +132,14 @@ def _result(
         "spec": spec.to_dict(),
         "base_model": {"path": str(job.model_dir), "max_sequence_length": job.model_max_length},
         "dataset": {
-            "name": job.dataset.name,
-            "format": job.dataset.format,
-            "sha256": job.dataset.sha256,
-            "size_bytes": job.dataset.size_bytes,
-            "rows": len(job.dataset.examples),
-            "rows_skipped": job.dataset.rows_skipped,
-            "train_examples": len(job.train_examples),
-            "eval_examples": len(job.eval_examples),
+            "name": job.dataset.summary.name,
+            "format": job.dataset.summary.format,
+            "sha256": job.dataset.summary.sha256,
+            "size_bytes": job.dataset.summary.size_bytes,
+            "rows": len(job.dataset),
+            "rows_skipped": job.dataset.summary.rows_skipped,
+            "train_examples": len(job.train),
+            "eval_examples": len(job.held_out),
         },
         "labels": list(job.labels),
         "metrics": outcome.metrics,

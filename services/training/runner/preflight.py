@@ -4,6 +4,8 @@ the dataset's columns and labels, the split. Imports neither torch nor transform
 from __future__ import annotations
 
 import json
+import shutil
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,12 +14,11 @@ from pathlib import Path
 from services.training.runner.data import (
     DatasetSource,
     DatasetSummary,
-    LoadedDataset,
-    TextExample,
+    StagedDataset,
     check_split,
-    load_dataset,
     resolve_labels,
-    split_examples,
+    split,
+    stage_dataset,
     summarize_dataset,
 )
 from services.training.runner.spec import FineTuneSpec
@@ -31,20 +32,21 @@ class InvalidJob(ValueError):
 
 @dataclass(frozen=True)
 class PreparedJob:
-    """A job that passed every check that needs no model weights: the spec, the data, the classes."""
+    """A job that passed every check that needs no model weights: the spec, the data (staged on disk), the classes,
+    and the split (indices into the data)."""
 
     spec: FineTuneSpec
     model_dir: Path
     model_max_length: int
-    dataset: LoadedDataset
+    dataset: StagedDataset
     labels: tuple[str, ...]
-    train_examples: tuple[TextExample, ...]
-    eval_examples: tuple[TextExample, ...]
+    train: array[int]
+    held_out: array[int]
 
     @property
     def fingerprint(self) -> str:
         """Identifies the job (spec + data): checkpoints of another job are never resumed."""
-        return f"{self.spec.fingerprint()}:{self.dataset.sha256}"
+        return f"{self.spec.fingerprint()}:{self.dataset.summary.sha256}"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class CheckedJob:
     model_max_length: int
     dataset: DatasetSummary
     labels: tuple[str, ...]
+
+    @property
+    def fingerprint(self) -> str:
+        """PreparedJob's fingerprint of the same job."""
+        return f"{self.spec.fingerprint()}:{self.dataset.sha256}"
 
 
 def base_model_max_length(model_dir: Path) -> int:
@@ -80,14 +87,20 @@ def base_model_max_length(model_dir: Path) -> int:
     return limit
 
 
-def prepare(spec: FineTuneSpec, source: DatasetSource) -> PreparedJob:
-    """Every check that can reject a job before compute is spent; InvalidJob (a ValueError) names what is wrong."""
-    with _refusals():
-        model_dir, max_length = _check_spec(spec)
-        dataset = load_dataset(source, spec.text_column, spec.label_column)
-        labels = resolve_labels((e.label for e in dataset.examples), spec.labels)
-        train, held_out = split_examples(dataset.examples, spec.eval_fraction, spec.seed)
-    return PreparedJob(spec, model_dir, max_length, dataset, labels, tuple(train), tuple(held_out))
+@contextmanager
+def prepare(spec: FineTuneSpec, source: DatasetSource, scratch: Path) -> Iterator[PreparedJob]:
+    """Every check that can reject a job before compute is spent; InvalidJob (a ValueError) names what is wrong.
+    The dataset streams into ``scratch`` (its texts, then its token ids), which is removed when the job is done
+    with it."""
+    try:
+        with _refusals():
+            model_dir, max_length = _check_spec(spec)
+            dataset = stage_dataset(source, spec.text_column, spec.label_column, scratch)
+            labels = resolve_labels(dataset.summary.label_counts, spec.labels)
+            train, held_out = split(dataset, spec.eval_fraction, spec.seed)
+        yield PreparedJob(spec, model_dir, max_length, dataset, labels, train, held_out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def check(spec: FineTuneSpec, source: DatasetSource) -> CheckedJob:

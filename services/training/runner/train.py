@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,8 +151,14 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
         label2id = {label: i for i, label in enumerate(job.labels)}
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
-        self.train_data = encode(self.tokenizer, job.train_examples, label2id, spec.max_seq_length)
-        self.eval_data = encode(self.tokenizer, job.eval_examples, label2id, spec.max_seq_length)
+        with phase("tokenize", examples=len(job.dataset)):
+            staged = job.dataset.texts_file.parent
+            self.train_data = encode(
+                self.tokenizer, job.dataset, job.train, label2id, spec.max_seq_length, staged / "train.ids"
+            )
+            self.eval_data = encode(
+                self.tokenizer, job.dataset, job.held_out, label2id, spec.max_seq_length, staged / "held-out.ids"
+            )
 
         model: nn.Module = AutoModelForSequenceClassification.from_pretrained(
             job.model_dir,
@@ -276,7 +283,7 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------------------
 
-    def _plan(self, epoch: int) -> list[list[int]]:
+    def _plan(self, epoch: int) -> list[Sequence[int]]:
         spec = self.spec
         if self._dp is not None:
             return poisson_batches(len(self.train_data), self._dp.sample_rate, self.steps_per_epoch, spec.seed, epoch)
@@ -594,7 +601,7 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     # Length-sorted batches pad little; the order does not change the metrics.
-    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    order = sorted(range(len(data)), key=data.length)
     predicted: list[int] = []
     actual: list[int] = []
     loss_sum = 0.0

@@ -14,7 +14,7 @@ import pytest
 import transformers
 
 from services.training.runner import FineTuneSpec, InvalidJob, LocalArtifactStore
-from services.training.runner.data import BytesSource, TextExample, load_dataset, resolve_labels, split_examples
+from services.training.runner.data import BytesSource, StagedDataset, resolve_labels, split, stage_dataset
 from services.training.runner.metrics import classification_report
 from services.training.runner.preflight import check, prepare
 from services.training.runner.tiny import keyword_dataset, to_csv, to_jsonl
@@ -75,8 +75,8 @@ def test_the_services_check_refuses_what_the_runner_refuses(
     prepare refuses, with the same message."""
     spec = tiny.spec(**overrides)
     source = BytesSource("data.csv", data if data is not None else to_csv(ROWS))
-    with pytest.raises(InvalidJob) as by_runner:
-        prepare(spec, source)
+    with pytest.raises(InvalidJob) as by_runner, prepare(spec, source, tiny.tmp / "staged"):
+        pass
     with pytest.raises(InvalidJob) as by_service:
         check(spec, source)
     assert message in str(by_service.value) and str(by_service.value) == str(by_runner.value)
@@ -86,13 +86,14 @@ def test_the_services_check_agrees_with_the_runner_and_keeps_no_examples(tiny: T
     """On a valid job check and prepare agree (hash, size, labels, rows kept and skipped); check's memory stays
     bounded while the examples of the same dataset take many times more."""
     spec = tiny.spec(labels=["bad", "good"])
-    prepared = prepare(spec, _GeneratedSource(2 * 1024 * 1024))
     checked = check(spec, _GeneratedSource(2 * 1024 * 1024))
-    loaded = prepared.dataset
-    assert (checked.dataset.sha256, checked.dataset.size_bytes) == (loaded.sha256, loaded.size_bytes)
-    assert checked.labels == prepared.labels == ("bad", "good")
-    assert checked.dataset.examples == len(loaded.examples) == len(prepared.train_examples + prepared.eval_examples)
-    assert checked.dataset.rows_skipped == loaded.rows_skipped == 0
+    with prepare(spec, _GeneratedSource(2 * 1024 * 1024), tiny.tmp / "staged") as prepared:
+        loaded = prepared.dataset.summary
+        assert checked.dataset == loaded and checked.fingerprint == prepared.fingerprint
+        assert checked.labels == prepared.labels == ("bad", "good")
+        assert checked.dataset.examples == len(prepared.dataset) == len(prepared.train) + len(prepared.held_out)
+        assert checked.dataset.rows_skipped == loaded.rows_skipped == 0
+    assert not (tiny.tmp / "staged").exists()  # the staged texts go with the job
     source = _GeneratedSource(8 * 1024 * 1024)
     tracemalloc.start()
     try:
@@ -149,20 +150,23 @@ def test_spec_round_trips_through_json() -> None:
     assert again.lora.target_modules == ("query",) and again.privacy is not None and again.privacy.target_epsilon == 3.0
 
 
-def test_csv_and_jsonl_read_the_same_examples_and_hash_the_bytes() -> None:
+def _examples(dataset: StagedDataset) -> list[tuple[str, str]]:
+    return [(dataset.text(i), dataset.label(i)) for i in range(len(dataset))]
+
+
+def test_csv_and_jsonl_read_the_same_examples_and_hash_the_bytes(tmp_path: Path) -> None:
     rows = keyword_dataset(30, seed=3)
-    from_csv = load_dataset(BytesSource("d.csv", to_csv(rows)), "text", "label")
-    from_jsonl = load_dataset(BytesSource("d.jsonl", to_jsonl(rows)), "text", "label")
-    assert [(e.text, e.label) for e in from_csv.examples] == rows
-    assert from_jsonl.examples == from_csv.examples
-    assert (from_csv.format, from_jsonl.format) == ("csv", "jsonl")
-    assert from_csv.sha256 == hashlib.sha256(to_csv(rows)).hexdigest()
+    from_csv = stage_dataset(BytesSource("d.csv", to_csv(rows)), "text", "label", tmp_path / "csv")
+    from_jsonl = stage_dataset(BytesSource("d.jsonl", to_jsonl(rows)), "text", "label", tmp_path / "jsonl")
+    assert _examples(from_csv) == _examples(from_jsonl) == rows
+    assert (from_csv.summary.format, from_jsonl.summary.format) == ("csv", "jsonl")
+    assert from_csv.summary.sha256 == hashlib.sha256(to_csv(rows)).hexdigest()
 
 
-def test_invalid_utf8_is_replaced_not_fatal() -> None:
+def test_invalid_utf8_is_replaced_not_fatal(tmp_path: Path) -> None:
     data = b"text,label\nnice car \xe9\xff,positive\nbad,negative\n"
-    loaded = load_dataset(BytesSource("d.csv", data), "text", "label")
-    assert loaded.examples[0].text.startswith("nice car ") and loaded.examples[0].label == "positive"
+    loaded = stage_dataset(BytesSource("d.csv", data), "text", "label", tmp_path)
+    assert loaded.text(0).startswith("nice car ") and loaded.label(0) == "positive"
 
 
 class _GeneratedSource:
@@ -191,36 +195,40 @@ class _GeneratedSource:
                 yield block[start : start + 64 * 1024]
 
 
-def test_a_dataset_is_parsed_as_it_streams_and_never_held_whole() -> None:
-    """load_dataset keeps the examples and nothing of the file: the most it ever held beyond what it returns is a
-    small part of the file's size (it used to hold the bytes, a copy of them and their decoded text at once)."""
+def test_a_dataset_is_staged_as_it_streams_and_never_held(tmp_path: Path) -> None:
+    """stage_dataset keeps neither the file nor its texts in memory: the texts go to disk, memory holds an offset
+    and a label per example (12 bytes, for rows of about 53), and the most it ever held is a small part of the
+    file's size (it used to hold every example's text, and before that the bytes and a copy of them too)."""
     source = _GeneratedSource(8 * 1024 * 1024)
     tracemalloc.start()
     try:
-        loaded = load_dataset(source, "text", "label")
-        retained, peak = tracemalloc.get_traced_memory()
+        staged = stage_dataset(source, "text", "label", tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert len(loaded.examples) == source.rows and loaded.rows_skipped == 0
-    assert loaded.examples[7] == TextExample('review 7: the car, quite "fast" ', "bad")
-    assert (loaded.sha256, loaded.format) == (source.digest.hexdigest(), "csv")
-    assert loaded.size_bytes > source.size
-    assert peak - retained < loaded.size_bytes / 2, (peak - retained, loaded.size_bytes)
+    assert len(staged) == source.rows and staged.summary.rows_skipped == 0
+    assert (staged.text(7), staged.label(7)) == ('review 7: the car, quite "fast" ', "bad")
+    assert (staged.summary.sha256, staged.summary.format) == (source.digest.hexdigest(), "csv")
+    assert staged.summary.size_bytes > source.size
+    assert staged.texts_file.stat().st_size > staged.summary.size_bytes / 2
+    # 12 bytes an example, twice while an array grows (old and new buffer), plus the 1 MiB read and write buffers.
+    assert peak < 24 * len(staged) + (3 << 20), (peak, len(staged))
+    assert peak < staged.summary.size_bytes / 1.5, (peak, staged.summary.size_bytes)
 
 
-def test_split_is_seeded_stratified_and_disjoint() -> None:
-    examples = load_dataset(BytesSource("d.csv", to_csv(keyword_dataset(300, seed=2))), "text", "label").examples
-    train, held_out = split_examples(examples, 0.2, seed=5)
-    assert (train, held_out) == split_examples(examples, 0.2, seed=5)
-    assert held_out != split_examples(examples, 0.2, seed=6)[1]
-    assert len(train) + len(held_out) == 300 and len(held_out) == 60
-    assert {e.label: sum(x.label == e.label for x in held_out) for e in held_out} == {
+def test_split_is_seeded_stratified_and_disjoint(tmp_path: Path) -> None:
+    dataset = stage_dataset(BytesSource("d.csv", to_csv(keyword_dataset(300, seed=2))), "text", "label", tmp_path)
+    train, held_out = split(dataset, 0.2, seed=5)
+    assert (train, held_out) == split(dataset, 0.2, seed=5)
+    assert held_out != split(dataset, 0.2, seed=6)[1]
+    assert sorted({*train, *held_out}) == list(range(300)) and len(held_out) == 60
+    assert {label: sum(dataset.label(i) == label for i in held_out) for label in dataset.label_names} == {
         "positive": 20,
         "negative": 20,
         "neutral": 20,
     }
-    assert resolve_labels((e.label for e in examples), ()) == ("negative", "neutral", "positive")
-    assert resolve_labels((e.label for e in examples), ("positive", "neutral", "negative", "extra")) == (
+    assert resolve_labels(dataset.summary.label_counts, ()) == ("negative", "neutral", "positive")
+    assert resolve_labels(dataset.summary.label_counts, ("positive", "neutral", "negative", "extra")) == (
         "positive",
         "neutral",
         "negative",
