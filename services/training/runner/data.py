@@ -1,6 +1,6 @@
 """Text classification data: read CSV/JSONL from a DatasetSource as it streams, split it by seed, tokenize and batch
-it. A dataset is never held in memory: its texts and then its token ids go to files in the job's scratch directory;
-memory holds an offset and a label per example.
+it. A dataset is never held in memory: its texts and then its token ids go to unnamed files in the job's scratch
+directory; memory holds an offset and a label per example.
 
 Importing this module does not import torch (the service validates jobs with it); batching does."""
 
@@ -12,12 +12,13 @@ import io
 import json
 import mmap
 import random
+import tempfile
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -98,7 +99,9 @@ class TextExample:
 
 class StagedDataset:
     """A dataset parsed as it streamed in: its lineage, and its examples on disk. The texts are one UTF-8 file;
-    memory holds a byte offset and a label per example, so a dataset larger than the runner's memory is trained on."""
+    memory holds a byte offset and a label per example, so a dataset larger than the runner's memory is trained on.
+    The file has no name (it is gone with the process, however the process ends); ``scratch`` is where it and the
+    token ids of its examples (encode) live."""
 
     def __init__(
         self,
@@ -106,14 +109,15 @@ class StagedDataset:
         label_names: tuple[str, ...],
         labels: array[int],
         offsets: array[int],
-        texts_file: Path,
+        texts: memoryview,
+        scratch: Path,
     ) -> None:
         self.summary = summary  # the lineage
         self.label_names = label_names  # in order of first appearance
         self._labels = labels  # index into label_names, per example
-        self._offsets = offsets  # where each example's text starts in texts_file, and where the last one ends
-        self.texts_file = texts_file
-        self._texts = _mapped(texts_file)
+        self._offsets = offsets  # where each example's text starts in texts, and where the last one ends
+        self._texts = texts
+        self.scratch = scratch
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -129,16 +133,16 @@ class StagedDataset:
         return self._offsets[index + 1] - self._offsets[index]
 
 
-def stage_dataset(source: DatasetSource, text_column: str, label_column: str, directory: Path) -> StagedDataset:
-    """Parse the source as it streams (hashing it on the way), writing the examples' texts to ``directory``; neither
-    the source's bytes nor its texts are ever held whole. ValueError for unusable data, as summarize_dataset."""
+def stage_dataset(source: DatasetSource, text_column: str, label_column: str, scratch: Path) -> StagedDataset:
+    """Parse the source as it streams (hashing it on the way), writing the examples' texts to a file in ``scratch``;
+    neither the source's bytes nor its texts are ever held whole. ValueError for unusable data, as
+    summarize_dataset."""
     raw, fmt, lines = _open(source)
-    directory.mkdir(parents=True, exist_ok=True)
-    texts_file = directory / "texts"
+    scratch.mkdir(parents=True, exist_ok=True)
     names: dict[str, int] = {}
     counts: Counter[str] = Counter()
     labels, offsets, skipped = array("i"), array("q", [0]), 0
-    with texts_file.open("wb", buffering=_READ_BYTES) as out:
+    with _unnamed_file(scratch) as out:
         for example in _examples(lines, fmt, text_column, label_column):
             if example is None:
                 skipped += 1
@@ -146,18 +150,26 @@ def stage_dataset(source: DatasetSource, text_column: str, label_column: str, di
             labels.append(names.setdefault(example.label, len(names)))
             counts[example.label] += 1
             offsets.append(offsets[-1] + out.write(example.text.encode("utf-8")))
-    if not labels:
-        raise ValueError(f"dataset {source.name} is empty: no rows with both text and a label")
+        if not labels:
+            raise ValueError(f"dataset {source.name} is empty: no rows with both text and a label")
+        texts = _mapped(out)
     summary = DatasetSummary(source.name, fmt, raw.digest.hexdigest(), raw.size, dict(counts), skipped)
-    return StagedDataset(summary, tuple(names), labels, offsets, texts_file)
+    return StagedDataset(summary, tuple(names), labels, offsets, texts, scratch)
 
 
-def _mapped(path: Path) -> memoryview:
-    """The file's bytes, mapped read-only (pages come from the page cache as they are read, not from the heap)."""
-    with path.open("rb") as f:
-        if f.seek(0, io.SEEK_END) == 0:
-            return memoryview(b"")
-        return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+def _unnamed_file(directory: Path) -> IO[bytes]:
+    """A new file in ``directory`` that no other process can open and no crash leaves behind (O_TMPFILE, or a file
+    unlinked once made), buffered for writing."""
+    return tempfile.TemporaryFile("w+b", buffering=_READ_BYTES, dir=directory)
+
+
+def _mapped(f: IO[bytes]) -> memoryview:
+    """What was written to ``f``, mapped read-only: pages come from the page cache as they are read, not from the
+    heap. The mapping keeps the file alive after ``f`` is closed."""
+    f.flush()
+    if f.seek(0, io.SEEK_END) == 0:
+        return memoryview(b"")
+    return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
 
 @dataclass(frozen=True)
@@ -337,9 +349,8 @@ class EncodedExamples:
     """Token ids (truncated, unpadded) and class indices. The ids are a file of int32s, mapped read-only; memory
     holds an offset and a label per example."""
 
-    def __init__(self, ids_file: Path, offsets: array[int], labels: array[int]) -> None:
-        self.ids_file = ids_file
-        self._ids = _mapped(ids_file).cast("i")
+    def __init__(self, ids: memoryview, offsets: array[int], labels: array[int]) -> None:
+        self._ids = ids.cast("i")
         self._offsets = offsets
         self.labels = labels
 
@@ -359,12 +370,11 @@ def encode(
     indices: Sequence[int],
     label2id: dict[str, int],
     max_length: int,
-    ids_file: Path,
 ) -> EncodedExamples:
-    """Tokenize the chosen examples with the model's tokenizer, a batch at a time, into ``ids_file``; padding
-    happens per batch in collate."""
+    """Tokenize the chosen examples with the model's tokenizer, a batch at a time, into a file in the dataset's
+    scratch directory; padding happens per batch in collate."""
     offsets, labels = array("q", [0]), array("i")
-    with ids_file.open("wb", buffering=_READ_BYTES) as out:
+    with _unnamed_file(dataset.scratch) as out:
         start = 0
         while start < len(indices):
             end, size = start, 0
@@ -378,7 +388,8 @@ def encode(
                 offsets.append(offsets[-1] + len(ids))
             labels.extend(label2id[dataset.label(i)] for i in chunk)
             start = end
-    return EncodedExamples(ids_file, offsets, labels)
+        ids = _mapped(out)
+    return EncodedExamples(ids, offsets, labels)
 
 
 @dataclass(frozen=True)

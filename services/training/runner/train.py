@@ -152,13 +152,8 @@ class Trainer:
         label2id = {label: i for i, label in enumerate(job.labels)}
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         with phase("tokenize", examples=len(job.dataset)):
-            staged = job.dataset.texts_file.parent
-            self.train_data = encode(
-                self.tokenizer, job.dataset, job.train, label2id, spec.max_seq_length, staged / "train.ids"
-            )
-            self.eval_data = encode(
-                self.tokenizer, job.dataset, job.held_out, label2id, spec.max_seq_length, staged / "held-out.ids"
-            )
+            self.train_data = encode(self.tokenizer, job.dataset, job.train, label2id, spec.max_seq_length)
+            self.eval_data = encode(self.tokenizer, job.dataset, job.held_out, label2id, spec.max_seq_length)
 
         model: nn.Module = AutoModelForSequenceClassification.from_pretrained(
             job.model_dir,

@@ -210,7 +210,8 @@ def test_a_dataset_is_staged_as_it_streams_and_never_held(tmp_path: Path) -> Non
     assert (staged.text(7), staged.label(7)) == ('review 7: the car, quite "fast" ', "bad")
     assert (staged.summary.sha256, staged.summary.format) == (source.digest.hexdigest(), "csv")
     assert staged.summary.size_bytes > source.size
-    assert staged.texts_file.stat().st_size > staged.summary.size_bytes / 2
+    # The texts are on disk in a file without a name: nothing of the dataset is left behind however the runner ends.
+    assert list(tmp_path.iterdir()) == []
     # 12 bytes an example, twice while an array grows (old and new buffer), plus the 1 MiB read and write buffers.
     assert peak < 24 * len(staged) + (3 << 20), (peak, len(staged))
     assert peak < staged.summary.size_bytes / 1.5, (peak, staged.summary.size_bytes)
