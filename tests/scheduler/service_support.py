@@ -87,7 +87,10 @@ class RunningScheduler:
             extra_interceptors=[cast(grpc.aio.ClientInterceptor, bearer)],
         )
         self._channels.append(channel)
-        return SchedulerClient(channel)
+        # The server shares this test's event loop on a shared machine: a call's deadline here is no latency check
+        # (bench_scheduler_rpc measures that), and 10 s ran out once in a fresh-clone run beside three CPU-heavy
+        # processes (GetJob of a job in memory, DEADLINE_EXCEEDED).
+        return SchedulerClient(channel, timeout_seconds=60.0)
 
     def submitter(self, user: str = "acme/dev") -> SchedulerClient:
         """``user``'s client through the training service, the way a tenant's jobs reach the scheduler."""
