@@ -76,11 +76,13 @@ def _is_s3_url(repository: str) -> bool:
 @dataclass(frozen=True)
 class ProbeSpec:
     """How to ask a component whether it is ready: gRPC health (overall ""), HTTP GET (200) or TCP connect. A gRPC
-    probe speaks the mesh's TLS, or with ``tls_dir`` mutual TLS with that directory's ca.pem and client cert."""
+    probe speaks the mesh's TLS, accepting only the certificate ``server_name`` ("aidc-<service>"; empty: any that
+    names the target's host), or with ``tls_dir`` mutual TLS with that directory's ca.pem and client cert."""
 
     kind: ProbeKind
     target: str
     tls_dir: str = ""
+    server_name: str = ""
 
     def describe(self) -> str:
         """Human-readable form for error messages."""
@@ -665,7 +667,7 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
             env={**env, **own},
             cwd=platform.project_root,
             log_file=logs / f"{service}.log",
-            probe=ProbeSpec("grpc", address),
+            probe=ProbeSpec("grpc", address, server_name=f"aidc-{service}"),
             address=address,
             endpoints=(
                 f"mesh gRPC {address}",

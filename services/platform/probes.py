@@ -39,8 +39,9 @@ def _channel(spec: ProbeSpec, settings: MeshSettings) -> grpc.aio.Channel:
     if spec.tls_dir:  # Triton: mutual TLS with its own CA and the platform's client certificate
         ca, cert, key = ((Path(spec.tls_dir) / name).read_bytes() for name in TRITON_CLIENT_FILES)
         return grpc.aio.secure_channel(spec.target, grpc.ssl_channel_credentials(ca, key, cert))
-    # The operator's identity: with AIDC_CERTS_DIR set the probe speaks mutual TLS like the CLI does.
-    return create_channel(spec.target, settings, identity="cli")
+    # The operator's identity: with AIDC_CERTS_DIR set the probe speaks mutual TLS like the CLI does, and accepts only
+    # the component's own certificate (every service certificate also names localhost and 127.0.0.1).
+    return create_channel(spec.target, settings, identity="cli", server_name=spec.server_name or None)
 
 
 async def _probe_grpc(spec: ProbeSpec, settings: MeshSettings, timeout: float) -> ProbeResult:

@@ -25,6 +25,8 @@ from services.mesh.channels import create_channel, service_channel
 from services.mesh.errors import AidcError, InvalidArgument, Unauthenticated, Unavailable
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer
+from services.platform.components import ProbeSpec
+from services.platform.probes import Health, probe
 from tests.conftest import start_auth
 from tests.mesh.echo import PERMISSIONS, EchoClient, Req, registration
 
@@ -250,6 +252,12 @@ async def test_a_service_accepts_only_the_certificate_of_the_service_it_calls(mt
         )
         assert await genuine.get_jwks()
         await genuine.close()
+        # The supervisor's health probe of auth (what `aidc up` builds) is pinned the same way.
+        probed = {
+            target: (await probe(ProbeSpec("grpc", target, server_name="aidc-auth"), mtls_settings, 5.0)).health
+            for target in (f"127.0.0.1:{port}", running.address)
+        }
+        assert probed == {f"127.0.0.1:{port}": Health.DOWN, running.address: Health.SERVING}
     finally:
         await running.server.stop(0)
         await impostor.stop(0)
