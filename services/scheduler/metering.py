@@ -114,6 +114,7 @@ class AllocationMeter:
         self._interval_ns = max(int(interval_seconds * 1e9), 1)
         self._clock = clock
         self._open: dict[tuple[str, int], Allocation] = {}
+        self._releasing: set[tuple[str, int]] = set()  # release time decided, not stored yet: ticks leave them alone
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -156,14 +157,26 @@ class AllocationMeter:
         complete = now - now % self._interval_ns
         async with self._lock:
             for key, allocation in list(self._open.items()):
-                await self._meter(key, allocation, allocation.released_ns or complete)
+                if key not in self._releasing:
+                    await self._meter(key, allocation, allocation.released_ns or complete)
 
-    async def release(self, allocation: Allocation) -> None:
-        """``allocation`` with its release time stored (not before ``latest(allocation)``'s metered time): meters it
-        to the end, from where this meter got (the caller's copy may be older), and forgets it."""
+    async def releasing(self, allocation: Allocation, ended_ns: int) -> Allocation:
+        """``allocation`` (as far as this meter metered it) released at ``ended_ns``, or where a tick already metered
+        to if that is later: held at least as long as it was metered. Waits for a tick in progress, and ticks leave
+        it alone from now until ``release``: none meters past the release while the caller stores it."""
         async with self._lock:
             allocation = self.latest(allocation)
-            await self._meter((allocation.job_id, allocation.attempt), allocation, allocation.released_ns)
+            self._releasing.add((allocation.job_id, allocation.attempt))
+            return replace(allocation, released_ns=max(ended_ns, allocation.metered_until_ns))
+
+    async def release(self, allocation: Allocation) -> None:
+        """``allocation`` from ``releasing``, its release time stored: meters it to the end, from where this meter got
+        (the caller's copy may be older), and forgets it."""
+        key = (allocation.job_id, allocation.attempt)
+        async with self._lock:
+            allocation = self.latest(allocation)
+            await self._meter(key, allocation, allocation.released_ns)
+            self._releasing.discard(key)
 
     async def _meter(self, key: tuple[str, int], allocation: Allocation, until_ns: int) -> None:
         start = max(allocation.metered_until_ns, allocation.admitted_ns)

@@ -92,6 +92,8 @@ class Meter(Protocol):
 
     def latest(self, allocation: Allocation) -> Allocation: ...
 
+    async def releasing(self, allocation: Allocation, ended_ns: int) -> Allocation: ...
+
     async def release(self, allocation: Allocation) -> None: ...
 
 
@@ -697,9 +699,10 @@ class JobScheduler:
             released = max(min(status.ended_ns, now), job.admitted_ns)
         if allocation is not None:
             # Held at least as long as it was metered: a window a tick metered as complete (the exit not noticed
-            # yet, and the resources not reassignable meanwhile) is not metered again with other content.
-            allocation = self._meter.latest(allocation)
-            released = max(released, allocation.metered_until_ns)
+            # yet, and the resources not reassignable meanwhile) is not metered again with other content; and no
+            # tick meters past the release while it is being stored.
+            allocation = await self._meter.releasing(allocation, released)
+            released = allocation.released_ns
         if job.running_since_ns:
             job.run_ns += max(released - job.running_since_ns, 0)
         self.policy.release(job.job_id)
@@ -729,7 +732,6 @@ class JobScheduler:
             else:
                 target, reason = JobState.FAILED, f"{what}: {detail}"
         if allocation is not None:
-            allocation = replace(allocation, released_ns=released)
             self.writer.save_allocation(allocation)
         if target is JobState.QUEUED:
             job.attempt += 1
