@@ -9,13 +9,18 @@ service's store was called by the client.
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 
+from services.auth.client import AuthClient
 from services.mesh.spanstore import SpanRecord, SpanStore
-from tests.clients.conftest import RunningPlatform
+from tests.clients.conftest import MODEL, PASSWORD, TEXTS, RunningPlatform
 
 pytestmark = pytest.mark.slow
 
@@ -64,16 +69,50 @@ def service_edges(spans: list[SpanRecord], client_trace: str) -> set[tuple[str, 
     return edges
 
 
+def _missing(store: SpanStore, client_trace: str, timeout: float) -> list[Edge]:
+    """The expected edges not in the store, once all are or ``timeout`` has passed (spans leave the services in
+    batches: 200 ms; Triton 500 ms)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = service_edges(list(store.iter_spans()), client_trace)
+        missing = [edge for edge in EXPECTED if (edge.parent, edge.child) not in found]
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(1)
+
+
+def _traced_inference(running: RunningPlatform) -> None:
+    """One more inference as acme's developer through the gateway, with a traceparent of its own."""
+
+    async def login() -> str:
+        auth = AuthClient(running.channel("auth"))
+        try:
+            return (await auth.login("acme", "dev", PASSWORD)).access_token
+        finally:
+            await auth.close()
+
+    token = asyncio.run(login())
+    assert running.ca_file is not None
+    client = triton_grpc.InferenceServerClient(
+        running.tenant_address("serving"), ssl=True, root_certificates=str(running.ca_file)
+    )
+    text = triton_grpc.InferInput("TEXT", [len(TEXTS), 1], "BYTES")
+    text.set_data_from_numpy(np.array([[t.encode()] for t in TEXTS], dtype=np.object_))
+    headers = {"authorization": f"Bearer {token}", "traceparent": f"00-{secrets.token_hex(16)}-00f067aa0ba902b7-01"}
+    try:
+        client.infer(MODEL, [text], headers=headers)
+    finally:
+        client.close()
+
+
 def test_every_expected_service_edge_is_traced(mtls_walk: RunningPlatform) -> None:
     store = SpanStore(mtls_walk.platform.data_dir / "traces")
-    required = list(EXPECTED)
-    missing: list[Edge] = []
-    found: set[tuple[str, str]] = set()
-    deadline = time.monotonic() + 30  # spans leave the services in batches (200 ms; Triton 500 ms)
-    while True:
-        found = service_edges(list(store.iter_spans()), mtls_walk.node_trace_id)
-        missing = [edge for edge in required if (edge.parent, edge.child) not in found]
-        if not missing or time.monotonic() > deadline:
+    missing = _missing(store, mtls_walk.node_trace_id, 30)
+    # Triton 2.51 now and then ignores an incoming traceparent and starts a trace of its own (the request is served
+    # fine): the walk's one inference then leaves no serving -> triton edge. Fresh traced requests, up to three.
+    for _ in range(3):
+        if [(e.parent, e.child) for e in missing] != [("serving", "triton")]:
             break
-        time.sleep(1)
+        _traced_inference(mtls_walk)
+        missing = _missing(store, mtls_walk.node_trace_id, 15)
     assert not missing, "missing trace edges:\n" + "\n".join(f"  {e.parent} -> {e.child} ({e.why})" for e in missing)
