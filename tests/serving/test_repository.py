@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -451,7 +452,12 @@ async def test_concurrent_requests_are_batched_and_bad_ones_fail_alone(
     async with triton_aio.InferenceServerClient(triton.grpc_addr, creds=triton.access.credentials()) as aio:
         before = await _executions(aio, served)
         answers = await asyncio.gather(*(aio.infer(served, inputs) for inputs, _ in requests), return_exceptions=True)
+        # Triton counts a request in its statistics when it releases it, which can come just after the answer.
+        deadline = time.monotonic() + 10
         after = await _executions(aio, served)
+        while after[1] - before[1] < len(requests) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            after = await _executions(aio, served)
 
     for answer, (_, expected) in zip(answers, requests, strict=True):
         if isinstance(expected, str):
