@@ -32,6 +32,8 @@ from services.scheduler.config import SchedulerSettings
 from services.scheduler.executors.ray_placement import PLACEMENT_ENV, Placement, bundle, node_id_of
 from services.scheduler.store import SchedulerStore
 from services.training.runner import BytesSource, CancelToken, CollectingSink, FineTuneSpec, LocalArtifactStore, run_job
+from services.training.runner.data import LocalFileSource, stage_dataset
+from services.training.runner.distributed import PartsSource, put_dataset
 from services.training.runner.offline import minilm_path, rows_to_csv, tweets_rows
 from tests.billing.conftest import RunningBilling, start_billing
 from tests.conftest import RunningAuth
@@ -314,3 +316,35 @@ def test_two_workers_reach_the_accuracy_of_one_with_the_same_steps_and_data(
     assert abs(one["metrics"]["accuracy"] - two["metrics"]["accuracy"]) <= 0.02
     assert two["export"]["parity"]["passed"]
     assert not list(Path(tempfile.gettempdir()).glob(f"aidc-{job}-rank-*"))  # no rank left its scratch space
+
+
+def test_the_ranks_get_the_dataset_in_parts_fetched_one_at_a_time_and_stage_it_as_from_its_file(tmp_path: Path) -> None:
+    """The driver puts the dataset into Ray's object store part by part, and a rank fetches a part only when its
+    parser needs it (``put``/``get`` stand in for ray.put/ray.get here; the DDP tests above run them for real)."""
+    path = tmp_path / "tweets.csv"
+    path.write_bytes(rows_to_csv(tweets_rows(limit=800, seed=0)))
+    size = path.stat().st_size
+    part_bytes = 16 << 10
+    objects: dict[int, bytes] = {}
+
+    def put(data: bytes) -> int:
+        objects[len(objects)] = data
+        return len(objects) - 1
+
+    parts = put_dataset(path, put, part_bytes)
+    assert len(parts) == -(-size // part_bytes) >= 3
+    assert max(len(objects[p]) for p in parts) <= part_bytes
+    fetched: list[int] = []
+
+    def get(ref: int) -> bytes:
+        fetched.append(ref)
+        return objects[ref]
+
+    source = PartsSource(path.name, parts, get)
+    first = next(iter(source.chunks()))
+    assert fetched == [parts[0]] and first == objects[parts[0]]  # nothing is fetched ahead of the parser
+    from_parts = stage_dataset(source, "text", "label", tmp_path / "parts")
+    from_file = stage_dataset(LocalFileSource(path), "text", "label", tmp_path / "file")
+    assert from_parts.summary == from_file.summary and from_parts.summary.size_bytes == size
+    assert len(from_parts) == len(from_file) == 800
+    assert all((from_parts.text(i), from_parts.label(i)) == (from_file.text(i), from_file.label(i)) for i in range(800))

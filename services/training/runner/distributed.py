@@ -10,7 +10,8 @@ artifact store (checkpoints, TensorBoard files, the export, result.json) and, ba
 checkpoint to resume from. So the job's directory stays where the one-process runner keeps it (the training service
 publishes the export from there, once, as for any run); a worker node that dies loses nothing saved, and the next
 attempt resumes from the last checkpoint on whatever nodes the scheduler admits it to. No credential enters Ray: the
-ranks need none (the dataset is handed to them, the store is this driver's).
+ranks need none (the dataset is handed to them, the store is this driver's). The dataset goes into Ray's object store
+in parts read one at a time, and each rank stages it part by part: no process holds the whole file.
 
 stdout carries the event protocol, as the one-process runner's; exit codes are the same, plus EXIT_WORKER_LOST
 (a rank died without saying why, e.g. with its node: the scheduler asks Ray whether its node was lost).
@@ -26,12 +27,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from services.scheduler.executors.ray_placement import EXIT_WORKER_LOST, Placement
-from services.training.runner.data import BytesSource, LocalFileSource
+from services.training.runner.data import DatasetSource, LocalFileSource
 from services.training.runner.events import Cancelled, CancelToken, JsonLinesSink, RunnerEvent, StateChanged
 from services.training.runner.main import EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_PARITY, build_parser
 from services.training.runner.preflight import InvalidJob, check, prepare
@@ -39,13 +41,33 @@ from services.training.runner.spec import FineTuneSpec
 from services.training.runner.store import LocalArtifactStore
 from services.training.runner.tracing import EXPORTER_VARIABLES, carrier, traced_run
 
-__all__ = ["main", "train_rank"]
+__all__ = ["DATASET_PART_BYTES", "PartsSource", "main", "put_dataset", "train_rank"]
 
 log = logging.getLogger(__name__)
 
 _DRAIN_SECONDS = 0.3
 #: Artifacts a resumed run reads: the pointer, the checkpoint it names, and the best weights so far.
 _RESUME = ("checkpoints/latest.json", "checkpoints/best.pt")
+#: Bytes of the dataset per object in Ray's store: what the driver, and each rank staging it, hold at a time.
+DATASET_PART_BYTES = 4 << 20
+
+
+def put_dataset(path: Path, put: Callable[[bytes], Any], part_bytes: int = DATASET_PART_BYTES) -> list[Any]:
+    """The dataset file as objects of at most ``part_bytes`` (``put`` is ray.put), read one part at a time."""
+    return [put(part) for part in LocalFileSource(path, part_bytes).chunks()]
+
+
+@dataclass(frozen=True)
+class PartsSource:
+    """A rank's dataset: the driver's parts, fetched one at a time as the parser reads (``get`` is ray.get)."""
+
+    name: str
+    parts: Sequence[Any]
+    get: Callable[[Any], bytes]
+
+    def chunks(self) -> Iterator[bytes]:
+        for part in self.parts:
+            yield self.get(part)
 
 
 class _RunChannel:
@@ -192,7 +214,7 @@ def train_rank(config: dict[str, Any]) -> None:
     torch.set_num_threads(int(config["threads"]))
     channel = config["channel"]
     spec = FineTuneSpec.from_json(config["spec"])
-    source = BytesSource(config["dataset_name"], ray.get(config["dataset"]))
+    source = PartsSource(config["dataset_name"], config["dataset"], ray.get)
     store = _ChannelStore(channel, writer=rank == 0)
     cancel = CancelToken()
     stop = threading.Event()
@@ -211,7 +233,7 @@ def train_rank(config: dict[str, Any]) -> None:
 def _train(
     rank: int,
     spec: FineTuneSpec,
-    source: BytesSource,
+    source: DatasetSource,
     store: _ChannelStore,
     channel: Any,
     cancel: CancelToken,
@@ -342,7 +364,7 @@ def run(args: Any, out: TextIO) -> int:
         train_loop_config={
             "channel": channel,
             "spec": args.spec.read_bytes(),
-            "dataset": ray.put(args.dataset.read_bytes()),
+            "dataset": put_dataset(args.dataset, ray.put),
             "dataset_name": args.dataset.name,
             "threads": max(1, int(cpus)),
             "job": os.environ.get("AIDC_JOB_ID", "run"),
