@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
@@ -23,11 +24,16 @@ class StorageArtifacts:
         self._client = client
         self._timeout = transfer_timeout_seconds
 
-    async def fetch_dataset(self, tenant: str, name: str, version: int, target: Path) -> tuple[DatasetVersion, str]:
-        info = await self._client.download_to(tenant, name, target, version=version, timeout=self._timeout)
+    async def fetch_dataset(
+        self, tenant: str, name: str, version: int, write: Callable[[bytes], None]
+    ) -> tuple[DatasetVersion, str]:
+        info, chunks = await self._client.open_download(tenant, name, version=version, timeout=self._timeout)
+        head = b""
+        async for chunk in chunks:
+            head = head or bytes(chunk[:1])
+            await asyncio.to_thread(write, chunk)
         fmt = _FORMATS.get(info.format) or _FORMATS.get(info.text_dataset.format)
         if fmt is None:
-            head = target.read_bytes()[:1].lstrip()
             fmt = "jsonl" if head == b"{" else "csv"
         if info.shredded:
             raise InvalidArgument(f"dataset {name!r} version {info.version} was crypto-shredded")

@@ -96,6 +96,7 @@ async def build_server(
             default_pool=settings.training_default_pool,
             code_version=code_version(),
             mesh_identity=settings.tls_dir() is not None,
+            data_master_key=settings.master_key(),
         ),
         credentials=JobDelegations(auth, settings.master_key(), SERVICE),
         metrics=metrics,

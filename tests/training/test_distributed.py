@@ -35,6 +35,7 @@ from services.training.runner import BytesSource, CancelToken, CollectingSink, F
 from services.training.runner.data import LocalFileSource, stage_dataset
 from services.training.runner.distributed import PartsSource, put_dataset
 from services.training.runner.offline import minilm_path, rows_to_csv, tweets_rows
+from services.training.runner.sealed import SealedFileWriter, dataset_source, key_env
 from tests.billing.conftest import RunningBilling, start_billing
 from tests.conftest import RunningAuth
 from tests.ray_support import GIB, LocalRayCluster, NodeSpec, driver_env, ray_cluster
@@ -319,32 +320,42 @@ def test_two_workers_reach_the_accuracy_of_one_with_the_same_steps_and_data(
 
 
 def test_the_ranks_get_the_dataset_in_parts_fetched_one_at_a_time_and_stage_it_as_from_its_file(tmp_path: Path) -> None:
-    """The driver puts the dataset into Ray's object store part by part, and a rank fetches a part only when its
-    parser needs it (``put``/``get`` stand in for ray.put/ray.get here; the DDP tests above run them for real)."""
-    path = tmp_path / "tweets.csv"
-    path.write_bytes(rows_to_csv(tweets_rows(limit=800, seed=0)))
-    size = path.stat().st_size
-    part_bytes = 16 << 10
+    """The driver puts the job's sealed dataset into Ray's object store one opened segment at a time (plaintext for the
+    ranks: the key stays with the driver), and a rank fetches a part only when its parser needs it (``put``/``get``
+    stand in for ray.put/ray.get here; the DDP tests above run them for real)."""
+    data = rows_to_csv(tweets_rows(limit=30_000, seed=0))  # about 3.5 MiB: four segments
+    key = secrets.token_bytes(32)
+    writer = SealedFileWriter(tmp_path / "part", key)
+    for offset in range(0, len(data), 100_000):
+        writer.write(data[offset : offset + 100_000])
+    writer.finish()
+    (tmp_path / "part").rename(tmp_path / "dataset.csv.sealed")
+    plain = tmp_path / "dataset.csv"
+    plain.write_bytes(data)
     objects: dict[int, bytes] = {}
 
-    def put(data: bytes) -> int:
-        objects[len(objects)] = data
+    def put(chunk: bytes) -> int:
+        objects[len(objects)] = chunk
         return len(objects) - 1
 
-    parts = put_dataset(path, put, part_bytes)
-    assert len(parts) == -(-size // part_bytes) >= 3
-    assert max(len(objects[p]) for p in parts) <= part_bytes
+    source = dataset_source(tmp_path / "dataset.csv.sealed", key_env(key))
+    parts = put_dataset(source, put)
+    assert b"".join(objects[p] for p in parts) == data
+    assert len(parts) == 4 and max(len(objects[p]) for p in parts) <= 1 << 20  # one opened segment each
     fetched: list[int] = []
 
     def get(ref: int) -> bytes:
         fetched.append(ref)
         return objects[ref]
 
-    source = PartsSource(path.name, parts, get)
-    first = next(iter(source.chunks()))
+    ranks = PartsSource(source.name, parts, get)
+    first = next(iter(ranks.chunks()))
     assert fetched == [parts[0]] and first == objects[parts[0]]  # nothing is fetched ahead of the parser
-    from_parts = stage_dataset(source, "text", "label", tmp_path / "parts")
-    from_file = stage_dataset(LocalFileSource(path), "text", "label", tmp_path / "file")
-    assert from_parts.summary == from_file.summary and from_parts.summary.size_bytes == size
-    assert len(from_parts) == len(from_file) == 800
-    assert all((from_parts.text(i), from_parts.label(i)) == (from_file.text(i), from_file.label(i)) for i in range(800))
+    from_parts = stage_dataset(ranks, "text", "label", tmp_path / "parts")
+    from_file = stage_dataset(LocalFileSource(plain), "text", "label", tmp_path / "file")
+    assert from_parts.summary == from_file.summary and from_parts.summary.size_bytes == len(data)
+    assert len(from_parts) == len(from_file) > 29_000
+    assert all(
+        (from_parts.text(i), from_parts.label(i)) == (from_file.text(i), from_file.label(i))
+        for i in range(len(from_file))
+    )

@@ -29,6 +29,8 @@ from services.training.client import TrainingClient
 from services.training.config import TrainingSettings
 from services.training.core.model import ComputeSpec
 from services.training.core.service import JOB_LABEL, RUN_DIR, JobOptions, resolve_compute
+from services.training.runner.sealed import KEY_ENV, job_data_key
+from services.training.runner.tiny import keyword_dataset
 from services.training.store import TrainingStore
 from tests.at_rest import stored_in_clear
 from tests.conftest import RunningAuth
@@ -111,6 +113,16 @@ async def test_fine_tune_end_to_end(storage: RunningStorage, training: RunningTr
     assert (run.resources.cpu_millicores, run.resources.memory_bytes, run.attempt) == (1000, 2 * GIB, 1)
     assert run.executor.working_dir == str(training.settings.jobs_dir / job.job_id)
     assert run.executor.command[1:3] == ["-m", "services.training.runner"]
+    # The job's copy of the dataset is sealed under the job's key, which the run gets as a secret (kept sealed by the
+    # scheduler, never shown): no file of the job's directory holds the tenant's data in the clear.
+    assert KEY_ENV in run.executor.secret_env and not run.executor.secret_env[KEY_ENV]
+    assert KEY_ENV not in run.executor.env
+    job_dir = training.settings.jobs_dir / job.job_id
+    assert [p.name for p in job_dir.glob("dataset*")] == ["dataset.csv.sealed"]
+    assert not stored_in_clear(job_dir, [text.encode() for text, _ in keyword_dataset(600, seed=1)[:20]])
+    assert not stored_in_clear(
+        training.settings.training_dir, [job_data_key(training.settings.master_key(), job.job_id)]
+    )
     # Tenants do not see each other's runs in the scheduler either.
     assert (await training.scheduler.client("globex/dev").list_jobs())[0] == []
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import tarfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,8 +31,11 @@ class ArtifactGateway(Protocol):
     """What the training service needs from the storage service, acting for the tenant (the caller's identity, or a
     job's submitter through its delegation)."""
 
-    async def fetch_dataset(self, tenant: str, name: str, version: int, target: Path) -> tuple[DatasetVersion, str]:
-        """Downloads a dataset version into ``target``; the resolved version and its format ("csv"/"jsonl")."""
+    async def fetch_dataset(
+        self, tenant: str, name: str, version: int, write: Callable[[bytes], None]
+    ) -> tuple[DatasetVersion, str]:
+        """Streams a dataset version's bytes to ``write`` (called in a worker thread, in order); the resolved version
+        and its format ("csv"/"jsonl")."""
         ...
 
     async def fetch_artifact(self, tenant: str, name: str, version: int, target: Path) -> ArtifactEntry:

@@ -16,7 +16,7 @@ import sys
 import tarfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -53,8 +53,9 @@ from services.training.core.registry import MODEL_NAME, ArtifactGateway, ModelRe
 from services.training.core.relay import read_new_lines, translate
 from services.training.core.scheduling import ComputeScheduler, RunRequest, ScheduledRun
 from services.training.metrics import TrainingMetrics
-from services.training.runner.data import LocalFileSource
 from services.training.runner.preflight import InvalidJob, check
+from services.training.runner.sealed import SUFFIX as SEALED
+from services.training.runner.sealed import SealedFileSource, SealedFileWriter, job_data_key, key_env
 from services.training.runner.spec import FineTuneSpec
 from services.training.store import TrainingStore
 
@@ -124,6 +125,8 @@ class JobOptions:
     #: Whether this service has a mesh identity (a service certificate). Without one (plaintext dev mode) the
     #: scheduler cannot tell training from a tenant and runs nothing for it: fine-tunes are refused up front.
     mesh_identity: bool = True
+    #: What each job's key is derived from (services.training.runner.sealed): the service's master key, 32 bytes.
+    data_master_key: bytes = field(default=b"", repr=False)
 
 
 def resolve_compute(compute: ComputeSpec, options: JobOptions) -> ComputeSpec:
@@ -157,6 +160,8 @@ class TrainingCore:
         credentials: JobCredentials,
         metrics: TrainingMetrics | None = None,
     ) -> None:
+        if len(options.data_master_key) != 32:
+            raise ValueError("JobOptions.data_master_key must be the service's 32-byte master key")
         self._metrics = metrics or TrainingMetrics()
         self._store = store
         self._registry = registry
@@ -247,17 +252,21 @@ class TrainingCore:
         job_id = uuid.uuid4().hex
         job_dir = private_dir(self._options.jobs_dir / job_id)
         try:
+            # Sealed under the job's own key as it streams in: no plaintext copy of the tenant's data at rest here.
+            key = job_data_key(self._options.data_master_key, job_id)
+            writer = SealedFileWriter(job_dir / "dataset.part", key)
             try:
-                resolved, fmt = await self._artifacts.fetch_dataset(
-                    tenant, dataset.name, dataset.version, job_dir / "dataset.tmp"
-                )
+                resolved, fmt = await self._artifacts.fetch_dataset(tenant, dataset.name, dataset.version, writer.write)
+                await asyncio.to_thread(writer.finish)
             except NotFound as exc:
                 raise InvalidArgument(f"unknown dataset {dataset.name!r}: {exc.message}") from None
-            data_path = job_dir / f"dataset.{fmt}"
-            (job_dir / "dataset.tmp").rename(data_path)
+            finally:
+                writer.close()
+            data_path = job_dir / f"dataset.{fmt}{SEALED}"
+            (job_dir / "dataset.part").rename(data_path)
             runner_spec = replace(spec, base_model=base.path)
             try:
-                checked = await asyncio.to_thread(check, runner_spec, LocalFileSource(data_path))
+                checked = await asyncio.to_thread(check, runner_spec, SealedFileSource(data_path, key))
             except InvalidJob as exc:
                 raise InvalidArgument(str(exc)) from None
             (job_dir / "spec.json").write_text(json.dumps(runner_spec.to_dict(), indent=2))
@@ -408,6 +417,8 @@ class TrainingCore:
         # The scheduler gives its processes none of its own settings: the runner's spans go where ours go because
         # we say where.
         exporter, exporter_secrets = export_environment()
+        if data_path.name.endswith(SEALED):
+            exporter_secrets = {**exporter_secrets, **key_env(job_data_key(self._options.data_master_key, job.job_id))}
         return RunRequest(
             tenant=job.tenant,
             name=f"finetune-{job.job_id}",

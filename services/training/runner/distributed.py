@@ -11,7 +11,8 @@ checkpoint to resume from. So the job's directory stays where the one-process ru
 publishes the export from there, once, as for any run); a worker node that dies loses nothing saved, and the next
 attempt resumes from the last checkpoint on whatever nodes the scheduler admits it to. No credential enters Ray: the
 ranks need none (the dataset is handed to them, the store is this driver's). The dataset goes into Ray's object store
-in parts read one at a time, and each rank stages it part by part: no process holds the whole file.
+in parts read (and, sealed in the job's directory, opened) one at a time, and each rank stages it part by part: no
+process holds the whole file.
 
 stdout carries the event protocol, as the one-process runner's; exit codes are the same, plus EXIT_WORKER_LOST
 (a rank died without saying why, e.g. with its node: the scheduler asks Ray whether its node was lost).
@@ -33,28 +34,28 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from services.scheduler.executors.ray_placement import EXIT_WORKER_LOST, Placement
-from services.training.runner.data import DatasetSource, LocalFileSource
+from services.training.runner.data import DatasetSource
 from services.training.runner.events import Cancelled, CancelToken, JsonLinesSink, RunnerEvent, StateChanged
 from services.training.runner.main import EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_PARITY, build_parser
 from services.training.runner.preflight import InvalidJob, check, prepare
+from services.training.runner.sealed import dataset_source
 from services.training.runner.spec import FineTuneSpec
 from services.training.runner.store import LocalArtifactStore
 from services.training.runner.tracing import EXPORTER_VARIABLES, carrier, traced_run
 
-__all__ = ["DATASET_PART_BYTES", "PartsSource", "main", "put_dataset", "train_rank"]
+__all__ = ["PartsSource", "main", "put_dataset", "train_rank"]
 
 log = logging.getLogger(__name__)
 
 _DRAIN_SECONDS = 0.3
 #: Artifacts a resumed run reads: the pointer, the checkpoint it names, and the best weights so far.
 _RESUME = ("checkpoints/latest.json", "checkpoints/best.pt")
-#: Bytes of the dataset per object in Ray's store: what the driver, and each rank staging it, hold at a time.
-DATASET_PART_BYTES = 4 << 20
 
 
-def put_dataset(path: Path, put: Callable[[bytes], Any], part_bytes: int = DATASET_PART_BYTES) -> list[Any]:
-    """The dataset file as objects of at most ``part_bytes`` (``put`` is ray.put), read one part at a time."""
-    return [put(part) for part in LocalFileSource(path, part_bytes).chunks()]
+def put_dataset(source: DatasetSource, put: Callable[[bytes], Any]) -> list[Any]:
+    """The dataset as objects in Ray's store (``put`` is ray.put), one per chunk of the source (1 MiB), read and put one
+    at a time: the driver never holds more than a chunk, and the job's key never enters Ray."""
+    return [put(chunk) for chunk in source.chunks()]
 
 
 @dataclass(frozen=True)
@@ -341,8 +342,9 @@ def run(args: Any, out: TextIO) -> int:
     if spec.privacy is not None:
         raise InvalidJob("differential privacy trains on one worker (workers: 1)")
     store = LocalArtifactStore(args.job_dir)
+    source = dataset_source(args.dataset, os.environ)
     # The job's checks, and its fingerprint, without staging the dataset here: each rank stages its own.
-    finished = finished_result(store, check(spec, LocalFileSource(args.dataset)).fingerprint)
+    finished = finished_result(store, check(spec, source).fingerprint)
     if finished is not None:
         sink.emit(StateChanged("succeeded", {"result": "result.json"}))
         return EXIT_OK
@@ -364,8 +366,8 @@ def run(args: Any, out: TextIO) -> int:
         train_loop_config={
             "channel": channel,
             "spec": args.spec.read_bytes(),
-            "dataset": put_dataset(args.dataset, ray.put),
-            "dataset_name": args.dataset.name,
+            "dataset": put_dataset(source, ray.put),
+            "dataset_name": source.name,
             "threads": max(1, int(cpus)),
             "job": os.environ.get("AIDC_JOB_ID", "run"),
             "progress_interval": args.progress_interval,

@@ -17,11 +17,11 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from services.training.runner.data import LocalFileSource
 from services.training.runner.events import Cancelled, CancelToken, JsonLinesSink, StateChanged
 from services.training.runner.export import ParityError
 from services.training.runner.job import RESULT_FILE, run_job
 from services.training.runner.preflight import InvalidJob
+from services.training.runner.sealed import dataset_source
 from services.training.runner.spec import FineTuneSpec
 from services.training.runner.store import LocalArtifactStore
 from services.training.runner.tracing import traced_run
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
         with traced_run(os.environ):
             run_job(
                 spec,
-                LocalFileSource(args.dataset),
+                dataset_source(args.dataset, os.environ),
                 store,
                 sink,
                 cancel,
