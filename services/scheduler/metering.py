@@ -160,14 +160,17 @@ class AllocationMeter:
                 if key not in self._releasing:
                     await self._meter(key, allocation, allocation.released_ns or complete)
 
-    async def releasing(self, allocation: Allocation, ended_ns: int) -> Allocation:
-        """``allocation`` (as far as this meter metered it) released at ``ended_ns``, or where a tick already metered
-        to if that is later: held at least as long as it was metered. Waits for a tick in progress, and ticks leave
-        it alone from now until ``release``: none meters past the release while the caller stores it."""
-        async with self._lock:
-            allocation = self.latest(allocation)
-            self._releasing.add((allocation.job_id, allocation.attempt))
-            return replace(allocation, released_ns=max(ended_ns, allocation.metered_until_ns))
+    def releasing(self, allocation: Allocation, ended_ns: int) -> Allocation:
+        """``allocation`` (as far as this meter metered it, a tick in progress included) released at ``ended_ns``, or
+        where a tick already metered to if that is later: held at least as long as it was metered. Ticks leave it
+        alone from now until ``release``: none meters past the release while the caller stores it.
+
+        Synchronous, so that the job scheduler concludes an attempt (its allocation released in the policy, its
+        next state decided) in one step of the event loop: a cycle run in between would see an attempt that has
+        ended still holding its resources (and preempt for them, or stop it again)."""
+        allocation = self.latest(allocation)
+        self._releasing.add((allocation.job_id, allocation.attempt))
+        return replace(allocation, released_ns=max(ended_ns, allocation.metered_until_ns))
 
     async def release(self, allocation: Allocation) -> None:
         """``allocation`` from ``releasing``, its release time stored: meters it to the end, from where this meter got
@@ -182,10 +185,13 @@ class AllocationMeter:
         start = max(allocation.metered_until_ns, allocation.admitted_ns)
         if until_ns > start:
             self._outbox.emit_events(allocation_events(allocation, self._outbox.source, until_ns, self._interval_ns))
-        if until_ns > allocation.metered_until_ns and (until_ns > start or allocation.released_ns):
+        save = until_ns > allocation.metered_until_ns and (until_ns > start or allocation.released_ns)
+        if save:
             allocation = replace(allocation, metered_until_ns=until_ns)
-            await self._save(allocation)
+        # Known here in the same step as the events are emitted, before the save's await: ``releasing`` reads it.
         if allocation.released_ns and allocation.metered_until_ns >= allocation.released_ns:
             self._open.pop(key, None)
         else:
             self._open[key] = allocation
+        if save:
+            await self._save(allocation)

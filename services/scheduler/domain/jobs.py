@@ -92,7 +92,7 @@ class Meter(Protocol):
 
     def latest(self, allocation: Allocation) -> Allocation: ...
 
-    async def releasing(self, allocation: Allocation, ended_ns: int) -> Allocation: ...
+    def releasing(self, allocation: Allocation, ended_ns: int) -> Allocation: ...
 
     async def release(self, allocation: Allocation) -> None: ...
 
@@ -700,8 +700,9 @@ class JobScheduler:
         if allocation is not None:
             # Held at least as long as it was metered: a window a tick metered as complete (the exit not noticed
             # yet, and the resources not reassignable meanwhile) is not metered again with other content; and no
-            # tick meters past the release while it is being stored.
-            allocation = await self._meter.releasing(allocation, released)
+            # tick meters past the release while it is being stored. No await until the policy has released it and
+            # the next state is set: a cycle in between would see the ended attempt still holding its resources.
+            allocation = self._meter.releasing(allocation, released)
             released = allocation.released_ns
         if job.running_since_ns:
             job.run_ns += max(released - job.running_since_ns, 0)
