@@ -57,6 +57,10 @@ async def scheduler(
         AIDC_CERTS_DIR=settings.certs_dir,
         AIDC_SCHEDULER_RAY_ADDRESS=cluster.address,
         AIDC_SCHEDULER_RAY_SYNC_SECONDS="0.5",
+        # One replica, no failover here: a lease that outlasts the node-loss test's cluster.add, which holds this
+        # event loop for seconds (Ray's node start wants the main thread), longer than 6 s on a loaded machine (a
+        # fresh-clone run beside the serving benchmark lost the lease there, and the scheduler stopped itself).
+        AIDC_LEADER_LEASE_SECONDS="60",
     )
     running = await start_scheduler(SchedulerSettings.from_env(env), tokens)
     try:

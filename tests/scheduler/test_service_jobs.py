@@ -272,6 +272,11 @@ async def test_borrowed_work_is_preempted_when_its_owner_reclaims_and_resumes_fr
         ("done", 2),
     ]
     assert events[2]["step"] == checkpointed  # resumed from its checkpoint, not from scratch
+    # The watch delivers the end too, if later than GetJob answered it (a loaded run cancelled the watch first).
+    for _ in range(300):
+        if any(c.job.job_id == victim.job_id and c.job.state == pb.JOB_STATE_SUCCEEDED for c in changes):
+            break
+        await asyncio.sleep(0.1)
     watcher.cancel()
     path = [(c.previous_state, c.job.state) for c in changes if c.job.job_id == victim.job_id]
     for step in [
