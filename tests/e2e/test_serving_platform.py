@@ -332,8 +332,13 @@ async def check_metrics(p: Platform, before: dict[str, Scrape]) -> None:
     rules = [rule for group in groups for rule in group["rules"]]
     assert len(rules) == 14 and all(rule["health"] == "ok" for rule in rules), rules
     rate = "/api/v1/query?query=" + urllib.parse.quote('sum(aidc_gateway_inferences_total{tenant="acme"})')
-    answer = cast(dict[str, Any], _prometheus(p, rate))["data"]["result"]
-    assert answer and float(answer[0]["value"][1]) >= 2, answer
+
+    async def inferences_scraped() -> float | None:
+        # "up" can come from a scrape before the inferences: Prometheus sees them at its next scrape of serving.
+        answer = cast(dict[str, Any], _prometheus(p, rate))["data"]["result"]
+        return float(answer[0]["value"][1]) if answer and float(answer[0]["value"][1]) >= 2 else None
+
+    await _eventually(inferences_scraped, 60, "acme's two inferences in Prometheus")
 
     status = _aidc(p, "status")
     assert status.returncode == 0, status.stdout + status.stderr
