@@ -11,10 +11,10 @@ from services.mesh.db import open_database
 from services.mesh.leader import LeaderElection
 from services.mesh.metrics import metrics_enabled
 from services.mesh.security import mesh_security
+from services.mesh.segments import AES_GCM_HKDF, CipherSuite
 from services.mesh.server import MeshServer, Registration
 from services.storage.config import StorageSettings
 from services.storage.core.crypto import LocalKeyring
-from services.storage.core.segments import AES_GCM_HKDF, CipherSuite
 from services.storage.core.service import StorageCore, TransferLimits
 from services.storage.core.usage import UsageSink
 from services.storage.metering import StorageMeter

@@ -35,9 +35,9 @@ from pathlib import Path
 from minio import Minio
 
 from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
+from services.mesh.segments import AES_GCM_HKDF, TAG_BYTES
 from services.storage.client import StorageClient
 from services.storage.core.crypto import DataKey
-from services.storage.core.segments import AES_GCM_HKDF, TAG_BYTES
 from tests.conftest import start_auth_process, stop_process
 from tests.storage.conftest import StorageProcess, process_client, start_storage_process
 from tests.storage.seaweed import SeaweedFS

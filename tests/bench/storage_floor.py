@@ -6,9 +6,9 @@ else may ever run it.  python -m tests.bench.storage_floor
 
 from __future__ import annotations
 
+from services.mesh.segments import HEADER_BYTES, TAG_BYTES, SegmentCipher, SegmentCorrupt
 from services.mesh.server import MeshServer, run_service
 from services.storage.config import StorageSettings
-from services.storage.core.segments import HEADER_BYTES, TAG_BYTES, SegmentCipher, SegmentCorrupt
 from services.storage.memory import tune_allocator
 from services.storage.server import build_server
 

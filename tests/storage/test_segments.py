@@ -10,8 +10,7 @@ import pytest
 
 from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
 from services.mesh.errors import DataLoss
-from services.storage.core.crypto import DataKey
-from services.storage.core.segments import (
+from services.mesh.segments import (
     AES_GCM_HKDF,
     HEADER_BYTES,
     TAG_BYTES,
@@ -19,6 +18,7 @@ from services.storage.core.segments import (
     SegmentCorrupt,
     SegmentLayout,
 )
+from services.storage.core.crypto import DataKey
 from services.storage.wire import deserialize_download, encode_chunk
 
 MiB = 1024 * 1024

@@ -31,7 +31,7 @@ from tink.proto import aes_gcm_hkdf_streaming_pb2, common_pb2, tink_pb2
 
 from services.mesh.errors import DataLoss, FailedPrecondition
 from services.mesh.sealing import WrongMasterKey, seal, unseal
-from services.storage.core.segments import SegmentLayout
+from services.mesh.segments import SegmentLayout
 
 __all__ = [
     "KeyManager",
@@ -204,7 +204,7 @@ class LocalKeyring:
 
 @dataclass(frozen=True)
 class StreamKey:
-    """What a data key is to the segment cipher (services.storage.core.segments): the key and the layout."""
+    """What a data key is to the segment cipher (services.mesh.segments): the key and the layout."""
 
     key: bytes = field(repr=False)
     layout: SegmentLayout
@@ -235,7 +235,7 @@ class DataKey:
         return self._serialized
 
     def stream_key(self) -> StreamKey:
-        """The keyset's one AES-GCM-HKDF streaming key and its segment layout (see core.segments)."""
+        """The keyset's one AES-GCM-HKDF streaming key and its segment layout (see services.mesh.segments)."""
         return self._stream_key
 
     @staticmethod

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from services.mesh.errors import DataLoss
+from services.mesh.segments import HEADER_BYTES, TAG_BYTES, CipherSuite, SegmentCorrupt
 from services.storage.core.crypto import StreamKey
-from services.storage.core.segments import HEADER_BYTES, TAG_BYTES, CipherSuite, SegmentCorrupt
 from services.storage.objectstore import ObjectStore, ReadableObject, StoredObjectMissing
 
 __all__ = ["ByteRange", "StoredContent", "read_plaintext"]

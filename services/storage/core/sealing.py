@@ -8,11 +8,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from services.mesh.errors import DataLoss, InvalidArgument
+from services.mesh.segments import TAG_BYTES, SegmentCipher, SegmentLayout
 from services.storage.core.model import MaskingRecord, TextDatasetRecord
 from services.storage.core.names import ObjectKind
 from services.storage.core.parts import PartUploader
 from services.storage.core.pii import PiiKind, Pseudonymizer
-from services.storage.core.segments import TAG_BYTES, SegmentCipher, SegmentLayout
 from services.storage.core.textdata import TextDatasetProcessor, TextSpec
 
 __all__ = ["UploadSpec", "SealingWriter", "DEFAULT_CONTENT_TYPE", "part_bytes"]

@@ -40,6 +40,7 @@ from services.mesh.errors import (
     Unavailable,
 )
 from services.mesh.identity import Principal
+from services.mesh.segments import AES_GCM_HKDF, CipherSuite
 from services.storage.core.crypto import DataKey, KeyDestroyed, KeyManager, content_aad, data_key_context
 from services.storage.core.model import (
     DatasetRecord,
@@ -55,7 +56,6 @@ from services.storage.core.pii import MaskingMode
 from services.storage.core.prefetch import prefetched
 from services.storage.core.reading import ByteRange, StoredContent, read_plaintext
 from services.storage.core.sealing import DEFAULT_CONTENT_TYPE, SealingWriter, UploadSpec
-from services.storage.core.segments import AES_GCM_HKDF, CipherSuite
 from services.storage.core.tenantkeys import TenantKeys
 from services.storage.core.usage import NoUsageSink, StorageUsage, UsageKind, UsageSink
 from services.storage.objectstore import ObjectStore

@@ -4,7 +4,7 @@ The training service writes the dataset it streams from storage this way (``data
 plaintext copy of a tenant's data sits in the job directory; the runner is given the job's key in its environment
 (``KEY_ENV``, which the scheduler keeps sealed with the run, never on disk) and reads the dataset through
 ``SealedFileSource``. The format is the storage service's segment format (Tink's AES-GCM-HKDF streaming format,
-``services.storage.core.segments``): a file cut short, with a segment changed, moved or taken from another job's file
+``services.mesh.segments``): a file cut short, with a segment changed, moved or taken from another job's file
 fails to open (ValueError naming the segment), and no byte of a segment that failed is handed on.
 
 A job's key is derived from the training service's master key and the job id (HKDF), so every replica, and the
@@ -23,7 +23,7 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from services.storage.core.segments import AES_GCM_HKDF, HEADER_BYTES, TAG_BYTES, SegmentCorrupt, SegmentLayout
+from services.mesh.segments import AES_GCM_HKDF, HEADER_BYTES, TAG_BYTES, SegmentCorrupt, SegmentLayout
 from services.training.runner.data import DatasetSource, LocalFileSource
 
 __all__ = ["KEY_ENV", "SUFFIX", "SealedFileSource", "SealedFileWriter", "dataset_source", "job_data_key", "key_env"]

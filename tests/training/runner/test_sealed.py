@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.storage.core.segments import HEADER_BYTES, TAG_BYTES
+from services.mesh.segments import HEADER_BYTES, TAG_BYTES
 from services.training.runner.data import LocalFileSource
 from services.training.runner.sealed import (
     KEY_ENV,
