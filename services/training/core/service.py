@@ -416,15 +416,15 @@ class TrainingCore:
         }
         # The scheduler gives its processes none of its own settings: the runner's spans go where ours go because
         # we say where.
-        exporter, exporter_secrets = export_environment()
+        exporter, secrets = export_environment()
         if data_path.name.endswith(SEALED):
-            exporter_secrets = {**exporter_secrets, **key_env(job_data_key(self._options.data_master_key, job.job_id))}
+            secrets = {**secrets, **key_env(job_data_key(self._options.data_master_key, job.job_id))}
         return RunRequest(
             tenant=job.tenant,
             name=f"finetune-{job.job_id}",
             argv=argv,
             env={**env, **exporter},
-            secret_env=exporter_secrets,
+            secret_env=secrets,
             working_dir=job_dir,
             compute=job.compute,
             labels={JOB_LABEL: job.job_id},
