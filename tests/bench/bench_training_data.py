@@ -13,61 +13,20 @@ Run with `make bench` (or `python -m tests.bench.bench_training_data`).
 
 from __future__ import annotations
 
-import json
 import os
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from services.training.runner import FineTuneSpec
-from services.training.runner.tiny import build_tiny_bert, keyword_dataset, to_csv
+from services.training.runner.tiny import build_tiny_bert, keyword_dataset
+from tests.training.runner.processes import RunnerRun, run_runner, write_long_dataset
 
 DATA_MIB = int(os.environ.get("BENCH_DATA_MIB", "64"))
 
 
-def _dataset(path: Path, mib: int) -> int:
-    """A CSV of keyword rows of about 2 KB of text each, ``mib`` MiB; its row count."""
-    rows = keyword_dataset(4000, seed=1)
-    long_rows = [(" ".join(t for t, _ in rows[i : i + 40]), rows[i][1]) for i in range(0, len(rows) - 40, 3)]
-    header, body = to_csv(long_rows).split(b"\n", 1)
-    count = 0
-    with path.open("wb") as f:
-        f.write(header + b"\n")
-        while f.tell() < mib << 20:
-            f.write(body)
-            count += len(long_rows)
-    return count
-
-
-def _run(work: Path, model: Path, data: Path, data_limit: int = 0) -> dict[str, float]:
-    """Peak VmData and VmHWM (MiB) of the runner on ``data``, and its wall time; with ``data_limit`` (bytes) the
-    runner's data segment may not grow beyond it (RLIMIT_DATA: an allocation past it fails)."""
-    spec = FineTuneSpec(
-        base_model=str(model), epochs=1, max_steps=20, batch_size=8, max_seq_length=32, eval_fraction=0.01, seed=7
-    )
-    (work / "spec.json").write_text(json.dumps(spec.to_dict()))
-    job_dir = work / f"job-{data.stem}-{data_limit}"
-    argv = [sys.executable, "-m", "services.training.runner", "--job-dir", str(job_dir)]
-    argv += ["--spec", str(work / "spec.json"), "--dataset", str(data)]
-    started = time.perf_counter()
-    limit = (lambda: resource.setrlimit(resource.RLIMIT_DATA, (data_limit, data_limit))) if data_limit else None
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=limit)
-    peak = {"VmData": 0.0, "VmHWM": 0.0}
-    while process.poll() is None:
-        try:
-            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key in peak:
-                    peak[key] = max(peak[key], int(value.split()[0]) / 1024)
-        except OSError:
-            pass
-        time.sleep(0.1)
-    if process.returncode != 0:
-        raise SystemExit(f"the runner failed on {data.name} (exit {process.returncode})")
-    return {**peak, "seconds": time.perf_counter() - started}
+def _checked(run: RunnerRun, name: str) -> RunnerRun:
+    if run.code != 0:
+        raise SystemExit(f"the runner failed on {name} (exit {run.code})")
+    return run
 
 
 def main() -> None:
@@ -77,24 +36,26 @@ def main() -> None:
             work / "bert", [t for t, _ in keyword_dataset(2000, seed=99)], max_position_embeddings=64
         )
         small, large = work / "small.csv", work / "large.csv"
-        _dataset(small, 1)
-        rows = _dataset(large, DATA_MIB)
+        write_long_dataset(small, 1)
+        rows = write_long_dataset(large, DATA_MIB)
         mib = large.stat().st_size / 2**20
-        floor, grown = _run(work, model, small), _run(work, model, large)
+        floor = _checked(run_runner(work, model, small), "1 MiB")
+        grown = _checked(run_runner(work, model, large), f"{DATA_MIB} MiB")
         # The same dataset again, the runner's data segment limited to its floor plus half the dataset's size.
         headroom = (DATA_MIB << 20) // 2
-        limited = _run(work, model, large, int(floor["VmData"] * 2**20) + headroom)
-    for name, figures in (("1 MiB", floor), (f"{DATA_MIB} MiB ({rows:,} rows)", grown)):
+        limited = _checked(run_runner(work, model, large, int(floor.vm_data_mib * 2**20) + headroom), "limited")
+    for name, run in (("1 MiB", floor), (f"{DATA_MIB} MiB ({rows:,} rows)", grown)):
         print(
-            f"runner on {name}: VmData {figures['VmData']:.1f} MiB, VmHWM {figures['VmHWM']:.1f} MiB,"
-            f" {figures['seconds']:.1f} s"
+            f"runner on {name}: VmData {run.vm_data_mib:.1f} MiB, VmHWM {run.vm_hwm_mib:.1f} MiB, {run.seconds:.1f} s"
         )
     print(
         f"runner on {DATA_MIB} MiB with RLIMIT_DATA at its 1 MiB peak + {headroom >> 20} MiB: trained"
-        f" (VmData {limited['VmData']:.1f} MiB, {limited['seconds']:.1f} s)"
+        f" (VmData {limited.vm_data_mib:.1f} MiB, {limited.seconds:.1f} s)"
     )
-    for key in ("VmData", "VmHWM"):
-        extra = grown[key] - floor[key]
+    for key, extra in (
+        ("VmData", grown.vm_data_mib - floor.vm_data_mib),
+        ("VmHWM", grown.vm_hwm_mib - floor.vm_hwm_mib),
+    ):
         print(f"{key}: +{extra:.1f} MiB for {mib - 1:.0f} MiB more dataset: {extra / (mib - 1):.3f} per dataset MiB")
 
 

@@ -51,7 +51,7 @@ _counter = itertools.count()
 def build_request(rpc: str, tenant: str) -> Any:
     """A well-formed request for a scheduler RPC that names ``tenant``."""
     n = next(_counter)
-    cpu = pb.Resources(cpu_millicores=100, memory_bytes=2**20)
+    cpu = pb.Resources(cpu_millicores=100, memory_bytes=256 * 2**20)
     requests: dict[str, Callable[[], Any]] = {
         "SubmitJob": lambda: pb.SubmitJobRequest(
             tenant=tenant, resources=cpu, executor=pb.ExecutorSpec(command=runner_command(1, 0.01))

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+from services.scheduler.core import Resources
 from services.scheduler.executors import EXIT_LOST, LaunchRequest, LocalExecutor
 from tests.scheduler.service_support import runner_command
 
@@ -93,3 +95,41 @@ async def test_a_program_that_cannot_start_fails_with_127(tmp_path: Path) -> Non
     run = await LocalExecutor().launch(_request(tmp_path, ["/nonexistent/program"]))
     status = await asyncio.wait_for(run.wait(), 30)
     assert status.code == 127 and "could not start" in status.reason
+
+
+_MIB = 2**20
+
+#: Prints its data-segment limit, takes 64 MiB, then tries 1 GiB: exit 3 when that allocation is refused.
+_ALLOCATING = (
+    "import resource, sys\n"
+    "print(resource.getrlimit(resource.RLIMIT_DATA)[0], flush=True)\n"
+    "held = bytearray(64 << 20)\n"
+    "try:\n"
+    "    more = bytearray(1 << 30)\n"
+    "except MemoryError:\n"
+    "    sys.exit(3)\n"
+)
+
+
+async def _allocating(tmp_path: Path, per_worker: Resources) -> tuple[int, str]:
+    request = replace(_request(tmp_path, [sys.executable, "-c", _ALLOCATING]), per_worker=per_worker)
+    status = await asyncio.wait_for((await LocalExecutor().launch(request)).wait(), 30)
+    output = (request.job_dir / "attempt-1" / "worker-0.stdout").read_text().strip()
+    return status.code, output
+
+
+async def test_a_worker_may_not_allocate_more_than_the_memory_it_was_admitted_with(tmp_path: Path) -> None:
+    code, limit = await _allocating(tmp_path / "limited", Resources(1000, 256 * _MIB))
+    assert limit == str(256 * _MIB) and code == 3  # 64 MiB fit in its 256, 1 GiB more did not
+    # Without a memory request, or on a GPU (CUDA maps large private regions), the worker is not limited.
+    for name, unlimited in (("none", Resources(1000)), ("gpu", Resources(1000, 256 * _MIB, 1))):
+        code, limit = await _allocating(tmp_path / name, unlimited)
+        assert (code, int(limit)) == (0, resource.RLIM_INFINITY), name
+
+
+async def test_a_worker_that_aborts_under_its_memory_limit_is_said_to_have_been_limited(tmp_path: Path) -> None:
+    request = replace(
+        _request(tmp_path, [sys.executable, "-c", "import os; os.abort()"]), per_worker=Resources(1000, 512 * _MIB)
+    )
+    status = await asyncio.wait_for((await LocalExecutor().launch(request)).wait(), 30)
+    assert status.code == 134 and f"its memory was limited to its request, {512 * _MIB} bytes" in status.reason

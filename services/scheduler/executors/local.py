@@ -1,6 +1,10 @@
 """LocalExecutor: each worker of a job is a process on this machine, in its own session, started through the
 launcher (which records its exit status in a file). Output goes to files in the job's directory, never to a pipe,
-so workers outlive a scheduler restart (no SIGPIPE) and a restarted scheduler re-adopts them by pid + start time."""
+so workers outlive a scheduler restart (no SIGPIPE) and a restarted scheduler re-adopts them by pid + start time.
+
+A worker admitted with memory may not allocate more (the launcher's RLIMIT_DATA), so a job that outgrows its request
+fails itself rather than the machine's other jobs. A GPU job is not limited that way: CUDA's driver maps large private
+regions of address space that such a limit would count as if they were allocated."""
 
 from __future__ import annotations
 
@@ -174,6 +178,8 @@ class LocalExecutor:
         directory = attempt_dir(request.files_dir, request.attempt)
         directory.mkdir(parents=True, exist_ok=True)
         cwd = request.cwd or request.job_dir
+        limited = request.per_worker.memory_bytes if not request.per_worker.gpus else 0
+        memory = (str(limited),) if limited > 0 else ()
         workers: list[_Worker] = []
         try:
             for index, node in enumerate(request.nodes):
@@ -196,6 +202,7 @@ class LocalExecutor:
                         str(_LAUNCHER),
                         str(files.with_suffix(".exit")),
                         str(files.with_suffix(".pid")),
+                        *memory,
                         "--",
                         *request.argv,
                         cwd=str(cwd),

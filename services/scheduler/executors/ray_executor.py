@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
+from services.scheduler.core import Resources
 from services.scheduler.executors.base import ExitStatus, LaunchRequest, WorkerRef, attempt_dir
 from services.scheduler.executors.local import LocalExecutor, LocalRun
 from services.scheduler.executors.ray_cluster import RayCluster
@@ -130,8 +131,9 @@ class RayExecutor:
             output = attempt_dir(request.files_dir, request.attempt)
             argv = (self._python, "-m", _WORKERS_MODULE, "--output-dir", str(output), "--", *request.argv)
         env = {**request.env, **self.cluster.environment(), PLACEMENT_ENV: placement.to_json()}
-        # One driver per attempt, whatever the number of workers: it is "worker 0" of the attempt's files.
-        return replace(request, argv=argv, env=env, nodes=request.nodes[:1])
+        # One driver per attempt, whatever the number of workers: it is "worker 0" of the attempt's files. It holds
+        # none of what the workers were admitted with (Ray reserves that on their nodes), so no limit applies to it.
+        return replace(request, argv=argv, env=env, nodes=request.nodes[:1], per_worker=Resources())
 
     async def launch(self, request: LaunchRequest) -> RayRun:
         driver = await self._local.launch(self._driver_request(request))

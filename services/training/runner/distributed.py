@@ -36,7 +36,15 @@ from typing import Any, BinaryIO, TextIO
 from services.scheduler.executors.ray_placement import EXIT_WORKER_LOST, Placement
 from services.training.runner.data import DatasetSource
 from services.training.runner.events import Cancelled, CancelToken, JsonLinesSink, RunnerEvent, StateChanged
-from services.training.runner.main import EXIT_CANCELLED, EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_PARITY, build_parser
+from services.training.runner.main import (
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_PARITY,
+    build_parser,
+    failed,
+)
 from services.training.runner.preflight import InvalidJob, check, prepare
 from services.training.runner.sealed import dataset_source
 from services.training.runner.spec import FineTuneSpec
@@ -441,7 +449,7 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
         return EXIT_INVALID
     except Exception as exc:
         log.exception("distributed fine-tune failed")
-        sink.emit(StateChanged("failed", {"reason": "internal", "message": f"{type(exc).__name__}: {exc}"}))
+        sink.emit(failed(exc))
         return EXIT_FAILED
 
 

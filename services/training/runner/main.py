@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -47,6 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", type=Path, required=True, help="CSV or JSONL with the text and label columns")
     parser.add_argument("--progress-interval", type=float, default=1.0, help="seconds between progress events")
     return parser
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    # Python's allocations raise MemoryError; torch's CPU allocator raises a RuntimeError naming itself; a library
+    # imported late (scipy's, by scikit-learn's metrics) fails to map its writable segments.
+    return (
+        isinstance(exc, MemoryError)
+        or (isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in str(exc))
+        or (isinstance(exc, ImportError) and "failed to map segment" in str(exc))
+    )
+
+
+def failed(exc: BaseException) -> StateChanged:
+    """The event of a run that failed unexpectedly; running out of memory says so, with the limit and its remedy."""
+    if not _out_of_memory(exc):
+        return StateChanged("failed", {"reason": "internal", "message": f"{type(exc).__name__}: {exc}"})
+    limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    within = "" if limit == resource.RLIM_INFINITY else f" (limited to its memory request, {limit / 2**20:.0f} MiB)"
+    message = f"the run ran out of memory{within}: ask for more (aidc train submit --memory, or compute.memory_bytes)"
+    return StateChanged("failed", {"reason": "out_of_memory", "message": message})
 
 
 def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int:
@@ -89,7 +110,7 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
         return EXIT_CANCELLED
     except Exception as exc:
         log.exception("fine-tune job failed")
-        sink.emit(StateChanged("failed", {"reason": "internal", "message": f"{type(exc).__name__}: {exc}"}))
+        sink.emit(failed(exc))
         return EXIT_FAILED
     finally:
         for sig, handler in previous.items():

@@ -1,0 +1,36 @@
+"""A job's memory request bounds its runner (the scheduler's launcher sets RLIMIT_DATA to it), and a dataset far
+larger than the memory that leaves above the runner's own needs still trains: the runner streams its dataset to
+disk and keeps an offset and a label per example, so what it holds does not grow with the dataset's bytes. Real
+runner processes, as the scheduler starts them; the limit is the one tests/scheduler/test_local_executor.py shows the
+launcher sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.training.runner.processes import run_runner, write_long_dataset
+
+_MIB = 2**20
+#: Memory the limit leaves the run above what the runner needs on a 1 MiB dataset.
+_HEADROOM_MIB = 32
+_DATASET_MIB = 3 * _HEADROOM_MIB
+
+
+def test_a_dataset_three_times_the_memory_left_to_it_trains_and_running_out_says_so(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    small, large = tmp_path / "small.csv", tmp_path / "large.csv"
+    write_long_dataset(small, 1)
+    write_long_dataset(large, _DATASET_MIB)
+    floor = run_runner(tmp_path, tiny_model_dir, small)
+    assert floor.code == 0, floor.events
+    limit = int((floor.vm_data_mib + _HEADROOM_MIB) * _MIB)
+    limited = run_runner(tmp_path, tiny_model_dir, large, limit)
+    assert limited.code == 0, limited.events
+    assert any(e.get("state") == "succeeded" for e in limited.events)
+    # The limit binds: well below the runner's own needs a run fails, and says it ran out of memory.
+    starved = run_runner(tmp_path, tiny_model_dir, small, limit - 160 * _MIB)
+    assert starved.code != 0
+    failure = starved.failure()
+    assert failure["reason"] == "out_of_memory", failure
+    assert f"limited to its memory request, {(limit - 160 * _MIB) / _MIB:.0f} MiB" in str(failure["message"])
