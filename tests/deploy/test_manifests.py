@@ -422,8 +422,8 @@ def _ray_gpu_patch() -> dict[str, Any]:
     """The gpu overlay's JSON patch of the RayCluster: the GPU worker group it adds."""
     [entry] = [e for e in _kustomization(GPU)["patches"] if e.get("target", {}).get("kind") == "RayCluster"]
     assert entry["target"]["name"] == _ray_cluster(_base_docs())["metadata"]["name"]
-    [op] = _yaml_docs(GPU / entry["path"])[0]
-    assert op["op"] == "add" and op["path"] == "/spec/workerGroupSpecs/-"
+    [op] = [op for op in _yaml_docs(GPU / entry["path"])[0] if op["op"] == "add"]
+    assert op["path"] == "/spec/workerGroupSpecs/-"
     return dict(op["value"])
 
 
@@ -727,14 +727,23 @@ def test_each_replica_advertises_its_own_pod_address_to_the_others(service: str)
 # kubectl with its built-in kustomize v3.7+ (the overlay uses `components`): the machines this project runs on ship
 # kubectl 1.32 (kustomize v5.5). Debian's kubernetes-client is 1.20 (kustomize v2.0.3, "unknown field components"), too
 # old to stand in. Under CI=true a missing kubectl fails this test (tests/conftest.py) rather than skipping it.
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize v3.7 or later) is not installed")
+_NO_KUBECTL = shutil.which("kubectl") is None
+_NO_KUBECTL_REASON = "kubectl (with kustomize v3.7 or later) is not installed"
+
+
+@functools.cache
+def _built(directory: Path) -> list[dict[str, Any]]:
+    """What the real kustomize builds of a kustomization."""
+    run = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"kubectl kustomize failed (a kustomize older than v3.7?): {run.stderr}"
+    return [doc for doc in yaml.safe_load_all(run.stdout) if doc is not None]
+
+
+@pytest.mark.skipif(_NO_KUBECTL, reason=_NO_KUBECTL_REASON)
 def test_kustomize_builds_the_gpu_overlay_as_the_static_checks_assume() -> None:
     """The real kustomize: generated ConfigMaps are referenced by their hashed names, patches land, images move
     to the registry, every namespaced object is in aidc."""
-    run = subprocess.run(["kubectl", "kustomize", str(GPU)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, f"kubectl kustomize failed (a kustomize older than v3.7?): {run.stderr}"
-    built = run.stdout
-    docs = [doc for doc in yaml.safe_load_all(built) if doc is not None]
+    docs = _built(GPU)
     assert {doc["metadata"].get("namespace") for doc in docs if doc["kind"] != "Namespace"} == {"aidc"}
     config = next(name for name in _named(docs, "ConfigMap") if name.startswith("aidc-config-"))
     image = next(i for i in _kustomization(GPU)["images"] if i["name"] == "aidc")
@@ -760,6 +769,33 @@ def test_kustomize_builds_the_gpu_overlay_as_the_static_checks_assume() -> None:
     assert _named(docs, "PersistentVolumeClaim")["training-data"]["spec"]["accessModes"] == ["ReadWriteMany"]
     assert _named(docs, "PodDisruptionBudget").keys() == set(SERVICE_NAMES)
     assert _named(docs, "HorizontalPodAutoscaler").keys() == {"serving"}
+
+
+@pytest.mark.skipif(_NO_KUBECTL, reason=_NO_KUBECTL_REASON)
+def test_the_pods_sharing_the_job_volume_can_all_mount_it() -> None:
+    """Training, the scheduler (its Ray drivers) and the Ray workers mount the job volume. In the base it is
+    ReadWriteOnce, mountable on one node only: every other pod mounting it must be placed on the training pod's node
+    (else it waits forever for the volume). The gpu overlay's volume is ReadWriteMany: none is tied to a node."""
+    for directory, shared in ((BASE, False), (GPU, True)):
+        docs = _built(directory)
+        modes = _named(docs, "PersistentVolumeClaim")["training-data"]["spec"]["accessModes"]
+        assert modes == (["ReadWriteMany"] if shared else ["ReadWriteOnce"])
+        mounting = {
+            name: pod
+            for name, pod in _pod_specs(docs)
+            if any(v.get("persistentVolumeClaim", {}).get("claimName") == "training-data" for v in pod["volumes"])
+        }
+        assert {"Deployment/training", "Deployment/scheduler", "RayCluster/aidc-ray/cpu"} <= mounting.keys()
+        for name, pod in mounting.items():
+            terms = pod.get("affinity", {}).get("podAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution")
+            if shared or name == "Deployment/training":
+                assert terms is None, name
+            else:
+                beside_training = {
+                    "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "training"}},
+                    "topologyKey": "kubernetes.io/hostname",
+                }
+                assert terms == [beside_training], name
 
 
 # -- the image ----------------------------------------------------------------------------------------------------
