@@ -158,10 +158,19 @@ async def build_server(
     delivers_usage = settings.tls_dir() is not None
     closing = False
     leading = asyncio.Event()
+    loaded = False
 
     async def lead() -> None:
         """The scheduler proper, on the leader only: the queue, the cycle, launching, adopting what a previous
         leader on this machine left running, metering. A follower forwards every RPC here."""
+        nonlocal loaded
+        if loaded:
+            # Its state was loaded into this process once (the queue, the policy's jobs and nodes), and cannot be
+            # loaded again: leading again after a lost lease, or after a start that failed half-way, would restore
+            # jobs the policy still holds. The process restarts and leads afresh, or follows.
+            server.request_stop("this replica led once already; it restarts to lead again")
+            await asyncio.Event().wait()
+        loaded = True
         pools = await inventory.load()
         await register_local_machine(inventory, settings)
         if ray_nodes is not None:
