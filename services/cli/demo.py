@@ -68,7 +68,7 @@ def at(settings: MeshSettings, service: str) -> str:
 
 
 def _token_client(settings: MeshSettings, token: str) -> AuthClient:
-    return AuthClient(bearer_channel(at(settings, "auth"), settings, BearerToken(token)))
+    return AuthClient(bearer_channel(at(settings, "auth"), settings, "auth", BearerToken(token)))
 
 
 async def _admin_token(settings: MeshSettings, anon: AuthClient) -> str:
@@ -89,7 +89,7 @@ async def _admin_token(settings: MeshSettings, anon: AuthClient) -> str:
 
 async def _health(settings: MeshSettings) -> None:
     for name in SERVICE_NAMES:
-        channel = bearer_channel(at(settings, name), settings, BearerToken())
+        channel = bearer_channel(at(settings, name), settings, name, BearerToken())
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -121,7 +121,7 @@ async def run() -> None:
     settings = cli_settings()
     init_telemetry("aidc-cli", settings.data_dir)
     tracer = trace.get_tracer(__name__)
-    anon = AuthClient(bearer_channel(at(settings, "auth"), settings, BearerToken()))
+    anon = AuthClient(bearer_channel(at(settings, "auth"), settings, "auth", BearerToken()))
 
     _step("Every service of the mesh reports its health")
     await _health(settings)
@@ -154,7 +154,9 @@ async def run() -> None:
     console.print(f"  API key {key.api_key.key_id} authenticates as {who.subject}")
 
     _step("The developer uploads a text dataset: validated, personal data masked, encrypted with acme's key")
-    storage = StorageClient(bearer_channel(at(settings, "storage"), settings, BearerToken(tokens.access_token)))
+    storage = StorageClient(
+        bearer_channel(at(settings, "storage"), settings, "storage", BearerToken(tokens.access_token))
+    )
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["text", "label"])
@@ -185,7 +187,9 @@ async def run() -> None:
         "The developer fine-tunes MiniLM on it: a job of the scheduler (quota, budget, placement), a runner process, "
         "checkpoints, TorchScript export, parity check"
     )
-    training = TrainingClient(bearer_channel(at(settings, "training"), settings, BearerToken(tokens.access_token)))
+    training = TrainingClient(
+        bearer_channel(at(settings, "training"), settings, "training", BearerToken(tokens.access_token))
+    )
     spec = training_pb.FineTuneSpec(
         base_model="minilm-l6",
         dataset=training_pb.DatasetRef(name=dataset),
@@ -211,7 +215,9 @@ async def run() -> None:
         elif which == "metrics":
             values = ", ".join(f"{k} {v:.3f}" for k, v in sorted(job_event.metrics.values.items()))
             console.print(f"  epoch {job_event.metrics.epoch} step {job_event.metrics.step}: {values}")
-    scheduler = SchedulerClient(bearer_channel(at(settings, "scheduler"), settings, BearerToken(tokens.access_token)))
+    scheduler = SchedulerClient(
+        bearer_channel(at(settings, "scheduler"), settings, "scheduler", BearerToken(tokens.access_token))
+    )
     run = await scheduler.get_job(job.scheduler_job_id)
     await scheduler.close()
     console.print(
@@ -230,7 +236,7 @@ async def run() -> None:
     await training.close()
 
     _step("Deploy it to Triton: written into the live repository, loaded, probed with a real inference, routed")
-    channel = bearer_channel(at(settings, "serving"), settings, BearerToken(tokens.access_token))
+    channel = bearer_channel(at(settings, "serving"), settings, "serving", BearerToken(tokens.access_token))
     began = time.monotonic()
     deployment = await ServingClient(channel).deploy("sentiment", wait=True)
     console.print(
@@ -269,7 +275,7 @@ async def run() -> None:
         console.print(f"  {event.time.ToDatetime():%H:%M:%S}  {event.actor:<28} {event.action:<16} {event.target}")
 
     _step("Billing: what acme used (metered exactly once) and an enforced budget")
-    billing = BillingClient(bearer_channel(at(settings, "billing"), settings, BearerToken(admin_token)))
+    billing = BillingClient(bearer_channel(at(settings, "billing"), settings, "billing", BearerToken(admin_token)))
     for _ in range(20):  # the scheduler meters the run's allocation up to its release; its outbox delivers at once
         usage = await billing.query_usage("cpu_core_seconds", tenant="acme")
         if usage.buckets:

@@ -70,11 +70,23 @@ class CliRoute:
         return address
 
     def channel(
-        self, target: str, settings: MeshSettings, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()
+        self,
+        target: str,
+        settings: MeshSettings,
+        service: str,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> grpc.aio.Channel:
-        """A channel to ``target`` on this route."""
+        """A channel to ``service`` at ``target`` on this route."""
         if self.client_cert:
-            return create_channel(target, settings, identity=self.client_cert, extra_interceptors=interceptors)
+            # Only that service's certificate: every service certificate also names localhost and 127.0.0.1, so
+            # checking the address alone would let any service (or its stolen key) answer for another.
+            return create_channel(
+                target,
+                settings,
+                identity=self.client_cert,
+                extra_interceptors=interceptors,
+                server_name=f"aidc-{service}",
+            )
         ca_file = Path(self.ca_file) if self.ca_file else None
         return tenant_channel(target, settings, ca_file=ca_file, extra_interceptors=interceptors)
 
@@ -93,11 +105,11 @@ def cli_route(env: Mapping[str, str] | None = None) -> CliRoute:
 
 
 def bearer_channel(
-    target: str, settings: MeshSettings, bearer: BearerToken, route: CliRoute | None = None
+    target: str, settings: MeshSettings, service: str, bearer: BearerToken, route: CliRoute | None = None
 ) -> grpc.aio.Channel:
-    """A channel on the CLI's route (from the environment unless given) carrying ``bearer``'s token."""
+    """A channel to ``service`` on the CLI's route (from the environment unless given) carrying ``bearer``'s token."""
     # grpc-stubs types interceptors as a placeholder that every real interceptor must be cast to.
-    return (route or cli_route()).channel(target, settings, [cast(grpc.aio.ClientInterceptor, bearer)])
+    return (route or cli_route()).channel(target, settings, service, [cast(grpc.aio.ClientInterceptor, bearer)])
 
 
 @dataclass
@@ -125,7 +137,8 @@ class CliSession:
         """A channel to a mesh service carrying this session's token."""
         if service == "auth":
             return self.auth_channel
-        channel = bearer_channel(self.route.address(self.settings, service), self.settings, self.bearer, self.route)
+        address = self.route.address(self.settings, service)
+        channel = bearer_channel(address, self.settings, service, self.bearer, self.route)
         self._channels.append(channel)
         return channel
 
@@ -159,7 +172,7 @@ async def open_session(
         if stored is not None:
             auth_addr = stored.auth_addr
     bearer = BearerToken()
-    channel = bearer_channel(auth_addr, settings, bearer, route)
+    channel = bearer_channel(auth_addr, settings, "auth", bearer, route)
     session = CliSession(settings, route, store, auth_addr, bearer, channel)
     try:
         if authenticated:

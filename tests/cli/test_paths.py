@@ -4,11 +4,13 @@ the mesh path instead (AIDC_CLIENT_CERT). A real auth process; the CLI in-proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -101,3 +103,42 @@ def test_the_cli_needs_only_the_ca_file(
     assert "user:platform/admin" in operator.ok("whoami").stdout
     stored = json.loads(operator.credentials_file.read_text())
     assert stored["auth_addr"] == server.address
+
+    # On the mesh path only auth's own certificate answers for auth: another service's (every service certificate
+    # names localhost and 127.0.0.1 too) is refused before a byte of the request, the password, is sent.
+    with _impostor(certs, "billing") as (address, calls):
+        misled = _cli(
+            tmp_path / "misled",
+            monkeypatch,
+            server,
+            AIDC_CERTS_DIR=str(certs),
+            AIDC_CLIENT_CERT="cli",
+            AIDC_AUTH_ADDR=address,
+        )
+        refused = misled(
+            "login", "--tenant", "platform", "--user", "admin", "--password-stdin", input="new passphrase 42"
+        )
+        assert refused.exit_code == 1 and "UNAVAILABLE" in refused.output
+        assert calls == []
+
+
+@contextlib.contextmanager
+def _impostor(certs: Path, service: str) -> Iterator[tuple[str, list[str]]]:
+    """A TLS server at a loopback address presenting ``service``'s certificate, recording each method called."""
+    calls: list[str] = []
+
+    class Record(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> None:
+            calls.append(details.method)
+            return None
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[Record()])
+    credentials = grpc.ssl_server_credentials(
+        [((certs / f"{service}-key.pem").read_bytes(), (certs / f"{service}.pem").read_bytes())]
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", calls
+    finally:
+        server.stop(None)
