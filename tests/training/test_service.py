@@ -20,7 +20,6 @@ from services.gen.aidc.storage.v1 import storage_service_pb2 as storage_pb
 from services.gen.aidc.training.v1 import training_service_pb2 as pb
 from services.mesh.db import open_database
 from services.mesh.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from services.mesh.files import sha256_file
 from services.mesh.identity import TOKEN_LEEWAY_SECONDS
 from services.mesh.sealing import WrongMasterKey, unseal
 from services.scheduler.client import resources
@@ -28,7 +27,7 @@ from services.storage.client import StorageClient
 from services.training.client import TrainingClient
 from services.training.config import TrainingSettings
 from services.training.core.model import ComputeSpec
-from services.training.core.service import JOB_LABEL, RUN_DIR, JobOptions, resolve_compute
+from services.training.core.service import JOB_LABEL, JobOptions, resolve_compute
 from services.training.runner.sealed import KEY_ENV, job_data_key
 from services.training.runner.tiny import keyword_dataset
 from services.training.store import TrainingStore
@@ -79,6 +78,12 @@ async def test_fine_tune_end_to_end(storage: RunningStorage, training: RunningTr
     # calls would fail DEADLINE_EXCEEDED).
     job = await client.submit_fine_tune(keyword_spec(), tenant="acme", request_id="first", timeout=5.0)
     assert job.state == pb.JOB_STATE_QUEUED and job.spec.dataset.version == 1 and job.scheduler_job_id
+    # The job's copy of the dataset (there once the submission returns) is sealed under the job's key: no file of
+    # the job's directory holds the tenant's data in the clear.
+    job_dir = training.settings.jobs_dir / job.job_id
+    assert [p.name for p in job_dir.glob("dataset*")] == ["dataset.csv.sealed"]
+    rows = [text.encode() for text, _ in keyword_dataset(600, seed=1)[:20]]
+    assert not stored_in_clear(job_dir, rows)
     again = await client.submit_fine_tune(keyword_spec(), tenant="acme", request_id="first")
     assert again.job_id == job.job_id  # idempotent on request_id
 
@@ -113,13 +118,9 @@ async def test_fine_tune_end_to_end(storage: RunningStorage, training: RunningTr
     assert (run.resources.cpu_millicores, run.resources.memory_bytes, run.attempt) == (1000, 2 * GIB, 1)
     assert run.executor.working_dir == str(training.settings.jobs_dir / job.job_id)
     assert run.executor.command[1:3] == ["-m", "services.training.runner"]
-    # The job's copy of the dataset is sealed under the job's key, which the run gets as a secret (kept sealed by the
-    # scheduler, never shown): no file of the job's directory holds the tenant's data in the clear.
+    # The run gets the job's key as a secret (kept sealed by the scheduler, never shown), and it is nowhere at rest.
     assert KEY_ENV in run.executor.secret_env and not run.executor.secret_env[KEY_ENV]
     assert KEY_ENV not in run.executor.env
-    job_dir = training.settings.jobs_dir / job.job_id
-    assert [p.name for p in job_dir.glob("dataset*")] == ["dataset.csv.sealed"]
-    assert not stored_in_clear(job_dir, [text.encode() for text, _ in keyword_dataset(600, seed=1)[:20]])
     assert not stored_in_clear(
         training.settings.training_dir, [job_data_key(training.settings.master_key(), job.job_id)]
     )
@@ -143,10 +144,10 @@ async def test_fine_tune_end_to_end(storage: RunningStorage, training: RunningTr
     for artifact in version.artifacts:  # every export artifact is in storage, byte for byte what was registered
         stored = await files.stat("acme", artifact.name, kind=storage_pb.OBJECT_KIND_ARTIFACT, version=artifact.version)
         assert (stored.sha256, stored.size_bytes) == (artifact.sha256, artifact.size_bytes)
-    # The version is pinned to the digests of the files the runner exported (what serving checks every fetch by).
-    export = training.settings.jobs_dir / job.job_id / RUN_DIR / "export"
-    for role, name in (("model", "model.pt"), ("model_config", "model_config.json"), ("labels", "labels.json")):
-        assert roles[role].sha256 == sha256_file(export / name), role
+    # The ended job left nothing of the tenant's in its directory (the dataset's copy, checkpoints, the export now in
+    # storage): only the scheduler's files of its attempt, the runner's output.
+    assert [p.name for p in job_dir.iterdir()] == [job.scheduler_job_id]
+    assert not stored_in_clear(job_dir, rows)
     # Training meters nothing itself any more: the scheduler meters the run's allocation (tests/training/
     # test_through_the_mesh.py follows it into billing).
     assert not (training.settings.data_dir / "training" / "usage-outbox.db").exists()
@@ -239,6 +240,7 @@ async def test_a_job_waits_queued_with_the_schedulers_reason_and_cancels_from_tr
     [run] = await training.scheduled(job.job_id)
     assert run.state == scheduler_pb.JOB_STATE_CANCELLED and "changed my mind" in run.state_reason
     assert not (training.settings.jobs_dir / job.job_id / job.scheduler_job_id / "attempt-1").exists()  # never ran
+    assert not list((training.settings.jobs_dir / job.job_id).glob("dataset*"))  # nor is its dataset's copy kept
 
 
 async def test_a_jobs_delegation_is_kept_only_sealed_and_another_master_key_is_refused(

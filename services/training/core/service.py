@@ -746,6 +746,22 @@ class TrainingCore:
         await self._set_state(job, state, message)
         self._changed.pop(job.job_id, None)
         await self._end_credentials(job.job_id)
+        await asyncio.to_thread(_clear_job_dir, self._options.jobs_dir / job.job_id, job.scheduler_job_id)
+
+
+def _clear_job_dir(job_dir: Path, scheduler_job_id: str) -> None:
+    """What an ended job leaves of the tenant's in its directory is deleted: its sealed dataset, checkpoints, export
+    (in the tenant's storage once published) and packed archives. The scheduler's files of its attempts stay (the
+    runner's output, for the job's history and operators)."""
+    if not job_dir.is_dir():
+        return
+    for path in job_dir.iterdir():
+        if path.name == scheduler_job_id and scheduler_job_id:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _tar(directory: Path, archive: Path) -> None:
