@@ -13,6 +13,7 @@ from pathlib import Path
 
 from services.scheduler.core import Resources
 from services.scheduler.executors import EXIT_LOST, LaunchRequest, LocalExecutor
+from services.scheduler.executors.base import attempt_dir
 from tests.scheduler.service_support import runner_command
 
 
@@ -114,7 +115,7 @@ _ALLOCATING = (
 async def _allocating(tmp_path: Path, per_worker: Resources) -> tuple[int, str]:
     request = replace(_request(tmp_path, [sys.executable, "-c", _ALLOCATING]), per_worker=per_worker)
     status = await asyncio.wait_for((await LocalExecutor().launch(request)).wait(), 30)
-    output = (request.job_dir / "attempt-1" / "worker-0.stdout").read_text().strip()
+    output = (attempt_dir(request.files_dir, 1) / "worker-0.stdout").read_text().strip()
     return status.code, output
 
 
