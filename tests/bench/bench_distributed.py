@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from services.scheduler.executors.ray_placement import PLACEMENT_ENV, Placement, bundle, node_id_of
-from services.training.runner import FineTuneSpec
+from services.training.runner import RUNNER_ENV, FineTuneSpec
 from services.training.runner.tiny import build_tiny_bert, keyword_dataset, to_csv
 from tests.ray_support import GIB, LocalRayCluster, NodeSpec, driver_env, ray_cluster
 
@@ -36,7 +36,7 @@ ROUNDS = 3
 EXAMPLES = 1200
 BATCH = 32
 SEQ = 64
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+OFFLINE = {**RUNNER_ENV, "OMP_NUM_THREADS": "1"}
 
 
 def _spec(model_dir: Path) -> FineTuneSpec:

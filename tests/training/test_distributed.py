@@ -31,7 +31,15 @@ from services.scheduler.client import SchedulerClient
 from services.scheduler.config import SchedulerSettings
 from services.scheduler.executors.ray_placement import PLACEMENT_ENV, Placement, bundle, node_id_of
 from services.scheduler.store import SchedulerStore
-from services.training.runner import BytesSource, CancelToken, CollectingSink, FineTuneSpec, LocalArtifactStore, run_job
+from services.training.runner import (
+    RUNNER_ENV,
+    BytesSource,
+    CancelToken,
+    CollectingSink,
+    FineTuneSpec,
+    LocalArtifactStore,
+    run_job,
+)
 from services.training.runner.data import LocalFileSource, stage_dataset
 from services.training.runner.distributed import PartsSource, put_dataset
 from services.training.runner.offline import minilm_path, rows_to_csv, tweets_rows
@@ -291,8 +299,7 @@ def test_two_workers_reach_the_accuracy_of_one_with_the_same_steps_and_data(
         PLACEMENT_ENV: placement.to_json(),
         # Its own job id: the ranks' scratch directories are named by it in the shared temp directory.
         "AIDC_JOB_ID": job,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
+        **RUNNER_ENV,
     }
     two_dir = tmp_path / "two"
     finished = subprocess.run(

@@ -53,6 +53,7 @@ from services.training.core.registry import MODEL_NAME, ArtifactGateway, ModelRe
 from services.training.core.relay import read_new_lines, translate
 from services.training.core.scheduling import ComputeScheduler, RunRequest, ScheduledRun
 from services.training.metrics import TrainingMetrics
+from services.training.runner import RUNNER_ENV
 from services.training.runner.preflight import InvalidJob, check
 from services.training.runner.sealed import SUFFIX as SEALED
 from services.training.runner.sealed import SealedFileSource, SealedFileWriter, job_data_key, key_env
@@ -408,12 +409,7 @@ class TrainingCore:
             str(self._options.progress_interval_seconds),
         )
         threads = self._options.runner_threads or max(1, math.floor(job.compute.cpu_millicores / 1000))
-        env = {
-            "PYTHONPATH": str(_REPO_ROOT),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "OMP_NUM_THREADS": str(threads),
-        }
+        env = {**RUNNER_ENV, "PYTHONPATH": str(_REPO_ROOT), "OMP_NUM_THREADS": str(threads)}
         # The scheduler gives its processes none of its own settings: the runner's spans go where ours go because
         # we say where.
         exporter, secrets = export_environment()

@@ -42,12 +42,19 @@ from services.training.runner.preflight import InvalidJob, PreparedJob, prepare
 from services.training.runner.spec import FineTuneSpec, LoraSettings, PrivacySettings
 from services.training.runner.store import ArtifactStore, LocalArtifactStore
 
+#: The environment every runner process is started with, besides its job's: no model download at run time, and one
+#: thread for scipy's OpenBLAS, which transformers loads and training never calls. Left alone, OpenBLAS starts a
+#: thread per core with a 32 MiB buffer each as it loads, and under a job's memory limit that start spins forever
+#: instead of failing.
+RUNNER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OPENBLAS_NUM_THREADS": "1"}
+
 if TYPE_CHECKING:
     from services.training.runner.export import ParityError
     from services.training.runner.job import RESULT_FILE, run_job
 
 __all__ = [
     "RESULT_FILE",
+    "RUNNER_ENV",
     "ArtifactStore",
     "BytesSource",
     "CancelToken",

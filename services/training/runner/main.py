@@ -50,13 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What glibc's loader says when a library imported late (scipy's, by scikit-learn's metrics) cannot map its
+#: segments under the limit: which one depends on where the limit bites (its writable segment, or its zero-fill pages).
+_LOADER_OUT_OF_MEMORY = ("failed to map segment", "cannot map zero-fill pages", "Cannot allocate memory")
+
+
+def _limited() -> bool:
+    return resource.getrlimit(resource.RLIMIT_DATA)[0] != resource.RLIM_INFINITY
+
+
 def _out_of_memory(exc: BaseException) -> bool:
-    # Python's allocations raise MemoryError; torch's CPU allocator raises a RuntimeError naming itself; a library
-    # imported late (scipy's, by scikit-learn's metrics) fails to map its writable segments.
+    # Python's allocations raise MemoryError; torch's CPU allocator raises a RuntimeError naming itself; a thread
+    # whose stack cannot be mapped does not start (under a limit, for want of memory: not else).
     return (
         isinstance(exc, MemoryError)
         or (isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in str(exc))
-        or (isinstance(exc, ImportError) and "failed to map segment" in str(exc))
+        or (isinstance(exc, RuntimeError) and "can't start new thread" in str(exc) and _limited())
+        or (isinstance(exc, ImportError) and any(marker in str(exc) for marker in _LOADER_OUT_OF_MEMORY))
     )
 
 
@@ -65,7 +75,7 @@ def failed(exc: BaseException) -> StateChanged:
     if not _out_of_memory(exc):
         return StateChanged("failed", {"reason": "internal", "message": f"{type(exc).__name__}: {exc}"})
     limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
-    within = "" if limit == resource.RLIM_INFINITY else f" (limited to its memory request, {limit / 2**20:.0f} MiB)"
+    within = f" (limited to its memory request, {limit / 2**20:.0f} MiB)" if _limited() else ""
     message = f"the run ran out of memory{within}: ask for more (aidc train submit --memory, or compute.memory_bytes)"
     return StateChanged("failed", {"reason": "out_of_memory", "message": message})
 

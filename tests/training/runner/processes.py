@@ -4,6 +4,7 @@ peak memory: shared by the memory-limit test and ``tests/bench/bench_training_da
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.training.runner import FineTuneSpec
+from services.training.runner import RUNNER_ENV, FineTuneSpec
 from services.training.runner.tiny import keyword_dataset, to_csv
 
 
@@ -67,7 +68,7 @@ def run_runner(work: Path, model: Path, data: Path, data_limit: int = 0) -> Runn
     started = time.perf_counter()
     limit = (lambda: resource.setrlimit(resource.RLIMIT_DATA, (data_limit, data_limit))) if data_limit else None
     with (job_dir / "events.jsonl").open("wb") as out, (job_dir / "stderr").open("wb") as err:
-        process = subprocess.Popen(argv, stdout=out, stderr=err, preexec_fn=limit)
+        process = subprocess.Popen(argv, stdout=out, stderr=err, env={**os.environ, **RUNNER_ENV}, preexec_fn=limit)
         peak = {"VmData": 0.0, "VmHWM": 0.0}
         while process.poll() is None:
             try:

@@ -6,8 +6,12 @@ launcher sets."""
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
+import pytest
+
+from services.training.runner.main import failed
 from tests.training.runner.processes import run_runner, write_long_dataset
 
 _MIB = 2**20
@@ -34,3 +38,36 @@ def test_a_dataset_three_times_the_memory_left_to_it_trains_and_running_out_says
     failure = starved.failure()
     assert failure["reason"] == "out_of_memory", failure
     assert f"limited to its memory request, {(limit - 160 * _MIB) / _MIB:.0f} MiB" in str(failure["message"])
+
+
+_SO = "/venv/lib/python3.11/site-packages/scipy/optimize/_highspy/_core.cpython-311-x86_64-linux-gnu.so"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        MemoryError(),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+        # Where the limit bites in a late import decides which of glibc's loader errors it is; CI has seen both.
+        ImportError(f"{_SO}: failed to map segment from shared object"),
+        ImportError(f"{_SO}: cannot map zero-fill pages"),
+        ImportError(f"{_SO}: cannot open shared object file: Cannot allocate memory"),
+    ],
+)
+def test_each_form_of_running_out_of_memory_is_reported_as_such(exc: BaseException) -> None:
+    assert failed(exc).detail["reason"] == "out_of_memory"
+
+
+def test_a_thread_that_cannot_start_is_out_of_memory_only_under_a_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    exc = RuntimeError("can't start new thread")
+    assert failed(exc).detail["reason"] == "internal"
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (2**30, 2**30))
+    event = failed(exc)
+    assert event.detail["reason"] == "out_of_memory"
+    assert "limited to its memory request, 1024 MiB" in str(event.detail["message"])
+
+
+def test_an_import_that_fails_for_another_reason_stays_internal() -> None:
+    event = failed(ImportError(f"{_SO}: cannot open shared object file: No such file or directory"))
+    assert event.detail["reason"] == "internal"
+    assert "No such file or directory" in str(event.detail["message"])
