@@ -10,6 +10,8 @@ import random
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.mesh.errors import InvalidArgument
 from services.storage.core.pii import MaskingSpec, PiiKind
@@ -82,6 +84,20 @@ CSV_DAMAGE = {
     "NUL": lambda rows: [*rows[:400], b"7,a\x00b,pos\n", *rows[400:]],
     "record too long": lambda rows: [*rows[:50], b'7,"' + b"y\n" * (MAX_RECORD_BYTES // 2) + b'",pos\n', *rows[50:]],
     "line too long": lambda rows: [*rows[:50], b"7," + b"z" * (MAX_RECORD_BYTES + 10) + b",pos\n", *rows[50:]],
+    # After the first block (the header's), where Arrow reads:
+    "text after a closing quote": lambda rows: [*rows[:2600], b'7,"said" so,pos\n', *rows[2600:]],
+    "text after a closing doubled quote": lambda rows: [*rows[:2600], b'7,"said ""hi""" so,pos\n', *rows[2600:]],
+    "text after a quoted comma": lambda rows: [*rows[:2600], b'7,"a,"b,pos\n', *rows[2600:]],
+    "a late NUL": lambda rows: [*rows[:2600], b"7,a\x00b,pos\n", *rows[2600:]],
+    "a lone carriage return": lambda rows: [*rows[:2600], b"7,one,pos\r8,two,pos\n", *rows[2600:]],
+    "only Python's white space as text": lambda rows: [*rows[:2600], "7,\x1f\u3000,pos\n".encode(), *rows[2600:]],
+    "labels padded with Python's white space": lambda rows: [
+        *rows[:2600],
+        "7,t,\x1cpos\u3000\n".encode(),
+        *rows[2600:],
+    ],
+    "a field beyond csv's size limit": lambda rows: [*rows[:2600], b'7,"' + b"v" * 140_000 + b'",pos\n', *rows[2600:]],
+    "a quoted field of many lines": lambda rows: [*rows[:2600], b'7,"' + b"l\r\n" * 5000 + b'",pos\n', *rows[2600:]],
     "white space before the header": lambda rows: [b"  \n", *rows],
     "header without the label": lambda rows: [b"id,text,category\n", *rows[1:]],
     "header only": lambda rows: rows[:1],
@@ -100,6 +116,38 @@ def test_csv_blocks_decide_as_lines(damage: str, chunk: int) -> None:
         assert blocks[0] == content.removeprefix(b"\xef\xbb\xbf")
     if damage == "good":
         assert not isinstance(blocks, str) and blocks[0] == content and blocks[1].row_count == 3000
+
+
+_GOOD = b"".join(_csv(2600, seed=3))
+_PIECES = ["a", "ü", "物", ",", '"', '""', "\n", "\r", "\r\n", " ", "\t", "\x1f", "\u3000", "\x00", "pos"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_PIECES), max_size=12).map("".join), min_size=1, max_size=4))
+def test_any_records_after_the_first_block_are_decided_as_lines(records: list[str]) -> None:
+    """Arbitrary quoting, line ends and white space where Arrow reads (past the header's block) and in the records
+    that follow."""
+    late = "".join(f"7,{record},pos\n" for record in records).encode()
+    content = _GOOD + late + b"".join(_csv(200, seed=4)[1:])
+    blocks, lines = _both(TextFormat.CSV, content, 64 * 1024)
+    assert blocks == lines
+
+
+def test_arrow_decides_every_block_of_good_csv_after_the_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The equivalence above would hold trivially if Arrow's path gave every block to Python's reader."""
+    blocks: list[bytes] = []
+    python_blocks: list[str] = []
+    check_block, python_path = TextDatasetProcessor._check_block, TextDatasetProcessor._csv_block
+    monkeypatch.setattr(
+        TextDatasetProcessor, "_check_block", lambda self, block: blocks.append(block) or check_block(self, block)
+    )
+    monkeypatch.setattr(
+        TextDatasetProcessor, "_csv_block", lambda self, text: python_blocks.append(text) or python_path(self, text)
+    )
+    outcome = _run(TextSpec(TextFormat.CSV), b"".join(_csv(30_000, seed=5)), 64 * 1024)
+    assert not isinstance(outcome, str) and outcome[1].row_count == 30_000
+    assert len(blocks) > 10
+    assert len(python_blocks) == 1 and python_blocks[0].startswith("id,text,label\n")
 
 
 JSONL_DAMAGE = {

@@ -4,11 +4,15 @@ recorded. Optionally personal data in the text column is masked or pseudonymized
 the masked spans are counted.
 
 Unmasked content is stored exactly as it arrives and checked in blocks of whole records (at most
-MAX_RECORD_BYTES each, so no record in one can be too long): one UTF-8 decode and one run of the C ``csv`` reader
-(or ``json.loads`` per line) per block, and the checks as C-level passes over its rows; a block with anything
-irregular is checked again line by line, which finds the exact line and message. Masked content goes line by line
-(the masker rewrites single records). Either way memory stays bounded by a block or the longest record, whatever
-the size of the dataset.
+MAX_RECORD_BYTES each, so no record in one can be too long). A CSV block after the header goes through Arrow's C++
+reader (which holds no GIL while it parses, so the upload's other stages go on), with the checks as Arrow compute
+kernels; where Arrow might read a block other than Python's strict ``csv`` reader does (a quote that is not a quoted
+field's, a lone carriage return, a field beyond ``csv``'s size limit), or finds anything wrong, the block goes
+to one UTF-8 decode and one run of the C ``csv`` reader (or ``json.loads`` per line) with the checks as C-level
+passes over its rows; a block with anything irregular is checked again line by line, which finds the exact line and
+message. Each path accepts exactly what the next one would, so a dataset's outcome never depends on which decided.
+Masked content goes line by line (the masker rewrites single records). Either way memory stays bounded by a block or
+the longest record, whatever the size of the dataset.
 """
 
 from __future__ import annotations
@@ -17,10 +21,16 @@ import csv
 import enum
 import io
 import json
+import re
+import sys
 from collections import Counter
-from collections.abc import Iterable, Sized
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 
 from services.mesh.errors import InvalidArgument
 from services.storage.core.pii import MaskingSpec, PiiKind, PiiMasker, Pseudonymizer
@@ -41,6 +51,13 @@ MAX_LABELS = 10_000
 _MAX_LABEL_CHARS = 256
 _BOM = b"\xef\xbb\xbf"
 _SEARCH_STEP = 64 * 1024
+#: What str.strip() strips (str.isspace): Arrow's trims are given exactly these, to decide blank texts and labels
+#: as Python does.
+_WHITE_SPACE = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
+#: Blocks whose every quote belongs to a quoted field as Python's strict reader takes one: it opens at a record's or
+#: field's start, doubles inside, and closes right before a delimiter or a line's end. Arrow reads other quotes
+#: leniently (text after a closing quote is appended, where Python's strict reader refuses the record).
+_PLAIN_QUOTING = re.compile(rb'(?:[^"]*+(?<![^,\n])"(?:[^"]++|"")*+"(?=[,\r\n]|\Z))*+[^"]*+')
 
 
 class TextFormat(enum.Enum):
@@ -194,15 +211,45 @@ class TextDatasetProcessor:
         lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
         if len(block) <= MAX_RECORD_BYTES + 1:
             raw = block[len(_BOM) :] if self._line == 0 and block.startswith(_BOM) else block
-            try:
-                text = raw.decode("utf-8")
-                checked = self._csv_block(text) if self._spec.format is TextFormat.CSV else self._jsonl_block(text)
-            except (UnicodeDecodeError, csv.Error, ValueError, LookupError, RecursionError, TypeError):
-                checked = False
+            checked = self._spec.format is TextFormat.CSV and self._arrow_block(raw)
+            if not checked:
+                try:
+                    text = raw.decode("utf-8")
+                    checked = self._csv_block(text) if self._spec.format is TextFormat.CSV else self._jsonl_block(text)
+                except (UnicodeDecodeError, csv.Error, ValueError, LookupError, RecursionError, TypeError):
+                    checked = False
             if checked:
                 self._line += lines
                 return
         self._feed_lines(block)
+
+    def _arrow_block(self, block: bytes) -> bool:
+        """Checks a block of CSV records after the header with Arrow; False where the block is Python's to read."""
+        if self._columns is None or _PLAIN_QUOTING.fullmatch(block) is None:
+            return False
+        if b"\r" in block and block.count(b"\r") != block.count(b"\r\n"):
+            return False  # a lone carriage return ends a line for Arrow, and is malformed for Python
+        names = [str(i) for i in range(self._width)]
+        try:
+            table = pa_csv.read_csv(
+                pa.py_buffer(block),
+                read_options=pa_csv.ReadOptions(use_threads=False, column_names=names, block_size=2 * len(block) + 1),
+                parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+                convert_options=pa_csv.ConvertOptions(
+                    column_types=dict.fromkeys(names, pa.string()),  # UTF-8 checked
+                    strings_can_be_null=False,
+                    quoted_strings_can_be_null=False,
+                ),
+            )
+        except pa.ArrowInvalid:  # a record of another width, not UTF-8: Python's reader says which and where
+            return False
+        if any(pc.max(pc.binary_length(column)).as_py() > csv.field_size_limit() for column in table.columns):
+            return False
+        text_index, label_index = self._columns
+        if pc.any(pc.equal(pc.utf8_length(pc.utf8_trim(table.column(text_index), _WHITE_SPACE)), 0)).as_py():
+            return False
+        labels = pc.value_counts(pc.utf8_trim(table.column(label_index), _WHITE_SPACE))
+        return self._count(table.num_rows, {pair["values"]: pair["counts"] for pair in labels.to_pylist()})
 
     def _csv_block(self, text: str) -> bool:
         rows = list(filter(None, csv.reader(io.StringIO(text), strict=True)))  # blank lines give no row
@@ -220,7 +267,7 @@ class TextDatasetProcessor:
         text_index, label_index = columns
         if not all(map(str.strip, map(itemgetter(text_index), rows))):
             return False
-        if not self._count(rows, map(itemgetter(label_index), rows)):
+        if not self._count(len(rows), Counter(map(str.strip, map(itemgetter(label_index), rows)))):
             return False
         self._columns, self._width = columns, width
         return True
@@ -237,16 +284,16 @@ class TextDatasetProcessor:
             return False
         if not all(map(str.strip, values)):
             return False
-        return self._count(records, map(str, labels))
+        return self._count(len(records), Counter(map(str.strip, map(str, labels))))
 
-    def _count(self, rows: Sized, labels: Iterable[str]) -> bool:
-        """Adds a block's rows and labels to the summary, unless a label is empty, too long, or one too many."""
-        counted: Counter[str] = Counter(map(str.strip, labels))
+    def _count(self, rows: int, counted: Mapping[str, int]) -> bool:
+        """Adds a block's rows and (stripped) labels to the summary, unless a label is empty, too long, or one too
+        many."""
         known = self.summary.labels
         fresh = [label for label in counted if label not in known]
         if "" in counted or len(known) + len(fresh) > MAX_LABELS or any(len(f) > _MAX_LABEL_CHARS for f in fresh):
             return False
-        self.summary.row_count += len(rows)
+        self.summary.row_count += rows
         for label, n in counted.items():
             known[label] = known.get(label, 0) + n
         return True
