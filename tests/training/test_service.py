@@ -11,6 +11,7 @@ import secrets
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -27,7 +28,7 @@ from services.storage.client import StorageClient
 from services.training.client import TrainingClient
 from services.training.config import TrainingSettings
 from services.training.core.model import ComputeSpec
-from services.training.core.service import JOB_LABEL, JobOptions, resolve_compute
+from services.training.core.service import JOB_LABEL, JobOptions, TrainingCore, resolve_compute
 from services.training.runner.sealed import KEY_ENV, job_data_key
 from services.training.runner.tiny import keyword_dataset
 from services.training.store import TrainingStore
@@ -297,6 +298,30 @@ async def test_cancel_from_either_side_reaches_the_runner(
         assert "runner: cancelled" in logs and any("cancelled at step" in m for m in logs), logs
         [run] = await training.scheduled(job.job_id)
         assert run.state == scheduler_pb.JOB_STATE_CANCELLED and run.exit_code == 130
+
+
+async def test_a_job_failing_in_the_service_stops_its_run(
+    storage: RunningStorage, training: RunningTraining, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault of the service while the scheduler runs the job ends the job FAILED; its runner must not go on
+    spending the tenant's quota for it (nor write into the job's directory, cleared once the job ended)."""
+    await _setup(storage, training, tiny_bert_dir)
+    client = training.client()
+    track = TrainingCore._track
+
+    async def broken_once_running(self: TrainingCore, job: Any, run: Any) -> None:
+        if run.state == "running":
+            raise RuntimeError("a fault of the service")
+        await track(self, job, run)
+
+    monkeypatch.setattr(TrainingCore, "_track", broken_once_running)
+    job = await client.submit_fine_tune(keyword_spec(epochs=30), tenant="acme")
+    final = await wait_for_job(client, job.job_id, lambda j: j.state in TERMINAL, what="the job's end")
+    monkeypatch.setattr(TrainingCore, "_track", track)
+    assert final.state == pb.JOB_STATE_FAILED and final.error == "internal error: RuntimeError", final.error
+    [run] = await training.scheduled(job.job_id)
+    run = await wait_terminal(training.scheduler.client("platform/admin"), run.job_id, tenant="acme")
+    assert run.state == scheduler_pb.JOB_STATE_CANCELLED and "internal error" in run.state_reason, run
 
 
 @pytest.mark.slow

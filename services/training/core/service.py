@@ -467,13 +467,26 @@ class TrainingCore:
                 log.warning("job %s: following it failed (%s); again in %.1f s", job.job_id, exc, pause)
             except Exception as exc:
                 log.exception("job %s failed in the service", job.job_id)
-                await self._finish(job, JobState.FAILED, f"internal error: {type(exc).__name__}")
+                message = f"internal error: {type(exc).__name__}"
+                await self._stop_run(job, message)
+                await self._finish(job, JobState.FAILED, message)
                 return
             wake = self._wake[job.job_id]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), pause)
             wake.clear()
             pause = min(pause * 2, _RETRY_SECONDS[1])
+
+    async def _stop_run(self, job: JobRecord, reason: str) -> None:
+        """Cancels the job's run, if it has one, for a job that ends in the service while the scheduler may still run
+        it: its runner would go on spending the tenant's quota and budget for a job already over. Best effort (the
+        failure that ends the job may be the scheduler's, or the submitter's delegation)."""
+        if not job.scheduler_job_id:
+            return
+        try:
+            await self._as_submitter(job, lambda: self._scheduler.cancel(job.tenant, job.scheduler_job_id, reason))
+        except Exception:
+            log.exception("job %s: its run %s could not be cancelled", job.job_id, job.scheduler_job_id)
 
     async def _as_submitter(self, job: JobRecord, call: Callable[[], Awaitable[_T]]) -> _T:
         """``call`` made as the job's submitter (a current token of its delegation)."""
