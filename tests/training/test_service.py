@@ -243,6 +243,22 @@ async def test_a_job_waits_queued_with_the_schedulers_reason_and_cancels_from_tr
     assert not (training.settings.jobs_dir / job.job_id / job.scheduler_job_id / "attempt-1").exists()  # never ran
     assert not list((training.settings.jobs_dir / job.job_id).glob("dataset*"))  # nor is its dataset's copy kept
 
+    # A service stopped between recording a job's end and clearing its directory: the next leader clears it.
+    job_dir = training.settings.jobs_dir / job.job_id
+    kept = sorted(p.name for p in job_dir.iterdir())
+    (job_dir / "dataset.csv.sealed").write_bytes(b"sealed rows")
+    (job_dir / "run" / "checkpoints").mkdir(parents=True)
+    (job_dir / "run" / "checkpoints" / "step-1.pt").write_bytes(b"weights")
+    await training.stop()
+    restarted = await start_training(training.settings, training.tokens, training.scheduler)
+    try:
+        deadline = time.monotonic() + 30
+        while sorted(p.name for p in job_dir.iterdir()) != kept and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert sorted(p.name for p in job_dir.iterdir()) == kept
+    finally:
+        await restarted.stop()
+
 
 async def test_a_jobs_delegation_is_kept_only_sealed_and_another_master_key_is_refused(
     storage: RunningStorage, training: RunningTraining, tiny_bert_dir: Path

@@ -194,6 +194,7 @@ class TrainingCore:
         try:
             for job_id in await self._db(self._store.ended_jobs_with_credentials, TERMINAL_STATES):
                 await self._end_credentials(job_id)
+            await self._clear_ended_job_dirs()
             while True:
                 # A job followed here while the database was read may have ended meanwhile, its row read before
                 # its end was written: only jobs nobody here followed during the read are taken.
@@ -206,6 +207,20 @@ class TrainingCore:
         finally:
             self._leading = False
             await self.close()
+
+    async def _clear_ended_job_dirs(self) -> None:
+        """Clears the directories of ended jobs that still hold more than the scheduler's files (a process that
+        stopped between recording a job's end and clearing its directory)."""
+        jobs_dir = self._options.jobs_dir
+        if not jobs_dir.is_dir():
+            return
+        for job_dir in jobs_dir.iterdir():
+            job = await self._db(self._store.job, job_dir.name)
+            if job is None or job.state not in TERMINAL_STATES:
+                continue
+            if any(path.name != job.scheduler_job_id for path in job_dir.iterdir()):
+                log.info("job %s ended: clearing what its directory still holds", job.job_id)
+                await asyncio.to_thread(_clear_job_dir, job_dir, job.scheduler_job_id)
 
     async def close(self) -> None:
         """Stops following jobs. Their runs go on in the scheduler; the next leader follows them again."""
