@@ -486,6 +486,14 @@ async def test_base_model_registration_errors(
         await client.set_alias("nothing", "production", 1, tenant="acme")
 
 
+def test_a_fine_tune_asking_less_memory_than_the_runner_needs_is_refused() -> None:
+    options = JobOptions(jobs_dir=Path("jobs"))
+    with pytest.raises(InvalidArgument, match="at least 512 MiB"):
+        resolve_compute(ComputeSpec(memory_bytes=256 * 2**20), options)
+    assert resolve_compute(ComputeSpec(memory_bytes=512 * 2**20), options).memory_bytes == 512 * 2**20
+    assert resolve_compute(ComputeSpec(), options).memory_bytes == options.default_memory_bytes
+
+
 def test_a_fine_tune_naming_no_pool_runs_in_the_services_default_pool() -> None:
     """A cluster sends fine-tunes to its Ray pool (AIDC_TRAINING_DEFAULT_POOL); a spec's own pool wins."""
     options = JobOptions(jobs_dir=Path("jobs"), default_pool="ray")

@@ -53,7 +53,7 @@ from services.training.core.registry import MODEL_NAME, ArtifactGateway, ModelRe
 from services.training.core.relay import read_new_lines, translate
 from services.training.core.scheduling import ComputeScheduler, RunRequest, ScheduledRun
 from services.training.metrics import TrainingMetrics
-from services.training.runner import RUNNER_ENV
+from services.training.runner import MIN_MEMORY_BYTES, RUNNER_ENV
 from services.training.runner.preflight import InvalidJob, check
 from services.training.runner.sealed import SUFFIX as SEALED
 from services.training.runner.sealed import SealedFileSource, SealedFileWriter, job_data_key, key_env
@@ -138,6 +138,11 @@ def resolve_compute(compute: ComputeSpec, options: JobOptions) -> ComputeSpec:
         raise InvalidArgument("compute.max_run_duration must be at least one second")
     if not 0 <= compute.workers <= _MAX_WORKERS:
         raise InvalidArgument(f"compute.workers must be between 1 and {_MAX_WORKERS}")
+    if compute.memory_bytes and compute.memory_bytes < MIN_MEMORY_BYTES:
+        raise InvalidArgument(
+            f"compute.memory_bytes must be at least {MIN_MEMORY_BYTES // 2**20} MiB: the runner itself needs about "
+            "400 MiB before the model and the data"
+        )
     return replace(
         compute,
         cpu_millicores=compute.cpu_millicores or options.default_cpu_millicores,

@@ -47,6 +47,9 @@ from services.training.runner.store import ArtifactStore, LocalArtifactStore
 #: thread per core with a 32 MiB buffer each as it loads, and under a job's memory limit that start spins forever
 #: instead of failing.
 RUNNER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OPENBLAS_NUM_THREADS": "1"}
+#: The least memory a runner is started with: its own needs (Python, torch, transformers, the tiniest model) take
+#: ~400 MiB of data segment before any dataset or real model.
+MIN_MEMORY_BYTES = 512 * 2**20
 
 if TYPE_CHECKING:
     from services.training.runner.export import ParityError
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RESULT_FILE",
+    "MIN_MEMORY_BYTES",
     "RUNNER_ENV",
     "ArtifactStore",
     "BytesSource",

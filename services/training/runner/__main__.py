@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 import sys
 
+# scipy's OpenBLAS (loaded by transformers, never called by training) allocates its buffer as it loads. Under a job's
+# memory limit an allocation failing there can spin forever instead of failing, so it loads first, while this process
+# is small (the training service asks at least MIN_MEMORY_BYTES of a job); what fails later fails in Python or torch,
+# and says it ran out of memory.
+import scipy.linalg  # noqa: F401
+
 from services.mesh.files import use_private_umask
 from services.mesh.logs import configure_logging
 from services.training.runner.main import main

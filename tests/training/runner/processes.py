@@ -46,7 +46,7 @@ class RunnerRun:
         return next(e["detail"] for e in self.events if e.get("state") == "failed")  # type: ignore[return-value]
 
 
-def run_runner(work: Path, model: Path, data: Path, data_limit: int = 0) -> RunnerRun:
+def run_runner(work: Path, model: Path, data: Path, data_limit: int = 0, batch_size: int = 8) -> RunnerRun:
     """Trains 20 steps of ``model`` on ``data`` in a runner process; with ``data_limit`` (bytes) its data segment may
     not grow beyond it (RLIMIT_DATA, as the scheduler's launcher sets it from the job's memory request: an allocation
     past it fails). A tenth is held out, so that a 1 MiB dataset's run evaluates full batches (32 examples) too: its
@@ -55,12 +55,12 @@ def run_runner(work: Path, model: Path, data: Path, data_limit: int = 0) -> Runn
         base_model=str(model),
         epochs=1,
         max_steps=20,
-        batch_size=8,
+        batch_size=batch_size,
         max_seq_length=32,
         eval_fraction=0.1,
         seed=7,
     )
-    job_dir = work / f"job-{data.stem}-{data_limit}"
+    job_dir = work / f"job-{data.stem}-{data_limit}-{batch_size}"
     job_dir.mkdir(parents=True)
     (job_dir / "spec.json").write_text(json.dumps(spec.to_dict()))
     argv = [sys.executable, "-m", "services.training.runner", "--job-dir", str(job_dir)]
