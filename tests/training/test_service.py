@@ -340,6 +340,32 @@ async def test_a_job_failing_in_the_service_stops_its_run(
     assert run.state == scheduler_pb.JOB_STATE_CANCELLED and "internal error" in run.state_reason, run
 
 
+async def test_a_relay_that_fails_once_mid_run_goes_on_relaying(
+    storage: RunningStorage, training: RunningTraining, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault while relaying the runner's output (e.g. the database briefly away) must not leave the job without
+    progress for the rest of its run."""
+    await _setup(storage, training, tiny_bert_dir)
+    client = training.client()
+    relay = TrainingCore._relay
+    faults: list[int] = []
+
+    async def fails_once_after_the_first_progress(self: TrainingCore, job: Any, *, final: bool) -> None:
+        if not final and not faults and job.progress:
+            faults.append(job.progress["step"])
+            raise OSError("a fault while relaying")
+        await relay(self, job, final=final)
+
+    monkeypatch.setattr(TrainingCore, "_relay", fails_once_after_the_first_progress)
+    job = await client.submit_fine_tune(keyword_spec(epochs=30), tenant="acme")
+    await wait_for_job(client, job.job_id, lambda j: bool(faults), what="the fault")
+    step = await _progress_reaches(client, job.job_id, faults[0] + 1)
+    running = await client.get_job(job.job_id, tenant="acme")
+    assert running.state == pb.JOB_STATE_RUNNING, (faults, step, running.state)
+    await client.cancel_job(job.job_id, tenant="acme", reason="seen enough")
+    await _watch(client, job.job_id)
+
+
 @pytest.mark.slow
 async def test_a_preempted_fine_tune_resumes_from_its_checkpoint_and_registers_one_version(
     storage: RunningStorage, training: RunningTraining, tiny_bert_dir: Path

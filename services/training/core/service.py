@@ -553,8 +553,13 @@ class TrainingCore:
         return True
 
     async def _tail(self, job: JobRecord) -> None:
+        # A failed relay is tried again at the next poll: its task's exception would be seen only once the run ended,
+        # and the job would show no progress until then.
         while True:
-            await self._relay(job, final=False)
+            try:
+                await self._relay(job, final=False)
+            except Exception:
+                log.exception("job %s: relaying the runner's output failed; again in a moment", job.job_id)
             await asyncio.sleep(self._options.output_poll_seconds)
 
     async def _track(self, job: JobRecord, run: ScheduledRun) -> None:
