@@ -43,9 +43,8 @@ from services.training.runner.spec import FineTuneSpec, LoraSettings, PrivacySet
 from services.training.runner.store import ArtifactStore, LocalArtifactStore
 
 #: The environment every runner process is started with, besides its job's: no model download at run time, and one
-#: thread for scipy's OpenBLAS, which transformers loads and training never calls. Left alone, OpenBLAS starts a
-#: thread per core with a 32 MiB buffer each as it loads, and under a job's memory limit that start spins forever
-#: instead of failing.
+#: thread for scipy's OpenBLAS, which transformers loads and training never calls (left alone it starts a thread per
+#: core with a 32 MiB buffer each: ~90 MiB of every job here). Why the runner loads it first: __main__.py.
 RUNNER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OPENBLAS_NUM_THREADS": "1"}
 #: The least memory a runner is started with: its own needs (Python, torch, transformers, the tiniest model) take
 #: ~400 MiB of data segment before any dataset or real model.

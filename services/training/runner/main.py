@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: What glibc's loader says when a library imported late (scipy's, by scikit-learn's metrics) cannot map its
-#: segments under the limit: which one depends on where the limit bites (its writable segment, or its zero-fill pages).
+#: What glibc's loader says when a library imported late cannot map its segments under the limit: which one depends
+#: on where the limit bites (its writable segment, or its zero-fill pages).
 _LOADER_OUT_OF_MEMORY = ("failed to map segment", "cannot map zero-fill pages", "Cannot allocate memory")
 
 
