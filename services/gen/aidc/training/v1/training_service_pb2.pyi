@@ -532,7 +532,9 @@ class ComputeRequest(_message.Message):
     core). The runner uses as many torch threads as whole cores requested.
     """
     memory_bytes: _builtins.int
-    """0 means the training service's default (AIDC_TRAINING_DEFAULT_MEMORY_BYTES, 2 GiB)."""
+    """0 means the training service's default (AIDC_TRAINING_DEFAULT_MEMORY_BYTES, 2 GiB). Otherwise at least 512 MiB
+    (the runner itself takes about 400 MiB); less is INVALID_ARGUMENT.
+    """
     gpu_count: _builtins.int
     gpu_type: _builtins.str
     """e.g. "nvidia-a100-80gb"; empty means any."""
