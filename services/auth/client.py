@@ -2,13 +2,51 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
 import grpc
 
 from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
 from services.gen.aidc.auth.v1 import auth_service_pb2_grpc
 from services.mesh.client import ServiceClient
 
-__all__ = ["AuthClient"]
+__all__ = ["AuthClient", "BootstrapAdmin", "bootstrap_admin_file", "read_bootstrap_admin", "take_bootstrap_admin"]
+
+
+@dataclass(frozen=True)
+class BootstrapAdmin:
+    """The first-start platform admin's one-time password, which the auth service leaves on disk for the operator."""
+
+    tenant: str
+    user: str
+    password: str
+    path: Path
+
+
+def bootstrap_admin_file(data_dir: Path) -> Path:
+    """Where the auth service using ``data_dir`` writes the first-start admin's one-time password (0600)."""
+    return data_dir / "auth" / "bootstrap-admin.json"
+
+
+def read_bootstrap_admin(data_dir: Path) -> BootstrapAdmin | None:
+    """The first-start admin's one-time password if auth left one (show it once, then delete ``path``); None when
+    the file is gone."""
+    path = bootstrap_admin_file(data_dir)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    return BootstrapAdmin(str(raw["tenant"]), str(raw["user"]), str(raw["password"]), path)
+
+
+def take_bootstrap_admin(data_dir: Path) -> BootstrapAdmin | None:
+    """read_bootstrap_admin, removing the file as it is read (it is shown once)."""
+    admin = read_bootstrap_admin(data_dir)
+    if admin is not None:
+        admin.path.unlink(missing_ok=True)
+    return admin
 
 
 class AuthClient(ServiceClient):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.auth.client import bootstrap_admin_file
 from services.mesh.config import MeshSettings, check_master_key, load_settings, master_key, setting
 from services.mesh.peers import parse_proxies
 
@@ -106,7 +107,7 @@ class AuthSettings(MeshSettings):
 
     @property
     def bootstrap_file(self) -> Path:
-        return self.auth_dir / "bootstrap-admin.json"
+        return bootstrap_admin_file(self.data_dir)
 
     def master_key(self) -> bytes:
         """The configured master key, or the one in <data_dir>/auth/master.key (created 0600 on first use)."""

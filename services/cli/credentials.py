@@ -24,7 +24,6 @@ __all__ = [
     "Credentials",
     "CredentialsStore",
     "credentials_path",
-    "take_bootstrap_admin",
     "replace_one_time_password",
 ]
 
@@ -187,15 +186,3 @@ async def replace_one_time_password(
     it is stored nowhere. ``login`` is AuthClient.login."""
     password = secrets.token_urlsafe(18)
     return await login(tenant, user, one_time, new_password=password), password
-
-
-def take_bootstrap_admin(path: Path) -> dict[str, str] | None:
-    """The first-start platform admin credentials, removed from disk as they are read (shown once); None when
-    the file is gone."""
-    try:
-        raw = path.read_text()
-    except FileNotFoundError:
-        return None
-    data = json.loads(raw)
-    path.unlink()
-    return {key: str(data.get(key, "")) for key in ("tenant", "user", "password")}

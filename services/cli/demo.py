@@ -25,14 +25,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from rich.console import Console
 
-from services.auth.client import AuthClient
+from services.auth.client import AuthClient, take_bootstrap_admin
 from services.billing.client import BillingClient
 from services.cli.credentials import (
     Credentials,
     CredentialsStore,
     credentials_path,
     replace_one_time_password,
-    take_bootstrap_admin,
 )
 from services.cli.session import BearerToken, bearer_channel, cli_route, cli_settings
 from services.gen.aidc.common.v1 import common_pb2
@@ -73,14 +72,14 @@ def _token_client(settings: MeshSettings, token: str) -> AuthClient:
 
 async def _admin_token(settings: MeshSettings, anon: AuthClient) -> str:
     store = CredentialsStore(credentials_path(settings.data_dir, os.environ))
-    bootstrap = take_bootstrap_admin(settings.data_dir / "auth" / "bootstrap-admin.json")
+    bootstrap = take_bootstrap_admin(settings.data_dir)
     if bootstrap is not None:
         # The one-time password works for one login, which must set a new password: the demo sets one.
         tokens, password = await replace_one_time_password(
-            anon.login, bootstrap["tenant"], bootstrap["user"], bootstrap["password"]
+            anon.login, bootstrap.tenant, bootstrap.user, bootstrap.password
         )
         console.print(
-            f"first start: platform admin [bold]{bootstrap['tenant']}/{bootstrap['user']}[/]; its one-time password "
+            f"first start: platform admin [bold]{bootstrap.tenant}/{bootstrap.user}[/]; its one-time password "
             f"was replaced at first use by [bold yellow]{password}[/] (shown once; the CLI is logged in with it)"
         )
         store.save(Credentials.from_token_pair(at(settings, "auth"), tokens, "user:platform/admin", "platform"))

@@ -15,8 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from services.auth.client import AuthClient
-from services.auth.config import AuthSettings
+from services.auth.client import AuthClient, bootstrap_admin_file, take_bootstrap_admin
 from services.cli import (
     billing_cmd,
     certs_cmd,
@@ -27,7 +26,7 @@ from services.cli import (
     trace_cmd,
     training_cmd,
 )
-from services.cli.credentials import Credentials, CredentialsStore, credentials_path, take_bootstrap_admin
+from services.cli.credentials import Credentials, CredentialsStore, credentials_path
 from services.cli.session import CliSession, cli_settings, open_session
 from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
 from services.gen.aidc.common.v1 import common_pb2
@@ -503,19 +502,20 @@ def admin_rotate_signing_key() -> None:
 @admin_app.command("init")
 def admin_init() -> None:
     """Show the first-start platform admin's one-time password, once (the file holding it is then deleted)."""
-    path = AuthSettings(data_dir=cli_settings().data_dir).bootstrap_file
-    admin = take_bootstrap_admin(path)
+    data_dir = cli_settings().data_dir
+    admin = take_bootstrap_admin(data_dir)
     if admin is None:
+        path = bootstrap_admin_file(data_dir)
         raise FailedPrecondition(
             f"{path} does not exist: the platform admin's one-time password was already shown (and its file "
             "deleted), or the auth service has not started yet with this data directory (AIDC_DATA_DIR)"
         )
-    typer.echo(f"platform admin: tenant {admin['tenant']}, user {admin['user']}")
-    typer.echo(f"password: {admin['password']}")
+    typer.echo(f"platform admin: tenant {admin.tenant}, user {admin.user}")
+    typer.echo(f"password: {admin.password}")
     typer.echo(
         "warning: this password is shown only this once and has now been deleted from disk. It works for one\n"
         "login, which must set a new password (aidc login asks for it):\n"
-        f"  aidc login --tenant {admin['tenant']} --user {admin['user']}\n"
+        f"  aidc login --tenant {admin.tenant} --user {admin.user}\n"
         "Then create named administrators; do not share this account.",
         err=True,
     )

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.auth.client import read_bootstrap_admin
 from services.cli.credentials import Credentials, replace_one_time_password
 from services.cli.session import cli_settings, open_session
 from services.mesh.config import SERVICE_NAMES
@@ -27,7 +28,6 @@ from services.platform.supervisor import (
     StartupError,
     Supervisor,
     load_platform,
-    read_bootstrap_admin,
     start_detached,
     stop_platform,
 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -61,8 +60,6 @@ __all__ = [
     "start_detached",
     "stop_platform",
     "StopReport",
-    "BootstrapAdmin",
-    "read_bootstrap_admin",
     "log_tail",
 ]
 
@@ -667,23 +664,3 @@ def stop_platform(run_dir: Path, grace: float) -> StopReport:
     if not left:
         remove_run_files(run_dir)
     return StopReport(supervisor_pid=stopped_supervisor, stragglers=stragglers, left=left)
-
-
-@dataclass(frozen=True)
-class BootstrapAdmin:
-    """The one-time platform admin secret the auth service writes on its first start."""
-
-    tenant: str
-    user: str
-    password: str
-    path: Path
-
-
-def read_bootstrap_admin(data_dir: Path) -> BootstrapAdmin | None:
-    """The bootstrap admin secret if auth left one (the caller shows it once, then deletes `path`)."""
-    path = data_dir / "auth" / "bootstrap-admin.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    return BootstrapAdmin(tenant=raw["tenant"], user=raw["user"], password=raw["password"], path=path)

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.auth.client import BootstrapAdmin, take_bootstrap_admin
+from services.auth.config import AuthSettings
 from services.cli.credentials import (
     REFRESH_MARGIN_SECONDS,
     Credentials,
     CredentialsStore,
     credentials_path,
-    take_bootstrap_admin,
 )
 from services.gen.aidc.auth.v1 import auth_service_pb2 as pb
 from services.mesh.errors import Unauthenticated
@@ -119,9 +120,10 @@ async def test_missing_mismatched_and_corrupt_credentials(store: CredentialsStor
         await store.access_token(ADDR, refresher)
 
 
-def test_bootstrap_admin_is_taken_once(tmp_path: Path) -> None:
-    path = tmp_path / "bootstrap-admin.json"
+def test_bootstrap_admin_is_taken_once_from_where_auth_writes_it(tmp_path: Path) -> None:
+    path = AuthSettings(data_dir=tmp_path).bootstrap_file
+    path.parent.mkdir()
     path.write_text(json.dumps({"tenant": "platform", "user": "admin", "password": "s3cret"}))
-    assert take_bootstrap_admin(path) == {"tenant": "platform", "user": "admin", "password": "s3cret"}
+    assert take_bootstrap_admin(tmp_path) == BootstrapAdmin("platform", "admin", "s3cret", path)
     assert not path.exists()
-    assert take_bootstrap_admin(path) is None
+    assert take_bootstrap_admin(tmp_path) is None
