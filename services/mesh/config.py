@@ -22,6 +22,7 @@ __all__ = [
     "SERVICE_NAMES",
     "TENANT_LISTENER_OFF",
     "MeshSettings",
+    "ObjectStoreSettings",
     "Setting",
     "setting",
     "load_settings",
@@ -206,6 +207,40 @@ class MeshSettings:
                 raise ValueError(f"AIDC_METRICS_ADDR must be host:port, empty or 'off': {exc}") from None
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"AIDC_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {self.log_level!r}")
+
+
+@dataclass(frozen=True)
+class ObjectStoreSettings(MeshSettings):
+    """MeshSettings plus the connection to the object store (S3 API): storage keeps tenants' objects there, serving
+    an S3 model repository (which Triton's own S3 client reads with the same AWS_* credentials)."""
+
+    # The same variables (and documentation) as the platform supervisor's, which passes them to every service.
+    s3_endpoint: str = setting("127.0.0.1:50070", "S3 endpoint (host:port) of the object store (SeaweedFS here).")
+    aws_access_key_id: str = setting(
+        "",
+        "S3 access key; empty means generate one on first `aidc up` (<data_dir>/s3/credentials.json).",
+        env="AWS_ACCESS_KEY_ID",
+    )
+    aws_secret_access_key: str = setting(
+        "", "S3 secret key; empty means generate one with the access key.", env="AWS_SECRET_ACCESS_KEY"
+    )
+    storage_s3_secure: bool = setting(False, "Talk HTTPS to the object store.")
+    storage_s3_ca_file: str = setting("", "CA bundle (PEM) trusted for the object store's TLS; empty: system CAs.")
+    storage_s3_region: str = setting("", "S3 region; empty lets the SDK discover it.")
+    storage_s3_timeout_seconds: float = setting(
+        10.0, "Connect/read timeout of one S3 request; an unreachable object store fails calls after this."
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        try:
+            parse_address(self.s3_endpoint)
+        except ValueError as exc:
+            raise ValueError(f"AIDC_S3_ENDPOINT: {exc}") from None
+        if bool(self.aws_access_key_id) != bool(self.aws_secret_access_key):
+            raise ValueError("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither")
+        if self.storage_s3_timeout_seconds <= 0:
+            raise ValueError("AIDC_STORAGE_S3_TIMEOUT_SECONDS must be positive")
 
 
 def _env_name(f: dataclasses.Field[Any]) -> str:

@@ -37,10 +37,9 @@ from minio.error import InvalidResponseError, MinioException, S3Error, ServerErr
 from minio.helpers import DictType
 from urllib3.util import Retry, Timeout
 
-from services.mesh.config import parse_address
+from services.mesh.config import ObjectStoreSettings, load_settings, parse_address
 from services.mesh.errors import InvalidArgument, Unavailable
 from services.mesh.files import sha256_file
-from services.storage.config import StorageSettings
 
 __all__ = ["S3RepositoryMirror", "S3RepositoryURL", "is_s3_url"]
 
@@ -161,8 +160,8 @@ class S3RepositoryMirror:
         self._repository_ready = False
 
     @classmethod
-    def from_settings(cls, url: str, settings: StorageSettings) -> S3RepositoryMirror:
-        """The mirror with the object store settings the storage service reads (AWS_ACCESS_KEY_ID,
+    def from_settings(cls, url: str, settings: ObjectStoreSettings) -> S3RepositoryMirror:
+        """The mirror with the object store settings the storage service reads too (AWS_ACCESS_KEY_ID,
         AWS_SECRET_ACCESS_KEY, AIDC_STORAGE_S3_REGION, _CA_FILE, _TIMEOUT_SECONDS); the URL names the endpoint."""
         return cls(
             url,
@@ -176,7 +175,7 @@ class S3RepositoryMirror:
     @classmethod
     def from_env(cls, url: str, env: Mapping[str, str] | None = None) -> S3RepositoryMirror:
         """from_settings with the object store settings read from ``env`` (default: os.environ)."""
-        return cls.from_settings(url, StorageSettings.from_env(env))
+        return cls.from_settings(url, load_settings(ObjectStoreSettings, env))
 
     @property
     def url(self) -> S3RepositoryURL:

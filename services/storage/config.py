@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.mesh.config import MeshSettings, check_master_key, load_settings, master_key, parse_address, setting
+from services.mesh.config import ObjectStoreSettings, check_master_key, load_settings, master_key, setting
 
 __all__ = ["StorageSettings", "MIN_PART_SIZE"]
 
@@ -17,28 +17,12 @@ _SSE_MODES = ("none", "s3")
 
 
 @dataclass(frozen=True)
-class StorageSettings(MeshSettings):
-    """MeshSettings plus the object store, the keyring's master key and the transfer limits."""
+class StorageSettings(ObjectStoreSettings):
+    """ObjectStoreSettings plus the bucket, the keyring's master key and the transfer limits."""
 
-    # The same variables (and documentation) as the platform supervisor's, which passes them to every service.
-    s3_endpoint: str = setting("127.0.0.1:50070", "S3 endpoint (host:port) of the object store (SeaweedFS here).")
-    aws_access_key_id: str = setting(
-        "",
-        "S3 access key; empty means generate one on first `aidc up` (<data_dir>/s3/credentials.json).",
-        env="AWS_ACCESS_KEY_ID",
-    )
-    aws_secret_access_key: str = setting(
-        "", "S3 secret key; empty means generate one with the access key.", env="AWS_SECRET_ACCESS_KEY"
-    )
     storage_bucket: str = setting("aidc-storage", "Bucket holding every tenant's objects (created if missing).")
-    storage_s3_secure: bool = setting(False, "Talk HTTPS to the object store.")
-    storage_s3_ca_file: str = setting("", "CA bundle (PEM) trusted for the object store's TLS; empty: system CAs.")
-    storage_s3_region: str = setting("", "S3 region; empty lets the SDK discover it.")
     storage_s3_sse: str = setting(
         "none", "Also ask the object store to encrypt at rest (defence in depth): 'none' or 's3' (SSE-S3)."
-    )
-    storage_s3_timeout_seconds: float = setting(
-        10.0, "Connect/read timeout of one S3 request; an unreachable object store fails calls after this."
     )
     storage_master_key: str = setting(
         "", "Base64 of 32 bytes encrypting tenant keys at rest; empty: <data_dir>/storage/master.key (0600)."
@@ -73,12 +57,6 @@ class StorageSettings(MeshSettings):
 
     def validate(self) -> None:
         super().validate()
-        try:
-            parse_address(self.s3_endpoint)
-        except ValueError as exc:
-            raise ValueError(f"AIDC_S3_ENDPOINT: {exc}") from None
-        if bool(self.aws_access_key_id) != bool(self.aws_secret_access_key):
-            raise ValueError("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither")
         if self.storage_s3_sse not in _SSE_MODES:
             raise ValueError(f"AIDC_STORAGE_S3_SSE must be one of {', '.join(_SSE_MODES)}, not {self.storage_s3_sse!r}")
         if not 3 <= len(self.storage_bucket) <= 63:
@@ -96,8 +74,8 @@ class StorageSettings(MeshSettings):
             raise ValueError("AIDC_MAX_MESSAGE_BYTES must be at least 2 MiB (Download sends 1 MiB segments)")
         if self.storage_metering_interval_seconds <= 0:
             raise ValueError("AIDC_STORAGE_METERING_INTERVAL_SECONDS must be positive")
-        if self.storage_s3_timeout_seconds <= 0 or self.storage_orphan_grace_seconds < 0:
-            raise ValueError("AIDC_STORAGE_S3_TIMEOUT_SECONDS must be positive, the orphan grace not negative")
+        if self.storage_orphan_grace_seconds < 0:
+            raise ValueError("AIDC_STORAGE_ORPHAN_GRACE_SECONDS must not be negative")
         check_master_key(self.storage_master_key, "AIDC_STORAGE_MASTER_KEY")
 
     @property
