@@ -13,6 +13,12 @@ its baselines when Triton becomes unreachable, and a reading below its baseline 
 Triton spent on requests of a window that ended with Triton down is lost (never billed twice), and so is the last
 window of a gateway that crashes (requests are metered at the end of each window, not one by one).
 
+A window's compute is billed once Triton has counted at least as many requests since the last billed reading as the
+window holds; a request Triton counted that the gateway records only later (its answer still on the way when the
+statistics were read) counts toward the next window, which it is billed in. So a reading never takes a count from a
+later window: that window would otherwise wait for a request Triton had already counted, and every later window of
+the model with it. The compute time of such a request's execution is billed with the window whose reading saw it.
+
 This relies on one gateway per Triton: gateways sharing a Triton would each bill the other's compute time.
 
 Request ids are UUIDv7 (time-ordered, which billing ingests fastest): "<uuid>" for the request, "<uuid>/compute" for
@@ -229,7 +235,10 @@ class InferenceMeter:
             # their compute waits for the next window rather than being billed to nobody.
             return []
         del self._unattributed[route]
-        self._baselines[route] = reading
+        if baseline is None or restarted:
+            self._baselines[route] = reading
+        else:  # the requests counted beyond this window's are later windows' (recorded after this reading)
+            self._baselines[route] = ComputeReading(baseline.requests + len(served), reading.compute_ns)
         if baseline is None:
             log.info("compute of %d requests to %s is not billed: no baseline", len(served), route.triton_name)
             return []
