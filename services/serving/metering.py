@@ -18,6 +18,8 @@ window holds; a request Triton counted that the gateway records only later (its 
 statistics were read) counts toward the next window, which it is billed in. So a reading never takes a count from a
 later window: that window would otherwise wait for a request Triton had already counted, and every later window of
 the model with it. The compute time of such a request's execution is billed with the window whose reading saw it.
+The wait is bounded all the same (MAX_COUNT_WAIT_SECONDS): a count that never comes (e.g. requests recorded just
+before Triton restarted, whose counts went with it) ends the wait, and the window is billed what Triton reported.
 
 This relies on one gateway per Triton: gateways sharing a Triton would each bill the other's compute time.
 
@@ -30,7 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,13 +44,23 @@ from services.billing.client import new_event_id, usage_event
 from services.gen.aidc.billing.v1 import billing_service_pb2 as billing_pb
 from services.serving.routes import Route
 
-__all__ = ["ComputeReading", "StatisticsSource", "TritonStatistics", "UsageSink", "InferenceMeter", "split"]
+__all__ = [
+    "MAX_COUNT_WAIT_SECONDS",
+    "ComputeReading",
+    "StatisticsSource",
+    "TritonStatistics",
+    "UsageSink",
+    "InferenceMeter",
+    "split",
+]
 
 log = logging.getLogger(__name__)
 
 REQUESTS_METER = "inference_requests"
 COMPUTE_METER = "inference_compute_ms"
 _MAX_UNATTRIBUTED = 1_000_000
+#: How long a window waits for Triton to count its requests (it takes milliseconds when the counts can come at all).
+MAX_COUNT_WAIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +145,14 @@ class InferenceMeter:
         sink: UsageSink,
         statistics: StatisticsSource,
         interval_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sink = sink
         self._statistics = statistics
         self._interval = interval_seconds
+        self._clock = clock
+        # Since when each (model, version) with requests waiting has waited for Triton to count them.
+        self._waiting_since: dict[Route, float] = {}
         self._window: list[_Served] = []
         self._baselines: dict[Route, ComputeReading] = {}
         self._baseline_reads: dict[Route, asyncio.Task[None]] = {}
@@ -220,6 +237,7 @@ class InferenceMeter:
             elif len(self._unattributed[route]) > _MAX_UNATTRIBUTED:
                 log.error("the compute time of %d requests to %s is lost: %s", _MAX_UNATTRIBUTED, route, result)
                 del self._unattributed[route]
+                self._waiting_since.pop(route, None)
         return readings
 
     def _compute_events(self, route: Route, reading: ComputeReading) -> list[billing_pb.UsageEvent]:
@@ -230,12 +248,23 @@ class InferenceMeter:
         restarted = baseline is not None and (
             reading.compute_ns < baseline.compute_ns or reading.requests < baseline.requests
         )
-        if baseline is not None and not restarted and reading.requests - baseline.requests < len(served):
+        counted = len(served) if baseline is None or restarted else reading.requests - baseline.requests
+        if counted < len(served):
             # Triton updates its statistics just after it answers: the latest requests are not counted yet, so
             # their compute waits for the next window rather than being billed to nobody.
-            return []
+            since = self._waiting_since.setdefault(route, self._clock())
+            if self._clock() - since < MAX_COUNT_WAIT_SECONDS:
+                return []
+            log.warning(
+                "Triton counted %d of %d requests to %s in %.0f s; billing them the compute it reported",
+                counted,
+                len(served),
+                route.triton_name,
+                self._clock() - since,
+            )
         del self._unattributed[route]
-        if baseline is None or restarted:
+        self._waiting_since.pop(route, None)
+        if baseline is None or restarted or counted < len(served):
             self._baselines[route] = reading
         else:  # the requests counted beyond this window's are later windows' (recorded after this reading)
             self._baselines[route] = ComputeReading(baseline.requests + len(served), reading.compute_ns)

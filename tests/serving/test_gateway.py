@@ -32,7 +32,7 @@ from services.mesh.errors import QuotaExceeded, Unavailable
 from services.mesh.spanstore import SpanStore, render_tree
 from services.mesh.telemetry import init_telemetry, shutdown_telemetry, tracer
 from services.serving.limits import BudgetGuard, TenantRateLimiter
-from services.serving.metering import ComputeReading, InferenceMeter, split
+from services.serving.metering import MAX_COUNT_WAIT_SECONDS, ComputeReading, InferenceMeter, split
 from services.serving.routes import Route, Routes
 from services.serving.triton import TritonAccess, TritonControl
 from tests.auth.test_revocation import refused_within
@@ -865,3 +865,33 @@ async def test_a_request_triton_counted_before_the_gateway_recorded_it_is_billed
     await meter.flush()
     assert meter.unattributed() == 0
     assert sorted(_compute(sink).values()) == ["0.500000", "0.500000", "2.000000"]
+
+
+async def test_a_count_that_never_comes_ends_the_wait_and_the_window_is_billed_what_triton_reported(
+    sink: UsageEmitter,
+) -> None:
+    """A request recorded just before Triton went down: its count went with the old counters, and the baseline the
+    gateway reads from the restarted Triton starts after it. Waiting for that count has to end."""
+    now = [0.0]
+    statistics = FakeStatistics(ComputeReading(10, 7 * MS))
+    meter = InferenceMeter(sink, statistics, 60.0, clock=lambda: now[0])
+    await meter.take_baseline(ROUTE)
+    meter.record(ROUTE, time.time_ns(), MS, 0)
+    statistics.reading = Unavailable("Triton is down")
+    await meter.flush()
+    meter.forget_baselines()  # the gateway saw Triton unavailable
+    statistics.reading = ComputeReading(0, 0)  # restarted, counting from zero
+    await meter.take_baseline(ROUTE)  # before its next request is forwarded
+    meter.record(ROUTE, time.time_ns(), 3 * MS, 0)
+    statistics.reading = ComputeReading(1, 4 * MS)
+    await meter.flush()
+    now[0] += MAX_COUNT_WAIT_SECONDS - 1
+    await meter.flush()
+    assert _compute(sink) == {} and meter.unattributed() == 2  # still waiting: a count may yet come
+    now[0] += 1
+    await meter.flush()
+    assert sorted(_compute(sink).values()) == ["1.000000", "3.000000"] and meter.unattributed() == 0
+    meter.record(ROUTE, time.time_ns(), MS, 0)  # and the windows after it are billed as they come
+    statistics.reading = ComputeReading(2, 6 * MS)
+    await meter.flush()
+    assert sorted(_compute(sink).values()) == ["1.000000", "2.000000", "3.000000"] and meter.unattributed() == 0
