@@ -244,8 +244,14 @@ async def test_a_job_waits_queued_with_the_schedulers_reason_and_cancels_from_tr
     assert not list((training.settings.jobs_dir / job.job_id).glob("dataset*"))  # nor is its dataset's copy kept
 
     # A service stopped between recording a job's end and clearing its directory: the next leader clears it.
+    # The end is recorded before the directory is cleared: wait for that clear (it removes the job's spec), so
+    # that what is planted next can only be cleared by the restarted leader.
     job_dir = training.settings.jobs_dir / job.job_id
+    deadline = time.monotonic() + 30
+    while (job_dir / "spec.json").exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
     kept = sorted(p.name for p in job_dir.iterdir())
+    assert "spec.json" not in kept
     (job_dir / "dataset.csv.sealed").write_bytes(b"sealed rows")
     (job_dir / "run" / "checkpoints").mkdir(parents=True)
     (job_dir / "run" / "checkpoints" / "step-1.pt").write_bytes(b"weights")
