@@ -30,6 +30,9 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter
 
+# The contract's meters and money notation, for callers such as the CLI (the core owns them; clients read them here).
+from services.billing.core.meters import METER_NAMES, METERS
+from services.billing.core.quantities import format_micros, parse_money
 from services.billing.outbox import DeadLetter, PendingEvent, UsageOutbox
 from services.gen.aidc.billing.v1 import billing_service_pb2 as pb
 from services.gen.aidc.billing.v1 import billing_service_pb2_grpc
@@ -42,7 +45,18 @@ from services.mesh.identity import as_service, current_principal
 from services.mesh.messages import timestamp
 from services.mesh.metrics import Figure, ScrapedFigures, child, metrics_enabled
 
-__all__ = ["BillingClient", "UsageEmitter", "EmitterStats", "usage_event", "money", "new_event_id"]
+__all__ = [
+    "BillingClient",
+    "UsageEmitter",
+    "EmitterStats",
+    "usage_event",
+    "money",
+    "new_event_id",
+    "METERS",
+    "METER_NAMES",
+    "format_micros",
+    "parse_money",
+]
 
 log = logging.getLogger(__name__)
 

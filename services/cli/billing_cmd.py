@@ -15,9 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.table import Table
 
-from services.billing.client import BillingClient, money
-from services.billing.core.meters import METER_NAMES, METERS
-from services.billing.core.quantities import format_micros, parse_money
+from services.billing.client import METER_NAMES, METERS, BillingClient, format_micros, money, parse_money
 from services.cli.session import CliSession, open_session
 from services.gen.aidc.billing.v1 import billing_service_pb2 as pb
 from services.gen.aidc.common.v1 import common_pb2
