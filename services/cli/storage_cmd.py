@@ -19,6 +19,7 @@ from rich.table import Table
 from services.cli.session import CliSession, open_session
 from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
 from services.mesh.errors import AlreadyExists, InvalidArgument
+from services.mesh.memory import tune_allocator
 from services.storage.client import StorageClient
 
 __all__ = ["register", "dataset_app"]
@@ -53,6 +54,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _run(work: Callable[[StorageClient], Awaitable[_T]]) -> _T:
+    tune_allocator()  # uploads and downloads move megabyte messages (services.mesh.memory)
+
     async def main() -> _T:
         async with open_session() as session:
             return await work(_client(session))

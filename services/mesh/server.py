@@ -30,6 +30,7 @@ from services.mesh.interceptors import (
     RequestLimitInterceptor,
 )
 from services.mesh.logs import configure_logging
+from services.mesh.memory import tune_allocator
 from services.mesh.metrics import MetricsEndpoint, MetricsInterceptor, metrics_enabled
 from services.mesh.telemetry import init_telemetry, shutdown_telemetry
 
@@ -290,9 +291,15 @@ def serve(build: Callable[[], Awaitable[MeshServer]]) -> None:
     asyncio.run(main())
 
 
-def run_service(name: str, load_settings: Callable[[], _S], build: Callable[[_S], Awaitable[MeshServer]]) -> None:
-    """The whole life of a service process: private files, settings, logging, telemetry, serve until SIGTERM,
-    flush spans."""
+def run_service(
+    name: str,
+    load_settings: Callable[[], _S],
+    build: Callable[[_S], Awaitable[MeshServer]],
+    malloc_arenas: int | None = None,
+) -> None:
+    """The whole life of a service process: the allocator tuned for large messages (services.mesh.memory; at most
+    ``malloc_arenas`` arenas), private files, settings, logging, telemetry, serve until SIGTERM, flush spans."""
+    tune_allocator(arenas=malloc_arenas)
     use_private_umask()
     settings = load_settings()
     configure_logging(name, settings.log_level)

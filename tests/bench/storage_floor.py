@@ -9,7 +9,6 @@ from __future__ import annotations
 from services.mesh.segments import HEADER_BYTES, TAG_BYTES, SegmentCipher, SegmentCorrupt
 from services.mesh.server import MeshServer, run_service
 from services.storage.config import StorageSettings
-from services.storage.memory import tune_allocator
 from services.storage.server import build_server
 
 _HEADER = bytes([HEADER_BYTES]) + bytes(HEADER_BYTES - 1)
@@ -49,5 +48,4 @@ async def _build(settings: StorageSettings) -> MeshServer:
 
 
 if __name__ == "__main__":
-    tune_allocator()
-    run_service("storage", StorageSettings.from_env, _build)
+    run_service("storage", StorageSettings.from_env, _build, malloc_arenas=2)
