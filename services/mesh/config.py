@@ -22,6 +22,7 @@ __all__ = [
     "SERVICE_NAMES",
     "TENANT_LISTENER_OFF",
     "MeshSettings",
+    "ObjectStoreConnection",
     "ObjectStoreSettings",
     "Setting",
     "setting",
@@ -210,11 +211,11 @@ class MeshSettings:
 
 
 @dataclass(frozen=True)
-class ObjectStoreSettings(MeshSettings):
-    """MeshSettings plus the connection to the object store (S3 API): storage keeps tenants' objects there, serving
-    an S3 model repository (which Triton's own S3 client reads with the same AWS_* credentials)."""
+class ObjectStoreConnection:
+    """Where the object store (S3 API) is and the credentials to it: the platform supervisor starts SeaweedFS there
+    and passes them to every service; storage keeps tenants' objects there, serving an S3 model repository (which
+    Triton's own S3 client reads with the same AWS_* credentials)."""
 
-    # The same variables (and documentation) as the platform supervisor's, which passes them to every service.
     s3_endpoint: str = setting("127.0.0.1:50070", "S3 endpoint (host:port) of the object store (SeaweedFS here).")
     aws_access_key_id: str = setting(
         "",
@@ -224,6 +225,21 @@ class ObjectStoreSettings(MeshSettings):
     aws_secret_access_key: str = setting(
         "", "S3 secret key; empty means generate one with the access key.", env="AWS_SECRET_ACCESS_KEY"
     )
+
+    def check_object_store_connection(self) -> None:
+        """Raises ValueError for an endpoint that is not host:port or only one of the two keys."""
+        try:
+            parse_address(self.s3_endpoint)
+        except ValueError as exc:
+            raise ValueError(f"AIDC_S3_ENDPOINT: {exc}") from None
+        if bool(self.aws_access_key_id) != bool(self.aws_secret_access_key):
+            raise ValueError("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither")
+
+
+@dataclass(frozen=True)
+class ObjectStoreSettings(MeshSettings, ObjectStoreConnection):
+    """MeshSettings plus the object store: its connection and how each service talks to it."""
+
     storage_s3_secure: bool = setting(False, "Talk HTTPS to the object store.")
     storage_s3_ca_file: str = setting("", "CA bundle (PEM) trusted for the object store's TLS; empty: system CAs.")
     storage_s3_region: str = setting("", "S3 region; empty lets the SDK discover it.")
@@ -233,12 +249,7 @@ class ObjectStoreSettings(MeshSettings):
 
     def validate(self) -> None:
         super().validate()
-        try:
-            parse_address(self.s3_endpoint)
-        except ValueError as exc:
-            raise ValueError(f"AIDC_S3_ENDPOINT: {exc}") from None
-        if bool(self.aws_access_key_id) != bool(self.aws_secret_access_key):
-            raise ValueError("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither")
+        self.check_object_store_connection()
         if self.storage_s3_timeout_seconds <= 0:
             raise ValueError("AIDC_STORAGE_S3_TIMEOUT_SECONDS must be positive")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.mesh.config import SERVICE_NAMES, parse_address, setting
+from services.mesh.config import SERVICE_NAMES, ObjectStoreConnection, parse_address, setting
 
 __all__ = ["RUNTIME_COMPONENTS", "ALL_COMPONENTS", "PlatformSettings"]
 
@@ -17,8 +17,9 @@ ALL_COMPONENTS: tuple[str, ...] = RUNTIME_COMPONENTS + SERVICE_NAMES
 
 
 @dataclass(frozen=True)
-class PlatformSettings:
-    """What `aidc up` starts and where; every port is explicit so nothing silently moves when one is busy."""
+class PlatformSettings(ObjectStoreConnection):
+    """What `aidc up` starts and where; every port is explicit so nothing silently moves when one is busy. The
+    object store's endpoint and keys are the services' own (ObjectStoreConnection): it passes them on."""
 
     runtime_dir: Path = setting(Path(".runtime"), "Folder holding tritonserver and weed (made by `make install`).")
     platform_components: tuple[str, ...] = setting(
@@ -32,7 +33,6 @@ class PlatformSettings:
         "Triton's Prometheus metrics port, on the host of its gRPC endpoint; 0: off. Plain HTTP without "
         "authentication (Triton has none for it): any local user can read it, deployment names included.",
     )
-    s3_endpoint: str = setting("127.0.0.1:50070", "S3 endpoint (host:port) of the object store (SeaweedFS here).")
     seaweedfs_s3_grpc_port: int = setting(50071, "SeaweedFS S3 gateway gRPC port.")
     seaweedfs_master_port: int = setting(50072, "SeaweedFS master HTTP port.")
     seaweedfs_master_grpc_port: int = setting(50073, "SeaweedFS master gRPC port.")
@@ -42,14 +42,6 @@ class PlatformSettings:
     seaweedfs_filer_grpc_port: int = setting(50077, "SeaweedFS filer gRPC port.")
     seaweedfs_admin_port: int = setting(50078, "SeaweedFS admin server HTTP port (it listens even with its UI off).")
     seaweedfs_admin_grpc_port: int = setting(50079, "SeaweedFS admin server gRPC port.")
-    aws_access_key_id: str = setting(
-        "",
-        "S3 access key; empty means generate one on first `aidc up` (<data_dir>/s3/credentials.json).",
-        env="AWS_ACCESS_KEY_ID",
-    )
-    aws_secret_access_key: str = setting(
-        "", "S3 secret key; empty means generate one with the access key.", env="AWS_SECRET_ACCESS_KEY"
-    )
     startup_timeout_seconds: float = setting(120.0, "How long `aidc up` waits for every component to be SERVING.")
     stop_grace_seconds: float = setting(15.0, "Seconds a component gets after SIGTERM before SIGKILL.")
     restart_backoff_seconds: float = setting(0.5, "First delay before restarting a crashed component (doubles).")
@@ -122,7 +114,6 @@ class PlatformSettings:
         for env, value in (
             ("AIDC_COLLECTOR_ADDR", self.collector_addr),
             ("AIDC_TRITON_GRPC_ADDR", self.triton_grpc_addr),
-            ("AIDC_S3_ENDPOINT", self.s3_endpoint),
         ):
             try:
                 parse_address(value)
@@ -133,8 +124,7 @@ class PlatformSettings:
             raise ValueError(
                 f"AIDC_PLATFORM_COMPONENTS must name some of {', '.join(ALL_COMPONENTS)}; unknown: {unknown}"
             )
-        if bool(self.aws_access_key_id) != bool(self.aws_secret_access_key):
-            raise ValueError("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither")
+        self.check_object_store_connection()
         for name in ("prometheus_port", *(f"{c}_metrics_port" for c in ("supervisor", *SERVICE_NAMES))):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"AIDC_{name.upper()} must be a port number or 0, not {getattr(self, name)}")
