@@ -2,7 +2,9 @@
 
 ``upload`` streams from bytes, a file path or an (async) iterable of chunks; ``download`` is an async iterator
 of plaintext chunks; ``download_to`` writes a file only if the whole download succeeded (a DATA_LOSS at the end
-of a stream never leaves a wrong file behind). Errors arrive as services.mesh.errors types.
+of a stream never leaves a wrong file behind). Errors arrive as services.mesh.errors types. A program that moves
+large objects should tune its allocator first (``services.mesh.memory.tune_allocator()``, as every service and the
+CLI's storage commands do): glibc's own thresholds cost a receiving client about half its CPU in page faults.
 """
 
 from __future__ import annotations
