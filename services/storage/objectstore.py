@@ -12,6 +12,7 @@ checked after the upload.
 
 from __future__ import annotations
 
+import http.client
 import io
 import logging
 import re
@@ -47,6 +48,17 @@ class StoredObjectMissing(Exception):
     """The object store has no object under a key the metadata names, or fewer bytes than a read asked for."""
 
 
+def _body_reader(response: Any) -> Any:
+    """What reads ``response``'s body: the standard library's HTTP response under urllib3's, which reads from the
+    socket straight into a caller's buffer (urllib3's own ``read`` and ``readinto`` allocate and copy every block),
+    or urllib3's response when it has a content encoding to decode. The body is then read through one of them only,
+    so neither sees part of it."""
+    raw = getattr(response, "_fp", None)
+    if isinstance(raw, http.client.HTTPResponse) and not response.headers.get("Content-Encoding"):
+        return raw
+    return response
+
+
 class ReadableObject(io.RawIOBase):
     """A stored object's bytes as a file object; remembers the store error that broke a read (if any), because
     a decryptor reading it would otherwise report that as corrupt data."""
@@ -54,24 +66,51 @@ class ReadableObject(io.RawIOBase):
     def __init__(self, response: Any, describe: str) -> None:
         super().__init__()
         self._response = response
+        self._body = _body_reader(response)
         self._describe = describe
         self.error: Unavailable | None = None
 
     def readable(self) -> bool:
         return True
 
-    def _read(self, size: int) -> bytes:
+    def _broken(self, what: str) -> Unavailable:
+        self.error = Unavailable(f"object store at {self._describe} failed mid-transfer: {what}")
+        return self.error
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
         try:
-            return self._response.read(size)  # type: ignore[no-any-return]
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            self.error = Unavailable(f"object store at {self._describe} failed mid-transfer: {type(exc).__name__}")
-            raise self.error from None
+            yield
+        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+            raise self._broken(type(exc).__name__) from None
+
+    def _ended(self) -> None:
+        """After a read that returned nothing: the body ended. If the response announced more, the connection was
+        cut (an outage, Unavailable), which urllib3 would have raised; the object itself is never short here."""
+        if isinstance(self._body, http.client.HTTPResponse) and self._body.length:
+            raise self._broken("the connection ended before the announced length")
 
     def readinto(self, buffer: Any) -> int:
-        data = self._read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        return n
+        with self._reading():
+            got = int(self._body.readinto(buffer) or 0)
+        if not got and len(buffer):
+            self._ended()
+        return got
+
+    def readinto_exact(self, buffer: memoryview) -> int:
+        """Fills ``buffer`` from the socket (no copy in between); fewer bytes (their count) only at the end of the
+        object."""
+        filled, size = 0, len(buffer)
+        while filled < size and (got := self.readinto(buffer[filled:])):
+            filled += got
+        return filled
+
+    def _read(self, size: int) -> bytes:
+        with self._reading():
+            data: bytes = self._body.read(size)
+        if not data and size:
+            self._ended()
+        return data
 
     def read_exact(self, size: int) -> bytes:
         """``size`` bytes, or fewer only at the end of the object."""

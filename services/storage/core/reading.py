@@ -75,7 +75,8 @@ def read_plaintext(
     """The plaintext of ``wanted`` (within the object), in pieces of at most ``piece_segments`` segments; raises
     DataLoss for anything stored that is missing, short, long, or does not authenticate, and the store's
     Unavailable. Each piece is a view of one buffer that the next piece overwrites: take what it holds before
-    asking for the next (one buffer, opened into, costs no allocation per segment)."""
+    asking for the next. The ciphertext, too, is read into one buffer, straight from the socket: no allocation and
+    no copy per segment."""
     layout = key.layout
     stored = record.stored_bytes
     try:
@@ -103,6 +104,7 @@ def read_plaintext(
     group = max(1, min(piece_segments, last - first + 1))
     covered = end - start - TAG_BYTES * (last - first + 1)  # plaintext of the segments read (a small object's few)
     plain = memoryview(bytearray(min(group * layout.plain, covered)))
+    sealed_buffer = memoryview(bytearray(min(group * layout.segment_bytes, end - start)))
     try:
         if first == 0:
             header = _exactly(source, HEADER_BYTES)
@@ -113,7 +115,9 @@ def read_plaintext(
         for group_first in range(first, last + 1, group):
             group_last = min(group_first + group - 1, last)
             span_start, span_end = layout.stored_span(group_first, group_last, stored)
-            sealed = memoryview(_exactly(source, span_end - span_start))
+            sealed = sealed_buffer[: span_end - span_start]
+            if source.readinto_exact(sealed) != len(sealed):
+                raise _short()
             at = filled = 0
             for index in range(group_first, group_last + 1):
                 segment_start, segment_end = layout.stored_span(index, index, stored)
