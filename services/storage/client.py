@@ -146,8 +146,9 @@ class StorageClient(ServiceClient):
         offset: int = 0,
         length: int = 0,
         timeout: float | None = None,
-    ) -> tuple[pb.ObjectInfo, AsyncIterator[bytes]]:
-        """The object's metadata and an iterator of its plaintext chunks (the requested range)."""
+    ) -> tuple[pb.ObjectInfo, AsyncIterator[memoryview]]:
+        """The object's metadata and an iterator of its plaintext chunks (the requested range): views of the
+        received messages, not copies (``bytes(chunk)`` makes one)."""
         request = pb.DownloadRequest(tenant=tenant, kind=kind, name=name, version=version, offset=offset, length=length)
         call = self._download(request, timeout=timeout)
         try:
@@ -158,10 +159,10 @@ class StorageClient(ServiceClient):
             call.cancel()  # ended (EOF) or began with a chunk
             raise DataLoss("the download did not start with the object's metadata")
 
-        async def chunks() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncIterator[memoryview]:
             try:
                 async for message in call:
-                    yield message if isinstance(message, bytes) else message.chunk
+                    yield message if isinstance(message, memoryview) else memoryview(message.chunk)
             except grpc.RpcError as error:
                 raise translate_rpc_error(error) from None
             finally:
@@ -179,8 +180,8 @@ class StorageClient(ServiceClient):
         offset: int = 0,
         length: int = 0,
         timeout: float | None = None,
-    ) -> AsyncIterator[bytes]:
-        """Plaintext chunks of one version (the latest by default), or of a byte range of it."""
+    ) -> AsyncIterator[memoryview]:
+        """Plaintext chunks of one version (the latest by default), or of a byte range of it (see open_download)."""
         _, chunks = await self.open_download(
             tenant, name, kind=kind, version=version, offset=offset, length=length, timeout=timeout
         )

@@ -1,8 +1,8 @@
 """Download's chunk messages encoded and decoded by hand: a ``DownloadResponse`` holding only ``chunk`` (field 2) is
 its tag, a varint length and the bytes, so the service sends it without building a protobuf message and
-serializing it (two copies of every megabyte) and the client takes the chunk out without parsing one. Any other
-message (the first one, with the object's metadata) goes through protobuf as usual; both sides stay wire
-compatible with any gRPC client or server of the contract."""
+serializing it (two copies of every megabyte) and the client takes the chunk out without parsing one or copying
+it. Any other message (the first one, with the object's metadata) goes through protobuf as usual; both sides stay
+wire compatible with any gRPC client or server of the contract."""
 
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ def serialize_download(message: pb.DownloadResponse | bytes) -> bytes:
     return message.SerializeToString()
 
 
-def deserialize_download(data: bytes) -> pb.DownloadResponse | bytes:
-    """Download's response deserializer: the chunk's bytes of a message that holds only a chunk, else the parsed
-    message."""
+def deserialize_download(data: bytes) -> pb.DownloadResponse | memoryview:
+    """Download's response deserializer: the chunk of a message that holds only a chunk, as a view of the message
+    (slicing it out would copy every megabyte once more), else the parsed message."""
     if len(data) > 1 and data[0] == _CHUNK_TAG:
         length = shift = 0
         for position in range(1, min(len(data), 1 + _MAX_VARINT)):
@@ -50,7 +50,7 @@ def deserialize_download(data: bytes) -> pb.DownloadResponse | bytes:
             shift += 7
             if not byte & 0x80:
                 if position + 1 + length == len(data):
-                    return data[position + 1 :]
+                    return memoryview(data)[position + 1 :]
                 break
     return pb.DownloadResponse.FromString(data)
 

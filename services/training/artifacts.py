@@ -25,7 +25,7 @@ class StorageArtifacts:
         self._timeout = transfer_timeout_seconds
 
     async def fetch_dataset(
-        self, tenant: str, name: str, version: int, write: Callable[[bytes], None]
+        self, tenant: str, name: str, version: int, write: Callable[[memoryview], None]
     ) -> tuple[DatasetVersion, str]:
         info, chunks = await self._client.open_download(tenant, name, version=version, timeout=self._timeout)
         head = b""

@@ -176,7 +176,7 @@ async def test_many_small_downloads_run_beside_a_stalled_stream(storage: Running
 
     got = await asyncio.wait_for(asyncio.gather(*(fetch(name) for name in small)), timeout=120)
     assert got == list(small.values())
-    assert first + b"".join([chunk async for chunk in chunks]) == big
+    assert b"".join([first, *[chunk async for chunk in chunks]]) == big
 
 
 async def test_uploads_read_back_before_they_become_visible(

@@ -141,15 +141,18 @@ def test_a_malformed_data_key_is_data_loss() -> None:
 
 
 def test_download_chunks_decode_both_ways() -> None:
-    """Chunks encoded by hand are valid DownloadResponses, and protobuf-encoded ones decode too."""
+    """Chunks encoded by hand are valid DownloadResponses, and protobuf-encoded ones decode too; a chunk is taken
+    out of its message without copying it."""
     for chunk in (b"", b"x", os.urandom(300), os.urandom(MiB)):
         encoded = encode_chunk(chunk)
         assert pb.DownloadResponse.FromString(encoded).chunk == chunk
-        assert deserialize_download(encoded) == chunk
+        decoded = deserialize_download(encoded)
+        assert decoded == chunk
+        assert isinstance(decoded, memoryview) and decoded.obj is encoded  # a view of the message, not a copy
         assert deserialize_download(pb.DownloadResponse(chunk=chunk).SerializeToString()) == chunk
         with_unknown_field = encoded + b"\x78\x01"  # field 15, a varint: not ours to skip, protobuf parses it
         fallback = deserialize_download(with_unknown_field)
         assert isinstance(fallback, pb.DownloadResponse) and fallback.chunk == chunk
     info = pb.DownloadResponse(object=pb.ObjectInfo(name="x", size_bytes=3))
-    decoded = deserialize_download(info.SerializeToString())
-    assert isinstance(decoded, pb.DownloadResponse) and decoded.object.name == "x"
+    message = deserialize_download(info.SerializeToString())
+    assert isinstance(message, pb.DownloadResponse) and message.object.name == "x"

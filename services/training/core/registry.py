@@ -32,7 +32,7 @@ class ArtifactGateway(Protocol):
     job's submitter through its delegation)."""
 
     async def fetch_dataset(
-        self, tenant: str, name: str, version: int, write: Callable[[bytes], None]
+        self, tenant: str, name: str, version: int, write: Callable[[memoryview], None]
     ) -> tuple[DatasetVersion, str]:
         """Streams a dataset version's bytes to ``write`` (called in a worker thread, in order); the resolved version
         and its format ("csv"/"jsonl")."""

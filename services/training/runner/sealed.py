@@ -62,7 +62,7 @@ class SealedFileWriter:
     def _room(self) -> int:
         return _LAYOUT.first_plain if self._index == 0 else _LAYOUT.plain
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self._pending += data
         self.size += len(data)
         # A full segment is sealed only once more follows: the last one must be sealed as the last.
