@@ -70,8 +70,8 @@ class StorageSettings(ObjectStoreSettings):
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"AIDC_{name.upper()} must be positive")
-        if self.max_message_bytes < 2 * 1024 * 1024:
-            raise ValueError("AIDC_MAX_MESSAGE_BYTES must be at least 2 MiB (Download sends 1 MiB segments)")
+        if self.max_message_bytes < 4 * 1024 * 1024:
+            raise ValueError("AIDC_MAX_MESSAGE_BYTES must be at least 4 MiB (Download sends messages of up to 3 MiB)")
         if self.storage_metering_interval_seconds <= 0:
             raise ValueError("AIDC_STORAGE_METERING_INTERVAL_SECONDS must be positive")
         if self.storage_orphan_grace_seconds < 0:

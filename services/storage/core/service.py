@@ -75,10 +75,11 @@ _MAX_DESCRIPTION = 1000
 _DEFAULT_PAGE, _MAX_PAGE = 50, 1000
 #: Plaintext handed to the sealing thread at a time (chunks from the wire are gathered up to this).
 _WRITE_BLOCK = 1024 * 1024
-#: Segments opened into each piece of a download, and so each gRPC message (~2 MiB): half the per-message work
-#: (hand-over, interceptors, framing) of one segment per message, and still under the allocator's mmap threshold.
-_PIECE_SEGMENTS = 2
-#: Pieces a download reads ahead of what gRPC has taken (4 segments, as many bytes as before pieces grew).
+#: Segments opened into each piece of a download, and so each gRPC message (~3 MiB): a third of the per-message
+#: work (hand-over, interceptors, framing, the client's async iteration) of one segment per message; under the
+#: 4 MiB that gRPC clients accept by default, and under the allocator's mmap threshold (services.mesh.memory).
+_PIECE_SEGMENTS = 3
+#: Pieces a download reads ahead of what gRPC has taken (6 segments).
 _READ_AHEAD = 2
 _COMMIT_ATTEMPTS = 8
 
