@@ -4,7 +4,9 @@ the same run, rounds interleaved, medians:
 * objects: encrypted upload and download of BENCH_STORAGE_MIB (default 256) MiB of random bytes, against raw S3
   put and get of the same bytes (``minio`` SDK, same server, same part size) and against the transport floor: the
   same bytes through the same service with its content cipher replaced by a copy (tests/bench/storage_floor.py),
-  so the cost of encryption itself shows. Goals: upload >= 0.9x raw put, download >= 0.6x raw get.
+  so the cost of encryption itself shows. Goals: upload >= 0.9x raw put, download >= 0.6x raw get. Beside them, the
+  ceiling of any download through a Python gRPC service here: the same bytes streamed from memory by a bare gRPC
+  server process in messages of a download's size (tests/bench/grpc_stream.py).
 * ranged read: the last 1 MiB of a BENCH_STORAGE_RANGE_MIB (default 1024) MiB object, against a full download of
   it. Goal: < 5 % of the full download's time.
 * text validation: a BENCH_STORAGE_CSV_MIB (default 256) MiB CSV uploaded as a validated text dataset, against the
@@ -26,19 +28,23 @@ import io
 import os
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 from minio import Minio
 
 from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
 from services.mesh.segments import AES_GCM_HKDF, TAG_BYTES
 from services.storage.client import StorageClient
 from services.storage.core.crypto import DataKey
-from tests.conftest import start_auth_process, stop_process
+from tests.bench import grpc_stream
+from tests.conftest import free_port, start_auth_process, stop_process
 from tests.storage.conftest import StorageProcess, process_client, start_storage_process
 from tests.storage.seaweed import SeaweedFS
 
@@ -273,7 +279,7 @@ def ciphers(data: bytes) -> dict[str, float]:
 
 
 async def run(
-    service: StorageProcess, floor: StorageProcess, raw: Minio, bucket: str, tmp: Path
+    service: StorageProcess, floor: StorageProcess, stream_address: str, raw: Minio, bucket: str, tmp: Path
 ) -> tuple[dict[str, list[float]], dict[str, object]]:
     size = _env("BENCH_STORAGE_MIB", 256) * MiB
     rounds = _env("BENCH_STORAGE_ROUNDS", 3)
@@ -282,6 +288,8 @@ async def run(
     part_size = service.settings.storage_part_size_bytes
     client, tenant = await process_client(service, "bench", "dev")
     floor_client, _ = await process_client(floor, "bench", "dev")
+    stream = grpc.aio.insecure_channel(stream_address)
+    await asyncio.wait_for(stream.channel_ready(), 30)
     times: dict[str, list[float]] = {}
     facts: dict[str, object] = {"size": size, "rounds": rounds}
 
@@ -293,6 +301,7 @@ async def run(
         for _ in range(rounds if "objects" in sections else 0):
             note("raw S3 put", await asyncio.to_thread(raw_put, raw, bucket, data, part_size))
             note("raw S3 get", await asyncio.to_thread(_timed, lambda: raw_get(raw, bucket)))
+            note("gRPC stream", await _atimed(grpc_stream.read(stream, size)))
             up, down = await upload_and_download(floor_client, tenant, data, sha256)
             note("floor upload", up)
             note("floor download", down)
@@ -328,6 +337,7 @@ async def run(
     finally:
         await client.close()
         await floor_client.close()
+        await stream.close(None)
     return times, facts
 
 
@@ -376,6 +386,7 @@ def _report_objects(med: dict[str, float], size: int, facts: dict[str, object], 
     rows = [
         ("raw S3 put (minio SDK)", "raw S3 put", None, None),
         ("raw S3 get (minio SDK)", "raw S3 get", None, None),
+        ("gRPC stream alone (from memory)", "gRPC stream", "raw S3 get", None),
         ("floor upload (no encryption)", "floor upload", "raw S3 put", None),
         ("floor download (no encryption)", "floor download", "raw S3 get", None),
         ("service upload (encrypted)", "service upload", "raw S3 put", "floor upload"),
@@ -400,11 +411,14 @@ def main() -> None:
         service = start_storage_process(auth, s3, tmp, **tuning)
         floor_dir = {"AIDC_DATA_DIR": str(tmp / "floor")}  # its own database and keys
         floor = start_storage_process(auth, s3, tmp, module="tests.bench.storage_floor", **tuning, **floor_dir)
+        stream_address = f"127.0.0.1:{free_port()}"
+        stream = subprocess.Popen([sys.executable, "-m", "tests.bench.grpc_stream", stream_address.rsplit(":", 1)[1]])
         try:
             raw = Minio(s3.endpoint, s3.access_key, s3.secret_key, secure=False)
             raw.make_bucket("bench-raw")
-            times, facts = asyncio.run(run(service, floor, raw, "bench-raw", tmp))
+            times, facts = asyncio.run(run(service, floor, stream_address, raw, "bench-raw", tmp))
         finally:
+            stop_process(stream)
             stop_process(service.process)
             stop_process(floor.process)
             stop_process(auth.process)
