@@ -1,9 +1,9 @@
 """Keeps large messages from costing a page fault per 4 KiB, and a process's memory from ratcheting up.
 
 Every process that moves objects handles megabyte buffers: gRPC hands each received message over as a new bytes
-object (a download's ~2 MiB pieces, an upload's chunks, inference tensors), and the storage service passes
+object (a download's ~3 MiB pieces, an upload's chunks, inference tensors), and the storage service passes
 segment and part buffers between threads. glibc's malloc serves such a buffer with mmap until one is freed, then
-raises its mmap threshold to that size (up to 32 MiB) and its trim threshold to twice it: with two ~2 MiB
+raises its mmap threshold to that size (up to 32 MiB) and its trim threshold to twice it: with two such
 messages alive at once, freeing them leaves more than that free at the top of the heap, which goes back to the
 kernel, and the next message faults its pages in again. A gRPC client downloading spent about half its CPU time on
 that (1.2-1.5 against 0.65-0.75 ms per MiB tuned, 256 MiB downloads from the storage service). A fixed threshold of
@@ -11,7 +11,7 @@ that (1.2-1.5 against 0.65-0.75 ms per MiB tuned, 256 MiB downloads from the sto
 the system when freed; up to 16 MiB free at the top of each heap stay (setting one threshold pins the other at its
 default, 128 KiB, which returns every freed buffer at the top). The storage service also bounds glibc's arenas
 (one per thread by default), so freed transfer buffers do not stay scattered across them: its resident memory
-tracks its live transfer buffers (a 1 GiB upload grew it by 59-69 MiB, a download by 35-37 MiB:
+tracks its live transfer buffers (a 1 GiB upload grew it by 59-69 MiB, a download by 44 MiB:
 tests/storage/test_large_object.py).
 """
 
