@@ -40,6 +40,7 @@ import grpc
 from minio import Minio
 
 from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
+from services.mesh.memory import tune_allocator
 from services.mesh.segments import AES_GCM_HKDF, TAG_BYTES
 from services.storage.client import StorageClient
 from services.storage.core.crypto import DataKey
@@ -402,6 +403,9 @@ def _report_objects(med: dict[str, float], size: int, facts: dict[str, object], 
 
 
 def main() -> None:
+    # Clients of the service tune their allocator (the CLI, every service: services.mesh.memory); so does this one,
+    # rather than inheriting glibc's thresholds from whichever large buffer it happened to free first.
+    tune_allocator()
     with tempfile.TemporaryDirectory(prefix="bench-storage-") as tmp_name:
         tmp = Path(tmp_name)
         s3 = SeaweedFS(tmp / "s3")
