@@ -64,8 +64,7 @@ def mesh_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tenant_addresses() -> dict[str, str]:
     """Every service's tenant listener on a free port of its own (AIDC_<SVC>_TENANT_ADDR): a test's services never
-    bind the fixed default tenant ports, which another session's servers may hold (gRPC binds with SO_REUSEPORT and
-    would share their connections)."""
+    bind the fixed default tenant ports, which another session's servers may hold (a service would fail to start)."""
     return {  # free_port: never a port handed out before in this process (a mesh listener's, say)
         f"AIDC_{name.upper()}_TENANT_ADDR": f"127.0.0.1:{free_port()}" for name in SERVICE_NAMES
     }

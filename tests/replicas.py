@@ -90,7 +90,11 @@ def start_replicas(
         directory.mkdir(parents=True, exist_ok=True)
         address = f"127.0.0.1:{free_port()}"
         metrics = f"127.0.0.1:{free_port()}"
-        extra = {**env, f"AIDC_{service.upper()}_ADDR": address, "AIDC_METRICS_ADDR": metrics}
+        # Each replica's listeners on ports of its own, as pods have addresses of their own: ``env`` (often an auth
+        # process's) names a tenant address too, which a second replica could not bind.
+        tenant = f"127.0.0.1:{free_port()}"
+        listeners = {f"AIDC_{service.upper()}_ADDR": address, f"AIDC_{service.upper()}_TENANT_ADDR": tenant}
+        extra = {**env, **listeners, "AIDC_METRICS_ADDR": metrics}
         replica_env = service_env(directory / "data", **extra)
         log = directory / f"{service}.log"
         process = start_service_process(service, replica_env, log)

@@ -182,7 +182,7 @@ class MeshSettings:
                         parse_address(address)
                     except ValueError as exc:
                         raise ValueError(f"AIDC_{name.upper()}{what}_ADDR: {exc}") from None
-            # Both listeners bind on AIDC_HOST, with SO_REUSEPORT: on one port they would silently share connections.
+            # Both listeners bind on AIDC_HOST: one port cannot take both (no SO_REUSEPORT); name the setting at fault.
             tenant = self.tenant_address_of(name)
             if tenant is not None and parse_address(tenant)[1] == parse_address(self.address_of(name))[1]:
                 raise ValueError(f"AIDC_{name.upper()}_TENANT_ADDR has the port of AIDC_{name.upper()}_ADDR")

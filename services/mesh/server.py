@@ -34,7 +34,7 @@ from services.mesh.memory import tune_allocator
 from services.mesh.metrics import MetricsEndpoint, MetricsInterceptor, metrics_enabled
 from services.mesh.telemetry import init_telemetry, shutdown_telemetry
 
-__all__ = ["Registration", "MeshServer", "serve", "run_service", "INFRASTRUCTURE_SERVICES"]
+__all__ = ["AddressUnavailable", "Registration", "MeshServer", "serve", "run_service", "INFRASTRUCTURE_SERVICES"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ _NOT_TRACED = any_of(health_check(), service_prefix("grpc.reflection"))
 _MAX_CACHED_METHODS = 1024
 #: How long one stop hook (closing a client, a leader's loops, an outbox's last flush) may take.
 _STOP_HOOK_SECONDS = 60.0
+
+
+class AddressUnavailable(RuntimeError):
+    """A listener's address cannot be bound: another process holds the port, or the host is not this machine's."""
 
 
 def _per_method(condition: Callable[[grpc.HandlerCallDetails], bool]) -> Callable[[grpc.HandlerCallDetails], bool]:
@@ -144,7 +148,9 @@ class MeshServer:
                 AuthorizationInterceptor(table, self.checker),
                 *([self.forwarding] if self.forwarding is not None else []),
             ],
-            options=channel_options(self.settings),
+            # No SO_REUSEPORT (gRPC's default on Linux): a second process on a service's port, a stale instance or
+            # another `aidc up`, would silently answer a share of its connections. Without it, that start fails.
+            options=[*channel_options(self.settings), ("grpc.so_reuseport", 0)],
         )
         for registration in self.registrations:
             registration.add_to_server(server)
@@ -158,13 +164,19 @@ class MeshServer:
         host, port = parse_address(address)
         bind = f"{self.settings.host if configured else host}:{port}"
         tls_dir = self.settings.tls_dir()
-        if tls_dir is None:
-            bound = server.add_insecure_port(bind)
-        else:
-            # The tenant path asks for no client certificate at all: tenants never hold mesh certificates.
-            require = not tenant_path and self.settings.client_auth == "require"
-            bound = server.add_secure_port(bind, server_credentials(tls_dir, self.name, require))
         path = "tenant" if tenant_path else "mesh"
+        try:
+            if tls_dir is None:
+                bound = server.add_insecure_port(bind)
+            else:
+                # The tenant path asks for no client certificate at all: tenants never hold mesh certificates.
+                require = not tenant_path and self.settings.client_auth == "require"
+                bound = server.add_secure_port(bind, server_credentials(tls_dir, self.name, require))
+        except RuntimeError:
+            raise AddressUnavailable(
+                f"{self.name} cannot listen on {bind} ({path} path): another process holds that port,"
+                " or the address is not this host's"
+            ) from None
         log.info("%s listening on %s:%d (%s path)", self.name, bind.rpartition(":")[0], bound, path)
         return bound
 
@@ -306,5 +318,8 @@ def run_service(
     init_telemetry(name, settings.data_dir)
     try:
         serve(lambda: build(settings))
+    except AddressUnavailable as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
     finally:
         shutdown_telemetry()

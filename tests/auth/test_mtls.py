@@ -232,8 +232,9 @@ async def test_a_service_accepts_only_the_certificate_of_the_service_it_calls(mt
     """Every service certificate names localhost and 127.0.0.1, so checking the address alone would let one service
     (or a stolen key of it) stand in for another. A service's channel to auth accepts auth's certificate only: with
     billing's certificate behind auth's address the handshake fails, and the call never reaches it."""
-    # Auth listens first: gRPC servers share a port by default (SO_REUSEPORT), so auth, started second on an address
-    # reserved earlier, once bound the impostor's port as well and answered the call meant for the impostor.
+    # Auth listens first, on the address reserved for it; the impostor then gets a port of its own. Started second,
+    # auth once found the OS had handed that address to the impostor, and (gRPC's default SO_REUSEPORT, which mesh
+    # servers now turn off) shared its port and answered the call meant for the impostor.
     running = await start_auth(mtls_settings)
     impostor, port = await _bare_server(Path(mtls_settings.certs_dir), "billing")
     try:

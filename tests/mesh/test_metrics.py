@@ -142,7 +142,10 @@ async def test_endpoint_serves_metrics_only_to_mesh_clients(auth: RunningAuth, t
     settings = replace(
         auth.settings, certs_dir=str(certs), client_auth="require", metrics_addr=f"127.0.0.1:{free_port()}"
     )
-    mtls_auth = await start_auth(replace(settings, metrics_addr="", auth_addr=f"127.0.0.1:{free_port()}"))
+    # A second auth beside the fixture's: addresses of its own (no tenant listener; the fixture's holds that port).
+    mtls_auth = await start_auth(
+        replace(settings, metrics_addr="", auth_addr=f"127.0.0.1:{free_port()}", auth_tenant_addr="off")
+    )
     server = secured_server(
         "echo", replace(settings, auth_addr=mtls_auth.address), [registration()], PERMISSIONS, address="127.0.0.1:0"
     )
