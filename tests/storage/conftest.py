@@ -85,11 +85,11 @@ class RunningStorage:
     objects: S3ObjectStore
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
 
-    def client(self, user: str = "acme/dev") -> StorageClient:
-        """A client carrying ``user``'s token ("<tenant>/<name>", or "platform/admin")."""
-        bearer = BearerToken(self.tokens[user])
+    def client(self, user: str = "acme/dev", settings: StorageSettings | None = None) -> StorageClient:
+        """A client carrying ``user``'s token ("<tenant>/<name>", or "platform/admin"); its channel made with
+        ``settings`` (the service's own by default)."""
         channel = create_channel(
-            self.address, self.settings, extra_interceptors=[cast(grpc.aio.ClientInterceptor, bearer)]
+            self.address, settings or self.settings, extra_interceptors=[bearer(self.tokens[user])]
         )
         self._channels.append(channel)
         return StorageClient(channel)
@@ -204,7 +204,7 @@ async def developer_client(auth: AuthProcess, address: str, tenant: str, user: s
     try:
         client = AuthClient(channel)
         admin_token = (await client.login("platform", "admin", auth.admin_password)).access_token
-        admin = AuthClient(create_channel(auth.address, auth.settings, extra_interceptors=[_bearer(admin_token)]))
+        admin = AuthClient(create_channel(auth.address, auth.settings, extra_interceptors=[bearer(admin_token)]))
         try:
             await admin.create_tenant(tenant)
             await admin.create_user(tenant, user, PASSWORD, ["developer"])
@@ -215,9 +215,10 @@ async def developer_client(auth: AuthProcess, address: str, tenant: str, user: s
         token = (await client.login(tenant, user, PASSWORD)).access_token
     finally:
         await channel.close(None)
-    channel = create_channel(address, auth.settings, extra_interceptors=[_bearer(token)])
+    channel = create_channel(address, auth.settings, extra_interceptors=[bearer(token)])
     return StorageClient(channel), tenant
 
 
-def _bearer(token: str) -> grpc.aio.ClientInterceptor:
+def bearer(token: str) -> grpc.aio.ClientInterceptor:
+    """A client interceptor that sends ``token`` as the bearer on every call."""
     return cast(grpc.aio.ClientInterceptor, BearerToken(token))

@@ -8,17 +8,12 @@ import io
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import cast
 
-import grpc
 import pytest
 
-from services.cli.session import BearerToken
 from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
 from services.mesh import errors
-from services.mesh.channels import create_channel
 from services.mesh.db import open_database
-from services.storage.client import StorageClient
 from services.storage.config import StorageSettings
 from services.storage.core.crypto import DataKey, LocalKeyring, content_aad, data_key_context
 from services.storage.core.names import ObjectKind
@@ -213,10 +208,5 @@ async def test_a_client_held_to_grpcs_default_4_mib_messages_downloads_a_large_o
     default_limit.validate()  # the least the service accepts
     with pytest.raises(ValueError, match="at least 4 MiB"):
         replace(storage.settings, max_message_bytes=4 * MiB - 1).validate()
-    bearer = cast(grpc.aio.ClientInterceptor, BearerToken(storage.tokens["acme/dev"]))
-    channel = create_channel(storage.address, default_limit, extra_interceptors=[bearer])
-    try:
-        client = StorageClient(channel)
-        assert await client.download_bytes("acme", "big", kind=pb.OBJECT_KIND_ARTIFACT) == content
-    finally:
-        await channel.close(None)
+    client = storage.client(settings=default_limit)
+    assert await client.download_bytes("acme", "big", kind=pb.OBJECT_KIND_ARTIFACT) == content
