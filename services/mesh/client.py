@@ -14,7 +14,9 @@ __all__ = ["ServiceClient", "translate_rpc_error"]
 
 _Resp = TypeVar("_Resp")
 
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+#: What an idempotent call retries: the service was unreachable, or went away mid-call (a received CANCELLED: see
+#: errors.error_for_status).
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 def translate_rpc_error(error: grpc.RpcError) -> AidcError:
@@ -54,7 +56,7 @@ class ServiceClient:
         idempotent: bool = False,
         metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> _Resp:
-        """Calls a unary RPC; retries UNAVAILABLE for idempotent calls; raises typed errors."""
+        """Calls a unary RPC; retries UNAVAILABLE and CANCELLED for idempotent calls; raises typed errors."""
         attempts = 1 + (self._retries if idempotent else 0)
         for attempt in range(attempts):
             try:

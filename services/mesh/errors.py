@@ -220,7 +220,10 @@ def error_for_status(
     """The typed error for a status received from another service (INTERNAL and unknown codes -> AidcError);
     a retry hint in the trailers comes back as QuotaExceeded.retry_after_seconds."""
     if code == grpc.StatusCode.CANCELLED:
-        return Aborted(message or "cancelled")
+        # Received, CANCELLED means the other side cut the call (a server stopping past its grace period, say): a
+        # caller's own cancel never arrives as a status (grpc.aio raises CancelledError locally). Nothing concurrent
+        # won (Aborted); the service went away mid-call, and a retry may well succeed.
+        return Unavailable(f"the call was cut off by the other side ({message or 'CANCELLED'})")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return QuotaExceeded(message, _retry_after(trailers))
     return _BY_CODE.get(code, AidcError)(message)

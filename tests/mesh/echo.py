@@ -58,8 +58,15 @@ def _reply(text: str) -> Resp:
     return Resp(tenant=Tenant(name=text))
 
 
+#: Keys of "cut-off-once:<key>" calls already cut off (each is cut off once, then answered).
+_CUT_OFF: set[str] = set()
+
+
 async def _raise(request: Req, context: Any) -> Resp:
     kind = request.tenant
+    if kind.startswith("cut-off-once:") and kind not in _CUT_OFF:
+        _CUT_OFF.add(kind)  # ended with CANCELLED, as a server stopping past its grace period ends a call
+        await context.abort(grpc.StatusCode.CANCELLED, "")
     if kind.startswith("NotFound:"):  # a message quoting the caller's input, as services' messages do
         raise errors.NotFound(f"no such thing: {kind}")
     if kind in ERRORS:

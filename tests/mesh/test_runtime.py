@@ -11,7 +11,8 @@ import grpc
 import pytest
 
 from services.mesh.channels import create_channel
-from services.mesh.errors import INTERNAL_MESSAGE, MAX_MESSAGE_BYTES
+from services.mesh.client import ServiceClient
+from services.mesh.errors import INTERNAL_MESSAGE, MAX_MESSAGE_BYTES, Unavailable
 from services.mesh.security import secured_server
 from services.mesh.server import MeshServer
 from tests.conftest import RunningAuth
@@ -54,6 +55,19 @@ async def test_domain_error_maps_to_its_status(echo: tuple[MeshServer, EchoClien
         await client.unary("Raise")(Req(tenant=name))
     assert info.value.code() == ERRORS[name].code
     assert info.value.details() == f"{name} raised on purpose"
+
+
+async def test_a_call_the_server_cuts_off_is_unavailable_and_retried_when_idempotent(
+    echo: tuple[MeshServer, EchoClient],
+) -> None:
+    """A received CANCELLED means the other side ended the call (a caller's own cancel never arrives as a status):
+    typed clients raise it as Unavailable, not as Aborted (no concurrent change won), and retry idempotent calls."""
+    _, raw = echo
+    client = ServiceClient(raw._channel, backoff_seconds=0.01)
+    with pytest.raises(Unavailable, match="cut off by the other side"):
+        await client._unary(raw.unary("Raise"), Req(tenant="cut-off-once:plain"))
+    reply = await client._unary(raw.unary("Raise"), Req(tenant="cut-off-once:idempotent"), idempotent=True)
+    assert reply.tenant.name == "ok"
 
 
 async def test_unexpected_exception_is_internal_and_leaks_nothing(
