@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -11,7 +10,6 @@ import secrets
 import shutil
 import string
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,17 @@ from services.mesh.certs import init_certificates, issue_service_certificate
 from services.mesh.config import SERVICE_NAMES, MeshSettings, describe_settings, parse_address
 from services.mesh.files import private_dir, write_private
 from services.platform.config import PlatformSettings
+from services.platform.paths import socket_path
+from services.platform.ray_head import (
+    RAY_MONITOR_PORT,
+    RAY_PORT_OFFSETS,
+    prepare_ray,
+    ray_address,
+    ray_auth_environment,
+    ray_head_argv,
+    ray_ports,
+    ray_share,
+)
 
 __all__ = [
     "ProbeSpec",
@@ -34,11 +43,6 @@ __all__ = [
     "prepare_data_dir",
     "write_triton_tls",
     "build_components",
-    "ray_address",
-    "ray_auth_environment",
-    "ray_head_argv",
-    "ray_ports",
-    "ray_temp_dir",
     "settings_env",
     "triton_argv",
     "weed_argv",
@@ -57,8 +61,6 @@ _RUNTIME_STAGE = 0
 _SERVICE_STAGE = 1
 #: Files of Triton's TLS directory a client of it uses (AIDC_TRITON_TLS_DIR; serving.triton.TLS_FILES).
 TRITON_CLIENT_FILES = ("ca.pem", "client.pem", "client-key.pem")
-#: Unix socket paths longer than this don't fit in sockaddr_un (108 bytes with the terminator).
-_MAX_SOCKET_PATH = 100
 #: Certificates (of the mesh's CA, server and client use) of the platform's monitoring: the supervisor serves its
 #: metrics with one, Prometheus serves its UI and scrapes with the other. Neither name is a mesh service, so
 #: neither grants a service identity anywhere.
@@ -262,7 +264,7 @@ def prepare_data_dir(platform: Platform) -> None:
         private_dir(platform.prometheus_dir / "data")
         write_prometheus_config(platform)
     if platform.platform.ray:
-        _prepare_ray(platform)
+        prepare_ray(platform)
 
 
 def settings_env(settings: Any) -> dict[str, str]:
@@ -272,19 +274,6 @@ def settings_env(settings: Any) -> dict[str, str]:
         value = getattr(settings, f.name)
         out[described.env] = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
     return out
-
-
-def _socket_path(directory: Path, name: str) -> Path:
-    path = directory / name
-    if len(str(path)) <= _MAX_SOCKET_PATH:
-        return path
-    return _short_path(directory, name)
-
-
-def _short_path(directory: Path, name: str) -> Path:
-    """A short path in the system's temp directory standing for ``directory``/``name`` (one per directory)."""
-    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"aidc-{digest}-{name}"
 
 
 def weed_argv(platform: Platform) -> tuple[str, ...]:
@@ -304,8 +293,8 @@ def weed_argv(platform: Platform) -> tuple[str, ...]:
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         f"-s3.config={platform.s3_dir / 's3.json'}",
-        f"-s3.localSocket={_socket_path(platform.s3_dir, 's3.sock')}",
-        f"-filer.localSocket={_socket_path(platform.s3_dir, 'filer.sock')}",
+        f"-s3.localSocket={socket_path(platform.s3_dir, 's3.sock')}",
+        f"-filer.localSocket={socket_path(platform.s3_dir, 'filer.sock')}",
         f"-s3.port={s3_port}",
         f"-s3.port.grpc={p.seaweedfs_s3_grpc_port}",
         f"-master.port={p.seaweedfs_master_port}",
@@ -492,86 +481,6 @@ def prometheus_argv(platform: Platform) -> tuple[str, ...]:
     )
 
 
-#: The local Ray head's listeners beside its GCS (AIDC_RAY_PORT), at fixed offsets from it, so that they are known
-#: before it starts (checked free like every component's) and never land on another component's port, as Ray's
-#: random picks may. Its worker processes take ports from _RAY_WORKER_PORTS (offsets, inclusive).
-_RAY_PORT_OFFSETS = {
-    "--node-manager-port": 1,
-    "--object-manager-port": 2,
-    "--runtime-env-agent-port": 3,
-    "--dashboard-agent-grpc-port": 4,
-    "--dashboard-agent-listen-port": 5,
-    "--metrics-export-port": 6,
-    "--ray-client-server-port": 7,
-}
-#: Ray's autoscaler monitor serves its metrics on a fixed port (44217) unless told otherwise, by this variable.
-_RAY_MONITOR_PORT = ("AUTOSCALER_METRIC_PORT", 8)
-_RAY_WORKER_PORTS = (10, 39)
-#: Session directories of earlier runs kept in the Ray temp directory (each holds that run's Ray logs).
-_RAY_SESSIONS_KEPT = 3
-
-
-def ray_ports(platform: Platform) -> tuple[int, int]:
-    """The first and last port of the local Ray head's block (its GCS, its other listeners and its workers')."""
-    first = platform.platform.ray_port
-    return first, first + _RAY_WORKER_PORTS[1]
-
-
-def ray_head_argv(platform: Platform) -> tuple[str, ...]:
-    """A Ray head in the foreground (`ray start --block`: it exits, and the supervisor restarts it, if any of its
-    processes dies), on the platform's host, every port in its block, without a dashboard."""
-    p = platform.platform
-    binary = Path(sys.executable).with_name("ray")
-    cpus = (f"--num-cpus={p.ray_cpus}",) if p.ray_cpus else ()
-    return (
-        str(binary),
-        "start",
-        "--head",
-        "--block",
-        f"--port={p.ray_port}",
-        *(f"{flag}={p.ray_port + offset}" for flag, offset in _RAY_PORT_OFFSETS.items()),
-        f"--min-worker-port={p.ray_port + _RAY_WORKER_PORTS[0]}",
-        f"--max-worker-port={p.ray_port + _RAY_WORKER_PORTS[1]}",
-        f"--node-ip-address={platform.mesh.host}",
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-        f"--temp-dir={ray_temp_dir(platform)}",
-        *cpus,
-    )
-
-
-def ray_auth_environment(platform: Platform) -> dict[str, str]:
-    """Ray's token authentication for the local head: every Ray process, and every client that joins it (the
-    scheduler, its drivers), presents the token in this private file; a local user without it cannot use the
-    cluster (which would run code as the platform)."""
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(platform.data_dir / "ray" / "auth_token")}
-
-
-def _prepare_ray(platform: Platform) -> None:
-    """The head's token (made once, 0600) and its private temp directory, pruned of all but the latest sessions."""
-    token = Path(ray_auth_environment(platform)["RAY_AUTH_TOKEN_PATH"])
-    private_dir(token.parent)
-    if not token.exists():
-        write_private(token, secrets.token_hex(32).encode())
-    private_dir(ray_temp_dir(platform).parent)
-    temp = ray_temp_dir(platform)
-    temp.mkdir(exist_ok=True)
-    sessions = sorted((d for d in temp.glob("session_2*") if d.is_dir() and not d.is_symlink()), key=lambda d: d.name)
-    for old in sessions[:-_RAY_SESSIONS_KEPT]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def ray_temp_dir(platform: Platform) -> Path:
-    """Ray's session files: a short path of this data directory's own (Ray puts its unix sockets some 60 characters
-    deeper, and a socket path holds at most 107 bytes), in a private directory (Ray opens its own to everyone)."""
-    return _short_path(platform.data_dir.resolve(), "ray") / "r"
-
-
-def ray_address(platform: Platform) -> str:
-    """The local Ray head's GCS address (what `ray.init` and `ray start --address` join)."""
-    return f"{platform.mesh.host}:{platform.platform.ray_port}"
-
-
 def _child_env(platform: Platform, base: Mapping[str, str]) -> dict[str, str]:
     env = dict(base)
     env.update(settings_env(platform.mesh))
@@ -661,6 +570,8 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
         own = {"AIDC_METRICS_ADDR": exported}
         if service == "scheduler" and p.ray and env["AIDC_SCHEDULER_RAY_ADDRESS"] == ray_address(platform):
             own |= ray_auth_environment(platform)  # it joins the local head, which wants the token
+            # Its default pool's node offers what the head does not (unless the operator said what it offers).
+            own |= {k: v for k, v in ray_share(platform).default_pool_env().items() if k not in env}
         specs[service] = ComponentSpec(
             name=service,
             argv=(python, "-m", f"services.{service}"),
@@ -691,7 +602,7 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
                 env={
                     **env,
                     **ray_auth_environment(platform),
-                    _RAY_MONITOR_PORT[0]: str(p.ray_port + _RAY_MONITOR_PORT[1]),
+                    RAY_MONITOR_PORT[0]: str(p.ray_port + RAY_MONITOR_PORT[1]),
                 },
                 cwd=platform.run_dir,
                 log_file=logs / "ray.log",
@@ -706,7 +617,7 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
                     address,
                     *(
                         f"{platform.mesh.host}:{p.ray_port + offset}"
-                        for offset in (*_RAY_PORT_OFFSETS.values(), _RAY_MONITOR_PORT[1])
+                        for offset in (*RAY_PORT_OFFSETS.values(), RAY_MONITOR_PORT[1])
                     ),
                 ),
                 start_stage=_RUNTIME_STAGE,

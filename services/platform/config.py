@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.mesh.config import SERVICE_NAMES, ObjectStoreConnection, parse_address, setting
+from services.platform.ray_head import ray_head_cpus
 
 __all__ = ["RUNTIME_COMPONENTS", "ALL_COMPONENTS", "PlatformSettings"]
 
@@ -69,7 +70,9 @@ class PlatformSettings(ObjectStoreConnection):
         "workers take the 39 ports after it.",
     )
     ray_cpus: int = setting(
-        0, "CPUs the local Ray head offers; 0: Ray's count of this machine's (the default pool offers them too)."
+        0,
+        "Cores of this machine the local Ray head offers, with memory in the same proportion; 0: half of them. The "
+        "default pool's node offers the rest: no core is offered by both pools.",
     )
     supervisor_metrics_port: int = setting(
         50150, "Port of the supervisor's own metrics (components up, restarts and why); 0: none."
@@ -155,7 +158,9 @@ class PlatformSettings(ObjectStoreConnection):
         if self.ray_port + 39 > 65535:
             raise ValueError(f"AIDC_RAY_PORT leaves no room for the Ray head's 39 ports after it: {self.ray_port}")
         if self.ray_cpus < 0:
-            raise ValueError(f"AIDC_RAY_CPUS must be 0 (Ray's count) or more, not {self.ray_cpus}")
+            raise ValueError(f"AIDC_RAY_CPUS must be 0 (half of this machine's cores) or more, not {self.ray_cpus}")
+        if self.ray:
+            ray_head_cpus(self.ray_cpus)
         if self.triton_trace_rate < 1:
             raise ValueError("AIDC_TRITON_TRACE_RATE must be at least 1")
         if not 0 < self.restart_backoff_seconds <= self.restart_backoff_max_seconds:

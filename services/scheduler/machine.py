@@ -10,7 +10,15 @@ import subprocess
 from collections import Counter
 from dataclasses import dataclass
 
-__all__ = ["MachineCapacity", "detect_machine", "parse_nvidia_smi", "gpu_type_name", "NVIDIA_SMI_QUERY"]
+__all__ = [
+    "MachineCapacity",
+    "detect_machine",
+    "machine_cores",
+    "machine_memory_bytes",
+    "parse_nvidia_smi",
+    "gpu_type_name",
+    "NVIDIA_SMI_QUERY",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +91,8 @@ def _detect_gpus() -> tuple[int, str]:
     return 0, ""
 
 
-def _memory_bytes() -> int:
+def machine_memory_bytes() -> int:
+    """This machine's memory (MemTotal)."""
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:
@@ -96,6 +105,11 @@ def _memory_bytes() -> int:
 
 def detect_machine(cpu_millicores: int = 0, memory_bytes: int = 0) -> MachineCapacity:
     """This machine's capacity; non-zero arguments override what is detected."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     gpus, gpu_type = _detect_gpus()
-    return MachineCapacity(cpu_millicores or cores * 1000, memory_bytes or _memory_bytes(), gpus, gpu_type)
+    cpus = cpu_millicores or machine_cores() * 1000
+    return MachineCapacity(cpus, memory_bytes or machine_memory_bytes(), gpus, gpu_type)
+
+
+def machine_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -17,17 +17,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from services.platform.components import (
-    Platform,
-    build_components,
-    ray_auth_environment,
-    ray_ports,
-    ray_temp_dir,
-)
+from services.platform.components import Platform, build_components
 from services.platform.process import session_members
+from services.platform.ray_head import ray_auth_environment, ray_ports, ray_temp_dir
 from services.platform.supervisor import Supervisor
+from services.scheduler.machine import machine_cores, machine_memory_bytes
 from tests.conftest import ROOT
-from tests.platform.test_components import make_platform
+from tests.platform.test_components import flag, make_platform
 from tests.platform.test_supervision import eventually, free_port, run_until_serving
 
 pytestmark = pytest.mark.timeout(300)
@@ -50,6 +46,28 @@ def test_without_the_setting_nothing_of_ray(tmp_path: Path) -> None:
     assert "AIDC_SCHEDULER_RAY_ADDRESS" not in specs["scheduler"].env
 
 
+def test_the_ray_head_and_the_default_pool_split_this_machine(tmp_path: Path) -> None:
+    """Both pools run on this machine: the head offers half its cores (AIDC_RAY_CPUS=0) and memory in proportion,
+    no GPU, and the scheduler's default pool node the rest; no core, byte or GPU is offered twice. An operator's own
+    figure for the default pool stands; a head that would leave it no core is refused before anything starts."""
+    cores, memory = machine_cores(), machine_memory_bytes()
+    specs = {s.name: s for s in build_components(_platform(tmp_path, AIDC_RAY="true"), {"PATH": "/usr/bin"})}
+    head, scheduler = specs["ray"].argv, specs["scheduler"].env
+    ray_cpus, ray_memory = int(flag(head, "--num-cpus")), int(flag(head, "--memory"))
+    assert ray_cpus == max(1, cores // 2) and flag(head, "--num-gpus") == "0"
+    assert ray_cpus * 1000 + int(scheduler["AIDC_SCHEDULER_LOCAL_CPU_MILLICORES"]) == cores * 1000
+    assert ray_memory + int(scheduler["AIDC_SCHEDULER_LOCAL_MEMORY_BYTES"]) == memory
+    assert abs(ray_memory / memory - ray_cpus / cores) < 1e-6
+    assert not any(k.startswith("AIDC_SCHEDULER_LOCAL_") for k in specs["storage"].env)
+
+    own = {"PATH": "/usr/bin", "AIDC_SCHEDULER_LOCAL_CPU_MILLICORES": "500"}
+    specs = {s.name: s for s in build_components(_platform(tmp_path, AIDC_RAY="true"), own)}
+    assert specs["scheduler"].env["AIDC_SCHEDULER_LOCAL_CPU_MILLICORES"] == "500"
+
+    with pytest.raises(ValueError, match="leaves none of this machine's"):
+        _platform(tmp_path, AIDC_RAY="true", AIDC_RAY_CPUS=str(cores))
+
+
 _NODES = """
 import asyncio, json
 from services.scheduler.executors.ray_cluster import RayCluster
@@ -58,7 +76,7 @@ try:
     nodes = asyncio.run(cluster.nodes())
 finally:
     cluster.close()
-print(json.dumps([[n.alive, n.cpu_millicores, n.name] for n in nodes]))
+print(json.dumps([[n.alive, n.cpu_millicores, n.memory_bytes, n.name] for n in nodes]))
 """
 
 
@@ -136,8 +154,9 @@ async def test_aidc_up_ray_runs_a_supervised_ray_head_the_scheduler_joins(tmp_pa
 
         joined = await asyncio.to_thread(_nodes_as, specs["scheduler"].env, address)
         assert joined.returncode == 0, joined.stderr[-2000:]
-        [[alive, cpu, name]] = json.loads(joined.stdout.splitlines()[-1])
+        [[alive, cpu, memory, name]] = json.loads(joined.stdout.splitlines()[-1])
         assert (alive, cpu) == (True, 1000) and name.startswith("ray-")
+        assert memory == int(flag(head.argv, "--memory"))  # the pool's node offers the head's share, no more
         driver = await asyncio.to_thread(_run, _DRIVER.format(address=address), specs["scheduler"].env)
         assert driver.returncode == 0 and "task says 42" in driver.stdout, driver.stderr[-2000:]
         stranger = {k: v for k, v in specs["scheduler"].env.items() if not k.startswith("RAY_AUTH")}
