@@ -189,18 +189,24 @@ async def run() -> None:
     training = TrainingClient(
         bearer_channel(at(settings, "training"), settings, "training", BearerToken(tokens.access_token))
     )
+    scheduler = SchedulerClient(
+        bearer_channel(at(settings, "scheduler"), settings, "scheduler", BearerToken(tokens.access_token))
+    )
+    # Two cores, or the whole default pool when it has fewer (`aidc up --ray` gives half a small machine to Ray).
+    pools = await scheduler.list_pools("acme")
+    millicores = min([2000, *(p.capacity.cpu_millicores for p in pools if p.default and p.capacity.cpu_millicores)])
     spec = training_pb.FineTuneSpec(
         base_model="minilm-l6",
         dataset=training_pb.DatasetRef(name=dataset),
         sequence_classification=training_pb.SequenceClassificationTask(text_column="text", label_column="label"),
         hyperparameters=training_pb.Hyperparameters(max_steps=20, batch_size=8, max_seq_length=64),
         output_model="sentiment",
-        compute=training_pb.ComputeRequest(cpu_millicores=2000, memory_bytes=2 * 2**30),
+        compute=training_pb.ComputeRequest(cpu_millicores=millicores, memory_bytes=2 * 2**30),
     )
     job = await training.submit_fine_tune(spec, tenant="acme")
     console.print(
-        f"  job {job.job_id} submitted as scheduler job {job.scheduler_job_id} for 2 cores and 2 GiB "
-        "(20 steps take about a minute)"
+        f"  job {job.job_id} submitted as scheduler job {job.scheduler_job_id} for {millicores / 1000:g} cores and "
+        "2 GiB (20 steps take about a minute)"
     )
     async for job_event in training.watch_job(job.job_id, tenant="acme"):
         which = job_event.WhichOneof("event")
@@ -214,9 +220,6 @@ async def run() -> None:
         elif which == "metrics":
             values = ", ".join(f"{k} {v:.3f}" for k, v in sorted(job_event.metrics.values.items()))
             console.print(f"  epoch {job_event.metrics.epoch} step {job_event.metrics.step}: {values}")
-    scheduler = SchedulerClient(
-        bearer_channel(at(settings, "scheduler"), settings, "scheduler", BearerToken(tokens.access_token))
-    )
     run = await scheduler.get_job(job.scheduler_job_id)
     await scheduler.close()
     console.print(
