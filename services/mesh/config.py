@@ -27,6 +27,7 @@ __all__ = [
     "Setting",
     "setting",
     "load_settings",
+    "parse_flag",
     "parse_address",
     "describe_settings",
     "check_master_key",
@@ -258,18 +259,23 @@ def _env_name(f: dataclasses.Field[Any]) -> str:
     return f.metadata.get("env") or f"AIDC_{f.name.upper()}"
 
 
+def parse_flag(raw: str, env: str) -> bool:
+    """A true/false setting's value (1/0, true/false, yes/no, on/off); ValueError naming ``env`` otherwise."""
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{env}={raw!r}: expected true/false")
+
+
 def _convert(raw: str, kind: Any, env: str) -> Any:
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
         kinds = [k for k in typing.get_args(kind) if k is not type(None)]
         return _convert(raw, kinds[0], env) if raw else None
+    if kind is bool:
+        return parse_flag(raw, env)
     try:
-        if kind is bool:
-            lowered = raw.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true/false")
         if kind in (int, float, str, Path):
             return kind(raw)
         if typing.get_origin(kind) is tuple:

@@ -571,7 +571,7 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
         if service == "scheduler" and p.ray and env["AIDC_SCHEDULER_RAY_ADDRESS"] == ray_address(platform):
             own |= ray_auth_environment(platform)  # it joins the local head, which wants the token
             # Its default pool's node offers what the head does not (unless the operator said what it offers).
-            own |= {k: v for k, v in ray_share(platform).default_pool_env().items() if k not in env}
+            own |= {k: v for k, v in ray_share(platform, env).default_pool_env().items() if k not in env}
         specs[service] = ComponentSpec(
             name=service,
             argv=(python, "-m", f"services.{service}"),
@@ -598,7 +598,7 @@ def build_components(platform: Platform, base_env: Mapping[str, str] | None = No
             0,
             ComponentSpec(
                 name="ray",
-                argv=ray_head_argv(platform),
+                argv=ray_head_argv(platform, ray_share(platform, env)),
                 env={
                     **env,
                     **ray_auth_environment(platform),

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.mesh.config import SERVICE_NAMES, ObjectStoreConnection, parse_address, setting
-from services.platform.ray_head import ray_head_cpus
 
 __all__ = ["RUNTIME_COMPONENTS", "ALL_COMPONENTS", "PlatformSettings"]
 
@@ -71,8 +70,9 @@ class PlatformSettings(ObjectStoreConnection):
     )
     ray_cpus: int = setting(
         0,
-        "Cores of this machine the local Ray head offers, with memory in the same proportion; 0: half of them. The "
-        "default pool's node offers the rest: no core is offered by both pools.",
+        "Cores of this machine the local Ray head offers, with memory in the same proportion; 0: half of them (all "
+        "of them when AIDC_SCHEDULER_REGISTER_LOCAL_NODE=false). The default pool's node offers the rest: no core is "
+        "offered by both pools.",
     )
     supervisor_metrics_port: int = setting(
         50150, "Port of the supervisor's own metrics (components up, restarts and why); 0: none."
@@ -159,8 +159,6 @@ class PlatformSettings(ObjectStoreConnection):
             raise ValueError(f"AIDC_RAY_PORT leaves no room for the Ray head's 39 ports after it: {self.ray_port}")
         if self.ray_cpus < 0:
             raise ValueError(f"AIDC_RAY_CPUS must be 0 (half of this machine's cores) or more, not {self.ray_cpus}")
-        if self.ray:
-            ray_head_cpus(self.ray_cpus)
         if self.triton_trace_rate < 1:
             raise ValueError("AIDC_TRITON_TRACE_RATE must be at least 1")
         if not 0 < self.restart_backoff_seconds <= self.restart_backoff_max_seconds:

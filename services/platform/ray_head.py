@@ -7,10 +7,12 @@ from __future__ import annotations
 import secrets
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from services.mesh.config import parse_flag
 from services.mesh.files import private_dir, write_private
 from services.platform.paths import short_path
 from services.scheduler.machine import machine_cores, machine_memory_bytes
@@ -26,11 +28,13 @@ __all__ = [
     "ray_address",
     "ray_auth_environment",
     "ray_head_argv",
-    "ray_head_cpus",
     "ray_ports",
     "ray_share",
     "ray_temp_dir",
 ]
+
+#: The scheduler's setting that makes this machine its default pool's node.
+_LOCAL_NODE = "AIDC_SCHEDULER_REGISTER_LOCAL_NODE"
 
 #: The local Ray head's listeners beside its GCS (AIDC_RAY_PORT), at fixed offsets from it, so that they are known
 #: before it starts (checked free like every component's) and never land on another component's port, as Ray's
@@ -57,13 +61,12 @@ def ray_ports(platform: Platform) -> tuple[int, int]:
     return first, first + _RAY_WORKER_PORTS[1]
 
 
-def ray_head_argv(platform: Platform) -> tuple[str, ...]:
+def ray_head_argv(platform: Platform, share: RayShare) -> tuple[str, ...]:
     """A Ray head in the foreground (`ray start --block`: it exits, and the supervisor restarts it, if any of its
     processes dies), on the platform's host, every port in its block, without a dashboard, offering its share of
-    this machine (``ray_share``)."""
+    this machine."""
     p = platform.platform
     binary = Path(sys.executable).with_name("ray")
-    share = ray_share(platform)
     return (
         str(binary),
         "start",
@@ -128,30 +131,31 @@ class RayShare:
     default_pool_memory_bytes: int
 
     def default_pool_env(self) -> dict[str, str]:
-        """The scheduler's settings for its default pool's node."""
+        """The scheduler's settings for its default pool's node (none when this machine is not one)."""
+        if not self.default_pool_cpu_millicores:
+            return {}
         return {
             "AIDC_SCHEDULER_LOCAL_CPU_MILLICORES": str(self.default_pool_cpu_millicores),
             "AIDC_SCHEDULER_LOCAL_MEMORY_BYTES": str(self.default_pool_memory_bytes),
         }
 
 
-def ray_head_cpus(configured: int) -> int:
-    """The cores the head offers: AIDC_RAY_CPUS, or (0) half of this machine's, at least one; at least one is left
-    to the default pool (ValueError otherwise)."""
-    cores = machine_cores()
+def ray_share(platform: Platform, env: Mapping[str, str]) -> RayShare:
+    """The head's share of this machine and the default pool's, which is the rest. The head offers AIDC_RAY_CPUS
+    cores, or (0) half of them, at least one, and leaves the default pool at least one (ValueError otherwise); with
+    no default pool node on this machine (the scheduler's AIDC_SCHEDULER_REGISTER_LOCAL_NODE=false in ``env``) it
+    may offer all of them, and does by default."""
+    cores, memory = machine_cores(), machine_memory_bytes()
+    configured = platform.platform.ray_cpus
+    if not parse_flag(env.get(_LOCAL_NODE, "true"), _LOCAL_NODE):
+        cpus = configured or cores
+        return RayShare(cpus, memory * min(cpus, cores) // cores, 0, 0)
     cpus = configured or max(1, cores // 2)
     if cpus >= cores:
         raise ValueError(
-            f"AIDC_RAY_CPUS={cpus} leaves none of this machine's {cores} cores to the default pool; the local Ray head "
-            "and the default pool split the machine, so `aidc up --ray` needs at least 2 cores and AIDC_RAY_CPUS "
-            "fewer than them"
+            f"AIDC_RAY_CPUS={cpus} leaves none of this machine's {cores} cores to the default pool: the local Ray head "
+            f"and the default pool's node split the machine (give Ray fewer cores, or all of them with {_LOCAL_NODE}"
+            "=false)"
         )
-    return cpus
-
-
-def ray_share(platform: Platform) -> RayShare:
-    """The head's share of this machine and the default pool's, which is the rest."""
-    cores, memory = machine_cores(), machine_memory_bytes()
-    cpus = ray_head_cpus(platform.platform.ray_cpus)
     share = memory * cpus // cores
     return RayShare(cpus, share, (cores - cpus) * 1000, memory - share)

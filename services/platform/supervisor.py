@@ -42,6 +42,7 @@ from services.platform.process import (
     signal_session,
     terminate_session,
 )
+from services.platform.ray_head import ray_share
 from services.platform.state import (
     ComponentState,
     PlatformState,
@@ -102,7 +103,10 @@ def load_platform(env: Mapping[str, str] | None = None, *, create_credentials: b
                     issue_service_certificate(certs, name)
     else:
         credentials = S3Credentials(settings.aws_access_key_id, settings.aws_secret_access_key)
-    return resolve_platform(mesh, settings, credentials)
+    platform = resolve_platform(mesh, settings, credentials)
+    if settings.ray:
+        ray_share(platform, os.environ if env is None else env)  # a split that cannot work is refused here
+    return platform
 
 
 def log_tail(path: Path | str, lines: int = 20, since: int = 0) -> str:

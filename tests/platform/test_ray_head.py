@@ -20,7 +20,7 @@ import pytest
 from services.platform.components import Platform, build_components
 from services.platform.process import session_members
 from services.platform.ray_head import ray_auth_environment, ray_ports, ray_temp_dir
-from services.platform.supervisor import Supervisor
+from services.platform.supervisor import Supervisor, load_platform
 from services.scheduler.machine import machine_cores, machine_memory_bytes
 from tests.conftest import ROOT
 from tests.platform.test_components import flag, make_platform
@@ -64,8 +64,17 @@ def test_the_ray_head_and_the_default_pool_split_this_machine(tmp_path: Path) ->
     specs = {s.name: s for s in build_components(_platform(tmp_path, AIDC_RAY="true"), own)}
     assert specs["scheduler"].env["AIDC_SCHEDULER_LOCAL_CPU_MILLICORES"] == "500"
 
+    # Without a default pool node on this machine, the head offers all of it.
+    no_node = {"PATH": "/usr/bin", "AIDC_SCHEDULER_REGISTER_LOCAL_NODE": "false"}
+    specs = {s.name: s for s in build_components(_platform(tmp_path, AIDC_RAY="true"), no_node)}
+    head = specs["ray"].argv
+    assert (int(flag(head, "--num-cpus")), int(flag(head, "--memory"))) == (cores, memory)
+    assert not any(k.startswith("AIDC_SCHEDULER_LOCAL_") for k in specs["scheduler"].env)
+
+    every_core = {"AIDC_DATA_DIR": str(tmp_path / "data"), "AIDC_RAY": "true", "AIDC_RAY_CPUS": str(cores)}
     with pytest.raises(ValueError, match="leaves none of this machine's"):
-        _platform(tmp_path, AIDC_RAY="true", AIDC_RAY_CPUS=str(cores))
+        load_platform(every_core, create_credentials=False)
+    load_platform({**every_core, **no_node}, create_credentials=False)
 
 
 _NODES = """
