@@ -8,15 +8,18 @@ import asyncio
 import signal
 import subprocess
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from services.gen.aidc.storage.v1 import storage_service_pb2 as pb
+from services.mesh.db import open_database
 from services.mesh.errors import AidcError, Unavailable
 from services.storage.client import StorageClient
+from services.storage.store import StorageStore
 from tests.conftest import AuthProcess, auth_process, stop_process  # noqa: F401 - fixture
-from tests.storage.conftest import process_client, seaweed, start_storage_process  # noqa: F401 - fixture
+from tests.storage.conftest import StorageProcess, process_client, seaweed, start_storage_process  # noqa: F401
 from tests.storage.seaweed import SeaweedFS
 
 pytestmark = pytest.mark.slow
@@ -38,6 +41,20 @@ async def _refused(client: StorageClient, tenant: str, timeout: float = 60.0) ->
         await asyncio.sleep(0.05)
 
 
+async def _upload_begun(storage: StorageProcess, timeout: float = 60.0) -> None:
+    """Waits until the service is storing the upload (its pending record is written): only then is the call in
+    flight on the server. A signal sent as soon as the first chunk left the client could reach the process before
+    the call did, and a stopping server refuses a call it has not begun (a fresh-clone run saw exactly that)."""
+    store = StorageStore(open_database(storage.settings.database_url_for("storage")))
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await asyncio.to_thread(store.stale_pending, "the test", datetime.now(UTC) + timedelta(days=1)):
+            assert asyncio.get_running_loop().time() < deadline, f"the upload not begun after {timeout}s"
+            await asyncio.sleep(0.02)
+    finally:
+        store.db.dispose()
+
+
 async def _exit_code(process: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
     return await asyncio.to_thread(process.wait, timeout)
 
@@ -56,6 +73,7 @@ async def test_sigterm_lets_an_upload_in_flight_finish_and_refuses_new_calls(
 
         async def chunks() -> AsyncIterator[bytes]:
             yield CHUNK
+            await _upload_begun(storage)
             storage.process.send_signal(signal.SIGTERM)
             await _refused(other, tenant)
             signalled.set()
@@ -92,6 +110,7 @@ async def test_an_rpc_outlasting_the_grace_period_is_cut_off_and_the_process_exi
 
         async def chunks() -> AsyncIterator[bytes]:
             yield CHUNK
+            await _upload_begun(storage)
             storage.process.send_signal(signal.SIGTERM)
             await asyncio.sleep(3600)  # a client that never finishes its upload
             yield CHUNK
